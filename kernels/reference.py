@@ -1,0 +1,122 @@
+"""Plain-torch twins of every kernel: the CPU path and the test oracle.
+
+Shapes used throughout (see ARCHITECTURE.md):
+  T  tokens in the flat batch, B sequences, H query heads, KVH kv heads, D head_dim
+  k_cache / v_cache: [num_blocks, block_size, KVH, D]
+  query_start_loc [B+1] int32, seq_lens [B] int32 (context length *after* this step's tokens),
+  block_tables [B, max_blocks] int32, slot_mapping [T] int64 (block * block_size + offset; < 0 = skip).
+
+Query token i (0-based within its sequence's L new tokens) sits at absolute position
+seq_lens[b] - L + i and attends to keys 0..that position: this covers a whole prefill, a prefill chunk
+after cached tokens, and one-token decode with the same rule.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """Scatter new K/V [T, KVH, D] into their cache slots; slots < 0 (padding) are skipped."""
+    block_size = k_cache.shape[1]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    blocks, offsets = slots // block_size, slots % block_size
+    k_cache[blocks, offsets] = k[keep].to(k_cache.dtype)
+    v_cache[blocks, offsets] = v[keep].to(v_cache.dtype)
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The first seq_len tokens of one sequence from the paged cache -> [seq_len, KVH, D]."""
+    block_size = cache.shape[1]
+    num_blocks = (seq_len + block_size - 1) // block_size
+    return cache[block_table[:num_blocks].long()].flatten(0, 1)[:seq_len]
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+                    scale: float, max_query_len: int | None = None) -> torch.Tensor:
+    """Causal attention of q [T, H, D] over the paged cache -> [T, H, D] (q's dtype).
+
+    GQA without copying K/V: query head h reads kv head h // (H // KVH).
+    """
+    if max_query_len is None:
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max().item()) if q.shape[0] else 0
+    if max_query_len == 1 and q.shape[0] == seq_lens.shape[0]:
+        return _decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale)
+    out = torch.empty_like(q)
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    for b, seq_len in enumerate(lens):
+        qs, qe = starts[b], starts[b + 1]
+        if qe == qs:
+            continue
+        out[qs:qe] = _one_sequence(q[qs:qe], k_cache, v_cache, block_tables[b], seq_len, scale)
+    return out
+
+
+def _one_sequence(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                  seq_len: int, scale: float) -> torch.Tensor:
+    num_q, num_heads, _ = q.shape
+    k = gather_kv(k_cache, block_table, seq_len)  # [S, KVH, D]
+    v = gather_kv(v_cache, block_table, seq_len)
+    q_pos = torch.arange(seq_len - num_q, seq_len, device=q.device)
+    mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]  # [L, S]
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).float(), k.transpose(0, 1).float(), v.transpose(0, 1).float(),
+        attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != num_heads)
+    return out.transpose(0, 1).to(q.dtype)  # [L, H, D]
+
+
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
+                      block_tables: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token per sequence, vectorised over the batch (the CPU decode hot path)."""
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    max_blocks = (int(seq_lens.max().item()) + block_size - 1) // block_size
+    table = block_tables[:, :max_blocks].long()
+    k = k_cache[table].flatten(1, 2).float()  # [B, S, KVH, D]
+    v = v_cache[table].flatten(1, 2).float()
+    qg = q.float().view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, KVH, G, D]
+    scores = torch.einsum("bkgd,bskd->bkgs", qg, k) * scale
+    valid = torch.arange(k.shape[1], device=q.device)[None, :] < seq_lens[:, None]  # [B, S]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    out = torch.einsum("bkgs,bskd->bkgd", scores.softmax(-1), v)
+    return out.reshape(batch, num_heads, head_dim).to(q.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm fused with the residual add: returns (norm(x + residual) * weight, x + residual).
+
+    With residual None the second value is x itself. Statistics in float32, as in HF LLaMA.
+    """
+    if residual is not None:
+        x = x + residual
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype), x
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """[T, 2I] (gate | up) -> silu(gate) * up [T, I]."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                 cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding, HF's rotate-half (NeoX) convention.
+
+    q [T, H, D], k [T, KVH, D], positions [T], cos_sin_cache [max_pos, D] = cat(cos, sin) over D/2 freqs.
+    Returns new tensors in the inputs' dtype; the rotation itself runs in float32.
+    """
+    cos, sin = cos_sin_cache[positions].float().chunk(2, dim=-1)  # [T, D/2] each
+    cos, sin = cos[:, None, :], sin[:, None, :]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+    return rotate(q), rotate(k)

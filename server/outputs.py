@@ -1,0 +1,48 @@
+"""What the engine hands back per request per step, and the errors it raises at admission."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+FINISH_REASONS = ("length", "stop", "eos_token", "abort", "error")
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token_id, logprob), best first; empty unless top-n asked
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """A delta: the tokens and text produced for one request since its previous output."""
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str                      # text delta; a matched stop string is never included
+    finished: bool = False
+    finish_reason: str | None = None   # one of FINISH_REASONS once finished
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+    new_logprobs: list[TokenLogprob] | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0         # total so far
+    error: str | None = None           # set with finish_reason "error"
+    prompt_logprobs: list[float | None] | None = field(default=None)
+
+
+class AdmissionError(ValueError):
+    """The request can never be served with this configuration (too long for max_model_len or the pool).
+
+    `field` names the request field at fault so the HTTP layer can say so in a 4xx.
+    """
+
+    def __init__(self, message: str, field: str = "inputs"):
+        super().__init__(message)
+        self.field = field
+
+
+class OverloadedError(RuntimeError):
+    """The waiting queue is full (max_waiting_requests) or the engine is draining: refuse now (429/503)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop has died; /health reports 503 and requests fail fast."""

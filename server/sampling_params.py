@@ -1,0 +1,51 @@
+"""SamplingParams: one request's decoding settings, validated once at the door.
+
+Pydantic so a bad value becomes an error that names its field; the HTTP schemas (TGI, OpenAI) map their
+own fields onto this one model.
+"""
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_TOP_LOGPROBS = 20
+
+
+class SamplingParams(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 means greedy")
+    top_k: int = Field(0, ge=-1, description="0 or -1: off")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    max_new_tokens: int = Field(16, ge=1)
+    min_new_tokens: int = Field(0, ge=0)
+    stop: tuple[str, ...] = Field((), max_length=MAX_STOP_SEQUENCES)
+    stop_token_ids: tuple[int, ...] = Field((), max_length=MAX_STOP_SEQUENCES)
+    ignore_eos: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                 description="None: none; 0: the chosen token's; n: plus the top n")
+    skip_special_tokens: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> "SamplingParams":
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens ({self.min_new_tokens}) must not exceed "
+                             f"max_new_tokens ({self.max_new_tokens})")
+        for s in self.stop:
+            if not s:
+                raise ValueError("stop: empty stop strings are not allowed")
+            if len(s) > MAX_STOP_STRING_CHARS:
+                raise ValueError(f"stop: each stop string is at most {MAX_STOP_STRING_CHARS} characters")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ValueError("stop_token_ids: token ids must be non-negative")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
