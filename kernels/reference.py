@@ -82,6 +82,9 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     scores = torch.einsum("bkgd,bskd->bkgs", qg, k) * scale
     valid = torch.arange(k.shape[1], device=q.device)[None, :] < seq_lens[:, None]  # [B, S]
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    # Slots past a sequence's end hold whatever the pool left there (NaN included): a zero weight
+    # times NaN is NaN, so they are cleared, not just masked.
+    v = v.masked_fill(~valid[:, :, None, None], 0.0)
     out = torch.einsum("bkgs,bskd->bkgd", scores.softmax(-1), v)
     return out.reshape(batch, num_heads, head_dim).to(q.dtype)
 

@@ -1,0 +1,56 @@
+"""GQAAttention: one module for MHA (kv heads = heads), GQA, and MQA (one kv head).
+
+Query head h reads kv head h // (num_heads // num_kv_heads); K/V are never repeated: the cache holds
+num_kv_heads heads and the attention ops map query heads onto them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.batch import StepBatch
+from model.config import ModelConfig, rope_inv_freq
+
+
+class RotaryEmbedding:
+    """cos/sin tables for every position, [max_pos, head_dim] = cat(cos, sin) over head_dim/2 freqs."""
+
+    def __init__(self, config: ModelConfig, device: torch.device, max_positions: int | None = None):
+        positions = torch.arange(max_positions or config.max_position_embeddings, dtype=torch.float32)
+        freqs = torch.outer(positions, rope_inv_freq(config))  # [max_pos, D/2], float32 as in HF
+        self.cos_sin_cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(device)
+
+
+class GQAAttention(nn.Module):
+    def __init__(self, config: ModelConfig, ops):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.ops = ops
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        # q, k and v are one matmul; the checkpoint's q_proj/k_proj/v_proj load into row slices of it.
+        self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
+        # LLaMA's attention_bias covers o_proj too; Qwen2 has biases on q/k/v only.
+        o_bias = config.attention_bias and config.architecture != "Qwen2ForCausalLM"
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=o_bias)
+        self.split_sizes = (q_size, kv_size, kv_size)
+
+    def project_qkv(self, hidden: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor):
+        """hidden [T, hidden] -> q [T, H, D], k [T, KVH, D] (both rotated), v [T, KVH, D]."""
+        num_tokens = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split(self.split_sizes, dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k = self.ops.apply_rotary(q, k, positions, cos_sin_cache)
+        return q, k, v
+
+    def forward(self, hidden: torch.Tensor, batch: StepBatch, kv: tuple[torch.Tensor, torch.Tensor],
+                cos_sin_cache: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.project_qkv(hidden, batch.positions, cos_sin_cache)
+        k_cache, v_cache = kv
+        self.ops.write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+        out = self.ops.attend(q, k_cache, v_cache, batch, self.scale)  # [T, H, D]
+        return self.o_proj(out.reshape(hidden.shape[0], self.num_heads * self.head_dim))

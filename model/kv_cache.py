@@ -1,0 +1,43 @@
+"""The paged KV cache: per layer, K and V as [num_blocks, block_size, num_kv_heads, head_dim].
+
+One contiguous allocation for all layers, so sizing is one number and layers are cheap views.
+Block-major layout keeps a block's tokens contiguous: a decode kernel reads a whole block of one kv head
+as block_size rows of head_dim, and the cache write is a scatter of T rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from model.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class KVCache:
+    storage: torch.Tensor  # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+
+    @classmethod
+    def allocate(cls, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device | str) -> "KVCache":
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+        storage = torch.empty(config.num_hidden_layers, 2, num_blocks, block_size, config.num_kv_heads,
+                              config.head_dim, dtype=dtype, device=device)
+        return cls(storage)
+
+    @staticmethod
+    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        return block_size * config.kv_bytes_per_token(torch.empty((), dtype=dtype).element_size())
+
+    @property
+    def num_blocks(self) -> int:
+        return self.storage.shape[2]
+
+    @property
+    def block_size(self) -> int:
+        return self.storage.shape[3]
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k_cache, v_cache) of one layer, each [num_blocks, block_size, num_kv_heads, head_dim]."""
+        return self.storage[index, 0], self.storage[index, 1]

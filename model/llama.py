@@ -1,0 +1,118 @@
+"""The LLaMA-family causal LM (LLaMA, Mistral, Qwen2) over a flat batch of tokens and a paged KV cache.
+
+Read top to bottom: RMSNorm, MLP, DecoderLayer, CausalLM, load_model. Parameter names follow Hugging
+Face's (q/k/v and gate/up are fused at load time), so checkpoints load by name.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from model.attention import GQAAttention, RotaryEmbedding
+from model.batch import StepBatch
+from model.config import ModelConfig
+from model.kv_cache import KVCache
+from model.ops import make_ops
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float, ops):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """Returns (norm(x + residual), x + residual): the add is fused into the norm."""
+        return self.ops.rms_norm(x, self.weight, self.eps, residual)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, ops):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, ops):
+        super().__init__()
+        self.self_attn = GQAAttention(config, ops)
+        self.mlp = MLP(config, ops)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+
+    def forward(self, hidden, residual, batch: StepBatch, kv, cos_sin_cache):
+        hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, batch, kv, cos_sin_cache)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class DecoderStack(nn.Module):
+    """HF's `model.*` prefix: embeddings, layers, final norm."""
+
+    def __init__(self, config: ModelConfig, ops):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, ops) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, ops):
+        super().__init__()
+        self.config = config
+        self.ops = ops
+        self.model = DecoderStack(config, ops)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary: RotaryEmbedding | None = None  # built on the target device after loading
+
+    def hidden_states(self, batch: StepBatch, kv_cache: KVCache) -> torch.Tensor:
+        """Final-norm hidden states of every token, [T, hidden]."""
+        cos_sin = self.rotary.cos_sin_cache
+        hidden, residual = self.model.embed_tokens(batch.input_ids), None
+        for i, layer in enumerate(self.model.layers):
+            hidden, residual = layer(hidden, residual, batch, kv_cache.layer(i), cos_sin)
+        hidden, _ = self.model.norm(hidden, residual)
+        return hidden
+
+    def forward(self, batch: StepBatch, kv_cache: KVCache) -> torch.Tensor:
+        """Logits of the rows in batch.logits_indices, [N, vocab] float32."""
+        hidden = self.hidden_states(batch, kv_cache)
+        return self.lm_head(hidden[batch.logits_indices]).float()
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in choices:
+        raise ValueError(f"dtype={dtype!r}: expected auto, float32, bfloat16 or float16")
+    return choices[dtype]
+
+
+def load_model(model_dir: str | Path, *, dtype: str | torch.dtype = torch.float32, device: str = "cpu",
+               num_kv_heads: int | None = None, kv_head_method: str = "mean",
+               attention_backend: str = "auto", progress: bool = False) -> CausalLM:
+    """Build the model on the meta device and fill it from memory-mapped safetensors (no double copy)."""
+    from model.weights import load_weights
+
+    device = torch.device(device)
+    dtype = resolve_dtype(dtype, device)
+    config = ModelConfig.from_pretrained(model_dir, num_kv_heads=num_kv_heads)
+    ops = make_ops(attention_backend, device)
+    with torch.device("meta"):
+        model = CausalLM(config, ops)
+    load_weights(model, Path(model_dir), dtype=dtype, device=device, kv_head_method=kv_head_method,
+                 progress=progress)
+    model.rotary = RotaryEmbedding(config, device)
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,54 @@
+"""The compute a layer calls besides matmuls: plain torch (CPU, oracle) or our Triton kernels (CUDA).
+
+Chosen once at load time and handed to every layer explicitly; there is no global switch.
+Both sets share the signatures of kernels/reference.py.
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels import reference
+from model.batch import StepBatch
+
+
+class TorchOps:
+    name = "torch"
+    rms_norm = staticmethod(reference.rms_norm)
+    silu_and_mul = staticmethod(reference.silu_and_mul)
+    apply_rotary = staticmethod(reference.apply_rotary)
+    write_kv = staticmethod(reference.write_kv_cache)
+
+    @staticmethod
+    def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: StepBatch,
+               scale: float) -> torch.Tensor:
+        return reference.paged_attention(q, k_cache, v_cache, batch.query_start_loc, batch.seq_lens,
+                                         batch.block_tables, scale, max_query_len=batch.max_query_len)
+
+
+class TritonOps:
+    name = "triton"
+
+    def __init__(self) -> None:
+        # Imported here so that CPU-only installs never need triton.
+        from kernels import activation, cache, dispatch, norm
+        self.rms_norm = norm.rms_norm
+        self.silu_and_mul = activation.silu_and_mul
+        self.write_kv = cache.write_kv_cache
+        self.apply_rotary = reference.apply_rotary
+        self._dispatch = dispatch
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: StepBatch,
+               scale: float) -> torch.Tensor:
+        return self._dispatch.paged_attention(q, k_cache, v_cache, batch.query_start_loc, batch.seq_lens,
+                                              batch.block_tables, scale, batch.max_query_len, batch.max_seq_len)
+
+
+def make_ops(name: str, device: torch.device) -> "TorchOps | TritonOps":
+    """'auto' picks Triton on CUDA and torch elsewhere; 'triton' on CPU runs the interpreter (tests)."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
+        return TorchOps()
+    if name == "triton":
+        return TritonOps()
+    raise ValueError(f"attention_backend={name!r}: expected 'auto', 'torch' or 'triton'")

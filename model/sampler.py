@@ -1,0 +1,149 @@
+"""Batched sampling on the device from per-row parameter tensors (built by the server's model runner).
+
+Order, as Hugging Face's processors/warpers: banned ids (min_new_tokens) -> repetition penalty (HF: prompt +
+output, divide positive logits, multiply negative) -> presence/frequency penalties (OpenAI: output tokens)
+-> temperature -> top_k -> top_p -> min_p -> draw. temperature 0 rows take the argmax of the penalised
+logits. The draw is Gumbel-max; a seeded row's uniforms come from a counter-based hash of (seed, output
+index, token id), so its tokens do not depend on what else is in the batch or on step order; unseeded rows
+draw from the runner's torch.Generator. Work a batch does not ask for is skipped (host flags decide).
+
+Logprobs are those of the raw model distribution (log_softmax of the unprocessed logits), as vLLM v1's
+default "raw_logprobs": they describe the model, not the sampling settings.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_MASK64 = -1  # all 64 bits set, as an int64
+
+
+@dataclass(frozen=True)
+class SamplingTensors:
+    temperature: torch.Tensor            # [B] float32; 0 = greedy
+    top_k: torch.Tensor                  # [B] int64; 0 = off
+    top_p: torch.Tensor                  # [B] float32; 1 = off
+    min_p: torch.Tensor                  # [B] float32; 0 = off
+    seeds: torch.Tensor                  # [B] int64 (ignored where has_seed is False)
+    has_seed: torch.Tensor               # [B] bool
+    output_index: torch.Tensor           # [B] int64, index of the token being drawn among the outputs
+    repetition_penalty: torch.Tensor | None = None  # [B] float32
+    presence_penalty: torch.Tensor | None = None    # [B] float32
+    frequency_penalty: torch.Tensor | None = None   # [B] float32
+    prompt_tokens: torch.Tensor | None = None       # [B, Lp] int64, padded with vocab_size
+    output_tokens: torch.Tensor | None = None       # [B, Lo] int64, padded with vocab_size
+    banned_tokens: torch.Tensor | None = None       # [B, K] int64, padded with vocab_size
+    # host flags: which stages any row needs
+    all_greedy: bool = False
+    any_greedy: bool = False
+    any_top_k: bool = False
+    any_top_p: bool = False
+    any_min_p: bool = False
+    any_seeded: bool = False
+    any_unseeded: bool = True
+    max_logprobs: int | None = None      # None: no logprobs; n: chosen token's plus top n
+
+
+@dataclass(frozen=True)
+class SamplerOutput:
+    token_ids: torch.Tensor                   # [B] int64
+    logprobs: torch.Tensor | None = None      # [B] float32, of the chosen token
+    top_ids: torch.Tensor | None = None       # [B, n] int64
+    top_logprobs: torch.Tensor | None = None  # [B, n] float32
+
+
+def _srl(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 (wrapping multiply)."""
+    x = (x ^ _srl(x, 30)) * -4658895280553007687  # 0xbf58476d1ce4e5b9
+    x = (x ^ _srl(x, 27)) * -7723592293110705685  # 0x94d049bb133111eb
+    return x ^ _srl(x, 31)
+
+
+def hashed_uniform(seeds: torch.Tensor, output_index: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[B, V] uniforms in (0, 1) that depend only on (seed, output index, token id)."""
+    golden = -7046029254386353131  # 0x9e3779b97f4a7c15
+    row = _mix64(seeds * golden + output_index)                               # [B]
+    ids = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
+    h = _mix64(row[:, None] + (ids[None, :] + 1) * golden)                      # [B, V]
+    return (_srl(h, 40).float() + 0.5) * (1.0 / (1 << 24))
+
+
+def _apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    B, V = logits.shape
+    if t.banned_tokens is not None:
+        banned = torch.zeros(B, V + 1, dtype=torch.bool, device=logits.device)
+        banned.scatter_(1, t.banned_tokens, True)
+        logits = logits.masked_fill(banned[:, :V], float("-inf"))
+    if t.repetition_penalty is not None:
+        seen = torch.zeros(B, V + 1, dtype=torch.bool, device=logits.device)
+        seen.scatter_(1, t.prompt_tokens, True)
+        seen.scatter_(1, t.output_tokens, True)
+        p = t.repetition_penalty[:, None]
+        penalised = torch.where(logits > 0, logits / p, logits * p)
+        logits = torch.where(seen[:, :V], penalised, logits)
+    if t.presence_penalty is not None:
+        counts = torch.zeros(B, V + 1, dtype=logits.dtype, device=logits.device)
+        counts.scatter_add_(1, t.output_tokens, torch.ones_like(t.output_tokens, dtype=logits.dtype))
+        counts = counts[:, :V]
+        logits = logits - t.frequency_penalty[:, None] * counts - t.presence_penalty[:, None] * (counts > 0)
+    return logits
+
+
+def _apply_top_k_top_p(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    V = logits.shape[1]
+    ordered, order = logits.sort(dim=-1, descending=True)                      # [B, V]
+    if t.any_top_k:
+        k = torch.where(t.top_k > 0, t.top_k.clamp(max=V), V)
+        kth = ordered.gather(1, (k - 1)[:, None])
+        ordered = ordered.masked_fill(ordered < kth, float("-inf"))           # ties with the kth stay, as HF
+    if t.any_top_p:
+        probs = ordered.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs                                  # mass of better tokens
+        drop = before >= t.top_p[:, None]
+        drop[:, 0] = False
+        ordered = ordered.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, ordered)
+
+
+def sample(logits: torch.Tensor, t: SamplingTensors, generator: torch.Generator | None = None) -> SamplerOutput:
+    """logits [B, V] float32 -> one token per row (no host sync)."""
+    raw = logits
+    logits = _apply_penalties(logits, t)
+    greedy_ids = logits.argmax(dim=-1) if t.any_greedy else None
+    if t.all_greedy:
+        token_ids = greedy_ids
+    else:
+        temp = torch.where(t.temperature > 0, t.temperature, 1.0)
+        logits = logits / temp[:, None]
+        if t.any_top_k or t.any_top_p:
+            logits = _apply_top_k_top_p(logits, t)
+        if t.any_min_p:
+            probs = logits.softmax(dim=-1)
+            threshold = t.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+            logits = logits.masked_fill(probs < threshold, float("-inf"))
+        B, V = logits.shape
+        if t.any_seeded:
+            u = hashed_uniform(t.seeds, t.output_index, V)
+            if t.any_unseeded:
+                u = torch.where(t.has_seed[:, None], u,
+                                torch.rand(B, V, device=logits.device, generator=generator))
+        else:
+            u = torch.rand(B, V, device=logits.device, generator=generator).clamp_(min=1e-20)
+        gumbel = -torch.log(-torch.log(u))
+        token_ids = (logits + gumbel).argmax(dim=-1)
+        if greedy_ids is not None:
+            token_ids = torch.where(t.temperature > 0, token_ids, greedy_ids)
+    if t.max_logprobs is None:
+        return SamplerOutput(token_ids)
+    logprobs = raw.log_softmax(dim=-1)
+    chosen = logprobs.gather(1, token_ids[:, None]).squeeze(1)
+    if t.max_logprobs == 0:
+        return SamplerOutput(token_ids, chosen)
+    top_lp, top_ids = logprobs.topk(t.max_logprobs, dim=-1)
+    return SamplerOutput(token_ids, chosen, top_ids, top_lp)

@@ -1,0 +1,150 @@
+"""Safetensors checkpoint (single or sharded) -> the parameters of a meta-device CausalLM.
+
+Tensors are read through safetensors' memory map one at a time and moved straight to the target
+device and dtype, so a checkpoint is never held twice. q/k/v and gate/up load into row slices of the
+fused projections. Anything missing, unexpected or misshapen is an error that names the tensor.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm.auto import tqdm
+
+from model.kv_heads import check_num_kv_heads, convert_kv_heads
+
+# checkpoint projection -> (fused parameter, shard index)
+FUSED_SHARDS = {
+    "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+}
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file or tensor and what was expected."""
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted({model_dir / name for name in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: shard files listed but not found: {missing}")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES) if model_dir.is_dir() else []
+    if pickles:
+        raise CheckpointError(
+            f"{model_dir} holds only pickle checkpoints ({', '.join(pickles)}). They are refused because "
+            "unpickling can execute arbitrary code. Convert them once to safetensors, e.g. "
+            "`python -c \"import transformers as t; t.AutoModelForCausalLM.from_pretrained('IN')"
+            ".save_pretrained('OUT', safe_serialization=True)\"`, then serve OUT.")
+    raise CheckpointError(f"{model_dir}: no model.safetensors, sharded index or *.safetensors file found")
+
+
+def _fused_slices(model: nn.Module) -> dict[str, list[tuple[int, int]]]:
+    """For each fused parameter name, the row range (start, stop) of each of its shards."""
+    slices = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "qkv_proj"):
+            sizes = module.split_sizes
+        elif hasattr(module, "gate_up_proj"):
+            half = module.gate_up_proj.out_features // 2
+            sizes = (half, half)
+        else:
+            continue
+        fused = "qkv_proj" if hasattr(module, "qkv_proj") else "gate_up_proj"
+        bounds, start = [], 0
+        for size in sizes:
+            bounds.append((start, start + size))
+            start += size
+        for kind in ("weight", "bias"):
+            slices[f"{name}.{fused}.{kind}"] = bounds
+    return slices
+
+
+def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(owner_name), leaf, nn.Parameter(tensor, requires_grad=False))
+
+
+def load_weights(model: nn.Module, model_dir: Path, *, dtype: torch.dtype, device: torch.device,
+                 kv_head_method: str = "mean", progress: bool = False) -> None:
+    config = model.config
+    if config.num_kv_heads != config.num_key_value_heads:
+        check_num_kv_heads(config.num_attention_heads, config.num_key_value_heads, config.num_kv_heads)
+    params = dict(model.named_parameters())
+    tied = config.tie_word_embeddings
+    if tied:
+        params.pop("lm_head.weight")
+    fused = _fused_slices(model)
+    fused = {k: v for k, v in fused.items() if k in params}
+    pending = {name: set(range(len(fused[name]))) if name in fused else {0} for name in params}
+    buffers: dict[str, torch.Tensor] = {}  # loaded values; fused ones filled shard by shard
+
+    files = checkpoint_files(model_dir)
+    with tqdm(desc="Loading weights", unit="tensor", disable=not progress) as bar:
+        for path in files:
+            with safe_open(str(path), framework="pt", device="cpu") as reader:
+                bar.total = (bar.total or 0) + len(reader.keys())
+                for ckpt_name in reader.keys():
+                    bar.update()
+                    if ckpt_name.endswith(IGNORED_SUFFIXES) or (tied and ckpt_name == "lm_head.weight"):
+                        continue
+                    tensor = reader.get_tensor(ckpt_name)
+                    _load_one(ckpt_name, tensor, params, fused, pending, buffers, config, dtype, device,
+                              kv_head_method)
+
+    missing = [f"{name} (expected {tuple(params[name].shape)})" for name, left in pending.items() if left
+               and name not in fused]
+    missing += [f"{name} shard {i} (rows {fused[name][i]})" for name, left in pending.items() if left
+                and name in fused for i in sorted(left)]
+    if missing:
+        raise CheckpointError(f"{model_dir}: tensors missing from the checkpoint: {', '.join(missing)}")
+    for name, tensor in buffers.items():
+        _set_parameter(model, name, tensor)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+
+
+def _load_one(ckpt_name, tensor, params, fused, pending, buffers, config, dtype, device, kv_head_method):
+    module_name, _, kind = ckpt_name.rpartition(".")
+    owner, _, proj = module_name.rpartition(".")
+    target, shard = ckpt_name, 0
+    if proj in FUSED_SHARDS:
+        fused_proj, shard = FUSED_SHARDS[proj]
+        target = f"{owner}.{fused_proj}.{kind}"
+    if target not in params:
+        raise CheckpointError(f"unexpected tensor {ckpt_name} {tuple(tensor.shape)} in the checkpoint: "
+                              "this model has no such parameter")
+    if proj in ("k_proj", "v_proj"):
+        tensor = convert_kv_heads(tensor, config.num_key_value_heads, config.num_kv_heads, config.head_dim,
+                                  kv_head_method)
+    param = params[target]
+    if target in fused:
+        start, stop = fused[target][shard]
+        expected = (stop - start, *param.shape[1:])
+    else:
+        expected = tuple(param.shape)
+    if tuple(tensor.shape) != expected:
+        raise CheckpointError(f"tensor {ckpt_name}: checkpoint shape {tuple(tensor.shape)} but the model "
+                              f"expects {expected} (check config.json against the weights)")
+    if shard not in pending[target]:
+        raise CheckpointError(f"tensor {ckpt_name} appears twice in the checkpoint")
+    pending[target].discard(shard)
+    value = tensor.to(device=device, dtype=dtype)
+    if target in fused:
+        if target not in buffers:
+            buffers[target] = torch.empty(param.shape, dtype=dtype, device=device)
+        buffers[target][start:stop] = value
+    else:
+        buffers[target] = value

@@ -1,0 +1,214 @@
+"""The model against transformers on the same weights, float32 on CPU.
+
+Prefill logits, then token-by-token decode through the paged cache with shuffled block tables that cross
+block boundaries, then greedy generation token for token.
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.batch import build_step_batch
+from model.config import ConfigError
+from model.kv_cache import KVCache
+from model.llama import load_model
+from model.weights import CheckpointError
+from tests.tiny_models import load_hf_model, make_tiny_checkpoint
+
+TOL = 1e-4
+VARIANTS = {
+    "mha": dict(num_attention_heads=4, num_key_value_heads=4),
+    "gqa": dict(num_attention_heads=8, num_key_value_heads=2, hidden_size=64),
+    "mqa": dict(num_attention_heads=4, num_key_value_heads=1),
+    "head_dim_differs": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=24),
+    "llama3_rope_tied": dict(tie_word_embeddings=True, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64}),
+    "linear_rope": dict(rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "sharded": dict(shard_size="20KB"),
+    "qwen2_bias": dict(architecture="Qwen2ForCausalLM"),
+    "mistral": dict(architecture="MistralForCausalLM", sliding_window=None),
+    "llama_attention_bias": dict(attention_bias=True),
+}
+
+
+class PagedRunner:
+    """Drives the model through the paged cache the way the engine will, with a shuffled block pool."""
+
+    def __init__(self, model, num_blocks: int = 64, block_size: int = 4, seed: int = 0):
+        self.model = model
+        self.block_size = block_size
+        self.cache = KVCache.allocate(model.config, num_blocks, block_size, torch.float32, "cpu")
+        self.cache.storage.fill_(float("nan"))  # poison: an unwritten slot that is read shows up
+        self.free = list(range(num_blocks))
+        random.Random(seed).shuffle(self.free)
+
+    def table_for(self, length: int, table: list[int]) -> list[int]:
+        while len(table) * self.block_size < length:
+            table.append(self.free.pop())
+        return table
+
+    def step(self, seqs: list[tuple[list[int], int, list[int]]], all_logits: bool = False) -> torch.Tensor:
+        """seqs: (new tokens, num cached, block table) per sequence."""
+        for toks, cached, table in seqs:
+            self.table_for(cached + len(toks), table)
+        batch = build_step_batch([s[0] for s in seqs], [s[1] for s in seqs], [s[2] for s in seqs],
+                                 self.block_size, all_logits=all_logits)
+        with torch.inference_mode():
+            return self.model(batch, self.cache)
+
+    def greedy(self, prompt: list[int], max_new_tokens: int) -> list[int]:
+        table: list[int] = []
+        logits = self.step([(prompt, 0, table)])
+        out = [int(logits[-1].argmax())]
+        while len(out) < max_new_tokens:
+            logits = self.step([([out[-1]], len(prompt) + len(out) - 1, table)])
+            out.append(int(logits[-1].argmax()))
+        return out
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def variant_dir(request, tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp(request.param), **VARIANTS[request.param])
+
+
+def test_prefill_then_paged_decode_match_transformers(variant_dir):
+    hf = load_hf_model(variant_dir)
+    model = load_model(variant_dir)
+    runner = PagedRunner(model)
+    torch.manual_seed(1)
+    tokens = torch.randint(3, model.config.vocab_size, (1, 23))
+    with torch.no_grad():
+        ref = hf(tokens).logits[0]  # [23, V]
+    prompt_len = 9  # prefill 9 (crosses two 4-token blocks), then decode one at a time
+    table: list[int] = []
+    prefill = runner.step([(tokens[0, :prompt_len].tolist(), 0, table)], all_logits=True)
+    assert (prefill - ref[:prompt_len]).abs().max() < TOL
+    for pos in range(prompt_len, tokens.shape[1]):
+        logits = runner.step([([int(tokens[0, pos])], pos, table)])
+        assert (logits[0] - ref[pos]).abs().max() < TOL, f"decode position {pos}"
+    assert table != sorted(table), "the block table should be non-contiguous"
+
+
+def test_mixed_batch_of_prefill_chunk_and_decodes_matches_transformers(variant_dir):
+    """One flat step mixing a prefill chunk after cached tokens with decodes of other sequences."""
+    hf = load_hf_model(variant_dir)
+    model = load_model(variant_dir)
+    runner = PagedRunner(model)
+    torch.manual_seed(2)
+    seqs = [torch.randint(3, model.config.vocab_size, (n,)).tolist() for n in (13, 6, 10)]
+    with torch.no_grad():
+        refs = [hf(torch.tensor([s])).logits[0] for s in seqs]
+    tables: list[list[int]] = [[], [], []]
+    # step 1: first 5 tokens of seq 0, all but the last token of seqs 1 and 2
+    runner.step([(seqs[0][:5], 0, tables[0]), (seqs[1][:-1], 0, tables[1]), (seqs[2][:-1], 0, tables[2])])
+    # step 2: the rest of seq 0 as a chunk after 5 cached tokens + one decode token each for seqs 1, 2
+    logits = runner.step([(seqs[0][5:], 5, tables[0]), (seqs[1][-1:], 5, tables[1]),
+                          (seqs[2][-1:], 9, tables[2])])
+    for row, ref in zip(logits, refs):
+        assert (row - ref[-1]).abs().max() < TOL
+
+
+def test_greedy_generation_matches_transformers(variant_dir):
+    hf = load_hf_model(variant_dir)
+    model = load_model(variant_dir)
+    prompt = [1, 17, 42, 99, 5, 250, 33]
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, min_new_tokens=24,
+                          eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    assert PagedRunner(model).greedy(prompt, 24) == ref
+
+
+def test_triton_backend_matches_torch_backend(tiny_llama_dir):
+    """The model with our Triton kernels (interpreter on CPU) gives the torch path's logits."""
+    pytest.importorskip("kernels.dispatch")
+    ref_model = load_model(tiny_llama_dir, attention_backend="torch")
+    tri_model = load_model(tiny_llama_dir, attention_backend="triton")
+    prompt = [1, 17, 42, 99, 5, 250, 33, 8, 9]
+    outs = []
+    for model in (ref_model, tri_model):
+        runner = PagedRunner(model, seed=3)
+        table: list[int] = []
+        prefill = runner.step([(prompt, 0, table)], all_logits=True)
+        decode = runner.step([([7], len(prompt), table)])
+        outs.append(torch.cat([prefill, decode]))
+    assert (outs[0] - outs[1]).abs().max() < TOL
+
+
+# --- bad checkpoints ---------------------------------------------------------------------------
+
+def _edit_config(model_dir: Path, **changes) -> None:
+    path = model_dir / "config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+@pytest.fixture()
+def broken_dir(tiny_llama_dir, tmp_path) -> Path:
+    target = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, target)
+    return target
+
+
+def test_missing_tensor_is_named(broken_dir):
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(broken_dir / "model.safetensors")
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, broken_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.down_proj\.weight"):
+        load_model(broken_dir)
+
+
+def test_unexpected_tensor_is_named(broken_dir):
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(broken_dir / "model.safetensors")
+    tensors["model.layers.0.self_attn.extra.weight"] = torch.ones(2, 2)
+    save_file(tensors, broken_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"unexpected tensor model\.layers\.0\.self_attn\.extra\.weight"):
+        load_model(broken_dir)
+
+
+def test_wrong_shape_names_tensor_and_both_shapes(broken_dir):
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(broken_dir / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.weight"] = torch.ones(100, 64)
+    save_file(tensors, broken_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"up_proj\.weight: checkpoint shape \(100, 64\) but the model "
+                                              r"expects \(128, 64\)"):
+        load_model(broken_dir)
+
+
+def test_pickle_only_checkpoint_is_refused_with_reason(broken_dir):
+    (broken_dir / "model.safetensors").unlink()
+    (broken_dir / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(CheckpointError, match="arbitrary code") as err:
+        load_model(broken_dir)
+    assert "safetensors" in str(err.value)
+
+
+@pytest.mark.parametrize("changes, pattern", [
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type='yarn' is not supported"),
+    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "rope_type='dynamic' is not supported"),
+    ({"architectures": ["GPT2LMHeadModel"]}, "supported are LlamaForCausalLM"),
+    ({"num_key_value_heads": 3}, "num_key_value_heads=3 must be positive and divide"),
+    ({"architectures": ["MistralForCausalLM"], "sliding_window": 4096}, "sliding_window=4096"),
+])
+def test_unsupported_configs_are_refused(broken_dir, changes, pattern):
+    _edit_config(broken_dir, **changes)
+    with pytest.raises(ConfigError, match=pattern):
+        load_model(broken_dir)
+
+
+def test_config_reads_eos_list_and_head_dim(broken_dir):
+    from model.config import ModelConfig
+    _edit_config(broken_dir, eos_token_id=[2, 7], head_dim=32)
+    config = ModelConfig.from_pretrained(broken_dir)
+    assert config.eos_token_ids == (2, 7)
+    assert config.head_dim == 32
+    assert config.kv_bytes_per_token(4) == 2 * 2 * 2 * 32 * 4
