@@ -30,11 +30,11 @@ class TritonOps:
 
     def __init__(self) -> None:
         # Imported here so that CPU-only installs never need triton.
-        from kernels import activation, cache, dispatch, norm
+        from kernels import activation, cache, dispatch, norm, rotary
         self.rms_norm = norm.rms_norm
         self.silu_and_mul = activation.silu_and_mul
         self.write_kv = cache.write_kv_cache
-        self.apply_rotary = reference.apply_rotary
+        self.apply_rotary = rotary.apply_rotary
         self._dispatch = dispatch
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: StepBatch,

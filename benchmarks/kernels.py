@@ -1,0 +1,260 @@
+"""Kernel micro-benchmarks: ours vs the torch peers vs a roofline limit measured in the same run.
+
+    python benchmarks/kernels.py             # CUDA only: decode, prefill, rms_norm, silu_and_mul (bf16)
+    python benchmarks/kernels.py --dry-run   # CPU smoke: tiny inputs, reference functions, no timing claims
+
+Timings are medians over CUDA-event runs after warm-up (triton.testing.do_bench, return_mode="median"),
+each size on fresh random inputs. Limits: decode and the small ops are memory bound (bytes / measured
+device-to-device copy bandwidth); prefill is compute bound (FLOPs / measured bf16 matmul throughput).
+Results go to a table on stdout and, with $OUT set (or --json PATH), to JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+if __package__ in (None, ""):  # run as a script: make the repo's packages importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from kernels import reference as ref  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Row:
+    kernel: str
+    shape: str
+    ours_us: float
+    peer: str
+    peer_us: float
+    limit_us: float
+
+    @property
+    def ours_over_peer(self) -> float:
+        return self.ours_us / self.peer_us if self.peer_us > 0 else math.nan
+
+    @property
+    def fraction_of_limit(self) -> float:
+        return self.limit_us / self.ours_us if self.ours_us > 0 else math.nan
+
+
+@dataclass(frozen=True)
+class Bench:
+    """How this run times and what it runs: the GPU kernels, or (dry run) the CPU reference."""
+    device: str
+    dtype: torch.dtype
+    dry_run: bool
+
+    def time_us(self, fn: Callable[[], object]) -> float:
+        if self.dry_run:
+            fn()
+            runs = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                fn()
+                runs.append(time.perf_counter() - t0)
+            return statistics.median(runs) * 1e6
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=self.device, dtype=self.dtype)
+
+
+def copy_bandwidth(bench: Bench) -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    numel = (1 << 29) if not bench.dry_run else (1 << 20)
+    src = torch.empty(numel, dtype=torch.uint8, device=bench.device).random_(0, 255)
+    dst = torch.empty_like(src)
+    return 2 * numel / (bench.time_us(lambda: dst.copy_(src)) * 1e-6)
+
+
+def matmul_flops(bench: Bench) -> float:
+    n = 8192 if not bench.dry_run else 256
+    a, b = bench.randn(n, n), bench.randn(n, n)
+    return 2 * n ** 3 / (bench.time_us(lambda: a @ b) * 1e-6)
+
+
+def sdpa_peers(bench: Bench) -> dict[str, Callable]:
+    """SDPA pinned to one backend each (flash, cuDNN when this torch/GPU has it); math on the dry run.
+
+    Each peer maps (q, k, v, causal) to a zero-argument call to time. A backend without native GQA gets
+    K/V expanded to every query head once, outside the timing (its name says so).
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backends = {"sdpa-math": SDPBackend.MATH} if bench.dry_run else {"sdpa-flash": SDPBackend.FLASH_ATTENTION}
+    if not bench.dry_run and hasattr(SDPBackend, "CUDNN_ATTENTION"):
+        backends["sdpa-cudnn"] = SDPBackend.CUDNN_ATTENTION
+
+    def pinned(backend):
+        def prepare(q, k, v, causal):
+            def call(kk, vv, gqa):
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(q, kk, vv, is_causal=causal, enable_gqa=gqa)
+            try:
+                call(k, v, True)
+                return "", lambda: call(k, v, True)
+            except RuntimeError:
+                rep = q.shape[1] // k.shape[1]
+                k_rep, v_rep = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+                call(k_rep, v_rep, False)  # raises if the backend cannot run this shape at all
+                return "(expanded kv)", lambda: call(k_rep, v_rep, False)
+        return prepare
+    return {name: pinned(b) for name, b in backends.items()}
+
+
+def paged_inputs(bench: Bench, lens: list[int], heads: int, kv_heads: int, head_dim: int, block_size: int):
+    """A paged cache holding every sequence's K/V in shuffled blocks, and the same K/V gathered contiguous."""
+    blocks = [-(-n // block_size) for n in lens]
+    perm = torch.randperm(sum(blocks), device=bench.device).to(torch.int32)
+    tables = torch.zeros(len(lens), max(blocks), dtype=torch.int32, device=bench.device)
+    used = 0
+    for b, n in enumerate(blocks):
+        tables[b, :n] = perm[used:used + n]
+        used += n
+    k_cache = bench.randn(sum(blocks), block_size, kv_heads, head_dim)
+    v_cache = bench.randn(sum(blocks), block_size, kv_heads, head_dim)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=bench.device)
+    # equal lengths in every benchmark shape, so the peers take one dense [B, KVH, S, D] batch
+    k = k_cache[tables.long()].flatten(1, 2)[:, :lens[0]].transpose(1, 2).contiguous()
+    v = v_cache[tables.long()].flatten(1, 2)[:, :lens[0]].transpose(1, 2).contiguous()
+    return k_cache, v_cache, seq_lens, tables, k, v
+
+
+def bench_decode(bench: Bench, bandwidth: float, batch: int, context: int, heads: int, kv_heads: int,
+                 head_dim: int, block_size: int) -> list[Row]:
+    k_cache, v_cache, seq_lens, tables, k, v = paged_inputs(bench, [context] * batch, heads, kv_heads,
+                                                            head_dim, block_size)
+    q = bench.randn(batch, heads, head_dim)  # [B, H, D]
+    scale = head_dim ** -0.5
+    out = torch.empty_like(q)
+    starts = torch.arange(batch + 1, dtype=torch.int32, device=bench.device)
+    if bench.dry_run:
+        ours = lambda: ref.paged_attention(q, k_cache, v_cache, starts, seq_lens, tables, scale, 1)  # noqa: E731
+    else:
+        from kernels.attention_decode import paged_decode_attention
+        ours = lambda: paged_decode_attention(q, k_cache, v_cache, seq_lens, tables, scale, context, out=out)  # noqa: E731,E501
+    ours_us = bench.time_us(ours)
+    kv_bytes = 2 * k.numel() * k.element_size()
+    limit_us = kv_bytes / bandwidth * 1e6
+    shape = f"B={batch} ctx={context} H={heads}/{kv_heads} D={head_dim} bs={block_size}"
+    q4 = q[:, :, None, :]  # [B, H, 1, D]
+    rows = []
+    for name, peer in sdpa_peers(bench).items():
+        try:
+            note, run = peer(q4, k, v, False)
+        except RuntimeError as exc:
+            print(f"  {name} unavailable for decode: {exc}".splitlines()[0], file=sys.stderr)
+            continue
+        rows.append(Row("decode", shape, ours_us, name + note, bench.time_us(run), limit_us))
+    return rows
+
+
+def bench_prefill(bench: Bench, tflops: float, batch: int, seq: int, heads: int, kv_heads: int,
+                  head_dim: int, block_size: int) -> list[Row]:
+    k_cache, v_cache, seq_lens, tables, k, v = paged_inputs(bench, [seq] * batch, heads, kv_heads,
+                                                            head_dim, block_size)
+    q = bench.randn(batch * seq, heads, head_dim)  # [T, H, D]
+    starts = torch.arange(0, batch * seq + 1, seq, dtype=torch.int32, device=bench.device)
+    scale = head_dim ** -0.5
+    out = torch.empty_like(q)
+    if bench.dry_run:
+        ours = lambda: ref.paged_attention(q, k_cache, v_cache, starts, seq_lens, tables, scale, seq)  # noqa: E731
+    else:
+        from kernels.attention_prefill import paged_prefill_attention
+        ours = lambda: paged_prefill_attention(q, k_cache, v_cache, starts, seq_lens, tables, scale, seq,  # noqa: E731
+                                               out=out)
+    ours_us = bench.time_us(ours)
+    flops = 4 * heads * head_dim * batch * seq * (seq + 1) / 2  # QK^T and PV over the causal half
+    limit_us = flops / tflops * 1e6
+    shape = f"{batch}x{seq} H={heads}/{kv_heads} D={head_dim}"
+    q4 = q.view(batch, seq, heads, head_dim).transpose(1, 2)  # [B, H, S, D]
+    rows = []
+    for name, peer in sdpa_peers(bench).items():
+        try:
+            note, run = peer(q4, k, v, True)
+        except RuntimeError as exc:
+            print(f"  {name} unavailable for prefill: {exc}".splitlines()[0], file=sys.stderr)
+            continue
+        rows.append(Row("prefill", shape, ours_us, name + note, bench.time_us(run), limit_us))
+    return rows
+
+
+def bench_small_ops(bench: Bench, bandwidth: float, tokens: int, hidden: int, inter: int) -> list[Row]:
+    x, res, w = bench.randn(tokens, hidden), bench.randn(tokens, hidden), bench.randn(hidden)
+    gate_up = bench.randn(tokens, 2 * inter)
+    if bench.dry_run:
+        norm, act = ref.rms_norm, ref.silu_and_mul
+    else:
+        from kernels.activation import silu_and_mul as act
+        from kernels.norm import rms_norm as norm
+    el = x.element_size()
+    norm_bytes = (4 * tokens * hidden + hidden) * el  # read x, res, w; write out, res_out
+    act_bytes = 3 * tokens * inter * el  # read gate|up, write out
+    return [
+        Row("rms_norm+res", f"T={tokens} N={hidden}", bench.time_us(lambda: norm(x, w, 1e-6, res)),
+            "torch-eager", bench.time_us(lambda: ref.rms_norm(x, w, 1e-6, res)), norm_bytes / bandwidth * 1e6),
+        Row("silu_and_mul", f"T={tokens} I={inter}", bench.time_us(lambda: act(gate_up)),
+            "torch-eager", bench.time_us(lambda: ref.silu_and_mul(gate_up)), act_bytes / bandwidth * 1e6),
+    ]
+
+
+def format_table(rows: list[Row]) -> str:
+    head = ("kernel", "shape", "ours (us)", "peer", "peer (us)", "limit (us)", "ours/peer", "frac of limit")
+    body = [(r.kernel, r.shape, f"{r.ours_us:.1f}", r.peer, f"{r.peer_us:.1f}", f"{r.limit_us:.1f}",
+             f"{r.ours_over_peer:.2f}", f"{r.fraction_of_limit:.2f}") for r in rows]
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in [head, *body]]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="CPU smoke run of the table path at tiny sizes")
+    parser.add_argument("--json", type=Path, default=None, help="results file (default: $OUT/kernels.json)")
+    args = parser.parse_args(argv)
+    if not args.dry_run and not torch.cuda.is_available():
+        sys.exit("benchmarks/kernels.py needs a CUDA GPU; use --dry-run for the CPU smoke path")
+    bench = Bench("cpu", torch.float32, True) if args.dry_run else Bench("cuda", torch.bfloat16, False)
+    torch.manual_seed(0)
+    bandwidth, tflops = copy_bandwidth(bench), matmul_flops(bench)
+    heads, kv_heads = (32, 8) if not args.dry_run else (4, 2)
+    rows: list[Row] = []
+    if args.dry_run:
+        rows += bench_decode(bench, bandwidth, 3, 40, heads, kv_heads, 16, 8)
+        rows += bench_prefill(bench, tflops, 2, 24, heads, kv_heads, 16, 8)
+        rows += bench_small_ops(bench, bandwidth, 5, 64, 96)
+    else:
+        rows += bench_decode(bench, bandwidth, 64, 4096, heads, kv_heads, 128, 16)
+        for head_dim in (128, 64):
+            for batch, seq in ((8, 2048), (2, 8192)):
+                rows += bench_prefill(bench, tflops, batch, seq, heads, kv_heads, head_dim, 16)
+        rows += bench_small_ops(bench, bandwidth, 4096, 4096, 14336)
+    device = "cpu (dry run: reference functions, timings mean nothing)" if args.dry_run \
+        else torch.cuda.get_device_name()
+    print(f"device: {device}\ncopy bandwidth: {bandwidth / 1e9:.1f} GB/s, matmul: {tflops / 1e12:.1f} TFLOP/s")
+    print(format_table(rows))
+    target = args.json or (Path(os.environ["OUT"]) / "kernels.json" if os.environ.get("OUT") else None)
+    if target is not None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps({
+            "device": device, "dry_run": args.dry_run, "copy_bandwidth_gbps": bandwidth / 1e9,
+            "matmul_tflops": tflops / 1e12,
+            "rows": [asdict(r) | {"ours_over_peer": r.ours_over_peer, "fraction_of_limit": r.fraction_of_limit}
+                     for r in rows],
+        }, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

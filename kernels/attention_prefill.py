@@ -1,0 +1,146 @@
+"""Varlen causal FlashAttention-2 over the paged KV cache (whole prefills, prefill chunks, prefix hits).
+
+Kernel -> launcher. Each program owns one tile of BLOCK_M *packed rows* of one sequence and one kv head:
+row r is (query token r // GROUP, query head kvh * GROUP + r % GROUP), so the GROUP query heads that share
+a kv head read each K/V tile once (GQA without copying K/V). Keys are streamed in tiles of BLOCK_N
+positions through the block table (any block_size), with an online softmax in float32; the score matrix
+is never materialised. Keys strictly before the tile's first query position need no causal mask, so the
+key loop runs in two phases: unmasked, then the diagonal band with the causal mask.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_tile(acc, m_i, l_i, q, K, V, bt_row, kvh, start_n, kv_end, q_pos, d, d_valid, qk_scale,
+                 stride_kb, stride_ks, stride_kh, stride_kd,
+                 stride_vb, stride_vs, stride_vh, stride_vd,
+                 BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """One K/V tile of BLOCK_N positions folded into the running (acc, m_i, l_i) of BLOCK_M rows."""
+    n = start_n + tl.arange(0, BLOCK_N)  # [BLOCK_N] absolute key positions
+    n_valid = n < kv_end
+    page = tl.load(bt_row + n // BLOCK_SIZE, mask=n_valid, other=0).to(tl.int64)
+    slot_off = n % BLOCK_SIZE
+    kv_mask = n_valid[None, :] & d_valid[:, None]
+    k_ptrs = K + page[None, :] * stride_kb + slot_off[None, :] * stride_ks + kvh * stride_kh \
+        + d[:, None] * stride_kd
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)  # [D_PAD, BLOCK_N]
+    qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
+    if CAUSAL:
+        keep = (n[None, :] <= q_pos[:, None]) & n_valid[None, :]
+        qk = tl.where(keep, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.exp2(qk - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v_ptrs = V + page[:, None] * stride_vb + slot_off[:, None] * stride_vs + kvh * stride_vh \
+        + d[None, :] * stride_vd
+    v = tl.load(v_ptrs, mask=n_valid[:, None] & d_valid[None, :], other=0.0)  # [BLOCK_N, D_PAD]
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _prefill_kernel(Q, K, V, O, QUERY_START, SEQ_LENS, BLOCK_TABLES, qk_scale,
+                    stride_qt, stride_qh, stride_qd,
+                    stride_kb, stride_ks, stride_kh, stride_kd,
+                    stride_vb, stride_vs, stride_vh, stride_vd,
+                    stride_ot, stride_oh, stride_od,
+                    stride_bt,
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    # grid: (cdiv(max_query_len * GROUP, BLOCK_M), B, KVH)
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1)
+    kvh = tl.program_id(2)
+    q_start = tl.load(QUERY_START + b)
+    q_len = tl.load(QUERY_START + b + 1) - q_start
+    seq_len = tl.load(SEQ_LENS + b)
+    ctx = seq_len - q_len  # tokens already in the cache before this step's queries
+    row0 = pid_m * BLOCK_M
+    if row0 < q_len * GROUP:
+        rows = row0 + tl.arange(0, BLOCK_M)  # [BLOCK_M] packed (token, head-in-group)
+        tok = rows // GROUP
+        head = kvh * GROUP + rows % GROUP
+        row_valid = tok < q_len
+        d = tl.arange(0, D_PAD)
+        d_valid = d < HEAD_DIM
+        q_ptrs = Q + (q_start + tok).to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh \
+            + d[None, :] * stride_qd
+        q = tl.load(q_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)  # [BLOCK_M, D_PAD]
+        q_pos = ctx + tok  # [BLOCK_M] absolute positions (padding rows lie past seq_len)
+        first_pos = ctx + row0 // GROUP
+        kv_end = tl.minimum(ctx + (row0 + BLOCK_M - 1) // GROUP + 1, seq_len)
+        bt_row = BLOCK_TABLES + b.to(tl.int64) * stride_bt
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+        # phase 1: keys before every row's position, no causal mask
+        band = (first_pos // BLOCK_N) * BLOCK_N
+        for start_n in range(0, band, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, K, V, bt_row, kvh, start_n, kv_end, q_pos,
+                                         d, d_valid, qk_scale,
+                                         stride_kb, stride_ks, stride_kh, stride_kd,
+                                         stride_vb, stride_vs, stride_vh, stride_vd,
+                                         BLOCK_SIZE, BLOCK_N, False, PRECISION)
+        # phase 2: the diagonal band (every row sees at least key `band`, so m_i turns finite here)
+        for start_n in range(band, kv_end, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, K, V, bt_row, kvh, start_n, kv_end, q_pos,
+                                         d, d_valid, qk_scale,
+                                         stride_kb, stride_ks, stride_kh, stride_kd,
+                                         stride_vb, stride_vs, stride_vh, stride_vd,
+                                         BLOCK_SIZE, BLOCK_N, True, PRECISION)
+        acc = acc / l_i[:, None]
+        o_ptrs = O + (q_start + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh \
+            + d[None, :] * stride_od
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs would silently run in tf32 on tensor cores; keep them exact to match the reference."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+                            scale: float, max_query_len: int, out: torch.Tensor | None = None,
+                            block_m: int | None = None, block_n: int = 64,
+                            num_warps: int | None = None, num_stages: int = 2) -> torch.Tensor:
+    """Causal attention of q [T, H, D] over the paged cache [num_blocks, block_size, KVH, D] -> [T, H, D].
+
+    query_start_loc [B+1] int32, seq_lens [B] int32 (context after this step), block_tables [B, max_blocks].
+    max_query_len is a host int (no device sync): it sizes the grid.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    assert num_heads % num_kv_heads == 0, "query heads must be a multiple of kv heads"
+    group = num_heads // num_kv_heads
+    if out is None:
+        out = torch.empty_like(q)
+    batch = seq_lens.shape[0]
+    if num_tokens == 0 or batch == 0 or max_query_len == 0:
+        return out
+    d_pad = max(16, triton.next_power_of_2(head_dim))
+    rows = max_query_len * group
+    if block_m is None:
+        block_m = 128 if rows >= 128 else 64 if rows >= 64 else 16
+    if num_warps is None:
+        num_warps = 8 if block_m * d_pad >= 128 * 128 else 4
+    assert min(block_m, block_n) >= 16, "tl.dot wants tiles of at least 16"
+    grid = (triton.cdiv(rows, block_m), batch, num_kv_heads)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, scale * LOG2E,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), block_tables.stride(0),
+        GROUP=group, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size,
+        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
