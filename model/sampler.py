@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 
-_MASK64 = -1  # all 64 bits set, as an int64
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0         # total so far
     error: str | None = None           # set with finish_reason "error"
+    queue_time: float | None = None    # seconds from arrival to first scheduling; on the first output only
     prompt_logprobs: list[float | None] | None = field(default=None)
 
 

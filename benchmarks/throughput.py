@@ -1,0 +1,240 @@
+"""Offline throughput: N requests with random prompt and output lengths through the engine at once.
+
+    python benchmarks/throughput.py --dummy --config llama-3.2-1b      # random weights, GPU shapes
+    python benchmarks/throughput.py --model DIR --num-requests 128
+    python benchmarks/throughput.py --preset cpu [--quick]             # SmolLM2-135M fp32 vs transformers
+
+Every request ignores eos and generates exactly its drawn output length. Prints requests/s, output tok/s
+and total (prompt + output) tok/s. `--preset cpu` also runs Hugging Face transformers on the same weights
+in the same process: `generate` in left-padded greedy batches (eos ignored via min_new_tokens; a batch runs
+to its longest request, and only the requested tokens count), its continuous batching when installed, and
+batch-1 decode tok/s for both; then a table of metric, ours, transformers, ratio. JSON goes to --json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repo's packages importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+PRESETS = {  # shapes of public checkpoints, for random-weight runs
+    "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
+                         max_position_embeddings=131072, tie_word_embeddings=True),
+    "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
+                         max_position_embeddings=131072),
+}
+
+
+class NullTokenizer:
+    """Token ids only (random-weight runs): detokenizes to nothing."""
+    eos_token_ids: tuple[int, ...] = ()
+
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return ""
+
+
+def workload(n: int, inp: tuple[int, int], out: tuple[int, int], vocab: int, seed: int):
+    rng = random.Random(seed)
+    in_lens = [rng.randint(*inp) for _ in range(n)]
+    out_lens = [rng.randint(*out) for _ in range(n)]
+    prompts = [[rng.randrange(10, vocab) for _ in range(k)] for k in in_lens]
+    return prompts, out_lens
+
+
+def random_model(config_dict: dict, dtype: str, device: str, backend: str):
+    from model.attention import RotaryEmbedding
+    from model.config import ModelConfig
+    from model.llama import CausalLM, resolve_dtype
+    from model.ops import make_ops
+
+    dev = torch.device(device)
+    cfg = ModelConfig.from_dict({"architectures": ["LlamaForCausalLM"], **config_dict})
+    torch.manual_seed(0)
+    with dev:
+        model = CausalLM(cfg, make_ops(backend, dev)).to(resolve_dtype(dtype, dev))
+    for p in model.parameters():
+        p.data.normal_(0, 0.02)
+    model.rotary = RotaryEmbedding(cfg, dev)
+    return model.eval().requires_grad_(False)
+
+
+def build_llm(args, prompts, out_lens):
+    from server.engine import LLM
+    from server.engine_config import EngineConfig
+    from server.model_runner import ModelRunner, resolve_device
+
+    device = str(resolve_device(args.device))
+    max_len = max(len(p) + o for p, o in zip(prompts, out_lens))
+    kw = dict(dtype=args.dtype, device=device, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
+              gpu_memory_utilization=args.gpu_memory_utilization, attention_backend=args.attention_backend,
+              max_model_len=max(max_len, args.block_size), block_size=args.block_size)
+    if not args.dummy:
+        return LLM(args.model, **kw)
+    raw = PRESETS.get(args.config) or json.loads(Path(args.config).read_text())
+    model = random_model(raw, args.dtype, device, args.attention_backend)
+    runner = ModelRunner(EngineConfig(**kw), None, model=model)
+    return LLM(None, runner=runner, tokenizer=NullTokenizer(), **kw)
+
+
+def run_ours(llm, prompts, out_lens) -> dict:
+    from server.sampling_params import SamplingParams
+    params = [SamplingParams(temperature=0.0, max_new_tokens=o, ignore_eos=True) for o in out_lens]
+    llm.generate(prompts[:2], params[:2])  # warm-up
+    steps0 = llm.engine.counters.num_steps
+    t = time.perf_counter()
+    results = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - t
+    assert [len(r.token_ids) for r in results] == out_lens
+    return metrics(prompts, out_lens, elapsed) | {
+        "steps": llm.engine.counters.num_steps - steps0,
+        "preemptions": llm.engine.scheduler.num_preemptions_total}
+
+
+def metrics(prompts, out_lens, elapsed) -> dict:
+    n_in, n_out = sum(map(len, prompts)), sum(out_lens)
+    return {"elapsed_s": elapsed, "requests_per_s": len(prompts) / elapsed, "output_tok_s": n_out / elapsed,
+            "total_tok_s": (n_in + n_out) / elapsed}
+
+
+def ours_batch1(llm, prompt, n_out) -> float:
+    from server.sampling_params import SamplingParams
+    p = SamplingParams(temperature=0.0, max_new_tokens=n_out, ignore_eos=True)
+    t = time.perf_counter()
+    llm.generate([prompt], p)
+    return n_out / (time.perf_counter() - t)
+
+
+def hf_generate(hf, prompts, out_lens, batch_size: int) -> dict:
+    t = time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        chunk, outs = prompts[i:i + batch_size], out_lens[i:i + batch_size]
+        width = max(map(len, chunk))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        m = max(outs)
+        hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=m, min_new_tokens=m, do_sample=False,
+                    pad_token_id=0)
+    return metrics(prompts, out_lens, time.perf_counter() - t)
+
+
+def hf_continuous(hf, prompts, out_lens) -> dict | str:
+    try:
+        from transformers import GenerationConfig
+        gc = GenerationConfig(do_sample=False, max_new_tokens=max(out_lens), eos_token_id=None, pad_token_id=0)
+        manager = hf.init_continuous_batching(generation_config=gc)
+        manager.start()
+        t = time.perf_counter()
+        for i, (p, o) in enumerate(zip(prompts, out_lens)):
+            manager.add_request(p, request_id=f"r{i}", max_new_tokens=o, eos_token_id=-1)
+        done = 0
+        while done < len(prompts):
+            r = manager.get_result(timeout=600)
+            if r is None:
+                raise RuntimeError("no result in 600 s")
+            done += r.is_finished()
+        elapsed = time.perf_counter() - t
+        manager.stop(block=True, timeout=10)
+        return metrics(prompts, out_lens, elapsed)
+    except Exception as exc:  # noqa: BLE001 - the peer is optional; say why it is missing
+        return f"n/a ({type(exc).__name__}: {str(exc)[:80]})"
+
+
+def hf_batch1(hf, prompt, n_out) -> float:
+    ids = torch.tensor([prompt])
+    t = time.perf_counter()
+    hf.generate(input_ids=ids, max_new_tokens=n_out, min_new_tokens=n_out, do_sample=False, pad_token_id=0)
+    return n_out / (time.perf_counter() - t)
+
+
+def compare_with_transformers(args, llm, prompts, out_lens) -> dict:
+    import transformers
+    hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    res = {"transformers": transformers.__version__, "generate_batch_size": args.hf_batch_size}
+    with torch.inference_mode():
+        res["hf_generate"] = hf_generate(hf, prompts, out_lens, args.hf_batch_size)
+        res["hf_continuous"] = hf_continuous(hf, prompts, out_lens)
+        n1 = 32 if args.quick else 128
+        res["ours_batch1_tok_s"] = ours_batch1(llm, prompts[0], n1)
+        res["hf_batch1_tok_s"] = hf_batch1(hf, prompts[0], n1)
+    return res
+
+
+def print_table(ours: dict, cmp: dict | None) -> None:
+    rows = [(k, ours[k]) for k in ("requests_per_s", "output_tok_s", "total_tok_s")]
+    if cmp is None:
+        for k, v in rows:
+            print(f"{k:<28}{v:>12.2f}")
+        return
+    print(f"{'metric':<40}{'ours':>12}{'transformers':>14}{'ratio':>8}")
+    for peer in ("hf_generate", "hf_continuous"):
+        p = cmp[peer]
+        for k, v in rows:
+            if isinstance(p, dict):
+                print(f"{k + ' vs ' + peer:<40}{v:>12.2f}{p[k]:>14.2f}{v / p[k]:>8.2f}")
+            else:
+                print(f"{k + ' vs ' + peer:<40}{v:>12.2f}  {p}")
+    a, b = cmp["ours_batch1_tok_s"], cmp["hf_batch1_tok_s"]
+    print(f"{'batch-1 decode tok/s':<40}{a:>12.2f}{b:>14.2f}{a / b:>8.2f}")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", help="model directory")
+    ap.add_argument("--dummy", action="store_true", help="random weights with --config's shapes")
+    ap.add_argument("--config", default="llama-3.2-1b", help=f"config.json path or one of {list(PRESETS)}")
+    ap.add_argument("--preset", choices=["cpu"], help="cpu: default SmolLM2-135M fp32, vs transformers")
+    ap.add_argument("--model-cache-dir", default=str(Path.home() / ".cache" / "gqa-serve" / "models"))
+    ap.add_argument("--num-requests", type=int, default=256)
+    ap.add_argument("--input-len", type=int, nargs=2, default=(100, 1024))
+    ap.add_argument("--output-len", type=int, nargs=2, default=(100, 1024))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="8 short requests: a smoke test")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--kv-cache-memory", default="1GiB")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--hf-batch-size", type=int, default=16)
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+    if args.preset == "cpu":
+        from model.fetch import fetch_model
+        from server.engine_config import DEFAULT_MODEL
+        args.model = args.model or str(fetch_model(DEFAULT_MODEL, Path(args.model_cache_dir)))
+        args.dtype, args.device, args.num_requests = "float32", "cpu", 64
+        args.input_len = args.output_len = (32, 256)
+    if args.quick:
+        args.num_requests = 8
+        args.input_len, args.output_len = (16, 64), (8, 32)
+    if not args.dummy and not args.model:
+        ap.error("give --model DIR, --dummy, or --preset cpu")
+    vocab = (PRESETS.get(args.config) or json.loads(Path(args.config).read_text()))["vocab_size"] \
+        if args.dummy else json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
+    prompts, out_lens = workload(args.num_requests, tuple(args.input_len), tuple(args.output_len), vocab, args.seed)
+    llm = build_llm(args, prompts, out_lens)
+    ours = run_ours(llm, prompts, out_lens)
+    cmp = compare_with_transformers(args, llm, prompts, out_lens) if args.preset == "cpu" else None
+    print(f"{args.num_requests} requests, input U{tuple(args.input_len)}, output U{tuple(args.output_len)}, "
+          f"device {llm.engine.runner.device}, {ours['steps']} steps, {ours['preemptions']} preemptions, "
+          f"{ours['elapsed_s']:.1f} s")
+    print_table(ours, cmp)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "ours": ours, "compare": cmp}, indent=1,
+                                              default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""ChatTemplate: a model's Jinja chat template, rendered the way transformers renders it, but bounded.
+
+Templates come from the checkpoint, which is untrusted code. They render in jinja2's
+ImmutableSandboxedEnvironment (no attribute access to dunders, no mutation of passed-in objects), with
+HF's settings (`trim_blocks`, `lstrip_blocks`, `raise_exception`, a non-HTML-escaping `tojson`), so the
+prompt text is byte-for-byte what `tokenizer.apply_chat_template(..., tokenize=False)` produces.
+
+Bounds: a sandbox cannot interrupt a running template, so the time limit is cooperative: rendering is
+streamed (`Template.generate`) and the deadline and output size are checked at every emitted chunk and
+at every call, attribute and item access the sandbox mediates. Every loop of a template does at least one
+of those per iteration, except an empty loop body, and `range` is capped at 100 000 items by jinja2
+itself, so the overshoot past the deadline is bounded by one such inner loop.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MAX_OUTPUT_CHARS = 1_000_000
+MAX_RENDER_SECONDS = 2.0
+TEMPLATE_FILE = "chat_template.jinja"
+
+
+class ChatTemplateError(ValueError):
+    """No template, a template that fails, or one that exceeds the output or time limit."""
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    source: str
+    special_tokens: tuple[tuple[str, str], ...] = ()  # (variable name, token text), e.g. ("bos_token", "<s>")
+    max_output_chars: int = MAX_OUTPUT_CHARS
+    max_render_seconds: float = MAX_RENDER_SECONDS
+
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+               **extra: Any) -> str:
+        from jinja2.exceptions import SecurityError, TemplateError
+
+        deadline = time.monotonic() + self.max_render_seconds
+        env = _bounded_environment(deadline, self.max_render_seconds)
+        try:
+            template = env.from_string(self.source)
+        except TemplateError as exc:
+            raise ChatTemplateError(f"chat template does not compile: {exc}") from exc
+        variables = dict(self.special_tokens)
+        variables.update(extra)
+        variables.update(messages=messages, add_generation_prompt=add_generation_prompt)
+        chunks: list[str] = []
+        size = 0
+        try:
+            for chunk in template.generate(**variables):
+                size += len(chunk)
+                if size > self.max_output_chars:
+                    raise ChatTemplateError(
+                        f"chat template output exceeds {self.max_output_chars} characters; refusing it")
+                _check_deadline(deadline, self.max_render_seconds)
+                chunks.append(chunk)
+        except ChatTemplateError:
+            raise
+        except SecurityError as exc:
+            raise ChatTemplateError(f"chat template tried an unsafe operation: {exc}") from exc
+        except TemplateError as exc:  # raise_exception(...) from the template lands here, with its message
+            raise ChatTemplateError(f"chat template error: {exc}") from exc
+        except Exception as exc:  # untrusted code: any failure is the template's, reported as such
+            raise ChatTemplateError(f"chat template failed: {type(exc).__name__}: {exc}") from exc
+        return "".join(chunks)
+
+
+def load_chat_template(model_dir: Path, tokenizer_config: dict[str, Any],
+                       special_tokens: tuple[tuple[str, str], ...]) -> ChatTemplate | None:
+    """`chat_template.jinja` wins over `chat_template` in tokenizer_config.json, as in transformers."""
+    template_file = Path(model_dir) / TEMPLATE_FILE
+    if template_file.is_file():
+        return ChatTemplate(template_file.read_text(encoding="utf-8"), special_tokens)
+    source = tokenizer_config.get("chat_template")
+    if isinstance(source, list):  # named templates: [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        named = {entry.get("name"): entry.get("template") for entry in source if isinstance(entry, dict)}
+        source = named.get("default")
+    if source is None:
+        return None
+    if not isinstance(source, str):
+        raise ChatTemplateError(f"chat_template in tokenizer_config.json must be a string, got {type(source).__name__}")
+    return ChatTemplate(source, special_tokens)
+
+
+def _check_deadline(deadline: float, limit: float) -> None:
+    if time.monotonic() > deadline:
+        raise ChatTemplateError(f"chat template rendering took longer than {limit:g} s; refusing it")
+
+
+def _raise_exception(message: str) -> None:
+    from jinja2.exceptions import TemplateError
+    raise TemplateError(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    # jinja2's own tojson HTML-escapes ('<' -> \u003c); chat templates expect plain JSON, as in transformers.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    from datetime import datetime
+    return datetime.now().strftime(fmt)
+
+
+def _bounded_environment(deadline: float, limit: float):
+    """A fresh sandbox per render: the deadline lives in the environment, never in module state."""
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationBlock(Extension):
+        """`{% generation %}...{% endgeneration %}` (HF's assistant-token marking) renders its body as is."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        def call(self, context, obj, /, *args, **kwargs):  # positional-only: a template may pass self=...
+            _check_deadline(deadline, limit)
+            return super().call(context, obj, *args, **kwargs)
+
+        def getattr(self, obj, attribute):
+            _check_deadline(deadline, limit)
+            return super().getattr(obj, attribute)
+
+        def getitem(self, obj, argument):
+            _check_deadline(deadline, limit)
+            return super().getitem(obj, argument)
+
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, GenerationBlock])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env

@@ -1,0 +1,229 @@
+"""OpenAI-compatible routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions.
+
+Chat prompts go through the model's own chat template (a request carrying its own template is refused).
+Errors use OpenAI's {"error": {...}} shape with status 400 for invalid requests.
+"""
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from server.generation import (ClientDisconnected, Collected, check_token_ids, collect_all, encode_prompt,
+                               new_request_id, submit_all, unless_disconnected)
+from server.http_errors import ApiError
+from server.openai_common import (check_common, finish_reason, logprob_value, now_s, sampling_params,
+                                  sse_choices, token_str, usage)
+from server.outputs import RequestOutput, TokenLogprob
+from server.schemas_openai import ChatCompletionRequest, CompletionRequest
+from server.schemas_openai_out import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse,
+                                       ChatDelta, ChatLogprobs, ChatMessageOut, ChatTokenLogprob,
+                                       CompletionChoice, CompletionLogprobs, CompletionResponse, ModelCard,
+                                       ModelList, OpenAIError, TopLogprob)
+from server.sse import EventStreamResponse
+from server.state import ServerState
+
+_ERRORS = {400: {"model": OpenAIError}, 404: {"model": OpenAIError}, 429: {"model": OpenAIError},
+           503: {"model": OpenAIError}}
+
+
+# completions ---------------------------------------------------------------------------------------------
+def _completion_prompts(state: ServerState, req: CompletionRequest) -> list[tuple[str, list[int]]]:
+    raw = req.prompt
+    if isinstance(raw, str):
+        items: list = [raw]
+    elif raw and all(isinstance(x, int) for x in raw):
+        items = [raw]
+    else:
+        items = list(raw)
+    if not items:
+        raise ApiError("validation", "prompt: empty list", "prompt")
+    out = []
+    for i, item in enumerate(items):
+        field = "prompt" if len(items) == 1 else f"prompt.{i}"
+        if isinstance(item, str):
+            out.append((item, encode_prompt(state, item, field)))
+        else:
+            ids = check_token_ids(state, list(item), field)
+            out.append((state.engine.tokenizer.decode(ids, skip_special_tokens=False) if req.echo else "", ids))
+    return out
+
+
+def _completion_logprobs(state: ServerState, token_ids: list[int], lps: list[TokenLogprob],
+                         offset: int) -> CompletionLogprobs:
+    tokens = [token_str(state, t) for t in token_ids]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return CompletionLogprobs(
+        tokens=tokens, token_logprobs=[logprob_value(lp.logprob) for lp in lps],
+        top_logprobs=[{token_str(state, tid): logprob_value(v) for tid, v in lp.top} for lp in lps],
+        text_offset=offsets)
+
+
+async def completions(state: ServerState, request: Request, req: CompletionRequest) -> Response:
+    n = req.n or 1
+    if req.best_of not in (None, n):
+        raise ApiError("validation", "best_of: only best_of equal to n is supported", "best_of")
+    if req.suffix is not None:
+        raise ApiError("validation", "suffix: not supported (send null)", "suffix")
+    state.require_ready()
+    prompts = _completion_prompts(state, req)
+    check_common(state, req, n * len(prompts))
+    jobs, echo = [], []
+    for p_index, (text, ids) in enumerate(prompts):
+        for i in range(n):
+            params = sampling_params(state, req, len(ids), max_tokens=req.max_tokens, max_tokens_field="max_tokens",
+                                     logprobs=req.logprobs, logprobs_field="logprobs", choice=i)
+            jobs.append((new_request_id("cmpl"), ids, params))
+            echo.append(text if req.echo else "")
+    rid, created, model = new_request_id("cmpl"), now_s(), state.model_name
+    prompt_tokens = sum(len(ids) for _, ids in prompts)
+    streams = submit_all(state, jobs)
+
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        sent = [False] * len(jobs)
+
+        def chunk(index: int, out: RequestOutput) -> CompletionResponse:
+            text = out.new_text if sent[index] else echo[index] + out.new_text
+            sent[index] = True
+            lp = None
+            if req.logprobs is not None and out.new_logprobs:
+                lp = _completion_logprobs(state, out.new_token_ids, out.new_logprobs, 0)
+            choice = CompletionChoice(index=index, text=text, logprobs=lp,
+                                      finish_reason=finish_reason(out.finish_reason) if out.finished else None)
+            return CompletionResponse(id=rid, created=created, model=model, choices=[choice])
+
+        def usage_chunk(u) -> CompletionResponse:
+            return CompletionResponse(id=rid, created=created, model=model, choices=[], usage=u)
+
+        return EventStreamResponse(sse_choices(streams, prompt_tokens, chunk,
+                                               usage_chunk if include_usage else None))
+    try:
+        results = await unless_disconnected(request, collect_all(streams))
+    except ClientDisconnected:
+        return Response(status_code=499)
+    choices = []
+    for index, got in enumerate(results):
+        lp = None
+        if req.logprobs is not None:
+            lp = _completion_logprobs(state, got.token_ids, got.logprobs, len(echo[index]))
+        choices.append(CompletionChoice(index=index, text=echo[index] + got.text, logprobs=lp,
+                                        finish_reason=finish_reason(got.finish_reason)))
+    body = CompletionResponse(id=rid, created=created, model=model, choices=choices,
+                              usage=usage(prompt_tokens, sum(len(g.token_ids) for g in results)))
+    return JSONResponse(body.model_dump())
+
+
+# chat ----------------------------------------------------------------------------------------------------
+def _chat_prompt(state: ServerState, req: ChatCompletionRequest) -> tuple[str, list[int]]:
+    refusals = (("chat_template", req.chat_template is not None, "custom chat templates are not accepted; "
+                                                                 "the model's own template is used"),
+                ("chat_template_kwargs", bool(req.chat_template_kwargs), "not supported"),
+                ("tools", bool(req.tools), "tool calling is not supported"),
+                ("tool_choice", req.tool_choice not in (None, "none", "auto"), "tool calling is not supported"),
+                ("response_format", req.response_format is not None and req.response_format.type != "text",
+                 "only {'type': 'text'} is supported"),
+                ("top_logprobs", req.top_logprobs is not None and not req.logprobs, "requires logprobs=true"))
+    for name, bad, why in refusals:
+        if bad:
+            raise ApiError("validation", f"{name}: {why}", name)
+    tok = state.engine.tokenizer
+    if not tok.has_chat_template:
+        raise ApiError("validation", "messages: this model has no chat template; use /v1/completions", "messages")
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                for m in req.messages]
+    limit = state.prompt_char_limit
+    if sum(len(m["content"]) for m in messages) > limit:
+        raise ApiError("validation", f"messages: over the limit of {limit:,} characters (max_prompt_chars)",
+                       "messages")
+    try:
+        text = tok.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt is not False)
+    except Exception as exc:  # noqa: BLE001 - a template's raise_exception() is the caller's fault
+        raise ApiError("validation", f"messages: the chat template refused them ({exc})", "messages") from None
+    return text, encode_prompt(state, text, "messages", add_special_tokens=False)
+
+
+def _chat_logprobs(state: ServerState, token_ids: list[int], lps: list[TokenLogprob]) -> ChatLogprobs:
+    def entry(tid: int, value: float) -> TopLogprob:
+        s = token_str(state, tid)
+        return TopLogprob(token=s, logprob=logprob_value(value), bytes=list(s.encode("utf-8")))
+
+    content = []
+    for tid, lp in zip(token_ids, lps):
+        e = entry(tid, lp.logprob)
+        content.append(ChatTokenLogprob(token=e.token, logprob=e.logprob, bytes=e.bytes,
+                                        top_logprobs=[entry(t, v) for t, v in lp.top]))
+    return ChatLogprobs(content=content)
+
+
+async def chat_completions(state: ServerState, request: Request, req: ChatCompletionRequest) -> Response:
+    n = req.n or 1
+    state.require_ready()
+    check_common(state, req, n)
+    _, ids = _chat_prompt(state, req)
+    if req.max_completion_tokens is not None:
+        max_tokens, field = req.max_completion_tokens, "max_completion_tokens"
+    else:
+        max_tokens, field = req.max_tokens, "max_tokens"
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    jobs = [(new_request_id("chatcmpl"), ids,
+             sampling_params(state, req, len(ids), max_tokens=max_tokens, max_tokens_field=field,
+                             logprobs=logprobs, logprobs_field="top_logprobs", choice=i)) for i in range(n)]
+    rid, created, model = new_request_id("chatcmpl"), now_s(), state.model_name
+    streams = submit_all(state, jobs)
+
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def first(index: int) -> ChatCompletionChunk:
+            choice = ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))
+            return ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
+
+        def chunk(index: int, out: RequestOutput) -> ChatCompletionChunk | None:
+            if not out.new_text and not out.finished and not (logprobs is not None and out.new_logprobs):
+                return None
+            lp = _chat_logprobs(state, out.new_token_ids, out.new_logprobs or []) if logprobs is not None else None
+            choice = ChatChunkChoice(index=index, delta=ChatDelta(content=out.new_text or None), logprobs=lp,
+                                     finish_reason=finish_reason(out.finish_reason) if out.finished else None)
+            return ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
+
+        def usage_chunk(u) -> ChatCompletionChunk:
+            return ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=u)
+
+        return EventStreamResponse(sse_choices(streams, len(ids), chunk, usage_chunk if include_usage else None,
+                                               first=first))
+    try:
+        results: list[Collected] = await unless_disconnected(request, collect_all(streams))
+    except ClientDisconnected:
+        return Response(status_code=499)
+    choices = [ChatChoice(index=i, message=ChatMessageOut(content=got.text),
+                          logprobs=_chat_logprobs(state, got.token_ids, got.logprobs) if logprobs is not None
+                          else None, finish_reason=finish_reason(got.finish_reason))
+               for i, got in enumerate(results)]
+    body = ChatCompletionResponse(id=rid, created=created, model=model, choices=choices,
+                                  usage=usage(len(ids), sum(len(g.token_ids) for g in results)))
+    return JSONResponse(body.model_dump())
+
+
+def openai_router() -> APIRouter:
+    router = APIRouter(prefix="/v1", tags=["OpenAI"])
+    sse_doc = {200: {"description": "JSON, or server-sent events when stream is true",
+                     "content": {"text/event-stream": {}}}}
+
+    @router.get("/models", response_model=ModelList)
+    async def models(request: Request) -> ModelList:
+        state: ServerState = request.app.state.server
+        state.require_ready()
+        return ModelList(data=[ModelCard(id=state.model_name, created=now_s(), max_model_len=state.max_model_len)])
+
+    @router.post("/completions", response_model=CompletionResponse, responses={**_ERRORS, **sse_doc})
+    async def completions_route(request: Request, body: CompletionRequest) -> Response:
+        return await completions(request.app.state.server, request, body)
+
+    @router.post("/chat/completions", response_model=ChatCompletionResponse, responses={**_ERRORS, **sse_doc})
+    async def chat_route(request: Request, body: ChatCompletionRequest) -> Response:
+        return await chat_completions(request.app.state.server, request, body)
+
+    return router

@@ -1,0 +1,101 @@
+"""Operational routes: /health, /metrics, /info, /tokenize, /detokenize."""
+from __future__ import annotations
+
+from importlib import metadata
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from server.http_errors import ApiError
+from server.metrics import CONTENT_TYPE
+from server.schemas_tgi import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+from server.state import Phase, ServerState, resolved_setting
+
+
+def package_version() -> str:
+    try:
+        return metadata.version("gqa-serve")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def health_payload(state: ServerState) -> tuple[int, dict]:
+    if state.phase is Phase.READY:
+        if state.engine.is_alive:
+            return 200, {"status": "ok"}
+        return 503, {"status": "dead", "detail": "the engine loop has stopped"}
+    if state.phase is Phase.FAILED:
+        return 503, {"status": "failed", "detail": state.load_error}
+    return 503, {"status": state.phase.value}
+
+
+def info_payload(state: ServerState) -> dict:
+    engine, cfg = state.engine, state.config
+    mc, cap = engine.model_config, engine.kv_capacity
+    ec = engine.config
+    return {
+        "model_id": state.model_name,
+        "model_path": ec.model,
+        "architecture": mc.architecture,
+        "dtype": resolved_setting(engine, "dtype"),
+        "device": resolved_setting(engine, "device"),
+        "num_attention_heads": mc.num_attention_heads,
+        "num_kv_heads": mc.num_kv_heads,
+        "checkpoint_num_kv_heads": mc.num_key_value_heads,
+        "head_dim": mc.head_dim,
+        "vocab_size": mc.vocab_size,
+        "max_model_len": state.max_model_len,
+        "block_size": cap.block_size,
+        "kv_cache": {"num_blocks": cap.num_blocks, "tokens": cap.tokens, "bytes_per_token": cap.bytes_per_token,
+                     "max_concurrency": round(cap.tokens / max(1, state.max_model_len), 2)},
+        "limits": {"max_num_seqs": ec.max_num_seqs, "max_num_batched_tokens": ec.max_num_batched_tokens,
+                   "max_waiting_requests": ec.max_waiting_requests, "max_payload_bytes": cfg.max_payload_bytes,
+                   "max_prompt_chars": state.prompt_char_limit, "max_choices": cfg.max_choices},
+        "version": package_version(),
+    }
+
+
+def ops_router() -> APIRouter:
+    router = APIRouter(tags=["operations"])
+
+    @router.get("/health")
+    async def health(request: Request) -> JSONResponse:
+        status, payload = health_payload(request.app.state.server)
+        return JSONResponse(payload, status_code=status)
+
+    @router.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        return Response(request.app.state.server.metrics.render(), media_type=CONTENT_TYPE)
+
+    @router.get("/info")
+    async def info(request: Request) -> JSONResponse:
+        state: ServerState = request.app.state.server
+        state.require_ready()
+        return JSONResponse(info_payload(state))
+
+    @router.post("/tokenize", response_model=TokenizeResponse)
+    async def tokenize(request: Request, body: TokenizeRequest) -> TokenizeResponse:
+        state: ServerState = request.app.state.server
+        state.require_ready()
+        if len(body.inputs) > state.prompt_char_limit:
+            raise ApiError("validation", f"inputs: {len(body.inputs):,} characters, over the limit of "
+                                         f"{state.prompt_char_limit:,} (max_prompt_chars)", "inputs")
+        tok = state.engine.tokenizer
+        ids = list(tok.encode(body.inputs, add_special_tokens=body.add_special_tokens))
+        return TokenizeResponse(ids=ids, pieces=[tok.id_to_piece(i) for i in ids], count=len(ids),
+                                max_model_len=state.max_model_len)
+
+    @router.post("/detokenize", response_model=DetokenizeResponse)
+    async def detokenize(request: Request, body: DetokenizeRequest) -> DetokenizeResponse:
+        state: ServerState = request.app.state.server
+        state.require_ready()
+        if body.ids:
+            vocab = int(state.engine.tokenizer.vocab_size)
+            bad = next((i for i in body.ids if not 0 <= i < vocab), None)
+            if bad is not None:
+                raise ApiError("validation", f"ids: token id {bad} is outside the vocabulary (0..{vocab - 1})",
+                               "ids")
+        text = state.engine.tokenizer.decode(body.ids, skip_special_tokens=body.skip_special_tokens)
+        return DetokenizeResponse(text=text)
+
+    return router

@@ -1,0 +1,200 @@
+"""TGI-compatible routes: POST /generate, POST /generate_stream, and POST / (TGI's compat route).
+
+Sampling follows TGI: greedy unless do_sample is true or temperature/top_k/top_p ask for sampling; unlike
+TGI, temperature 0 (greedy) and top_p 1.0 are accepted. A sampled request without a seed gets a random
+one, reported in details.seed.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from server.generation import (ClientDisconnected, Collected, collect_all, delta_texts, encode_prompt,
+                               check_prompt_length, new_request_id, resolve_max_new_tokens, submit, submit_all,
+                               unless_disconnected, build_params)
+from server.http_errors import ApiError, error_json
+from server.outputs import RequestOutput
+from server.sampling_params import SamplingParams
+from server.schema_common import finite_logprob
+from server.schemas_tgi import (CompatGenerateRequest, Details, ErrorResponse, GenerateParameters,
+                                GenerateRequest, GenerateResponse, PrefillToken, StreamDetails, StreamResponse,
+                                Token)
+from server.sse import EventStreamResponse, sse_data
+from server.state import ServerState
+
+DEFAULT_MAX_NEW_TOKENS = 100
+FINISH_REASON = {"length": "length", "eos_token": "eos_token", "stop": "stop_sequence"}
+_NAMES = {name: f"parameters.{name}" for name in SamplingParams.model_fields}
+_NAMES["logprobs"] = "parameters.top_n_tokens"
+_ERRORS = {422: {"model": ErrorResponse}, 429: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
+
+
+@dataclass(frozen=True)
+class Prepared:
+    prompt: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int | None
+
+
+def _refuse_unsupported(p: GenerateParameters) -> None:
+    checks = (("adapter_id", p.adapter_id is not None, "adapters are not supported"),
+              ("best_of", p.best_of not in (None, 1), "only best_of=1 is supported"),
+              ("grammar", p.grammar is not None, "grammar-constrained generation is not supported"),
+              ("watermark", bool(p.watermark), "watermarking is not supported"),
+              ("typical_p", p.typical_p not in (None, 1.0), "typical sampling is not supported (use null)"))
+    for name, bad, why in checks:
+        if bad:
+            raise ApiError("validation", f"parameters.{name}: {why}", f"parameters.{name}")
+
+
+def prepare(state: ServerState, prompt: str, p: GenerateParameters, *, want_logprobs: bool,
+            field: str = "inputs") -> Prepared:
+    _refuse_unsupported(p)
+    ids = encode_prompt(state, prompt, field, check_length=False)
+    if p.truncate is not None and len(ids) > p.truncate:
+        ids = ids[-p.truncate:]
+    check_prompt_length(state, len(ids), field)
+    sampling = bool(p.do_sample) or p.temperature not in (None, 1.0) or p.top_k not in (None, 0) \
+        or p.top_p not in (None, 1.0)
+    if p.temperature == 0.0:
+        sampling = False
+    seed = (p.seed if p.seed is not None else random.getrandbits(63)) if sampling else None
+    max_new = resolve_max_new_tokens(state, len(ids), p.max_new_tokens, "parameters.max_new_tokens",
+                                     DEFAULT_MAX_NEW_TOKENS)
+    top_n = p.top_n_tokens or 0
+    params = build_params(
+        _NAMES, temperature=(p.temperature if p.temperature is not None else 1.0) if sampling else 0.0,
+        top_k=p.top_k or 0, top_p=p.top_p if p.top_p is not None else 1.0,
+        repetition_penalty=p.repetition_penalty if p.repetition_penalty is not None else 1.0,
+        frequency_penalty=p.frequency_penalty or 0.0, seed=seed, max_new_tokens=max_new,
+        stop=tuple(p.stop or ()), logprobs=top_n if (want_logprobs or top_n) else None)
+    return Prepared(prompt, ids, params, seed)
+
+
+def _token(state: ServerState, token_id: int, text: str, logprob: float | None) -> Token:
+    special = token_id in state.engine.tokenizer.all_special_ids
+    return Token(id=token_id, text=text, logprob=finite_logprob(logprob), special=special)
+
+
+def _top_tokens(state: ServerState, top: tuple[tuple[int, float], ...]) -> list[Token]:
+    decode = state.engine.tokenizer.decode
+    return [_token(state, tid, decode([tid], skip_special_tokens=False), lp) for tid, lp in top]
+
+
+def _finish_reason(reason: str | None) -> str:
+    return FINISH_REASON.get(reason or "length", "length")
+
+
+def build_response(state: ServerState, prep: Prepared, got: Collected, p: GenerateParameters) -> GenerateResponse:
+    text = (prep.prompt + got.text) if p.return_full_text else got.text
+    if not p.details:
+        return GenerateResponse(generated_text=text)
+    logprobs = got.logprobs if len(got.logprobs) == len(got.token_ids) else [None] * len(got.token_ids)
+    tokens = [_token(state, tid, txt, lp.logprob if lp else None)
+              for tid, txt, lp in zip(got.token_ids, got.token_texts, logprobs)]
+    top = [_top_tokens(state, lp.top) for lp in logprobs if lp] if p.top_n_tokens else []
+    prefill: list[PrefillToken] = []
+    if p.decoder_input_details:
+        decode = state.engine.tokenizer.decode
+        plp = got.prompt_logprobs or []
+        prefill = [PrefillToken(id=tid, text=decode([tid], skip_special_tokens=False),
+                                logprob=finite_logprob(plp[i]) if i < len(plp) and i > 0 else None)
+                   for i, tid in enumerate(prep.prompt_ids)]
+    details = Details(finish_reason=_finish_reason(got.finish_reason), generated_tokens=len(got.token_ids),
+                      seed=prep.seed, prefill=prefill, tokens=tokens, top_tokens=top)
+    return GenerateResponse(generated_text=text, details=details)
+
+
+async def generate(state: ServerState, request: Request, body: GenerateRequest) -> Response:
+    p = body.parameters
+    prompts = body.inputs if isinstance(body.inputs, list) else [body.inputs]
+    if not prompts:
+        raise ApiError("validation", "inputs: the list of prompts is empty", "inputs")
+    if len(prompts) > state.config.max_choices:
+        raise ApiError("validation", f"inputs: {len(prompts)} prompts, more than the limit of "
+                                     f"{state.config.max_choices} (max_choices)", "inputs")
+    state.require_ready()
+    preps = [prepare(state, text, p, want_logprobs=bool(p.details),
+                     field="inputs" if len(prompts) == 1 else f"inputs.{i}") for i, text in enumerate(prompts)]
+    streams = submit_all(state, [(new_request_id("tgi"), x.prompt_ids, x.params) for x in preps])
+    try:
+        results = await unless_disconnected(request, collect_all(streams))
+    except ClientDisconnected:
+        return Response(status_code=499)
+    out = [build_response(state, x, got, p).model_dump() for x, got in zip(preps, results)]
+    return JSONResponse(out if isinstance(body.inputs, list) else out[0])
+
+
+async def _events(state: ServerState, prep: Prepared, stream: AsyncIterator[RequestOutput],
+                  p: GenerateParameters) -> AsyncIterator[str]:
+    text, index, last_id = "", 0, 0
+    try:
+        async with aclosing(stream) as outputs:
+            async for out in outputs:
+                if out.finished and out.finish_reason in ("error", "abort"):
+                    kind = "generation" if out.finish_reason == "error" else "unavailable"
+                    message = out.error or ("request aborted by the server" if kind == "unavailable" else "")
+                    yield sse_data(error_json(ApiError(kind, f"generation failed: {message}"), openai=False))
+                    return
+                text += out.new_text
+                texts = delta_texts(out) or [""]
+                ids = out.new_token_ids or [last_id]
+                lps = out.new_logprobs or []
+                for j, (tid, piece) in enumerate(zip(ids, texts)):
+                    index += 1
+                    last_id = tid
+                    lp = lps[j] if j < len(lps) else None
+                    final = out.finished and j == len(ids) - 1
+                    event = StreamResponse(
+                        index=index,
+                        token=_token(state, tid, piece if out.new_token_ids else "", lp.logprob if lp else None),
+                        top_tokens=_top_tokens(state, lp.top) if (lp and p.top_n_tokens) else [],
+                        generated_text=((prep.prompt + text) if p.return_full_text else text) if final else None,
+                        details=StreamDetails(finish_reason=_finish_reason(out.finish_reason),
+                                              generated_tokens=out.num_output_tokens, seed=prep.seed,
+                                              input_length=len(prep.prompt_ids)) if final else None)
+                    yield sse_data(event.model_dump_json())
+                if out.finished:
+                    return
+    except ApiError as exc:
+        yield sse_data(error_json(exc, openai=False))
+    except Exception as exc:  # noqa: BLE001 - once streaming began, errors travel as the last event
+        yield sse_data(error_json(ApiError("generation", f"generation failed: {type(exc).__name__}"), False))
+
+
+async def generate_stream(state: ServerState, body: GenerateRequest) -> Response:
+    if isinstance(body.inputs, list):
+        raise ApiError("validation", "inputs: must be a single string when streaming", "inputs")
+    state.require_ready()
+    prep = prepare(state, body.inputs, body.parameters, want_logprobs=True)
+    stream = submit(state, prep.prompt_ids, prep.params, new_request_id("tgi"))
+    return EventStreamResponse(_events(state, prep, stream, body.parameters))
+
+
+def tgi_router() -> APIRouter:
+    router = APIRouter(tags=["TGI"])
+    sse_doc = {200: {"description": "one StreamResponse per token as server-sent events",
+                     "content": {"text/event-stream": {}}}}
+
+    @router.post("/generate", response_model=GenerateResponse | list[GenerateResponse], responses=_ERRORS)
+    async def generate_route(request: Request, body: GenerateRequest) -> Response:
+        return await generate(request.app.state.server, request, body)
+
+    @router.post("/generate_stream", responses={**_ERRORS, **sse_doc})
+    async def generate_stream_route(request: Request, body: GenerateRequest) -> Response:
+        return await generate_stream(request.app.state.server, body)
+
+    @router.post("/", response_model=GenerateResponse | list[GenerateResponse], responses=_ERRORS)
+    async def compat_route(request: Request, body: CompatGenerateRequest) -> Response:
+        state = request.app.state.server
+        if body.stream:
+            return await generate_stream(state, body)
+        return await generate(state, request, body)
+
+    return router

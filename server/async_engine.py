@@ -1,0 +1,216 @@
+"""AsyncEngine: the LLMEngine on its own daemon thread, with one async stream per request.
+
+The asyncio side only enqueues commands (add, abort) and reads streams; the engine thread owns every piece
+of engine state, applies commands between steps (so an abort frees blocks before the next step) and hands
+each RequestOutput to its stream with loop.call_soon_threadsafe. The event loop never waits on a step.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+from server.engine import LLMEngine
+from server.engine_config import EngineConfig
+from server.outputs import EngineDeadError, OverloadedError, RequestOutput
+from server.sampling_params import SamplingParams
+from server.sequence import Sequence
+
+log = logging.getLogger(__name__)
+MAX_FAILED_STEPS_IN_A_ROW = 3  # beyond this a failing step is the engine's fault, not a request's
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_free_blocks: int
+    num_total_blocks: int
+    num_preemptions_total: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    admission_rejections_total: int
+    num_steps: int
+
+
+class RequestStream:
+    """`async for out in stream` yields the request's RequestOutput deltas; ends after the finished one."""
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop):
+        self.request_id = request_id
+        self._loop = loop
+        self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.finished = False
+
+    def put(self, out: RequestOutput) -> None:  # on the event loop thread
+        self._queue.put_nowait(out)
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        out = await self._queue.get()
+        self.finished = out.finished
+        return out
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.engine: LLMEngine | None = None
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, RequestStream] = {}  # touched only on the event loop thread
+        self._pending_adds = 0                        # adds enqueued, not yet in the scheduler
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._draining = False
+        self._dead: str | None = None
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+    def start(self, *, runner=None, tokenizer=None) -> None:
+        """Load the model and tokenizer (blocking) and start the loop thread; idempotent."""
+        with self._lock:
+            if self._thread is not None:
+                return
+            self.engine = LLMEngine(self.config, runner=runner, tokenizer=tokenizer)
+            self.tokenizer = self.engine.tokenizer
+            self.model_config = self.engine.model_config
+            self.kv_capacity = self.engine.kv_capacity
+            self.max_model_len = self.engine.max_model_len
+            self.model_dir = self.engine.model_dir
+            self.dtype = self.engine.runner.dtype
+            self.device = self.engine.runner.device
+            self._thread = threading.Thread(target=self._run, name="gqa-engine", daemon=True)
+            self._thread.start()
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._dead is None
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+
+    def begin_drain(self) -> None:
+        self._draining = True
+
+    async def wait_idle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            s = self.stats()
+            if s.num_running == 0 and s.num_waiting == 0 and self._pending_adds == 0:
+                return True
+            if time.monotonic() >= deadline or not self.is_alive:
+                return False
+            await asyncio.sleep(0.01)
+
+    # ---- requests (event loop thread) --------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestStream:
+        if not self.is_alive:
+            raise EngineDeadError(f"the engine is not running{': ' + self._dead if self._dead else ''}")
+        if self._draining:
+            raise OverloadedError("the server is draining: no new requests")
+        if request_id in self._streams:
+            raise ValueError(f"duplicate request_id {request_id!r}")
+        engine = self.engine
+        engine.check_admission(prompt_token_ids, params)
+        if engine.scheduler.num_waiting + self._pending_adds >= self.config.max_waiting_requests:
+            engine.counters.admission_rejections_total += 1
+            raise OverloadedError(f"{self.config.max_waiting_requests} requests are already waiting; retry later")
+        stream = RequestStream(request_id, asyncio.get_running_loop())
+        self._streams[request_id] = stream
+        with self._lock:
+            self._pending_adds += 1
+        self._commands.put(("add", request_id, list(prompt_token_ids), params, stream))
+        self._wake.set()
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+        self._wake.set()
+
+    def stats(self) -> EngineStats:
+        e = self.engine
+        if e is None:
+            return EngineStats(0, 0, 0.0, 0, 0, 0, 0, 0, 0, 0)
+        c, a = e.counters, e.allocator
+        return EngineStats(e.scheduler.num_running, e.scheduler.num_waiting, a.usage, a.num_free_blocks,
+                           a.num_blocks, e.scheduler.num_preemptions_total, c.prompt_tokens_total,
+                           c.generation_tokens_total, c.admission_rejections_total, c.num_steps)
+
+    # ---- engine thread -----------------------------------------------------------------------------
+    def _deliver(self, stream: RequestStream, out: RequestOutput) -> None:
+        def put() -> None:
+            stream.put(out)
+            if out.finished:
+                self._streams.pop(out.request_id, None)
+        try:
+            stream._loop.call_soon_threadsafe(put)
+        except RuntimeError:  # the client's event loop is closed: nobody is listening
+            pass
+
+    def _apply_commands(self, targets: dict[str, RequestStream]) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "add":
+                _, rid, tokens, params, stream = cmd
+                with self._lock:
+                    self._pending_adds -= 1
+                try:
+                    self.engine.add_request(rid, tokens, params)
+                    targets[rid] = stream
+                except Exception as exc:  # noqa: BLE001 - refused between the check and the queue
+                    self._deliver(stream, RequestOutput(rid, [], "", True, "error", error=str(exc)))
+            else:
+                out = self.engine.abort(cmd[1])
+                stream = targets.pop(cmd[1], None)
+                if out is not None and stream is not None:
+                    self._deliver(stream, out)
+
+    def _run(self) -> None:
+        targets: dict[str, RequestStream] = {}  # the engine thread's view of the streams
+        try:
+            while not self._stop:
+                self._apply_commands(targets)
+                if not self.engine.has_unfinished():
+                    self._wake.wait(timeout=0.1)
+                    self._wake.clear()
+                    continue
+                outputs = self.engine.step()
+                if self.engine.counters.failed_steps_in_a_row >= MAX_FAILED_STEPS_IN_A_ROW:
+                    # dead before these errors reach clients, so a retry gets EngineDeadError
+                    self._dead = f"{MAX_FAILED_STEPS_IN_A_ROW} engine steps failed in a row"
+                for out in outputs:
+                    stream = targets.pop(out.request_id) if out.finished else targets.get(out.request_id)
+                    if stream is not None:
+                        self._deliver(stream, out)
+                if self._dead:
+                    break
+        except Exception as exc:  # noqa: BLE001
+            log.exception("engine loop died")
+            self._dead = f"{type(exc).__name__}: {exc}"
+        if self._dead:
+            log.error("engine loop stopped: %s", self._dead)
+            self._fail_all(targets)
+
+    def _fail_all(self, targets: dict[str, RequestStream]) -> None:
+        self._apply_commands(targets) if self.engine else None
+        for rid, stream in list(targets.items()):
+            seq: Sequence | None = self.engine.scheduler.requests.get(rid)
+            n = seq.num_output_tokens if seq else 0
+            self._deliver(stream, RequestOutput(rid, [], "", True, "error", error=self._dead,
+                                                num_output_tokens=n))
+        targets.clear()

@@ -1,0 +1,223 @@
+"""ServeConfig: the server's own settings plus the EngineConfig, from defaults, a TOML file, env and flags.
+
+This is the only module that reads the environment. Precedence, highest first:
+    command-line flags  >  environment (GQA_<FIELD>)  >  TOML file (--config / GQA_CONFIG)  >  defaults
+
+Every field of ServerConfig and of EngineConfig is settable all three ways under one name:
+    field ``max_num_seqs``  ->  flag ``--max-num-seqs``  ->  env ``GQA_MAX_NUM_SEQS``
+Booleans take ``--enforce-eager`` / ``--no-enforce-eager`` and env values true/false/1/0/yes/no/on/off;
+optional fields take ``none`` (or an empty env value) for None; list fields take comma-separated values.
+
+TOML shape (configs/NAME.toml): two tables, each holding fields of its model; unknown tables or keys are
+errors that name them::
+
+    [server]
+    host = "0.0.0.0"
+    port = 8000
+    cors_origins = ["https://example.org"]
+
+    [engine]
+    model = "/models/smollm2-135m"
+    num_kv_heads = 1
+    kv_cache_memory = "2GiB"
+
+``--config`` takes a path; a bare name (``--config gpu``) is looked up as ``configs/<name>.toml`` in the
+working directory and then next to this package.
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from server.engine_config import EngineConfig
+
+ENV_PREFIX = "GQA_"
+CONFIG_ENV = "GQA_CONFIG"
+SECTIONS = ("server", "engine")
+_NONE_WORDS = ("", "none", "null")
+
+
+class ConfigError(ValueError):
+    """A bad configuration; str() is one line that names the field and where the value came from."""
+
+
+class ServerConfig(BaseModel):
+    """HTTP-side settings; the engine's are in EngineConfig."""
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = Field("127.0.0.1", description="interface to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
+    api_key: SecretStr | None = Field(None, description="require 'Authorization: Bearer KEY' on all routes "
+                                                        "but /health and /metrics")
+    cors_origins: tuple[str, ...] = Field((), description="allowed CORS origins (comma-separated); none: CORS off")
+    served_model_name: str | None = Field(None, description="model id reported by the APIs "
+                                                            "(default: the model directory's name)")
+    max_payload_bytes: int = Field(1 << 20, ge=1024, description="largest request body accepted (413 beyond)")
+    max_prompt_chars: int | None = Field(None, ge=1, description="prompt length limit in characters, checked "
+                                                                 "before tokenizing (default: 16 x max_model_len)")
+    max_choices: int = Field(16, ge=1, le=128, description="largest n (OpenAI) / batch size (TGI list inputs)")
+    stats_log_interval_s: float = Field(10.0, ge=0.0, description="seconds between stats log lines; 0: off")
+    drain_timeout_s: float = Field(30.0, ge=0.0, description="on SIGTERM, how long running requests may finish")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    enable_explain: bool = Field(False, description="serve the attention explorer at /explain (torch reference "
+                                                    "path on CPU copies of the model, never the hot path)")
+
+    def prompt_char_limit(self, max_model_len: int) -> int:
+        """BPE tokens average well under 16 characters, so this never refuses a prompt that would fit."""
+        return self.max_prompt_chars if self.max_prompt_chars is not None else 16 * max_model_len
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One settable field: where it lives and the names it goes by."""
+    section: str
+    name: str
+    annotation: Any
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env_var(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def is_bool(self) -> bool:
+        return self.annotation is bool
+
+    @property
+    def is_sequence(self) -> bool:
+        return any(typing.get_origin(a) in (tuple, list) for a in _union_members(self.annotation))
+
+    @property
+    def is_optional(self) -> bool:
+        return type(None) in _union_members(self.annotation)
+
+
+def _union_members(annotation: Any) -> tuple[Any, ...]:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
+def _section_models() -> dict[str, type[BaseModel]]:
+    return {"server": ServerConfig, "engine": EngineConfig}
+
+
+def field_specs() -> list[FieldSpec]:
+    """All settable fields, server first; names are unique across sections (checked in the tests)."""
+    specs = []
+    for section, model in _section_models().items():
+        for name, info in model.model_fields.items():
+            default = info.get_default(call_default_factory=True)
+            shown = default.get_secret_value() and "***" if isinstance(default, SecretStr) else default
+            text = (info.description or name.replace("_", " ")) + f" (default: {shown!r})"
+            specs.append(FieldSpec(section, name, info.annotation, text))
+    return specs
+
+
+def _text_value(spec: FieldSpec, raw: str) -> Any:
+    """A string from a flag or env var, shaped for pydantic (which does the type conversion itself)."""
+    if spec.is_optional and raw.strip().lower() in _NONE_WORDS:
+        return None
+    if spec.is_sequence:
+        return [part.strip() for part in raw.split(",") if part.strip()]
+    return raw
+
+
+def resolve_config_path(value: str) -> Path:
+    path = Path(value)
+    if path.is_file():
+        return path
+    if path.suffix == "" and path.parent == Path("."):
+        for root in (Path.cwd(), Path(__file__).resolve().parent.parent):
+            candidate = root / "configs" / f"{value}.toml"
+            if candidate.is_file():
+                return candidate
+    raise ConfigError(f"config: no such file {value!r} (nor configs/{value}.toml)")
+
+
+def _read_toml(path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config {path}: {exc}") from None
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"config {path}: unknown table or key {unknown[0]!r} (expected [server] and [engine])")
+    tables = {}
+    for section in SECTIONS:
+        table = raw.get(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"config {path}: {section} must be a table ([{section}])")
+        tables[section] = table
+    return tables
+
+
+def load_config(flags: Mapping[str, Any] | None = None, config_file: str | None = None,
+                environ: Mapping[str, str] | None = None) -> ServeConfig:
+    """Merge the layers and validate; raises ConfigError with a one-line reason.
+
+    `flags` maps field names to the strings (or bools) given on the command line, only those given.
+    """
+    flags = dict(flags or {})
+    environ = os.environ if environ is None else environ
+    specs = {spec.name: spec for spec in field_specs()}
+    unknown = sorted(set(flags) - set(specs))
+    if unknown:
+        raise ConfigError(f"unknown setting {unknown[0]!r}")
+
+    values: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    sources: dict[tuple[str, str], str] = {}
+    config_file = config_file or environ.get(CONFIG_ENV) or None
+    if config_file:
+        path = resolve_config_path(config_file)
+        for section, table in _read_toml(path).items():
+            for key, value in table.items():
+                values[section][key] = value
+                sources[(section, key)] = f"{path} [{section}]"
+    for spec in specs.values():
+        if spec.env_var in environ:
+            values[spec.section][spec.name] = _text_value(spec, environ[spec.env_var])
+            sources[(spec.section, spec.name)] = f"env {spec.env_var}"
+    for name, value in flags.items():
+        spec = specs[name]
+        values[spec.section][name] = _text_value(spec, value) if isinstance(value, str) else value
+        sources[(spec.section, name)] = f"flag {spec.flag}"
+
+    built = {}
+    for section, model in _section_models().items():
+        try:
+            built[section] = model(**values[section])
+        except ValidationError as exc:
+            raise ConfigError(_one_line(section, exc, sources)) from None
+    return ServeConfig(**built)
+
+
+def _one_line(section: str, exc: ValidationError, sources: Mapping[tuple[str, str], str]) -> str:
+    err = exc.errors(include_url=False)[0]
+    field = ".".join(str(p) for p in err["loc"]) or section
+    name = str(err["loc"][0]) if err["loc"] else ""
+    where = sources.get((section, name))
+    if err["type"] == "extra_forbidden":
+        return f"{section}.{field}: unknown setting" + (f" (from {where})" if where else "")
+    message = err["msg"].removeprefix("Value error, ")
+    got = f", got {err['input']!r}" if "input" in err and err["loc"] and not isinstance(err["input"], dict) else ""
+    return f"{section}.{field}: {message}{got}" + (f" (from {where})" if where else "")

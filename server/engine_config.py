@@ -1,0 +1,77 @@
+"""EngineConfig: everything the engine needs to load a model, size its KV cache and schedule steps.
+
+Pydantic, frozen, no environment reads: server/config.py composes this into the ServerConfig (TOML, flags,
+env). Fields that depend on the model (max_model_len) or the machine (dtype/device "auto") are resolved
+by the model runner; the helpers here only do the parts that need no model.
+"""
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DEFAULT_MODEL = "smollm2-135m"
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "t": 10**12, "tb": 10**12}
+
+
+def parse_bytes(value: int | str) -> int:
+    """`1073741824`, `"1GiB"`, `"512 MiB"`, `"2G"` -> bytes."""
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"expected a byte count such as 1073741824, '1GiB' or '512MiB', got {value!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+    model: str | None = Field(None, description="model directory; None = the default model (see model_cache_dir)")
+    model_cache_dir: str | None = Field(None, description="where model.fetch stores the default model")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_kv_heads: int | None = Field(None, ge=1, description="serve with this many KV heads (pooled at load)")
+    kv_head_method: Literal["mean", "refit"] = "mean"
+    kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16", "fp8_e4m3"] = Field(
+        "auto", description="storage dtype of the KV cache; auto = the model dtype")
+    block_size: int = Field(16, description="tokens per KV block; a power of 2 in 8..128")
+    max_model_len: int | None = Field(None, ge=1, description="None = the model's max_position_embeddings")
+    max_num_seqs: int = Field(256, ge=1, description="most sequences in one step")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="token budget of one step (chunked prefill)")
+    kv_cache_memory: int = Field(2**30, ge=1, description="KV cache bytes on CPU ('1GiB' accepted)")
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    max_waiting_requests: int = Field(1024, ge=1, description="queue length beyond which requests are refused")
+    seed: int = Field(0, ge=0, description="seed of the sampler's generator for requests without a seed")
+    attention_backend: Literal["auto", "torch", "triton"] = "auto"
+    enforce_eager: bool = Field(False, description="never capture CUDA graphs")
+
+    @field_validator("block_size")
+    @classmethod
+    def _block_size(cls, v: int) -> int:
+        if v < 8 or v > 128 or v & (v - 1):
+            raise ValueError(f"block_size={v}: must be a power of 2 between 8 and 128")
+        return v
+
+    @field_validator("kv_cache_memory", mode="before")
+    @classmethod
+    def _kv_cache_memory(cls, v):
+        return parse_bytes(v) if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _check(self) -> "EngineConfig":
+        if self.max_num_batched_tokens < self.block_size:
+            raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= "
+                             f"block_size={self.block_size}")
+        return self
+
+    def resolve_max_model_len(self, max_position_embeddings: int) -> int:
+        """The serving context length: the configured one, checked against what the model supports."""
+        if self.max_model_len is None:
+            return max_position_embeddings
+        if self.max_model_len > max_position_embeddings:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
+                             f"max_position_embeddings={max_position_embeddings}")
+        return self.max_model_len

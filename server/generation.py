@@ -1,0 +1,280 @@
+"""The part of a request both APIs share: prompt checks, submission, metrics, abort, disconnects.
+
+`submit` calls engine.add_request at once, so admission failures become HTTP errors before any response
+starts; the stream it returns records latencies and aborts its engine request whenever it is closed or
+cancelled before the final output (client gone, n>1 sibling failed, handler error), which frees the
+request's KV blocks immediately.
+"""
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from contextlib import aclosing
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from fastapi import Request
+from pydantic import ValidationError
+
+from server.http_errors import ApiError
+from server.outputs import AdmissionError, EngineDeadError, OverloadedError, RequestOutput, TokenLogprob
+from server.sampling_params import SamplingParams
+from server.state import Phase, ServerState
+
+T = TypeVar("T")
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+# prompt checks -------------------------------------------------------------------------------------------
+def encode_prompt(state: ServerState, text: str, field: str, add_special_tokens: bool = True,
+                  check_length: bool = True) -> list[int]:
+    """Tokenize after cheap checks: the character limit keeps huge prompts off the tokenizer."""
+    if not text:
+        raise ApiError("validation", f"{field}: the prompt is empty", field)
+    limit = state.prompt_char_limit
+    if len(text) > limit:
+        raise ApiError("validation", f"{field}: the prompt is {len(text):,} characters, over the limit of "
+                                     f"{limit:,} (max_prompt_chars)", field)
+    ids = state.engine.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    if not ids:
+        raise ApiError("validation", f"{field}: the prompt encodes to no tokens", field)
+    if check_length:
+        check_prompt_length(state, len(ids), field)
+    return list(ids)
+
+
+def check_token_ids(state: ServerState, ids: list[int], field: str) -> list[int]:
+    if not ids:
+        raise ApiError("validation", f"{field}: the prompt is empty", field)
+    vocab = int(state.engine.tokenizer.vocab_size)
+    bad = next((i for i in ids if not 0 <= i < vocab), None)
+    if bad is not None:
+        raise ApiError("validation", f"{field}: token id {bad} is outside the vocabulary (0..{vocab - 1})", field)
+    check_prompt_length(state, len(ids), field)
+    return list(ids)
+
+
+def check_prompt_length(state: ServerState, num_tokens: int, field: str) -> None:
+    if num_tokens >= state.max_model_len:
+        raise ApiError("validation", f"{field}: the prompt is {num_tokens:,} tokens but max_model_len is "
+                                     f"{state.max_model_len:,} (prompt plus at least 1 new token must fit)",
+                       field)
+
+
+def resolve_max_new_tokens(state: ServerState, prompt_len: int, requested: int | None, field: str,
+                           default: int | None) -> int:
+    """An explicit value must fit the context; the default is capped to whatever room is left."""
+    room = state.max_model_len - prompt_len
+    if requested is None:
+        return room if default is None else max(1, min(default, room))
+    if requested > room:
+        raise ApiError("validation", f"{field}: {requested:,} new tokens plus the {prompt_len:,}-token prompt "
+                                     f"exceed max_model_len {state.max_model_len:,} (at most {room:,} here)",
+                       field)
+    return requested
+
+
+def build_params(names: Mapping[str, str], **values) -> SamplingParams:
+    """SamplingParams from API values; `names` maps our field names to the API's for error messages."""
+    try:
+        return SamplingParams(**values)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        message = str(err["msg"]).removeprefix("Value error, ")
+        ours = str(err["loc"][0]) if err["loc"] else ""
+        if not ours:  # a model-level check: its message starts with the field it is about
+            ours = next((f for f in SamplingParams.model_fields if message.startswith(f)), "")
+        field = names.get(ours, ours) or "parameters"
+        if names:
+            pattern = r"\b(" + "|".join(re.escape(n) for n in names) + r")\b"
+            message = re.sub(pattern, lambda m: names[m.group(1)], message)
+        if not message.startswith(field):
+            message = f"{field}: {message}"
+        raise ApiError("validation", message, field) from None
+
+
+# submission and streams ----------------------------------------------------------------------------------
+def submit(state: ServerState, prompt_ids: list[int], params: SamplingParams,
+           request_id: str) -> AsyncIterator[RequestOutput]:
+    state.require_ready()
+    arrival = time.monotonic()
+    try:
+        stream = state.engine.add_request(request_id, prompt_ids, params)
+    except AdmissionError as exc:
+        state.metrics.http_rejections.labels("validation").inc()
+        raise ApiError("validation", str(exc), exc.field) from None
+    except OverloadedError as exc:
+        kind = "unavailable" if state.phase is Phase.DRAINING else "overloaded"
+        state.metrics.http_rejections.labels(kind).inc()
+        raise ApiError(kind, f"server: {exc}") from None
+    except EngineDeadError as exc:
+        raise ApiError("unavailable", f"engine: {exc}") from None
+    return _tracked(state, request_id, stream, arrival)
+
+
+def submit_all(state: ServerState, jobs: list[tuple[str, list[int], SamplingParams]]
+               ) -> list[AsyncIterator[RequestOutput]]:
+    """Submit several requests; if one is refused, abort the ones already admitted and re-raise."""
+    streams = []
+    try:
+        for request_id, prompt_ids, params in jobs:
+            streams.append(submit(state, prompt_ids, params, request_id))
+    except BaseException:
+        for request_id, _, _ in jobs[:len(streams)]:
+            state.engine.abort(request_id)
+        raise
+    return streams
+
+
+async def _tracked(state: ServerState, request_id: str, stream: AsyncIterator[RequestOutput],
+                   arrival: float) -> AsyncIterator[RequestOutput]:
+    m = state.metrics
+    last_token_time: float | None = None
+    finished = False
+    try:
+        async for out in stream:
+            now = time.monotonic()
+            n = len(out.new_token_ids)
+            if n:
+                if last_token_time is None:
+                    m.time_to_first_token.observe(now - arrival)
+                    queue_time = out.queue_time
+                    m.request_queue_time.observe(queue_time if queue_time is not None else now - arrival)
+                else:
+                    for _ in range(n):
+                        m.inter_token_latency.observe((now - last_token_time) / n)
+                last_token_time = now
+            if out.finished:
+                finished = True
+                m.e2e_request_latency.observe(now - arrival)
+                m.request_success.labels(out.finish_reason or "unknown").inc()
+            yield out
+            if finished:
+                return
+    finally:
+        if not finished:
+            state.engine.abort(request_id)
+            m.request_success.labels("abort").inc()
+
+
+_DONE = object()
+
+
+async def merge_streams(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave n streams as (index, output); closing the merge cancels (and so aborts) them all."""
+    if len(streams) == 1:
+        async with aclosing(streams[0]) as only:
+            async for out in only:
+                yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in stream:
+                queue.put_nowait((index, out))
+        except Exception as exc:  # noqa: BLE001 - re-raised in the consumer
+            queue.put_nowait((index, exc))
+        finally:
+            queue.put_nowait((index, _DONE))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item = await queue.get()
+            if item is _DONE:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@dataclass
+class Collected:
+    """A whole completion gathered from its deltas (non-streaming responses)."""
+    token_ids: list[int] = field(default_factory=list)
+    token_texts: list[str] = field(default_factory=list)  # per token; a delta's text goes on its last token
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    num_prompt_tokens: int = 0
+    prompt_logprobs: list[float | None] | None = None
+
+    def add(self, out: RequestOutput) -> None:
+        self.token_ids.extend(out.new_token_ids)
+        self.token_texts.extend(delta_texts(out))
+        self.text += out.new_text
+        if out.new_logprobs:
+            self.logprobs.extend(out.new_logprobs)
+        self.num_prompt_tokens = out.num_prompt_tokens or self.num_prompt_tokens
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
+        if out.finished:
+            self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
+            raise_if_failed(out)
+
+
+def delta_texts(out: RequestOutput) -> list[str]:
+    n = len(out.new_token_ids)
+    return [""] * (n - 1) + [out.new_text] if n else []
+
+
+def raise_if_failed(out: RequestOutput) -> None:
+    if out.finish_reason == "error":
+        raise ApiError("generation", f"generation failed: {out.error or 'engine error'}")
+    if out.finish_reason == "abort":
+        raise ApiError("unavailable", "request aborted by the server (shutting down)")
+
+
+async def collect_all(streams: list[AsyncIterator[RequestOutput]]) -> list[Collected]:
+    results = [Collected() for _ in streams]
+    async with aclosing(merge_streams(streams)) as merged:
+        async for index, out in merged:
+            results[index].add(out)
+    return results
+
+
+# client disconnects --------------------------------------------------------------------------------------
+class ClientDisconnected(Exception):
+    pass
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Run `work` but cancel it (aborting its engine requests) as soon as the client goes away.
+
+    Starlette cancels streaming responses on disconnect but not ordinary handlers, hence this race.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    raise ClientDisconnected()

@@ -1,0 +1,76 @@
+"""Prometheus collectors, one CollectorRegistry per app (never the process-global one).
+
+Latencies are observed by the request handlers (server/generation.py); engine state (running, waiting, KV
+usage, token and preemption counters) is read from engine.stats() at scrape time by EngineStatsCollector,
+so /metrics is always current and the engine does no Prometheus work on its hot loop.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                 20.0, 40.0, 80.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
+                0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+_E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                60.0, 120.0, 300.0)
+
+
+class EngineStatsCollector(Collector):
+    """Gauges and counters straight from engine.stats(); zeros while the model loads."""
+
+    def __init__(self, stats: Callable[[], Any]):
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._stats()
+        get = (lambda name: float(getattr(s, name))) if s is not None else (lambda name: 0.0)
+        yield GaugeMetricFamily("gqaserve_num_requests_running", "Sequences in the running batch",
+                                value=get("num_running"))
+        yield GaugeMetricFamily("gqaserve_num_requests_waiting", "Requests queued for admission",
+                                value=get("num_waiting"))
+        yield GaugeMetricFamily("gqaserve_kv_cache_usage_ratio", "Fraction of KV cache blocks in use (0..1)",
+                                value=get("kv_cache_usage"))
+        yield GaugeMetricFamily("gqaserve_kv_cache_free_blocks", "Free KV cache blocks",
+                                value=get("num_free_blocks"))
+        yield CounterMetricFamily("gqaserve_prompt_tokens", "Prompt tokens prefilled",
+                                  value=get("prompt_tokens_total"))
+        yield CounterMetricFamily("gqaserve_generation_tokens", "Tokens generated",
+                                  value=get("generation_tokens_total"))
+        yield CounterMetricFamily("gqaserve_num_preemptions", "Sequences preempted for lack of KV blocks",
+                                  value=get("num_preemptions_total"))
+        yield CounterMetricFamily("gqaserve_admission_rejections", "Requests the engine refused at admission",
+                                  value=get("admission_rejections_total"))
+
+
+class ServerMetrics:
+    def __init__(self, stats: Callable[[], Any]):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.time_to_first_token = Histogram(
+            "gqaserve_time_to_first_token_seconds", "Request arrival to first generated token",
+            buckets=_TTFT_BUCKETS, registry=r)
+        self.inter_token_latency = Histogram(
+            "gqaserve_inter_token_latency_seconds", "Time between consecutive generated tokens",
+            buckets=_ITL_BUCKETS, registry=r)
+        self.e2e_request_latency = Histogram(
+            "gqaserve_e2e_request_latency_seconds", "Request arrival to last token", buckets=_E2E_BUCKETS,
+            registry=r)
+        self.request_queue_time = Histogram(
+            "gqaserve_request_queue_time_seconds",
+            "Request arrival to first scheduled (the engine's figure when it reports one, else arrival to "
+            "first output)", buckets=_E2E_BUCKETS, registry=r)
+        self.request_success = Counter(
+            "gqaserve_request_success", "Requests finished, by finish reason", ["finished_reason"], registry=r)
+        self.http_rejections = Counter(
+            "gqaserve_http_rejections", "Requests refused by the HTTP layer, by kind", ["kind"], registry=r)
+        r.register(EngineStatsCollector(stats))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

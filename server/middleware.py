@@ -1,0 +1,103 @@
+"""The gate in front of every route: bearer auth, drain refusal, request-body size limit.
+
+A plain ASGI middleware (not BaseHTTPMiddleware) so `receive` keeps delivering http.disconnect to the
+handlers behind it. The body is read here, up to max_payload_bytes, and replayed to the app: a declared
+Content-Length over the limit is refused before reading, a chunked body as soon as it crosses the limit.
+"""
+from __future__ import annotations
+
+import hmac
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.http_errors import ApiError, error_response
+from server.state import Phase, ServerState
+
+OPEN_PATHS = frozenset({"/health", "/metrics"})
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return value
+    return None
+
+
+def bearer_ok(scope: Scope, api_key: str) -> bool:
+    raw = _header(scope, b"authorization") or b""
+    scheme, _, token = raw.partition(b" ")
+    if scheme.lower() != b"bearer":
+        return False
+    return hmac.compare_digest(token.strip(), api_key.encode("utf-8"))
+
+
+class GateMiddleware:
+    def __init__(self, app: ASGIApp, state: ServerState):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        config = self.state.config
+        if config.api_key is not None and not bearer_ok(scope, config.api_key.get_secret_value()):
+            err = ApiError("unauthorized", "authorization: a valid 'Authorization: Bearer <api key>' header "
+                                           "is required", "authorization")
+            await error_response(err, path, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+            return
+        if self.state.phase in (Phase.DRAINING, Phase.STOPPED):
+            err = ApiError("unavailable", "server: shutting down, not admitting new requests")
+            await error_response(err, path, {"Connection": "close"})(scope, receive, send)
+            return
+        if scope["method"] not in _BODY_METHODS:
+            await self.app(scope, receive, send)
+            return
+        replay = await self._read_body(scope, receive, send, path)
+        if replay is not None:
+            await self.app(scope, replay, send)
+
+    async def _read_body(self, scope: Scope, receive: Receive, send: Send, path: str) -> Receive | None:
+        limit = self.state.config.max_payload_bytes
+        too_large = ApiError("payload_too_large", f"body: larger than the limit of {limit:,} bytes "
+                                                  "(max_payload_bytes)", "body")
+        declared = _header(scope, b"content-length")
+        if declared is not None:
+            try:
+                size = int(declared)
+            except ValueError:
+                size = -1
+            if size < 0:
+                err = ApiError("validation", "content-length: not a valid byte count", "content-length")
+                await error_response(err, path, {"Connection": "close"})(scope, receive, send)
+                return None
+            if size > limit:
+                await error_response(too_large, path, {"Connection": "close"})(scope, receive, send)
+                return None
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > limit:
+                await error_response(too_large, path, {"Connection": "close"})(scope, receive, send)
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        delivered = False
+
+        async def replay() -> Message:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return replay

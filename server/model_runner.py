@@ -1,0 +1,179 @@
+"""ModelRunner: owns the device. Loads the model, sizes and allocates the KV cache, packs each step's
+tensors from the scheduler's output, runs the forward under inference_mode, samples, and hands back host ids.
+
+One device->host transfer per step (the sampled ids), plus one for logprobs when a row asks for them.
+CUDA graphs are a later issue: `_forward` is the seam where a captured decode graph would replay.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+import torch
+
+from model.batch import StepBatch, build_step_batch
+from model.config import ModelConfig
+from model.kv_cache import KVCache
+from model.kv_dtype import resolve_kv_cache_dtype
+from model.sampler import SamplerOutput, sample
+from server.engine_config import EngineConfig
+from server.outputs import TokenLogprob
+from server.sampling_batch import build_sampling_tensors, profile_sampling_tensors
+from server.scheduler import SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KVCapacity:
+    num_blocks: int
+    block_size: int
+    bytes_per_token: int
+    tokens: int
+    max_concurrency: float  # tokens / max_model_len: how many full-length sequences fit at once
+
+
+@dataclass(frozen=True)
+class RunnerOutput:
+    token_ids: list[int]                         # one per scheduled entry that samples, in schedule order
+    logprobs: list[TokenLogprob | None] | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_dir: str | None, eos_token_ids: tuple[int, ...] = (),
+                 model: torch.nn.Module | None = None):
+        """Loads model_dir, or adopts `model` (a CausalLM already on config's device, e.g. random weights)."""
+        from model.llama import load_model, resolve_dtype
+
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        if model is None:
+            model = load_model(model_dir, dtype=self.dtype, device=str(self.device),
+                               num_kv_heads=config.num_kv_heads, kv_head_method=config.kv_head_method,
+                               attention_backend=config.attention_backend)
+        self.model = model
+        self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
+        self.model_config: ModelConfig = self.model.config
+        self.eos_token_ids = eos_token_ids or self.model_config.eos_token_ids
+        self.max_model_len = config.resolve_max_model_len(self.model_config.max_position_embeddings)
+        self.block_size = config.block_size
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        num_blocks = self._num_kv_blocks()
+        self.kv_cache = KVCache.allocate(self.model_config, num_blocks, self.block_size, self.kv_dtype,
+                                        self.device)
+        self.kv_capacity = self._capacity(num_blocks)
+        c = self.kv_capacity
+        log.info("KV cache: %d blocks x %d tokens = %d tokens of capacity, %d bytes/token (%.1f MiB); "
+                 "%.1f sequences of max_model_len=%d fit at once",
+                 c.num_blocks, c.block_size, c.tokens, c.bytes_per_token,
+                 c.tokens * c.bytes_per_token / 2**20, c.max_concurrency, self.max_model_len)
+
+    # ---- sizing ------------------------------------------------------------------------------------
+    def _capacity(self, num_blocks: int) -> KVCapacity:
+        per_token = KVCache.bytes_per_block(self.model_config, 1, self.kv_dtype)
+        tokens = num_blocks * self.block_size
+        return KVCapacity(num_blocks, self.block_size, per_token, tokens, tokens / self.max_model_len)
+
+    def _num_kv_blocks(self) -> int:
+        per_block = KVCache.bytes_per_block(self.model_config, self.block_size, self.kv_dtype)
+        if self.device.type != "cuda":
+            budget = self.config.kv_cache_memory
+        else:
+            budget = self._cuda_kv_budget()
+        num_blocks = budget // per_block
+        if num_blocks < 1:
+            raise ValueError(f"the KV cache budget of {budget} bytes holds no block of {per_block} bytes; "
+                             "raise kv_cache_memory / gpu_memory_utilization")
+        return num_blocks
+
+    def _cuda_kv_budget(self) -> int:
+        """gpu_memory_utilization * total - weights - activation peak of a full-budget dummy step - others."""
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        weights = torch.cuda.memory_allocated(self.device)
+        others = total - free - torch.cuda.memory_reserved(self.device)  # CUDA context, other processes
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._profile_step()
+        peak = torch.cuda.max_memory_allocated(self.device) - weights
+        torch.cuda.empty_cache()
+        budget = int(total * self.config.gpu_memory_utilization) - weights - peak - others
+        log.info("GPU memory: total %.2f GiB, weights %.2f GiB, activation peak %.2f GiB, other %.2f GiB, "
+                 "KV budget %.2f GiB", total / 2**30, weights / 2**30, peak / 2**30, others / 2**30,
+                 budget / 2**30)
+        return max(budget, 0)
+
+    def _profile_step(self) -> None:
+        """A dummy step at max_num_batched_tokens (sequences of at most max_model_len, the longest prefill)
+        that samples max_num_seqs rows at once (the widest logits): both peaks in one pass."""
+        total = self.config.max_num_batched_tokens
+        lens = [min(self.max_model_len, total - i) for i in range(0, total, self.max_model_len)]
+        tables, next_block = [], 0
+        for n in lens:
+            k = -(-n // self.block_size)
+            tables.append(list(range(next_block, next_block + k)))
+            next_block += k
+        cache = KVCache.allocate(self.model_config, next_block, self.block_size, self.kv_dtype, self.device)
+        batch = build_step_batch([[0] * n for n in lens], [0] * len(lens), tables, self.block_size, self.device)
+        rows = torch.arange(min(self.config.max_num_seqs, total), device=self.device)
+        batch = replace(batch, logits_indices=rows)
+        with torch.inference_mode():
+            logits = self.model(batch, cache)
+            sample(logits, profile_sampling_tensors(logits.shape[0], self.device), self.generator)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        del cache
+
+    # ---- one step ----------------------------------------------------------------------------------
+    def prepare(self, sched: SchedulerOutput) -> StepBatch:
+        token_ids, num_cached, tables, logits_rows = [], [], [], []
+        end = 0
+        for s in sched.scheduled:
+            start = s.seq.num_computed_tokens
+            token_ids.append(s.seq.token_ids[start:start + s.num_new_tokens])
+            num_cached.append(start)
+            tables.append(s.seq.block_table)
+            end += s.num_new_tokens
+            if s.samples:
+                logits_rows.append(end - 1)
+        batch = build_step_batch(token_ids, num_cached, tables, self.block_size, self.device)
+        return replace(batch, logits_indices=torch.tensor(logits_rows, dtype=torch.int64, device=self.device))
+
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        batch = self.prepare(sched)
+        sampling = [s.seq for s in sched.scheduled if s.samples]
+        with torch.inference_mode():
+            logits = self._forward(batch)                                      # [N, vocab] float32
+            if not sampling:
+                return RunnerOutput([])
+            tensors = build_sampling_tensors(sampling, self.model_config.vocab_size, self.eos_token_ids,
+                                             self.device)
+            out = sample(logits, tensors, self.generator)
+        token_ids = out.token_ids.tolist()  # the step's one device->host sync
+        return RunnerOutput(token_ids, self._logprobs(out, token_ids, sampling))
+
+    def _forward(self, batch: StepBatch) -> torch.Tensor:
+        return self.model(batch, self.kv_cache)
+
+    @staticmethod
+    def _logprobs(out: SamplerOutput, chosen_ids: list[int], seqs) -> list[TokenLogprob | None] | None:
+        if out.logprobs is None:
+            return None
+        chosen = out.logprobs.tolist()
+        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
+        top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        result: list[TokenLogprob | None] = []
+        for i, seq in enumerate(seqs):
+            n = seq.params.logprobs
+            if n is None:
+                result.append(None)
+                continue
+            top = tuple(zip(top_ids[i][:n], top_lp[i][:n])) if n and top_ids is not None else ()
+            result.append(TokenLogprob(chosen_ids[i], chosen[i], top))
+        return result

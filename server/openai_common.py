@@ -1,0 +1,103 @@
+"""What /v1/completions and /v1/chat/completions share: refusals, SamplingParams mapping, token strings,
+usage, and the SSE framing of a merged stream of choices (`data: {...}` events then `data: [DONE]`)."""
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+
+from pydantic import BaseModel
+
+from server.generation import merge_streams, resolve_max_new_tokens, build_params
+from server.http_errors import ApiError, error_json
+from server.outputs import RequestOutput
+from server.sampling_params import SamplingParams
+from server.schema_common import finite_logprob
+from server.schemas_openai import SamplingFields
+from server.schemas_openai_out import Usage
+from server.sse import sse_data
+from server.state import ServerState
+
+FINISH_REASON = {"length": "length", "stop": "stop", "eos_token": "stop"}
+
+
+def finish_reason(reason: str | None) -> str | None:
+    return FINISH_REASON.get(reason, "stop") if reason else None
+
+
+def now_s() -> int:
+    return int(time.time())
+
+
+def check_common(state: ServerState, req: SamplingFields, num_choices: int) -> None:
+    if req.model is not None and req.model not in (state.model_name, state.engine.config.model):
+        raise ApiError("not_found", f"model: '{req.model}' is not served here; this server serves "
+                                    f"'{state.model_name}'", "model")
+    if req.logit_bias:
+        raise ApiError("validation", "logit_bias: not supported (send null or {})", "logit_bias")
+    if num_choices > state.config.max_choices:
+        raise ApiError("validation", f"n: {num_choices} choices in all, more than the limit of "
+                                     f"{state.config.max_choices} (max_choices)", "n")
+
+
+def sampling_params(state: ServerState, req: SamplingFields, prompt_len: int, *, max_tokens: int | None,
+                    max_tokens_field: str, logprobs: int | None, logprobs_field: str,
+                    choice: int) -> SamplingParams:
+    max_new = resolve_max_new_tokens(state, prompt_len, max_tokens, max_tokens_field, None)
+    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    # n > 1 with a seed: one reproducible but distinct stream per choice
+    seed = None if req.seed is None else (req.seed + choice) % 2**63
+    names = {"max_new_tokens": max_tokens_field, "min_new_tokens": "min_tokens", "logprobs": logprobs_field}
+    return build_params(
+        names, temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, min_p=req.min_p or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+        seed=seed, max_new_tokens=max_new, min_new_tokens=req.min_tokens or 0, stop=stop,
+        stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=bool(req.ignore_eos), logprobs=logprobs,
+        skip_special_tokens=req.skip_special_tokens is not False)
+
+
+def token_str(state: ServerState, token_id: int) -> str:
+    return state.engine.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def logprob_value(value: float) -> float:
+    return finite_logprob(value)  # type: ignore[return-value]
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens)
+
+
+async def sse_choices(streams: list[AsyncIterator[RequestOutput]], prompt_tokens: int,
+                      chunk: Callable[[int, RequestOutput], BaseModel | None],
+                      usage_chunk: Callable[[Usage], BaseModel] | None,
+                      first: Callable[[int], BaseModel] | None = None) -> AsyncIterator[str]:
+    """Frame one merged stream: `chunk(index, output)` builds each event; usage and [DONE] close it."""
+    completion_tokens = [0] * len(streams)
+    try:
+        if first is not None:
+            for index in range(len(streams)):
+                yield sse_data(first(index).model_dump_json(exclude_unset=False))
+        async with aclosing(merge_streams(streams)) as merged:
+            async for index, out in merged:
+                if out.finished and out.finish_reason in ("error", "abort"):
+                    kind = "generation" if out.finish_reason == "error" else "unavailable"
+                    detail = out.error or "request aborted by the server"
+                    yield sse_data(error_json(ApiError(kind, f"generation failed: {detail}"), openai=True))
+                    yield sse_data("[DONE]")
+                    return
+                completion_tokens[index] = out.num_output_tokens or completion_tokens[index] + len(
+                    out.new_token_ids)
+                event = chunk(index, out)
+                if event is not None:
+                    yield sse_data(event.model_dump_json())
+        if usage_chunk is not None:
+            yield sse_data(usage_chunk(usage(prompt_tokens, sum(completion_tokens))).model_dump_json())
+    except ApiError as exc:
+        yield sse_data(error_json(exc, openai=True))
+    except Exception as exc:  # noqa: BLE001 - once streaming began, errors travel as an event
+        yield sse_data(error_json(ApiError("generation", f"generation failed: {type(exc).__name__}"), True))
+    yield sse_data("[DONE]")

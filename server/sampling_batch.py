@@ -1,0 +1,77 @@
+"""Per-row sampling tensors for one step, from the sequences that sample (host -> device, few copies).
+
+Rows' parameters are packed into one float and one int host tensor, so a step costs two small uploads
+(plus token lists only when some row uses a penalty, and banned ids only while some row is below
+min_new_tokens). The host flags tell the sampler which stages it may skip.
+"""
+from __future__ import annotations
+
+import torch
+
+from model.sampler import SamplingTensors
+from server.sequence import Sequence
+
+
+def _upload(rows: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    t = torch.tensor(rows, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
+def _padded(lists: list[list[int]], pad: int) -> list[list[int]]:
+    width = max((len(x) for x in lists), default=0) or 1
+    return [x + [pad] * (width - len(x)) for x in lists]
+
+
+def build_sampling_tensors(seqs: list[Sequence], vocab_size: int, eos_token_ids: tuple[int, ...],
+                           device: torch.device) -> SamplingTensors:
+    ps = [s.params for s in seqs]
+    floats = _upload([[p.temperature for p in ps], [p.top_p for p in ps], [p.min_p for p in ps],
+                      [p.repetition_penalty for p in ps], [p.presence_penalty for p in ps],
+                      [p.frequency_penalty for p in ps]], torch.float32, device)   # [6, B]
+    ints = _upload([[max(p.top_k, 0) for p in ps], [p.seed or 0 for p in ps],
+                    [s.num_output_tokens for s in seqs], [p.seed is not None for p in ps]],
+                   torch.int64, device)                                            # [4, B]
+    any_rep = any(p.repetition_penalty != 1.0 for p in ps)
+    any_pf = any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in ps)
+    prompt_tokens = output_tokens = None
+    if any_rep:
+        prompt_tokens = _upload(_padded([s.prompt_token_ids for s in seqs], vocab_size), torch.int64, device)
+    if any_rep or any_pf:
+        output_tokens = _upload(_padded([s.output_token_ids for s in seqs], vocab_size), torch.int64, device)
+    banned = None
+    if any(s.num_output_tokens < s.params.min_new_tokens for s in seqs):
+        rows = []
+        for s in seqs:
+            p = s.params
+            below = s.num_output_tokens < p.min_new_tokens
+            rows.append(list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids)) if below else [])
+        banned = _upload(_padded(rows, vocab_size), torch.int64, device)
+    greedy = [p.temperature == 0.0 for p in ps]
+    seeded = [p.seed is not None for p in ps]
+    logprobs = [p.logprobs for p in ps if p.logprobs is not None]
+    return SamplingTensors(
+        temperature=floats[0], top_p=floats[1], min_p=floats[2], top_k=ints[0], seeds=ints[1],
+        output_index=ints[2], has_seed=ints[3].bool(),
+        repetition_penalty=floats[3] if any_rep else None,
+        presence_penalty=floats[4] if any_pf else None,
+        frequency_penalty=floats[5] if any_pf else None,
+        prompt_tokens=prompt_tokens, output_tokens=output_tokens, banned_tokens=banned,
+        all_greedy=all(greedy), any_greedy=any(greedy),
+        any_top_k=any(p.top_k > 0 and not g for p, g in zip(ps, greedy)),
+        any_top_p=any(p.top_p < 1.0 and not g for p, g in zip(ps, greedy)),
+        any_min_p=any(p.min_p > 0.0 and not g for p, g in zip(ps, greedy)),
+        any_seeded=any(sd and not g for sd, g in zip(seeded, greedy)),
+        any_unseeded=any(not sd and not g for sd, g in zip(seeded, greedy)),
+        max_logprobs=max(logprobs) if logprobs else None,
+    )
+
+
+def profile_sampling_tensors(num_rows: int, device: torch.device) -> SamplingTensors:
+    """A worst-case-ish sampling pass for memory profiling: every row sampled with top-k/top-p."""
+    ones = torch.ones(num_rows, device=device)
+    zeros = torch.zeros(num_rows, dtype=torch.int64, device=device)
+    return SamplingTensors(temperature=ones, top_k=zeros + 50, top_p=ones * 0.9, min_p=ones * 0.0, seeds=zeros,
+                           has_seed=zeros.bool(), output_index=zeros, any_top_k=True, any_top_p=True,
+                           max_logprobs=5)

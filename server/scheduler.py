@@ -1,0 +1,172 @@
+"""Scheduler: which sequences run this step, and how many tokens each (continuous batching).
+
+One flat step mixes decode tokens of running sequences with prefill chunks (of new sequences and of
+running ones still prefilling) under max_num_batched_tokens and max_num_seqs. Decodes go first, then
+partial prefills, then new admissions in FCFS order, so a long prompt is spread over several steps and
+never stalls decoding. When the pool runs dry the most recently admitted running sequence is preempted by
+recompute: its blocks are freed and it rejoins the front of the queue to prefill prompt + output again.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from server.blocks import BlockAllocator
+from server.outputs import AdmissionError, OverloadedError
+from server.sampling_params import SamplingParams
+from server.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int      # tokens fed this step, from seq.num_computed_tokens on
+    is_prefill: bool         # more than the one newest token (a prompt chunk or a recompute)
+    samples: bool            # this step reaches the sequence's end: a token is sampled
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    scheduled: tuple[ScheduledSeq, ...]
+    num_batched_tokens: int
+    preempted: tuple[str, ...] = ()  # request ids preempted while scheduling this step
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, allocator: BlockAllocator, *, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int, max_waiting_requests: int = 1024):
+        self.allocator = allocator
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.max_waiting_requests = max_waiting_requests
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admission order: the last one is preempted first
+        self.requests: dict[str, Sequence] = {}
+        self.num_preemptions_total = 0
+
+    # ---- admission -------------------------------------------------------------------------------
+    def check_admission(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+        """Refuse a request that can never run (raises AdmissionError naming the field); no state needed."""
+        if num_prompt_tokens == 0:
+            raise AdmissionError("inputs: the prompt is empty (0 tokens)", "inputs")
+        if num_prompt_tokens >= self.max_model_len:
+            raise AdmissionError(f"inputs: the prompt has {num_prompt_tokens} tokens; max_model_len is "
+                                 f"{self.max_model_len}, which leaves no room for a new token", "inputs")
+        total = num_prompt_tokens + params.max_new_tokens
+        if total > self.max_model_len:
+            raise AdmissionError(
+                f"max_new_tokens: {num_prompt_tokens} prompt tokens + max_new_tokens {params.max_new_tokens} "
+                f"= {total} exceeds max_model_len {self.max_model_len}; ask for at most "
+                f"{self.max_model_len - num_prompt_tokens} new tokens", "max_new_tokens")
+        # The last sampled token is never fed back, so it needs no KV slot.
+        blocks = self.allocator.blocks_for(total - 1)
+        if blocks > self.allocator.num_blocks:
+            raise AdmissionError(
+                f"max_new_tokens: {num_prompt_tokens} prompt tokens + max_new_tokens {params.max_new_tokens} "
+                f"need {blocks} KV blocks; the whole cache has {self.allocator.num_blocks}", "max_new_tokens")
+
+    def add(self, seq: Sequence) -> None:
+        if seq.request_id in self.requests:
+            raise ValueError(f"duplicate request_id {seq.request_id!r}")
+        if len(self.waiting) >= self.max_waiting_requests:
+            raise OverloadedError(f"{len(self.waiting)} requests are waiting (max_waiting_requests="
+                                  f"{self.max_waiting_requests}); retry later")
+        self.check_admission(seq.num_prompt_tokens, seq.params)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+        self.requests[seq.request_id] = seq
+
+    # ---- one step --------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        chosen: dict[str, ScheduledSeq] = {}
+        preempted: list[str] = []
+        # Running sequences: decodes first, then unfinished prefills; both in admission order.
+        decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
+        prefills = [s for s in self.running if s.num_uncomputed_tokens > 1]
+        for seq in decodes + prefills:
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            n = min(seq.num_uncomputed_tokens, budget)
+            while not self.allocator.allocate_slots(seq, n):
+                victim = self.running[-1]
+                budget += self._preempt(victim, chosen)
+                preempted.append(victim.request_id)
+                if victim is seq:
+                    break
+            if seq.status is SequenceStatus.RUNNING:
+                chosen[seq.request_id] = self._entry(seq, n)
+                budget -= n
+        # New admissions, FCFS; none after a preemption (the pool is already short).
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_uncomputed_tokens, budget)
+            if not self.allocator.allocate_slots(seq, n):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            chosen[seq.request_id] = self._entry(seq, n)
+            budget -= n
+        scheduled = tuple(chosen.values())
+        return SchedulerOutput(scheduled, self.max_num_batched_tokens - budget, tuple(preempted))
+
+    @staticmethod
+    def _entry(seq: Sequence, n: int) -> ScheduledSeq:
+        return ScheduledSeq(seq, n, is_prefill=seq.num_uncomputed_tokens > 1,
+                            samples=seq.num_computed_tokens + n == seq.num_tokens)
+
+    def _preempt(self, seq: Sequence, chosen: dict[str, ScheduledSeq]) -> int:
+        """Free seq's blocks and requeue it at the front; returns the budget it gave back."""
+        self.running.remove(seq)
+        self.allocator.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        self.num_preemptions_total += 1
+        entry = chosen.pop(seq.request_id, None)
+        return entry.num_new_tokens if entry else 0
+
+    def finish_step(self, output: SchedulerOutput) -> None:
+        """The step ran: its tokens are now in the cache."""
+        for s in output.scheduled:
+            s.seq.num_computed_tokens += s.num_new_tokens
+
+    # ---- leaving -----------------------------------------------------------------------------------
+    def finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
+        """Finish a sequence (stop, abort, error): frees its blocks now."""
+        if seq.status is SequenceStatus.FINISHED:
+            return
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self.allocator.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        del self.requests[seq.request_id]
+
+    def abort(self, request_id: str) -> Sequence | None:
+        seq = self.requests.get(request_id)
+        if seq is not None:
+            self.finish(seq, "abort")
+        return seq
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)

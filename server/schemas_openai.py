@@ -1,0 +1,100 @@
+"""Request bodies of the OpenAI-compatible routes (/v1/completions, /v1/chat/completions).
+
+OpenAI's field names and ranges, plus the extensions benchmark tools send (ignore_eos, top_k, min_p,
+repetition_penalty, min_tokens, stop_token_ids, skip_special_tokens). Unknown fields are refused with a
+message naming them; OpenAI fields this server does not implement are accepted only at their neutral
+value (logit_bias empty, suffix null, tools empty, response_format text).
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import ConfigDict, Field
+
+from server.sampling_params import MAX_STOP_SEQUENCES, MAX_TOP_LOGPROBS
+from server.schema_common import RequestModel, Text
+
+MAX_N = 128  # static bound for the schema; the configured max_choices is checked at run time
+Stop = Text | list[Text] | None
+
+
+class StreamOptions(RequestModel):
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False
+
+
+class SamplingFields(RequestModel):
+    """Fields both endpoints share."""
+    model: Text | None = Field(None, description="must name the served model when given")
+    max_tokens: int | None = Field(None, ge=1, description="default: fill the context")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="default 1.0; 0: greedy")
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    n: int | None = Field(1, ge=1, le=MAX_N)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: Stop = Field(None, description=f"a string or at most {MAX_STOP_SEQUENCES} strings")
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty")
+    user: Text | None = None
+    # extensions (vLLM's names)
+    ignore_eos: bool | None = False
+    top_k: int | None = Field(None, ge=-1, description="0 or -1: off")
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    min_tokens: int | None = Field(None, ge=0)
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_SEQUENCES)
+    skip_special_tokens: bool | None = True
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Text | list[Text] | list[int] | list[list[int]] = Field(
+        ..., description="a string, a list of strings, token ids, or a list of token-id lists")
+    max_tokens: int | None = Field(16, ge=1, description="default 16 (as OpenAI); null: fill the context")
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="top-n logprobs per token")
+    echo: bool | None = Field(False, description="prepend the prompt to the text")
+    best_of: int | None = Field(None, ge=1, description="only best_of == n is supported")
+    suffix: Text | None = Field(None, description="not supported: must be null")
+
+
+class TextPart(RequestModel):
+    type: Literal["text"]
+    text: Text
+
+
+class ChatMessage(RequestModel):
+    model_config = ConfigDict(extra="ignore")  # tool-call bookkeeping fields are tolerated and unused
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ResponseFormat(RequestModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "json_object", "json_schema"]
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=4096)
+    max_completion_tokens: int | None = Field(None, ge=1, description="newer name of max_tokens")
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = Field(None, description="only type 'text' is supported")
+    tools: list[dict[str, Any]] | None = Field(None, description="not supported: must be empty")
+    tool_choice: Text | dict[str, Any] | None = Field(None, description="only 'none' or 'auto' without tools")
+    parallel_tool_calls: bool | None = None
+    store: bool | None = None
+    metadata: dict[str, Text] | None = None
+    service_tier: Text | None = None
+    chat_template: Text | None = Field(None, description="refused: the model's own template is used")
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="refused")
+    add_generation_prompt: bool | None = True

@@ -1,0 +1,75 @@
+"""Sequence: one request's mutable engine state (tokens, status, KV blocks, timings, stop/detok state).
+
+token_ids holds prompt + generated tokens in one list, so a recompute after preemption is an ordinary
+(chunked) prefill of token_ids[num_computed_tokens:].
+"""
+from __future__ import annotations
+
+import enum
+import time
+from typing import Any
+
+from server.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    __slots__ = ("request_id", "token_ids", "num_prompt_tokens", "params", "status", "block_table",
+                 "num_computed_tokens", "arrival_time", "first_scheduled_time", "first_token_time",
+                 "finish_reason", "stop_reason", "detokenizer", "stop_checker", "cumulative_logprob",
+                 "num_preemptions")
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 arrival_time: float | None = None):
+        self.request_id = request_id
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        self.status = SequenceStatus.WAITING
+        self.block_table: list[int] = []
+        self.num_computed_tokens = 0  # tokens whose K/V are in the cache
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.first_scheduled_time: float | None = None
+        self.first_token_time: float | None = None
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+        self.detokenizer: Any = None   # IncrementalDetokenizer, set by the engine
+        self.stop_checker: Any = None  # StopChecker, set by the engine
+        self.cumulative_logprob = 0.0
+        self.num_preemptions = 0
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[:self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens}, blocks={len(self.block_table)})")

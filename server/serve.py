@@ -1,0 +1,122 @@
+"""`gqa-serve serve`: flags from the config models, uvicorn, and a SIGTERM drain.
+
+server/cli.py wires the subcommand: `add_serve_arguments(subparser)` then `run_serve(args)` (an exit code).
+On SIGTERM the server stops admitting (new requests get 503, /health turns 503), lets running requests
+finish for up to drain_timeout_s, then exits 0. A second signal exits at once.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from server.config import ConfigError, ServerConfig, field_specs, load_config
+from server.state import Phase, ServerState
+
+logger = logging.getLogger("gqa_serve.server")
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, metavar="TOML",
+                        help="TOML file with [server] and [engine] tables, or a preset name in configs/ "
+                             "(env GQA_CONFIG)")
+    groups = {"server": parser.add_argument_group("server (env GQA_<FIELD>)"),
+              "engine": parser.add_argument_group("engine (env GQA_<FIELD>)")}
+    for spec in field_specs():
+        group = groups[spec.section]
+        if spec.is_bool:
+            group.add_argument(spec.flag, dest=spec.name, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=spec.help)
+        else:
+            group.add_argument(spec.flag, dest=spec.name, default=argparse.SUPPRESS,
+                               metavar=spec.name.upper(), help=spec.help)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("gqa_serve").setLevel(level.upper())
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    names = {spec.name for spec in field_specs()}
+    flags = {k: v for k, v in vars(args).items() if k in names}
+    try:
+        config = load_config(flags, getattr(args, "config", None))
+    except ConfigError as exc:
+        print(f"gqa-serve serve: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.server.log_level)
+    from server.app import create_app
+    from server.async_engine import AsyncEngine
+    try:
+        engine = AsyncEngine(config.engine)
+    except Exception as exc:  # noqa: BLE001 - one line, not a traceback
+        print(f"gqa-serve serve: cannot create the engine: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return serve_app(create_app(engine, config.server), config.server)
+
+
+def serve_app(app: Any, config: ServerConfig) -> int:
+    """Run `app` (from create_app) until SIGTERM has drained it or SIGINT stops it; returns the exit code."""
+    uv_config = uvicorn.Config(app, host=config.host, port=config.port, lifespan="on", access_log=False,
+                               log_level=config.log_level, timeout_graceful_shutdown=5)
+    server = DrainingServer(uv_config, app.state.server, config.drain_timeout_s)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        return 130
+    return server.exit_code
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, state: ServerState, drain_timeout_s: float):
+        super().__init__(config)
+        self.state = state
+        self.drain_timeout_s = drain_timeout_s
+        self.exit_code = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_requested = False
+        self._drain_task: asyncio.Task | None = None
+
+    async def startup(self, sockets: Any = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+        for server in self.servers:
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                logger.info("listening on http://%s:%d (model loading in the background)", host, port)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig == signal.SIGTERM and not self._drain_requested and self._loop is not None \
+                and not self.should_exit:
+            self._drain_requested = True  # not recorded as captured: a drained server exits 0
+            self._loop.call_soon_threadsafe(self._start_drain)
+            return
+        super().handle_exit(sig, frame)
+
+    def _start_drain(self) -> None:
+        self._drain_task = asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        stats = self.state.stats()
+        running = (stats.num_running + stats.num_waiting) if stats is not None else 0
+        logger.info("SIGTERM: draining: refusing new requests, waiting up to %.0fs for %d in flight",
+                    self.drain_timeout_s, running)
+        self.state.begin_drain()
+        if self.state.loaded.is_set() and self.state.load_error is None:
+            idle = await self.state.engine.wait_idle(self.drain_timeout_s)
+            logger.info("drain %s", "complete" if idle else "timed out; aborting the rest")
+        self.should_exit = True
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.state.phase is Phase.FAILED and not self.should_exit:
+            logger.error("exiting: the model failed to load (%s)", self.state.load_error)
+            self.exit_code = 1
+            self.should_exit = True
+        return await super().on_tick(counter)

@@ -1,0 +1,127 @@
+"""ServerState: one app's engine, settings, metrics and lifecycle (loading -> ready -> draining/dead).
+
+Lives on app.state.server (one per create_app call), never at module level. The model loads on a
+background thread so /health answers 503 while it does.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from server.config import ServerConfig
+from server.http_errors import ApiError
+from server.metrics import ServerMetrics
+
+logger = logging.getLogger("gqa_serve.server")
+
+
+class Phase(enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"      # the model did not load
+    DRAINING = "draining"  # SIGTERM: finishing running requests, admitting none
+    STOPPED = "stopped"
+
+
+class ServerState:
+    def __init__(self, engine: Any, config: ServerConfig):
+        self.engine = engine
+        self.config = config
+        self.phase = Phase.LOADING
+        self.load_error: str | None = None
+        self.loaded = threading.Event()   # set when loading ends, successfully or not
+        self.metrics = ServerMetrics(self.stats)
+        self._thread: threading.Thread | None = None
+
+    # lifecycle -----------------------------------------------------------------------------------------
+    def start_loading(self) -> None:
+        self._thread = threading.Thread(target=self._load, name="gqa-model-load", daemon=True)
+        self._thread.start()
+
+    def _load(self) -> None:
+        try:
+            self.engine.start()
+        except BaseException as exc:  # noqa: BLE001 - report any load failure as a one-line reason
+            self.load_error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            self.phase = Phase.FAILED
+            logger.error("model failed to load: %s", self.load_error)
+        else:
+            if self.phase is Phase.LOADING:
+                self.phase = Phase.READY
+            log_startup(self)
+        finally:
+            self.loaded.set()
+
+    def begin_drain(self) -> None:
+        if self.phase in (Phase.READY, Phase.LOADING):
+            self.phase = Phase.DRAINING
+        if self.loaded.is_set() and self.load_error is None:
+            self.engine.begin_drain()
+
+    def shutdown(self) -> None:
+        self.phase = Phase.STOPPED
+        if self.loaded.is_set() and self.load_error is None:
+            self.engine.shutdown()
+
+    @property
+    def alive(self) -> bool:
+        return self.phase is Phase.READY and bool(self.engine.is_alive)
+
+    def require_ready(self) -> None:
+        """Raise the 503 that fits the phase; requests pass only when the model is loaded and alive."""
+        if self.phase is Phase.READY:
+            if self.engine.is_alive:
+                return
+            raise ApiError("unavailable", "engine: the generation loop has stopped; the server must restart")
+        if self.phase is Phase.LOADING:
+            raise ApiError("unavailable", "model: still loading, retry shortly")
+        if self.phase is Phase.FAILED:
+            raise ApiError("unavailable", f"model: failed to load ({self.load_error})")
+        raise ApiError("unavailable", "server: shutting down, not admitting new requests")
+
+    # facts -----------------------------------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        if self.config.served_model_name:
+            return self.config.served_model_name
+        model = self.engine.config.model
+        return Path(model).name if model else "smollm2-135m"
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self.engine.max_model_len)
+
+    @property
+    def prompt_char_limit(self) -> int:
+        return self.config.prompt_char_limit(self.max_model_len)
+
+    def stats(self):
+        if self.loaded.is_set() and self.load_error is None:
+            try:
+                return self.engine.stats()
+            except Exception:  # noqa: BLE001 - a dead engine must not break /metrics
+                return None
+        return None
+
+
+def resolved_setting(engine: Any, name: str) -> str:
+    """The engine's resolved value ("float32", not "auto") when it exposes one."""
+    runner = getattr(getattr(engine, "engine", None), "runner", None)
+    value = getattr(engine, name, None) or getattr(runner, name, None) or getattr(engine.config, name)
+    return str(value).removeprefix("torch.")
+
+
+def log_startup(state: ServerState) -> None:
+    engine = state.engine
+    mc = engine.model_config
+    cap = engine.kv_capacity
+    logger.info("model: %s | dtype %s | device %s | KV heads %d (checkpoint %d, query heads %d) | "
+                "max_model_len %s", state.model_name, resolved_setting(engine, "dtype"),
+                resolved_setting(engine, "device"),
+                mc.num_kv_heads, mc.num_key_value_heads, mc.num_attention_heads, f"{state.max_model_len:,}")
+    logger.info("KV cache: %s tokens (%s blocks of %d), max concurrency at %s tokens/request: %.1fx",
+                f"{cap.tokens:,}", f"{cap.num_blocks:,}", cap.block_size, f"{state.max_model_len:,}",
+                cap.tokens / max(1, state.max_model_len))

@@ -1,0 +1,144 @@
+"""AsyncEngine on the tiny model: streams, abort, admission, drain, failures, shutdown."""
+import asyncio
+
+import pytest
+
+from server.async_engine import AsyncEngine
+from server.engine import LLM
+from server.engine_config import EngineConfig
+from server.outputs import AdmissionError, EngineDeadError, OverloadedError
+from server.sampling_params import SamplingParams
+
+CFG = dict(dtype="float32", device="cpu", kv_cache_memory="2MiB", max_num_batched_tokens=64)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama_dir):
+    e = AsyncEngine(EngineConfig(model=str(tiny_llama_dir), max_waiting_requests=8, **CFG))
+    e.start()
+    e.start()  # idempotent
+    yield e
+    e.shutdown()
+
+
+async def collect(stream):
+    return [out async for out in stream]
+
+
+def test_streaming_deltas_concatenate_to_the_offline_text(engine, tiny_llama_dir):
+    prompts = [engine.tokenizer.encode(t) for t in ("To be, or not", "My lord", "What say you")]
+    params = SamplingParams(temperature=0.0, max_new_tokens=20, stop=("e t",))
+    want = LLM(str(tiny_llama_dir), **CFG).generate(prompts, params)
+
+    async def main():
+        streams = [engine.add_request(f"s{i}", p, params) for i, p in enumerate(prompts)]
+        return await asyncio.gather(*(collect(s) for s in streams))
+    for outs, w in zip(asyncio.run(main()), want):
+        assert outs[-1].finished and all(not o.finished for o in outs[:-1])
+        assert "".join(o.new_text for o in outs) == w.text
+        assert [t for o in outs for t in o.new_token_ids] == w.token_ids
+        assert outs[-1].finish_reason == w.finish_reason
+    s = engine.stats()
+    assert s.num_running == s.num_waiting == 0 and s.generation_tokens_total >= 3 and s.num_steps > 0
+    assert engine.is_alive and engine.kv_capacity.num_blocks == s.num_total_blocks
+
+
+def test_abort_frees_blocks_and_ends_the_stream(engine):
+    async def main():
+        stream = engine.add_request("ab", [1, 5, 6, 7], SamplingParams(max_new_tokens=400, ignore_eos=True))
+        first = await stream.__anext__()
+        engine.abort("ab")
+        engine.abort("ab")
+        rest = await collect(stream)
+        assert await engine.wait_idle(5.0)
+        return first, rest
+    first, rest = asyncio.run(main())
+    assert not first.finished and rest[-1].finish_reason == "abort"
+    s = engine.stats()
+    assert s.num_free_blocks == s.num_total_blocks and s.kv_cache_usage == 0.0
+
+
+def test_admission_refusals(engine):
+    async def main():
+        with pytest.raises(AdmissionError) as e:
+            engine.add_request("big", [1] * 10, SamplingParams(max_new_tokens=10_000))
+        assert e.value.field == "max_new_tokens"
+        stream = engine.add_request("dup", [1, 5], SamplingParams(max_new_tokens=2))
+        with pytest.raises(ValueError, match="duplicate"):
+            engine.add_request("dup", [1, 5], SamplingParams(max_new_tokens=2))
+        await collect(stream)
+    asyncio.run(main())
+    assert engine.stats().admission_rejections_total >= 1
+
+
+def test_overload_and_drain(tiny_llama_dir):
+    import threading
+    e = AsyncEngine(EngineConfig(model=str(tiny_llama_dir), max_waiting_requests=2, **CFG))
+    e.start()
+    runner, real = e.engine.runner, e.engine.runner.execute
+    entered, release = threading.Event(), threading.Event()
+
+    def gated(sched):  # hold the engine thread inside a step so the queue fills deterministically
+        entered.set()
+        release.wait(10)
+        return real(sched)
+    runner.execute = gated
+
+    async def main():
+        streams = [e.add_request("o0", [1, 5, 6], SamplingParams(max_new_tokens=30, ignore_eos=True))]
+        assert entered.wait(10)
+        streams += [e.add_request(f"o{i}", [1, 5, 6], SamplingParams(max_new_tokens=30, ignore_eos=True)) for i in (1, 2)]
+        with pytest.raises(OverloadedError):
+            e.add_request("o3", [1, 5, 6], SamplingParams(max_new_tokens=30, ignore_eos=True))
+        e.begin_drain()
+        with pytest.raises(OverloadedError, match="draining"):
+            e.add_request("late", [1, 5], SamplingParams())
+        release.set()
+        results = await asyncio.gather(*(collect(s) for s in streams))
+        assert all(r[-1].finish_reason == "length" for r in results)
+        assert await e.wait_idle(5.0)
+    asyncio.run(main())
+    assert e.stats().admission_rejections_total == 1
+    e.shutdown()
+    assert not e.is_alive
+    with pytest.raises(EngineDeadError):
+        e.add_request("x", [1], SamplingParams())
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def test_failing_step_fails_its_requests_and_engine_survives(tiny_llama_dir):
+    e = AsyncEngine(EngineConfig(model=str(tiny_llama_dir), **CFG))
+    e.start()
+    runner = e.engine.runner
+    real = runner.execute
+    calls = {"n": 0}
+
+    def flaky(sched):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise Boom("bad request")
+        return real(sched)
+    runner.execute = flaky
+
+    async def main():
+        bad = await collect(e.add_request("bad", [1, 5, 6], SamplingParams(max_new_tokens=5)))
+        good = await collect(e.add_request("good", [1, 5, 6], SamplingParams(max_new_tokens=5)))
+        return bad, good
+    bad, good = asyncio.run(main())
+    assert bad[-1].finish_reason == "error" and "bad request" in bad[-1].error
+    assert good[-1].finish_reason == "length" and e.is_alive
+    assert e.stats().num_free_blocks == e.stats().num_total_blocks
+
+    runner.execute = lambda sched: (_ for _ in ()).throw(Boom("device lost"))
+
+    async def doomed():
+        return [await collect(e.add_request(f"d{i}", [1, 5], SamplingParams())) for i in range(3)]
+    outs = asyncio.run(doomed())
+    assert all(o[-1].finish_reason == "error" for o in outs)
+    assert not e.is_alive
+    with pytest.raises(EngineDeadError):
+        e.add_request("after", [1], SamplingParams())
+    e.shutdown()

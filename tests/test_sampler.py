@@ -1,0 +1,147 @@
+"""model.sampler against straightforward per-row references (HF / OpenAI semantics)."""
+import math
+
+import torch
+
+from model.sampler import SamplingTensors, hashed_uniform, sample
+
+V = 50
+
+
+def tensors(B, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seeds=None, index=None, **kw):
+    def col(v, dtype):
+        return torch.tensor(v if isinstance(v, list) else [v] * B, dtype=dtype)
+    temp = col(temperature, torch.float32)
+    tk, tp, mp = col(top_k, torch.int64), col(top_p, torch.float32), col(min_p, torch.float32)
+    seeds = seeds if seeds is not None else [None] * B
+    greedy = (temp == 0).tolist()
+    flags = dict(all_greedy=all(greedy), any_greedy=any(greedy),
+                 any_top_k=bool((tk > 0).any()), any_top_p=bool((tp < 1).any()), any_min_p=bool((mp > 0).any()),
+                 any_seeded=any(s is not None for s in seeds), any_unseeded=any(s is None for s in seeds))
+    flags.update(kw)
+    return SamplingTensors(temperature=temp, top_k=tk, top_p=tp, min_p=mp,
+                           seeds=torch.tensor([s or 0 for s in seeds]),
+                           has_seed=torch.tensor([s is not None for s in seeds]),
+                           output_index=col(index if index is not None else 0, torch.int64), **flags)
+
+
+def ref_filter(row: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """The set of allowed token ids for one row of (already tempered) logits, the plain way."""
+    order = sorted(range(len(row)), key=lambda i: -row[i].item())
+    keep = set(order)
+    if top_k > 0:
+        kth = row[order[top_k - 1]].item()
+        keep = {i for i in keep if row[i].item() >= kth}
+    if top_p < 1.0:
+        masked = torch.tensor([row[i].item() if i in keep else -math.inf for i in range(len(row))])
+        probs = masked.softmax(-1)
+        mass, kept = 0.0, set()
+        for i in sorted(keep, key=lambda i: -row[i].item()):
+            if mass >= top_p and kept:
+                break
+            kept.add(i)
+            mass += probs[i].item()
+        keep = kept
+    if min_p > 0:
+        masked = torch.tensor([row[i].item() if i in keep else -math.inf for i in range(len(row))])
+        probs = masked.softmax(-1)
+        keep = {i for i in keep if probs[i] >= min_p * probs.max()}
+    return keep
+
+
+def test_greedy_is_argmax():
+    logits = torch.randn(6, V)
+    out = sample(logits, tensors(6, temperature=0.0))
+    assert torch.equal(out.token_ids, logits.argmax(-1))
+
+
+def test_filters_match_reference_support():
+    torch.manual_seed(0)
+    cases = [(5, 1.0, 0.0), (0, 0.7, 0.0), (0, 1.0, 0.2), (8, 0.9, 0.05), (1, 1.0, 0.0)]
+    logits = torch.randn(len(cases), V) * 3
+    t = tensors(len(cases), top_k=[c[0] for c in cases], top_p=[c[1] for c in cases],
+                min_p=[c[2] for c in cases])
+    allowed = [ref_filter(logits[i], *c) for i, c in enumerate(cases)]
+    gen = torch.Generator().manual_seed(0)
+    seen = [set() for _ in cases]
+    for _ in range(300):
+        ids = sample(logits, t, gen).token_ids.tolist()
+        for i, tok in enumerate(ids):
+            assert tok in allowed[i], (i, tok)
+            seen[i].add(tok)
+    for i in range(len(cases)):  # sampling reaches the bulk of the allowed set
+        assert len(seen[i]) >= min(len(allowed[i]), 3)
+
+
+def test_sampling_frequencies_follow_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)
+    out = sample(logits, tensors(4000, temperature=0.5), torch.Generator().manual_seed(1)).token_ids
+    freq = torch.bincount(out, minlength=4).float() / 4000
+    assert torch.allclose(freq, (logits[0] / 0.5).softmax(-1), atol=0.03)
+
+
+def test_penalties_match_reference():
+    torch.manual_seed(0)
+    B = 3
+    logits = torch.randn(B, V)
+    prompt = [[1, 2, 3], [4], [5, 5]]
+    output = [[3, 7, 7], [], [9, 9, 9, 1]]
+    rep, pres, freq = [1.3, 1.0, 2.0], [0.5, 0.0, -0.3], [0.2, 1.0, 0.4]
+    pad = lambda ls: torch.tensor([x + [V] * (max(map(len, ls)) - len(x)) for x in ls])  # noqa: E731
+    t = tensors(B, temperature=0.0)
+    t = SamplingTensors(**{**t.__dict__, "repetition_penalty": torch.tensor(rep),
+                           "presence_penalty": torch.tensor(pres), "frequency_penalty": torch.tensor(freq),
+                           "prompt_tokens": pad(prompt), "output_tokens": pad(output),
+                           "max_logprobs": 0})
+    from model.sampler import _apply_penalties
+    got = _apply_penalties(logits, t)
+    want = logits.clone()
+    for b in range(B):
+        for tok in set(prompt[b]) | set(output[b]):
+            x = want[b, tok]
+            want[b, tok] = x / rep[b] if x > 0 else x * rep[b]
+        for tok in set(output[b]):
+            want[b, tok] -= freq[b] * output[b].count(tok) + pres[b]
+    assert torch.allclose(got, want)
+    out = sample(logits, t)
+    assert torch.equal(out.token_ids, want.argmax(-1))
+    assert torch.allclose(out.logprobs, logits.log_softmax(-1).gather(1, out.token_ids[:, None])[:, 0])
+
+
+def test_banned_tokens_masked():
+    logits = torch.zeros(2, V)
+    logits[:, 2] = 10.0
+    t = tensors(2, temperature=0.0)
+    t = SamplingTensors(**{**t.__dict__, "banned_tokens": torch.tensor([[2, V], [V, V]])})
+    assert sample(logits, t).token_ids.tolist()[0] != 2 and sample(logits, t).token_ids.tolist()[1] == 2
+
+
+def test_seeded_rows_do_not_depend_on_the_batch():
+    torch.manual_seed(0)
+    row = torch.randn(1, V)
+    alone = [sample(row, tensors(1, seeds=[7], index=i)).token_ids.item() for i in range(20)]
+    busy = torch.randn(5, V)
+    busy[3] = row[0]
+    gen = torch.Generator().manual_seed(123)
+    together = [sample(busy, tensors(5, seeds=[None, 1, None, 7, 2], index=i, top_k=[0, 0, 3, 0, 5]),
+                       gen).token_ids[3].item() for i in range(20)]
+    assert alone == together
+    assert len(set(alone)) > 1  # it is sampling, not argmax
+    other_seed = [sample(row, tensors(1, seeds=[8], index=i)).token_ids.item() for i in range(20)]
+    assert other_seed != alone
+
+
+def test_hashed_uniform_is_uniform_in_open_interval():
+    u = hashed_uniform(torch.tensor([0, 1, 2**62]), torch.tensor([0, 5, 9]), 20000)
+    assert (u > 0).all() and (u < 1).all()
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.005
+
+
+def test_logprobs_are_raw_log_softmax_with_top_n():
+    logits = torch.randn(4, V)
+    t = tensors(4, temperature=[0.0, 1.0, 0.7, 0.0], top_k=[0, 3, 0, 0], max_logprobs=5)
+    out = sample(logits, t, torch.Generator().manual_seed(0))
+    ref = logits.log_softmax(-1)
+    assert torch.allclose(out.logprobs, ref.gather(1, out.token_ids[:, None])[:, 0])
+    top = ref.topk(5, -1)
+    assert torch.equal(out.top_ids, top.indices) and torch.allclose(out.top_logprobs, top.values)

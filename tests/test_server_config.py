@@ -1,0 +1,83 @@
+"""ServeConfig layering (flags > env > TOML > defaults), naming, and the serve entry point's errors."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from server.config import ConfigError, ServerConfig, field_specs, load_config
+from server.engine_config import EngineConfig
+from server.serve import add_serve_arguments, run_serve
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_every_field_has_one_flag_and_env_name():
+    specs = field_specs()
+    names = [s.name for s in specs]
+    assert len(names) == len(set(names)), "server and engine fields must not share a name"
+    assert set(names) == set(ServerConfig.model_fields) | set(EngineConfig.model_fields)
+    spec = next(s for s in specs if s.name == "max_num_seqs")
+    assert (spec.flag, spec.env_var) == ("--max-num-seqs", "GQA_MAX_NUM_SEQS")
+
+
+def test_defaults_serve_default_model_on_loopback():
+    cfg = load_config({}, environ={})
+    assert (cfg.server.host, cfg.server.port, cfg.engine.model) == ("127.0.0.1", 8000, None)
+
+
+def test_precedence_flags_over_env_over_toml(tmp_path):
+    toml = tmp_path / "preset.toml"
+    toml.write_text('[server]\nport = 7000\nhost = "0.0.0.0"\n[engine]\nnum_kv_heads = 1\nmax_num_seqs = 4\n'
+                    'kv_cache_memory = "64MiB"\n')
+    env = {"GQA_PORT": "7100", "GQA_MAX_NUM_SEQS": "8", "GQA_CORS_ORIGINS": "https://a.org, https://b.org"}
+    args = parse(["--config", str(toml), "--port", "7200", "--enforce-eager"])
+    flags = {k: v for k, v in vars(args).items() if k != "config"}
+    cfg = load_config(flags, args.config, environ=env)
+    assert cfg.server.port == 7200                       # flag beats env and TOML
+    assert cfg.engine.max_num_seqs == 8                  # env beats TOML
+    assert cfg.server.host == "0.0.0.0" and cfg.engine.num_kv_heads == 1  # TOML beats defaults
+    assert cfg.engine.kv_cache_memory == 64 * 2**20 and cfg.engine.enforce_eager is True
+    assert cfg.server.cors_origins == ("https://a.org", "https://b.org")
+
+
+def test_config_from_env_var_and_none_words(tmp_path):
+    toml = tmp_path / "x.toml"
+    toml.write_text("[engine]\nmax_model_len = 128\n")
+    cfg = load_config({}, environ={"GQA_CONFIG": str(toml), "GQA_API_KEY": "k", "GQA_MAX_PROMPT_CHARS": "none"})
+    assert cfg.engine.max_model_len == 128 and cfg.server.api_key.get_secret_value() == "k"
+    assert cfg.server.max_prompt_chars is None
+
+
+@pytest.mark.parametrize("flags, env, toml, needle", [
+    ({"port": "eighty"}, {}, None, "server.port"),
+    ({}, {"GQA_NUM_KV_HEADS": "0"}, None, "env GQA_NUM_KV_HEADS"),
+    ({"block_size": "12"}, {}, None, "engine.block_size"),
+    ({}, {"GQA_DTYPE": "fp8"}, None, "engine.dtype"),
+    ({}, {}, "[engine]\nbogus = 1\n", "engine.bogus: unknown setting"),
+    ({}, {}, "[serve]\nport = 1\n", "unknown table or key 'serve'"),
+    ({}, {}, "[server\n", "config"),
+])
+def test_bad_config_is_one_line_naming_the_field(tmp_path, flags, env, toml, needle):
+    path = None
+    if toml is not None:
+        path = tmp_path / "bad.toml"
+        path.write_text(toml)
+    with pytest.raises(ConfigError) as info:
+        load_config(flags, str(path) if path else None, environ=env)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_run_serve_rejects_bad_config_with_exit_code(capsys):
+    assert run_serve(parse(["--max-num-seqs", "0"])) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "max_num_seqs" in err
+
+
+def test_missing_config_file_is_named():
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config({}, "does-not-exist", environ={})

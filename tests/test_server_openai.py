@@ -1,0 +1,119 @@
+"""OpenAI-compatible routes against the fake engine, through the official openai client and raw httpx."""
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from tests.live_server import fake_server
+
+CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Hello there"}]
+
+
+@pytest.fixture(scope="module")
+def server():
+    with fake_server() as s:
+        yield s
+
+
+@pytest.fixture()
+def oai(server):
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as c:
+        yield c
+
+
+def test_models(oai):
+    models = oai.models.list()
+    assert [m.id for m in models.data] == ["fake-model"]
+
+
+def test_completion_non_streaming_and_streaming_agree(oai):
+    full = oai.completions.create(model="fake-model", prompt="Once upon", max_tokens=6, temperature=0)
+    assert full.choices[0].finish_reason == "length" and len(full.choices[0].text) == 6
+    assert full.usage.completion_tokens == 6 and full.usage.prompt_tokens == len("Once upon") + 1
+    chunks = list(oai.completions.create(model="fake-model", prompt="Once upon", max_tokens=6, temperature=0,
+                                         stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
+    assert chunks[-1].usage.total_tokens == full.usage.total_tokens and chunks[-1].choices == []
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_completion_n_logprobs_echo_and_token_prompts(oai):
+    r = oai.completions.create(model="fake-model", prompt=["ab", "cd"], max_tokens=3, n=2, logprobs=2, seed=5)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == 3 and len(lp.top_logprobs[0]) == 2 and lp.text_offset == [0, 1, 2]
+    assert r.choices[0].text != r.choices[1].text  # same seed, distinct per choice
+    e = oai.completions.create(model="fake-model", prompt=[1, 100, 101], max_tokens=2, echo=True)
+    assert e.choices[0].text.startswith("<s>ab")
+
+
+def test_chat_non_streaming_streaming_n_and_logprobs(oai):
+    r = oai.chat.completions.create(model="fake-model", messages=CHAT, max_completion_tokens=5, temperature=0,
+                                    logprobs=True, top_logprobs=2)
+    msg = r.choices[0].message
+    assert msg.role == "assistant" and len(msg.content) == 5 and r.choices[0].finish_reason == "length"
+    content = r.choices[0].logprobs.content
+    assert len(content) == 5 and len(content[0].top_logprobs) == 2 and content[0].bytes
+    stream = oai.chat.completions.create(model="fake-model", messages=CHAT, max_tokens=5, temperature=0,
+                                         stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == msg.content
+    assert chunks[-1].usage.completion_tokens == 5
+    many = oai.chat.completions.create(model="fake-model", messages=CHAT, max_tokens=3, n=3, stream=True)
+    texts = {}
+    for c in many:
+        for ch in c.choices:
+            texts[ch.index] = texts.get(ch.index, "") + (ch.delta.content or "")
+    assert sorted(texts) == [0, 1, 2] and all(len(t) == 3 for t in texts.values())
+
+
+def test_chat_extensions_accepted(server):
+    body = {"messages": CHAT, "max_tokens": 3, "ignore_eos": True, "top_k": 5, "min_p": 0.1,
+            "repetition_penalty": 1.1, "stop": "zzz"}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body)
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_raw_sse_framing_ends_with_done(server):
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 3, "stream": True})
+    blocks = [b for b in r.text.split("\n\n") if b]
+    assert blocks[-1] == "data: [DONE]" and all(b.startswith("data: ") for b in blocks)
+    assert all(json.loads(b[6:])["object"] == "text_completion" for b in blocks[:-1])
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"model": "other", "prompt": "x"}, 404, "model"),
+    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": "x", "logit_bias": {"1": 2.0}}, 400, "logit_bias"),
+    ({"prompt": "x", "n": 99}, 400, "n"),
+    ({"prompt": [], "max_tokens": 1}, 400, "prompt"),
+    ({"prompt": [10**7]}, 400, "prompt"),
+    ({"prompt": "x", "stop": [""]}, 400, "stop"),
+])
+def test_completion_errors_in_openai_shape(server, body, status, param):
+    r = httpx.post(server.url + "/v1/completions", json=body)
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["param"] == param
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"chat_template": "{{ messages }}"}, "chat_template"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": []}, "messages"),
+])
+def test_chat_refusals(server, extra, param):
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": CHAT, **extra})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param
+
+
+def test_openai_client_raises_on_bad_request(oai):
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.completions.create(model="fake-model", prompt="x", max_tokens=10**6)
+    assert "max_model_len" in str(info.value)

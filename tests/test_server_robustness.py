@@ -1,0 +1,205 @@
+"""Bad inputs get a 4xx that names the field, limits hold, auth and CORS gate, lifecycle states show in
+/health, and a client that goes away frees its request at once (fake engine, real uvicorn)."""
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import httpx
+import pytest
+
+from server.config import ServerConfig
+from server.engine_config import EngineConfig
+from tests.live_server import fake_server, metric
+
+LONG = 1024  # the fake engine's max_model_len; its tokenizer is one token per byte plus <s>
+
+
+@pytest.fixture(scope="module")
+def server():
+    with fake_server() as s:
+        yield s
+
+
+def post_raw(url: str, path: str, body: str | bytes) -> httpx.Response:
+    return httpx.post(url + path, content=body, headers={"content-type": "application/json"}, timeout=30)
+
+
+BAD_TGI = [
+    ("malformed json", '{"inputs": "x",', "body"),
+    ("array body", '["x"]', "body"),
+    ("string body", '"x"', "body"),
+    ("empty body", "", "body"),
+    ("missing inputs", '{"parameters": {}}', "inputs"),
+    ("wrong type", '{"inputs": 5}', "inputs"),
+    ("unknown field", '{"inputs": "x", "parameters": {"foo": 1}}', "parameters.foo"),
+    ("negative temperature", '{"inputs": "x", "parameters": {"temperature": -1}}', "parameters.temperature"),
+    ("top_p zero", '{"inputs": "x", "parameters": {"top_p": 0}}', "parameters.top_p"),
+    ("top_p above one", '{"inputs": "x", "parameters": {"top_p": 1.5}}', "parameters.top_p"),
+    ("zero new tokens", '{"inputs": "x", "parameters": {"max_new_tokens": 0}}', "parameters.max_new_tokens"),
+    ("negative seed", '{"inputs": "x", "parameters": {"seed": -3}}', "parameters.seed"),
+    ("NaN", '{"inputs": "x", "parameters": {"temperature": NaN}}', "parameters.temperature"),
+    ("Infinity", '{"inputs": "x", "parameters": {"top_p": Infinity}}', "parameters.top_p"),
+    ("overflow to inf", '{"inputs": "x", "parameters": {"temperature": 1e400}}', "parameters.temperature"),
+    ("huge integer", '{"inputs": "x", "parameters": {"max_new_tokens": 1' + "0" * 5000 + '}}', "body"),
+    ("lone surrogate", '{"inputs": "a\\ud800b"}', "inputs"),
+    ("surrogate in stop", '{"inputs": "x", "parameters": {"stop": ["\\udfff"]}}', "parameters.stop"),
+    ("empty prompt", '{"inputs": ""}', "inputs"),
+    ("empty batch", '{"inputs": []}', "inputs"),
+    ("prompt too long", '{"inputs": "' + "a" * 2000 + '"}', "inputs"),
+    ("prompt over char limit", '{"inputs": "' + "a" * 20000 + '"}', "inputs"),
+    ("new tokens beyond context", '{"inputs": "x", "parameters": {"max_new_tokens": 5000}}',
+     "parameters.max_new_tokens"),
+    ("too many stops", '{"inputs": "x", "parameters": {"stop": [' + ",".join(['"s"'] * 17) + "]}}",
+     "parameters.stop"),
+    ("empty stop", '{"inputs": "x", "parameters": {"stop": [""]}}', "parameters.stop"),
+    ("deep nesting", '{"inputs": ' + "[" * 100000 + "]" * 100000 + "}", "body"),
+]
+
+
+@pytest.mark.parametrize("body, field", [(b, f) for _, b, f in BAD_TGI], ids=[n for n, _, _ in BAD_TGI])
+def test_bad_tgi_input_is_4xx_naming_field(server, body, field):
+    r = post_raw(server.url, "/generate", body)
+    assert 400 <= r.status_code < 500, r.text
+    err = r.json()
+    assert err["error_type"] == "validation" and err["error"].startswith(field), err
+
+
+def test_length_errors_name_both_numbers(server):
+    r = post_raw(server.url, "/generate", '{"inputs": "' + "a" * 2000 + '"}').json()["error"]
+    assert "2,001" in r and "1,024" in r
+    r = post_raw(server.url, "/generate", '{"inputs": "x", "parameters": {"max_new_tokens": 5000}}').json()
+    assert "5,000" in r["error"] and "1,024" in r["error"]
+
+
+BAD_OPENAI = [
+    ("/v1/completions", '{"prompt": "x", "temperature": NaN}', "temperature"),
+    ("/v1/completions", '{"prompt": "\\ud800"}', "prompt"),
+    ("/v1/completions", '{"prompt": ""}', "prompt"),
+    ("/v1/completions", '{"prompt": "x", "stop": ["a","b","c","d","e","f","g","h","i","j","k","l","m","n","o","p",'
+                        '"q"]}', "stop"),
+    ("/v1/completions", '{"prompt": "x", "max_tokens": 4000}', "max_tokens"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 4000}',
+     "max_completion_tokens"),
+    ("/v1/chat/completions", '{"messages": [{"role": "wizard", "content": "x"}]}', "messages.0.role"),
+    ("/v1/chat/completions", '[]', "body"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "x"}], "top_k": -5}', "top_k"),
+]
+
+
+@pytest.mark.parametrize("path, body, param", BAD_OPENAI)
+def test_bad_openai_input_is_400_naming_param(server, path, body, param):
+    r = post_raw(server.url, path, body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_engine_keeps_serving_after_bad_inputs(server):
+    for _, body, _ in BAD_TGI[:6]:
+        post_raw(server.url, "/generate", body)
+    assert httpx.post(server.url + "/generate", json={"inputs": "ok"}).status_code == 200
+
+
+def test_payload_limit_declared_and_streamed():
+    with fake_server(ServerConfig(max_payload_bytes=2048, stats_log_interval_s=0)) as s:
+        big = '{"inputs": "' + "a" * 4000 + '"}'
+        r = post_raw(s.url, "/generate", big)
+        assert r.status_code == 413 and r.json()["error"].startswith("body")
+
+        def chunks():
+            for _ in range(10):
+                yield b" " * 500
+        r = httpx.post(s.url + "/generate", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        assert post_raw(s.url, "/generate", '{"inputs": "small"}').status_code == 200
+
+
+def test_auth_default_deny_except_health_and_metrics():
+    with fake_server(ServerConfig(api_key="s3cret", stats_log_interval_s=0)) as s:
+        assert httpx.get(s.url + "/health").status_code == 200
+        assert httpx.get(s.url + "/metrics").status_code == 200
+        for path in ("/info", "/v1/models", "/openapi.json", "/docs", "/nope"):
+            assert httpx.get(s.url + path).status_code == 401, path
+        r = httpx.post(s.url + "/generate", json={"inputs": "x"}, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401 and r.json()["error_type"] == "unauthorized"
+        r = httpx.get(s.url + "/v1/models")
+        assert r.json()["error"]["type"] == "authentication_error"
+        ok = httpx.post(s.url + "/generate", json={"inputs": "x"}, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+
+
+def test_cors_closed_unless_configured(server):
+    pre = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+    r = httpx.options(server.url + "/generate", headers=pre)
+    assert "access-control-allow-origin" not in r.headers
+    with fake_server(ServerConfig(cors_origins=("https://ok.example",), stats_log_interval_s=0)) as s:
+        r = httpx.options(s.url + "/generate", headers={**pre, "Origin": "https://ok.example"})
+        assert r.headers["access-control-allow-origin"] == "https://ok.example"
+        r = httpx.options(s.url + "/generate", headers=pre)
+        assert r.headers.get("access-control-allow-origin") != "https://evil.example"
+
+
+def test_health_loading_then_ready_then_dead():
+    srv = fake_server(load_delay=1.0)
+    srv.wait_ready = False
+    with srv as s:
+        r = httpx.get(s.url + "/health")
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        assert httpx.post(s.url + "/generate", json={"inputs": "x"}).status_code == 503
+        assert httpx.get(s.url + "/metrics").status_code == 200
+        s.wait_healthy()
+        s.app.state.server.engine.kill()
+        assert httpx.get(s.url + "/health").json()["status"] == "dead"
+        assert httpx.post(s.url + "/generate", json={"inputs": "x"}).status_code == 503
+
+
+def test_queue_full_is_429_at_once():
+    cfg = EngineConfig(model="fake", max_model_len=1024, max_num_seqs=1, max_waiting_requests=1)
+
+    async def run(url: str) -> list[int]:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+            body = {"inputs": "x", "parameters": {"max_new_tokens": 50}}
+            first = asyncio.ensure_future(c.post("/generate", json=body))
+            await asyncio.sleep(0.1)
+            second = asyncio.ensure_future(c.post("/generate", json=body))
+            await asyncio.sleep(0.1)
+            t0 = time.monotonic()
+            third = await c.post("/generate", json=body)
+            assert time.monotonic() - t0 < 0.5
+            oai = await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 5})
+            return [third.status_code, oai.status_code, (await first).status_code, (await second).status_code]
+
+    with fake_server(engine_config=cfg, step_delay=0.01) as s:
+        assert asyncio.run(run(s.url)) == [429, 429, 200, 200]
+
+
+def wait_freed(url: str, timeout: float = 1.0) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if metric(url, "gqaserve_num_requests_running") == 0 and metric(url, "gqaserve_kv_cache_usage_ratio") == 0:
+            return time.monotonic() - t0
+        time.sleep(0.02)
+    raise AssertionError("request still running a second after the client left")
+
+
+def test_dropped_stream_frees_at_once(server):
+    body = {"inputs": "x", "parameters": {"max_new_tokens": 1000}}
+    with httpx.stream("POST", server.url + "/generate_stream", json=body) as r:
+        lines = r.iter_lines()  # keep a reference: a collected iterator closes the response
+        next(lines)
+        assert metric(server.url, "gqaserve_num_requests_running") == 1
+    wait_freed(server.url)
+
+
+def test_dropped_non_streaming_request_frees_at_once(server):
+    for path, body in (("/generate", b'{"inputs": "x", "parameters": {"max_new_tokens": 1000}}'),
+                       ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}]}')):
+        host, port = server.url.removeprefix("http://").split(":")
+        sock = socket.create_connection((host, int(port)))
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        time.sleep(0.2)
+        assert metric(server.url, "gqaserve_num_requests_running") == 1
+        sock.close()
+        wait_freed(server.url)

@@ -1,0 +1,25 @@
+"""The real default model, SmolLM2-135M-Instruct (converted from the PyPI GGUF), against transformers."""
+from __future__ import annotations
+
+import torch
+
+from model.llama import load_model
+from tests.test_model import PagedRunner
+from tests.tiny_models import load_hf_model
+
+PROMPT = [{"role": "user", "content": "Write two sentences about the sea and the moon."}]
+
+
+def test_greedy_64_tokens_equal_transformers(smollm2_dir):
+    import transformers
+
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    prompt = hf_tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True)
+    prompt = list(prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt)
+    hf = load_hf_model(smollm2_dir)
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=64, min_new_tokens=64, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    ours = PagedRunner(load_model(smollm2_dir), num_blocks=16, block_size=16).greedy(prompt, 64)
+    assert ours == ref
+    assert len(set(ours)) > 8, "a real model's 64 greedy tokens should not be one repeated token"
