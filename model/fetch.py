@@ -53,6 +53,11 @@ KNOWN_MODELS = MappingProxyType({
 })
 
 
+def default_cache_dir() -> Path:
+    """Where the default model is cached unless a caller says otherwise (the server's model_cache_dir)."""
+    return Path.home() / ".cache" / "gqa-serve" / "models"
+
+
 def fetch_model(name: str, cache_dir: Path) -> Path:
     """Return `<cache_dir>/<name>`, a converted HF-style checkpoint, downloading it if needed."""
     known = _known(name)

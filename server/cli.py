@@ -11,7 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
-DEFAULT_CACHE_DIR = Path.home() / ".cache" / "gqa-serve" / "models"
+from model.fetch import default_cache_dir
+
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -37,7 +38,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run with this many KV heads (pooled or replicated from the checkpoint's)")
     parser.add_argument("--kv-head-method", default="mean")
     parser.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
-    parser.add_argument("--model-cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
+    parser.add_argument("--model-cache-dir", type=Path, default=default_cache_dir())
     parser.add_argument("--json", action="store_true",
                         help="one JSON line per prompt: text, prompt_token_ids, token_ids, finish_reason")
 
@@ -69,7 +70,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def add_fetch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", nargs="?", default="smollm2-135m", help="a known model name")
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
+    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
 
 
 def run_fetch(args: argparse.Namespace) -> int:
@@ -113,8 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args._commands[args.command](args)
     except (ValueError, FileNotFoundError) as exc:  # config, checkpoint and parameter errors
-        print(f"gqa-serve {args.command}: error: {exc}", file=sys.stderr)
+        print(f"gqa-serve {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def one_line(exc: Exception) -> str:
+    """pydantic's report spans lines; scripts want `field: reason` on one."""
+    from pydantic import ValidationError
+    if isinstance(exc, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in exc.errors())
+    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from its own thread.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -23,12 +24,12 @@ from server.stop_checker import StopChecker
 
 def resolve_model_dir(config: EngineConfig) -> str:
     if config.model is not None:
+        if not Path(config.model).is_dir():
+            raise FileNotFoundError(f"model: {config.model} is not a directory (expected an HF-style model "
+                                    "directory with config.json, *.safetensors and a tokenizer)")
         return config.model
-    if config.model_cache_dir is None:
-        raise ValueError("model: no model directory given, and model_cache_dir is not set to fetch the "
-                         f"default model ({DEFAULT_MODEL}) into")
-    from model.fetch import fetch_model
-    return str(fetch_model(DEFAULT_MODEL, config.model_cache_dir))
+    from model.fetch import default_cache_dir, fetch_model
+    return str(fetch_model(DEFAULT_MODEL, config.model_cache_dir or default_cache_dir()))
 
 
 @dataclass

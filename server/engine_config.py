@@ -30,7 +30,7 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
 
     model: str | None = Field(None, description="model directory; None = the default model (see model_cache_dir)")
-    model_cache_dir: str | None = Field(None, description="where model.fetch stores the default model")
+    model_cache_dir: str | None = Field(None, description="where the default model is fetched to (None: ~/.cache/gqa-serve/models)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_kv_heads: int | None = Field(None, ge=1, description="serve with this many KV heads (pooled at load)")

@@ -21,7 +21,8 @@ SHAKESPEARE = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 def model_cache_dir() -> Path:
     # Tests may read the environment; the product reads it only in server/config.py.
-    return Path(os.environ.get("GQA_MODEL_CACHE_DIR", Path.home() / ".cache" / "gqa-serve" / "models"))
+    from model.fetch import default_cache_dir
+    return Path(os.environ.get("GQA_MODEL_CACHE_DIR", default_cache_dir()))
 
 
 @pytest.fixture(scope="session")
