@@ -268,3 +268,22 @@ def load_refit_model(model_dir: str | Path, num_kv_heads: int, calibration_ids: 
         native_model = load_model(model_dir, **load_kwargs)
     grams = collect_grams(native_model, calibration_ids, window=window)
     return target, refit_model(native_model, target, grams)
+
+
+DEFAULT_CALIBRATION_TEXT = Path(__file__).resolve().parent / "data" / "calibration.txt"
+
+
+def load_with_kv_head_method(model_dir: str | Path, *, num_kv_heads: int | None, kv_head_method: str = "mean",
+                             calibration_text: str | Path | None = None, calibration_tokens: int = 2048,
+                             **load_kwargs):
+    """The serving entry: load_model, except that refit pooling calibrates on calibration_text (a file)."""
+    from model.llama import load_model
+    from model.tokenizer import Tokenizer
+
+    if kv_head_method != "refit" or num_kv_heads is None:
+        return load_model(model_dir, num_kv_heads=num_kv_heads, kv_head_method=kv_head_method, **load_kwargs)
+    # The default is public-domain Shakespeare shipped with the package (not the part kv-report scores).
+    text = Path(calibration_text or DEFAULT_CALIBRATION_TEXT).read_text(encoding="utf-8")
+    ids = Tokenizer.from_pretrained(model_dir).encode(text, add_special_tokens=False)[:calibration_tokens]
+    model, _ = load_refit_model(model_dir, num_kv_heads, ids, **load_kwargs)
+    return model

@@ -14,6 +14,7 @@ from model.attention import GQAAttention, RotaryEmbedding
 from model.batch import StepBatch
 from model.config import ModelConfig
 from model.kv_cache import KVCache
+from model.kv_heads import check_kv_head_method, check_num_kv_heads
 from model.ops import make_ops
 
 
@@ -108,7 +109,11 @@ def load_model(model_dir: str | Path, *, dtype: str | torch.dtype = torch.float3
 
     device = torch.device(device)
     dtype = resolve_dtype(dtype, device)
-    config = ModelConfig.from_pretrained(model_dir, num_kv_heads=num_kv_heads)
+    config = ModelConfig.from_pretrained(model_dir)
+    check_kv_head_method(kv_head_method)
+    if num_kv_heads is not None:  # checked here: ModelConfig reads 0 as "not overridden"
+        check_num_kv_heads(config.num_attention_heads, config.num_key_value_heads, num_kv_heads)
+        config = config.with_num_kv_heads(num_kv_heads)
     ops = make_ops(attention_backend, device)
     with torch.device("meta"):
         model = CausalLM(config, ops)

@@ -36,7 +36,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--num-kv-heads", type=int, default=None,
                         help="run with this many KV heads (pooled or replicated from the checkpoint's)")
-    parser.add_argument("--kv-head-method", default="mean")
+    parser.add_argument("--kv-head-method", default="mean", choices=["mean", "refit"],
+                        help="how pooled KV heads are made (see the README's num_kv_heads section)")
     parser.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     parser.add_argument("--model-cache-dir", type=Path, default=default_cache_dir())
     parser.add_argument("--json", action="store_true",

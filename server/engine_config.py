@@ -34,7 +34,12 @@ class EngineConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_kv_heads: int | None = Field(None, ge=1, description="serve with this many KV heads (pooled at load)")
-    kv_head_method: Literal["mean", "refit"] = "mean"
+    kv_head_method: Literal["mean", "refit"] = Field(
+        "mean", description="how pooled KV heads are made: mean of each group (GQA paper), or refit on "
+                            "kv_calibration_text (training-free; see the README's num_kv_heads section)")
+    kv_calibration_text: str | None = Field(None, description="text file refit calibrates on "
+                                                              "(None: public-domain text shipped in model/data)")
+    kv_calibration_tokens: int = Field(2048, ge=2, description="tokens of kv_calibration_text that refit reads")
     kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16", "fp8_e4m3"] = Field(
         "auto", description="storage dtype of the KV cache; auto = the model dtype")
     block_size: int = Field(16, description="tokens per KV block; a power of 2 in 8..128")

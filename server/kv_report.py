@@ -10,12 +10,12 @@ import json
 import sys
 from pathlib import Path
 
+from model.fetch import default_cache_dir
 from model.kv_dtype import KV_CACHE_DTYPES
 from model.kv_heads import KV_HEAD_METHODS
 from server.engine_config import parse_bytes
 from server.kv_measure import KVReportRow, KVReportSpec, measure
 
-DEFAULT_CACHE_DIR = Path.home() / ".cache" / "gqa-serve" / "models"
 
 
 def _csv(choices: tuple[str, ...] | None = None):
@@ -45,7 +45,7 @@ def _bytes(value: str) -> int:
 def add_kv_report_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--model", help="HF-style model directory (default: the default model, fetched once)")
-    add("--model-cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="where the default model is cached")
+    add("--model-cache-dir", type=Path, default=default_cache_dir(), help="where the default model is cached")
     add("--text", type=Path, required=True, help="UTF-8 text: perplexity on its start, refit calibration later on")
     add("--max-tokens", type=int, default=4096, help="evaluate perplexity on the first N tokens of the text")
     add("--window", type=int, default=512, help="tokens per perplexity window (HF strided perplexity)")
@@ -108,26 +108,31 @@ def plot_rows(rows: list[KVReportRow], path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    model_dtype = rows[0].kv_cache_dtype
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    native = next(r for r in rows if r.native and r.method == rows[0].method)
+    model_dtype = native.kv_cache_dtype
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     series: dict[str, list[KVReportRow]] = {}
     for r in rows:
         key = f"num_kv_heads, {r.method}" if r.kv_cache_dtype == model_dtype else "KV cache dtype, native heads"
         series.setdefault(key, []).append(r)
     markers = iter("osD^v")
     for label, items in series.items():
-        items = sorted(items, key=lambda r: r.kv_bytes_per_token)
         dtype_series = label.startswith("KV cache dtype")
-        if dtype_series:  # the native model-dtype point anchors the dtype series
-            items = sorted(items + [rows[0]], key=lambda r: r.kv_bytes_per_token)
+        if native not in items:  # every series starts from the native model at the model dtype
+            items = items + [native]
+        items = sorted(items, key=lambda r: (r.kv_bytes_per_token, r.kv_cache_dtype))
         xs, ys = [r.kv_bytes_per_token for r in items], [r.perplexity for r in items]
-        ax.plot(xs, ys, marker=next(markers), linestyle=":" if dtype_series else "-", label=label)
-        for r in items:
+        ax.plot(xs, ys, marker=next(markers), linestyle=":" if dtype_series else "-", label=label, alpha=0.85)
+        for k, r in enumerate(items):
+            if r is native and not dtype_series and label != f"num_kv_heads, {native.method}":
+                continue  # label the shared native point once
             note = r.kv_cache_dtype if dtype_series else f"{r.num_kv_heads}h"
-            ax.annotate(note, (r.kv_bytes_per_token, r.perplexity), textcoords="offset points", xytext=(4, 4),
-                        fontsize=8)
+            ax.annotate(note, (r.kv_bytes_per_token, r.perplexity), textcoords="offset points",
+                        xytext=(5, 5 if k % 2 == 0 or not dtype_series else -11), fontsize=8)
     ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1024:g} KiB"))
     perplexities = [r.perplexity for r in rows]
     if max(perplexities) / min(perplexities) > 5:
         ax.set_yscale("log")

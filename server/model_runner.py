@@ -49,15 +49,17 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, model_dir: str | None, eos_token_ids: tuple[int, ...] = (),
                  model: torch.nn.Module | None = None):
         """Loads model_dir, or adopts `model` (a CausalLM already on config's device, e.g. random weights)."""
-        from model.llama import load_model, resolve_dtype
+        from model.kv_refit import load_with_kv_head_method
+        from model.llama import resolve_dtype
 
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         if model is None:
-            model = load_model(model_dir, dtype=self.dtype, device=str(self.device),
-                               num_kv_heads=config.num_kv_heads, kv_head_method=config.kv_head_method,
-                               attention_backend=config.attention_backend)
+            model = load_with_kv_head_method(
+                model_dir, dtype=self.dtype, device=str(self.device), num_kv_heads=config.num_kv_heads,
+                kv_head_method=config.kv_head_method, calibration_text=config.kv_calibration_text,
+                calibration_tokens=config.kv_calibration_tokens, attention_backend=config.attention_backend)
         self.model = model
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         self.model_config: ModelConfig = self.model.config

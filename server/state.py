@@ -118,10 +118,16 @@ def log_startup(state: ServerState) -> None:
     engine = state.engine
     mc = engine.model_config
     cap = engine.kv_capacity
-    logger.info("model: %s | dtype %s | device %s | KV heads %d (checkpoint %d, query heads %d) | "
-                "max_model_len %s", state.model_name, resolved_setting(engine, "dtype"),
-                resolved_setting(engine, "device"),
-                mc.num_kv_heads, mc.num_key_value_heads, mc.num_attention_heads, f"{state.max_model_len:,}")
+    if mc.num_kv_heads < mc.num_key_value_heads:
+        conversion = f", pooled by {engine.config.kv_head_method}"
+    elif mc.num_kv_heads > mc.num_key_value_heads:
+        conversion = ", replicated"
+    else:
+        conversion = ""
+    logger.info("model: %s | dtype %s | device %s | KV heads %d (checkpoint %d%s, query heads %d) | "
+                "KV cache dtype %s | max_model_len %s", state.model_name, resolved_setting(engine, "dtype"),
+                resolved_setting(engine, "device"), mc.num_kv_heads, mc.num_key_value_heads, conversion,
+                mc.num_attention_heads, engine.config.kv_cache_dtype, f"{state.max_model_len:,}")
     logger.info("KV cache: %s tokens (%s blocks of %d), max concurrency at %s tokens/request: %.1fx",
                 f"{cap.tokens:,}", f"{cap.num_blocks:,}", cap.block_size, f"{state.max_model_len:,}",
                 cap.tokens / max(1, state.max_model_len))

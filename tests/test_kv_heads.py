@@ -217,3 +217,26 @@ def test_refit_is_exact_when_heads_differ_only_by_a_foldable_transform(tmp_path,
     mean_out, _ = _logits_and_greedy(mean)
     assert (mean_out - ref).abs().max() > 100 * (out - ref).abs().max()
     assert all(x.key_refit < 1e-6 * x.key_mean and x.value_refit < 1e-6 * x.value_mean for x in losses)
+
+
+def test_serving_entry_loads_refit_from_a_calibration_file(tiny_llama_dir, tmp_path, shakespeare_text):
+    from model.kv_refit import load_with_kv_head_method
+    text = tmp_path / "calibration.txt"
+    text.write_text(shakespeare_text[600_000:604_000])
+    refit = load_with_kv_head_method(tiny_llama_dir, num_kv_heads=1, kv_head_method="refit",
+                                     calibration_text=text, calibration_tokens=300)
+    mean = load_with_kv_head_method(tiny_llama_dir, num_kv_heads=1)
+    assert refit.config.num_kv_heads == mean.config.num_kv_heads == 1
+    assert not torch.equal(refit.model.layers[0].self_attn.qkv_proj.weight,
+                           mean.model.layers[0].self_attn.qkv_proj.weight)
+    # Without a file, refit calibrates on the text shipped in model/data, which lies far from the slice
+    # kv-report scores (the start of tinyshakespeare).
+    from model.kv_refit import DEFAULT_CALIBRATION_TEXT
+    shipped = DEFAULT_CALIBRATION_TEXT.read_text()
+    assert shakespeare_text.index(shipped[:500]) > 500_000
+    default = load_with_kv_head_method(tiny_llama_dir, num_kv_heads=1, kv_head_method="refit",
+                                       calibration_tokens=300)
+    assert not torch.equal(default.model.layers[0].self_attn.qkv_proj.weight,
+                           mean.model.layers[0].self_attn.qkv_proj.weight)
+    wide = load_with_kv_head_method(tiny_llama_dir, num_kv_heads=4, kv_head_method="refit", calibration_text=text)
+    assert wide.config.num_kv_heads == 4  # replication: nothing to fit
