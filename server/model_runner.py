@@ -59,7 +59,8 @@ class ModelRunner:
             model = load_with_kv_head_method(
                 model_dir, dtype=self.dtype, device=str(self.device), num_kv_heads=config.num_kv_heads,
                 kv_head_method=config.kv_head_method, calibration_text=config.kv_calibration_text,
-                calibration_tokens=config.kv_calibration_tokens, attention_backend=config.attention_backend)
+                calibration_tokens=config.kv_calibration_tokens, attention_backend=config.attention_backend,
+                progress=True)
         self.model = model
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         self.model_config: ModelConfig = self.model.config
