@@ -19,19 +19,20 @@ import torch.nn.functional as F
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    slot_mapping: torch.Tensor) -> None:
     """Scatter new K/V [T, KVH, D] into their cache slots; slots < 0 (padding) are skipped."""
-    block_size = k_cache.shape[1]
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
-    blocks, offsets = slots // block_size, slots % block_size
-    k_cache[blocks, offsets] = k[keep].to(k_cache.dtype)
-    v_cache[blocks, offsets] = v[keep].to(v_cache.dtype)
+    if bool((slot_mapping < 0).any()):
+        keep = slot_mapping >= 0
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+    # index_copy_ on the [slots, KVH, D] view: on CPU an order of magnitude cheaper than index_put.
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
     """The first seq_len tokens of one sequence from the paged cache -> [seq_len, KVH, D]."""
     block_size = cache.shape[1]
     num_blocks = (seq_len + block_size - 1) // block_size
-    return cache[block_table[:num_blocks].long()].flatten(0, 1)[:seq_len]
+    # index_select, not cache[table]: advanced indexing is ~30x slower on CPU for this gather.
+    return cache.index_select(0, block_table[:num_blocks]).flatten(0, 1)[:seq_len]
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -74,18 +75,23 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     """One query token per sequence, vectorised over the batch (the CPU decode hot path)."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
-    max_blocks = (int(seq_lens.max().item()) + block_size - 1) // block_size
-    table = block_tables[:, :max_blocks].long()
-    k = k_cache[table].flatten(1, 2).float()  # [B, S, KVH, D]
-    v = v_cache[table].flatten(1, 2).float()
+    max_len = int(seq_lens.max().item())
+    max_blocks = (max_len + block_size - 1) // block_size
+    table = block_tables[:, :max_blocks].reshape(-1)
+
+    def gather(cache: torch.Tensor) -> torch.Tensor:  # -> [B, S, KVH, D]
+        return cache.index_select(0, table).view(batch, -1, num_kv_heads, head_dim)[:, :max_len].float()
+
+    k, v = gather(k_cache), gather(v_cache)
     qg = q.float().view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, KVH, G, D]
-    scores = torch.einsum("bkgd,bskd->bkgs", qg, k) * scale
-    valid = torch.arange(k.shape[1], device=q.device)[None, :] < seq_lens[:, None]  # [B, S]
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    # Slots past a sequence's end hold whatever the pool left there (NaN included): a zero weight
-    # times NaN is NaN, so they are cleared, not just masked.
-    v = v.masked_fill(~valid[:, :, None, None], 0.0)
-    out = torch.einsum("bkgs,bskd->bkgd", scores.softmax(-1), v)
+    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)) * scale  # [B, KVH, G, S]
+    if batch > 1:  # shorter sequences end before max_len: mask their tail
+        valid = torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None]  # [B, S]
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+        # Slots past a sequence's end hold whatever the pool left there (NaN included): a zero weight
+        # times NaN is NaN, so they are cleared, not just masked.
+        v = v.masked_fill(~valid[:, :, None, None], 0.0)
+    out = torch.matmul(scores.softmax(-1), v.transpose(1, 2))  # [B, KVH, G, D]
     return out.reshape(batch, num_heads, head_dim).to(q.dtype)
 
 
