@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention_prefill import LOG2E, dot_precision
+from kernels.attention_prefill import LOG2E, _attend_tile, dot_precision
 
 
 @triton.jit
@@ -48,25 +48,13 @@ def _decode_kernel(Q, K, V, O, PART_ACC, PART_M, PART_L, SEQ_LENS, BLOCK_TABLES,
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+    # A causal mask with every row at position hi-1 is exactly "keys lo..hi-1": the prefill's tile step.
+    q_pos = tl.zeros([G_PAD], tl.int32) + (hi - 1)
     for start_n in range(lo, hi, BLOCK_N):
-        n = start_n + tl.arange(0, BLOCK_N)  # [BLOCK_N] absolute key positions
-        n_valid = n < hi
-        page = tl.load(bt_row + n // BLOCK_SIZE, mask=n_valid, other=0).to(tl.int64)
-        slot_off = n % BLOCK_SIZE
-        k_ptrs = K + page[None, :] * stride_kb + slot_off[None, :] * stride_ks + kvh * stride_kh \
-            + d[:, None] * stride_kd
-        k = tl.load(k_ptrs, mask=n_valid[None, :] & d_valid[:, None], other=0.0)  # [D_PAD, BLOCK_N]
-        qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # [G_PAD, BLOCK_N], log2 domain
-        qk = tl.where(n_valid[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v_ptrs = V + page[:, None] * stride_vb + slot_off[:, None] * stride_vs + kvh * stride_vh \
-            + d[None, :] * stride_vd
-        v = tl.load(v_ptrs, mask=n_valid[:, None] & d_valid[None, :], other=0.0)  # [BLOCK_N, D_PAD]
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, K, V, bt_row, kvh, start_n, hi, q_pos, d, d_valid,
+                                     qk_scale, stride_kb, stride_ks, stride_kh, stride_kd,
+                                     stride_vb, stride_vs, stride_vh, stride_vd,
+                                     BLOCK_SIZE, BLOCK_N, True, PRECISION)
 
     if NUM_SPLITS == 1:
         # an empty context (padding row of a captured batch) gives zeros, not NaN

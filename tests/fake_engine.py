@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from model.config import ModelConfig
 from server.engine_config import EngineConfig
+from server.async_engine import EngineStats
 from server.outputs import AdmissionError, EngineDeadError, OverloadedError, RequestOutput, TokenLogprob
 from server.sampling_params import SamplingParams
 
@@ -56,20 +57,6 @@ class FakeTokenizer:
 def _held_back(text: str, stops: tuple[str, ...]) -> int:
     """Length of the longest suffix of text that could still grow into a stop string."""
     return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-
-
-@dataclass(frozen=True)
-class FakeStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-    num_free_blocks: int
-    num_total_blocks: int
-    num_preemptions_total: int
-    prompt_tokens_total: int
-    generation_tokens_total: int
-    admission_rejections_total: int
-    num_steps: int
 
 
 @dataclass(frozen=True)
@@ -235,8 +222,8 @@ class FakeAsyncEngine:
             self._running.pop(rid, None)
             self._tasks.pop(rid, None)
 
-    def stats(self) -> FakeStats:
+    def stats(self) -> EngineStats:
         used = sum(self._running.values())
-        return FakeStats(len(self._running), self._waiting, used / self._num_blocks, self._num_blocks - used,
+        return EngineStats(len(self._running), self._waiting, used / self._num_blocks, self._num_blocks - used,
                          self._num_blocks, 0, self._counters["prompt"], self._counters["generation"],
                          self._counters["rejections"], self._counters["steps"])
