@@ -2,7 +2,7 @@
 tensors from the scheduler's output, runs the forward under inference_mode, samples, and hands back host ids.
 
 One device->host transfer per step (the sampled ids), plus one for logprobs when a row asks for them.
-CUDA graphs are a later issue: `_forward` is the seam where a captured decode graph would replay.
+Decode-only steps replay a CUDA graph captured at start-up (server/cuda_graphs.py); `_forward` chooses.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from model.config import ModelConfig
 from model.kv_cache import KVCache
 from model.kv_dtype import resolve_kv_cache_dtype
 from model.sampler import SamplerOutput, sample
+from server.cuda_graphs import DecodeGraphRunner, capture_sizes, graph_memory_reserve
 from server.engine_config import EngineConfig
 from server.outputs import TokenLogprob
 from server.sampling_batch import build_sampling_tensors, profile_sampling_tensors
@@ -68,15 +69,39 @@ class ModelRunner:
         self.max_model_len = config.resolve_max_model_len(self.model_config.max_position_embeddings)
         self.block_size = config.block_size
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
-        num_blocks = self._num_kv_blocks()
+        self.graph_sizes = self._graph_sizes()
+        num_blocks = self._num_kv_blocks()  # leaves room for the graphs, captured after the KV allocation
         self.kv_cache = KVCache.allocate(self.model_config, num_blocks, self.block_size, self.kv_dtype,
                                         self.device)
+        self.graphs: DecodeGraphRunner | None = self._decode_graphs().capture() if self.graph_sizes else None
         self.kv_capacity = self._capacity(num_blocks)
         c = self.kv_capacity
         log.info("KV cache: %d blocks x %d tokens = %d tokens of capacity, %d bytes/token (%.1f MiB); "
                  "%.1f sequences of max_model_len=%d fit at once",
                  c.num_blocks, c.block_size, c.tokens, c.bytes_per_token,
                  c.tokens * c.bytes_per_token / 2**20, c.max_concurrency, self.max_model_len)
+
+    # ---- CUDA graphs ------------------------------------------------------------------------------
+    def _graph_sizes(self) -> list[int]:
+        """The decode batch sizes to capture; none with enforce_eager, off CUDA, or with the torch ops
+        (their decode attention reads seq_lens on the host, which a graph cannot)."""
+        if self.config.enforce_eager or self.device.type != "cuda":
+            return []
+        ops = getattr(getattr(self.model, "ops", None), "name", None)
+        if ops != "triton":
+            log.info("CUDA graphs off: the %s ops are not capturable", ops)
+            return []
+        return capture_sizes(self.config.max_num_seqs, self.config.max_num_batched_tokens)
+
+    def _decode_graphs(self) -> DecodeGraphRunner:
+        return DecodeGraphRunner(self.model, self.kv_cache, self.graph_sizes or capture_sizes(
+            self.config.max_num_seqs, self.config.max_num_batched_tokens), self.max_model_len, self.block_size,
+            self.device)
+
+    def use_graph_path_eagerly(self) -> None:
+        """Test hook (any device): decode steps take the graph path's padding and static buffers, with the
+        eager model in place of the replay."""
+        self.graphs = self._decode_graphs().use_eager()
 
     # ---- sizing ------------------------------------------------------------------------------------
     def _capacity(self, num_blocks: int) -> KVCapacity:
@@ -105,11 +130,17 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats(self.device)
         self._profile_step()
         peak = torch.cuda.max_memory_allocated(self.device) - weights
+        graphs = 0
+        if self.graph_sizes:  # the graphs' pool and buffers live beside the eager steps' activations
+            one_block = KVCache.allocate(self.model_config, 1, self.block_size, self.kv_dtype, self.device)
+            graphs = graph_memory_reserve(self.model, one_block, max(self.graph_sizes), len(self.graph_sizes),
+                                          self.max_model_len, self.block_size, self.device)
+            del one_block
         torch.cuda.empty_cache()
-        budget = int(total * self.config.gpu_memory_utilization) - weights - peak - others
-        log.info("GPU memory: total %.2f GiB, weights %.2f GiB, activation peak %.2f GiB, other %.2f GiB, "
-                 "KV budget %.2f GiB", total / 2**30, weights / 2**30, peak / 2**30, others / 2**30,
-                 budget / 2**30)
+        budget = int(total * self.config.gpu_memory_utilization) - weights - peak - graphs - others
+        log.info("GPU memory: total %.2f GiB, weights %.2f GiB, activation peak %.2f GiB, CUDA graphs %.2f GiB, "
+                 "other %.2f GiB, KV budget %.2f GiB", total / 2**30, weights / 2**30, peak / 2**30,
+                 graphs / 2**30, others / 2**30, budget / 2**30)
         return max(budget, 0)
 
     def _profile_step(self) -> None:
@@ -162,7 +193,11 @@ class ModelRunner:
         return RunnerOutput(token_ids, self._logprobs(out, token_ids, sampling))
 
     def _forward(self, batch: StepBatch) -> torch.Tensor:
-        return self.model(batch, self.kv_cache)
+        """A decode-only step of at most the largest captured size replays a graph; the rest run eagerly."""
+        size = self.graphs.padded_size(batch) if self.graphs is not None else None
+        if size is None:
+            return self.model(batch, self.kv_cache)
+        return self.graphs.run(batch, size)
 
     @staticmethod
     def _logprobs(out: SamplerOutput, chosen_ids: list[int], seqs) -> list[TokenLogprob | None] | None:

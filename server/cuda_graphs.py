@@ -1,0 +1,217 @@
+"""CUDA graphs for decode steps: one graph per padded batch size, captured at start-up, so a decode step
+is a few input copies and one graph launch.
+
+A decode-only step (every sequence feeds exactly one token) of n sequences is padded to the smallest
+captured size >= n. Padding rows are inert by construction, not by masking after the fact:
+  slot_mapping -1  -> the cache write skips the row (kernels/cache.py), the KV cache is untouched
+  seq_len 0        -> the decode kernel returns zeros for the row (empty context, no NaN)
+  input id 0, position 0, block-table row of 0s -> every index the row computes stays in bounds
+Rows never mix inside the model (norms, MLP and attention are per-row), so the real rows' logits equal
+the unpadded step's.
+
+The captured grid may not depend on per-step values. The only one the decode path reads is max_seq_len
+(the split-KV heuristic), so every graph is captured with max_seq_len = max_model_len: the split count is
+fixed per batch size, and splits past a short sequence's end are empty (the kernel handles them).
+
+Memory: all graphs share one private pool, captured largest first so the smaller ones reuse its blocks
+(graphs replay one at a time on one stream, never concurrently). The logits of every size land in one
+shared static buffer [max_size, vocab], so the pool holds only transient activations. The model runner
+reserves a measured decode-step peak for this pool before it sizes the KV cache and captures after
+allocating the KV cache (see ModelRunner).
+
+Without CUDA the same static-buffer path runs with the eager model as its "replay" (capture=False): the
+CPU tests drive exactly the padding and copy logic the graphs replay.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import Callable
+
+import torch
+
+from model.batch import StepBatch
+from model.kv_cache import KVCache
+
+log = logging.getLogger(__name__)
+
+
+def capture_sizes(max_num_seqs: int, max_num_batched_tokens: int, limit: int = 512) -> list[int]:
+    """1, 2, 4, 8, then every multiple of 8, up to the widest decode step the scheduler can form."""
+    top = min(max_num_seqs, max_num_batched_tokens, limit)
+    sizes = [s for s in (1, 2, 4) if s <= top] + list(range(8, top + 1, 8))
+    if sizes[-1] != top:
+        sizes.append(top)  # e.g. max_num_seqs=20: 16 alone would leave 17..20 eager
+    return sizes
+
+
+def is_graphable(batch: StepBatch) -> bool:
+    """One new token for every sequence (a 1-token prefill chunk counts: it is the same computation)."""
+    return batch.max_query_len == 1 and batch.num_tokens == batch.num_seqs > 0
+
+
+def pad_decode_batch(batch: StepBatch, size: int, max_seq_len: int | None = None) -> StepBatch:
+    """The decode step `batch` (n rows) padded to `size` rows with inert rows (see the module doc).
+
+    max_seq_len replaces the host max (the captured value); logits are wanted for every row.
+    The reference for what DecodeInputs.load writes into its static buffers.
+    """
+    n = batch.num_seqs
+    pad = size - n
+    assert is_graphable(batch) and pad >= 0, (batch.num_seqs, batch.max_query_len, size)
+
+    def rows(t: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.cat([t, t.new_full((pad, *t.shape[1:]), value)])
+
+    dev = batch.input_ids.device
+    return StepBatch(
+        input_ids=rows(batch.input_ids, 0), positions=rows(batch.positions, 0),
+        slot_mapping=rows(batch.slot_mapping, -1), seq_lens=rows(batch.seq_lens, 0),
+        block_tables=rows(batch.block_tables, 0),
+        query_start_loc=torch.arange(size + 1, dtype=torch.int32, device=dev),
+        logits_indices=torch.arange(size, dtype=torch.int64, device=dev),
+        max_query_len=1, max_seq_len=batch.max_seq_len if max_seq_len is None else max_seq_len)
+
+
+class DecodeInputs:
+    """The static input buffers the graphs read, sized for the largest captured batch."""
+
+    def __init__(self, max_size: int, max_blocks_per_seq: int, max_seq_len: int, device: torch.device):
+        def full(shape, value, dtype):
+            return torch.full(shape, value, dtype=dtype, device=device)
+
+        self.max_seq_len = max_seq_len
+        # Created as all-padding, so warm-up and capture write nothing into the KV cache.
+        self.input_ids = full((max_size,), 0, torch.int64)                             # [S]
+        self.positions = full((max_size,), 0, torch.int64)                             # [S]
+        self.slot_mapping = full((max_size,), -1, torch.int64)                         # [S]
+        self.seq_lens = full((max_size,), 0, torch.int32)                              # [S]
+        self.block_tables = full((max_size, max_blocks_per_seq), 0, torch.int32)       # [S, max_blocks]
+        self.query_start_loc = torch.arange(max_size + 1, dtype=torch.int32, device=device)  # [S+1]
+        self.logits_indices = torch.arange(max_size, dtype=torch.int64, device=device)       # [S]
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return self.block_tables.shape[1]
+
+    def view(self, size: int) -> StepBatch:
+        """The first `size` rows as a StepBatch: views, so a graph captured on it reads later copies."""
+        return StepBatch(
+            input_ids=self.input_ids[:size], positions=self.positions[:size],
+            slot_mapping=self.slot_mapping[:size], query_start_loc=self.query_start_loc[:size + 1],
+            seq_lens=self.seq_lens[:size], block_tables=self.block_tables[:size],
+            logits_indices=self.logits_indices[:size], max_query_len=1, max_seq_len=self.max_seq_len)
+
+    def load(self, batch: StepBatch, size: int) -> None:
+        """Real rows [0, n) from `batch`, padding rows [n, size): one copy and one fill per tensor.
+
+        Block-table columns past the batch's own width keep stale (in-range) block ids: nothing reads
+        them, because a row only reads the pages below its seq_len.
+        """
+        n, width = batch.num_seqs, batch.block_tables.shape[1]
+        for dst, src, pad in ((self.input_ids, batch.input_ids, 0), (self.positions, batch.positions, 0),
+                              (self.slot_mapping, batch.slot_mapping, -1), (self.seq_lens, batch.seq_lens, 0)):
+            dst[:n].copy_(src, non_blocking=True)
+            dst[n:size].fill_(pad)
+        self.block_tables[:n, :width].copy_(batch.block_tables, non_blocking=True)
+        self.block_tables[n:size].fill_(0)
+
+
+class DecodeGraphRunner:
+    """Replays a captured decode graph for decode-only steps of up to max(sizes) sequences."""
+
+    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, sizes: list[int], max_model_len: int,
+                 block_size: int, device: torch.device):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.sizes = sorted(set(sizes))
+        self.max_size = self.sizes[-1]
+        self.device = device
+        self._free_at_start = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+        self.inputs = DecodeInputs(self.max_size, -(-max_model_len // block_size), max_model_len, device)
+        # One logits buffer for every size: per-size outputs would keep [size, vocab] float32 each alive.
+        self.logits = torch.zeros(self.max_size, model.config.vocab_size, dtype=torch.float32,
+                                  device=device)                                       # [S, vocab]
+        self._replay: dict[int, Callable[[], None]] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.replays: Counter[int] = Counter()  # padded size -> steps run at it
+        self.memory_bytes = 0
+
+    # ---- start-up ----------------------------------------------------------------------------------
+    def _step(self, size: int) -> None:
+        """The computation a graph holds: the model on the static view, logits into the shared buffer."""
+        logits = self.model(self.inputs.view(size), self.kv_cache)  # [size, vocab] float32
+        self.logits[:size].copy_(logits)
+
+    def use_eager(self) -> "DecodeGraphRunner":
+        """The static-buffer path with the eager model as replay (CPU tests; no torch.cuda.graph)."""
+        self._replay = {s: (lambda s=s: self._step(s)) for s in self.sizes}
+        return self
+
+    def capture(self) -> "DecodeGraphRunner":
+        """Warm up every size on a side stream (compiles each kernel variant), then capture largest first."""
+        assert self.device.type == "cuda", "CUDA graphs need a CUDA device"
+        start = time.perf_counter()
+        with torch.inference_mode():
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for size in reversed(self.sizes):
+                    self._step(size)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            torch.cuda.synchronize(self.device)
+            pool = torch.cuda.graph_pool_handle()
+            for size in reversed(self.sizes):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._step(size)
+                self.graphs[size] = graph
+        torch.cuda.synchronize(self.device)
+        self._replay = {s: g.replay for s, g in self.graphs.items()}
+        self.memory_bytes = self._free_at_start - torch.cuda.mem_get_info(self.device)[0]
+        log.info("CUDA graphs: captured %d decode sizes (%s) in %.2f s, using %.1f MiB of GPU memory",
+                 len(self.sizes), ",".join(map(str, self.sizes)), time.perf_counter() - start,
+                 self.memory_bytes / 2**20)
+        return self
+
+    # ---- one step ----------------------------------------------------------------------------------
+    def padded_size(self, batch: StepBatch) -> int | None:
+        """The captured size this step replays at, or None when it must run eagerly."""
+        if not self._replay or not is_graphable(batch) or batch.num_seqs > self.max_size:
+            return None
+        if batch.block_tables.shape[1] > self.inputs.max_blocks_per_seq:
+            return None
+        return next(s for s in self.sizes if s >= batch.num_seqs)
+
+    def run(self, batch: StepBatch, size: int) -> torch.Tensor:
+        """Logits of batch.logits_indices, [N, vocab] float32: a view of the static buffer, valid until
+        the next replay (the step samples from it before then)."""
+        self.inputs.load(batch, size)
+        self._replay[size]()
+        self.replays[size] += 1
+        n = batch.num_seqs
+        if batch.logits_indices.shape[0] == n:  # every row samples: indices are arange(n)
+            return self.logits[:n]
+        return self.logits[batch.logits_indices]
+
+
+def graph_memory_reserve(model: torch.nn.Module, kv_cache: KVCache, size: int, num_graphs: int,
+                         max_model_len: int, block_size: int, device: torch.device) -> int:
+    """Bytes the captured graphs will hold: the transient peak of a decode step of `size` rows (the
+    shared pool's need), the static buffers, and a small allowance per graph.
+
+    Padding rows make the same allocations as real ones (the split partials depend on max_model_len only)
+    and touch no KV block, so a one-block cache serves.
+    """
+    inputs = DecodeInputs(size, -(-max_model_len // block_size), max_model_len, device)
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    with torch.inference_mode():
+        model(inputs.view(size), kv_cache)
+    torch.cuda.synchronize(device)
+    transient = torch.cuda.max_memory_allocated(device) - base
+    static = sum(t.numel() * t.element_size() for t in vars(inputs).values() if isinstance(t, torch.Tensor))
+    static += size * model.config.vocab_size * 4  # the shared logits buffer, float32
+    return transient + static + (2 << 20) * num_graphs  # + a guess at each graph's own device memory
