@@ -1,0 +1,213 @@
+#!/usr/bin/env bash
+# Every GPU benchmark of gqa-serve plus the peer baselines, in ONE device-tool call (benchmarks/README.md
+# gives the exact call). Each step is time-boxed so the whole run ends inside BUDGET seconds (default 550,
+# under the tool's 600 s command limit); each step writes JSON into a scratch folder, and $OUT receives
+# three files only (the tool brings back at most 8):
+#   $OUT/summary.json   every step's JSON merged, plus rc and seconds per step
+#   $OUT/run_log.txt    the whole console log
+#   $OUT/raw.tar.gz     the scratch folder (each step's own JSON, the pytest log, the peers' env.txt)
+# and the last thing printed is a summary table (the tool returns the output's tail).
+#
+#   bash benchmarks/run_gpu.sh [all|ours|peers]     # default all
+# Knobs (environment): BUDGET (s), PEERS_RESERVE (s kept for the peers, default 170), SKIP (space-separated
+# step names: pytest kernels latency latency_b64 throughput_1b serving throughput_8b peers),
+# SMOKE=1 (CPU smoke test of this script: tiny random model, few requests, peers with PEERS_TINY=1).
+set -u
+cd "$(dirname "$0")/.."
+PART=${1:-all}
+case "$PART" in all|ours|peers) ;; *) echo "usage: $0 [all|ours|peers]" >&2; exit 2 ;; esac
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_cache
+FINAL=${OUT:-/tmp/gqa_gpu_out}
+RAW=$(mktemp -d /tmp/gqa_gpu_raw.XXXX)
+mkdir -p "$FINAL"
+PY=${PYTHON:-python3}
+BUDGET=${BUDGET:-550}
+PEERS_RESERVE=${PEERS_RESERVE:-170}
+SMOKE=${SMOKE:-0}
+SKIP=" ${SKIP:-} "
+START=$(date +%s)
+[ "$PART" = ours ] && PEERS_RESERVE=0
+
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+# cap WANT [RESERVE]: seconds a step may take: WANT, but leave RESERVE (default: the peers' share) and 10 s
+cap() {
+  local want=$1 reserve=${2:-$PEERS_RESERVE} l
+  l=$(( $(left) - reserve - 10 ))
+  (( l < want )) && want=$l
+  echo "$want"
+}
+STEPS_TSV="$RAW/steps.tsv"
+: >"$STEPS_TSV"
+# step NAME WANT_S CMD...: run CMD under timeout with OUT=$RAW; record rc and seconds
+step() {
+  local name=$1 want=$2; shift 2
+  if [[ "$SKIP" == *" $name "* ]]; then echo "### $name: skipped (SKIP)"; return; fi
+  local c; c=$(cap "$want" "${STEP_RESERVE:-$PEERS_RESERVE}")
+  if (( c < 5 )); then
+    echo "### $name: skipped, no time left ($(left) s of the budget)"
+    printf '%s\t%s\t%s\n' "$name" "no-time" 0 >>"$STEPS_TSV"
+    return
+  fi
+  echo "### $name (cap ${c}s, $(left)s left): $*"
+  local t0=$(date +%s)
+  OUT="$RAW" timeout --kill-after=10 "$c" "$@"
+  local rc=$?
+  local dt=$(( $(date +%s) - t0 ))
+  (( rc == 124 || rc == 137 )) && echo "### $name: TIMED OUT after ${dt}s"
+  echo "### $name: rc=$rc in ${dt}s"
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$dt" >>"$STEPS_TSV"
+}
+
+main() {
+  # Wheels the GPU image lacks (pydantic, fastapi, uvicorn, ...: see benchmarks/README.md), carried in .whl/.
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || echo "### wheel install FAILED"
+  fi
+  {
+    date -u
+    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.limit,temperature.gpu \
+      --format=csv 2>&1 || true
+    $PY -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+    $PY -c "import triton; print('triton', triton.__version__)" 2>&1 | tail -1
+    $PY -c "import transformers; print('transformers', transformers.__version__)" 2>&1 | tail -1
+    $PY -c "import pydantic, fastapi, uvicorn; print('pydantic', pydantic.__version__, 'fastapi', fastapi.__version__, 'uvicorn', uvicorn.__version__)" 2>&1 | tail -1
+    git log -1 --format='commit %H %s' 2>/dev/null; git status --short 2>/dev/null | head -20
+  } 2>&1 | tee "$RAW/env_ours.txt"
+
+  local dummy1=llama-3.2-1b dummy8=llama-3.1-8b dev=() nreq=256 lens=(100 1024) lat_iters=5 rates=4,16,inf nprom=32
+  local serve_extra="--dtype bfloat16 --max-model-len 2048"
+  if [ "$SMOKE" = 1 ]; then  # CPU: a tiny random model in the same shapes' spirit, few requests
+    printf '%s' '{"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+      "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "rope_theta": 500000.0,
+      "max_position_embeddings": 4096, "tie_word_embeddings": true}' >"$RAW/tiny_config.json"
+    dummy1=$RAW/tiny_config.json dummy8=$RAW/tiny_config.json dev=(--device cpu) nreq=8 lens=(16 64) lat_iters=2
+    rates=8,inf nprom=4 serve_extra="--device cpu --max-model-len 512"
+    export PEERS_DEVICE=cpu PEERS_TINY=1
+  fi
+
+  if [ "$PART" != peers ]; then
+    if [ "$SMOKE" = 1 ]; then
+      step pytest 60 bash -c "echo 'SMOKE: kernel tests skipped' | tee $RAW/pytest.txt"
+      step kernels 60 $PY benchmarks/kernels.py --dry-run
+    else
+      local tests=(tests/test_kernels.py); [ -f tests/test_cuda_graphs.py ] && tests+=(tests/test_cuda_graphs.py)
+      step pytest 75 bash -c "set -o pipefail; $PY -m pytest ${tests[*]} -q -p no:cacheprovider 2>&1 | tee $RAW/pytest.txt | tail -40"
+      step kernels 60 $PY benchmarks/kernels.py
+    fi
+    step latency 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 1 --input-len 128 \
+      --output-len 256 --num-iters "$lat_iters" --json "$RAW/latency.json"
+    step latency_b64 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 64 \
+      --input-len 128 --output-len 128 --num-iters "$lat_iters" --json "$RAW/latency_b64.json"
+    step throughput_1b 100 $PY benchmarks/throughput.py --dummy --config "$dummy1" "${dev[@]}" --num-requests "$nreq" \
+      --input-len "${lens[@]}" --output-len "${lens[@]}" --seed 0 --json "$RAW/throughput_1b.json"
+    if $PY -c "import fastapi, uvicorn, sse_starlette" 2>/dev/null; then
+      step serving 90 $PY benchmarks/serving.py --launch --dummy-checkpoint "$dummy1" --serve-args "$serve_extra" \
+        --request-rates "$rates" --num-prompts "$nprom" --input-len 128 --max-tokens 128 --launch-timeout 60 \
+        --json "$RAW/serving.json"
+    else
+      echo "### serving: skipped (fastapi/uvicorn/sse_starlette do not import: carry .whl)"
+    fi
+    step throughput_8b 110 $PY benchmarks/throughput.py --dummy --config "$dummy8" "${dev[@]}" --num-requests "$nreq" \
+      --input-len "${lens[@]}" --output-len "${lens[@]}" --seed 0 --json "$RAW/throughput_8b.json"
+  fi
+  if [ "$PART" != ours ]; then
+    if [ -f .peers/run_all.sh ]; then
+      local pb=$(( $(left) - 20 ))
+      STEP_RESERVE=0 step peers "$pb" env BUDGET="$pb" bash .peers/run_all.sh
+    else
+      echo "### peers: skipped (.peers/run_all.sh missing: copy ../shared/peers to .peers and carry it)"
+    fi
+  fi
+  echo "### all steps done in $(( $(date +%s) - START ))s"
+  summarize
+}
+
+summarize() {
+  $PY - "$RAW" "$FINAL/summary.json" <<'EOF'
+import glob, json, os, sys
+raw, out = sys.argv[1], sys.argv[2]
+data = {}
+for p in sorted(glob.glob(os.path.join(raw, "*.json"))):
+    try:
+        data[os.path.basename(p)[:-5]] = json.load(open(p))
+    except Exception as e:  # noqa: BLE001
+        data[os.path.basename(p)[:-5]] = {"unreadable": str(e)}
+steps = [line.rstrip("\n").split("\t") for line in open(os.path.join(raw, "steps.tsv"))]
+data["steps"] = [{"step": s, "rc": rc, "seconds": int(t)} for s, rc, t in steps]
+for name in ("pytest.txt", "env_ours.txt", "env.txt"):
+    p = os.path.join(raw, name)
+    if os.path.exists(p):
+        data[name] = open(p).read()[-4000:]
+json.dump(data, open(out, "w"), indent=1, default=str)
+
+def g(d, *keys):
+    for k in keys:
+        if not isinstance(d, (dict, list)):
+            return None
+        try:
+            d = d[k]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return d
+
+def f(x, fmt="{:.1f}"):
+    return "-" if x is None else fmt.format(x)
+
+rows = []
+def row(metric, ours, peer=None, note=""):
+    ratio = f"{ours / peer:.2f}" if isinstance(ours, (int, float)) and isinstance(peer, (int, float)) and peer else "-"
+    rows.append((metric, f(ours) if not isinstance(ours, str) else ours, f(peer) if not isinstance(peer, str) else peer, ratio, note))
+
+print("\n==== steps ====")
+for s in data["steps"]:
+    print(f"{s['step']:<15} rc={s['rc']:<8} {s['seconds']:>4}s")
+if "pytest.txt" in data:
+    print("pytest:", data["pytest.txt"].strip().splitlines()[-1] if data["pytest.txt"].strip() else "(empty)")
+
+ca = data.get("ceilings_attn", {})
+lat, l64 = data.get("latency", {}), data.get("latency_b64", {})
+runs = {r.get("case", ""): r for r in (g(data, "hf_generate_eager", "runs") or [])}
+hf_b1 = g(runs, "b1 dynamic cache (eager)", "decode_out_tok_s")
+hf_b1s = g(runs, "b1 static cache, no compile", "decode_out_tok_s")
+hf_b64 = g(runs, "b64 dynamic cache (eager)", "decode_out_tok_s")
+row("copy GB/s (ours: latency.py; peer: ceilings_attn)", g(lat, "roofline", "copy_GBps"),
+    g(ca, "ceilings", "d2d_copy", "GBps_read_plus_write"))
+row("b1 decode tok/s vs HF eager", g(lat, "median", "decode_tok_s"), hf_b1)
+row("b1 decode tok/s vs HF static cache", g(lat, "median", "decode_tok_s"), hf_b1s)
+ms = lambda x: None if x is None else x * 1e3  # noqa: E731
+pct = lambda x: None if x is None else x * 100  # noqa: E731
+row("b1 TPOT ms (peer: HF eager step)", ms(g(lat, "median", "tpot_s")),
+    g(runs, "b1 dynamic cache (eager)", "decode_step_ms_median"),
+    f"roofline {f(ms(g(lat, 'roofline', 'roofline_step_s')), '{:.3f}')} ms")
+row("b1 % of memory roofline", pct(g(lat, "fraction_of_roofline")), None,
+    f"roofline {f(g(lat, 'roofline', 'roofline_tok_s'))} tok/s")
+row("b1 TTFT ms (prompt 128)", ms(g(lat, "median", "ttft_s")), ms(g(runs, "b1 dynamic cache (eager)", "ttft_s")))
+row("b64 decode tok/s vs HF eager", g(l64, "median", "decode_tok_s"), hf_b64)
+row("b64 % of memory roofline", pct(g(l64, "fraction_of_roofline")), None,
+    f"roofline {f(g(l64, 'roofline', 'roofline_tok_s'))} tok/s")
+cb = data.get("hf_cb", {})
+row("1B 256 req out tok/s vs HF CB", g(data, "throughput_1b", "ours", "output_tok_s"), cb.get("output_tok_s"),
+    "HF CB timed out (partial)" if cb.get("timed_out") else "")
+row("1B 256 req total tok/s vs HF CB", g(data, "throughput_1b", "ours", "total_tok_s"), cb.get("total_tok_s"))
+row("8B 256 req out tok/s", g(data, "throughput_8b", "ours", "output_tok_s"), None,
+    f"{g(data, 'throughput_8b', 'ours', 'preemptions')} preemptions" if data.get("throughput_8b") else "")
+for r in g(data, "serving", "rates") or []:
+    row(f"serving rate {r['request_rate']}: out tok/s", r["output_tok_s"], None,
+        f"ok {r['completed']} fail {r['failed']}; TTFT p50/p99 {r['ttft_ms']['p50']:.0f}/{r['ttft_ms']['p99']:.0f} ms; "
+        f"TPOT p50 {r['tpot_ms']['p50']:.1f} ms; ITL p99 {r['itl_ms']['p99']:.1f} ms")
+kr = g(data, "kernels", "rows") or []
+for r in kr:
+    row(f"kernel {r['kernel']} {r['shape']} us", r["ours_us"], r["peer_us"], f"{r['peer']}; {r['fraction_of_limit']:.2f} of limit")
+
+w = [max(len(str(x[i])) for x in rows + [("metric", "ours", "peer", "ours/peer", "note")]) for i in range(5)]
+print("\n==== summary (ours vs peers, same device call) ====")
+for x in [("metric", "ours", "peer", "ours/peer", "note")] + rows:
+    print(" | ".join(str(v).ljust(n) for v, n in zip(x, w)).rstrip())
+print(f"\nfull results: {out}")
+EOF
+  tar -czf "$FINAL/raw.tar.gz" -C "$RAW" . 2>/dev/null
+}
+
+main 2>&1 | tee "$FINAL/run_log.txt"

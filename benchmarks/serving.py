@@ -1,0 +1,355 @@
+"""Online serving benchmark: Poisson arrivals of streamed /v1/completions against a running server.
+
+    python benchmarks/serving.py --base-url http://127.0.0.1:8000 --request-rates 1,2,4,inf --num-prompts 64
+    python benchmarks/serving.py --launch --serve-args "--model DIR --max-num-seqs 64"   # start the server too
+    python benchmarks/serving.py --launch --dummy-checkpoint llama-3.2-1b                  # GPU, random weights
+
+For each request rate (requests/s; inf = all at once) N requests are sent with exponential gaps (a Poisson
+process, seeded), each `stream: true`, `ignore_eos: true`, `max_tokens` fixed, greedy. Prompts are random
+token ids of lengths drawn from --input-len (one value: fixed; two: uniform in [lo, hi]), or word slices
+of a text file (--dataset FILE; their token counts come back in the usage chunk). Metrics, per rate, in the
+sense `vllm bench serve` gives them:
+  TTFT  send -> first streamed chunk                 TPOT  (latency - TTFT) / (output tokens - 1)
+  ITL   gaps between successive chunks of a stream  E2EL  send -> end of the stream
+  request throughput = completed / duration, output tok/s = output tokens / duration (duration: first
+  send -> last completion). Each at mean, p50, p90 and p99 (linear interpolation, numpy's default).
+`--launch` starts `python -m server.cli serve` on a free loopback port with --serve-args, waits for
+/health, runs, then stops it; `--dummy-checkpoint PRESET` first writes a random bf16 checkpoint of the
+preset's shapes (benchmarks/throughput.py PRESETS) with a word-level tokenizer, and serves that.
+Table on stdout; JSON to --json, else $OUT/serving.json when OUT is set.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import shlex
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repo's packages importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+PERCENTILES = (50, 90, 99)
+
+
+@dataclass
+class RequestResult:
+    ok: bool = False
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    ttft_s: float = 0.0
+    latency_s: float = 0.0
+    itl_s: list[float] = field(default_factory=list)
+    error: str = ""
+
+
+# ---- workload ---------------------------------------------------------------------------------------
+def make_prompts(args, vocab_size: int) -> list[str | list[int]]:
+    rng = random.Random(args.seed)
+    lo, hi = (args.input_len[0], args.input_len[-1])
+    lens = [rng.randint(lo, hi) for _ in range(args.num_prompts)]
+    if not args.dataset:
+        return [[rng.randrange(min(10, vocab_size - 1), vocab_size) for _ in range(n)] for n in lens]
+    words = Path(args.dataset).read_text().split()
+    out = []
+    for n in lens:  # n words: roughly n tokens or more; the usage chunk says how many
+        start = rng.randrange(0, max(1, len(words) - n))
+        out.append(" ".join(words[start:start + n]))
+    return out
+
+
+def arrival_gaps(n: int, rate: float, seed: int) -> list[float]:
+    if math.isinf(rate):
+        return [0.0] * n
+    rng = random.Random(seed)
+    return [rng.expovariate(rate) for _ in range(n)]
+
+
+# ---- one request ------------------------------------------------------------------------------------
+async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> RequestResult:
+    res = RequestResult()
+    chunks = 0
+    t0 = last = time.perf_counter()
+    try:
+        async with client.stream("POST", url, json=body) as resp:
+            if resp.status_code != 200:
+                res.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
+                return res
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                event = json.loads(data)
+                if "error" in event:
+                    res.error = str(event["error"])[:200]
+                    return res
+                if event.get("usage"):
+                    res.prompt_tokens = event["usage"]["prompt_tokens"]
+                    res.output_tokens = event["usage"]["completion_tokens"]
+                if not event.get("choices"):
+                    continue
+                now = time.perf_counter()
+                if chunks == 0:
+                    res.ttft_s = now - t0
+                else:
+                    res.itl_s.append(now - last)
+                last = now
+                chunks += 1
+        res.latency_s = time.perf_counter() - t0
+        res.output_tokens = res.output_tokens or chunks
+        res.ok = chunks > 0
+        if not res.ok:
+            res.error = "no chunks"
+    except Exception as exc:  # noqa: BLE001 - a failed request is a result, not a crash
+        res.error = f"{type(exc).__name__}: {exc}"[:200]
+    return res
+
+
+async def run_rate(base_url: str, model: str | None, prompts, rate: float, args) -> dict:
+    url = base_url.rstrip("/") + "/v1/completions"
+    gaps = arrival_gaps(len(prompts), rate, args.seed)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(args.request_timeout), limits=limits) as client:
+        def body(p):
+            b = {"prompt": p, "max_tokens": args.max_tokens, "temperature": 0.0, "ignore_eos": True,
+                 "stream": True, "stream_options": {"include_usage": True}}
+            return b | ({"model": model} if model else {})
+        warm = await one_request(client, url, body(prompts[0]) | {"max_tokens": 2})
+        if not warm.ok:
+            raise RuntimeError(f"warm-up request failed: {warm.error}")
+        tasks = []
+        start = time.perf_counter()
+        for p, gap in zip(prompts, gaps):
+            if gap:
+                await asyncio.sleep(gap)
+            tasks.append(asyncio.create_task(one_request(client, url, body(p))))
+        results = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+    return summarize(results, rate, duration)
+
+
+# ---- metrics ------------------------------------------------------------------------------------------
+def stats_ms(values: list[float]) -> dict:
+    if not values:
+        return {"mean": float("nan"), **{f"p{q}": float("nan") for q in PERCENTILES}}
+    arr = np.asarray(values) * 1e3
+    return {"mean": float(arr.mean()), **{f"p{q}": float(np.percentile(arr, q)) for q in PERCENTILES}}
+
+
+def summarize(results: list[RequestResult], rate: float, duration: float) -> dict:
+    ok = [r for r in results if r.ok]
+    out_tokens = sum(r.output_tokens for r in ok)
+    in_tokens = sum(r.prompt_tokens for r in ok)
+    tpot = [(r.latency_s - r.ttft_s) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
+    return {
+        "request_rate": "inf" if math.isinf(rate) else rate,
+        "completed": len(ok), "failed": len(results) - len(ok),
+        "errors": sorted({r.error for r in results if not r.ok})[:5],
+        "duration_s": duration, "input_tokens": in_tokens, "output_tokens": out_tokens,
+        "request_throughput": len(ok) / duration, "output_tok_s": out_tokens / duration,
+        "total_tok_s": (in_tokens + out_tokens) / duration,
+        "ttft_ms": stats_ms([r.ttft_s for r in ok]), "tpot_ms": stats_ms(tpot),
+        "itl_ms": stats_ms([x for r in ok for x in r.itl_s]), "e2el_ms": stats_ms([r.latency_s for r in ok]),
+    }
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = ["rate", "ok", "fail", "req/s", "out tok/s"] + [f"{m} {s}" for m in ("TTFT", "TPOT", "ITL")
+                                                           for s in ("mean", "p50", "p90", "p99")]
+    table = []
+    for r in rows:
+        vals = [str(r["request_rate"]), str(r["completed"]), str(r["failed"]), f"{r['request_throughput']:.2f}",
+                f"{r['output_tok_s']:.1f}"]
+        for m in ("ttft_ms", "tpot_ms", "itl_ms"):
+            vals += [f"{r[m][s]:.1f}" for s in ("mean", "p50", "p90", "p99")]
+        table.append(vals)
+    w = [max(len(c), *(len(v[i]) for v in table)) for i, c in enumerate(cols)]
+    print(" | ".join(c.rjust(n) for c, n in zip(cols, w)) + "   (times in ms)")
+    print("-+-".join("-" * n for n in w))
+    for v in table:
+        print(" | ".join(x.rjust(n) for x, n in zip(v, w)))
+
+
+# ---- launching a server -----------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_dummy_checkpoint(preset: str, out_dir: Path, dtype: str = "bfloat16") -> Path:
+    """Random weights under Hugging Face names, config.json, and a word-level tokenizer (token i = "t<i>")."""
+    import torch
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from benchmarks.throughput import PRESETS
+    cfg = dict(PRESETS.get(preset) or json.loads(Path(preset).read_text()))
+    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    nh, kvh = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg.get("head_dim") or h // nh
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dt = getattr(torch, dtype)
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def rand(*shape):
+        return torch.empty(*shape, dtype=dt, device=dev).normal_(0, 0.02, generator=g).cpu()
+
+    tensors = {"model.embed_tokens.weight": rand(v, h), "model.norm.weight": torch.ones(h, dtype=dt)}
+    for n in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{n}."
+        tensors |= {p + "self_attn.q_proj.weight": rand(nh * d, h), p + "self_attn.k_proj.weight": rand(kvh * d, h),
+                    p + "self_attn.v_proj.weight": rand(kvh * d, h), p + "self_attn.o_proj.weight": rand(h, nh * d),
+                    p + "mlp.gate_proj.weight": rand(i, h), p + "mlp.up_proj.weight": rand(i, h),
+                    p + "mlp.down_proj.weight": rand(h, i), p + "input_layernorm.weight": torch.ones(h, dtype=dt),
+                    p + "post_attention_layernorm.weight": torch.ones(h, dtype=dt)}
+    if not cfg.get("tie_word_embeddings"):
+        tensors["lm_head.weight"] = rand(v, h)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "model.safetensors"))
+    del tensors
+    if dev == "cuda":  # the launched server sizes its KV cache from the free GPU memory
+        torch.cuda.empty_cache()
+    (out_dir / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": dtype, "rms_norm_eps": 1e-5,
+        "hidden_act": "silu", **cfg}))
+    tok = Tokenizer(models.WordLevel({f"t{k}": k for k in range(v)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False, "add_eos_token": False}))
+    return out_dir
+
+
+class LaunchedServer:
+    """`python -m server.cli serve` in a subprocess on a free loopback port; stopped on exit."""
+
+    def __init__(self, serve_args: list[str], timeout: float, log_path: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                    "--stats-log-interval-s", "0", *serve_args]
+        self.timeout, self.log_path = timeout, log_path
+
+    def __enter__(self) -> "LaunchedServer":
+        self.log = open(self.log_path, "wb")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        self.proc = subprocess.Popen(self.cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.__exit__()
+        raise RuntimeError(f"server not healthy after {self.timeout:.0f} s:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 3000) -> str:
+        self.log.flush()
+        return self.log_path.read_bytes()[-n:].decode(errors="replace")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+# ---- main -------------------------------------------------------------------------------------------
+def server_info(base_url: str) -> dict:
+    try:
+        r = httpx.get(base_url.rstrip("/") + "/info", timeout=10)
+        return r.json() if r.status_code == 200 else {}
+    except (httpx.HTTPError, ValueError):
+        return {}
+
+
+def benchmark(base_url: str, args) -> dict:
+    info = server_info(base_url)
+    vocab = args.vocab_size or info.get("vocab_size") or 256
+    prompts = make_prompts(args, vocab)
+    rows = []
+    for rate in args.request_rates:
+        row = asyncio.run(run_rate(base_url, args.model, prompts, rate, args))
+        rows.append(row)
+        print(f"rate {row['request_rate']}: {row['completed']} ok, {row['failed']} failed, "
+              f"{row['duration_s']:.1f} s", flush=True)
+    return {"base_url": base_url, "server_info": info, "rates": rows}
+
+
+def parse_rates(text: str) -> list[float]:
+    return [math.inf if x.strip().lower() in ("inf", "infinity") else float(x) for x in text.split(",")]
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--base-url", default="http://127.0.0.1:8000")
+    ap.add_argument("--model", help="model name to send (default: none, the server's own)")
+    ap.add_argument("--request-rates", type=parse_rates, default=parse_rates("1,2,4,inf"),
+                    help="comma-separated requests/s; inf = all at once")
+    ap.add_argument("--num-prompts", type=int, default=64, help="requests per rate")
+    ap.add_argument("--input-len", type=int, nargs="+", default=[128], help="LEN or LO HI (uniform)")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--dataset", help="text file: prompts are word slices of it (default: random token ids)")
+    ap.add_argument("--vocab-size", type=int, help="for random ids (default: /info's vocab_size)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--request-timeout", type=float, default=600.0)
+    ap.add_argument("--launch", action="store_true", help="start `gqa-serve serve` for the run")
+    ap.add_argument("--serve-args", default="", help="flags for the launched server (one string)")
+    ap.add_argument("--dummy-checkpoint", metavar="PRESET", help="with --launch: serve random weights of a "
+                    "throughput.py preset (or config.json path), written to a temporary directory")
+    ap.add_argument("--launch-timeout", type=float, default=600.0)
+    ap.add_argument("--json", help="write the results here (default: $OUT/serving.json when OUT is set)")
+    args = ap.parse_args(argv)
+    if len(args.input_len) not in (1, 2):
+        ap.error("--input-len takes LEN or LO HI")
+
+    if not args.launch:
+        res = benchmark(args.base_url, args)
+    else:
+        with tempfile.TemporaryDirectory(prefix="gqa_serving_") as tmp:
+            serve_args = shlex.split(args.serve_args)
+            if args.dummy_checkpoint:
+                t = time.perf_counter()
+                write_dummy_checkpoint(args.dummy_checkpoint, Path(tmp) / "ckpt")
+                print(f"wrote a random {args.dummy_checkpoint} checkpoint in {time.perf_counter() - t:.1f} s",
+                      flush=True)
+                serve_args = ["--model", str(Path(tmp) / "ckpt"), *serve_args]
+            t = time.perf_counter()
+            with LaunchedServer(serve_args, args.launch_timeout, Path(tmp) / "server.log") as srv:
+                print(f"server healthy at {srv.url} after {time.perf_counter() - t:.1f} s", flush=True)
+                res = benchmark(srv.url, args)
+            res["serve_cmd"] = srv.cmd
+    res["args"] = {k: (v if not isinstance(v, list) else [str(x) for x in v]) for k, v in vars(args).items()}
+    print_table(res["rates"])
+    path = args.json or (str(Path(os.environ["OUT"]) / "serving.json") if os.environ.get("OUT") else None)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(res, indent=1, default=str))
+    return res
+
+
+if __name__ == "__main__":
+    main()
