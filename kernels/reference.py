@@ -87,10 +87,10 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     scores = torch.matmul(qg, k.permute(0, 2, 3, 1)) * scale  # [B, KVH, G, S]
     if batch > 1:  # shorter sequences end before max_len: mask their tail
         valid = torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None]  # [B, S]
-        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+        scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
         # Slots past a sequence's end hold whatever the pool left there (NaN included): a zero weight
-        # times NaN is NaN, so they are cleared, not just masked.
-        v = v.masked_fill(~valid[:, :, None, None], 0.0)
+        # times NaN is NaN, so they are cleared, not just masked. In place: v is the gather's own copy.
+        v.masked_fill_(~valid[:, :, None, None], 0.0)
     out = torch.matmul(scores.softmax(-1), v.transpose(1, 2))  # [B, KVH, G, D]
     return out.reshape(batch, num_heads, head_dim).to(q.dtype)
 
