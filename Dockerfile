@@ -8,7 +8,8 @@ COPY kernels ./kernels
 COPY model ./model
 COPY server ./server
 COPY configs ./configs
-RUN pip install --no-cache-dir '.[triton]'
+# The same install command the README and CI run (editable), minus the test extras.
+RUN pip install --no-cache-dir -e '.[triton]'
 
 # Models live on a volume: mount HF directories there, and the default model is cached there on first start.
 VOLUME /models

@@ -23,16 +23,26 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
         keep = slot_mapping >= 0
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
     # index_copy_ on the [slots, KVH, D] view: on CPU an order of magnitude cheaper than index_put.
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    for cache, new in ((k_cache, k), (v_cache, v)):
+        _as_bytes_if_fp8(cache.view(-1, *cache.shape[2:])).index_copy_(
+            0, slot_mapping, _as_bytes_if_fp8(new.to(cache.dtype)))
+
+
+def _as_bytes_if_fp8(t: torch.Tensor) -> torch.Tensor:
+    """CPU index_copy_/index_select have no float8 kernels; one-byte types move as raw bytes instead."""
+    return t.view(torch.uint8) if t.element_size() == 1 and t.is_floating_point() else t
+
+
+def _index_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """cache[blocks] via index_select (advanced indexing is ~30x slower on CPU for this gather)."""
+    return _as_bytes_if_fp8(cache).index_select(0, blocks).view(cache.dtype)
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
     """The first seq_len tokens of one sequence from the paged cache -> [seq_len, KVH, D]."""
     block_size = cache.shape[1]
     num_blocks = (seq_len + block_size - 1) // block_size
-    # index_select, not cache[table]: advanced indexing is ~30x slower on CPU for this gather.
-    return cache.index_select(0, block_table[:num_blocks]).flatten(0, 1)[:seq_len]
+    return _index_blocks(cache, block_table[:num_blocks]).flatten(0, 1)[:seq_len]
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -80,7 +90,7 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     table = block_tables[:, :max_blocks].reshape(-1)
 
     def gather(cache: torch.Tensor) -> torch.Tensor:  # -> [B, S, KVH, D]
-        return cache.index_select(0, table).view(batch, -1, num_kv_heads, head_dim)[:, :max_len].float()
+        return _index_blocks(cache, table).view(batch, -1, num_kv_heads, head_dim)[:, :max_len].float()
 
     k, v = gather(k_cache), gather(v_cache)
     qg = q.float().view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, KVH, G, D]
