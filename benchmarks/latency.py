@@ -37,7 +37,7 @@ if __package__ in (None, ""):  # run as a script: make the repo's packages impor
 
 import torch  # noqa: E402
 
-from benchmarks.throughput import PRESETS, build_llm  # noqa: E402
+from benchmarks.throughput import PRESETS, add_engine_arguments, build_llm  # noqa: E402
 
 
 def copy_bandwidth(device: torch.device, nbytes: int, reps: int = 10) -> float:
@@ -154,14 +154,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--copy-bytes", type=int, default=None, help="copy-bandwidth tensor size "
                     "(default 1 GiB on CUDA, 256 MiB on CPU)")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--attention-backend", default="auto")
-    ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    ap.add_argument("--kv-cache-memory", default="1GiB")
-    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    add_engine_arguments(ap)
     ap.add_argument("--json", help="write the results here (default: $OUT/latency[_b<B>].json when OUT is set)")
     args = ap.parse_args(argv)
 

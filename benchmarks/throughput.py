@@ -24,6 +24,8 @@ if __package__ in (None, ""):  # run as a script: make the repo's packages impor
 
 import torch  # noqa: E402
 
+from model.fetch import default_cache_dir  # noqa: E402
+
 PRESETS = {  # shapes of public checkpoints, for random-weight runs
     "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
@@ -187,18 +189,8 @@ def print_table(ours: dict, cmp: dict | None) -> None:
     print(f"{'batch-1 decode tok/s':<40}{a:>12.2f}{b:>14.2f}{a / b:>8.2f}")
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", help="model directory")
-    ap.add_argument("--dummy", action="store_true", help="random weights with --config's shapes")
-    ap.add_argument("--config", default="llama-3.2-1b", help=f"config.json path or one of {list(PRESETS)}")
-    ap.add_argument("--preset", choices=["cpu"], help="cpu: default SmolLM2-135M fp32, vs transformers")
-    ap.add_argument("--model-cache-dir", default=str(Path.home() / ".cache" / "gqa-serve" / "models"))
-    ap.add_argument("--num-requests", type=int, default=256)
-    ap.add_argument("--input-len", type=int, nargs=2, default=(100, 1024))
-    ap.add_argument("--output-len", type=int, nargs=2, default=(100, 1024))
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="8 short requests: a smoke test")
+def add_engine_arguments(ap: argparse.ArgumentParser) -> None:
+    """The EngineConfig fields a benchmark run varies (shared with latency.py)."""
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--attention-backend", default="auto")
@@ -207,6 +199,21 @@ def main(argv=None) -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--kv-cache-memory", default="1GiB")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", help="model directory")
+    ap.add_argument("--dummy", action="store_true", help="random weights with --config's shapes")
+    ap.add_argument("--config", default="llama-3.2-1b", help=f"config.json path or one of {list(PRESETS)}")
+    ap.add_argument("--preset", choices=["cpu"], help="cpu: default SmolLM2-135M fp32, vs transformers")
+    ap.add_argument("--model-cache-dir", default=str(default_cache_dir()))
+    ap.add_argument("--num-requests", type=int, default=256)
+    ap.add_argument("--input-len", type=int, nargs=2, default=(100, 1024))
+    ap.add_argument("--output-len", type=int, nargs=2, default=(100, 1024))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="8 short requests: a smoke test")
+    add_engine_arguments(ap)
     ap.add_argument("--hf-batch-size", type=int, default=16)
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
