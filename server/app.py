@@ -69,6 +69,7 @@ def explain_router(state: ServerState):
     lock, built = threading.Lock(), []
 
     def get_explainer():
+        state.require_ready()  # the explainer reads the served model's directory: 503 until it is loaded
         with lock:
             if not built:
                 from model.explainer import AttentionExplainer

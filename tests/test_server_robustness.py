@@ -154,6 +154,14 @@ def test_health_loading_then_ready_then_dead():
         assert httpx.post(s.url + "/generate", json={"inputs": "x"}).status_code == 503
 
 
+def test_explain_enabled_answers_503_while_the_model_loads():
+    srv = fake_server(ServerConfig(enable_explain=True, stats_log_interval_s=0), load_delay=1.0)
+    srv.wait_ready = False
+    with srv as s:
+        r = httpx.post(s.url + "/explain/attention", json={"prompt": "hello"})
+        assert r.status_code == 503 and "still loading" in r.json()["error"]
+
+
 def test_queue_full_is_429_at_once():
     cfg = EngineConfig(model="fake", max_model_len=1024, max_num_seqs=1, max_waiting_requests=1)
 
