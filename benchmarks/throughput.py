@@ -219,7 +219,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.preset == "cpu":
         from model.fetch import fetch_model
-        from server.engine_config import DEFAULT_MODEL
+        from model.fetch import DEFAULT_MODEL
         args.model = args.model or str(fetch_model(DEFAULT_MODEL, Path(args.model_cache_dir)))
         args.dtype, args.device, args.num_requests = "float32", "cpu", 64
         args.input_len = args.output_len = (32, 256)

@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from model.fetch import default_cache_dir
+from model.fetch import DEFAULT_MODEL, default_cache_dir
 
 
 
@@ -70,7 +70,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def add_fetch_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", nargs="?", default="smollm2-135m", help="a known model name")
+    parser.add_argument("name", nargs="?", default=DEFAULT_MODEL, help="a known model name")
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
 
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from server.blocks import BlockAllocator
-from server.engine_config import DEFAULT_MODEL, EngineConfig
+from model.fetch import DEFAULT_MODEL
+from server.engine_config import EngineConfig
 from server.outputs import AdmissionError, OverloadedError, RequestOutput, TokenLogprob
 from server.sampling_params import SamplingParams
 from server.scheduler import Scheduler, SchedulerOutput
@@ -28,7 +29,7 @@ def resolve_model_dir(config: EngineConfig) -> str:
             raise FileNotFoundError(f"model: {config.model} is not a directory (expected an HF-style model "
                                     "directory with config.json, *.safetensors and a tokenizer)")
         return config.model
-    from model.fetch import default_cache_dir, fetch_model
+    from model.fetch import default_cache_dir, fetch_model  # lazy: only the default model needs a fetch
     return str(fetch_model(DEFAULT_MODEL, config.model_cache_dir or default_cache_dir()))
 
 

@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from model.fetch import DEFAULT_MODEL
 from server.config import ServerConfig
 from server.http_errors import ApiError
 from server.metrics import ServerMetrics
@@ -88,7 +89,7 @@ class ServerState:
         if self.config.served_model_name:
             return self.config.served_model_name
         model = self.engine.config.model
-        return Path(model).name if model else "smollm2-135m"
+        return Path(model).name if model else DEFAULT_MODEL
 
     @property
     def max_model_len(self) -> int:
