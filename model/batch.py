@@ -37,11 +37,12 @@ class StepBatch:
 
 def build_step_batch(token_ids: list[list[int]], num_cached: list[int], block_tables: list[list[int]],
                      block_size: int, device: torch.device | str = "cpu",
-                     all_logits: bool = False) -> StepBatch:
+                     all_logits: bool = False, logits_indices: list[int] | None = None) -> StepBatch:
     """Pack a step from host lists: sequence b feeds token_ids[b] after num_cached[b] cached tokens.
 
     The engine's model runner and the tests both use this, so there is one packing rule.
-    With all_logits, every token's logits are returned (perplexity); otherwise each sequence's last.
+    With all_logits, every token's logits are returned (perplexity); with logits_indices, those rows (the
+    engine's: sequences mid-prefill sample nothing); otherwise each sequence's last.
     """
     input_ids: list[int] = []
     positions: list[int] = []
@@ -58,7 +59,9 @@ def build_step_batch(token_ids: list[list[int]], num_cached: list[int], block_ta
         seq_lens.append(cached + len(toks))
     max_blocks = max((len(t) for t in block_tables), default=1) or 1
     tables = [t + [0] * (max_blocks - len(t)) for t in block_tables]
-    if all_logits:
+    if logits_indices is not None:
+        logits_idx = logits_indices
+    elif all_logits:
         logits_idx = list(range(len(input_ids)))
     else:
         logits_idx = [s - 1 for s in starts[1:]]

@@ -7,7 +7,7 @@ Decode-only steps replay a CUDA graph captured at start-up (server/cuda_graphs.p
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -154,9 +154,8 @@ class ModelRunner:
             tables.append(list(range(next_block, next_block + k)))
             next_block += k
         cache = KVCache.allocate(self.model_config, next_block, self.block_size, self.kv_dtype, self.device)
-        batch = build_step_batch([[0] * n for n in lens], [0] * len(lens), tables, self.block_size, self.device)
-        rows = torch.arange(min(self.config.max_num_seqs, total), device=self.device)
-        batch = replace(batch, logits_indices=rows)
+        batch = build_step_batch([[0] * n for n in lens], [0] * len(lens), tables, self.block_size, self.device,
+                                 logits_indices=list(range(min(self.config.max_num_seqs, total))))
         with torch.inference_mode():
             logits = self.model(batch, cache)
             sample(logits, profile_sampling_tensors(logits.shape[0], self.device), self.generator)
@@ -176,8 +175,8 @@ class ModelRunner:
             end += s.num_new_tokens
             if s.samples:
                 logits_rows.append(end - 1)
-        batch = build_step_batch(token_ids, num_cached, tables, self.block_size, self.device)
-        return replace(batch, logits_indices=torch.tensor(logits_rows, dtype=torch.int64, device=self.device))
+        return build_step_batch(token_ids, num_cached, tables, self.block_size, self.device,
+                                logits_indices=logits_rows)
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         batch = self.prepare(sched)
