@@ -10,7 +10,7 @@
 #
 #   bash benchmarks/run_gpu.sh [all|ours|peers]     # default all
 # Knobs (environment): BUDGET (s), PEERS_RESERVE (s kept for the peers, default 170), SKIP (space-separated
-# step names: pytest kernels latency latency_b64 throughput_1b serving throughput_8b peers),
+# step names: pytest kernels step_overhead latency latency_b64 throughput_1b serving throughput_8b tune_kernels peers),
 # SMOKE=1 (CPU smoke test of this script: tiny random model, few requests, peers with PEERS_TINY=1).
 set -u
 cd "$(dirname "$0")/.."
@@ -92,9 +92,17 @@ main() {
       step pytest 60 bash -c "echo 'SMOKE: kernel tests skipped' | tee $RAW/pytest.txt"
       step kernels 60 $PY benchmarks/kernels.py --dry-run
     else
-      local tests=(tests/test_kernels.py); [ -f tests/test_cuda_graphs.py ] && tests+=(tests/test_cuda_graphs.py)
-      step pytest 75 bash -c "set -o pipefail; $PY -m pytest ${tests[*]} -q -p no:cacheprovider 2>&1 | tee $RAW/pytest.txt | tail -40"
+      local tests=(tests/test_kernels.py tests/test_cuda_graphs.py)
+      # the default model's greedy test needs its GGUF (no network there): copy it into the cache first
+      local cache=${GQA_MODEL_CACHE_DIR:-$HOME/.cache/gqa-serve/models}
+      if [ -e "$cache/smollm2-135m.gguf" ] || [ -e "$cache/smollm2-135m/config.json" ]; then
+        tests+=(tests/test_gpu_model.py)
+      else
+        echo "### tests/test_gpu_model.py left out: no $cache/smollm2-135m.gguf"
+      fi
+      step pytest 150 bash -c "set -o pipefail; $PY -m pytest ${tests[*]} -q -p no:cacheprovider 2>&1 | tee $RAW/pytest.txt | tail -40"
       step kernels 60 $PY benchmarks/kernels.py
+      step step_overhead 40 $PY benchmarks/step_overhead.py
     fi
     step latency 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 1 --input-len 128 \
       --output-len 256 --num-iters "$lat_iters" --json "$RAW/latency.json"
@@ -111,6 +119,7 @@ main() {
     fi
     step throughput_8b 110 $PY benchmarks/throughput.py --dummy --config "$dummy8" "${dev[@]}" --num-requests "$nreq" \
       --input-len "${lens[@]}" --output-len "${lens[@]}" --seed 0 --json "$RAW/throughput_8b.json"
+    [ "$SMOKE" = 1 ] || step tune_kernels 170 $PY benchmarks/tune_kernels.py --decode-budget-s 60 --prefill-budget-s 80
   fi
   if [ "$PART" != ours ]; then
     if [ -f .peers/run_all.sh ]; then
@@ -200,6 +209,11 @@ for r in g(data, "serving", "rates") or []:
 kr = g(data, "kernels", "rows") or []
 for r in kr:
     row(f"kernel {r['kernel']} {r['shape']} us", r["ours_us"], r["peer_us"], f"{r['peer']}; {r['fraction_of_limit']:.2f} of limit")
+for r in g(data, "step_overhead", "rows") or []:
+    row(f"decode step host us, 1 layer, B={r['batch']}", r["host_us"], None,
+        f"step {f(r['step_us'])} us, device {f(r['device_us'])} us; target < 60")
+for r in g(data, "tune_kernels", "rows") or []:
+    row(f"tuned {r['shape']} us (peer: defaults)", r["best_us"], r["default_us"], f"best {r['best']}")
 
 w = [max(len(str(x[i])) for x in rows + [("metric", "ours", "peer", "ours/peer", "note")]) for i in range(5)]
 print("\n==== summary (ours vs peers, same device call) ====")
