@@ -119,7 +119,7 @@ main() {
     fi
     step throughput_8b 110 $PY benchmarks/throughput.py --dummy --config "$dummy8" "${dev[@]}" --num-requests "$nreq" \
       --input-len "${lens[@]}" --output-len "${lens[@]}" --seed 0 --json "$RAW/throughput_8b.json"
-    [ "$SMOKE" = 1 ] || step tune_kernels 170 $PY benchmarks/tune_kernels.py --decode-budget-s 60 --prefill-budget-s 80
+    [ "$SMOKE" = 1 ] || step tune_kernels 170 $PY benchmarks/tune_kernels.py --decode-budget-s 70 --prefill-budget-s 90
   fi
   if [ "$PART" != ours ]; then
     if [ -f .peers/run_all.sh ]; then

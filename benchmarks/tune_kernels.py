@@ -57,21 +57,22 @@ def main(argv=None) -> list[dict]:
     bench = Bench("cuda", torch.bfloat16, False)
     deadline = time.perf_counter() + args.decode_budget_s
     out = []
-    grid = list(itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4)))
-    for batch, ctx in ((64, 4096), (1, 4096), (64, 512)):
-        kc, vc, sl, bt, _, _ = paged_inputs(bench, [ctx] * batch, 32, 8, 128, 16)
-        q = bench.randn(batch, 32, 128)
+    grid = list(itertools.product((32, 64, 128), (1, 2, 4), (2, 3)))
+    # (batch, context, head_dim, max_seq_len the launch sees: a captured graph passes max_model_len)
+    for batch, ctx, head_dim, max_seq in ((64, 4096, 128, 4096), (1, 512, 64, 2048), (64, 512, 64, 2048)):
+        kc, vc, sl, bt, _, _ = paged_inputs(bench, [ctx] * batch, 32, 8, head_dim, 16)
+        q = bench.randn(batch, 32, head_dim)
         o = torch.empty_like(q)
 
-        def dec(cfg, q=q, kc=kc, vc=vc, sl=sl, bt=bt, o=o, ctx=ctx):
-            return paged_decode_attention(q, kc, vc, sl, bt, 128 ** -0.5, ctx, out=o, **cfg)
-        shape = f"decode B={batch} ctx={ctx} 32/8 d128 bs16"
+        def dec(cfg, q=q, kc=kc, vc=vc, sl=sl, bt=bt, o=o, max_seq=max_seq, head_dim=head_dim):
+            return paged_decode_attention(q, kc, vc, sl, bt, head_dim ** -0.5, max_seq, out=o, **cfg)
+        shape = f"decode B={batch} ctx={ctx} 32/8 d{head_dim} bs16 max_seq_len={max_seq}"
         r = sweep("decode", shape, dec, [dict(block_n=n, num_warps=w, num_stages=s) for n, w, s in grid], deadline)
         out.append(r)
-        splits = [dict(r["best"], num_splits=k) for k in (1, 2, 4, 8, 16, 32, 64)]
+        splits = [dict(r["best"], num_splits=k) for k in (1, 2, 4, 8, 16, 32)]
         out.append(sweep("decode", shape + " splits", dec, splits, deadline))
     deadline = time.perf_counter() + args.prefill_budget_s
-    pgrid = list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)))
+    pgrid = list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)))
     for head_dim in (128, 64):
         batch, seq = 8, 2048
         kc, vc, sl, bt, _, _ = paged_inputs(bench, [seq] * batch, 32, 8, head_dim, 16)

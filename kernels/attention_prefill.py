@@ -21,16 +21,29 @@ def _attend_tile(acc, m_i, l_i, q, K, V, bt_row, kvh, start_n, kv_end, q_pos, d,
                  stride_kb, stride_ks, stride_kh, stride_kd,
                  stride_vb, stride_vs, stride_vh, stride_vd,
                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                 PRECISION: tl.constexpr):
-    """One K/V tile of BLOCK_N positions folded into the running (acc, m_i, l_i) of BLOCK_M rows."""
+                 PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
+    """One K/V tile of BLOCK_N positions folded into the running (acc, m_i, l_i) of BLOCK_M rows.
+
+    CAUSAL tiles mask keys past kv_end and past each row's position. The others (the prefill's keys
+    before the diagonal band) are whole by construction, so their loads go unmasked (EVEN_D: no padded
+    head-dim lanes either), which keeps them vectorised."""
     n = start_n + tl.arange(0, BLOCK_N)  # [BLOCK_N] absolute key positions
-    n_valid = n < kv_end
-    page = tl.load(bt_row + n // BLOCK_SIZE, mask=n_valid, other=0).to(tl.int64)
     slot_off = n % BLOCK_SIZE
-    kv_mask = n_valid[None, :] & d_valid[:, None]
+    if CAUSAL:
+        n_valid = n < kv_end
+        page = tl.load(bt_row + n // BLOCK_SIZE, mask=n_valid, other=0).to(tl.int64)
+    else:
+        page = tl.load(bt_row + n // BLOCK_SIZE).to(tl.int64)
     k_ptrs = K + page[None, :] * stride_kb + slot_off[None, :] * stride_ks + kvh * stride_kh \
         + d[:, None] * stride_kd
-    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)  # [D_PAD, BLOCK_N]
+    v_ptrs = V + page[:, None] * stride_vb + slot_off[:, None] * stride_vs + kvh * stride_vh \
+        + d[None, :] * stride_vd
+    if CAUSAL:
+        k = tl.load(k_ptrs, mask=n_valid[None, :] & d_valid[:, None], other=0.0)  # [D_PAD, BLOCK_N]
+    elif EVEN_D:
+        k = tl.load(k_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=d_valid[:, None], other=0.0)
     qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
     if CAUSAL:
         keep = (n[None, :] <= q_pos[:, None]) & n_valid[None, :]
@@ -39,9 +52,12 @@ def _attend_tile(acc, m_i, l_i, q, K, V, bt_row, kvh, start_n, kv_end, q_pos, d,
     p = tl.exp2(qk - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v_ptrs = V + page[:, None] * stride_vb + slot_off[:, None] * stride_vs + kvh * stride_vh \
-        + d[None, :] * stride_vd
-    v = tl.load(v_ptrs, mask=n_valid[:, None] & d_valid[None, :], other=0.0)  # [BLOCK_N, D_PAD]
+    if CAUSAL:
+        v = tl.load(v_ptrs, mask=n_valid[:, None] & d_valid[None, :], other=0.0)  # [BLOCK_N, D_PAD]
+    elif EVEN_D:
+        v = tl.load(v_ptrs)
+    else:
+        v = tl.load(v_ptrs, mask=d_valid[None, :], other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, m_new, l_i
 
@@ -90,14 +106,14 @@ def _prefill_kernel(Q, K, V, O, QUERY_START, SEQ_LENS, BLOCK_TABLES, qk_scale,
                                          d, d_valid, qk_scale,
                                          stride_kb, stride_ks, stride_kh, stride_kd,
                                          stride_vb, stride_vs, stride_vh, stride_vd,
-                                         BLOCK_SIZE, BLOCK_N, False, PRECISION)
+                                         BLOCK_SIZE, BLOCK_N, False, PRECISION, HEAD_DIM == D_PAD)
         # phase 2: the diagonal band (every row sees at least key `band`, so m_i turns finite here)
         for start_n in range(band, kv_end, BLOCK_N):
             acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, K, V, bt_row, kvh, start_n, kv_end, q_pos,
                                          d, d_valid, qk_scale,
                                          stride_kb, stride_ks, stride_kh, stride_kd,
                                          stride_vb, stride_vs, stride_vh, stride_vd,
-                                         BLOCK_SIZE, BLOCK_N, True, PRECISION)
+                                         BLOCK_SIZE, BLOCK_N, True, PRECISION, HEAD_DIM == D_PAD)
         acc = acc / l_i[:, None]
         o_ptrs = O + (q_start + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh \
             + d[None, :] * stride_od

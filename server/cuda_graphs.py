@@ -75,21 +75,35 @@ def pad_decode_batch(batch: StepBatch, size: int, max_seq_len: int | None = None
 
 
 class DecodeInputs:
-    """The static input buffers the graphs read, sized for the largest captured batch."""
+    """The static input buffers the graphs read, sized for the largest captured batch.
+
+    All of them are views of two device buffers (int64: ids | positions | slots; int32: seq_lens | block
+    tables) mirrored by two pinned host buffers, so loading a step is numpy writes on the host and two
+    host->device copies. The host side may be rewritten once the step's copies have run; every step ends
+    in a sync on its sampled ids, so the next load never races the previous copy.
+    """
 
     def __init__(self, max_size: int, max_blocks_per_seq: int, max_seq_len: int, device: torch.device):
-        def full(shape, value, dtype):
-            return torch.full(shape, value, dtype=dtype, device=device)
+        S, MB = max_size, max_blocks_per_seq
+        pin = device.type == "cuda"
+        self.max_size, self.max_seq_len = S, max_seq_len
+        self._host64 = torch.zeros(3 * S, dtype=torch.int64, pin_memory=pin)            # ids|positions|slots
+        self._host32 = torch.zeros(S + S * MB, dtype=torch.int32, pin_memory=pin)       # seq_lens|tables
+        self._host64[2 * S:] = -1  # created as all-padding: warm-up and capture write nothing into the cache
+        self._np64, self._np32 = self._host64.numpy(), self._host32.numpy()
+        self._dev64 = self._host64.to(device)
+        self._dev32 = self._host32.to(device)
+        self.input_ids = self._dev64[:S]                                               # [S]
+        self.positions = self._dev64[S:2 * S]                                          # [S]
+        self.slot_mapping = self._dev64[2 * S:]                                        # [S]
+        self.seq_lens = self._dev32[:S]                                                # [S]
+        self.block_tables = self._dev32[S:].view(S, MB)                                # [S, max_blocks]
+        self.query_start_loc = torch.arange(S + 1, dtype=torch.int32, device=device)  # [S+1]
+        self.logits_indices = torch.arange(S, dtype=torch.int64, device=device)       # [S]
 
-        self.max_seq_len = max_seq_len
-        # Created as all-padding, so warm-up and capture write nothing into the KV cache.
-        self.input_ids = full((max_size,), 0, torch.int64)                             # [S]
-        self.positions = full((max_size,), 0, torch.int64)                             # [S]
-        self.slot_mapping = full((max_size,), -1, torch.int64)                         # [S]
-        self.seq_lens = full((max_size,), 0, torch.int32)                              # [S]
-        self.block_tables = full((max_size, max_blocks_per_seq), 0, torch.int32)       # [S, max_blocks]
-        self.query_start_loc = torch.arange(max_size + 1, dtype=torch.int32, device=device)  # [S+1]
-        self.logits_indices = torch.arange(max_size, dtype=torch.int64, device=device)       # [S]
+    def device_bytes(self) -> int:
+        return sum(t.numel() * t.element_size()
+                   for t in (self._dev64, self._dev32, self.query_start_loc, self.logits_indices))
 
     @property
     def max_blocks_per_seq(self) -> int:
@@ -103,19 +117,31 @@ class DecodeInputs:
             seq_lens=self.seq_lens[:size], block_tables=self.block_tables[:size],
             logits_indices=self.logits_indices[:size], max_query_len=1, max_seq_len=self.max_seq_len)
 
-    def load(self, batch: StepBatch, size: int) -> None:
-        """Real rows [0, n) from `batch`, padding rows [n, size): one copy and one fill per tensor.
+    def load_rows(self, token_ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
+                  tables: list[list[int]], size: int) -> None:
+        """Real rows [0, n) from host lists, padding rows [n, size) (see the module doc), two copies.
 
-        Block-table columns past the batch's own width keep stale (in-range) block ids: nothing reads
-        them, because a row only reads the pages below its seq_len.
+        Block-table columns past a row's own blocks keep stale (in-range) block ids: nothing reads them,
+        because a row only reads the pages below its seq_len.
         """
-        n, width = batch.num_seqs, batch.block_tables.shape[1]
-        for dst, src, pad in ((self.input_ids, batch.input_ids, 0), (self.positions, batch.positions, 0),
-                              (self.slot_mapping, batch.slot_mapping, -1), (self.seq_lens, batch.seq_lens, 0)):
-            dst[:n].copy_(src, non_blocking=True)
-            dst[n:size].fill_(pad)
-        self.block_tables[:n, :width].copy_(batch.block_tables, non_blocking=True)
-        self.block_tables[n:size].fill_(0)
+        S, MB, n = self.max_size, self.max_blocks_per_seq, len(token_ids)
+        a, b = self._np64, self._np32
+        a[:n], a[n:size] = token_ids, 0
+        a[S:S + n], a[S + n:S + size] = positions, 0
+        a[2 * S:2 * S + n], a[2 * S + n:2 * S + size] = slots, -1
+        b[:n], b[n:size] = seq_lens, 0
+        for i, table in enumerate(tables):
+            b[S + i * MB:S + i * MB + len(table)] = table
+        b[S + n * MB:S + size * MB] = 0
+        self._dev64.copy_(self._host64, non_blocking=True)
+        end = S + size * MB
+        self._dev32[:end].copy_(self._host32[:end], non_blocking=True)
+
+    def load(self, batch: StepBatch, size: int) -> None:
+        """load_rows from a device StepBatch (tests and callers that already built one; syncs to read it)."""
+        width = batch.block_tables.shape[1]
+        self.load_rows(batch.input_ids.tolist(), batch.positions.tolist(), batch.slot_mapping.tolist(),
+                       batch.seq_lens.tolist(), [row[:width] for row in batch.block_tables.tolist()], size)
 
 
 class DecodeGraphRunner:
@@ -178,22 +204,29 @@ class DecodeGraphRunner:
     # ---- one step ----------------------------------------------------------------------------------
     def padded_size(self, batch: StepBatch) -> int | None:
         """The captured size this step replays at, or None when it must run eagerly."""
-        if not self._replay or not is_graphable(batch) or batch.num_seqs > self.max_size:
+        if not is_graphable(batch) or batch.block_tables.shape[1] > self.inputs.max_blocks_per_seq:
             return None
-        if batch.block_tables.shape[1] > self.inputs.max_blocks_per_seq:
+        return self.padded_size_for(batch.num_seqs)
+
+    def padded_size_for(self, num_seqs: int) -> int | None:
+        """The captured size a decode step of num_seqs rows replays at (None: too wide, or no graphs)."""
+        if not self._replay or num_seqs > self.max_size or num_seqs == 0:
             return None
-        return next(s for s in self.sizes if s >= batch.num_seqs)
+        return next(s for s in self.sizes if s >= num_seqs)
 
     def run(self, batch: StepBatch, size: int) -> torch.Tensor:
         """Logits of batch.logits_indices, [N, vocab] float32: a view of the static buffer, valid until
         the next replay (the step samples from it before then)."""
         self.inputs.load(batch, size)
+        return self.replay(size, batch.num_seqs, batch.logits_indices)
+
+    def replay(self, size: int, num_seqs: int, logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+        """Replay on what the inputs hold; logits of every real row, or of logits_indices."""
         self._replay[size]()
         self.replays[size] += 1
-        n = batch.num_seqs
-        if batch.logits_indices.shape[0] == n:  # every row samples: indices are arange(n)
-            return self.logits[:n]
-        return self.logits[batch.logits_indices]
+        if logits_indices is None or logits_indices.shape[0] == num_seqs:  # every row samples: arange(n)
+            return self.logits[:num_seqs]
+        return self.logits[logits_indices]
 
 
 def graph_memory_reserve(model: torch.nn.Module, kv_cache: KVCache, size: int, num_graphs: int,
@@ -212,6 +245,6 @@ def graph_memory_reserve(model: torch.nn.Module, kv_cache: KVCache, size: int, n
         model(inputs.view(size), kv_cache)
     torch.cuda.synchronize(device)
     transient = torch.cuda.max_memory_allocated(device) - base
-    static = sum(t.numel() * t.element_size() for t in vars(inputs).values() if isinstance(t, torch.Tensor))
+    static = inputs.device_bytes()
     static += size * model.config.vocab_size * 4  # the shared logits buffer, float32
     return transient + static + (2 << 20) * num_graphs  # + a guess at each graph's own device memory

@@ -19,7 +19,7 @@ from model.sampler import SamplerOutput, sample
 from server.cuda_graphs import DecodeGraphRunner, capture_sizes, graph_memory_reserve
 from server.engine_config import EngineConfig
 from server.outputs import TokenLogprob
-from server.sampling_batch import build_sampling_tensors, profile_sampling_tensors
+from server.sampling_batch import build_sampling_tensors, only_argmax, profile_sampling_tensors
 from server.scheduler import SchedulerOutput
 
 log = logging.getLogger(__name__)
@@ -179,17 +179,46 @@ class ModelRunner:
                                 logits_indices=logits_rows)
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        batch = self.prepare(sched)
         sampling = [s.seq for s in sched.scheduled if s.samples]
         with torch.inference_mode():
-            logits = self._forward(batch)                                      # [N, vocab] float32
+            logits = self._replay_decode(sched)
+            if logits is None:
+                logits = self._forward(self.prepare(sched))                    # [N, vocab] float32
             if not sampling:
                 return RunnerOutput([])
+            if only_argmax(sampling):  # greedy, no penalties or logprobs: skip the sampling tensors
+                return RunnerOutput(logits.argmax(dim=-1).tolist())
             tensors = build_sampling_tensors(sampling, self.model_config.vocab_size, self.eos_token_ids,
                                              self.device)
             out = sample(logits, tensors, self.generator)
         token_ids = out.token_ids.tolist()  # the step's one device->host sync
         return RunnerOutput(token_ids, self._logprobs(out, token_ids, sampling))
+
+    def _replay_decode(self, sched: SchedulerOutput) -> torch.Tensor | None:
+        """A decode-only step that fits a captured size: its rows go from the sequences straight into the
+        graphs' pinned staging (no StepBatch), then one replay. None: the step runs eagerly."""
+        graphs = self.graphs
+        if graphs is None or any(s.num_new_tokens != 1 for s in sched.scheduled):
+            return None
+        n = len(sched.scheduled)
+        size = graphs.padded_size_for(n)
+        if size is None:
+            return None
+        bs = self.block_size
+        ids, positions, slots, seq_lens, tables, rows = [], [], [], [], [], []
+        for i, s in enumerate(sched.scheduled):
+            seq, pos = s.seq, s.seq.num_computed_tokens
+            table = seq.block_table
+            ids.append(seq.token_ids[pos])
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            seq_lens.append(pos + 1)
+            tables.append(table)
+            if s.samples:
+                rows.append(i)
+        graphs.inputs.load_rows(ids, positions, slots, seq_lens, tables, size)
+        picked = None if len(rows) == n else torch.tensor(rows, dtype=torch.int64).to(self.device)
+        return graphs.replay(size, n, picked)
 
     def _forward(self, batch: StepBatch) -> torch.Tensor:
         """A decode-only step of at most the largest captured size replays a graph; the rest run eagerly."""

@@ -24,6 +24,17 @@ def _padded(lists: list[list[int]], pad: int) -> list[list[int]]:
     return [x + [pad] * (width - len(x)) for x in lists]
 
 
+def only_argmax(seqs: list[Sequence]) -> bool:
+    """True when every row takes the plain argmax: greedy, no penalties, no logprobs, nothing banned."""
+    for s in seqs:
+        p = s.params
+        if p.temperature != 0.0 or p.logprobs is not None or p.repetition_penalty != 1.0 \
+                or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 \
+                or s.num_output_tokens < p.min_new_tokens:
+            return False
+    return True
+
+
 def build_sampling_tensors(seqs: list[Sequence], vocab_size: int, eos_token_ids: tuple[int, ...],
                            device: torch.device) -> SamplingTensors:
     ps = [s.params for s in seqs]

@@ -13,10 +13,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tests.tiny_models import make_tiny_checkpoint  # noqa: E402
+from tests.tiny_models import SHAKESPEARE, make_tiny_checkpoint  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHAKESPEARE = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def model_cache_dir() -> Path:

@@ -199,6 +199,35 @@ def test_engine_graph_path_equals_eager_engine(tiny_llama_dir, num_prompts):
     assert replays[4] > 0 and replays[1] > 0 and (num_prompts == 3 or replays[8] > 0)
 
 
+def test_engine_graph_path_with_a_one_token_prefill_chunk(tiny_llama_dir):
+    """15 decoding sequences leave 1 token of a 16-token budget: the newcomer's prompt goes in 1-token chunks
+    that sample nothing until the last, inside decode-shaped steps that take the graph path."""
+    cfg = dict(dtype="float32", device="cpu", kv_cache_memory="2MiB", max_num_batched_tokens=16,
+               max_num_seqs=16)
+    ps = engine_prompts(16, seed=7)
+    ps[15] = ps[15][:5]
+    results = []
+    for graphed in (False, True):
+        llm = LLM(str(tiny_llama_dir), **cfg)
+        if graphed:
+            llm.engine.runner.use_graph_path_eagerly()
+        engine, out = llm.engine, {}
+        params = SamplingParams(temperature=0.0, max_new_tokens=60)
+        for i in range(15):
+            engine.add_request(str(i), ps[i], params)
+        while any(s.num_output_tokens == 0 for s in engine.scheduler.running) or engine.scheduler.waiting:
+            for o in engine.step():
+                out.setdefault(o.request_id, []).extend(o.new_token_ids)
+        engine.add_request("late", ps[15], params)
+        while engine.has_unfinished():
+            for o in engine.step():
+                out.setdefault(o.request_id, []).extend(o.new_token_ids)
+        results.append(out)
+        if graphed:
+            assert llm.engine.runner.graphs.replays[16] >= 4  # the late prompt's 1-token chunks, then decodes
+    assert results[0] == results[1] and len(results[1]["late"]) == 60
+
+
 # ---------------------------------------------------------------- GPU: real capture and replay
 
 gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")

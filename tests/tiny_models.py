@@ -10,7 +10,11 @@ from pathlib import Path
 
 import torch
 
-SHAKESPEARE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "tinyshakespeare.txt"
+_REPO = Path(__file__).resolve().parent.parent
+# ../shared beside the checkout; on the GPU machine (which gets the checkout alone) a carried copy in .shared/
+SHAKESPEARE = next((p for p in (_REPO.parent / "shared", _REPO / ".shared")
+                    if (p / "data" / "tinyshakespeare.txt").is_file()), _REPO.parent / "shared") \
+    / "data" / "tinyshakespeare.txt"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
