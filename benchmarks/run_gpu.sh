@@ -11,7 +11,7 @@
 #   bash benchmarks/run_gpu.sh [all|ours|peers]     # default all
 # Knobs (environment): BUDGET (s), PEERS_RESERVE (s kept for the peers, default 170), SKIP (space-separated
 # step names: pytest kernels step_overhead latency latency_b64 throughput_1b serving throughput_8b tune_kernels peers),
-# SMOKE=1 (CPU smoke test of this script: tiny random model, few requests, peers with PEERS_TINY=1).
+# PYTEST_ARGS (extra pytest arguments, e.g. "-k gpu"), SMOKE=1 (CPU smoke test of this script: tiny random model, few requests, peers with PEERS_TINY=1).
 set -u
 cd "$(dirname "$0")/.."
 PART=${1:-all}
@@ -100,7 +100,7 @@ main() {
       else
         echo "### tests/test_gpu_model.py left out: no $cache/smollm2-135m.gguf"
       fi
-      step pytest 150 bash -c "set -o pipefail; $PY -m pytest ${tests[*]} -q -p no:cacheprovider 2>&1 | tee $RAW/pytest.txt | tail -40"
+      step pytest 150 bash -c "set -o pipefail; $PY -m pytest ${tests[*]} ${PYTEST_ARGS:-} -q -p no:cacheprovider 2>&1 | tee $RAW/pytest.txt | tail -40"
       step kernels 60 $PY benchmarks/kernels.py
       step step_overhead 40 $PY benchmarks/step_overhead.py
     fi

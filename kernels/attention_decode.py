@@ -96,8 +96,9 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: t
                       block_n: int = 64) -> int:
     """Enough (sequence, kv head, split) programs for ~2 waves of SMs, each split >= 256 keys.
 
-    H100, B=64 x 4,096 keys, 32/8 heads (benchmarks/tune_kernels.py): 1 split 371 us, 2 377, 4 384, 8 391:
+    H100, B=64 x 4,096 keys, 32/8 heads (benchmarks/tune_kernels.py): 1 split 369 us, 2 389, 4 383, 8 390:
     once the (sequence, kv head) programs alone fill the SMs, more splits only add partials to reduce.
+    B=1 x 512 keys, d64, as captured (max_seq_len 2,048): 1 split 18.6 us, 2 14.6, 4 11.4, 8 12.5.
 
     A pure function of host ints (and the device's SM count), so a captured decode step replays the same
     grid.
@@ -115,7 +116,7 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: t
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, max_seq_len: int,
                            out: torch.Tensor | None = None, num_splits: int | None = None,
-                           block_n: int | None = None, num_warps: int = 2, num_stages: int = 3) -> torch.Tensor:
+                           block_n: int | None = None, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """One query token per sequence: q [B, H, D] over the paged cache [num_blocks, block_size, KVH, D] -> [B, H, D].
 
     seq_lens [B] int32 counts the new token; max_seq_len (host int) sizes the split heuristic only.
