@@ -91,7 +91,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    from server.engine import LLM
+    from server.llm import LLM
     from server.engine_config import EngineConfig
     from server.model_runner import ModelRunner
 

@@ -70,7 +70,7 @@ def random_model(config_dict: dict, dtype: str, device: str, backend: str):
 
 
 def build_llm(args, prompts, out_lens):
-    from server.engine import LLM
+    from server.llm import LLM
     from server.engine_config import EngineConfig
     from server.model_runner import ModelRunner, resolve_device
 

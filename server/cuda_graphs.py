@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -77,8 +78,8 @@ def pad_decode_batch(batch: StepBatch, size: int, max_seq_len: int | None = None
 class DecodeInputs:
     """The static input buffers the graphs read, sized for the largest captured batch.
 
-    All of them are views of two device buffers (int64: ids | positions | slots; int32: seq_lens | block
-    tables) mirrored by two pinned host buffers, so loading a step is numpy writes on the host and two
+    All of them are views of two device buffers (int64: ids | positions | slots | src; int32: seq_lens |
+    block tables) mirrored by two pinned host buffers, so loading a step is numpy writes on the host and two
     host->device copies. The host side may be rewritten once the step's copies have run; every step ends
     in a sync on its sampled ids, so the next load never races the previous copy.
     """
@@ -87,7 +88,7 @@ class DecodeInputs:
         S, MB = max_size, max_blocks_per_seq
         pin = device.type == "cuda"
         self.max_size, self.max_seq_len = S, max_seq_len
-        self._host64 = torch.zeros(3 * S, dtype=torch.int64, pin_memory=pin)            # ids|positions|slots
+        self._host64 = torch.zeros(4 * S, dtype=torch.int64, pin_memory=pin)       # ids|positions|slots|src
         self._host32 = torch.zeros(S + S * MB, dtype=torch.int32, pin_memory=pin)       # seq_lens|tables
         self._host64[2 * S:] = -1  # created as all-padding: warm-up and capture write nothing into the cache
         self._np64, self._np32 = self._host64.numpy(), self._host32.numpy()
@@ -95,7 +96,10 @@ class DecodeInputs:
         self._dev32 = self._host32.to(device)
         self.input_ids = self._dev64[:S]                                               # [S]
         self.positions = self._dev64[S:2 * S]                                          # [S]
-        self.slot_mapping = self._dev64[2 * S:]                                        # [S]
+        self.slot_mapping = self._dev64[2 * S:3 * S]                                   # [S]
+        # src[r] >= 0: row r's input id is the previous step's sampled token of row src[r] (on the device,
+        # not yet seen by the host); -1: input_ids[r] holds it
+        self.src = self._dev64[3 * S:]                                                 # [S]
         self.seq_lens = self._dev32[:S]                                                # [S]
         self.block_tables = self._dev32[S:].view(S, MB)                                # [S, max_blocks]
         self.query_start_loc = torch.arange(S + 1, dtype=torch.int32, device=device)  # [S+1]
@@ -118,7 +122,7 @@ class DecodeInputs:
             logits_indices=self.logits_indices[:size], max_query_len=1, max_seq_len=self.max_seq_len)
 
     def load_rows(self, token_ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
-                  tables: list[list[int]], size: int) -> None:
+                  tables: list[list[int]], size: int, src: list[int] | None = None) -> None:
         """Real rows [0, n) from host lists, padding rows [n, size) (see the module doc), two copies.
 
         Block-table columns past a row's own blocks keep stale (in-range) block ids: nothing reads them,
@@ -129,6 +133,7 @@ class DecodeInputs:
         a[:n], a[n:size] = token_ids, 0
         a[S:S + n], a[S + n:S + size] = positions, 0
         a[2 * S:2 * S + n], a[2 * S + n:2 * S + size] = slots, -1
+        a[3 * S:3 * S + n], a[3 * S + n:3 * S + size] = (-1 if src is None else src), -1
         b[:n], b[n:size] = seq_lens, 0
         for i, table in enumerate(tables):
             b[S + i * MB:S + i * MB + len(table)] = table
@@ -159,6 +164,8 @@ class DecodeGraphRunner:
         # One logits buffer for every size: per-size outputs would keep [size, vocab] float32 each alive.
         self.logits = torch.zeros(self.max_size, model.config.vocab_size, dtype=torch.float32,
                                   device=device)                                       # [S, vocab]
+        # Each graphed step's sampled ids (written by the runner after sampling), read by the next graph.
+        self.sampled = torch.zeros(self.max_size, dtype=torch.int64, device=device)   # [S]
         self._replay: dict[int, Callable[[], None]] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.replays: Counter[int] = Counter()  # padded size -> steps run at it
@@ -166,8 +173,12 @@ class DecodeGraphRunner:
 
     # ---- start-up ----------------------------------------------------------------------------------
     def _step(self, size: int) -> None:
-        """The computation a graph holds: the model on the static view, logits into the shared buffer."""
-        logits = self.model(self.inputs.view(size), self.kv_cache)  # [size, vocab] float32
+        """The computation a graph holds: input ids (some from the previous step's sampled tokens), the model
+        on the static view, logits into the shared buffer."""
+        view = self.inputs.view(size)
+        src = self.inputs.src[:size]
+        ids = torch.where(src >= 0, self.sampled.index_select(0, src.clamp(min=0)), view.input_ids)
+        logits = self.model(replace(view, input_ids=ids), self.kv_cache)  # [size, vocab] float32
         self.logits[:size].copy_(logits)
 
     def use_eager(self) -> "DecodeGraphRunner":

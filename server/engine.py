@@ -1,5 +1,5 @@
-"""LLMEngine: the step loop (schedule -> run -> sample -> append -> detokenize -> stop -> emit), and `LLM`,
-the offline API on top of it.
+"""LLMEngine: the step loop (schedule -> run -> sample -> append -> detokenize -> stop -> emit); the offline
+API on top of it is server/llm.py.
 
 Data flows one way per step: the scheduler picks, the runner computes token ids, the engine appends them,
 decides stops and emits one RequestOutput delta per sequence that produced a token. Finished and aborted
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from server.blocks import BlockAllocator
@@ -40,6 +40,7 @@ class EngineCounters:
     generation_tokens_total: int = 0
     admission_rejections_total: int = 0
     failed_steps_in_a_row: int = 0
+    overlapped_steps: int = 0  # steps launched while the previous one was still in flight
 
 
 class LLMEngine:
@@ -67,6 +68,7 @@ class LLMEngine:
                                    max_model_len=self.max_model_len,
                                    max_waiting_requests=config.max_waiting_requests)
         self.counters = EngineCounters()
+        self._in_flight: _Launched | None = None  # a launched step the host has not seen yet
 
     # ---- requests ----------------------------------------------------------------------------------
     def check_admission(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -103,41 +105,104 @@ class LLMEngine:
         return None if seq is None else self._finished_output(seq, "abort")
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     # ---- one step ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Run one step; return the deltas of the step that completed (see _overlappable for which)."""
+        outputs: list[RequestOutput] = []
+        if self._in_flight is not None and not self._may_overlap():
+            outputs += self._complete(self._in_flight)
         sched = self.scheduler.schedule()
+        if self._in_flight is not None and not self._overlappable(sched):
+            outputs += self._complete(self._in_flight)  # fills the placeholders sched was built over
+            sched = replace(sched, scheduled=tuple(s for s in sched.scheduled if not s.seq.is_finished))
         if sched.is_empty:
-            return []
+            if self._in_flight is not None:
+                outputs += self._complete(self._in_flight)
+            return outputs
         now = time.monotonic()
         for s in sched.scheduled:
             if s.seq.first_scheduled_time is None:
                 s.seq.first_scheduled_time = now
+        launched = self._launch(sched)
+        if self._in_flight is not None:
+            self.counters.overlapped_steps += 1
+            outputs += self._complete(self._in_flight)  # the host's work here overlaps the launched step
+        if isinstance(launched, list):  # the launch failed: its requests end with an error
+            return outputs + launched
+        if launched.pending.graphed and self.config.overlap_scheduling:
+            self._in_flight = launched
+        else:
+            outputs += self._complete(launched)
+        return outputs
+
+    def _may_overlap(self) -> bool:
+        """Whether the next step can be launched before the in-flight one is seen by the host: it will be a
+        decode-only step over graph-captured sizes whose sampling needs no output token values."""
+        sched = self.scheduler
+        graphs = getattr(self.runner, "graphs", None)
+        if sched.waiting or graphs is None or len(sched.running) > graphs.max_size:
+            return False
+        for seq in sched.running:
+            p = seq.params
+            if len(seq.token_ids) - seq.num_computed_tokens != 1 or p.repetition_penalty != 1.0 \
+                    or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
+                return False
+        return True
+
+    def _overlappable(self, sched: SchedulerOutput) -> bool:
+        graphs = getattr(self.runner, "graphs", None)
+        return (graphs is not None and 0 < len(sched.scheduled) <= graphs.max_size
+                and all(s.num_new_tokens == 1 for s in sched.scheduled))
+
+    def _launch(self, sched: SchedulerOutput) -> "_Launched | list[RequestOutput]":
+        """Queue the step on the device; each sampling sequence gets a placeholder token (-1) that
+        _complete fills, so the scheduler can plan the next step before the host sees this one's ids."""
         try:
-            result = self.runner.execute(sched)
+            pending = self.runner.launch(sched) if self._overlappable(sched) else _Ran(self.runner.execute(sched))
         except Exception as exc:  # noqa: BLE001 - the step's requests fail, the engine goes on
             self.counters.failed_steps_in_a_row += 1
             return self._fail(sched, exc)
-        self.counters.failed_steps_in_a_row = 0
         self.counters.num_steps += 1
         self.scheduler.finish_step(sched)
-        outputs = []
-        sampled = [s.seq for s in sched.scheduled if s.samples]
+        placeholders = []
+        for s in sched.scheduled:
+            if s.samples:
+                placeholders.append(len(s.seq.token_ids))
+                s.seq.token_ids.append(-1)
+        return _Launched(sched, pending, placeholders)
+
+    def _complete(self, launched: "_Launched") -> list[RequestOutput]:
+        if launched is self._in_flight:
+            self._in_flight = None
+        try:
+            result = launched.pending.result()
+        except Exception as exc:  # noqa: BLE001
+            self.counters.failed_steps_in_a_row += 1
+            return self._fail(launched.sched, exc)
+        self.counters.failed_steps_in_a_row = 0
+        now = time.monotonic()
+        sampled = [s.seq for s in launched.sched.scheduled if s.samples]
         logprobs = result.logprobs or [None] * len(sampled)
-        for seq, token_id, lp in zip(sampled, result.token_ids, logprobs):
-            outputs.append(self._append(seq, token_id, lp, now))
+        outputs = []
+        for seq, index, token_id, lp in zip(sampled, launched.placeholders, result.token_ids, logprobs):
+            if seq.is_finished:  # stopped or aborted while this step was in flight: its token is dropped
+                del seq.token_ids[index:]
+                continue
+            outputs.append(self._append(seq, index, token_id, lp, now))
         return outputs
 
-    def _append(self, seq: Sequence, token_id: int, lp: TokenLogprob | None, now: float) -> RequestOutput:
-        seq.append_token(token_id)
+    def _append(self, seq: Sequence, index: int, token_id: int, lp: TokenLogprob | None,
+                now: float) -> RequestOutput:
+        seq.token_ids[index] = token_id
         self.counters.generation_tokens_total += 1
         if seq.first_token_time is None:
             seq.first_token_time = now
             self.counters.prompt_tokens_total += seq.num_prompt_tokens
         if lp is not None:
             seq.cumulative_logprob += lp.logprob
-        n = seq.num_output_tokens
+        n = index + 1 - seq.num_prompt_tokens  # this token's number among the outputs
         decision = seq.stop_checker.check_token(token_id, n)
         if decision is not None:
             decision = replace(decision, text_delta=decision.text_delta + self._flush(seq))
@@ -148,6 +213,7 @@ class LLMEngine:
             decision = seq.stop_checker.check_text(delta, n)
         if decision.finish_reason is not None:
             self.scheduler.finish(seq, decision.finish_reason, decision.stop_reason)
+            del seq.token_ids[index + 1:]  # a placeholder of a step still in flight
         queue_time = seq.first_scheduled_time - seq.arrival_time if n == 1 else None
         return RequestOutput(
             request_id=seq.request_id, new_token_ids=[token_id], new_text=decision.text_delta,
@@ -178,77 +244,18 @@ class LLMEngine:
                              num_output_tokens=seq.num_output_tokens)
 
 
-# ---- offline API ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class CompletionResult:
-    request_id: str
-    prompt_token_ids: list[int]
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    stop_reason: str | int | None = None
-    logprobs: list[TokenLogprob] | None = None
-    error: str | None = None
+class _Launched:
+    sched: SchedulerOutput
+    pending: Any              # ModelRunner.PendingStep, or _Ran
+    placeholders: list[int]   # index in seq.token_ids of each sampling sequence's placeholder
 
 
-@dataclass
-class _Collector:
-    prompt_token_ids: list[int]
-    text: list[str] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] | None = None
-    last: RequestOutput | None = None
+@dataclass(frozen=True)
+class _Ran:
+    """A step that ran synchronously (runner.execute): its result is already on the host."""
+    output: Any
+    graphed: bool = False
 
-    def add(self, out: RequestOutput) -> None:
-        self.text.append(out.new_text)
-        self.token_ids.extend(out.new_token_ids)
-        if out.new_logprobs is not None:
-            self.logprobs = (self.logprobs or []) + list(out.new_logprobs)
-        self.last = out
-
-
-class LLM:
-    """`LLM(model_dir).generate(prompts, params)`, in the spirit of vLLM's offline API."""
-
-    def __init__(self, model: str | None = None, *, runner: Any = None, tokenizer: Any = None, **config: Any):
-        self.engine = LLMEngine(EngineConfig(model=model, **config), runner=runner, tokenizer=tokenizer)
-        self.tokenizer = self.engine.tokenizer
-        self.model_config = self.engine.model_config
-        self.model_dir = self.engine.model_dir
-
-    def generate(self, prompts: list[str] | list[list[int]],
-                 params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[CompletionResult]:
-        params = params if params is not None else SamplingParams()
-        plist = params if isinstance(params, list) else [params] * len(prompts)
-        if len(plist) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(plist)} SamplingParams")
-        token_lists = [p if isinstance(p, list) else self.tokenizer.encode(p) for p in prompts]
-        ids = [f"offline-{i}" for i in range(len(prompts))]
-        for toks, p in zip(token_lists, plist):  # refuse the whole batch before running any of it
-            self.engine.check_admission(toks, p)
-        collectors = {rid: _Collector(list(toks)) for rid, toks in zip(ids, token_lists)}
-        pending = list(zip(ids, token_lists, plist))[::-1]
-        bar = None
-        if use_tqdm:
-            from tqdm import tqdm
-            bar = tqdm(total=len(prompts), desc="generate")
-        sched = self.engine.scheduler
-        while pending or self.engine.has_unfinished():
-            while pending and sched.num_waiting < sched.max_waiting_requests:
-                self.engine.add_request(*pending.pop())
-            for out in self.engine.step():
-                collectors[out.request_id].add(out)
-                if out.finished and bar is not None:
-                    bar.update(1)
-        if bar is not None:
-            bar.close()
-        results = []
-        for rid, c in collectors.items():
-            last = c.last
-            if last is not None and last.finish_reason == "error":
-                raise RuntimeError(f"request {rid} failed: {last.error}")
-            results.append(CompletionResult(rid, c.prompt_token_ids, "".join(c.text), c.token_ids,
-                                            last.finish_reason if last else None,
-                                            last.stop_reason if last else None, c.logprobs))
-        return results
+    def result(self) -> Any:
+        return self.output

@@ -40,6 +40,23 @@ class RunnerOutput:
     logprobs: list[TokenLogprob | None] | None = None
 
 
+@dataclass(frozen=True)
+class PendingStep:
+    """A launched step: its sampled ids are on the device until result() (the step's one sync)."""
+    token_ids: torch.Tensor | None               # [N] int64 on the device; None when nothing samples
+    sampler_out: SamplerOutput | None            # kept for logprobs
+    sampling: list                               # the sequences that sample, in row order
+    graphed: bool                                # a decode step that replayed a CUDA graph
+
+    def result(self) -> RunnerOutput:
+        if self.token_ids is None:
+            return RunnerOutput([])
+        token_ids = self.token_ids.tolist()  # waits for the step
+        if self.sampler_out is None:
+            return RunnerOutput(token_ids)
+        return RunnerOutput(token_ids, ModelRunner.logprobs(self.sampler_out, token_ids, self.sampling))
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -170,6 +187,8 @@ class ModelRunner:
         for s in sched.scheduled:
             start = s.seq.num_computed_tokens
             token_ids.append(s.seq.token_ids[start:start + s.num_new_tokens])
+            if token_ids[-1][-1] < 0:
+                raise RuntimeError(f"{s.seq.request_id}: an eager step got a token the host has not seen")
             num_cached.append(start)
             tables.append(s.seq.block_table)
             end += s.num_new_tokens
@@ -179,20 +198,34 @@ class ModelRunner:
                                 logits_indices=logits_rows)
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        return self.launch(sched).result()
+
+    def launch(self, sched: SchedulerOutput) -> "PendingStep":
+        """Queue the step's device work (forward, sampling) and return without waiting for it.
+
+        A decode step may feed tokens the previous step sampled and the host has not seen yet (placeholders,
+        -1 in seq.token_ids; see LLMEngine.step): the graph path reads them from the device."""
         sampling = [s.seq for s in sched.scheduled if s.samples]
         with torch.inference_mode():
             logits = self._replay_decode(sched)
-            if logits is None:
+            graphed = logits is not None
+            if not graphed:
                 logits = self._forward(self.prepare(sched))                    # [N, vocab] float32
             if not sampling:
-                return RunnerOutput([])
+                return PendingStep(None, None, sampling, graphed)
+            out = None
             if only_argmax(sampling):  # greedy, no penalties or logprobs: skip the sampling tensors
-                return RunnerOutput(logits.argmax(dim=-1).tolist())
-            tensors = build_sampling_tensors(sampling, self.model_config.vocab_size, self.eos_token_ids,
-                                             self.device)
-            out = sample(logits, tensors, self.generator)
-        token_ids = out.token_ids.tolist()  # the step's one device->host sync
-        return RunnerOutput(token_ids, self._logprobs(out, token_ids, sampling))
+                token_ids = logits.argmax(dim=-1)
+            else:
+                tensors = build_sampling_tensors(sampling, self.model_config.vocab_size, self.eos_token_ids,
+                                                 self.device)
+                out = sample(logits, tensors, self.generator)
+                token_ids = out.token_ids
+            if graphed:  # the next decode step's graph may read these before the host does
+                self.graphs.sampled[:len(sampling)].copy_(token_ids)
+                for row, seq in enumerate(sampling):
+                    seq.sampled_row = row
+        return PendingStep(token_ids, out, sampling, graphed)
 
     def _replay_decode(self, sched: SchedulerOutput) -> torch.Tensor | None:
         """A decode-only step that fits a captured size: its rows go from the sequences straight into the
@@ -205,18 +238,24 @@ class ModelRunner:
         if size is None:
             return None
         bs = self.block_size
-        ids, positions, slots, seq_lens, tables, rows = [], [], [], [], [], []
+        ids, positions, slots, seq_lens, tables, rows, src = [], [], [], [], [], [], []
         for i, s in enumerate(sched.scheduled):
             seq, pos = s.seq, s.seq.num_computed_tokens
             table = seq.block_table
-            ids.append(seq.token_ids[pos])
+            token = seq.token_ids[pos]
+            if token < 0:  # sampled by the step still in flight: the graph takes it from graphs.sampled
+                ids.append(0)
+                src.append(seq.sampled_row)
+            else:
+                ids.append(token)
+                src.append(-1)
             positions.append(pos)
             slots.append(table[pos // bs] * bs + pos % bs)
             seq_lens.append(pos + 1)
             tables.append(table)
             if s.samples:
                 rows.append(i)
-        graphs.inputs.load_rows(ids, positions, slots, seq_lens, tables, size)
+        graphs.inputs.load_rows(ids, positions, slots, seq_lens, tables, size, src)
         picked = None if len(rows) == n else torch.tensor(rows, dtype=torch.int64).to(self.device)
         return graphs.replay(size, n, picked)
 
@@ -228,7 +267,7 @@ class ModelRunner:
         return self.graphs.run(batch, size)
 
     @staticmethod
-    def _logprobs(out: SamplerOutput, chosen_ids: list[int], seqs) -> list[TokenLogprob | None] | None:
+    def logprobs(out: SamplerOutput, chosen_ids: list[int], seqs) -> list[TokenLogprob | None] | None:
         if out.logprobs is None:
             return None
         chosen = out.logprobs.tolist()

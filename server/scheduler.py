@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from server.blocks import BlockAllocator
 from server.outputs import AdmissionError, OverloadedError
@@ -17,8 +18,7 @@ from server.sampling_params import SamplingParams
 from server.sequence import Sequence, SequenceStatus
 
 
-@dataclass(frozen=True)
-class ScheduledSeq:
+class ScheduledSeq(NamedTuple):  # a tuple: built for every sequence every step, so cheap to make
     seq: Sequence
     num_new_tokens: int      # tokens fed this step, from seq.num_computed_tokens on
     is_prefill: bool         # more than the one newest token (a prompt chunk or a recompute)
@@ -87,13 +87,17 @@ class Scheduler:
         chosen: dict[str, ScheduledSeq] = {}
         preempted: list[str] = []
         # Running sequences: decodes first, then unfinished prefills; both in admission order.
-        decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
-        prefills = [s for s in self.running if s.num_uncomputed_tokens > 1]
+        decodes: list[Sequence] = []
+        prefills: list[Sequence] = []
+        for s in self.running:
+            (decodes if len(s.token_ids) - s.num_computed_tokens == 1 else prefills).append(s)
         for seq in decodes + prefills:
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
+            if len(seq.token_ids) - seq.num_prompt_tokens >= seq.params.max_new_tokens:
+                continue  # its last token is in flight (overlap scheduling): nothing more to compute
             n = min(seq.num_uncomputed_tokens, budget)
             while not self.allocator.allocate_slots(seq, n):
                 victim = self.running[-1]
@@ -120,8 +124,8 @@ class Scheduler:
 
     @staticmethod
     def _entry(seq: Sequence, n: int) -> ScheduledSeq:
-        return ScheduledSeq(seq, n, is_prefill=seq.num_uncomputed_tokens > 1,
-                            samples=seq.num_computed_tokens + n == seq.num_tokens)
+        uncomputed = len(seq.token_ids) - seq.num_computed_tokens
+        return ScheduledSeq(seq, n, uncomputed > 1, n == uncomputed)
 
     def _preempt(self, seq: Sequence, chosen: dict[str, ScheduledSeq]) -> int:
         """Free seq's blocks and requeue it at the front; returns the budget it gave back."""

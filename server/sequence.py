@@ -22,7 +22,7 @@ class Sequence:
     __slots__ = ("request_id", "token_ids", "num_prompt_tokens", "params", "status", "block_table",
                  "num_computed_tokens", "arrival_time", "first_scheduled_time", "first_token_time",
                  "finish_reason", "stop_reason", "detokenizer", "stop_checker", "cumulative_logprob",
-                 "num_preemptions")
+                 "num_preemptions", "sampled_row")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  arrival_time: float | None = None):
@@ -42,6 +42,7 @@ class Sequence:
         self.stop_checker: Any = None  # StopChecker, set by the engine
         self.cumulative_logprob = 0.0
         self.num_preemptions = 0
+        self.sampled_row = -1  # its row among the last graphed step's sampled ids (ModelRunner.launch)
 
     @property
     def prompt_token_ids(self) -> list[int]:

@@ -20,6 +20,9 @@ class StopDecision:
     stop_reason: str | int | None = None
 
 
+_GO_ON = StopDecision("")
+
+
 class StopChecker:
     def __init__(self, params: SamplingParams, eos_token_ids: tuple[int, ...]):
         self.params = params
@@ -27,8 +30,9 @@ class StopChecker:
         self.stop_token_ids = frozenset(params.stop_token_ids)
         self.stop = params.stop
         self.max_stop_len = max((len(s) for s in self.stop), default=0)
-        self.text = ""       # output text so far (after a stop-string match: cut at the match)
-        self.released = 0    # characters of self.text already handed out
+        self.text = ""       # output text so far (after a stop-string match: cut at the match); kept only
+                             # with stop strings, which are matched in it
+        self.released = 0    # characters of the output text already handed out
 
     def check_token(self, token_id: int, num_output_tokens: int) -> StopDecision | None:
         """A stop decided by the token id alone (num_output_tokens counts this token); None = go on."""
@@ -42,6 +46,11 @@ class StopChecker:
 
     def check_text(self, delta: str, num_output_tokens: int) -> StopDecision:
         """Add the token's detokenized text; match stop strings and apply max_new_tokens."""
+        if not self.stop:  # the common case: nothing to match or hold back, every delta goes out as is
+            self.released += len(delta)
+            if num_output_tokens >= self.params.max_new_tokens:
+                return StopDecision(delta, "length", None)
+            return StopDecision(delta) if delta else _GO_ON
         start = len(self.text)
         self.text += delta
         if self.stop and num_output_tokens >= self.params.min_new_tokens:
@@ -63,6 +72,8 @@ class StopChecker:
         return StopDecision(delta_out)
 
     def _finish(self, reason: str, stop_reason: str | int | None) -> StopDecision:
+        if not self.stop:  # check_text's fast path keeps no text: everything was released already
+            return StopDecision("", reason, stop_reason)
         delta = self.text[self.released:]
         self.released = len(self.text)
         return StopDecision(delta, reason, stop_reason)

@@ -4,7 +4,7 @@ import asyncio
 import pytest
 
 from server.async_engine import AsyncEngine
-from server.engine import LLM
+from server.llm import LLM
 from server.engine_config import EngineConfig
 from server.outputs import AdmissionError, EngineDeadError, OverloadedError
 from server.sampling_params import SamplingParams

@@ -18,7 +18,7 @@ from model.batch import StepBatch, build_step_batch
 from model.kv_cache import KVCache
 from model.llama import load_model
 from server.cuda_graphs import DecodeGraphRunner, DecodeInputs, capture_sizes, is_graphable, pad_decode_batch
-from server.engine import LLM
+from server.llm import LLM
 from server.sampling_params import SamplingParams
 
 CUDA = torch.cuda.is_available()

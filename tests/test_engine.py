@@ -4,7 +4,7 @@ import random
 import pytest
 import torch
 
-from server.engine import LLM
+from server.llm import LLM
 from server.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12)

@@ -12,7 +12,7 @@ import gc
 import pytest
 import torch
 
-from server.engine import LLM
+from server.llm import LLM
 from server.sampling_params import SamplingParams
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -1,0 +1,89 @@
+"""Overlap scheduling: a decode step is launched before the host has seen the previous step's tokens.
+
+The engine with overlap must produce exactly what the synchronous engine produces, through every way a
+sequence ends or is disturbed while a step is in flight: eos / stop ids / stop strings / max_new_tokens,
+preemption, abort, logprobs, seeded sampling. On CPU the graph path runs with the eager model as its replay
+(use_graph_path_eagerly), which is the path overlap needs; the placeholder ids are read from the device
+buffer of sampled ids exactly as a captured graph reads them.
+"""
+from __future__ import annotations
+
+import pytest
+
+from server.llm import LLM
+from server.sampling_params import SamplingParams
+from tests.test_cuda_graphs import engine_prompts
+
+
+def make_llm(model_dir, overlap: bool, kv_cache_memory: str = "2MiB") -> LLM:
+    llm = LLM(str(model_dir), dtype="float32", device="cpu", kv_cache_memory=kv_cache_memory,
+              max_num_batched_tokens=64, max_num_seqs=8, overlap_scheduling=overlap)
+    llm.engine.runner.use_graph_path_eagerly()
+    return llm
+
+
+def varied_params(model_dir, prompts) -> list[SamplingParams]:
+    """Stops that really fire mid-generation: stop ids and strings taken from a first greedy run."""
+    probe = make_llm(model_dir, overlap=False).generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=40))
+    params = []
+    for i, r in enumerate(probe):
+        kind = i % 6
+        if kind == 0:
+            params.append(SamplingParams(temperature=0.0, max_new_tokens=20 + 3 * i, ignore_eos=True))
+        elif kind == 1:
+            params.append(SamplingParams(temperature=0.0, max_new_tokens=40, stop_token_ids=[r.token_ids[14]]))
+        elif kind == 2 and len(r.text) > 40:
+            params.append(SamplingParams(temperature=0.0, max_new_tokens=40, stop=[r.text[36:39]]))
+        elif kind == 3:
+            params.append(SamplingParams(temperature=0.8, seed=i, max_new_tokens=35, logprobs=2))
+        elif kind == 4:
+            params.append(SamplingParams(temperature=0.0, max_new_tokens=40, min_new_tokens=20,
+                                         stop_token_ids=[r.token_ids[24]]))
+        else:
+            params.append(SamplingParams(temperature=0.0, max_new_tokens=38))
+    return params
+
+
+def summary(results):
+    return [(r.token_ids, r.text, r.finish_reason, r.stop_reason,
+             None if r.logprobs is None else [(lp.token_id, round(lp.logprob, 4), lp.top) for lp in r.logprobs])
+            for r in results]
+
+
+@pytest.mark.parametrize("kv_cache_memory", ["2MiB", "96KiB"])
+def test_overlap_gives_what_the_synchronous_engine_gives(tiny_llama_dir, kv_cache_memory):
+    prompts = engine_prompts(8, seed=3)  # all fit at once (max_num_seqs=8), so decode steps overlap
+    params = varied_params(tiny_llama_dir, prompts)
+    want = make_llm(tiny_llama_dir, overlap=False, kv_cache_memory=kv_cache_memory).generate(prompts, params)
+    llm = make_llm(tiny_llama_dir, overlap=True, kv_cache_memory=kv_cache_memory)
+    got = llm.generate(prompts, params)
+    assert summary(got) == summary(want)
+    assert {r.finish_reason for r in got} >= {"length", "stop"}
+    engine = llm.engine
+    assert engine.counters.overlapped_steps >= 10
+    if kv_cache_memory == "96KiB":
+        assert engine.scheduler.num_preemptions_total > 0
+    assert engine.allocator.num_free_blocks == engine.kv_capacity.num_blocks  # nothing leaked
+    assert not engine.has_unfinished()
+
+
+def test_abort_while_a_step_is_in_flight(tiny_llama_dir):
+    llm = make_llm(tiny_llama_dir, overlap=True)
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_new_tokens=40, ignore_eos=True)
+    for i, p in enumerate(engine_prompts(4, seed=5)):
+        engine.add_request(str(i), p, params)
+    got: dict[str, list[int]] = {}
+    while engine._in_flight is None:
+        for o in engine.step():
+            got.setdefault(o.request_id, []).extend(o.new_token_ids)
+    aborted = engine.abort("1")
+    assert aborted is not None and aborted.finish_reason == "abort"
+    n_aborted = len(got.get("1", []))
+    while engine.has_unfinished():
+        for o in engine.step():
+            got.setdefault(o.request_id, []).extend(o.new_token_ids)
+    assert len(got.get("1", [])) == n_aborted  # the in-flight token of an aborted request is dropped
+    assert all(len(got[k]) == 40 for k in ("0", "2", "3"))
+    assert engine.allocator.num_free_blocks == engine.kv_capacity.num_blocks
+    assert engine.counters.overlapped_steps > 0
