@@ -88,12 +88,17 @@ class DecodeInputs:
         S, MB = max_size, max_blocks_per_seq
         pin = device.type == "cuda"
         self.max_size, self.max_seq_len = S, max_seq_len
-        self._host64 = torch.zeros(4 * S, dtype=torch.int64, pin_memory=pin)       # ids|positions|slots|src
-        self._host32 = torch.zeros(S + S * MB, dtype=torch.int32, pin_memory=pin)       # seq_lens|tables
-        self._host64[2 * S:] = -1  # created as all-padding: warm-up and capture write nothing into the cache
-        self._np64, self._np32 = self._host64.numpy(), self._host32.numpy()
-        self._dev64 = self._host64.to(device)
-        self._dev32 = self._host32.to(device)
+        # Two host copies, used in turn: with overlap scheduling a step's staging is written while the
+        # previous step's copies may still be queued; the one before that has run (its step was waited for).
+        self._host64 = [torch.zeros(4 * S, dtype=torch.int64, pin_memory=pin) for _ in range(2)]  # ids|pos|slots|src
+        self._host32 = [torch.zeros(S + S * MB, dtype=torch.int32, pin_memory=pin) for _ in range(2)]  # lens|tables
+        for h in self._host64:
+            h[2 * S:] = -1  # created as all-padding: warm-up and capture write nothing into the cache
+        self._np64 = [h.numpy() for h in self._host64]
+        self._np32 = [h.numpy() for h in self._host32]
+        self._turn = 0
+        self._dev64 = self._host64[0].to(device)
+        self._dev32 = self._host32[0].to(device)
         self.input_ids = self._dev64[:S]                                               # [S]
         self.positions = self._dev64[S:2 * S]                                          # [S]
         self.slot_mapping = self._dev64[2 * S:3 * S]                                   # [S]
@@ -129,7 +134,8 @@ class DecodeInputs:
         because a row only reads the pages below its seq_len.
         """
         S, MB, n = self.max_size, self.max_blocks_per_seq, len(token_ids)
-        a, b = self._np64, self._np32
+        k, self._turn = self._turn, self._turn ^ 1
+        a, b = self._np64[k], self._np32[k]
         a[:n], a[n:size] = token_ids, 0
         a[S:S + n], a[S + n:S + size] = positions, 0
         a[2 * S:2 * S + n], a[2 * S + n:2 * S + size] = slots, -1
@@ -138,9 +144,9 @@ class DecodeInputs:
         for i, table in enumerate(tables):
             b[S + i * MB:S + i * MB + len(table)] = table
         b[S + n * MB:S + size * MB] = 0
-        self._dev64.copy_(self._host64, non_blocking=True)
+        self._dev64.copy_(self._host64[k], non_blocking=True)
         end = S + size * MB
-        self._dev32[:end].copy_(self._host32[:end], non_blocking=True)
+        self._dev32[:end].copy_(self._host32[k][:end], non_blocking=True)
 
     def load(self, batch: StepBatch, size: int) -> None:
         """load_rows from a device StepBatch (tests and callers that already built one; syncs to read it)."""
@@ -164,8 +170,13 @@ class DecodeGraphRunner:
         # One logits buffer for every size: per-size outputs would keep [size, vocab] float32 each alive.
         self.logits = torch.zeros(self.max_size, model.config.vocab_size, dtype=torch.float32,
                                   device=device)                                       # [S, vocab]
-        # Each graphed step's sampled ids (written by the runner after sampling), read by the next graph.
+        # Each graphed step's sampled ids (written by the runner after sampling), read by the next graph,
+        # and their host copies (two, in turn, as the staging) with an event per copy to wait on.
         self.sampled = torch.zeros(self.max_size, dtype=torch.int64, device=device)   # [S]
+        pin = device.type == "cuda"
+        self._sampled_host = [torch.zeros(self.max_size, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self._events = [torch.cuda.Event() for _ in range(2)] if pin else [None, None]
+        self._sampled_turn = 0
         self._replay: dict[int, Callable[[], None]] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.replays: Counter[int] = Counter()  # padded size -> steps run at it
@@ -219,6 +230,20 @@ class DecodeGraphRunner:
             return None
         return self.padded_size_for(batch.num_seqs)
 
+    def publish_sampled(self, token_ids: torch.Tensor) -> "SampledIds":
+        """After a graphed step's sampling: its ids into `sampled` (the next graph's input) and, without
+        waiting, into pinned host memory; SampledIds.tolist() then waits for this step alone, not for
+        steps launched after it (a plain .tolist() would wait for the whole stream)."""
+        n = token_ids.shape[0]
+        self.sampled[:n].copy_(token_ids)
+        k, self._sampled_turn = self._sampled_turn, self._sampled_turn ^ 1
+        host = self._sampled_host[k][:n]
+        host.copy_(token_ids, non_blocking=True)
+        event = self._events[k]
+        if event is not None:
+            event.record()
+        return SampledIds(host, event)
+
     def padded_size_for(self, num_seqs: int) -> int | None:
         """The captured size a decode step of num_seqs rows replays at (None: too wide, or no graphs)."""
         if not self._replay or num_seqs > self.max_size or num_seqs == 0:
@@ -238,6 +263,18 @@ class DecodeGraphRunner:
         if logits_indices is None or logits_indices.shape[0] == num_seqs:  # every row samples: arange(n)
             return self.logits[:num_seqs]
         return self.logits[logits_indices]
+
+
+class SampledIds:
+    """A step's sampled ids on their way to the host (see DecodeGraphRunner.publish_sampled)."""
+
+    def __init__(self, host: torch.Tensor, event: "torch.cuda.Event | None"):
+        self.host, self.event = host, event
+
+    def tolist(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
 
 
 def graph_memory_reserve(model: torch.nn.Module, kv_cache: KVCache, size: int, num_graphs: int,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -43,7 +44,7 @@ class RunnerOutput:
 @dataclass(frozen=True)
 class PendingStep:
     """A launched step: its sampled ids are on the device until result() (the step's one sync)."""
-    token_ids: torch.Tensor | None               # [N] int64 on the device; None when nothing samples
+    token_ids: Any                               # [N] int64 on the device, or SampledIds; None: none sample
     sampler_out: SamplerOutput | None            # kept for logprobs
     sampling: list                               # the sequences that sample, in row order
     graphed: bool                                # a decode step that replayed a CUDA graph
@@ -51,7 +52,7 @@ class PendingStep:
     def result(self) -> RunnerOutput:
         if self.token_ids is None:
             return RunnerOutput([])
-        token_ids = self.token_ids.tolist()  # waits for the step
+        token_ids = self.token_ids.tolist()  # waits for the step (logprobs below wait for the stream)
         if self.sampler_out is None:
             return RunnerOutput(token_ids)
         return RunnerOutput(token_ids, ModelRunner.logprobs(self.sampler_out, token_ids, self.sampling))
@@ -222,10 +223,10 @@ class ModelRunner:
                 out = sample(logits, tensors, self.generator)
                 token_ids = out.token_ids
             if graphed:  # the next decode step's graph may read these before the host does
-                self.graphs.sampled[:len(sampling)].copy_(token_ids)
                 for row, seq in enumerate(sampling):
                     seq.sampled_row = row
-        return PendingStep(token_ids, out, sampling, graphed)
+                return PendingStep(self.graphs.publish_sampled(token_ids), out, sampling, True)
+        return PendingStep(token_ids, out, sampling, False)
 
     def _replay_decode(self, sched: SchedulerOutput) -> torch.Tensor | None:
         """A decode-only step that fits a captured size: its rows go from the sequences straight into the

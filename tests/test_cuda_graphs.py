@@ -285,8 +285,10 @@ def test_gpu_graph_logits_equal_eager(tiny_llama_dir):
 
 
 @gpu
-def test_gpu_engine_with_graphs_equals_enforce_eager(tiny_llama_dir):
-    """float32, so greedy ties cannot flip between the padded and unpadded matmuls."""
+@pytest.mark.parametrize("overlap", [False, True])
+def test_gpu_engine_with_graphs_equals_enforce_eager(tiny_llama_dir, overlap):
+    """float32, so greedy ties cannot flip between the padded and unpadded matmuls. With overlap scheduling
+    the sampled ids reach the host by an event-synchronised copy while the next step runs."""
     cfg = dict(dtype="float32", device="cuda", gpu_memory_utilization=0.05, max_num_seqs=16,
                max_num_batched_tokens=256)
     ps = engine_prompts(5, seed=1)
@@ -297,7 +299,8 @@ def test_gpu_engine_with_graphs_equals_enforce_eager(tiny_llama_dir):
     want = [r.token_ids for r in eager.generate(ps, params)]
     del eager
     free_gpu_memory()
-    graphed = LLM(str(tiny_llama_dir), **cfg)
+    graphed = LLM(str(tiny_llama_dir), overlap_scheduling=overlap, **cfg)
     assert graphed.engine.runner.graphs is not None
     assert [r.token_ids for r in graphed.generate(ps, params)] == want
     assert sum(graphed.engine.runner.graphs.replays.values()) > 0
+    assert (graphed.engine.counters.overlapped_steps > 0) == overlap
