@@ -27,10 +27,7 @@ def _padded(lists: list[list[int]], pad: int) -> list[list[int]]:
 def only_argmax(seqs: list[Sequence]) -> bool:
     """True when every row takes the plain argmax: greedy, no penalties, no logprobs, nothing banned."""
     for s in seqs:
-        p = s.params
-        if p.temperature != 0.0 or p.logprobs is not None or p.repetition_penalty != 1.0 \
-                or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 \
-                or s.num_output_tokens < p.min_new_tokens:
+        if len(s.token_ids) - s.num_prompt_tokens < s.argmax_from:  # see Sequence.argmax_from
             return False
     return True
 
