@@ -142,3 +142,41 @@ def test_failing_step_fails_its_requests_and_engine_survives(tiny_llama_dir):
     with pytest.raises(EngineDeadError):
         e.add_request("after", [1], SamplingParams())
     e.shutdown()
+
+
+def test_overlap_scheduling_behind_the_async_engine(tiny_llama_dir):
+    """Streams, stop strings and an abort with decode steps launched ahead of the host (the graph path with
+    the eager model as replay, as on CPU): the same deltas as the synchronous offline engine, no leak."""
+    from model.tokenizer import Tokenizer
+    from server.model_runner import ModelRunner
+    config = EngineConfig(model=str(tiny_llama_dir), overlap_scheduling=True, **CFG)
+    runner = ModelRunner(config, str(tiny_llama_dir))
+    runner.use_graph_path_eagerly()
+    e = AsyncEngine(config)
+    e.start(runner=runner, tokenizer=Tokenizer.from_pretrained(str(tiny_llama_dir)))
+    try:
+        prompts = [e.tokenizer.encode(t) for t in ("To be, or not", "My lord", "What say you", "Now is")]
+        params = SamplingParams(temperature=0.0, max_new_tokens=40, stop=("e t",))
+        want = LLM(str(tiny_llama_dir), **CFG).generate(prompts, params)
+
+        async def main():
+            streams = [e.add_request(f"o{i}", p, params) for i, p in enumerate(prompts)]
+            victim = e.add_request("victim", [1, 5, 6, 7], SamplingParams(max_new_tokens=400, ignore_eos=True))
+            await victim.__anext__()
+            await victim.__anext__()
+            e.abort("victim")
+            rest = await collect(victim)
+            outs = await asyncio.gather(*(collect(s) for s in streams))
+            assert await e.wait_idle(5.0)
+            return outs, rest
+        outs, rest = asyncio.run(main())
+        assert rest[-1].finish_reason == "abort"
+        for got, w in zip(outs, want):
+            assert "".join(o.new_text for o in got) == w.text
+            assert [t for o in got for t in o.new_token_ids] == w.token_ids
+            assert got[-1].finish_reason == w.finish_reason
+        s = e.stats()
+        assert s.num_free_blocks == s.num_total_blocks
+        assert e.engine.counters.overlapped_steps > 0
+    finally:
+        e.shutdown()
