@@ -144,12 +144,8 @@ class LLMEngine:
         graphs = getattr(self.runner, "graphs", None)
         if sched.waiting or graphs is None or len(sched.running) > graphs.max_size:
             return False
-        for seq in sched.running:
-            p = seq.params
-            if len(seq.token_ids) - seq.num_computed_tokens != 1 or p.repetition_penalty != 1.0 \
-                    or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
-                return False
-        return True
+        return not any(len(seq.token_ids) - seq.num_computed_tokens != 1 or seq.uses_penalties
+                       for seq in sched.running)
 
     def _overlappable(self, sched: SchedulerOutput) -> bool:
         graphs = getattr(self.runner, "graphs", None)

@@ -2,7 +2,7 @@
 
 The engine with overlap must produce exactly what the synchronous engine produces, through every way a
 sequence ends or is disturbed while a step is in flight: eos / stop ids / stop strings / max_new_tokens,
-preemption, abort, logprobs, seeded sampling. On CPU the graph path runs with the eager model as its replay
+preemption, abort, logprobs, seeded sampling, penalties. On CPU the graph path runs with the eager model as its replay
 (use_graph_path_eagerly), which is the path overlap needs; the placeholder ids are read from the device
 buffer of sampled ids exactly as a captured graph reads them.
 """
@@ -39,14 +39,19 @@ def varied_params(model_dir, prompts) -> list[SamplingParams]:
         elif kind == 4:
             params.append(SamplingParams(temperature=0.0, max_new_tokens=40, min_new_tokens=20,
                                          stop_token_ids=[r.token_ids[24]]))
-        else:
-            params.append(SamplingParams(temperature=0.0, max_new_tokens=38))
+        else:  # penalties read the output tokens' values: such a batch must not run ahead of the host
+            params.append(SamplingParams(temperature=0.0, max_new_tokens=8, repetition_penalty=1.3,
+                                         frequency_penalty=0.2))
     return params
 
 
 def summary(results):
+    """Tokens, text and stops exactly; logprobs to 4 decimals (rows are padded to other batch sizes when a
+    step runs ahead, so the float sums may round differently in the last bits)."""
+    def top(lp):
+        return tuple((t, round(v, 4)) for t, v in lp.top)
     return [(r.token_ids, r.text, r.finish_reason, r.stop_reason,
-             None if r.logprobs is None else [(lp.token_id, round(lp.logprob, 4), lp.top) for lp in r.logprobs])
+             None if r.logprobs is None else [(lp.token_id, round(lp.logprob, 4), top(lp)) for lp in r.logprobs])
             for r in results]
 
 
