@@ -86,8 +86,19 @@ class CausalLM(nn.Module):
 
     def forward(self, batch: StepBatch, kv_cache: KVCache) -> torch.Tensor:
         """Logits of the rows in batch.logits_indices, [N, vocab] float32."""
-        hidden = self.hidden_states(batch, kv_cache)
-        return self.lm_head(hidden[batch.logits_indices]).float()
+        return self.logits(self.hidden_states(batch, kv_cache), batch.logits_indices)
+
+    def logits(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """[len(rows), vocab] float32 logits of those rows of hidden [T, hidden]."""
+        return self.lm_head(hidden[rows]).float()
+
+    def token_logprobs(self, hidden: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
+                       chunk: int = 256) -> torch.Tensor:
+        """log p(targets[i] | the prefix ending at row rows[i]), [R] float32 (prompt logprobs). The [R, vocab]
+        logits are made `chunk` rows at a time, so a long prompt never holds them all at once."""
+        parts = [self.logits(hidden, rows[i:i + chunk]).log_softmax(-1).gather(1, targets[i:i + chunk, None])
+                 for i in range(0, rows.shape[0], chunk)]
+        return torch.cat(parts).squeeze(1)
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:

@@ -73,7 +73,8 @@ def prepare(state: ServerState, prompt: str, p: GenerateParameters, *, want_logp
         top_k=p.top_k or 0, top_p=p.top_p if p.top_p is not None else 1.0,
         repetition_penalty=p.repetition_penalty if p.repetition_penalty is not None else 1.0,
         frequency_penalty=p.frequency_penalty or 0.0, seed=seed, max_new_tokens=max_new,
-        stop=tuple(p.stop or ()), logprobs=top_n if (want_logprobs or top_n) else None)
+        stop=tuple(p.stop or ()), logprobs=top_n if (want_logprobs or top_n) else None,
+        prompt_logprobs=bool(p.details and p.decoder_input_details))
     return Prepared(prompt, ids, params, seed)
 
 

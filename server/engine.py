@@ -179,6 +179,8 @@ class LLMEngine:
             return self._fail(launched.sched, exc)
         self.counters.failed_steps_in_a_row = 0
         now = time.monotonic()
+        for seq, values in result.prompt_logprobs or ():
+            seq.prompt_logprobs.extend(values)
         sampled = [s.seq for s in launched.sched.scheduled if s.samples]
         logprobs = result.logprobs or [None] * len(sampled)
         outputs = []
@@ -215,7 +217,8 @@ class LLMEngine:
             request_id=seq.request_id, new_token_ids=[token_id], new_text=decision.text_delta,
             finished=decision.finish_reason is not None, finish_reason=decision.finish_reason,
             stop_reason=decision.stop_reason, new_logprobs=None if lp is None else [lp],
-            num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=n, queue_time=queue_time)
+            num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=n, queue_time=queue_time,
+            prompt_logprobs=seq.prompt_logprobs if n == 1 else None)
 
     def _flush(self, seq: Sequence) -> str:
         """At the end, text the detokenizer still holds (an incomplete character) goes out as decode() has it."""
@@ -243,7 +246,7 @@ class LLMEngine:
 @dataclass(frozen=True)
 class _Launched:
     sched: SchedulerOutput
-    pending: Any              # ModelRunner.PendingStep, or _Ran
+    pending: Any              # server.step_results.PendingStep, or _Ran
     placeholders: list[int]   # index in seq.token_ids of each sampling sequence's placeholder
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -16,12 +15,12 @@ from model.batch import StepBatch, build_step_batch
 from model.config import ModelConfig
 from model.kv_cache import KVCache
 from model.kv_dtype import resolve_kv_cache_dtype
-from model.sampler import SamplerOutput, sample
+from model.sampler import sample
 from server.cuda_graphs import DecodeGraphRunner, capture_sizes, graph_memory_reserve
 from server.engine_config import EngineConfig
-from server.outputs import TokenLogprob
 from server.sampling_batch import build_sampling_tensors, only_argmax, profile_sampling_tensors
 from server.scheduler import SchedulerOutput
+from server.step_results import PendingStep, RunnerOutput
 
 log = logging.getLogger(__name__)
 
@@ -33,29 +32,6 @@ class KVCapacity:
     bytes_per_token: int
     tokens: int
     max_concurrency: float  # tokens / max_model_len: how many full-length sequences fit at once
-
-
-@dataclass(frozen=True)
-class RunnerOutput:
-    token_ids: list[int]                         # one per scheduled entry that samples, in schedule order
-    logprobs: list[TokenLogprob | None] | None = None
-
-
-@dataclass(frozen=True)
-class PendingStep:
-    """A launched step: its sampled ids are on the device until result() (the step's one sync)."""
-    token_ids: Any                               # [N] int64 on the device, or SampledIds; None: none sample
-    sampler_out: SamplerOutput | None            # kept for logprobs
-    sampling: list                               # the sequences that sample, in row order
-    graphed: bool                                # a decode step that replayed a CUDA graph
-
-    def result(self) -> RunnerOutput:
-        if self.token_ids is None:
-            return RunnerOutput([])
-        token_ids = self.token_ids.tolist()  # waits for the step (logprobs below wait for the stream)
-        if self.sampler_out is None:
-            return RunnerOutput(token_ids)
-        return RunnerOutput(token_ids, ModelRunner.logprobs(self.sampler_out, token_ids, self.sampling))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -207,13 +183,21 @@ class ModelRunner:
         A decode step may feed tokens the previous step sampled and the host has not seen yet (placeholders,
         -1 in seq.token_ids; see LLMEngine.step): the graph path reads them from the device."""
         sampling = [s.seq for s in sched.scheduled if s.samples]
+        owed = self._prompt_logprob_rows(sched)
+        prompt_lp = None
         with torch.inference_mode():
-            logits = self._replay_decode(sched)
+            logits = None if owed else self._replay_decode(sched)
             graphed = logits is not None
-            if not graphed:
+            if owed:  # every token's hidden state is needed: eager, and the logits of extra rows
+                batch = self.prepare(sched)
+                hidden = self.model.hidden_states(batch, self.kv_cache)
+                logits = self.model.logits(hidden, batch.logits_indices)
+                rows, targets = (torch.tensor(x, dtype=torch.int64).to(self.device) for x in owed[:2])
+                prompt_lp = (self.model.token_logprobs(hidden, rows, targets), owed[2])
+            elif not graphed:
                 logits = self._forward(self.prepare(sched))                    # [N, vocab] float32
             if not sampling:
-                return PendingStep(None, None, sampling, graphed)
+                return PendingStep(None, None, sampling, graphed, prompt_lp)
             out = None
             if only_argmax(sampling):  # greedy, no penalties or logprobs: skip the sampling tensors
                 token_ids = logits.argmax(dim=-1)
@@ -226,7 +210,31 @@ class ModelRunner:
                 for row, seq in enumerate(sampling):
                     seq.sampled_row = row
                 return PendingStep(self.graphs.publish_sampled(token_ids), out, sampling, True)
-        return PendingStep(token_ids, out, sampling, False)
+        return PendingStep(token_ids, out, sampling, False, prompt_lp)
+
+    @staticmethod
+    def _prompt_logprob_rows(sched: SchedulerOutput) -> tuple[list[int], list[int], list] | None:
+        """(rows of the step's flat batch, the prompt token each row predicts, [(sequence, count)]) for
+        prompt logprobs still owed; None when no sequence in the step owes any."""
+        rows: list[int] = []
+        targets: list[int] = []
+        owners = []
+        offset = 0
+        for s in sched.scheduled:
+            seq = s.seq
+            done = seq.prompt_logprobs
+            if done is not None and len(done) < seq.num_prompt_tokens:
+                start = seq.num_computed_tokens
+                # position p predicts token p + 1: the next owed token is len(done), after a recompute
+                # the earlier ones are not computed again
+                first = max(start, len(done) - 1)
+                end = min(start + s.num_new_tokens, seq.num_prompt_tokens - 1)
+                if end > first:
+                    rows.extend(range(offset + first - start, offset + end - start))
+                    targets.extend(seq.token_ids[first + 1:end + 1])
+                    owners.append((seq, end - first))
+            offset += s.num_new_tokens
+        return (rows, targets, owners) if owners else None
 
     def _replay_decode(self, sched: SchedulerOutput) -> torch.Tensor | None:
         """A decode-only step that fits a captured size: its rows go from the sequences straight into the
@@ -266,20 +274,3 @@ class ModelRunner:
         if size is None:
             return self.model(batch, self.kv_cache)
         return self.graphs.run(batch, size)
-
-    @staticmethod
-    def logprobs(out: SamplerOutput, chosen_ids: list[int], seqs) -> list[TokenLogprob | None] | None:
-        if out.logprobs is None:
-            return None
-        chosen = out.logprobs.tolist()
-        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
-        top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else None
-        result: list[TokenLogprob | None] = []
-        for i, seq in enumerate(seqs):
-            n = seq.params.logprobs
-            if n is None:
-                result.append(None)
-                continue
-            top = tuple(zip(top_ids[i][:n], top_lp[i][:n])) if n and top_ids is not None else ()
-            result.append(TokenLogprob(chosen_ids[i], chosen[i], top))
-        return result

@@ -31,6 +31,8 @@ class SamplingParams(BaseModel):
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
                                  description="None: none; 0: the chosen token's; n: plus the top n")
     skip_special_tokens: bool = True
+    prompt_logprobs: bool = Field(False, description="the logprob of every prompt token after the first "
+                                  "(TGI's decoder_input_details); sent with the first output")
 
     @model_validator(mode="after")
     def _check(self) -> "SamplingParams":

@@ -22,7 +22,7 @@ class Sequence:
     __slots__ = ("request_id", "token_ids", "num_prompt_tokens", "params", "status", "block_table",
                  "num_computed_tokens", "arrival_time", "first_scheduled_time", "first_token_time",
                  "finish_reason", "stop_reason", "detokenizer", "stop_checker", "cumulative_logprob",
-                 "num_preemptions", "sampled_row", "uses_penalties", "argmax_from")
+                 "num_preemptions", "sampled_row", "uses_penalties", "argmax_from", "prompt_logprobs")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  arrival_time: float | None = None):
@@ -50,6 +50,9 @@ class Sequence:
         # min_new_tokens, below which eos/stop ids are banned); never for anything else
         plain = params.temperature == 0.0 and params.logprobs is None and not self.uses_penalties
         self.argmax_from = params.min_new_tokens if plain else 1 << 62
+        # logprob of each prompt token so far (the first has none), when the request asks; filled by the
+        # prefill chunks that compute them, kept across a preemption's recompute
+        self.prompt_logprobs: list[float | None] | None = [None] if params.prompt_logprobs else None
 
     @property
     def prompt_token_ids(self) -> list[int]:
