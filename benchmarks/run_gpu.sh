@@ -11,7 +11,7 @@
 #   bash benchmarks/run_gpu.sh [all|ours|peers]     # default all
 # Knobs (environment): BUDGET (s), PEERS_RESERVE (s kept for the peers, default 170), SKIP (space-separated
 # step names: pytest kernels step_overhead latency latency_b64 throughput_1b serving throughput_8b tune_kernels peers),
-# PYTEST_ARGS (extra pytest arguments, e.g. "-k gpu"), SMOKE=1 (CPU smoke test of this script: tiny random model, few requests, peers with PEERS_TINY=1).
+# ENGINE_EXTRA (engine flags for our benchmarks, e.g. "--overlap-scheduling"), PYTEST_ARGS (extra pytest arguments, e.g. "-k gpu"), SMOKE=1 (CPU smoke test of this script: tiny random model, few requests, peers with PEERS_TINY=1).
 set -u
 cd "$(dirname "$0")/.."
 PART=${1:-all}
@@ -26,6 +26,7 @@ BUDGET=${BUDGET:-550}
 PEERS_RESERVE=${PEERS_RESERVE:-170}
 SMOKE=${SMOKE:-0}
 SKIP=" ${SKIP:-} "
+ENGINE_EXTRA=${ENGINE_EXTRA:-}  # engine flags for every benchmark of ours, e.g. "--overlap-scheduling"
 START=$(date +%s)
 [ "$PART" = ours ] && PEERS_RESERVE=0
 
@@ -77,7 +78,7 @@ main() {
   } 2>&1 | tee "$RAW/env_ours.txt"
 
   local dummy1=llama-3.2-1b dummy8=llama-3.1-8b dev=() nreq=256 lens=(100 1024) lat_iters=5 rates=4,16,inf nprom=32
-  local serve_extra="--dtype bfloat16 --max-model-len 2048"
+  local serve_extra="--dtype bfloat16 --max-model-len 2048 $ENGINE_EXTRA"
   if [ "$SMOKE" = 1 ]; then  # CPU: a tiny random model in the same shapes' spirit, few requests
     printf '%s' '{"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
       "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "rope_theta": 500000.0,
@@ -102,14 +103,14 @@ main() {
       fi
       step pytest 150 bash -c "set -o pipefail; $PY -m pytest ${tests[*]} ${PYTEST_ARGS:-} -q -p no:cacheprovider 2>&1 | tee $RAW/pytest.txt | tail -40"
       step kernels 60 $PY benchmarks/kernels.py
-      step step_overhead 40 $PY benchmarks/step_overhead.py
+      step step_overhead 40 $PY benchmarks/step_overhead.py $ENGINE_EXTRA
     fi
     step latency 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 1 --input-len 128 \
-      --output-len 256 --num-iters "$lat_iters" --json "$RAW/latency.json"
+      --output-len 256 --num-iters "$lat_iters" --json "$RAW/latency.json" $ENGINE_EXTRA
     step latency_b64 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 64 \
-      --input-len 128 --output-len 128 --num-iters "$lat_iters" --json "$RAW/latency_b64.json"
+      --input-len 128 --output-len 128 --num-iters "$lat_iters" --json "$RAW/latency_b64.json" $ENGINE_EXTRA
     step throughput_1b 100 $PY benchmarks/throughput.py --dummy --config "$dummy1" "${dev[@]}" --num-requests "$nreq" \
-      --input-len "${lens[@]}" --output-len "${lens[@]}" --seed 0 --json "$RAW/throughput_1b.json"
+      --input-len "${lens[@]}" --output-len "${lens[@]}" --seed 0 --json "$RAW/throughput_1b.json" $ENGINE_EXTRA
     if $PY -c "import fastapi, uvicorn, sse_starlette" 2>/dev/null; then
       step serving 90 $PY benchmarks/serving.py --launch --dummy-checkpoint "$dummy1" --serve-args "$serve_extra" \
         --request-rates "$rates" --num-prompts "$nprom" --input-len 128 --max-tokens 128 --launch-timeout 60 \
@@ -118,7 +119,7 @@ main() {
       echo "### serving: skipped (fastapi/uvicorn/sse_starlette do not import: carry .whl)"
     fi
     step throughput_8b 110 $PY benchmarks/throughput.py --dummy --config "$dummy8" "${dev[@]}" --num-requests "$nreq" \
-      --input-len "${lens[@]}" --output-len "${lens[@]}" --seed 0 --json "$RAW/throughput_8b.json"
+      --input-len "${lens[@]}" --output-len "${lens[@]}" --seed 0 --json "$RAW/throughput_8b.json" $ENGINE_EXTRA
     [ "$SMOKE" = 1 ] || step tune_kernels 170 $PY benchmarks/tune_kernels.py --decode-budget-s 70 --prefill-budget-s 90
   fi
   if [ "$PART" != ours ]; then

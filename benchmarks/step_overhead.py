@@ -50,10 +50,12 @@ def measure(llm, batch: int, steps: int, vocab: int) -> dict:
         walls.append(time.perf_counter() - t0)
     runner = engine.runner
     graphs = runner.graphs
-    size = graphs.padded_size(runner.prepare(engine.scheduler.schedule())) if graphs is not None else None
     seqs = list(engine.scheduler.running)
+    size = graphs.padded_size_for(len(seqs)) if graphs is not None else None
     for s in seqs:
         engine.abort(s.request_id)
+    while engine.has_unfinished():  # a step still in flight (overlap scheduling)
+        engine.step()
     if size is None:
         return {"batch": batch, "step_us": statistics.median(walls) * 1e6, "device_us": None, "host_us": None,
                 "graph": False}
@@ -89,6 +91,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--overlap-scheduling", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     from server.llm import LLM
@@ -99,7 +102,7 @@ def main(argv=None) -> list[dict]:
     if args.vocab:
         raw["vocab_size"] = args.vocab
     kw = dict(dtype=args.dtype, device=args.device, max_num_seqs=max(args.batch_sizes), max_model_len=1024,
-              gpu_memory_utilization=0.5)
+              gpu_memory_utilization=0.5, overlap_scheduling=args.overlap_scheduling)
     model = random_model(raw, args.dtype, args.device, "auto")
     llm = LLM(None, runner=ModelRunner(EngineConfig(**kw), None, model=model), tokenizer=NullTokenizer(), **kw)
     rows = [measure(llm, b, args.steps, raw["vocab_size"]) for b in args.batch_sizes]

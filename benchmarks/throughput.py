@@ -79,7 +79,8 @@ def build_llm(args, prompts, out_lens):
     kw = dict(dtype=args.dtype, device=device, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
               gpu_memory_utilization=args.gpu_memory_utilization, attention_backend=args.attention_backend,
-              max_model_len=max(max_len, args.block_size), block_size=args.block_size)
+              max_model_len=max(max_len, args.block_size), block_size=args.block_size,
+              overlap_scheduling=args.overlap_scheduling)
     if not args.dummy:
         return LLM(args.model, **kw)
     raw = PRESETS.get(args.config) or json.loads(Path(args.config).read_text())
@@ -199,6 +200,8 @@ def add_engine_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--kv-cache-memory", default="1GiB")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--overlap-scheduling", action="store_true",
+                    help="launch decode steps ahead of the host (EngineConfig.overlap_scheduling)")
 
 
 def main(argv=None) -> None:
