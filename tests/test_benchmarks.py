@@ -108,3 +108,12 @@ def test_serving_launches_a_dummy_checkpoint_server(tmp_path, shakespeare_text):
 
 def test_run_gpu_script_parses():
     subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "run_gpu.sh")], check=True)
+
+
+def test_profile_step_smoke(tmp_path):
+    """CPU: the profiler path and the table (self times, so the shares add up to the whole)."""
+    from benchmarks.profile_step import main
+    rows = main(["--layers", "1", "--vocab", "500", "--steps", "2", "--context", "16", "--device", "cpu",
+                 "--json", str(tmp_path / "p.json")])
+    assert rows and abs(sum(r["share"] for r in rows) - 1.0) < 1e-6
+    assert any("linear" in r["kernel"] or "mm" in r["kernel"] for r in rows[:10])

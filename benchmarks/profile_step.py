@@ -1,0 +1,99 @@
+"""Where a decode step's GPU time goes, kernel by kernel: the torch profiler over eager decode forwards.
+
+    python benchmarks/profile_step.py                         # Llama-3.2-1B shape, batch 1, context 256, CUDA
+    python benchmarks/profile_step.py --batch-size 64 --layers 16 --context 512
+
+Runs the model eagerly (so each kernel shows; a CUDA graph replays the same kernels back to back without
+the launch gaps) on random weights, after a prefill of `context` tokens per sequence, and prints the kernels
+sorted by device time per step, with the weight bytes each step must read and the copy-bandwidth time for
+them. JSON (the top rows) to --json or $OUT/profile_step.json. On CPU it profiles CPU time (smoke test).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from benchmarks.throughput import PRESETS, random_model  # noqa: E402
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="llama-3.2-1b", choices=list(PRESETS))
+    ap.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
+    ap.add_argument("--vocab", type=int, default=None, help="override the preset's vocab")
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    from model.batch import build_step_batch
+    from model.kv_cache import KVCache
+
+    dev = torch.device(args.device)
+    dtype = args.dtype or ("bfloat16" if dev.type == "cuda" else "float32")
+    raw = dict(PRESETS[args.config])
+    if args.layers:
+        raw["num_hidden_layers"] = args.layers
+    if args.vocab:
+        raw["vocab_size"] = args.vocab
+    model = random_model(raw, dtype, args.device, "auto")
+    bs, B, ctx = 16, args.batch_size, args.context
+    per_seq = -(-(ctx + args.steps + 1) // bs)
+    cache = KVCache.allocate(model.config, B * per_seq, bs, model.lm_head.weight.dtype, dev)
+    tables = [list(range(b * per_seq, (b + 1) * per_seq)) for b in range(B)]
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(10, raw["vocab_size"], (B, ctx), generator=g).tolist()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if dev.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.inference_mode():
+        model(build_step_batch(prompts, [0] * B, tables, bs, dev), cache)  # prefill
+        batches = [build_step_batch([[5 + b] for b in range(B)], [ctx + i] * B, tables, bs, dev)
+                   for i in range(args.steps + 3)]
+        for batch in batches[:3]:  # warm-up (compiles every kernel variant)
+            model(batch, cache)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        with torch.profiler.profile(activities=activities) as prof:
+            for batch in batches[3:]:
+                model(batch, cache)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+    # self times: a kernel's own device time (the ops above it have none of their own), or on CPU each op's
+    # time less its children's, so nothing is counted twice
+    def self_time(e) -> float:
+        if dev.type != "cuda":
+            return e.self_cpu_time_total
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+    events = sorted((e for e in prof.key_averages() if self_time(e) > 0), key=self_time, reverse=True)
+    total = sum(self_time(e) for e in events) / args.steps
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    rows = [{"kernel": e.key, "calls_per_step": e.count / args.steps, "us_per_step": self_time(e) / args.steps,
+             "share": self_time(e) / args.steps / total if total else 0.0} for e in events]
+    print(f"device {torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}; {args.config} shape, "
+          f"{raw['num_hidden_layers']} layers, vocab {raw['vocab_size']}, {dtype}; batch {B}, context {ctx}")
+    print(f"{'kernel':<70} {'calls/step':>10} {'us/step':>9} {'share':>6}")
+    for r in rows[:args.rows]:
+        print(f"{r['kernel'][:70]:<70} {r['calls_per_step']:>10.1f} {r['us_per_step']:>9.1f} {r['share']:>6.1%}")
+    print(f"total {'device' if dev.type == 'cuda' else 'CPU'} time per step {total:.1f} us over {len(events)} "
+          f"kinds of kernel; weights {weight_bytes / 1e9:.3f} GB per step")
+    path = args.json or (str(Path(os.environ["OUT"]) / "profile_step.json") if os.environ.get("OUT") else None)
+    if path:
+        Path(path).write_text(json.dumps({"args": vars(args), "total_us_per_step": total,
+                                          "weight_bytes": weight_bytes, "rows": rows[:60]}, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
