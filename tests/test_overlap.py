@@ -92,3 +92,44 @@ def test_abort_while_a_step_is_in_flight(tiny_llama_dir):
     assert all(len(got[k]) == 40 for k in ("0", "2", "3"))
     assert engine.allocator.num_free_blocks == engine.kv_capacity.num_blocks
     assert engine.counters.overlapped_steps > 0
+
+
+def test_a_step_that_fails_in_flight_ends_its_requests_and_the_engine_goes_on(tiny_llama_dir):
+    llm = make_llm(tiny_llama_dir, overlap=True)
+    engine, runner = llm.engine, llm.engine.runner
+    real, calls = runner.launch, []
+
+    class Lost:
+        graphed = True
+
+        def result(self):
+            raise RuntimeError("device lost")
+
+    def launch(sched):
+        pending = real(sched)
+        calls.append(pending.graphed)
+        return Lost() if sum(calls) == 4 else pending  # the 4th graphed step fails when it is waited for
+    runner.launch = launch
+    params = SamplingParams(temperature=0.0, max_new_tokens=30, ignore_eos=True)
+    for i, p in enumerate(engine_prompts(3, seed=9)):
+        engine.add_request(str(i), p, params)
+    last = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            last[o.request_id] = o
+    assert {o.finish_reason for o in last.values()} == {"error"}
+    assert all("device lost" in o.error for o in last.values())
+    assert engine.allocator.num_free_blocks == engine.kv_capacity.num_blocks
+    got = llm.generate(engine_prompts(2, seed=10), params)  # the engine goes on
+    assert [len(r.token_ids) for r in got] == [30, 30]
+
+
+def test_an_eager_step_refuses_a_token_the_host_has_not_seen(tiny_llama_dir):
+    from server.scheduler import ScheduledSeq, SchedulerOutput
+    from server.sequence import Sequence
+    runner = make_llm(tiny_llama_dir, overlap=False).engine.runner
+    seq = Sequence("x", [1, 5, 6], SamplingParams(max_new_tokens=4))
+    seq.token_ids.append(-1)
+    seq.num_computed_tokens = 2
+    with pytest.raises(RuntimeError, match="has not seen"):
+        runner.prepare(SchedulerOutput((ScheduledSeq(seq, 2, True, True),), 2))
