@@ -230,12 +230,14 @@ class DecodeGraphRunner:
             return None
         return self.padded_size_for(batch.num_seqs)
 
-    def publish_sampled(self, token_ids: torch.Tensor) -> "SampledIds":
-        """After a graphed step's sampling: its ids into `sampled` (the next graph's input) and, without
-        waiting, into pinned host memory; SampledIds.tolist() then waits for this step alone, not for
-        steps launched after it (a plain .tolist() would wait for the whole stream)."""
+    def publish_sampled(self, token_ids: torch.Tensor, ahead: bool) -> "SampledIds | torch.Tensor":
+        """A graphed step's ids into `sampled` (the next graph's input). With `ahead` (overlap scheduling) also
+        into pinned host memory, unwaited: SampledIds.tolist() then waits for this step alone, where the
+        device tensor's .tolist() (returned otherwise) would wait for every step queued after it too."""
         n = token_ids.shape[0]
         self.sampled[:n].copy_(token_ids)
+        if not ahead:
+            return token_ids
         k, self._sampled_turn = self._sampled_turn, self._sampled_turn ^ 1
         host = self._sampled_host[k][:n]
         host.copy_(token_ids, non_blocking=True)

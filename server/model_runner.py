@@ -209,7 +209,8 @@ class ModelRunner:
             if graphed:  # the next decode step's graph may read these before the host does
                 for row, seq in enumerate(sampling):
                     seq.sampled_row = row
-                return PendingStep(self.graphs.publish_sampled(token_ids), out, sampling, True)
+                ids = self.graphs.publish_sampled(token_ids, ahead=self.config.overlap_scheduling)
+                return PendingStep(ids, out, sampling, True, prompt_lp)
         return PendingStep(token_ids, out, sampling, False, prompt_lp)
 
     @staticmethod
