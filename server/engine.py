@@ -149,24 +149,22 @@ class LLMEngine:
 
     def _overlappable(self, sched: SchedulerOutput) -> bool:
         graphs = getattr(self.runner, "graphs", None)
-        return (graphs is not None and 0 < len(sched.scheduled) <= graphs.max_size
-                and all(s.num_new_tokens == 1 for s in sched.scheduled))
+        return graphs is not None and sched.decode_only and len(sched.scheduled) <= graphs.max_size
 
     def _launch(self, sched: SchedulerOutput) -> "_Launched | list[RequestOutput]":
         """Queue the step on the device; each sampling sequence gets a placeholder token (-1) that
         _complete fills, so the scheduler can plan the next step before the host sees this one's ids."""
         try:
-            pending = self.runner.launch(sched) if self._overlappable(sched) else _Ran(self.runner.execute(sched))
+            pending = self.runner.launch(sched)
         except Exception as exc:  # noqa: BLE001 - the step's requests fail, the engine goes on
             self.counters.failed_steps_in_a_row += 1
             return self._fail(sched, exc)
         self.counters.num_steps += 1
         self.scheduler.finish_step(sched)
         placeholders = []
-        for s in sched.scheduled:
-            if s.samples:
-                placeholders.append(len(s.seq.token_ids))
-                s.seq.token_ids.append(-1)
+        for seq in pending.sampling:
+            placeholders.append(len(seq.token_ids))
+            seq.token_ids.append(-1)
         return _Launched(sched, pending, placeholders)
 
     def _complete(self, launched: "_Launched") -> list[RequestOutput]:
@@ -181,7 +179,7 @@ class LLMEngine:
         now = time.monotonic()
         for seq, values in result.prompt_logprobs or ():
             seq.prompt_logprobs.extend(values)
-        sampled = [s.seq for s in launched.sched.scheduled if s.samples]
+        sampled = launched.pending.sampling
         logprobs = result.logprobs or [None] * len(sampled)
         outputs = []
         for seq, index, token_id, lp in zip(sampled, launched.placeholders, result.token_ids, logprobs):
@@ -246,15 +244,5 @@ class LLMEngine:
 @dataclass(frozen=True)
 class _Launched:
     sched: SchedulerOutput
-    pending: Any              # server.step_results.PendingStep, or _Ran
-    placeholders: list[int]   # index in seq.token_ids of each sampling sequence's placeholder
-
-
-@dataclass(frozen=True)
-class _Ran:
-    """A step that ran synchronously (runner.execute): its result is already on the host."""
-    output: Any
-    graphed: bool = False
-
-    def result(self) -> Any:
-        return self.output
+    pending: Any              # server.step_results.PendingStep (or a test's stand-in)
+    placeholders: list[int]   # index in seq.token_ids of each of pending.sampling's placeholder

@@ -2,7 +2,7 @@
 tensors from the scheduler's output, runs the forward under inference_mode, samples, and hands back host ids.
 
 One device->host transfer per step (the sampled ids), plus one for logprobs when a row asks for them.
-Decode-only steps replay a CUDA graph captured at start-up (server/cuda_graphs.py); `_forward` chooses.
+Decode-only steps replay a CUDA graph captured at start-up (server/cuda_graphs.py); `_replay_decode` decides.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from server.cuda_graphs import DecodeGraphRunner, capture_sizes, graph_memory_re
 from server.engine_config import EngineConfig
 from server.sampling_batch import build_sampling_tensors, only_argmax, profile_sampling_tensors
 from server.scheduler import SchedulerOutput
-from server.step_results import PendingStep, RunnerOutput
+from server.step_results import PendingStep
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +174,6 @@ class ModelRunner:
         return build_step_batch(token_ids, num_cached, tables, self.block_size, self.device,
                                 logits_indices=logits_rows)
 
-    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        return self.launch(sched).result()
-
     def launch(self, sched: SchedulerOutput) -> "PendingStep":
         """Queue the step's device work (forward, sampling) and return without waiting for it.
 
@@ -195,7 +192,7 @@ class ModelRunner:
                 rows, targets = (torch.tensor(x, dtype=torch.int64).to(self.device) for x in owed[:2])
                 prompt_lp = (self.model.token_logprobs(hidden, rows, targets), owed[2])
             elif not graphed:
-                logits = self._forward(self.prepare(sched))                    # [N, vocab] float32
+                logits = self.model(self.prepare(sched), self.kv_cache)        # [N, vocab] float32
             if not sampling:
                 return PendingStep(None, None, sampling, graphed, prompt_lp)
             out = None
@@ -217,6 +214,8 @@ class ModelRunner:
     def _prompt_logprob_rows(sched: SchedulerOutput) -> tuple[list[int], list[int], list] | None:
         """(rows of the step's flat batch, the prompt token each row predicts, [(sequence, count)]) for
         prompt logprobs still owed; None when no sequence in the step owes any."""
+        if not sched.has_prefill:  # a decode row sits past its prompt (a last 1-token chunk owes nothing)
+            return None
         rows: list[int] = []
         targets: list[int] = []
         owners = []
@@ -241,7 +240,7 @@ class ModelRunner:
         """A decode-only step that fits a captured size: its rows go from the sequences straight into the
         graphs' pinned staging (no StepBatch), then one replay. None: the step runs eagerly."""
         graphs = self.graphs
-        if graphs is None or any(s.num_new_tokens != 1 for s in sched.scheduled):
+        if graphs is None or not sched.decode_only:
             return None
         n = len(sched.scheduled)
         size = graphs.padded_size_for(n)
@@ -268,10 +267,3 @@ class ModelRunner:
         graphs.inputs.load_rows(ids, positions, slots, seq_lens, tables, size, src)
         picked = None if len(rows) == n else torch.tensor(rows, dtype=torch.int64).to(self.device)
         return graphs.replay(size, n, picked)
-
-    def _forward(self, batch: StepBatch) -> torch.Tensor:
-        """A decode-only step of at most the largest captured size replays a graph; the rest run eagerly."""
-        size = self.graphs.padded_size(batch) if self.graphs is not None else None
-        if size is None:
-            return self.model(batch, self.kv_cache)
-        return self.graphs.run(batch, size)

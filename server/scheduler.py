@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from functools import cached_property
 from typing import NamedTuple
 
 from server.blocks import BlockAllocator
@@ -34,6 +35,16 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
+
+    @cached_property
+    def decode_only(self) -> bool:
+        """Every sequence feeds one token (the shape a captured decode graph takes)."""
+        return bool(self.scheduled) and all(s.num_new_tokens == 1 for s in self.scheduled)
+
+    @cached_property
+    def has_prefill(self) -> bool:
+        """Some sequence is mid-prompt (or recomputing): only then can prompt logprobs be owed."""
+        return any(s.is_prefill for s in self.scheduled)
 
 
 class Scheduler:

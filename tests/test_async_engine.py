@@ -75,14 +75,14 @@ def test_overload_and_drain(tiny_llama_dir):
     import threading
     e = AsyncEngine(EngineConfig(model=str(tiny_llama_dir), max_waiting_requests=2, **CFG))
     e.start()
-    runner, real = e.engine.runner, e.engine.runner.execute
+    runner, real = e.engine.runner, e.engine.runner.launch
     entered, release = threading.Event(), threading.Event()
 
     def gated(sched):  # hold the engine thread inside a step so the queue fills deterministically
         entered.set()
         release.wait(10)
         return real(sched)
-    runner.execute = gated
+    runner.launch = gated
 
     async def main():
         streams = [e.add_request("o0", [1, 5, 6], SamplingParams(max_new_tokens=30, ignore_eos=True))]
@@ -113,7 +113,7 @@ def test_failing_step_fails_its_requests_and_engine_survives(tiny_llama_dir):
     e = AsyncEngine(EngineConfig(model=str(tiny_llama_dir), **CFG))
     e.start()
     runner = e.engine.runner
-    real = runner.execute
+    real = runner.launch
     calls = {"n": 0}
 
     def flaky(sched):
@@ -121,7 +121,7 @@ def test_failing_step_fails_its_requests_and_engine_survives(tiny_llama_dir):
         if calls["n"] == 2:
             raise Boom("bad request")
         return real(sched)
-    runner.execute = flaky
+    runner.launch = flaky
 
     async def main():
         bad = await collect(e.add_request("bad", [1, 5, 6], SamplingParams(max_new_tokens=5)))
@@ -132,7 +132,7 @@ def test_failing_step_fails_its_requests_and_engine_survives(tiny_llama_dir):
     assert good[-1].finish_reason == "length" and e.is_alive
     assert e.stats().num_free_blocks == e.stats().num_total_blocks
 
-    runner.execute = lambda sched: (_ for _ in ()).throw(Boom("device lost"))
+    runner.launch = lambda sched: (_ for _ in ()).throw(Boom("device lost"))
 
     async def doomed():
         return [await collect(e.add_request(f"d{i}", [1, 5], SamplingParams())) for i in range(3)]

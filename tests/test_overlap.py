@@ -99,8 +99,11 @@ def test_a_step_that_fails_in_flight_ends_its_requests_and_the_engine_goes_on(ti
     engine, runner = llm.engine, llm.engine.runner
     real, calls = runner.launch, []
 
-    class Lost:
+    class Lost:  # the step launched, then the device failed before its ids came back
         graphed = True
+
+        def __init__(self, pending):
+            self.sampling = pending.sampling
 
         def result(self):
             raise RuntimeError("device lost")
@@ -108,7 +111,7 @@ def test_a_step_that_fails_in_flight_ends_its_requests_and_the_engine_goes_on(ti
     def launch(sched):
         pending = real(sched)
         calls.append(pending.graphed)
-        return Lost() if sum(calls) == 4 else pending  # the 4th graphed step fails when it is waited for
+        return Lost(pending) if sum(calls) == 4 else pending  # the 4th graphed step fails when waited for
     runner.launch = launch
     params = SamplingParams(temperature=0.0, max_new_tokens=30, ignore_eos=True)
     for i, p in enumerate(engine_prompts(3, seed=9)):
