@@ -148,16 +148,7 @@ def bench_decode(bench: Bench, bandwidth: float, batch: int, context: int, heads
     kv_bytes = 2 * k.numel() * k.element_size()
     limit_us = kv_bytes / bandwidth * 1e6
     shape = f"B={batch} ctx={context} H={heads}/{kv_heads} D={head_dim} bs={block_size}"
-    q4 = q[:, :, None, :]  # [B, H, 1, D]
-    rows = []
-    for name, peer in sdpa_peers(bench).items():
-        try:
-            note, run = peer(q4, k, v, False)
-        except RuntimeError as exc:
-            print(f"  {name} unavailable for decode: {exc}".splitlines()[0], file=sys.stderr)
-            continue
-        rows.append(Row("decode", shape, ours_us, name + note, bench.time_us(run), limit_us))
-    return rows
+    return peer_rows(bench, "decode", shape, ours_us, limit_us, q[:, :, None, :], k, v, causal=False)  # q [B, H, 1, D]
 
 
 def bench_prefill(bench: Bench, tflops: float, batch: int, seq: int, heads: int, kv_heads: int,
@@ -179,14 +170,20 @@ def bench_prefill(bench: Bench, tflops: float, batch: int, seq: int, heads: int,
     limit_us = flops / tflops * 1e6
     shape = f"{batch}x{seq} H={heads}/{kv_heads} D={head_dim}"
     q4 = q.view(batch, seq, heads, head_dim).transpose(1, 2)  # [B, H, S, D]
+    return peer_rows(bench, "prefill", shape, ours_us, limit_us, q4, k, v, causal=True)
+
+
+def peer_rows(bench: Bench, kernel: str, shape: str, ours_us: float, limit_us: float, q4: torch.Tensor,
+              k: torch.Tensor, v: torch.Tensor, causal: bool) -> list[Row]:
+    """One table row per SDPA peer that can run this shape (q4 [B, H, S, D], k/v [B, KVH, S, D])."""
     rows = []
     for name, peer in sdpa_peers(bench).items():
         try:
-            note, run = peer(q4, k, v, True)
+            note, run = peer(q4, k, v, causal)
         except RuntimeError as exc:
-            print(f"  {name} unavailable for prefill: {exc}".splitlines()[0], file=sys.stderr)
+            print(f"  {name} unavailable for {kernel}: {exc}".splitlines()[0], file=sys.stderr)
             continue
-        rows.append(Row("prefill", shape, ours_us, name + note, bench.time_us(run), limit_us))
+        rows.append(Row(kernel, shape, ours_us, name + note, bench.time_us(run), limit_us))
     return rows
 
 

@@ -22,6 +22,22 @@ _E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 1
                 60.0, 120.0, 300.0)
 
 
+# (family, series, help, EngineStats field): read from the engine at each scrape
+_ENGINE_SERIES = (
+    (GaugeMetricFamily, "gqaserve_num_requests_running", "Sequences in the running batch", "num_running"),
+    (GaugeMetricFamily, "gqaserve_num_requests_waiting", "Requests queued for admission", "num_waiting"),
+    (GaugeMetricFamily, "gqaserve_kv_cache_usage_ratio", "Fraction of KV cache blocks in use (0..1)",
+     "kv_cache_usage"),
+    (GaugeMetricFamily, "gqaserve_kv_cache_free_blocks", "Free KV cache blocks", "num_free_blocks"),
+    (CounterMetricFamily, "gqaserve_prompt_tokens", "Prompt tokens prefilled", "prompt_tokens_total"),
+    (CounterMetricFamily, "gqaserve_generation_tokens", "Tokens generated", "generation_tokens_total"),
+    (CounterMetricFamily, "gqaserve_num_preemptions", "Sequences preempted for lack of KV blocks",
+     "num_preemptions_total"),
+    (CounterMetricFamily, "gqaserve_admission_rejections", "Requests the engine refused at admission",
+     "admission_rejections_total"),
+)
+
+
 class EngineStatsCollector(Collector):
     """Gauges and counters straight from engine.stats(); zeros while the model loads."""
 
@@ -30,23 +46,8 @@ class EngineStatsCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         s = self._stats()
-        get = (lambda name: float(getattr(s, name))) if s is not None else (lambda name: 0.0)
-        yield GaugeMetricFamily("gqaserve_num_requests_running", "Sequences in the running batch",
-                                value=get("num_running"))
-        yield GaugeMetricFamily("gqaserve_num_requests_waiting", "Requests queued for admission",
-                                value=get("num_waiting"))
-        yield GaugeMetricFamily("gqaserve_kv_cache_usage_ratio", "Fraction of KV cache blocks in use (0..1)",
-                                value=get("kv_cache_usage"))
-        yield GaugeMetricFamily("gqaserve_kv_cache_free_blocks", "Free KV cache blocks",
-                                value=get("num_free_blocks"))
-        yield CounterMetricFamily("gqaserve_prompt_tokens", "Prompt tokens prefilled",
-                                  value=get("prompt_tokens_total"))
-        yield CounterMetricFamily("gqaserve_generation_tokens", "Tokens generated",
-                                  value=get("generation_tokens_total"))
-        yield CounterMetricFamily("gqaserve_num_preemptions", "Sequences preempted for lack of KV blocks",
-                                  value=get("num_preemptions_total"))
-        yield CounterMetricFamily("gqaserve_admission_rejections", "Requests the engine refused at admission",
-                                  value=get("admission_rejections_total"))
+        for family, name, help_text, stat in _ENGINE_SERIES:
+            yield family(name, help_text, value=float(getattr(s, stat)) if s is not None else 0.0)
 
 
 class ServerMetrics:
