@@ -111,9 +111,9 @@ def test_run_gpu_script_parses():
 
 
 def test_profile_step_smoke(tmp_path):
-    """CPU: the profiler path and the table (self times, so the shares add up to the whole)."""
+    """CPU: the profiler path and the table; a 1-layer model at hidden size 2,048 spends its time in matmuls."""
     from benchmarks.profile_step import main
     rows = main(["--layers", "1", "--vocab", "500", "--steps", "2", "--context", "16", "--device", "cpu",
                  "--json", str(tmp_path / "p.json")])
-    assert rows and abs(sum(r["share"] for r in rows) - 1.0) < 1e-6
     assert any("linear" in r["kernel"] or "mm" in r["kernel"] for r in rows[:10])
+    assert json.loads((tmp_path / "p.json").read_text())["rows"][0]["kernel"] == rows[0]["kernel"]

@@ -50,7 +50,7 @@ def step(sched: Scheduler, model: FakeModel) -> SchedulerOutput:
     sched.finish_step(out)
     for s in out.scheduled:
         if s.samples:
-            s.seq.append_token(sampled[s.seq.request_id])
+            s.seq.token_ids.append(sampled[s.seq.request_id])
             if s.seq.num_output_tokens >= s.seq.params.max_new_tokens:
                 sched.finish(s.seq, "length")
     return out
