@@ -8,8 +8,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from server.generation import (ClientDisconnected, Collected, check_token_ids, collect_all, encode_prompt,
-                               new_request_id, submit_all, unless_disconnected)
+from server.completion_logprobs import CompletionPrompt, generated_logprobs, joined, prompt_logprobs
+from server.generation import (ClientDisconnected, Collected, check_token_ids, collect_all, delta_texts,
+                               encode_prompt, new_request_id, submit_all, unless_disconnected)
 from server.http_errors import ApiError
 from server.openai_common import (check_common, finish_reason, logprob_value, now_s, sampling_params,
                                   sse_choices, token_str, usage)
@@ -17,8 +18,8 @@ from server.outputs import RequestOutput, TokenLogprob
 from server.schemas_openai import ChatCompletionRequest, CompletionRequest
 from server.schemas_openai_out import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse,
                                        ChatDelta, ChatLogprobs, ChatMessageOut, ChatTokenLogprob,
-                                       CompletionChoice, CompletionLogprobs, CompletionResponse, ModelCard,
-                                       ModelList, OpenAIError, TopLogprob)
+                                       CompletionChoice, CompletionResponse, ModelCard, ModelList, OpenAIError,
+                                       TopLogprob)
 from server.sse import EventStreamResponse
 from server.state import ServerState
 
@@ -27,7 +28,7 @@ _ERRORS = {400: {"model": OpenAIError}, 404: {"model": OpenAIError}, 429: {"mode
 
 
 # completions ---------------------------------------------------------------------------------------------
-def _completion_prompts(state: ServerState, req: CompletionRequest) -> list[tuple[str, list[int]]]:
+def _completion_prompts(state: ServerState, req: CompletionRequest) -> list[CompletionPrompt]:
     raw = req.prompt
     if isinstance(raw, str):
         items: list = [raw]
@@ -41,24 +42,12 @@ def _completion_prompts(state: ServerState, req: CompletionRequest) -> list[tupl
     for i, item in enumerate(items):
         field = "prompt" if len(items) == 1 else f"prompt.{i}"
         if isinstance(item, str):
-            out.append((item, encode_prompt(state, item, field)))
+            out.append(CompletionPrompt(item, encode_prompt(state, item, field), False))
         else:
             ids = check_token_ids(state, list(item), field)
-            out.append((state.engine.tokenizer.decode(ids, skip_special_tokens=False) if req.echo else "", ids))
+            text = state.engine.tokenizer.decode(ids, skip_special_tokens=False) if req.echo else ""
+            out.append(CompletionPrompt(text, ids, True))
     return out
-
-
-def _completion_logprobs(state: ServerState, token_ids: list[int], lps: list[TokenLogprob],
-                         offset: int) -> CompletionLogprobs:
-    tokens = [token_str(state, t) for t in token_ids]
-    offsets = []
-    for t in tokens:
-        offsets.append(offset)
-        offset += len(t)
-    return CompletionLogprobs(
-        tokens=tokens, token_logprobs=[logprob_value(lp.logprob) for lp in lps],
-        top_logprobs=[{token_str(state, tid): logprob_value(v) for tid, v in lp.top} for lp in lps],
-        text_offset=offsets)
 
 
 async def completions(state: ServerState, request: Request, req: CompletionRequest) -> Response:
@@ -70,27 +59,35 @@ async def completions(state: ServerState, request: Request, req: CompletionReque
     state.require_ready()
     prompts = _completion_prompts(state, req)
     check_common(state, req, n * len(prompts))
-    jobs, echo = [], []
-    for p_index, (text, ids) in enumerate(prompts):
+    # echo with logprobs covers the prompt's tokens too, which the engine then scores
+    echo_logprobs = bool(req.echo) and req.logprobs is not None
+    jobs, prompt_of = [], []
+    for prompt in prompts:
         for i in range(n):
-            params = sampling_params(state, req, len(ids), max_tokens=req.max_tokens, max_tokens_field="max_tokens",
-                                     logprobs=req.logprobs, logprobs_field="logprobs", choice=i)
-            jobs.append((new_request_id("cmpl"), ids, params))
-            echo.append(text if req.echo else "")
+            params = sampling_params(state, req, len(prompt.token_ids), max_tokens=req.max_tokens,
+                                     max_tokens_field="max_tokens", logprobs=req.logprobs,
+                                     logprobs_field="logprobs", choice=i, prompt_logprobs=echo_logprobs)
+            jobs.append((new_request_id("cmpl"), prompt.token_ids, params))
+            prompt_of.append(prompt)
+    echo = [p.text if req.echo else "" for p in prompt_of]
     rid, created, model = new_request_id("cmpl"), now_s(), state.model_name
-    prompt_tokens = sum(len(ids) for _, ids in prompts)
+    prompt_tokens = sum(len(p.token_ids) for p in prompts)
     streams = submit_all(state, jobs)
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        sent = [False] * len(jobs)
+        sent_chars: list[int | None] = [None] * len(jobs)  # None until the choice's first chunk (the echo)
 
         def chunk(index: int, out: RequestOutput) -> CompletionResponse:
-            text = out.new_text if sent[index] else echo[index] + out.new_text
-            sent[index] = True
+            first = sent_chars[index] is None
+            text = (echo[index] + out.new_text) if first else out.new_text
+            start = len(echo[index]) if first else sent_chars[index]
+            sent_chars[index] = start + len(out.new_text)
             lp = None
             if req.logprobs is not None and out.new_logprobs:
-                lp = _completion_logprobs(state, out.new_token_ids, out.new_logprobs, 0)
+                lp = generated_logprobs(state, out.new_token_ids, delta_texts(out), out.new_logprobs, start)
+            if first and echo_logprobs:
+                lp = joined(prompt_logprobs(state, prompt_of[index], out.prompt_logprobs), lp)
             choice = CompletionChoice(index=index, text=text, logprobs=lp,
                                       finish_reason=finish_reason(out.finish_reason) if out.finished else None)
             return CompletionResponse(id=rid, created=created, model=model, choices=[choice])
@@ -108,7 +105,9 @@ async def completions(state: ServerState, request: Request, req: CompletionReque
     for index, got in enumerate(results):
         lp = None
         if req.logprobs is not None:
-            lp = _completion_logprobs(state, got.token_ids, got.logprobs, len(echo[index]))
+            lp = generated_logprobs(state, got.token_ids, got.token_texts, got.logprobs, len(echo[index]))
+        if echo_logprobs:
+            lp = joined(prompt_logprobs(state, prompt_of[index], got.prompt_logprobs), lp)
         choices.append(CompletionChoice(index=index, text=echo[index] + got.text, logprobs=lp,
                                         finish_reason=finish_reason(got.finish_reason)))
     body = CompletionResponse(id=rid, created=created, model=model, choices=choices,

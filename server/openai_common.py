@@ -42,7 +42,7 @@ def check_common(state: ServerState, req: SamplingFields, num_choices: int) -> N
 
 def sampling_params(state: ServerState, req: SamplingFields, prompt_len: int, *, max_tokens: int | None,
                     max_tokens_field: str, logprobs: int | None, logprobs_field: str,
-                    choice: int) -> SamplingParams:
+                    choice: int, prompt_logprobs: bool = False) -> SamplingParams:
     max_new = resolve_max_new_tokens(state, prompt_len, max_tokens, max_tokens_field, None)
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     # n > 1 with a seed: one reproducible but distinct stream per choice
@@ -55,7 +55,7 @@ def sampling_params(state: ServerState, req: SamplingFields, prompt_len: int, *,
         presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
         seed=seed, max_new_tokens=max_new, min_new_tokens=req.min_tokens or 0, stop=stop,
         stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=bool(req.ignore_eos), logprobs=logprobs,
-        skip_special_tokens=req.skip_special_tokens is not False)
+        skip_special_tokens=req.skip_special_tokens is not False, prompt_logprobs=prompt_logprobs)
 
 
 def token_str(state: ServerState, token_id: int) -> str:
