@@ -15,7 +15,8 @@ A 1-layer model makes the device work small, so what is left of the step is the 
 stream (tinyshakespeare through --tokenizer, else random ids), on the graph path's static buffers. It runs
 on any device, CPU included, so the engine's own Python cost per step can be measured and profiled without
 a GPU (--profile prints cProfile's top functions for one batch size). --tokenizer makes the detokenizer do
-real work (default: a tokenizer that decodes to nothing, as the throughput benchmarks use).
+real work (default: a tokenizer that decodes to nothing, as the throughput benchmarks use). --async-engine
+serves the same steps through AsyncEngine to asyncio streams, as the HTTP server does (mean step time).
 Writes JSON to --json or $OUT/step_overhead.json.
 """
 from __future__ import annotations
@@ -111,22 +112,52 @@ def measure(llm, batch: int, steps: int, vocab: int, profile: bool = False) -> d
         if profiler:
             profiler.disable()
         walls.append(time.perf_counter() - t0)
-    runner = engine.runner
-    graphs = runner.graphs
+    graphs = engine.runner.graphs
     seqs = list(engine.scheduler.running)
     size = graphs.padded_size_for(len(seqs)) if graphs is not None else None
     for s in seqs:
         engine.abort(s.request_id)
     while engine.has_unfinished():  # a step still in flight (overlap scheduling)
         engine.step()
-    step_us = statistics.median(walls) * 1e6
+    return with_device_time(engine.runner, batch, size, statistics.median(walls) * 1e6) | {"profiler": profiler}
+
+
+def measure_async(async_engine, batch: int, steps: int, vocab: int) -> dict:
+    """The same decode steps served through AsyncEngine: the engine thread also hands every output to an
+    asyncio stream that a consumer task drains, as the HTTP server does. Mean wall time per step."""
+    import asyncio
+    from server.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_new_tokens=steps + 6, ignore_eos=True)
+    g = torch.Generator().manual_seed(batch)
+    prompts = [torch.randint(10, vocab, (32,), generator=g).tolist() for _ in range(batch)]
+
+    async def run() -> tuple[float, int]:
+        streams = [async_engine.add_request(f"a{batch}-{i}", p, params) for i, p in enumerate(prompts)]
+        for _ in range(6):  # prefills and warm decode steps: every stream has its first outputs
+            for stream in streams:
+                await stream.__anext__()
+        steps0, t0 = async_engine.stats().num_steps, time.perf_counter()
+        for stream in streams:
+            async for _ in stream:
+                pass
+        return time.perf_counter() - t0, async_engine.stats().num_steps - steps0
+    elapsed, num_steps = asyncio.run(run())
+    graphs = async_engine.engine.runner.graphs
+    size = graphs.padded_size_for(batch) if graphs is not None else None
+    return with_device_time(async_engine.engine.runner, batch, size, elapsed / max(num_steps, 1) * 1e6)
+
+
+def with_device_time(runner, batch: int, size: int | None, step_us: float) -> dict:
+    """A result row: step_us, and when the step replays a graph, its device work timed back to back."""
     row = {"batch": batch, "padded": size, "step_us": step_us, "device_us": None, "host_us": None,
-           "graph": size is not None, "profiler": profiler}
+           "graph": size is not None}
     if size is None:
         return row
+    graphs = runner.graphs
     replay = graphs._replay[size]
 
-    def device_work():  # the steps above are greedy without logprobs: the runner's argmax-only path
+    def device_work():  # the steps are greedy without logprobs: the runner's argmax-only path
         replay()
         graphs.logits[:batch].argmax(dim=-1)
 
@@ -147,6 +178,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--host-only", action="store_true", help="no model: a scripted stand-in replay (any device)")
     ap.add_argument("--tokenizer", default=None, help="a model dir whose tokenizer detokenizes the outputs")
     ap.add_argument("--profile", type=int, default=None, metavar="BATCH", help="cProfile the steps of BATCH")
+    ap.add_argument("--async-engine", action="store_true",
+                    help="serve the steps through AsyncEngine and asyncio streams, as the HTTP server does")
     ap.add_argument("--overlap-scheduling", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -171,12 +204,24 @@ def main(argv=None) -> list[dict]:
         if runner.graphs is None:
             runner.use_graph_path_eagerly()
         install_host_only_replay(runner.graphs, token_script(tokenizer, raw["vocab_size"]))
-    llm = LLM(None, runner=runner, tokenizer=tokenizer, **kw)
-    rows = [measure(llm, b, args.steps, raw["vocab_size"], profile=b == args.profile) for b in args.batch_sizes]
+    if args.async_engine:
+        from server.async_engine import AsyncEngine
+        served = AsyncEngine(EngineConfig(**kw))
+        served.start(runner=runner, tokenizer=tokenizer)
+        try:
+            rows = [measure_async(served, b, args.steps, raw["vocab_size"]) | {"profiler": None}
+                    for b in args.batch_sizes]
+        finally:
+            served.shutdown()
+    else:
+        llm = LLM(None, runner=runner, tokenizer=tokenizer, **kw)
+        rows = [measure(llm, b, args.steps, raw["vocab_size"], profile=b == args.profile)
+                for b in args.batch_sizes]
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     what = "host only (no model)" if args.host_only else f"{args.config} shape, {args.layers} layer(s)"
     print(f"device {dev}; {what}, vocab {raw['vocab_size']}, {dtype}; tokenizer {args.tokenizer or 'none'}; "
-          f"overlap scheduling {'on' if args.overlap_scheduling else 'off'}")
+          f"overlap scheduling {'on' if args.overlap_scheduling else 'off'}; "
+          f"{'AsyncEngine + asyncio streams (mean)' if args.async_engine else 'LLMEngine.step (median)'}")
     print(f"{'batch':>6} {'padded':>7} {'step us':>9} {'device us':>10} {'host us':>8} {'target us':>10}")
     f = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
     for r in rows:

@@ -2,7 +2,9 @@
 
 The asyncio side only enqueues commands (add, abort) and reads streams; the engine thread owns every piece
 of engine state, applies commands between steps (so an abort frees blocks before the next step) and hands
-each RequestOutput to its stream with loop.call_soon_threadsafe. The event loop never waits on a step.
+each step's RequestOutputs to their streams with one loop.call_soon_threadsafe per event loop (not one per
+output: each call takes a lock and writes the loop's wake-up pipe, which at batch 64 cost the engine thread
+~0.8 ms per step, measured on CPU). The event loop never waits on a step.
 """
 from __future__ import annotations
 
@@ -150,14 +152,24 @@ class AsyncEngine:
 
     # ---- engine thread -----------------------------------------------------------------------------
     def _deliver(self, stream: RequestStream, out: RequestOutput) -> None:
-        def put() -> None:
+        self._deliver_all([(stream, out)])
+
+    def _deliver_all(self, deliveries: list[tuple[RequestStream, RequestOutput]]) -> None:
+        """Hand outputs to their streams: one callback per event loop, in order."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestOutput]]] = {}
+        for stream, out in deliveries:
+            by_loop.setdefault(stream._loop, []).append((stream, out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(self._put_all, items)
+            except RuntimeError:  # the client's event loop is closed: nobody is listening
+                pass
+
+    def _put_all(self, items: list[tuple[RequestStream, RequestOutput]]) -> None:  # on the event loop thread
+        for stream, out in items:
             stream.put(out)
             if out.finished:
                 self._streams.pop(out.request_id, None)
-        try:
-            stream._loop.call_soon_threadsafe(put)
-        except RuntimeError:  # the client's event loop is closed: nobody is listening
-            pass
 
     def _apply_commands(self, targets: dict[str, RequestStream]) -> None:
         while True:
@@ -193,10 +205,12 @@ class AsyncEngine:
                 if self.engine.counters.failed_steps_in_a_row >= MAX_FAILED_STEPS_IN_A_ROW:
                     # dead before these errors reach clients, so a retry gets EngineDeadError
                     self._dead = f"{MAX_FAILED_STEPS_IN_A_ROW} engine steps failed in a row"
+                deliveries = []
                 for out in outputs:
                     stream = targets.pop(out.request_id) if out.finished else targets.get(out.request_id)
                     if stream is not None:
-                        self._deliver(stream, out)
+                        deliveries.append((stream, out))
+                self._deliver_all(deliveries)
                 if self._dead:
                     break
         except Exception as exc:  # noqa: BLE001

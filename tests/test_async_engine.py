@@ -43,6 +43,30 @@ def test_streaming_deltas_concatenate_to_the_offline_text(engine, tiny_llama_dir
     assert engine.is_alive and engine.kv_capacity.num_blocks == s.num_total_blocks
 
 
+def test_one_wakeup_of_the_event_loop_per_step_not_per_output(engine):
+    """Each step's outputs cross to the event loop in one call_soon_threadsafe (a lock and a pipe write
+    each), however many requests produced a token in it."""
+    params = SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        calls = []
+        original = loop.call_soon_threadsafe
+
+        def counting(callback, *args, **kw):
+            calls.append(callback)
+            return original(callback, *args, **kw)
+        loop.call_soon_threadsafe = counting
+        steps0 = engine.stats().num_steps
+        streams = [engine.add_request(f"w{i}", [1, 5 + i, 6, 7], params) for i in range(6)]
+        outs = await asyncio.gather(*(collect(s) for s in streams))
+        await engine.wait_idle(5.0)
+        return outs, len(calls), engine.stats().num_steps - steps0
+    outs, wakeups, steps = asyncio.run(main())
+    assert all(len(o) == 12 and o[-1].finished for o in outs)  # 72 outputs in all
+    assert 0 < wakeups <= steps
+
+
 def test_abort_frees_blocks_and_ends_the_stream(engine):
     async def main():
         stream = engine.add_request("ab", [1, 5, 6, 7], SamplingParams(max_new_tokens=400, ignore_eos=True))

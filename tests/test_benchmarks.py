@@ -152,3 +152,11 @@ def test_host_only_replay_emits_the_script(tiny_llama_dir):
     assert graphs.logits.argmax(-1).tolist() == [11, 10 + (1 + 97) % 30]
     graphs._replay[1]()
     assert graphs.logits[:1].argmax(-1).tolist() == [12]
+
+
+def test_step_overhead_through_the_async_engine(tmp_path):
+    """--async-engine serves the same steps through AsyncEngine and asyncio streams."""
+    from benchmarks import step_overhead
+    rows = step_overhead.main(["--host-only", "--async-engine", "--device", "cpu", "--batch-sizes", "2", "--steps",
+                               "5", "--vocab", "300", "--json", str(tmp_path / "a.json")])
+    assert rows[0]["batch"] == 2 and rows[0]["padded"] == 2 and rows[0]["step_us"] > rows[0]["device_us"] > 0
