@@ -1,11 +1,12 @@
 """Kernel micro-benchmarks: ours vs the torch peers vs a roofline limit measured in the same run.
 
-    python benchmarks/kernels.py             # CUDA only: decode, prefill, rms_norm, silu_and_mul (bf16)
+    python benchmarks/kernels.py             # CUDA only: decode, prefill, rms_norm, silu_and_mul,
+                                             #   rotary+kv_write (bf16)
     python benchmarks/kernels.py --dry-run   # CPU smoke: tiny inputs, reference functions, no timing claims
 
 Timings are medians over CUDA-event runs after warm-up (triton.testing.do_bench, return_mode="median"),
-each size on fresh random inputs. Limits: decode and the small ops are memory bound (bytes / measured
-device-to-device copy bandwidth); prefill is compute bound (FLOPs / measured bf16 matmul throughput).
+each size on fresh random inputs. Limits: decode, the small ops and rotary+kv_write are memory bound (bytes /
+measured device-to-device copy bandwidth); prefill is compute bound (FLOPs / measured bf16 matmul throughput).
 Results go to a table on stdout and, with $OUT set (or --json PATH), to JSON.
 """
 from __future__ import annotations
@@ -206,6 +207,43 @@ def bench_small_ops(bench: Bench, bandwidth: float, tokens: int, hidden: int, in
     ]
 
 
+def bench_rotary_cache(bench: Bench, bandwidth: float, tokens: int, heads: int, kv_heads: int, head_dim: int,
+                       block_size: int, max_pos: int = 8192) -> Row:
+    """Rotary fused with the KV-cache write vs our two unfused kernels (apply_rotary, then write_kv_cache).
+
+    q, k, v are column slices of one [T, (H + 2 KVH) D] tensor, as the model's fused qkv matmul leaves
+    them; tokens land on shuffled slots of a cache with room for them all.
+    """
+    qkv = bench.randn(tokens, (heads + 2 * kv_heads) * head_dim)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k, v = (x.view(tokens, n, head_dim) for x, n in ((q, heads), (k, kv_heads), (v, kv_heads)))
+    positions = torch.randint(0, max_pos, (tokens,), device=bench.device)
+    freqs = torch.rand(max_pos, head_dim // 2, device=bench.device) * 6.3
+    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1)  # [max_pos, D] float32, as the model's
+    num_blocks = -(-tokens // block_size)
+    k_cache = bench.randn(num_blocks, block_size, kv_heads, head_dim)
+    v_cache = bench.randn(num_blocks, block_size, kv_heads, head_dim)
+    slots = torch.randperm(num_blocks * block_size, device=bench.device)[:tokens]
+    if bench.dry_run:
+        fused, rotate, write = ref.rotary_and_write_kv, ref.apply_rotary, ref.write_kv_cache
+    else:
+        from kernels.cache import write_kv_cache as write
+        from kernels.rotary import apply_rotary as rotate
+        from kernels.rotary_cache import rotary_and_write_kv as fused
+    # both allocate their outputs per call, as the attention layer runs them
+    ours = lambda: fused(q, k, v, positions, cos_sin, k_cache, v_cache, slots)  # noqa: E731
+
+    def unfused():
+        q_rot, k_rot = rotate(q, k, positions, cos_sin)
+        write(k_rot, v, k_cache, v_cache, slots)
+
+    el = qkv.element_size()
+    # read q, k, v and each token's cos/sin row (+ its position and slot); write q_out and the k, v cache rows
+    moved = tokens * ((2 * heads + 4 * kv_heads) * head_dim * el + head_dim * cos_sin.element_size() + 16)
+    return Row("rotary+kv_write", f"T={tokens} H={heads}/{kv_heads} D={head_dim} bs={block_size}",
+               bench.time_us(ours), "ours-unfused (2 kernels)", bench.time_us(unfused), moved / bandwidth * 1e6)
+
+
 def format_table(rows: list[Row]) -> str:
     head = ("kernel", "shape", "ours (us)", "peer", "peer (us)", "limit (us)", "ours/peer", "frac of limit")
     body = [(r.kernel, r.shape, f"{r.ours_us:.1f}", r.peer, f"{r.peer_us:.1f}", f"{r.limit_us:.1f}",
@@ -231,12 +269,15 @@ def main(argv: list[str] | None = None) -> list[Row]:
         rows += bench_decode(bench, bandwidth, 3, 40, heads, kv_heads, 16, 8)
         rows += bench_prefill(bench, tflops, 2, 24, heads, kv_heads, 16, 8)
         rows += bench_small_ops(bench, bandwidth, 5, 64, 96)
+        rows.append(bench_rotary_cache(bench, bandwidth, 7, heads, kv_heads, 16, 4))
     else:
         rows += bench_decode(bench, bandwidth, 64, 4096, heads, kv_heads, 128, 16)
         for head_dim in (128, 64):
             for batch, seq in ((8, 2048), (2, 8192)):
                 rows += bench_prefill(bench, tflops, batch, seq, heads, kv_heads, head_dim, 16)
         rows += bench_small_ops(bench, bandwidth, 4096, 4096, 14336)
+        for tokens in (4096, 64):  # prefill-like, decode-like (one captured step's launch)
+            rows.append(bench_rotary_cache(bench, bandwidth, tokens, heads, kv_heads, 128, 16))
     device = "cpu (dry run: reference functions, timings mean nothing)" if args.dry_run \
         else torch.cuda.get_device_name()
     print(f"device: {device}\ncopy bandwidth: {bandwidth / 1e9:.1f} GB/s, matmul: {tflops / 1e12:.1f} TFLOP/s")

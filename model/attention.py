@@ -37,20 +37,32 @@ class GQAAttention(nn.Module):
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=o_bias)
         self.split_sizes = (q_size, kv_size, kv_size)
 
-    def project_qkv(self, hidden: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor):
-        """hidden [T, hidden] -> q [T, H, D], k [T, KVH, D] (both rotated), v [T, KVH, D]."""
+    def split_qkv(self, hidden: torch.Tensor):
+        """hidden [T, hidden] -> q [T, H, D], k [T, KVH, D], v [T, KVH, D], unrotated.
+
+        Strided views of the one qkv matmul's output (column slices): the ops take strides, not copies.
+        """
         num_tokens = hidden.shape[0]
         q, k, v = self.qkv_proj(hidden).split(self.split_sizes, dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        return (q.view(num_tokens, self.num_heads, self.head_dim),
+                k.view(num_tokens, self.num_kv_heads, self.head_dim),
+                v.view(num_tokens, self.num_kv_heads, self.head_dim))
+
+    def project_qkv(self, hidden: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor):
+        """hidden [T, hidden] -> q [T, H, D], k [T, KVH, D] (both rotated), v [T, KVH, D].
+
+        For callers that want the rotated k itself (model/explain.py); forward never materialises it.
+        """
+        q, k, v = self.split_qkv(hidden)
         q, k = self.ops.apply_rotary(q, k, positions, cos_sin_cache)
         return q, k, v
 
     def forward(self, hidden: torch.Tensor, batch: StepBatch, kv: tuple[torch.Tensor, torch.Tensor],
                 cos_sin_cache: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.project_qkv(hidden, batch.positions, cos_sin_cache)
+        q, k, v = self.split_qkv(hidden)
         k_cache, v_cache = kv
-        self.ops.write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+        # One op (one launch on the Triton path): rotate q, and write rotated k and v to their cache slots.
+        q = self.ops.rotary_and_write_kv(q, k, v, batch.positions, cos_sin_cache, k_cache, v_cache,
+                                         batch.slot_mapping)
         out = self.ops.attend(q, k_cache, v_cache, batch, self.scale)  # [T, H, D]
         return self.o_proj(out.reshape(hidden.shape[0], self.num_heads * self.head_dim))
