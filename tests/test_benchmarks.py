@@ -93,6 +93,20 @@ def test_serving_against_live_server(tiny_llama_dir, tmp_path, capsys):
     assert json.loads(out.read_text())["rates"][1]["completed"] == 6
 
 
+def test_serving_deals_requests_to_client_processes():
+    """--client-processes 3: every request is sent once (by one of three spawned processes), on the shared
+    schedule, and the merged results count them all."""
+    from tests.live_server import fake_server
+    with fake_server(step_delay=0.001) as srv:
+        res = serving.main(["--base-url", srv.url, "--request-rates", "50", "--num-prompts", "7", "--input-len", "4",
+                            "--max-tokens", "6", "--vocab-size", "200", "--client-processes", "3"])
+        generated = srv.engine.stats().generation_tokens_total
+    row = res["rates"][0]
+    assert row["client_processes"] == 3 and 0 < row["client_cpu_busy"]
+    check_rates(res, 7, 6, ["50.0"])
+    assert generated == 7 * 6 + 2  # each request served once, plus the 2-token warm-up
+
+
 def test_serving_launches_a_dummy_checkpoint_server(tmp_path, shakespeare_text):
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(TINY_CONFIG))
