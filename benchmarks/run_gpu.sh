@@ -10,7 +10,7 @@
 #
 #   bash benchmarks/run_gpu.sh [all|ours|peers]     # default all
 # Knobs (environment): BUDGET (s), PEERS_RESERVE (s kept for the peers, default 170), SKIP (space-separated
-# step names: pytest kernels step_overhead profile latency latency_b64 throughput_1b serving throughput_8b tune_kernels peers),
+# step names: pytest kernels step_overhead host_overhead profile latency latency_b64 throughput_1b serving throughput_8b tune_kernels peers),
 # ENGINE_EXTRA (engine flags for our benchmarks, e.g. "--overlap-scheduling"), PYTEST_ARGS (extra pytest arguments, e.g. "-k gpu"), SMOKE=1 (CPU smoke test of this script: tiny random model, few requests, peers with PEERS_TINY=1).
 set -u
 cd "$(dirname "$0")/.."
@@ -104,6 +104,8 @@ main() {
       step pytest 150 bash -c "set -o pipefail; $PY -m pytest ${tests[*]} ${PYTEST_ARGS:-} -q -p no:cacheprovider 2>&1 | tee $RAW/pytest.txt | tail -40"
       step kernels 60 $PY benchmarks/kernels.py
       step step_overhead 40 $PY benchmarks/step_overhead.py $ENGINE_EXTRA
+      step host_overhead 30 $PY benchmarks/step_overhead.py --host-only --async-engine --batch-sizes 1 8 64 256 \
+        --steps 150 --json "$RAW/host_overhead.json" $ENGINE_EXTRA
       step profile 40 $PY benchmarks/profile_step.py --batch-size 1 --context 256
     fi
     step latency 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 1 --input-len 128 \
@@ -214,6 +216,9 @@ for r in kr:
 for r in g(data, "step_overhead", "rows") or []:
     row(f"decode step host us, 1 layer, B={r['batch']}", r["host_us"], None,
         f"step {f(r['step_us'])} us, device {f(r['device_us'])} us; target < 60")
+for r in g(data, "host_overhead", "rows") or []:
+    row(f"served step host us, no model, B={r['batch']}", r["host_us"], None,
+        "AsyncEngine + streams, stand-in replay (step_overhead.py --host-only --async-engine)")
 for r in (g(data, "profile_step", "rows") or [])[:8]:
     row(f"b1 decode kernel: {r['kernel'][:48]}", r["us_per_step"], None,
         f"{r['share']:.0%} of {f(g(data, 'profile_step', 'total_us_per_step'))} us/step, {r['calls_per_step']:.0f} calls")
