@@ -95,8 +95,10 @@ async def completions(state: ServerState, request: Request, req: CompletionReque
         def usage_chunk(u) -> CompletionResponse:
             return CompletionResponse(id=rid, created=created, model=model, choices=[], usage=u)
 
+        ids = [job[0] for job in jobs]
         return EventStreamResponse(sse_choices(streams, prompt_tokens, chunk,
-                                               usage_chunk if include_usage else None))
+                                               usage_chunk if include_usage else None),
+                                   more_ready=lambda: state.engine.outputs_ready(ids))
     try:
         results = await unless_disconnected(request, collect_all(streams))
     except ClientDisconnected:
@@ -191,8 +193,10 @@ async def chat_completions(state: ServerState, request: Request, req: ChatComple
         def usage_chunk(u) -> ChatCompletionChunk:
             return ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=u)
 
+        request_ids = [job[0] for job in jobs]
         return EventStreamResponse(sse_choices(streams, len(ids), chunk, usage_chunk if include_usage else None,
-                                               first=first))
+                                               first=first),
+                                   more_ready=lambda: state.engine.outputs_ready(request_ids))
     try:
         results: list[Collected] = await unless_disconnected(request, collect_all(streams))
     except ClientDisconnected:

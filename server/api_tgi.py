@@ -174,8 +174,10 @@ async def generate_stream(state: ServerState, body: GenerateRequest) -> Response
         raise ApiError("validation", "inputs: must be a single string when streaming", "inputs")
     state.require_ready()
     prep = prepare(state, body.inputs, body.parameters, want_logprobs=True)
-    stream = submit(state, prep.prompt_ids, prep.params, new_request_id("tgi"))
-    return EventStreamResponse(_events(state, prep, stream, body.parameters))
+    request_id = new_request_id("tgi")
+    stream = submit(state, prep.prompt_ids, prep.params, request_id)
+    return EventStreamResponse(_events(state, prep, stream, body.parameters),
+                               more_ready=lambda: state.engine.outputs_ready([request_id]))
 
 
 def tgi_router() -> APIRouter:

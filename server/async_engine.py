@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 
 from server.engine import LLMEngine
@@ -51,6 +52,10 @@ class RequestStream:
     def put(self, out: RequestOutput) -> None:  # on the event loop thread
         self._queue.put_nowait(out)
 
+    def ready(self) -> bool:
+        """An output is waiting: the next __anext__ returns at once."""
+        return not self._queue.empty()
+
     def __aiter__(self) -> "RequestStream":
         return self
 
@@ -69,6 +74,8 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, RequestStream] = {}  # touched only on the event loop thread
+        # the same streams until their readers drop them (a finished one may still hold unread outputs)
+        self._readable: weakref.WeakValueDictionary[str, RequestStream] = weakref.WeakValueDictionary()
         self._pending_adds = 0                        # adds enqueued, not yet in the scheduler
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -131,11 +138,17 @@ class AsyncEngine:
             raise OverloadedError(f"{self.config.max_waiting_requests} requests are already waiting; retry later")
         stream = RequestStream(request_id, asyncio.get_running_loop())
         self._streams[request_id] = stream
+        self._readable[request_id] = stream
         with self._lock:
             self._pending_adds += 1
         self._commands.put(("add", request_id, list(prompt_token_ids), params, stream))
         self._wake.set()
         return stream
+
+    def outputs_ready(self, request_ids: list[str]) -> bool:
+        """On the event loop thread: whether any of these requests has outputs waiting in its stream."""
+        streams = self._readable
+        return any(stream.ready() for stream in map(streams.get, request_ids) if stream is not None)
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))

@@ -1,7 +1,7 @@
 """Server-sent events: framing, and a response that always notices a client that went away."""
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import anyio
 from starlette.responses import StreamingResponse
@@ -22,8 +22,29 @@ class EventStreamResponse(StreamingResponse):
     iterator either way so its `finally` (which aborts the engine request) runs at once, not at GC.
     """
 
-    def __init__(self, events: AsyncIterator[str]):
+    def __init__(self, events: AsyncIterator[str], more_ready: Callable[[], bool] | None = None):
+        """more_ready: whether the requests behind `events` already have further outputs queued; while it
+        says so, events are gathered and go out in one body message (see stream_response)."""
         super().__init__(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        self.more_ready = more_ready
+
+    async def stream_response(self, send: Send) -> None:
+        """Starlette's, with coalescing: an event whose successors are already queued is held and written
+        with them, so a stream that fell behind catches up in one write (one send(2) and one pass through the
+        ASGI send chain) instead of one per token. A stream that keeps up sends every event at once, as
+        before. In a profile of 64 streams on a saturated CPU, per-event writes were half the event loop's time.
+        (An output that yields no event, e.g. an empty chat delta, can hold the one before it by one step.)"""
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        held: list[bytes] = []
+        async for chunk in self.body_iterator:
+            held.append(chunk if isinstance(chunk, bytes) else chunk.encode(self.charset))
+            if self.more_ready is not None and self.more_ready():
+                continue
+            await send({"type": "http.response.body", "body": b"".join(held), "more_body": True})
+            held.clear()
+        if held:
+            await send({"type": "http.response.body", "body": b"".join(held), "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:

@@ -148,6 +148,9 @@ class FakeAsyncEngine:
         self._tasks[request_id] = asyncio.ensure_future(self._run(request_id, prompt_token_ids, params, queue))
         return self._stream(queue)
 
+    def outputs_ready(self, request_ids: list[str]) -> bool:
+        return False  # every event goes out on its own (the real engine's coalescing is tested on it)
+
     def abort(self, request_id: str) -> None:
         with self._lock:
             self.aborted.append(request_id)

@@ -67,6 +67,30 @@ def test_one_wakeup_of_the_event_loop_per_step_not_per_output(engine):
     assert 0 < wakeups <= steps
 
 
+def test_sse_writes_outputs_queued_in_the_stream_together(engine):
+    """outputs_ready sees a request's queued outputs, so a response that fell behind writes them at once."""
+    from server.sse import EventStreamResponse
+    params = SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True)
+
+    async def main():
+        stream = engine.add_request("behind", [1, 5, 6, 7], params)
+        assert await engine.wait_idle(5.0)
+        await asyncio.sleep(0.05)  # the engine thread's deliveries run on this loop
+        assert engine.outputs_ready(["behind"]) and not engine.outputs_ready(["unknown"])
+
+        async def events():
+            async for out in stream:
+                yield f"data: {out.new_token_ids}\n\n"
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+        await EventStreamResponse(events(), lambda: engine.outputs_ready(["behind"])).stream_response(send)
+        return [m["body"] for m in sent if m["type"] == "http.response.body" and m["body"]]
+    writes = asyncio.run(main())
+    assert len(writes) == 1 and writes[0].count(b"data: [") == 8
+
+
 def test_abort_frees_blocks_and_ends_the_stream(engine):
     async def main():
         stream = engine.add_request("ab", [1, 5, 6, 7], SamplingParams(max_new_tokens=400, ignore_eos=True))

@@ -172,5 +172,6 @@ def test_step_overhead_through_the_async_engine(tmp_path):
     """--async-engine serves the same steps through AsyncEngine and asyncio streams."""
     from benchmarks import step_overhead
     rows = step_overhead.main(["--host-only", "--async-engine", "--device", "cpu", "--batch-sizes", "2", "--steps",
-                               "5", "--vocab", "300", "--json", str(tmp_path / "a.json")])
-    assert rows[0]["batch"] == 2 and rows[0]["padded"] == 2 and rows[0]["step_us"] > rows[0]["device_us"] > 0
+                               "20", "--vocab", "300", "--json", str(tmp_path / "a.json")])
+    assert rows[0]["batch"] == 2 and rows[0]["padded"] == 2 and rows[0]["step_us"] > 0 and rows[0]["device_us"] > 0
+    assert json.loads((tmp_path / "a.json").read_text())["args"]["async_engine"] is True

@@ -1,0 +1,38 @@
+"""EventStreamResponse: events already queued behind the one in hand go out in one write."""
+from __future__ import annotations
+
+import asyncio
+
+from server.sse import EventStreamResponse
+
+
+def body_writes(response: EventStreamResponse) -> list[bytes]:
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+    asyncio.run(response.stream_response(send))
+    assert sent[0]["type"] == "http.response.start" and sent[-1] == {
+        "type": "http.response.body", "body": b"", "more_body": False}
+    return [m["body"] for m in sent[1:-1]]
+
+
+async def numbered(n: int):
+    for i in range(n):
+        yield f"data: {i}\n\n"
+
+
+def test_held_while_more_are_ready_then_written_together():
+    ready = iter([True, True, False, True, False])
+    writes = body_writes(EventStreamResponse(numbered(5), more_ready=lambda: next(ready)))
+    assert writes == [b"data: 0\n\ndata: 1\n\ndata: 2\n\n", b"data: 3\n\ndata: 4\n\n"]
+
+
+def test_a_stream_that_keeps_up_writes_each_event():
+    assert body_writes(EventStreamResponse(numbered(3))) == [b"data: 0\n\n", b"data: 1\n\n", b"data: 2\n\n"]
+    assert len(body_writes(EventStreamResponse(numbered(3), more_ready=lambda: False))) == 3
+
+
+def test_events_held_at_the_end_are_flushed():
+    writes = body_writes(EventStreamResponse(numbered(4), more_ready=lambda: True))
+    assert writes == [b"data: 0\n\ndata: 1\n\ndata: 2\n\ndata: 3\n\n"]
