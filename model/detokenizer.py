@@ -26,10 +26,7 @@ REPLACEMENT_CHAR = "\ufffd"
 
 class Decoder(Protocol):
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
-
-
-class StreamingDecoder(Decoder, Protocol):
-    def decode_stream(self, skip_special_tokens: bool) -> Callable[[int], str | None]: ...
+    # optional: decode_stream(skip_special_tokens) -> step(token_id) -> str | None (model.tokenizer.Tokenizer)
 
 
 class IncrementalDetokenizer:

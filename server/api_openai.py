@@ -95,10 +95,10 @@ async def completions(state: ServerState, request: Request, req: CompletionReque
         def usage_chunk(u) -> CompletionResponse:
             return CompletionResponse(id=rid, created=created, model=model, choices=[], usage=u)
 
-        ids = [job[0] for job in jobs]
+        request_ids = [job[0] for job in jobs]
         return EventStreamResponse(sse_choices(streams, prompt_tokens, chunk,
                                                usage_chunk if include_usage else None),
-                                   more_ready=lambda: state.engine.outputs_ready(ids))
+                                   more_ready=lambda: state.engine.outputs_ready(request_ids))
     try:
         results = await unless_disconnected(request, collect_all(streams))
     except ClientDisconnected:

@@ -102,7 +102,6 @@ class Scheduler:
         prefills: list[Sequence] = []
         for s in self.running:
             (decodes if len(s.token_ids) - s.num_computed_tokens == 1 else prefills).append(s)
-        block_size = self.allocator.block_size
         for seq in decodes + prefills:  # (runs for every sequence every step: kept to plain arithmetic)
             if budget == 0:
                 break
@@ -113,13 +112,12 @@ class Scheduler:
                 continue  # its last token is in flight (overlap scheduling): nothing more to compute
             uncomputed = num_tokens - seq.num_computed_tokens
             n = min(uncomputed, budget)
-            if seq.num_computed_tokens + n > len(seq.block_table) * block_size:  # needs a new block
-                while not self.allocator.allocate_slots(seq, n):
-                    victim = self.running[-1]
-                    budget += self._preempt(victim, chosen)
-                    preempted.append(victim.request_id)
-                    if victim is seq:
-                        break
+            while not self.allocator.allocate_slots(seq, n):
+                victim = self.running[-1]
+                budget += self._preempt(victim, chosen)
+                preempted.append(victim.request_id)
+                if victim is seq:
+                    break
             if seq.status is SequenceStatus.RUNNING:
                 chosen[seq.request_id] = ScheduledSeq(seq, n, uncomputed > 1, n == uncomputed)
                 budget -= n
