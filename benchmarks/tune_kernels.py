@@ -3,9 +3,9 @@
     python benchmarks/tune_kernels.py [--decode-budget-s 80] [--prefill-budget-s 120]
 
 Decode: BLOCK_N x num_warps x num_stages (splits from the heuristic), then the split count with the best.
-Prefill: BLOCK_M x BLOCK_N x num_warps x num_stages. Timings as in kernels.py (do_bench median, bf16,
-fresh random inputs per shape). The chosen values then go into the launchers' defaults by hand, and
-kernels.py re-measures them against the peers. JSON to --json or $OUT/tune_kernels.json.
+Prefill: BLOCK_M x BLOCK_N x num_warps x num_stages, then the launch order (heavy_first) on the default
+and the best tiles. Timings as in kernels.py (do_bench median, bf16, fresh random inputs per shape). The
+chosen values then go into the launchers' defaults by hand, and kernels.py re-measures them against the peers. JSON to --json or $OUT/tune_kernels.json.
 """
 from __future__ import annotations
 
@@ -89,6 +89,12 @@ def main(argv=None) -> list[dict]:
         r["default_tflops"] = flops / (r["default_us"] * 1e-6) / 1e12
         print(f"{'':<49}TFLOP/s default {r['default_tflops']:.0f}, best {r['best_tflops']:.0f}")
         out.append(r)
+        # launch order (kernels/attention_prefill.py heavy_first) on the default and the best tiles;
+        # a few configs, so it runs even when the tile sweep used up its budget
+        orders = [dict(heavy_first=True), dict(r["best"], heavy_first=False), dict(r["best"], heavy_first=True)]
+        o = sweep("prefill", f"prefill {batch}x{seq} 32/8 d{head_dim} order", pre, orders, time.perf_counter() + 20)
+        o["best_tflops"] = flops / (o["best_us"] * 1e-6) / 1e12
+        out.append(o)
     path = args.json or (str(Path(os.environ["OUT"]) / "tune_kernels.json") if os.environ.get("OUT") else None)
     if path:
         Path(path).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": out}, indent=1))

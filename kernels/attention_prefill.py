@@ -71,11 +71,15 @@ def _prefill_kernel(Q, K, V, O, QUERY_START, SEQ_LENS, BLOCK_TABLES, qk_scale,
                     stride_bt,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    PRECISION: tl.constexpr):
-    # grid: (cdiv(max_query_len * GROUP, BLOCK_M), B, KVH)
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1)
-    kvh = tl.program_id(2)
+                    PRECISION: tl.constexpr, HEAVY_FIRST: tl.constexpr):
+    if HEAVY_FIRST:  # grid: (B, KVH, M tiles), last tiles (the most keys) launched first
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        pid_m = tl.num_programs(2) - 1 - tl.program_id(2)
+    else:  # grid: (M tiles = cdiv(max_query_len * GROUP, BLOCK_M), B, KVH)
+        pid_m = tl.program_id(0)
+        b = tl.program_id(1)
+        kvh = tl.program_id(2)
     q_start = tl.load(QUERY_START + b)
     q_len = tl.load(QUERY_START + b + 1) - q_start
     seq_len = tl.load(SEQ_LENS + b)
@@ -129,11 +133,15 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
                             scale: float, max_query_len: int, out: torch.Tensor | None = None,
                             block_m: int | None = None, block_n: int | None = None,
-                            num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
+                            num_warps: int = 4, num_stages: int | None = None,
+                            heavy_first: bool = False) -> torch.Tensor:
     """Causal attention of q [T, H, D] over the paged cache [num_blocks, block_size, KVH, D] -> [T, H, D].
 
     query_start_loc [B+1] int32, seq_lens [B] int32 (context after this step), block_tables [B, max_blocks].
     max_query_len is a host int (no device sync): it sizes the grid.
+    heavy_first launches every sequence's last query tiles (the most keys) first, as FlashAttention-2 orders
+    its work, so the light tiles fill the tail of the grid; the default order launches one (sequence, kv
+    head)'s tiles together, which shares their K/V in L2. Which wins is for benchmarks/tune_kernels.py on a GPU.
     """
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -156,12 +164,13 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if num_stages is None:
         num_stages = 3 if wide else 2
     assert min(block_m, block_n) >= 16, "tl.dot wants tiles of at least 16"
-    grid = (triton.cdiv(rows, block_m), batch, num_kv_heads)
+    tiles = triton.cdiv(rows, block_m)
+    grid = (batch, num_kv_heads, tiles) if heavy_first else (tiles, batch, num_kv_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, scale * LOG2E,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype), HEAVY_FIRST=heavy_first,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

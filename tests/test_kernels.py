@@ -86,13 +86,15 @@ def test_prefill_attention(batch, cfg, dtype):
     assert_close(out, ref.paged_attention(q, kc, vc, qsl, sl, bt, scale, max(new_lens)), dtype)
 
 
+@pytest.mark.parametrize("heavy_first", [False, True], ids=["tile-order", "heavy-first"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
-def test_prefill_small_tiles(dtype):
-    """Many query and key tiles per sequence: both loop phases and the tile edges."""
+def test_prefill_small_tiles(dtype, heavy_first):
+    """Many query and key tiles per sequence: both loop phases and the tile edges (in either launch order)."""
     new_lens, cached = [70, 33, 5], [21, 0, 40]
     q, kc, vc, qsl, sl, bt = make_paged(new_lens, cached, 8, 2, 32, 8, dtype, seed=7)
     out = torch.full_like(q, float("nan"))
-    paged_prefill_attention(q, kc, vc, qsl, sl, bt, 0.2, 70, out=out, block_m=16, block_n=16)
+    paged_prefill_attention(q, kc, vc, qsl, sl, bt, 0.2, 70, out=out, block_m=16, block_n=16,
+                            heavy_first=heavy_first)
     assert_close(out, ref.paged_attention(q, kc, vc, qsl, sl, bt, 0.2, 70), dtype)
 
 
@@ -218,6 +220,10 @@ def test_gpu_prefill_bf16(new_lens, cached, head_dim):
     scale = head_dim ** -0.5
     paged_prefill_attention(q, kc, vc, qsl, sl, bt, scale, max(new_lens), out=out)
     expect = ref.paged_attention(q, kc, vc, qsl, sl, bt, scale, max(new_lens))
+    assert not torch.isnan(out).any()
+    assert rel_error(out, expect) < 1e-2
+    out.fill_(float("nan"))
+    paged_prefill_attention(q, kc, vc, qsl, sl, bt, scale, max(new_lens), out=out, heavy_first=True)
     assert not torch.isnan(out).any()
     assert rel_error(out, expect) < 1e-2
 
