@@ -5,7 +5,8 @@
 Decode: BLOCK_N x num_warps x num_stages (splits from the heuristic), then the split count with the best.
 Prefill: BLOCK_M x BLOCK_N x num_warps x num_stages, then the launch order (heavy_first) on the default
 and the best tiles. Timings as in kernels.py (do_bench median, bf16, fresh random inputs per shape). The
-chosen values then go into the launchers' defaults by hand, and kernels.py re-measures them against the peers. JSON to --json or $OUT/tune_kernels.json.
+chosen values then go into the launchers' defaults by hand, and kernels.py re-measures them against the
+peers. JSON to --json or $OUT/tune_kernels.json.
 """
 from __future__ import annotations
 
