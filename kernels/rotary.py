@@ -11,17 +11,21 @@ import triton.language as tl
 
 
 @triton.jit
-def _rotate_heads(X, OUT, t, cos, sin, stride_xt, stride_xh, stride_ot, stride_oh,
-                  NUM_HEADS: tl.constexpr, H_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+def _rotate_rows(X, OUT, cos, sin, stride_xh, stride_oh,
+                 NUM_HEADS: tl.constexpr, H_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+    # X, OUT: one token's row of heads, [NUM_HEADS, 2 * HALF] at head stride stride_xh / stride_oh.
     h = tl.arange(0, H_PAD)
     i = tl.arange(0, HALF_PAD)
-    mask = (h < NUM_HEADS)[:, None] & (i < HALF)[None, :]  # [H_PAD, HALF_PAD]
-    base = X + t * stride_xt + h[:, None] * stride_xh + i[None, :]
-    x1 = tl.load(base, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(base + HALF, mask=mask, other=0.0).to(tl.float32)
-    out = OUT + t * stride_ot + h[:, None] * stride_oh + i[None, :]
-    tl.store(out, (x1 * cos - x2 * sin).to(OUT.dtype.element_ty), mask=mask)
-    tl.store(out + HALF, (x2 * cos + x1 * sin).to(OUT.dtype.element_ty), mask=mask)
+    mask = (h < NUM_HEADS)[:, None] & (i < HALF)[None, :]  # [H_PAD, HALF_PAD]: pads heads and HALF (D 80, 96)
+    src = X + h[:, None] * stride_xh + i[None, :]
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    # Round to the input's dtype first, then to OUT's. OUT may be a narrower KV cache (fp8, from
+    # kernels/rotary_cache.py): it then gets the same double rounding as rotating here and casting in the
+    # cache write. A no-op cast when the dtypes agree (q, or a cache in the model's dtype).
+    dst = OUT + h[:, None] * stride_oh + i[None, :]
+    tl.store(dst, (x1 * cos - x2 * sin).to(X.dtype.element_ty).to(OUT.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, (x2 * cos + x1 * sin).to(X.dtype.element_ty).to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -35,10 +39,10 @@ def _rotary_kernel(Q, K, QO, KO, POS, CS, stride_qt, stride_qh, stride_kt, strid
     i = tl.arange(0, HALF_PAD)
     cos = tl.load(CS + pos * stride_cs + i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
     sin = tl.load(CS + pos * stride_cs + HALF + i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
-    _rotate_heads(Q, QO, t, cos, sin, stride_qt, stride_qh, stride_qot, stride_qoh,
-                  NUM_HEADS, QH_PAD, HALF, HALF_PAD)
-    _rotate_heads(K, KO, t, cos, sin, stride_kt, stride_kh, stride_kot, stride_koh,
-                  NUM_KV_HEADS, KH_PAD, HALF, HALF_PAD)
+    _rotate_rows(Q + t * stride_qt, QO + t * stride_qot, cos, sin, stride_qh, stride_qoh,
+                 NUM_HEADS, QH_PAD, HALF, HALF_PAD)
+    _rotate_rows(K + t * stride_kt, KO + t * stride_kot, cos, sin, stride_kh, stride_koh,
+                 NUM_KV_HEADS, KH_PAD, HALF, HALF_PAD)
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,

@@ -13,23 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _rotate_rows(X, OUT, cos, sin, stride_xh, stride_oh,
-                 NUM_HEADS: tl.constexpr, H_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
-    # X, OUT: one token's row of heads, [NUM_HEADS, 2 * HALF] at head stride stride_xh / stride_oh.
-    h = tl.arange(0, H_PAD)
-    i = tl.arange(0, HALF_PAD)
-    mask = (h < NUM_HEADS)[:, None] & (i < HALF)[None, :]  # [H_PAD, HALF_PAD]: pads heads and HALF (D 80, 96)
-    src = X + h[:, None] * stride_xh + i[None, :]
-    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
-    # Round to the input's dtype first, then to OUT's: the unfused path stores the rotated k in k's dtype
-    # and the cache write casts that, so a narrower cache (fp8) sees the same double rounding. A no-op
-    # cast when the dtypes agree (q, or a cache in the model's dtype).
-    dst = OUT + h[:, None] * stride_oh + i[None, :]
-    tl.store(dst, (x1 * cos - x2 * sin).to(X.dtype.element_ty).to(OUT.dtype.element_ty), mask=mask)
-    tl.store(dst + HALF, (x2 * cos + x1 * sin).to(X.dtype.element_ty).to(OUT.dtype.element_ty), mask=mask)
+from kernels.rotary import _rotate_rows
 
 
 @triton.jit

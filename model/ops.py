@@ -16,7 +16,6 @@ class TorchOps:
     rms_norm = staticmethod(reference.rms_norm)
     silu_and_mul = staticmethod(reference.silu_and_mul)
     apply_rotary = staticmethod(reference.apply_rotary)
-    write_kv = staticmethod(reference.write_kv_cache)
     rotary_and_write_kv = staticmethod(reference.rotary_and_write_kv)
 
     @staticmethod
@@ -31,10 +30,9 @@ class TritonOps:
 
     def __init__(self) -> None:
         # Imported here so that CPU-only installs never need triton.
-        from kernels import activation, cache, dispatch, norm, rotary, rotary_cache
+        from kernels import activation, dispatch, norm, rotary, rotary_cache
         self.rms_norm = norm.rms_norm
         self.silu_and_mul = activation.silu_and_mul
-        self.write_kv = cache.write_kv_cache
         self.apply_rotary = rotary.apply_rotary
         self.rotary_and_write_kv = rotary_cache.rotary_and_write_kv
         self._dispatch = dispatch

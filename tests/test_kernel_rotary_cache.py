@@ -178,7 +178,7 @@ def test_model_forward_triton_equals_torch_and_unfused(tiny_llama_dir):
 
     def unfused(q, k, v, positions, cos_sin, k_cache, v_cache, slots):
         q, k = ops.apply_rotary(q, k, positions, cos_sin)
-        ops.write_kv(k, v, k_cache, v_cache, slots)
+        write_kv_cache(k, v, k_cache, v_cache, slots)
         return q
 
     ops.rotary_and_write_kv = unfused
