@@ -10,8 +10,8 @@
 #
 #   bash benchmarks/run_gpu.sh [all|ours|peers]     # default all
 # Knobs (environment): BUDGET (s), PEERS_RESERVE (s kept for the peers, default 170), SKIP (space-separated
-# step names: pytest kernels step_overhead host_overhead profile latency latency_b64 throughput_1b serving throughput_8b tune_kernels peers),
-# ENGINE_EXTRA (engine flags for our benchmarks, e.g. "--overlap-scheduling"), PYTEST_ARGS (extra pytest arguments, e.g. "-k gpu"), SMOKE=1 (CPU smoke test of this script: tiny random model, few requests, peers with PEERS_TINY=1).
+# step names: pytest kernels step_overhead host_overhead profile prefill_step latency latency_b64 throughput_1b serving throughput_8b tune_kernels peers),
+# ENGINE_EXTRA (engine flags for our benchmarks, e.g. "--no-overlap-scheduling"), PYTEST_ARGS (extra pytest arguments, e.g. "-k gpu"), SMOKE=1 (CPU smoke test of this script: tiny random model, few requests, peers with PEERS_TINY=1).
 set -u
 cd "$(dirname "$0")/.."
 PART=${1:-all}
@@ -26,7 +26,7 @@ BUDGET=${BUDGET:-550}
 PEERS_RESERVE=${PEERS_RESERVE:-170}
 SMOKE=${SMOKE:-0}
 SKIP=" ${SKIP:-} "
-ENGINE_EXTRA=${ENGINE_EXTRA:-}  # engine flags for every benchmark of ours, e.g. "--overlap-scheduling"
+ENGINE_EXTRA=${ENGINE_EXTRA:-}  # engine flags for every benchmark of ours, e.g. "--no-overlap-scheduling"
 START=$(date +%s)
 [ "$PART" = ours ] && PEERS_RESERVE=0
 
@@ -77,7 +77,7 @@ main() {
     git log -1 --format='commit %H %s' 2>/dev/null; git status --short 2>/dev/null | head -20
   } 2>&1 | tee "$RAW/env_ours.txt"
 
-  local dummy1=llama-3.2-1b dummy8=llama-3.1-8b dev=() nreq=256 lens=(100 1024) lat_iters=5 rates=4,16,inf nprom=32
+  local dummy1=llama-3.2-1b dummy8=llama-3.1-8b dev=() nreq=256 lens=(100 1024) lat_iters=5 rates=8,16,32,inf nprom=128
   local serve_extra="--dtype bfloat16 --max-model-len 2048 $ENGINE_EXTRA"
   if [ "$SMOKE" = 1 ]; then  # CPU: a tiny random model in the same shapes' spirit, few requests
     printf '%s' '{"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -107,6 +107,7 @@ main() {
       step host_overhead 30 $PY benchmarks/step_overhead.py --host-only --async-engine --batch-sizes 1 8 64 256 \
         --steps 150 --json "$RAW/host_overhead.json" $ENGINE_EXTRA
       step profile 40 $PY benchmarks/profile_step.py --batch-size 1 --context 256
+      step prefill_step 60 $PY benchmarks/prefill_step.py --prompt-len 128 --decodes 32 --profile $ENGINE_EXTRA
     fi
     step latency 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 1 --input-len 128 \
       --output-len 256 --num-iters "$lat_iters" --json "$RAW/latency.json" $ENGINE_EXTRA
@@ -222,6 +223,8 @@ for r in g(data, "host_overhead", "rows") or []:
 for r in (g(data, "profile_step", "rows") or [])[:8]:
     row(f"b1 decode kernel: {r['kernel'][:48]}", r["us_per_step"], None,
         f"{r['share']:.0%} of {f(g(data, 'profile_step', 'total_us_per_step'))} us/step, {r['calls_per_step']:.0f} calls")
+for name, c in (g(data, "prefill_step", "cases") or {}).items():
+    row(f"eager step ms, 1B, prompt 128: {name}", c["step_ms"], None, f"device {f(c['device_ms'], '{:.2f}')} ms")
 for r in g(data, "tune_kernels", "rows") or []:
     row(f"tuned {r['shape']} us (peer: defaults)", r["best_us"], r["default_us"], f"best {r['best']}")
 

@@ -180,7 +180,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--profile", type=int, default=None, metavar="BATCH", help="cProfile the steps of BATCH")
     ap.add_argument("--async-engine", action="store_true",
                     help="serve the steps through AsyncEngine and asyncio streams, as the HTTP server does")
-    ap.add_argument("--overlap-scheduling", action="store_true")
+    ap.add_argument("--overlap-scheduling", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     from model.tokenizer import Tokenizer

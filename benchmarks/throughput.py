@@ -200,7 +200,7 @@ def add_engine_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--kv-cache-memory", default="1GiB")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    ap.add_argument("--overlap-scheduling", action="store_true",
+    ap.add_argument("--overlap-scheduling", action=argparse.BooleanOptionalAction, default=True,
                     help="launch decode steps ahead of the host (EngineConfig.overlap_scheduling)")
 
 

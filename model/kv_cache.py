@@ -6,7 +6,7 @@ as block_size rows of head_dim, and the cache write is a scatter of T rows.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -16,6 +16,12 @@ from model.config import ModelConfig
 @dataclass(frozen=True)
 class KVCache:
     storage: torch.Tensor  # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+    # per-layer (k, v) views, made once: tensor indexing costs microseconds of host time per call, and an
+    # eager step asks for every layer's views
+    _layers: tuple = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "_layers", tuple((kv[0], kv[1]) for kv in self.storage.unbind(0)))
 
     @classmethod
     def allocate(cls, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
@@ -40,4 +46,4 @@ class KVCache:
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(k_cache, v_cache) of one layer, each [num_blocks, block_size, num_kv_heads, head_dim]."""
-        return self.storage[index, 0], self.storage[index, 1]
+        return self._layers[index]

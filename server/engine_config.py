@@ -51,10 +51,10 @@ class EngineConfig(BaseModel):
     seed: int = Field(0, ge=0, description="seed of the sampler's generator for requests without a seed")
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
     enforce_eager: bool = Field(False, description="never capture CUDA graphs")
-    overlap_scheduling: bool = Field(False, description="launch a decode step before the host has seen the "
+    overlap_scheduling: bool = Field(True, description="launch a decode step before the host has seen the "
                                      "previous one's tokens, so the host's bookkeeping overlaps the GPU "
-                                     "(decode-only steps on CUDA graphs; stops take effect a step later). "
-                                     "Off by default until its speed-up is measured on a GPU")
+                                     "(decode-only steps on CUDA graphs; stops take effect a step later; "
+                                     "H100, 1B shape: batch-64 decode 30.7k -> 37.5k tok/s)")
 
     @field_validator("block_size")
     @classmethod

@@ -175,3 +175,19 @@ def test_step_overhead_through_the_async_engine(tmp_path):
                                "20", "--vocab", "300", "--json", str(tmp_path / "a.json")])
     assert rows[0]["batch"] == 2 and rows[0]["padded"] == 2 and rows[0]["step_us"] > 0 and rows[0]["device_us"] > 0
     assert json.loads((tmp_path / "a.json").read_text())["args"]["async_engine"] is True
+
+
+def test_prefill_step_times_both_cases_on_cpu(tmp_path, capsys):
+    """The eager-step benchmark runs its prompt steps to their first token, with and without running
+    decodes, and leaves no request behind."""
+    from benchmarks import prefill_step
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(TINY_CONFIG))
+    res = prefill_step.main(["--config", str(cfg), "--device", "cpu", "--prompt-len", "24", "--decodes", "3",
+                             "--reps", "4", "--profile", "--json", str(tmp_path / "p.json")])
+    assert list(res["cases"]) == ["prefill alone", "prefill + 3 decodes"]
+    for case in res["cases"].values():
+        assert len(case["all_ms"]) == 4 and all(t > 0 for t in case["all_ms"])
+        assert case["device_ms"] is None  # CPU: not measured
+    assert json.loads((tmp_path / "p.json").read_text())["cases"].keys() == res["cases"].keys()
+    assert "cumtime" in capsys.readouterr().out  # the cProfile table
