@@ -12,9 +12,7 @@ Results go to a table on stdout and, with $OUT set (or --json PATH), to JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -27,6 +25,7 @@ if __package__ in (None, ""):  # run as a script: make the repo's packages impor
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from benchmarks.results import write_json  # noqa: E402
 
 from kernels import reference as ref  # noqa: E402
 
@@ -282,15 +281,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
         else torch.cuda.get_device_name()
     print(f"device: {device}\ncopy bandwidth: {bandwidth / 1e9:.1f} GB/s, matmul: {tflops / 1e12:.1f} TFLOP/s")
     print(format_table(rows))
-    target = args.json or (Path(os.environ["OUT"]) / "kernels.json" if os.environ.get("OUT") else None)
-    if target is not None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps({
-            "device": device, "dry_run": args.dry_run, "copy_bandwidth_gbps": bandwidth / 1e9,
-            "matmul_tflops": tflops / 1e12,
-            "rows": [asdict(r) | {"ours_over_peer": r.ours_over_peer, "fraction_of_limit": r.fraction_of_limit}
-                     for r in rows],
-        }, indent=2))
+    write_json({
+        "device": device, "dry_run": args.dry_run, "copy_bandwidth_gbps": bandwidth / 1e9,
+        "matmul_tflops": tflops / 1e12,
+        "rows": [asdict(r) | {"ours_over_peer": r.ours_over_peer, "fraction_of_limit": r.fraction_of_limit}
+                 for r in rows],
+    }, args.json, "kernels.json")
     return rows
 
 

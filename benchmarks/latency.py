@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -38,6 +37,7 @@ if __package__ in (None, ""):  # run as a script: make the repo's packages impor
 import torch  # noqa: E402
 
 from benchmarks.throughput import PRESETS, add_engine_arguments, build_llm  # noqa: E402
+from benchmarks.results import write_json  # noqa: E402
 
 
 def copy_bandwidth(device: torch.device, nbytes: int, reps: int = 10) -> float:
@@ -193,12 +193,7 @@ def main(argv=None) -> dict:
            "torch": torch.__version__,
            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
     print_table(res)
-    path = args.json
-    if not path and os.environ.get("OUT"):
-        path = str(Path(os.environ["OUT"]) / ("latency.json" if b == 1 else f"latency_b{b}.json"))
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps({"args": vars(args), **res}, indent=1, default=str))
+    write_json({"args": vars(args), **res}, args.json, "latency.json" if b == 1 else f"latency_b{b}.json")
     return res
 
 

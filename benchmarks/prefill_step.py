@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
-import os
 import pstats
 import statistics
 import sys
@@ -31,6 +30,7 @@ if __package__ in (None, ""):  # run as a script: make the repo's packages impor
 import torch  # noqa: E402
 
 from benchmarks.throughput import PRESETS, add_engine_arguments, build_llm  # noqa: E402
+from benchmarks.results import write_json  # noqa: E402
 
 
 def timed_prompt_step(engine, prompt: list[int], tag: str) -> float:
@@ -118,10 +118,7 @@ def main(argv=None) -> dict:
         print(f"{name:<26} | {c['step_ms']:7.2f} | {fmt(c['device_ms']):>9} | {fmt(c['host_ms']):>7}")
     res = {"args": vars(args), "device": str(device), "cases": cases,
            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
-    path = args.json or (str(Path(os.environ["OUT"]) / "prefill_step.json") if os.environ.get("OUT") else None)
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(res, indent=1, default=str))
+    write_json(res, args.json, "prefill_step.json")
     return res
 
 

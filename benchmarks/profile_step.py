@@ -11,8 +11,6 @@ them. JSON (the top rows) to --json or $OUT/profile_step.json. On CPU it profile
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -22,6 +20,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from benchmarks.throughput import PRESETS, random_model  # noqa: E402
+from benchmarks.results import write_json  # noqa: E402
 
 
 def main(argv=None) -> list[dict]:
@@ -88,10 +87,8 @@ def main(argv=None) -> list[dict]:
         print(f"{r['kernel'][:70]:<70} {r['calls_per_step']:>10.1f} {r['us_per_step']:>9.1f} {r['share']:>6.1%}")
     print(f"total {'device' if dev.type == 'cuda' else 'CPU'} time per step {total:.1f} us over {len(events)} "
           f"kinds of kernel; weights {weight_bytes / 1e9:.3f} GB per step")
-    path = args.json or (str(Path(os.environ["OUT"]) / "profile_step.json") if os.environ.get("OUT") else None)
-    if path:
-        Path(path).write_text(json.dumps({"args": vars(args), "total_us_per_step": total,
-                                          "weight_bytes": weight_bytes, "rows": rows[:60]}, indent=1))
+    write_json({"args": vars(args), "total_us_per_step": total, "weight_bytes": weight_bytes, "rows": rows[:60]},
+               args.json, "profile_step.json")
     return rows
 
 

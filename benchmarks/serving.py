@@ -41,6 +41,7 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.launch_server import LaunchedServer, write_dummy_checkpoint  # noqa: E402
+from benchmarks.results import write_json  # noqa: E402
 
 PERCENTILES = (50, 90, 99)
 
@@ -295,10 +296,7 @@ def main(argv=None) -> dict:
             res["serve_cmd"] = srv.cmd
     res["args"] = {k: (v if not isinstance(v, list) else [str(x) for x in v]) for k, v in vars(args).items()}
     print_table(res["rates"])
-    path = args.json or (str(Path(os.environ["OUT"]) / "serving.json") if os.environ.get("OUT") else None)
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(res, indent=1, default=str))
+    write_json(res, args.json, "serving.json")
     return res
 
 

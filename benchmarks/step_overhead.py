@@ -22,8 +22,6 @@ Writes JSON to --json or $OUT/step_overhead.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -35,6 +33,7 @@ if __package__ in (None, ""):  # run as a script: make the repo's packages impor
 import torch  # noqa: E402
 
 from benchmarks.throughput import PRESETS, NullTokenizer, random_model  # noqa: E402
+from benchmarks.results import write_json  # noqa: E402
 
 SHAKESPEARE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -233,9 +232,7 @@ def main(argv=None) -> list[dict]:
             print(f"\ncProfile of batch {r['batch']} ({args.steps} steps), by own time:")
             pstats.Stats(r["profiler"], stream=sys.stdout).sort_stats("tottime").print_stats(20)
         r.pop("profiler")
-    path = args.json or (str(Path(os.environ["OUT"]) / "step_overhead.json") if os.environ.get("OUT") else None)
-    if path:
-        Path(path).write_text(json.dumps({"args": vars(args), "device": dev, "rows": rows}, indent=1))
+    write_json({"args": vars(args), "device": dev, "rows": rows}, args.json, "step_overhead.json")
     return rows
 
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,6 +22,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from benchmarks.kernels import Bench, paged_inputs  # noqa: E402
+from benchmarks.results import write_json  # noqa: E402
 
 
 def sweep(name: str, shape: str, run, configs: list[dict], deadline: float) -> dict:
@@ -96,9 +95,7 @@ def main(argv=None) -> list[dict]:
         o = sweep("prefill", f"prefill {batch}x{seq} 32/8 d{head_dim} order", pre, orders, time.perf_counter() + 20)
         o["best_tflops"] = flops / (o["best_us"] * 1e-6) / 1e12
         out.append(o)
-    path = args.json or (str(Path(os.environ["OUT"]) / "tune_kernels.json") if os.environ.get("OUT") else None)
-    if path:
-        Path(path).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": out}, indent=1))
+    write_json({"device": torch.cuda.get_device_name(), "rows": out}, args.json, "tune_kernels.json")
     return out
 
 
