@@ -1,16 +1,17 @@
-"""Host time of an eager (not graph-captured) step: a prefill alone, and a prefill joining running decodes.
+"""Time of a step that carries a new prompt: alone, and joining running decodes; replayed from its token
+bucket's CUDA graph (server/prefill_graphs.py) and run eagerly, in one process on one engine.
 
     python benchmarks/prefill_step.py                       # Llama-3.2-1B shape, bf16, CUDA
     python benchmarks/prefill_step.py --decodes 32 --prompt-len 128 --profile
 
-Steps that carry prompt tokens run the model eagerly, one kernel launch at a time, so their wall time is
-the larger of the host's launch work and the device's work. In serving such a step is the inter-token
-latency every running request sees when a new one arrives. Per case:
+Eagerly, such a step launches its kernels one at a time from Python, so its wall time is the larger of
+the host's launch work and the device's work; replayed, it is the device's work plus the step's packing. In
+serving such a step is the inter-token latency every running request sees when a new one arrives. Per case:
   step_ms    median wall time of engine.step() for the step that carries the prompt (it ends in a sync)
   device_ms  the device time of that step's kernels (torch profiler, summed; CPU: not measured)
   host_ms    step_ms - device_ms, the time the device waits for the host
---profile prints cProfile's top functions over the prefill-alone steps. Writes JSON to --json or
-$OUT/prefill_step.json.
+and the ten largest kernels per case. --profile prints cProfile's top functions over eager prefill-alone
+steps. Writes JSON to --json or $OUT/prefill_step.json.
 """
 from __future__ import annotations
 
@@ -46,8 +47,10 @@ def timed_prompt_step(engine, prompt: list[int], tag: str) -> float:
             return dt
 
 
-def device_ms_of(fn, device: torch.device) -> float | None:
-    """Device time of fn's kernels, summed (torch profiler); None off CUDA."""
+def device_ms_of(fn, device: torch.device, top: dict | None = None) -> float | None:
+    """Device time of fn's kernels, summed (torch profiler); None off CUDA. Only the kernels' own events
+    count (device_type CUDA), so an op and the kernel it launched are not both counted. `top` collects
+    each kernel's ms (name -> list) for the table of the largest."""
     if device.type != "cuda":
         fn()
         return None
@@ -55,7 +58,10 @@ def device_ms_of(fn, device: torch.device) -> float | None:
     with torch.profiler.profile(activities=acts) as prof:
         fn()
         torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    for e in kernels if top is not None else ():
+        top.setdefault(e.key, []).append(e.self_device_time_total / 1e3)
+    return sum(e.self_device_time_total for e in kernels) / 1e3
 
 
 def run_case(engine, prompts, num_decodes: int, reps: int, tag: str, measure=None) -> list:
@@ -93,30 +99,54 @@ def main(argv=None) -> dict:
     llm = build_llm(SimpleNamespace(**{**vars(args), "dummy": True}), prompts, [4 * args.reps + 128])
     engine = llm.engine
     device = engine.runner.device
+    if device.type != "cuda" and args.prefill_graphs:  # CPU: the graphs' static path, the model as "replay"
+        engine.runner.use_graph_path_eagerly()
+    graphs = engine.runner.prefill_graphs  # None with --no-prefill-graphs: eager cases only
     names = {"prefill alone": 0, f"prefill + {args.decodes} decodes": args.decodes}
-    cases = {}
+    modes = ["eager"] if graphs is None else ["graph" if device.type == "cuda" else "static", "eager"]
+    cases, kernels = {}, {}
+
+    def each_case(body):  # the same engine with its prefill graphs, then without (same weights and cache)
+        for mode in modes:
+            engine.runner.prefill_graphs = None if mode == "eager" else graphs
+            for name, n in names.items():
+                body(f"{name}, {mode}", n)
+        engine.runner.prefill_graphs = graphs
+
+    def timed(case, n):
+        ms = [t * 1e3 for t in run_case(engine, prompts, n, args.reps, f"t{case}")]
+        cases[case] = {"step_ms": statistics.median(ms), "all_ms": ms}
+
+    def profiled(case, n):
+        top = kernels.setdefault(case, {})
+        dev = run_case(engine, prompts, n, 3, f"d{case}", measure=lambda step: device_ms_of(step, device, top))
+        d = None if dev[0] is None else statistics.median(dev)
+        cases[case].update(device_ms=d, host_ms=None if d is None else cases[case]["step_ms"] - d)
+
     with torch.inference_mode():
         run_case(engine, prompts, 0, 3, "warm")
         # wall times first: a torch profiler session can leave the launch path slower for the process after it
-        for name, n in names.items():
-            ms = [t * 1e3 for t in run_case(engine, prompts, n, args.reps, f"t{n}")]
-            cases[name] = {"step_ms": statistics.median(ms), "all_ms": ms}
+        each_case(timed)
         prof = None
         if args.profile:
+            engine.runner.prefill_graphs = None  # the eager step's host work is what cProfile can show
             prof = cProfile.Profile()
             run_case(engine, prompts, 0, args.reps, "cprof", measure=lambda step: (prof.enable(), step(), prof.disable()))
-        for name, n in names.items():
-            dev = run_case(engine, prompts, n, 3, f"d{n}", measure=lambda step: device_ms_of(step, device))
-            d = None if dev[0] is None else statistics.median(dev)
-            cases[name].update(device_ms=d, host_ms=None if d is None else cases[name]["step_ms"] - d)
+        each_case(profiled)
     if prof is not None:
         pstats.Stats(prof).sort_stats("tottime").print_stats(30)
     fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+    for case, top in kernels.items():
+        if top:
+            print(f"largest kernels, {case} (ms per step, median of 3):")
+            for k, v in sorted(top.items(), key=lambda kv: -statistics.median(kv[1]))[:10]:
+                print(f"  {statistics.median(v):7.3f}  {k[:100]}")
     print(f"prompt {args.prompt_len} tokens, {args.config}, device {device}")
-    print(f"{'case':<26} | step ms | device ms | host ms")
+    print(f"{'case':<34} | step ms | device ms | host ms")
     for name, c in cases.items():
-        print(f"{name:<26} | {c['step_ms']:7.2f} | {fmt(c['device_ms']):>9} | {fmt(c['host_ms']):>7}")
-    res = {"args": vars(args), "device": str(device), "cases": cases,
+        print(f"{name:<34} | {c['step_ms']:7.2f} | {fmt(c['device_ms']):>9} | {fmt(c['host_ms']):>7}")
+    res = {"args": vars(args), "device": str(device), "cases": cases, "kernels_ms": kernels,
+           "prefill_graph_replays": None if graphs is None else dict(graphs.replays),
            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
     write_json(res, args.json, "prefill_step.json")
     return res

@@ -80,7 +80,7 @@ def build_llm(args, prompts, out_lens):
               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
               gpu_memory_utilization=args.gpu_memory_utilization, attention_backend=args.attention_backend,
               max_model_len=max(max_len, args.block_size), block_size=args.block_size,
-              overlap_scheduling=args.overlap_scheduling)
+              overlap_scheduling=args.overlap_scheduling, prefill_graphs=args.prefill_graphs)
     if not args.dummy:
         return LLM(args.model, **kw)
     raw = PRESETS.get(args.config) or json.loads(Path(args.config).read_text())
@@ -202,6 +202,8 @@ def add_engine_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--overlap-scheduling", action=argparse.BooleanOptionalAction, default=True,
                     help="launch decode steps ahead of the host (EngineConfig.overlap_scheduling)")
+    ap.add_argument("--prefill-graphs", action=argparse.BooleanOptionalAction, default=True,
+                    help="CUDA graphs for steps with prompt tokens too (EngineConfig.prefill_graphs)")
 
 
 def main(argv=None) -> None:

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.prefill_tiles import prefill_block_m
+
 LOG2E = 1.4426950408889634
 
 
@@ -63,7 +65,7 @@ def _attend_tile(acc, m_i, l_i, q, K, V, bt_row, kvh, start_n, kv_end, q_pos, d,
 
 
 @triton.jit
-def _prefill_kernel(Q, K, V, O, QUERY_START, SEQ_LENS, BLOCK_TABLES, qk_scale,
+def _prefill_kernel(Q, K, V, O, QUERY_START, SEQ_LENS, BLOCK_TABLES, TILES, qk_scale,
                     stride_qt, stride_qh, stride_qd,
                     stride_kb, stride_ks, stride_kh, stride_kd,
                     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -71,20 +73,24 @@ def _prefill_kernel(Q, K, V, O, QUERY_START, SEQ_LENS, BLOCK_TABLES, qk_scale,
                     stride_bt,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    PRECISION: tl.constexpr, HEAVY_FIRST: tl.constexpr):
-    if HEAVY_FIRST:  # grid: (B, KVH, M tiles), last tiles (the most keys) launched first
+                    PRECISION: tl.constexpr, HEAVY_FIRST: tl.constexpr, USE_TILES: tl.constexpr):
+    if USE_TILES:  # grid: (entries of TILES, KVH); entry = (sequence, first packed row), see prefill_tiles.py
+        pid = tl.program_id(0)
+        b = tl.load(TILES + 2 * pid)
+        row0 = tl.load(TILES + 2 * pid + 1)
+        kvh = tl.program_id(1)
+    elif HEAVY_FIRST:  # grid: (B, KVH, M tiles), last tiles (the most keys) launched first
         b = tl.program_id(0)
         kvh = tl.program_id(1)
-        pid_m = tl.num_programs(2) - 1 - tl.program_id(2)
+        row0 = (tl.num_programs(2) - 1 - tl.program_id(2)) * BLOCK_M
     else:  # grid: (M tiles = cdiv(max_query_len * GROUP, BLOCK_M), B, KVH)
-        pid_m = tl.program_id(0)
+        row0 = tl.program_id(0) * BLOCK_M
         b = tl.program_id(1)
         kvh = tl.program_id(2)
     q_start = tl.load(QUERY_START + b)
     q_len = tl.load(QUERY_START + b + 1) - q_start
     seq_len = tl.load(SEQ_LENS + b)
     ctx = seq_len - q_len  # tokens already in the cache before this step's queries
-    row0 = pid_m * BLOCK_M
     if row0 < q_len * GROUP:
         rows = row0 + tl.arange(0, BLOCK_M)  # [BLOCK_M] packed (token, head-in-group)
         tok = rows // GROUP
@@ -134,7 +140,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             scale: float, max_query_len: int, out: torch.Tensor | None = None,
                             block_m: int | None = None, block_n: int | None = None,
                             num_warps: int = 4, num_stages: int | None = None,
-                            heavy_first: bool = False) -> torch.Tensor:
+                            heavy_first: bool = False, tiles: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of q [T, H, D] over the paged cache [num_blocks, block_size, KVH, D] -> [T, H, D].
 
     query_start_loc [B+1] int32, seq_lens [B] int32 (context after this step), block_tables [B, max_blocks].
@@ -142,6 +148,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     heavy_first launches every sequence's last query tiles (the most keys) first, as FlashAttention-2 orders
     its work, so the light tiles fill the tail of the grid; the default order launches one (sequence, kv
     head)'s tiles together, which shares their K/V in L2. Which wins is for benchmarks/tune_kernels.py on a GPU.
+    tiles (int32, 2 * entries, from kernels/prefill_tiles.tile_map with this block_m) replaces the grid that
+    max_query_len would size: a CUDA graph's grid stays fixed while its steps' queries change.
     """
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -153,24 +161,29 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if num_tokens == 0 or batch == 0 or max_query_len == 0:
         return out
     d_pad = max(16, triton.next_power_of_2(head_dim))
-    rows = max_query_len * group
     # Tiles from benchmarks/tune_kernels.py on an H100, 8 x 2,048 causal, 32/8 heads, bf16: head dim 128
     # best at 128 x 32, 4 warps, 3 stages (311 TFLOP/s); 64 at 64 x 64, 4 warps, 2 stages (304).
     wide = d_pad >= 128
     if block_m is None:
-        block_m = 16 if rows < 64 else 128 if wide and rows >= 128 else 64
+        assert tiles is None, "a tile map is made for one block_m: pass it"
+        block_m = prefill_block_m(max_query_len * group, head_dim)
     if block_n is None:
         block_n = 32 if wide else 64
     if num_stages is None:
         num_stages = 3 if wide else 2
     assert min(block_m, block_n) >= 16, "tl.dot wants tiles of at least 16"
-    tiles = triton.cdiv(rows, block_m)
-    grid = (batch, num_kv_heads, tiles) if heavy_first else (tiles, batch, num_kv_heads)
+    num_m = triton.cdiv(max_query_len * group, block_m)
+    if tiles is not None:
+        grid = (tiles.shape[0] // 2, num_kv_heads)
+    else:
+        grid = (batch, num_kv_heads, num_m) if heavy_first else (num_m, batch, num_kv_heads)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, scale * LOG2E,
+        q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables,
+        query_start_loc if tiles is None else tiles, scale * LOG2E,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype), HEAVY_FIRST=heavy_first,
+        USE_TILES=tiles is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -21,6 +21,11 @@ class StepBatch:
     logits_indices: torch.Tensor   # [N] int64, rows of T whose logits are wanted (usually each seq's last)
     max_query_len: int             # host copy of max(new tokens per sequence)
     max_seq_len: int               # host copy of max(seq_lens)
+    # A graph-captured step with prompt tokens (server/prefill_graphs.py) fixes the prefill attention's work
+    # list instead of letting max_query_len size its grid: [2 * entries] int32 (kernels/prefill_tiles.py),
+    # made for tiles of attention_tile_rows packed rows. None: the launcher sizes its own grid.
+    attention_tiles: torch.Tensor | None = None
+    attention_tile_rows: int = 0
 
     @property
     def num_tokens(self) -> int:

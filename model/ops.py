@@ -40,7 +40,8 @@ class TritonOps:
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: StepBatch,
                scale: float) -> torch.Tensor:
         return self._dispatch.paged_attention(q, k_cache, v_cache, batch.query_start_loc, batch.seq_lens,
-                                              batch.block_tables, scale, batch.max_query_len, batch.max_seq_len)
+                                              batch.block_tables, scale, batch.max_query_len, batch.max_seq_len,
+                                              tiles=batch.attention_tiles, tile_rows=batch.attention_tile_rows)
 
 
 def make_ops(name: str, device: torch.device) -> "TorchOps | TritonOps":

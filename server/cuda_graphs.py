@@ -19,8 +19,7 @@ shared static buffer [max_size, vocab], so the pool holds only transient activat
 reserves a measured decode-step peak for this pool before it sizes the KV cache and captures after
 allocating the KV cache (see ModelRunner).
 
-Without CUDA the same static-buffer path runs with the eager model as its "replay" (capture=False): the
-CPU tests drive exactly the padding and copy logic the graphs replay.
+Without CUDA the same static-buffer path runs with the eager model as its "replay" (use_eager).
 """
 from __future__ import annotations
 
@@ -149,7 +148,7 @@ class DecodeInputs:
         self._dev32[:end].copy_(self._host32[k][:end], non_blocking=True)
 
     def load(self, batch: StepBatch, size: int) -> None:
-        """load_rows from a device StepBatch (tests and callers that already built one; syncs to read it)."""
+        """load_rows from a device StepBatch (tests; syncs to read it)."""
         width = batch.block_tables.shape[1]
         self.load_rows(batch.input_ids.tolist(), batch.positions.tolist(), batch.slot_mapping.tolist(),
                        batch.seq_lens.tolist(), [row[:width] for row in batch.block_tables.tolist()], size)
@@ -197,8 +196,9 @@ class DecodeGraphRunner:
         self._replay = {s: (lambda s=s: self._step(s)) for s in self.sizes}
         return self
 
-    def capture(self) -> "DecodeGraphRunner":
-        """Warm up every size on a side stream (compiles each kernel variant), then capture largest first."""
+    def capture(self, pool=None) -> "DecodeGraphRunner":
+        """Warm up every size on a side stream (compiles each kernel variant), then capture largest first
+        (into `pool` if given: the prefill graphs share it, see ModelRunner)."""
         assert self.device.type == "cuda", "CUDA graphs need a CUDA device"
         start = time.perf_counter()
         with torch.inference_mode():
@@ -209,7 +209,7 @@ class DecodeGraphRunner:
                     self._step(size)
             torch.cuda.current_stream(self.device).wait_stream(side)
             torch.cuda.synchronize(self.device)
-            pool = torch.cuda.graph_pool_handle()
+            pool = pool if pool is not None else torch.cuda.graph_pool_handle()
             for size in reversed(self.sizes):
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):

@@ -51,6 +51,9 @@ class EngineConfig(BaseModel):
     seed: int = Field(0, ge=0, description="seed of the sampler's generator for requests without a seed")
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
     enforce_eager: bool = Field(False, description="never capture CUDA graphs")
+    prefill_graphs: bool = Field(True, description="also capture steps that carry prompt tokens, one CUDA graph "
+                                 "per token bucket up to max_num_batched_tokens (4,096 at most); off: such "
+                                 "steps run eagerly, one kernel launch at a time")
     overlap_scheduling: bool = Field(True, description="launch a decode step before the host has seen the "
                                      "previous one's tokens, so the host's bookkeeping overlaps the GPU "
                                      "(decode-only steps on CUDA graphs; stops take effect a step later; "

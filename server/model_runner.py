@@ -2,7 +2,8 @@
 tensors from the scheduler's output, runs the forward under inference_mode, samples, and hands back host ids.
 
 One device->host transfer per step (the sampled ids), plus one for logprobs when a row asks for them.
-Decode-only steps replay a CUDA graph captured at start-up (server/cuda_graphs.py); `_replay_decode` decides.
+Decode-only steps replay a CUDA graph captured at start-up (server/cuda_graphs.py; `_replay_decode`
+decides), steps with prompt tokens a graph per token bucket (server/prefill_graphs.py; `_replay_prefill`).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from model.kv_dtype import resolve_kv_cache_dtype
 from model.sampler import sample
 from server.cuda_graphs import DecodeGraphRunner, capture_sizes, graph_memory_reserve
 from server.engine_config import EngineConfig
+from server.prefill_graphs import PrefillGraphRunner, prefill_graph_memory_reserve, token_buckets
 from server.sampling_batch import build_sampling_tensors, only_argmax, profile_sampling_tensors
 from server.scheduler import SchedulerOutput
 from server.step_results import PendingStep
@@ -64,10 +66,15 @@ class ModelRunner:
         self.block_size = config.block_size
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.graph_sizes = self._graph_sizes()
+        self.prefill_sizes = token_buckets(config.max_num_batched_tokens) \
+            if self.graph_sizes and config.prefill_graphs else []
         num_blocks = self._num_kv_blocks()  # leaves room for the graphs, captured after the KV allocation
         self.kv_cache = KVCache.allocate(self.model_config, num_blocks, self.block_size, self.kv_dtype,
                                         self.device)
-        self.graphs: DecodeGraphRunner | None = self._decode_graphs().capture() if self.graph_sizes else None
+        pool = torch.cuda.graph_pool_handle() if self.graph_sizes else None  # one pool for both kinds
+        self.prefill_graphs: PrefillGraphRunner | None = \
+            self._prefill_graphs().capture(pool) if self.prefill_sizes else None
+        self.graphs: DecodeGraphRunner | None = self._decode_graphs().capture(pool) if self.graph_sizes else None
         self.kv_capacity = self._capacity(num_blocks)
         c = self.kv_capacity
         log.info("KV cache: %d blocks x %d tokens = %d tokens of capacity, %d bytes/token (%.1f MiB); "
@@ -92,10 +99,16 @@ class ModelRunner:
             self.config.max_num_seqs, self.config.max_num_batched_tokens), self.max_model_len, self.block_size,
             self.device)
 
-    def use_graph_path_eagerly(self) -> None:
-        """Test hook (any device): decode steps take the graph path's padding and static buffers, with the
-        eager model in place of the replay."""
+    def _prefill_graphs(self, kv_cache: KVCache | None = None) -> PrefillGraphRunner:
+        return PrefillGraphRunner(self.model, kv_cache or self.kv_cache, self.prefill_sizes or token_buckets(
+            self.config.max_num_batched_tokens), self.config.max_num_seqs, self.max_model_len, self.block_size,
+            self.device)
+
+    def use_graph_path_eagerly(self, prefill: bool = True) -> None:
+        """Test hook (any device): decode steps (and with `prefill`, steps with prompt tokens) take the graph
+        paths' padding and static buffers, with the eager model in place of the replay."""
         self.graphs = self._decode_graphs().use_eager()
+        self.prefill_graphs = self._prefill_graphs().use_eager() if prefill else None
 
     # ---- sizing ------------------------------------------------------------------------------------
     def _capacity(self, num_blocks: int) -> KVCapacity:
@@ -129,6 +142,10 @@ class ModelRunner:
             one_block = KVCache.allocate(self.model_config, 1, self.block_size, self.kv_dtype, self.device)
             graphs = graph_memory_reserve(self.model, one_block, max(self.graph_sizes), len(self.graph_sizes),
                                           self.max_model_len, self.block_size, self.device)
+            if self.prefill_sizes:  # the pool is shared: this over-reserves by the decode graphs' smaller peak
+                graphs += prefill_graph_memory_reserve(self.model, one_block, self.prefill_sizes,
+                                                       self.config.max_num_seqs, self.max_model_len,
+                                                       self.block_size, self.device)
             del one_block
         torch.cuda.empty_cache()
         budget = int(total * self.config.gpu_memory_utilization) - weights - peak - graphs - others
@@ -185,13 +202,15 @@ class ModelRunner:
         with torch.inference_mode():
             logits = None if owed else self._replay_decode(sched)
             graphed = logits is not None
+            if logits is None and not owed:
+                logits = self._replay_prefill(sched)
             if owed:  # every token's hidden state is needed: eager, and the logits of extra rows
                 batch = self.prepare(sched)
                 hidden = self.model.hidden_states(batch, self.kv_cache)
                 logits = self.model.logits(hidden, batch.logits_indices)
                 rows, targets = (torch.tensor(x, dtype=torch.int64).to(self.device) for x in owed[:2])
                 prompt_lp = (self.model.token_logprobs(hidden, rows, targets), owed[2])
-            elif not graphed:
+            elif logits is None:
                 logits = self.model(self.prepare(sched), self.kv_cache)        # [N, vocab] float32
             if not sampling:
                 return PendingStep(None, None, sampling, graphed, prompt_lp)
@@ -235,6 +254,23 @@ class ModelRunner:
                     owners.append((seq, end - first))
             offset += s.num_new_tokens
         return (rows, targets, owners) if owners else None
+
+    def _replay_prefill(self, sched: SchedulerOutput) -> torch.Tensor | None:
+        """Any step that fits a token bucket (decode-only ones only if no decode graph took them): logits of
+        the rows that sample, from one replay. None: the step runs eagerly."""
+        if self.prefill_graphs is None:
+            return None
+        rows, logits_rows, end = [], [], 0
+        for s in sched.scheduled:
+            seq, start = s.seq, s.seq.num_computed_tokens
+            ids = seq.token_ids[start:start + s.num_new_tokens]
+            if ids[-1] < 0:
+                raise RuntimeError(f"{seq.request_id}: a prefill step got a token the host has not seen")
+            rows.append((ids, start, seq.block_table))
+            end += s.num_new_tokens
+            if s.samples:
+                logits_rows.append(end - 1)
+        return self.prefill_graphs.run(rows, logits_rows)
 
     def _replay_decode(self, sched: SchedulerOutput) -> torch.Tensor | None:
         """A decode-only step that fits a captured size: its rows go from the sequences straight into the

@@ -178,14 +178,16 @@ def test_step_overhead_through_the_async_engine(tmp_path):
 
 
 def test_prefill_step_times_both_cases_on_cpu(tmp_path, capsys):
-    """The eager-step benchmark runs its prompt steps to their first token, with and without running
-    decodes, and leaves no request behind."""
+    """The prompt-step benchmark runs its prompt steps to their first token, with and without running
+    decodes, through the graphs' static path and eagerly, and leaves no request behind."""
     from benchmarks import prefill_step
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(TINY_CONFIG))
     res = prefill_step.main(["--config", str(cfg), "--device", "cpu", "--prompt-len", "24", "--decodes", "3",
                              "--reps", "4", "--profile", "--json", str(tmp_path / "p.json")])
-    assert list(res["cases"]) == ["prefill alone", "prefill + 3 decodes"]
+    assert list(res["cases"]) == ["prefill alone, static", "prefill + 3 decodes, static",
+                                  "prefill alone, eager", "prefill + 3 decodes, eager"]
+    assert sum(res["prefill_graph_replays"].values()) >= 2 * 4  # the static cases' timed steps at least
     for case in res["cases"].values():
         assert len(case["all_ms"]) == 4 and all(t > 0 for t in case["all_ms"])
         assert case["device_ms"] is None  # CPU: not measured
