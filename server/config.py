@@ -67,6 +67,8 @@ class ServerConfig(BaseModel):
     stats_log_interval_s: float = Field(10.0, ge=0.0, description="seconds between stats log lines; 0: off")
     drain_timeout_s: float = Field(30.0, ge=0.0, description="on SIGTERM, how long running requests may finish")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    gc_freeze: bool = Field(True, description="after the model loads, exempt every object alive then from "
+                                              "Python's cyclic GC (gc.freeze), so full collections stay short")
     enable_explain: bool = Field(False, description="serve the attention explorer at /explain (torch reference "
                                                     "path on CPU copies of the model, never the hot path)")
 

@@ -6,6 +6,7 @@ background thread so /health answers 503 while it does.
 from __future__ import annotations
 
 import enum
+import gc
 import logging
 import threading
 from pathlib import Path
@@ -36,6 +37,7 @@ class ServerState:
         self.loaded = threading.Event()   # set when loading ends, successfully or not
         self.metrics = ServerMetrics(self.stats)
         self._thread: threading.Thread | None = None
+        self._froze_gc = False
 
     # lifecycle -----------------------------------------------------------------------------------------
     def start_loading(self) -> None:
@@ -50,6 +52,8 @@ class ServerState:
             self.phase = Phase.FAILED
             logger.error("model failed to load: %s", self.load_error)
         else:
+            if self.config.gc_freeze:
+                self._freeze_gc()
             if self.phase is Phase.LOADING:
                 self.phase = Phase.READY
             log_startup(self)
@@ -66,6 +70,19 @@ class ServerState:
         self.phase = Phase.STOPPED
         if self.loaded.is_set() and self.load_error is None:
             self.engine.shutdown()
+        if self._froze_gc:
+            gc.unfreeze()
+            self._froze_gc = False
+
+    def _freeze_gc(self) -> None:
+        """Move everything alive after start-up (imports, the model, the graphs' Python objects: about 200k
+        objects) out of the cyclic collector's reach, as vLLM's engine does. A full collection otherwise walks
+        them all: 119 ms on a 2-core EPYC, every few thousand requests, with every stream stalled.
+        Process-wide: meant for the one server a process runs (tests that run several share it)."""
+        gc.collect()
+        gc.freeze()
+        self._froze_gc = True
+        logger.info("gc: froze %d objects alive after start-up", gc.get_freeze_count())
 
     @property
     def alive(self) -> bool:

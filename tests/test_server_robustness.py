@@ -154,6 +154,17 @@ def test_health_loading_then_ready_then_dead():
         assert httpx.post(s.url + "/generate", json={"inputs": "x"}).status_code == 503
 
 
+def test_start_up_objects_are_frozen_out_of_the_gc_until_shutdown():
+    import gc
+    gc.unfreeze()  # the freeze is process-wide: this module's shared server may hold one
+    with fake_server() as s:
+        assert gc.get_freeze_count() > 1000  # this test process's imports at least
+        assert s.app.state.server._froze_gc
+    assert gc.get_freeze_count() == 0
+    with fake_server(ServerConfig(gc_freeze=False, stats_log_interval_s=0)):
+        assert gc.get_freeze_count() == 0
+
+
 def test_explain_enabled_answers_503_while_the_model_loads():
     srv = fake_server(ServerConfig(enable_explain=True, stats_log_interval_s=0), load_delay=1.0)
     srv.wait_ready = False
