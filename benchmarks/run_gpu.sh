@@ -10,7 +10,7 @@
 #
 #   bash benchmarks/run_gpu.sh [all|ours|peers]     # default all
 # Knobs (environment): BUDGET (s), PEERS_RESERVE (s kept for the peers, default 170), SKIP (space-separated
-# step names: pytest kernels step_overhead host_overhead profile prefill_step latency latency_b64 throughput_1b serving throughput_8b tune_kernels peers),
+# step names: pytest kernels step_overhead host_overhead profile prefill_step latency latency_b64 throughput_1b serving serving_eager_prefill throughput_8b tune_kernels peers),
 # ENGINE_EXTRA (engine flags for our benchmarks, e.g. "--no-overlap-scheduling"), PYTEST_ARGS (extra pytest arguments, e.g. "-k gpu"), SMOKE=1 (CPU smoke test of this script: tiny random model, few requests, peers with PEERS_TINY=1).
 set -u
 cd "$(dirname "$0")/.."
@@ -123,6 +123,12 @@ main() {
     else
       echo "### serving: skipped (fastapi/uvicorn/sse_starlette do not import: carry .whl)"
     fi
+    if $PY -c "import fastapi, uvicorn, sse_starlette" 2>/dev/null; then
+      # the same serving run with prompt steps eager (graphs for decode steps only): what prefill graphs buy
+      step serving_eager_prefill 70 $PY benchmarks/serving.py --launch --dummy-checkpoint "$dummy1" \
+        --serve-args "$serve_extra --no-prefill-graphs" --request-rates "${rates#*,}" --num-prompts "$nprom" \
+        --input-len 128 --max-tokens 128 --launch-timeout 60 --json "$RAW/serving_eager_prefill.json"
+    fi
     step throughput_8b 110 $PY benchmarks/throughput.py --dummy --config "$dummy8" "${dev[@]}" --num-requests "$nreq" \
       --input-len "${lens[@]}" --output-len "${lens[@]}" --seed 0 --json "$RAW/throughput_8b.json" $ENGINE_EXTRA
     [ "$SMOKE" = 1 ] || step tune_kernels 170 $PY benchmarks/tune_kernels.py --decode-budget-s 70 --prefill-budget-s 90
@@ -208,10 +214,14 @@ row("1B 256 req out tok/s vs HF CB", g(data, "throughput_1b", "ours", "output_to
 row("1B 256 req total tok/s vs HF CB", g(data, "throughput_1b", "ours", "total_tok_s"), cb.get("total_tok_s"))
 row("8B 256 req out tok/s", g(data, "throughput_8b", "ours", "output_tok_s"), None,
     f"{g(data, 'throughput_8b', 'ours', 'preemptions')} preemptions" if data.get("throughput_8b") else "")
+eager_prefill = {r["request_rate"]: r for r in g(data, "serving_eager_prefill", "rates") or []}
 for r in g(data, "serving", "rates") or []:
-    row(f"serving rate {r['request_rate']}: out tok/s", r["output_tok_s"], None,
-        f"ok {r['completed']} fail {r['failed']}; TTFT p50/p99 {r['ttft_ms']['p50']:.0f}/{r['ttft_ms']['p99']:.0f} ms; "
-        f"TPOT p50 {r['tpot_ms']['p50']:.1f} ms; ITL p99 {r['itl_ms']['p99']:.1f} ms")
+    e = eager_prefill.get(r["request_rate"])
+    row(f"serving rate {r['request_rate']}: ITL p99 ms (peer: prompt steps eager)", r["itl_ms"]["p99"],
+        None if e is None else e["itl_ms"]["p99"],
+        f"out tok/s {r['output_tok_s']:.0f}; ok {r['completed']} fail {r['failed']}; TTFT p50/p99 "
+        f"{r['ttft_ms']['p50']:.0f}/{r['ttft_ms']['p99']:.0f} ms; TPOT p50 {r['tpot_ms']['p50']:.1f} ms; "
+        f"ITL p50 {r['itl_ms']['p50']:.1f} ms")
 kr = g(data, "kernels", "rows") or []
 for r in kr:
     row(f"kernel {r['kernel']} {r['shape']} us", r["ours_us"], r["peer_us"], f"{r['peer']}; {r['fraction_of_limit']:.2f} of limit")
@@ -225,7 +235,7 @@ for r in (g(data, "profile_step", "rows") or [])[:8]:
     row(f"b1 decode kernel: {r['kernel'][:48]}", r["us_per_step"], None,
         f"{r['share']:.0%} of {f(g(data, 'profile_step', 'total_us_per_step'))} us/step, {r['calls_per_step']:.0f} calls")
 for name, c in (g(data, "prefill_step", "cases") or {}).items():
-    row(f"eager step ms, 1B, prompt 128: {name}", c["step_ms"], None, f"device {f(c['device_ms'], '{:.2f}')} ms")
+    row(f"prompt step ms, 1B, prompt 128: {name}", c["step_ms"], None, f"device {f(c['device_ms'], '{:.2f}')} ms")
 for r in g(data, "tune_kernels", "rows") or []:
     row(f"tuned {r['shape']} us (peer: defaults)", r["best_us"], r["default_us"], f"best {r['best']}")
 

@@ -36,9 +36,11 @@ def greedy_run(model_dir, backend: str, dtype: str, enforce_eager: bool):
               gpu_memory_utilization=0.1, max_num_seqs=16, max_model_len=2048)
     params = SamplingParams(temperature=0.0, max_new_tokens=64, ignore_eos=True, logprobs=2)
     results = llm.generate(PROMPTS, params)
-    graphs = llm.engine.runner.graphs
-    replays = sum(graphs.replays.values()) if graphs is not None else 0
-    del llm
+    runner = llm.engine.runner
+    replays = sum(sum(g.replays.values()) for g in (runner.graphs, runner.prefill_graphs) if g is not None)
+    prompt_steps = sum(runner.prefill_graphs.replays.values()) if runner.prefill_graphs is not None else 0
+    del llm, runner
+    assert enforce_eager or prompt_steps > 0, "the prompt step never replayed a prefill graph"
     return results, replays
 
 
