@@ -126,7 +126,7 @@ class DecodeInputs:
             logits_indices=self.logits_indices[:size], max_query_len=1, max_seq_len=self.max_seq_len)
 
     def load_rows(self, token_ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
-                  tables: list[list[int]], size: int, src: list[int] | None = None) -> None:
+                  tables: list, size: int, src: list[int] | None = None) -> None:
         """Real rows [0, n) from host lists, padding rows [n, size) (see the module doc), two copies.
 
         Block-table columns past a row's own blocks keep stale (in-range) block ids: nothing reads them,

@@ -266,7 +266,7 @@ class ModelRunner:
             ids = seq.token_ids[start:start + s.num_new_tokens]
             if ids[-1] < 0:
                 raise RuntimeError(f"{seq.request_id}: a prefill step got a token the host has not seen")
-            rows.append((ids, start, seq.block_table))
+            rows.append((ids, start, seq.block_table_array()))
             end += s.num_new_tokens
             if s.samples:
                 logits_rows.append(end - 1)
@@ -289,8 +289,8 @@ class ModelRunner:
         seqs = [s.seq for s in sched.scheduled]
         positions = [seq.num_computed_tokens for seq in seqs]
         tokens = [seq.token_ids[pos] for seq, pos in zip(seqs, positions)]
-        tables = [seq.block_table for seq in seqs]
-        slots = [table[pos // bs] * bs + pos % bs for table, pos in zip(tables, positions)]
+        slots = [seq.block_table[pos // bs] * bs + pos % bs for seq, pos in zip(seqs, positions)]
+        tables = [seq.block_table_array() for seq in seqs]
         ids = [max(token, 0) for token in tokens]
         src = [seq.sampled_row if token < 0 else -1 for seq, token in zip(seqs, tokens)]
         seq_lens = [pos + 1 for pos in positions]

@@ -104,9 +104,10 @@ class PrefillInputs:
         T = self.max_tokens
         return self._dev64[3 * T:3 * T + count]
 
-    def load(self, rows: list[tuple[list[int], int, list[int]]], block_size: int, logits_rows: list[int],
+    def load(self, rows: list[tuple[list[int], int, np.ndarray]], block_size: int, logits_rows: list[int],
              size: int) -> None:
-        """rows: (new token ids, tokens already cached, block table) per sequence; padding up to `size`."""
+        """rows: (new token ids, tokens already cached, block table: int32 array or list) per sequence;
+        padding up to `size`."""
         T, S, MB = self.max_tokens, self.max_seqs, self.block_tables.shape[1]
         k, self._turn = self._turn, self._turn ^ 1
         if self._events[k] is not None:
@@ -119,11 +120,12 @@ class PrefillInputs:
             a[end:end + n] = ids
             if n == 1:  # a decode row
                 a[T + end] = cached
-                a[2 * T + end] = table[cached // block_size] * block_size + cached % block_size
+                a[2 * T + end] = int(table[cached // block_size]) * block_size + cached % block_size
             else:
                 pos = np.arange(cached, cached + n)
                 a[T + end:T + end + n] = pos
-                a[2 * T + end:2 * T + end + n] = np.asarray(table)[pos // block_size] * block_size + pos % block_size
+                a[2 * T + end:2 * T + end + n] = np.asarray(table)[pos // block_size].astype(np.int64) * block_size \
+                    + pos % block_size
             b[o[2] + i * MB:o[2] + i * MB + len(table)] = table
             end += n
             starts.append(end)
@@ -197,7 +199,7 @@ class PrefillGraphRunner:
                  self.memory_bytes / 2**20)
         return self
 
-    def run(self, rows: list[tuple[list[int], int, list[int]]], logits_rows: list[int]) -> torch.Tensor | None:
+    def run(self, rows: list[tuple[list[int], int, np.ndarray]], logits_rows: list[int]) -> torch.Tensor | None:
         """Logits [len(logits_rows), vocab] float32 of the step `rows` (see PrefillInputs.load); None when
         it fits no bucket (it then runs eagerly)."""
         size = self.inputs.bucket_for(sum(len(ids) for ids, _, _ in rows), len(rows)) if self._replay else None

@@ -152,3 +152,22 @@ def test_narrow_kv_cache_dtype_runs_and_halves_bytes_per_token(llm, tiny_llama_d
 def test_memory_profiling_step_runs(llm):
     runner = llm.engine.runner  # the CUDA sizing pass; on CPU it only has to run
     runner._profile_step()
+
+
+def test_block_table_array_mirrors_the_list_through_growth_and_free():
+    """The int32 mirror the graphs copy from: append-only growth copies new entries, a freed (new) list or a
+    shrunk one starts over, and growth past the mirror's capacity keeps what was there."""
+    from server.sequence import Sequence
+    seq = Sequence("r", [1, 2, 3], SamplingParams())
+    assert seq.block_table_array().tolist() == []
+    seq.block_table.extend([7, 3])
+    assert seq.block_table_array().tolist() == [7, 3]
+    seq.block_table.extend(range(100, 140))  # past the first capacity (16)
+    assert seq.block_table_array().tolist() == [7, 3] + list(range(100, 140))
+    seq.block_table = []  # what BlockAllocator.free does
+    seq.block_table.append(5)
+    assert seq.block_table_array().tolist() == [5]
+    del seq.block_table[:]
+    seq.block_table.extend([9, 8])  # the same list object, rewritten through a shrink
+    assert seq.block_table_array().tolist() == [9, 8]
+    assert seq.block_table_array().dtype.name == "int32"
