@@ -114,15 +114,17 @@ class PrefillInputs:
             self._events[k].synchronize()
         a, b = self._host64[k].numpy(), self._host32[k].numpy()
         o = self._o32
-        end, starts, lens, q_lens = 0, [0], [], []
+        end, starts, lens, q_lens, ones = 0, [0], [], [], ([], [], [], [])  # ones: decode rows, gathered
         for i, (ids, cached, table) in enumerate(rows):
             n = len(ids)
-            a[end:end + n] = ids
-            if n == 1:  # a decode row
-                a[T + end] = cached
-                a[2 * T + end] = int(table[cached // block_size]) * block_size + cached % block_size
+            if n == 1:  # a decode row: written with the others below, in one assignment per column
+                ones[0].append(end)
+                ones[1].append(ids[0])
+                ones[2].append(cached)
+                ones[3].append(int(table[cached // block_size]) * block_size + cached % block_size)
             else:
                 pos = np.arange(cached, cached + n)
+                a[end:end + n] = ids
                 a[T + end:T + end + n] = pos
                 a[2 * T + end:2 * T + end + n] = np.asarray(table)[pos // block_size].astype(np.int64) * block_size \
                     + pos % block_size
@@ -131,6 +133,9 @@ class PrefillInputs:
             starts.append(end)
             lens.append(cached + n)
             q_lens.append(n)
+        if ones[0]:
+            at = np.array(ones[0])
+            a[at], a[T + at], a[2 * T + at] = ones[1], ones[2], ones[3]
         B, view_s = len(rows), min(S, size)
         a[end:size], a[T + end:T + size], a[2 * T + end:2 * T + size] = 0, 0, -1
         a[3 * T:3 * T + len(logits_rows)] = logits_rows
