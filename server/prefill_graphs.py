@@ -39,14 +39,17 @@ log = logging.getLogger(__name__)
 
 
 def token_buckets(max_num_batched_tokens: int, limit: int = 4096) -> list[int]:
-    """16, 24, 32, 48, 64, 96, 128, ... (powers of 2 and the midpoints between): at most a third of a padded
-    step is padding; the last bucket is the step's token budget (or `limit`, above which steps run eagerly)."""
+    """16, 24, 32, 48, ... 384, 512 (powers of 2 and the midpoints between), then every 256: small steps are
+    bound by reading the weights, so their padding is nearly free; from about 512 tokens the matmuls are
+    bound by compute and a padded step costs its padding, so there at most a fifth of a step is padding.
+    The last bucket is the step's token budget (or `limit`, above which steps run eagerly)."""
     top = min(max_num_batched_tokens, limit)
     sizes, p = [], 16
-    while p < top:
-        sizes += [s for s in (p, p + p // 2) if s < top]
+    while p < 512:
+        sizes += [p, p + p // 2]
         p *= 2
-    return sizes + [top]
+    sizes += range(512, top, 256)
+    return [s for s in sizes if s < top] + [top]
 
 
 class PrefillInputs:

@@ -27,7 +27,8 @@ BLOCK = 4
 
 
 def test_token_buckets():
-    assert token_buckets(2048) == [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048]
+    assert token_buckets(2048) == [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1280, 1536,
+                                   1792, 2048]
     assert token_buckets(100) == [16, 24, 32, 48, 64, 96, 100]  # the budget itself closes the list
     assert token_buckets(16) == [16] and token_buckets(8) == [8]
     assert token_buckets(1 << 16)[-1] == 4096  # larger steps run eagerly
