@@ -10,7 +10,7 @@
 #
 #   bash benchmarks/run_gpu.sh [all|ours|peers]     # default all
 # Knobs (environment): BUDGET (s), PEERS_RESERVE (s kept for the peers, default 170), SKIP (space-separated
-# step names: pytest kernels step_overhead host_overhead profile prefill_step latency latency_b64 throughput_1b serving serving_eager_prefill throughput_8b tune_kernels peers),
+# step names: pytest kernels step_overhead host_overhead profile prefill_step latency latency_b64 throughput_1b serving serving_eager_prefill serving_engine_process throughput_8b tune_kernels peers),
 # ENGINE_EXTRA (engine flags for our benchmarks, e.g. "--no-overlap-scheduling"), PYTEST_ARGS (extra pytest arguments, e.g. "-k gpu"), SMOKE=1 (CPU smoke test of this script: tiny random model, few requests, peers with PEERS_TINY=1).
 set -u
 cd "$(dirname "$0")/.."
@@ -128,6 +128,10 @@ main() {
       step serving_eager_prefill 70 $PY benchmarks/serving.py --launch --dummy-checkpoint "$dummy1" \
         --serve-args "$serve_extra --no-prefill-graphs" --request-rates "${rates#*,}" --num-prompts "$nprom" \
         --input-len 128 --max-tokens 128 --launch-timeout 60 --json "$RAW/serving_eager_prefill.json"
+      # and with the engine loop in its own process (engine_process): HTTP and steps on separate GILs
+      step serving_engine_process 70 $PY benchmarks/serving.py --launch --dummy-checkpoint "$dummy1" \
+        --serve-args "$serve_extra --engine-process" --request-rates "${rates#*,}" --num-prompts "$nprom" \
+        --input-len 128 --max-tokens 128 --launch-timeout 60 --json "$RAW/serving_engine_process.json"
     fi
     step throughput_8b 110 $PY benchmarks/throughput.py --dummy --config "$dummy8" "${dev[@]}" --num-requests "$nreq" \
       --input-len "${lens[@]}" --output-len "${lens[@]}" --seed 0 --json "$RAW/throughput_8b.json" $ENGINE_EXTRA
@@ -215,6 +219,10 @@ row("1B 256 req total tok/s vs HF CB", g(data, "throughput_1b", "ours", "total_t
 row("8B 256 req out tok/s", g(data, "throughput_8b", "ours", "output_tok_s"), None,
     f"{g(data, 'throughput_8b', 'ours', 'preemptions')} preemptions" if data.get("throughput_8b") else "")
 eager_prefill = {r["request_rate"]: r for r in g(data, "serving_eager_prefill", "rates") or []}
+for r in g(data, "serving_engine_process", "rates") or []:
+    row(f"serving rate {r['request_rate']}, engine process: out tok/s", r["output_tok_s"], None,
+        f"TTFT p50/p99 {r['ttft_ms']['p50']:.0f}/{r['ttft_ms']['p99']:.0f} ms; TPOT p50 {r['tpot_ms']['p50']:.1f} "
+        f"ms; ITL p50/p99 {r['itl_ms']['p50']:.1f}/{r['itl_ms']['p99']:.1f} ms")
 for r in g(data, "serving", "rates") or []:
     e = eager_prefill.get(r["request_rate"])
     row(f"serving rate {r['request_rate']}: ITL p99 ms (peer: prompt steps eager)", r["itl_ms"]["p99"],

@@ -40,6 +40,13 @@ class EngineStats:
     num_steps: int
 
 
+def engine_stats(e: LLMEngine) -> EngineStats:
+    c, a = e.counters, e.allocator
+    return EngineStats(e.scheduler.num_running, e.scheduler.num_waiting, a.usage, a.num_free_blocks,
+                       a.num_blocks, e.scheduler.num_preemptions_total, c.prompt_tokens_total,
+                       c.generation_tokens_total, c.admission_rejections_total, c.num_steps)
+
+
 class RequestStream:
     """`async for out in stream` yields the request's RequestOutput deltas; ends after the finished one."""
 
@@ -155,13 +162,7 @@ class AsyncEngine:
         self._wake.set()
 
     def stats(self) -> EngineStats:
-        e = self.engine
-        if e is None:
-            return EngineStats(0, 0, 0.0, 0, 0, 0, 0, 0, 0, 0)
-        c, a = e.counters, e.allocator
-        return EngineStats(e.scheduler.num_running, e.scheduler.num_waiting, a.usage, a.num_free_blocks,
-                           a.num_blocks, e.scheduler.num_preemptions_total, c.prompt_tokens_total,
-                           c.generation_tokens_total, c.admission_rejections_total, c.num_steps)
+        return EngineStats(0, 0, 0.0, 0, 0, 0, 0, 0, 0, 0) if self.engine is None else engine_stats(self.engine)
 
     # ---- engine thread -----------------------------------------------------------------------------
     def _deliver(self, stream: RequestStream, out: RequestOutput) -> None:

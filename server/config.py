@@ -67,6 +67,8 @@ class ServerConfig(BaseModel):
     stats_log_interval_s: float = Field(10.0, ge=0.0, description="seconds between stats log lines; 0: off")
     drain_timeout_s: float = Field(30.0, ge=0.0, description="on SIGTERM, how long running requests may finish")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    engine_process: bool = Field(False, description="run the engine loop in a child process, so HTTP work and "
+                                                     "engine steps do not share one GIL (server/engine_process.py)")
     gc_freeze: bool = Field(True, description="after the model loads, exempt every object alive then from "
                                               "Python's cyclic GC (gc.freeze), so full collections stay short")
     enable_explain: bool = Field(False, description="serve the attention explorer at /explain (torch reference "

@@ -1,4 +1,5 @@
-"""AsyncEngine on the tiny model: streams, abort, admission, drain, failures, shutdown."""
+"""AsyncEngine (and ProcessEngine, its child-process twin) on the tiny model: streams, abort, admission, drain,
+failures, shutdown."""
 import asyncio
 
 import pytest
@@ -12,9 +13,12 @@ from server.sampling_params import SamplingParams
 CFG = dict(dtype="float32", device="cpu", kv_cache_memory="2MiB", max_num_batched_tokens=64)
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_llama_dir):
-    e = AsyncEngine(EngineConfig(model=str(tiny_llama_dir), max_waiting_requests=8, **CFG))
+@pytest.fixture(scope="module", params=["thread", "process"])
+def engine(tiny_llama_dir, request):
+    """The engine loop on a thread (AsyncEngine) or in a child process (ProcessEngine, engine_process)."""
+    from server.engine_process import ProcessEngine
+    kind = AsyncEngine if request.param == "thread" else ProcessEngine
+    e = kind(EngineConfig(model=str(tiny_llama_dir), max_waiting_requests=8, **CFG))
     e.start()
     e.start()  # idempotent
     yield e

@@ -1,0 +1,222 @@
+"""ProcessEngine: AsyncEngine's interface with the LLMEngine loop in a child process (`engine_process`).
+
+Why: in one process the event loop's HTTP work (SSE framing, socket writes, pydantic) and the engine's
+step loop share one GIL. On the H100 host at 124 req/s the served engine made 15.9k output tok/s against
+29.6k offline, and the stand-in server's event loop took half the process's samples (py-spy). vLLM and
+SGLang split the two the same way. Here the child owns every piece of engine state (scheduler, KV blocks,
+model, detokenizers); the parent keeps only the streams and a tokenizer of its own for the routes.
+
+Wire: two one-way pipes. Parent -> child: ("add", id, prompt ids, params), ("abort", id), ("stop",).
+Child -> parent: ("ready", facts) once loaded, or ("failed", reason); then per step ("outputs", outputs,
+stats, adds applied); ("dead", reason) last if the loop dies. A receiver thread in the parent hands each
+message's outputs to their streams in one loop.call_soon_threadsafe (AsyncEngine._deliver_all).
+
+Admission stays synchronous (a 4xx before any stream): the checks that need no engine state run in the
+parent against the child's facts (vocabulary, max_model_len, KV blocks); the waiting-queue bound uses the
+child's last reported count plus the adds still in the pipe.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import signal
+import threading
+from dataclasses import replace
+from typing import Any
+
+from server.async_engine import MAX_FAILED_STEPS_IN_A_ROW, AsyncEngine, EngineStats, RequestStream, engine_stats
+from server.blocks import BlockAllocator
+from server.engine_config import EngineConfig
+from server.outputs import AdmissionError, EngineDeadError, OverloadedError, RequestOutput
+from server.sampling_params import SamplingParams
+from server.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class ProcessEngine(AsyncEngine):
+    def __init__(self, config: EngineConfig, log_level: str = "info"):
+        super().__init__(config)
+        self.log_level = log_level
+        self._process: Any = None
+        self._send_lock = threading.Lock()
+        self._targets: dict[str, RequestStream] = {}  # request id -> stream, until its finished output
+        self._stats = EngineStats(0, 0, 0.0, 0, 0, 0, 0, 0, 0, 0)
+        self._rejected = 0  # admissions refused here, added to the child's count
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+    def start(self, *, runner=None, tokenizer=None) -> None:
+        """Spawn the child, wait until it has loaded the model (blocking), start the receiver thread."""
+        if runner is not None:
+            raise ValueError("engine_process: the child loads its own model; a runner cannot cross processes")
+        with self._lock:
+            if self._thread is not None:
+                return
+            ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+            commands, self._commands_out = ctx.Pipe(duplex=False)
+            self._results, results_in = ctx.Pipe(duplex=False)
+            self._process = ctx.Process(target=run_engine_process, name="gqa-engine",
+                                        args=(self.config, commands, results_in, self.log_level), daemon=True)
+            self._process.start()
+            commands.close()
+            results_in.close()
+            try:
+                kind, facts = self._results.recv()
+            except EOFError:
+                kind, facts = "failed", f"the engine process exited with code {self._process.exitcode}"
+            if kind != "ready":
+                self._process.join(timeout=5)
+                raise RuntimeError(facts)
+            for name in ("model_config", "kv_capacity", "max_model_len", "model_dir", "dtype", "device"):
+                setattr(self, name, facts[name])
+            if tokenizer is None:
+                from model.tokenizer import Tokenizer
+                tokenizer = Tokenizer.from_pretrained(self.model_dir)
+            self.tokenizer = tokenizer
+            self._vocab_size = self.model_config.vocab_size
+            self._admission = Scheduler(BlockAllocator(self.kv_capacity.num_blocks, self.config.block_size),
+                                        max_num_seqs=self.config.max_num_seqs,
+                                        max_num_batched_tokens=self.config.max_num_batched_tokens,
+                                        max_model_len=self.max_model_len, max_waiting_requests=1)
+            self._stats = facts["stats"]
+            self._thread = threading.Thread(target=self._receive, name="gqa-engine-outputs", daemon=True)
+            self._thread.start()
+
+    @property
+    def is_alive(self) -> bool:
+        return self._process is not None and self._process.is_alive() and self._dead is None
+
+    def shutdown(self) -> None:
+        self._stop = True
+        if self._process is None:
+            return
+        self._send(("stop",))
+        self._process.join(timeout=10)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(timeout=5)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    # ---- requests (event loop thread) --------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestStream:
+        if not self.is_alive:
+            raise EngineDeadError(f"the engine is not running{': ' + self._dead if self._dead else ''}")
+        if self._draining:
+            raise OverloadedError("the server is draining: no new requests")
+        if request_id in self._streams:
+            raise ValueError(f"duplicate request_id {request_id!r}")
+        try:
+            bad = next((t for t in prompt_token_ids if not 0 <= t < self._vocab_size), None)
+            if bad is not None:
+                raise AdmissionError(f"inputs: token id {bad} is outside the vocabulary (0..{self._vocab_size - 1})")
+            self._admission.check_admission(len(prompt_token_ids), params)
+            if self._stats.num_waiting + self._pending_adds >= self.config.max_waiting_requests:
+                raise OverloadedError(f"{self.config.max_waiting_requests} requests are already waiting; "
+                                      "retry later")
+        except (AdmissionError, OverloadedError):
+            self._rejected += 1
+            raise
+        stream = RequestStream(request_id, asyncio.get_running_loop())
+        self._streams[request_id] = stream
+        self._readable[request_id] = stream
+        with self._lock:
+            self._pending_adds += 1
+            self._targets[request_id] = stream
+        self._send(("add", request_id, list(prompt_token_ids), params))
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        self._send(("abort", request_id))
+
+    def stats(self) -> EngineStats:
+        s = self._stats
+        return replace(s, admission_rejections_total=s.admission_rejections_total + self._rejected)
+
+    def _send(self, message: tuple) -> None:
+        try:
+            with self._send_lock:
+                self._commands_out.send(message)
+        except (BrokenPipeError, OSError, AttributeError):
+            pass  # the child is gone: the receiver fails every stream
+
+    # ---- receiver thread ---------------------------------------------------------------------------
+    def _receive(self) -> None:
+        try:
+            while True:
+                message = self._results.recv()
+                if message[0] == "dead":
+                    self._dead = message[1]
+                    break
+                _, outputs, self._stats, applied = message
+                deliveries = []
+                with self._lock:
+                    self._pending_adds -= applied
+                    for out in outputs:
+                        stream = self._targets.pop(out.request_id, None) if out.finished \
+                            else self._targets.get(out.request_id)
+                        if stream is not None:
+                            deliveries.append((stream, out))
+                self._deliver_all(deliveries)
+        except (EOFError, OSError):
+            if not self._stop:
+                self._dead = f"the engine process exited (code {self._process.exitcode})"
+        if self._dead:
+            log.error("engine process stopped: %s", self._dead)
+        with self._lock:
+            failed = [(s, RequestOutput(rid, [], "", True, "error", error=self._dead or "the server stopped"))
+                      for rid, s in self._targets.items()]
+            self._targets.clear()
+        self._deliver_all(failed)
+
+
+# ---- the child ------------------------------------------------------------------------------------------
+def run_engine_process(config: EngineConfig, commands, results, log_level: str = "info") -> None:
+    """The child's main: load, report, then apply commands and step until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
+    from server.engine import LLMEngine
+    try:
+        engine = LLMEngine(config)
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent as one line
+        results.send(("failed", f"{type(exc).__name__}: {exc}".splitlines()[0]))
+        return
+    runner = engine.runner
+    results.send(("ready", {"model_config": engine.model_config, "kv_capacity": engine.kv_capacity,
+                            "max_model_len": engine.max_model_len, "model_dir": engine.model_dir,
+                            "dtype": runner.dtype, "device": runner.device, "stats": engine_stats(engine)}))
+    try:
+        _loop(engine, commands, results)
+    except Exception as exc:  # noqa: BLE001
+        log.exception("engine loop died")
+        results.send(("dead", f"{type(exc).__name__}: {exc}"))
+
+
+def _loop(engine, commands, results) -> None:
+    while True:
+        outputs: list[RequestOutput] = []
+        applied = 0
+        timeout = 0.0 if engine.has_unfinished() else 0.1
+        while commands.poll(timeout):
+            timeout = 0.0
+            cmd = commands.recv()
+            if cmd[0] == "stop":
+                return
+            if cmd[0] == "add":
+                applied += 1
+                try:
+                    engine.add_request(cmd[1], cmd[2], cmd[3])
+                except Exception as exc:  # noqa: BLE001 - refused between the parent's check and the pipe
+                    outputs.append(RequestOutput(cmd[1], [], "", True, "error", error=str(exc)))
+            else:
+                out = engine.abort(cmd[1])
+                if out is not None:
+                    outputs.append(out)
+        if engine.has_unfinished():
+            outputs += engine.step()
+        if outputs or applied:
+            results.send(("outputs", outputs, engine_stats(engine), applied))
+        if engine.counters.failed_steps_in_a_row >= MAX_FAILED_STEPS_IN_A_ROW:
+            results.send(("dead", f"{MAX_FAILED_STEPS_IN_A_ROW} engine steps failed in a row"))
+            return

@@ -1,0 +1,98 @@
+"""ProcessEngine (`engine_process`): what only a child process can get wrong. The shared behaviour (streams,
+abort, admission, one wake-up per step) runs against both engines in test_async_engine.py."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import httpx
+import pytest
+
+from server.engine_config import EngineConfig
+from server.engine_process import ProcessEngine
+from server.llm import LLM
+from server.outputs import EngineDeadError, OverloadedError
+from server.sampling_params import SamplingParams
+
+CFG = dict(dtype="float32", device="cpu", kv_cache_memory="2MiB", max_num_batched_tokens=64)
+
+
+async def collect(stream):
+    return [out async for out in stream]
+
+
+def test_a_killed_child_fails_every_stream_and_refuses_new_requests(tiny_llama_dir):
+    engine = ProcessEngine(EngineConfig(model=str(tiny_llama_dir), **CFG))
+    engine.start()
+    params = SamplingParams(temperature=0.0, max_new_tokens=400, ignore_eos=True)
+
+    async def main():
+        streams = [engine.add_request(f"k{i}", [1, 5 + i, 6], params) for i in range(3)]
+        first = await streams[0].__anext__()
+        os.kill(engine._process.pid, signal.SIGKILL)
+        rest = await asyncio.wait_for(asyncio.gather(*(collect(s) for s in streams)), 10)
+        return first, rest
+    try:
+        first, rest = asyncio.run(main())
+        assert not first.finished
+        for outs in rest:
+            assert outs[-1].finished and outs[-1].finish_reason == "error"
+            assert "engine process exited" in outs[-1].error
+        assert not engine.is_alive
+        with pytest.raises(EngineDeadError, match="engine process exited"):
+            engine.add_request("late", [1, 5], params)
+    finally:
+        engine.shutdown()
+
+
+def test_a_model_that_does_not_load_is_reported_by_start(tmp_path):
+    engine = ProcessEngine(EngineConfig(model=str(tmp_path / "missing"), **CFG))
+    with pytest.raises(RuntimeError, match="FileNotFoundError: model: .*missing is not a directory"):
+        engine.start()
+    assert not engine.is_alive
+
+
+def test_the_waiting_bound_counts_adds_still_in_the_pipe(tiny_llama_dir):
+    """One running sequence at a time and room for 2 waiting: whatever the child has seen yet, the 4th add
+    finds 2 ahead of it (waiting, or sent and not yet applied) and is refused."""
+    engine = ProcessEngine(EngineConfig(model=str(tiny_llama_dir), max_num_seqs=1, max_waiting_requests=2, **CFG))
+    engine.start()
+    params = SamplingParams(temperature=0.0, max_new_tokens=30, ignore_eos=True)
+
+    async def main():
+        streams, refused = [], []
+        for i in range(4):
+            try:
+                streams.append(engine.add_request(f"w{i}", [1, 5 + i, 6], params))
+            except OverloadedError:
+                refused.append(i)
+        outs = await asyncio.wait_for(asyncio.gather(*(collect(s) for s in streams)), 30)
+        return refused, outs
+    try:
+        refused, outs = asyncio.run(main())
+        assert 3 in refused and 0 not in refused and 1 not in refused
+        assert all(len(o) == 30 and o[-1].finish_reason == "length" for o in outs)
+        assert engine.stats().admission_rejections_total == len(refused)
+    finally:
+        engine.shutdown()
+    assert not engine._process.is_alive()
+
+
+def test_server_with_engine_process_answers_like_the_offline_engine(tiny_llama_dir):
+    from server.app import create_app
+    from server.config import ServerConfig
+    from tests.live_server import LiveServer
+
+    prompt = "To be, or not to be"
+    want = LLM(str(tiny_llama_dir), **CFG).generate([prompt], SamplingParams(temperature=0.0, max_new_tokens=12))
+    engine = ProcessEngine(EngineConfig(model=str(tiny_llama_dir), **CFG))
+    config = ServerConfig(stats_log_interval_s=0, engine_process=True)
+    with LiveServer(create_app(engine, config)) as srv:
+        r = httpx.post(srv.url + "/generate", json={"inputs": prompt, "parameters": {"max_new_tokens": 12}})
+        assert r.status_code == 200 and r.json()["generated_text"] == want[0].text
+        r = httpx.post(srv.url + "/generate", json={"inputs": prompt, "parameters": {"max_new_tokens": 10**6}})
+        assert r.status_code in (400, 422) and "max_new_tokens" in r.text
+        assert "gqaserve_generation_tokens_total 12.0" in httpx.get(srv.url + "/metrics").text
+        child = engine._process
+    assert not child.is_alive()
