@@ -9,6 +9,7 @@ from its own thread.
 from __future__ import annotations
 
 import time
+from itertools import islice
 from pathlib import Path
 from dataclasses import dataclass, replace
 from typing import Any
@@ -138,18 +139,25 @@ class LLMEngine:
         return outputs
 
     def _may_overlap(self) -> bool:
-        """Whether the next step can be launched before the in-flight one is seen by the host: it will be a
-        decode-only step over graph-captured sizes whose sampling needs no output token values."""
+        """Whether the next step may be scheduled before the in-flight one is seen by the host: no sequence
+        that may join it samples from output token values (penalties), and it can replay a graph: a
+        decode-only one over captured sizes or, with prefill graphs, one with prompt tokens too
+        (_overlappable decides once it is scheduled)."""
         sched = self.scheduler
         graphs = getattr(self.runner, "graphs", None)
-        if sched.waiting or graphs is None or len(sched.running) > graphs.max_size:
+        joining = islice(sched.waiting, sched.max_num_seqs)  # admissions come from the front of the queue
+        if graphs is None or any(seq.uses_penalties for seq in sched.running) \
+                or any(seq.uses_penalties for seq in joining):
             return False
-        return not any(len(seq.token_ids) - seq.num_computed_tokens != 1 or seq.uses_penalties
-                       for seq in sched.running)
+        if getattr(self.runner, "prefill_graphs", None) is not None:
+            return True
+        if sched.waiting or len(sched.running) > graphs.max_size:
+            return False
+        return all(len(seq.token_ids) - seq.num_computed_tokens == 1 for seq in sched.running)
 
     def _overlappable(self, sched: SchedulerOutput) -> bool:
-        graphs = getattr(self.runner, "graphs", None)
-        return graphs is not None and sched.decode_only and len(sched.scheduled) <= graphs.max_size
+        runs_ahead = getattr(self.runner, "runs_ahead", None)
+        return runs_ahead is not None and runs_ahead(sched)
 
     def _launch(self, sched: SchedulerOutput) -> "_Launched | list[RequestOutput]":
         """Queue the step on the device; each sampling sequence gets a placeholder token (-1) that

@@ -54,9 +54,9 @@ class EngineConfig(BaseModel):
     prefill_graphs: bool = Field(True, description="also capture steps that carry prompt tokens, one CUDA graph "
                                  "per token bucket up to max_num_batched_tokens (4,096 at most); off: such "
                                  "steps run eagerly, one kernel launch at a time")
-    overlap_scheduling: bool = Field(True, description="launch a decode step before the host has seen the "
+    overlap_scheduling: bool = Field(True, description="launch a step before the host has seen the "
                                      "previous one's tokens, so the host's bookkeeping overlaps the GPU "
-                                     "(decode-only steps on CUDA graphs; stops take effect a step later; "
+                                     "(steps that replay a CUDA graph; stops take effect a step later; "
                                      "H100, 1B shape: batch-64 decode 30.7k -> 37.5k tok/s)")
 
     @field_validator("block_size")

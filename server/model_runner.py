@@ -72,9 +72,10 @@ class ModelRunner:
         self.kv_cache = KVCache.allocate(self.model_config, num_blocks, self.block_size, self.kv_dtype,
                                         self.device)
         pool = torch.cuda.graph_pool_handle() if self.graph_sizes else None  # one pool for both kinds
+        decode = self._decode_graphs() if self.graph_sizes else None
         self.prefill_graphs: PrefillGraphRunner | None = \
-            self._prefill_graphs().capture(pool) if self.prefill_sizes else None
-        self.graphs: DecodeGraphRunner | None = self._decode_graphs().capture(pool) if self.graph_sizes else None
+            self._prefill_graphs(decode.sampled).capture(pool) if self.prefill_sizes else None
+        self.graphs: DecodeGraphRunner | None = decode.capture(pool) if decode else None
         self.kv_capacity = self._capacity(num_blocks)
         c = self.kv_capacity
         log.info("KV cache: %d blocks x %d tokens = %d tokens of capacity, %d bytes/token (%.1f MiB); "
@@ -99,16 +100,16 @@ class ModelRunner:
             self.config.max_num_seqs, self.config.max_num_batched_tokens), self.max_model_len, self.block_size,
             self.device)
 
-    def _prefill_graphs(self, kv_cache: KVCache | None = None) -> PrefillGraphRunner:
-        return PrefillGraphRunner(self.model, kv_cache or self.kv_cache, self.prefill_sizes or token_buckets(
+    def _prefill_graphs(self, sampled: torch.Tensor) -> PrefillGraphRunner:
+        return PrefillGraphRunner(self.model, self.kv_cache, self.prefill_sizes or token_buckets(
             self.config.max_num_batched_tokens), self.config.max_num_seqs, self.max_model_len, self.block_size,
-            self.device)
+            self.device, sampled)
 
     def use_graph_path_eagerly(self, prefill: bool = True) -> None:
         """Test hook (any device): decode steps (and with `prefill`, steps with prompt tokens) take the graph
         paths' padding and static buffers, with the eager model in place of the replay."""
         self.graphs = self._decode_graphs().use_eager()
-        self.prefill_graphs = self._prefill_graphs().use_eager() if prefill else None
+        self.prefill_graphs = self._prefill_graphs(self.graphs.sampled).use_eager() if prefill else None
 
     # ---- sizing ------------------------------------------------------------------------------------
     def _capacity(self, num_blocks: int) -> KVCapacity:
@@ -197,13 +198,14 @@ class ModelRunner:
         A decode step may feed tokens the previous step sampled and the host has not seen yet (placeholders,
         -1 in seq.token_ids; see LLMEngine.step): the graph path reads them from the device."""
         sampling = [s.seq for s in sched.scheduled if s.samples]
-        owed = self._prompt_logprob_rows(sched)
+        owed = sched.prompt_logprob_rows()
         prompt_lp = None
         with torch.inference_mode():
             logits = None if owed else self._replay_decode(sched)
-            graphed = logits is not None
             if logits is None and not owed:
                 logits = self._replay_prefill(sched)
+            # a replayed step publishes its ids for the next graph to read (unless it has too many rows)
+            graphed = logits is not None and self.graphs is not None and len(sampling) <= self.graphs.max_size
             if owed:  # every token's hidden state is needed: eager, and the logits of extra rows
                 batch = self.prepare(sched)
                 hidden = self.model.hidden_states(batch, self.kv_cache)
@@ -229,44 +231,28 @@ class ModelRunner:
                 return PendingStep(ids, out, sampling, True, prompt_lp)
         return PendingStep(token_ids, out, sampling, False, prompt_lp)
 
-    @staticmethod
-    def _prompt_logprob_rows(sched: SchedulerOutput) -> tuple[list[int], list[int], list] | None:
-        """(rows of the step's flat batch, the prompt token each row predicts, [(sequence, count)]) for
-        prompt logprobs still owed; None when no sequence in the step owes any."""
-        if not sched.has_prefill:  # a decode row sits past its prompt (a last 1-token chunk owes nothing)
-            return None
-        rows: list[int] = []
-        targets: list[int] = []
-        owners = []
-        offset = 0
-        for s in sched.scheduled:
-            seq = s.seq
-            done = seq.prompt_logprobs
-            if done is not None and len(done) < seq.num_prompt_tokens:
-                start = seq.num_computed_tokens
-                # position p predicts token p + 1: the next owed token is len(done), after a recompute
-                # the earlier ones are not computed again
-                first = max(start, len(done) - 1)
-                end = min(start + s.num_new_tokens, seq.num_prompt_tokens - 1)
-                if end > first:
-                    rows.extend(range(offset + first - start, offset + end - start))
-                    targets.extend(seq.token_ids[first + 1:end + 1])
-                    owners.append((seq, end - first))
-            offset += s.num_new_tokens
-        return (rows, targets, owners) if owners else None
+    def runs_ahead(self, sched: SchedulerOutput) -> bool:
+        """Whether `sched` may be launched before the host has the in-flight step's ids (overlap scheduling):
+        it replays a graph, which reads those ids from the device, and owes no prompt logprobs."""
+        graphs, n = self.graphs, len(sched.scheduled)
+        if graphs is None or n > graphs.max_size:
+            return False
+        if sched.decode_only:
+            return True
+        return self.prefill_graphs is not None and sched.prompt_logprob_rows() is None and \
+            self.prefill_graphs.bucket_for(sched.num_batched_tokens, n) is not None
 
     def _replay_prefill(self, sched: SchedulerOutput) -> torch.Tensor | None:
         """Any step that fits a token bucket (decode-only ones only if no decode graph took them): logits of
-        the rows that sample, from one replay. None: the step runs eagerly."""
+        the rows that sample, from one replay. None: the step runs eagerly. A row whose last token the host
+        has not seen yet reads it from the decode graphs' sampled ids, at the sequence's row there."""
         if self.prefill_graphs is None:
             return None
         rows, logits_rows, end = [], [], 0
         for s in sched.scheduled:
             seq, start = s.seq, s.seq.num_computed_tokens
             ids = seq.token_ids[start:start + s.num_new_tokens]
-            if ids[-1] < 0:
-                raise RuntimeError(f"{seq.request_id}: a prefill step got a token the host has not seen")
-            rows.append((ids, start, seq.block_table_array()))
+            rows.append((ids, start, seq.block_table_array(), seq.sampled_row if ids[-1] < 0 else -1))
             end += s.num_new_tokens
             if s.samples:
                 logits_rows.append(end - 1)

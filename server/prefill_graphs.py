@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -54,8 +55,9 @@ def token_buckets(max_num_batched_tokens: int, limit: int = 4096) -> list[int]:
 
 class PrefillInputs:
     """The static buffers a prefill graph reads, sized for the largest bucket: views of one int64 device
-    buffer (ids | positions | slots | logits rows) and one int32 (query_start_loc | seq_lens | block tables |
-    work list), each loaded from a pinned host mirror by one copy."""
+    buffer (ids | positions | slots | src | logits rows) and one int32 (query_start_loc | seq_lens | block
+    tables | work list), each loaded from a pinned host mirror by one copy. src[t] >= 0: token t is the
+    in-flight step's sampled id at that row (overlap scheduling; see DecodeInputs), not input_ids[t]."""
 
     def __init__(self, sizes: list[int], max_seqs: int, max_blocks_per_seq: int, group: int, head_dim: int,
                  device: torch.device):
@@ -70,12 +72,12 @@ class PrefillInputs:
         pin = device.type == "cuda"
         # Two host mirrors used in turn, each with an event after its copies: a step that samples nothing
         # ends in no sync, so the mirror may be rewritten only once its last copy has run.
-        self._host64 = [torch.zeros(3 * T + S, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self._host64 = [torch.zeros(4 * T + S, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
         self._host32 = [torch.zeros(self._o32[-1], dtype=torch.int32, pin_memory=pin) for _ in range(2)]
         self._events = [torch.cuda.Event() for _ in range(2)] if pin else [None, None]
         self._turn = 0
         for h64, h32 in zip(self._host64, self._host32):  # all padding: warm-up and capture touch no cache
-            h64[2 * T:3 * T] = -1
+            h64[2 * T:4 * T] = -1
             h32[self._o32[3]:].view(E, 2)[:, 1] = NO_ROWS
         self._dev64 = self._host64[0].to(device, copy=True)
         self._dev32 = self._host32[0].to(device, copy=True)
@@ -84,6 +86,7 @@ class PrefillInputs:
         self.seq_lens = self._dev32[o[1]:o[2]]                              # [S]
         self.block_tables = self._dev32[o[2]:o[3]].view(S, MB)              # [S, MB]
         self.tiles = self._dev32[o[3]:o[4]]                                 # [2E]
+        self.src = self._dev64[3 * T:4 * T]                                 # [T]
 
     def device_bytes(self) -> int:
         return self._dev64.numel() * 8 + self._dev32.numel() * 4
@@ -100,17 +103,18 @@ class PrefillInputs:
             input_ids=self._dev64[:size], positions=self._dev64[T:T + size],
             slot_mapping=self._dev64[2 * T:2 * T + size], query_start_loc=self.query_start_loc[:S + 1],
             seq_lens=self.seq_lens[:S], block_tables=self.block_tables[:S],
-            logits_indices=self._dev64[3 * T:3 * T], max_query_len=size, max_seq_len=0,
+            logits_indices=self._dev64[4 * T:4 * T], max_query_len=size, max_seq_len=0,
             attention_tiles=self.tiles[:2 * self.entries[size]], attention_tile_rows=self.block_m[size])
 
     def logits_rows(self, count: int) -> torch.Tensor:
         T = self.max_tokens
-        return self._dev64[3 * T:3 * T + count]
+        return self._dev64[4 * T:4 * T + count]
 
-    def load(self, rows: list[tuple[list[int], int, np.ndarray]], block_size: int, logits_rows: list[int],
-             size: int) -> None:
-        """rows: (new token ids, tokens already cached, block table: int32 array or list) per sequence;
-        padding up to `size`."""
+    def load(self, rows: list[tuple[list[int], int, np.ndarray, int]], block_size: int, logits_rows: list[int],
+             size: int) -> bool:
+        """rows: (new token ids, tokens already cached, block table: int32 array or list, src) per sequence,
+        padding up to `size`. src >= 0: the row's last token is a placeholder (< 0) for the in-flight step's
+        sampled id at row src. Returns whether any row reads one."""
         T, S, MB = self.max_tokens, self.max_seqs, self.block_tables.shape[1]
         k, self._turn = self._turn, self._turn ^ 1
         if self._events[k] is not None:
@@ -118,16 +122,20 @@ class PrefillInputs:
         a, b = self._host64[k].numpy(), self._host32[k].numpy()
         o = self._o32
         end, starts, lens, q_lens, ones = 0, [0], [], [], ([], [], [], [])  # ones: decode rows, gathered
-        for i, (ids, cached, table) in enumerate(rows):
+        ahead = []  # (token index, src row) of the placeholders
+        for i, (ids, cached, table, src) in enumerate(rows):
             n = len(ids)
+            if src >= 0:
+                ahead.append((end + n - 1, src))
             if n == 1:  # a decode row: written with the others below, in one assignment per column
                 ones[0].append(end)
-                ones[1].append(ids[0])
+                ones[1].append(max(ids[0], 0))
                 ones[2].append(cached)
                 ones[3].append(int(table[cached // block_size]) * block_size + cached % block_size)
             else:
                 pos = np.arange(cached, cached + n)
                 a[end:end + n] = ids
+                a[end + n - 1] = max(ids[-1], 0)
                 a[T + end:T + end + n] = pos
                 a[2 * T + end:2 * T + end + n] = np.asarray(table)[pos // block_size].astype(np.int64) * block_size \
                     + pos % block_size
@@ -141,7 +149,10 @@ class PrefillInputs:
             a[at], a[T + at], a[2 * T + at] = ones[1], ones[2], ones[3]
         B, view_s = len(rows), min(S, size)
         a[end:size], a[T + end:T + size], a[2 * T + end:2 * T + size] = 0, 0, -1
-        a[3 * T:3 * T + len(logits_rows)] = logits_rows
+        a[3 * T:3 * T + size] = -1
+        for t, src in ahead:
+            a[3 * T + t] = src
+        a[4 * T:4 * T + len(logits_rows)] = logits_rows
         b[:B + 1] = starts
         b[B + 1:view_s + 1] = end            # padding sequences: no queries
         b[o[1]:o[1] + B] = lens
@@ -151,13 +162,15 @@ class PrefillInputs:
         self._dev32.copy_(self._host32[k], non_blocking=True)
         if self._events[k] is not None:
             self._events[k].record()
+        return bool(ahead)
 
 
 class PrefillGraphRunner:
     """Replays a captured prefill-step graph for steps of up to max(sizes) tokens; see the module doc."""
 
     def __init__(self, model: torch.nn.Module, kv_cache: KVCache, sizes: list[int], max_seqs: int,
-                 max_model_len: int, block_size: int, device: torch.device):
+                 max_model_len: int, block_size: int, device: torch.device, sampled: torch.Tensor | None = None):
+        """sampled: the decode graphs' buffer of the last graphed step's sampled ids (src rows read it)."""
         cfg = model.config
         self.model, self.kv_cache, self.device = model, kv_cache, device
         self.block_size = block_size
@@ -168,11 +181,15 @@ class PrefillGraphRunner:
                                   device=device)                                   # [T, hidden]
         self._replay: dict[int, object] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.sampled = sampled if sampled is not None else torch.zeros(1, dtype=torch.int64, device=device)
         self.replays: Counter[int] = Counter()  # bucket -> steps run at it
+        self.ahead = 0  # steps that read tokens of the step still in flight
         self.memory_bytes = 0
 
     def _body(self, size: int) -> None:
-        hidden = self.model.hidden_states(self.inputs.view(size), self.kv_cache)  # [size, hidden]
+        view, src = self.inputs.view(size), self.inputs.src[:size]
+        ids = torch.where(src >= 0, self.sampled.index_select(0, src.clamp(min=0)), view.input_ids)
+        hidden = self.model.hidden_states(replace(view, input_ids=ids), self.kv_cache)  # [size, hidden]
         self.hidden[:size].copy_(hidden)
 
     def use_eager(self) -> "PrefillGraphRunner":
@@ -207,13 +224,17 @@ class PrefillGraphRunner:
                  self.memory_bytes / 2**20)
         return self
 
-    def run(self, rows: list[tuple[list[int], int, np.ndarray]], logits_rows: list[int]) -> torch.Tensor | None:
+    def bucket_for(self, num_tokens: int, num_seqs: int) -> int | None:
+        """The bucket a step of this many tokens and sequences replays at; None: it runs eagerly."""
+        return self.inputs.bucket_for(num_tokens, num_seqs) if self._replay else None
+
+    def run(self, rows: list[tuple[list[int], int, np.ndarray, int]], logits_rows: list[int]) -> torch.Tensor | None:
         """Logits [len(logits_rows), vocab] float32 of the step `rows` (see PrefillInputs.load); None when
         it fits no bucket (it then runs eagerly)."""
-        size = self.inputs.bucket_for(sum(len(ids) for ids, _, _ in rows), len(rows)) if self._replay else None
+        size = self.bucket_for(sum(len(r[0]) for r in rows), len(rows))
         if size is None:
             return None
-        self.inputs.load(rows, self.block_size, logits_rows, size)
+        self.ahead += self.inputs.load(rows, self.block_size, logits_rows, size)
         self._replay[size]()
         self.replays[size] += 1
         return self.model.logits(self.hidden[:size], self.inputs.logits_rows(len(logits_rows)))

@@ -46,6 +46,31 @@ class SchedulerOutput:
         """Some sequence is mid-prompt (or recomputing): only then can prompt logprobs be owed."""
         return any(s.is_prefill for s in self.scheduled)
 
+    def prompt_logprob_rows(self) -> tuple[list[int], list[int], list] | None:
+        """(rows of the step's flat batch, the prompt token each row predicts, [(sequence, count)]) for
+        prompt logprobs still owed; None when no sequence in the step owes any."""
+        if not self.has_prefill:  # a decode row sits past its prompt (a last 1-token chunk owes nothing)
+            return None
+        rows: list[int] = []
+        targets: list[int] = []
+        owners = []
+        offset = 0
+        for s in self.scheduled:
+            seq = s.seq
+            done = seq.prompt_logprobs
+            if done is not None and len(done) < seq.num_prompt_tokens:
+                start = seq.num_computed_tokens
+                # position p predicts token p + 1: the next owed token is len(done), after a recompute
+                # the earlier ones are not computed again
+                first = max(start, len(done) - 1)
+                end = min(start + s.num_new_tokens, seq.num_prompt_tokens - 1)
+                if end > first:
+                    rows.extend(range(offset + first - start, offset + end - start))
+                    targets.extend(seq.token_ids[first + 1:end + 1])
+                    owners.append((seq, end - first))
+            offset += s.num_new_tokens
+        return (rows, targets, owners) if owners else None
+
 
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, *, max_num_seqs: int, max_num_batched_tokens: int,

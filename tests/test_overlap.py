@@ -72,6 +72,27 @@ def test_overlap_gives_what_the_synchronous_engine_gives(tiny_llama_dir, kv_cach
     assert not engine.has_unfinished()
 
 
+@pytest.mark.parametrize("kv_cache_memory", ["2MiB", "96KiB"])
+def test_steps_with_prompt_tokens_overlap_too(tiny_llama_dir, kv_cache_memory):
+    """14 requests for 8 places and a 64-token budget: newcomers' prompts (whole or chunked) join running
+    decodes in steps launched while the previous one is in flight; their decode rows take the in-flight ids
+    from the device. With a small cache, preempted sequences come back the same way (recompute)."""
+    prompts = engine_prompts(14, seed=4)
+    params = varied_params(tiny_llama_dir, prompts)
+    params[5] = params[11] = SamplingParams(temperature=0.0, max_new_tokens=25)  # no penalties in this test
+    want = make_llm(tiny_llama_dir, overlap=False, kv_cache_memory=kv_cache_memory).generate(prompts, params)
+    llm = make_llm(tiny_llama_dir, overlap=True, kv_cache_memory=kv_cache_memory)
+    got = llm.generate(prompts, params)
+    assert summary(got) == summary(want)
+    engine, prefill = llm.engine, llm.engine.runner.prefill_graphs
+    assert prefill.ahead >= 3  # steps with prompt tokens that read ids of the step in flight
+    assert engine.counters.overlapped_steps >= 20
+    if kv_cache_memory == "96KiB":
+        assert engine.scheduler.num_preemptions_total > 0
+    assert engine.allocator.num_free_blocks == engine.kv_capacity.num_blocks
+    assert not engine.has_unfinished()
+
+
 def test_abort_while_a_step_is_in_flight(tiny_llama_dir):
     llm = make_llm(tiny_llama_dir, overlap=True)
     engine = llm.engine

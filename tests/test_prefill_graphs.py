@@ -100,7 +100,7 @@ def test_prefill_kernel_with_a_padded_work_list(case, dtype, block_m):
 
 def step_rows(rng, q_lens, cached, max_blocks):
     return [([rng.randrange(3, 300) for _ in range(n)], c,
-             rng.sample(range(200), min(max_blocks, -(-(n + c) // BLOCK)))) for n, c in zip(q_lens, cached)]
+             rng.sample(range(200), min(max_blocks, -(-(n + c) // BLOCK))), -1) for n, c in zip(q_lens, cached)]
 
 
 def test_static_buffers_hold_exactly_the_padded_step():
@@ -121,7 +121,7 @@ def test_static_buffers_hold_exactly_the_padded_step():
     assert got.slot_mapping[13:].tolist() == [-1] * 3
     assert got.query_start_loc.tolist() == want.query_start_loc.tolist() + [13] * 5
     assert got.seq_lens.tolist() == want.seq_lens.tolist() + [0] * 5
-    for b, (_, _, table) in enumerate(rows):
+    for b, (_, _, table, _) in enumerate(rows):
         assert got.block_tables[b, :len(table)].tolist() == table
     assert inputs.logits_rows(2).tolist() == [8, 9]
     assert got.attention_tile_rows == prefill_block_m(32, 16) == 16
@@ -164,7 +164,7 @@ def test_padded_prefill_step_equals_eager_step(tiny_models, backend):
     with torch.inference_mode():
         want = model(build_step_batch(tokens, cached, tables, BLOCK, logits_indices=logits_rows), eager_cache)
         graphs = PrefillGraphRunner(model, cache, [16, 32], 8, 256, BLOCK, torch.device("cpu")).use_eager()
-        got = graphs.run(list(zip(tokens, cached, tables)), logits_rows)
+        got = graphs.run([(t, c, table, -1) for t, c, table in zip(tokens, cached, tables)], logits_rows)
     assert graphs.replays == {32: 1}
     assert got.shape == want.shape and (got - want).abs().max() < 1e-4
     written = cache.storage != slots_before
@@ -213,7 +213,7 @@ gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @gpu
 def test_gpu_prefill_graphs_equal_enforce_eager(tiny_llama_dir):
     """float32 so greedy ties cannot flip between padded and unpadded matmuls; prompts longer than the budget
-    so chunks after cached tokens replay too."""
+    so chunks after cached tokens replay too, launched while the previous step is in flight."""
     import gc
     cfg = dict(dtype="float32", device="cuda", gpu_memory_utilization=0.05, max_num_seqs=16,
                max_num_batched_tokens=64)
@@ -233,3 +233,4 @@ def test_gpu_prefill_graphs_equal_enforce_eager(tiny_llama_dir):
     got = [r.token_ids for r in graphed.generate(prompts, params)]
     assert got == want
     assert sum(prefill.replays.values()) >= 7 and prefill.replays[64] > 0
+    assert prefill.ahead > 0  # overlap scheduling: chunks joined by decode rows whose ids were in flight

@@ -92,7 +92,6 @@ def test_tgi_decoder_input_details(tiny_llama_dir):
 
 def test_rows_owed_after_a_recompute_skip_what_is_done():
     """A sequence preempted mid-prompt recomputes from position 0; only the logprobs it still owes get rows."""
-    from server.model_runner import ModelRunner
     from server.scheduler import ScheduledSeq, SchedulerOutput
     from server.sequence import Sequence
     prompt = list(range(100, 120))
@@ -100,9 +99,9 @@ def test_rows_owed_after_a_recompute_skip_what_is_done():
     seq.prompt_logprobs += [-1.0] * 10  # tokens 1..10 done before the preemption
     other = Sequence("o", [5, 6, 7], SamplingParams(max_new_tokens=4))
     sched = SchedulerOutput((ScheduledSeq(other, 3, True, True), ScheduledSeq(seq, 16, True, False)), 19)
-    rows, targets, owners = ModelRunner._prompt_logprob_rows(sched)
+    rows, targets, owners = sched.prompt_logprob_rows()
     assert rows == list(range(3 + 10, 3 + 16))    # positions 10..15, after the other sequence's 3 rows
     assert targets == prompt[11:17] and owners == [(seq, 6)]
     seq.num_computed_tokens = 16                  # the rest of the prompt: positions 16..18 predict 17..19
-    rows, targets, owners = ModelRunner._prompt_logprob_rows(SchedulerOutput((ScheduledSeq(seq, 4, True, True),), 4))
+    rows, targets, owners = SchedulerOutput((ScheduledSeq(seq, 4, True, True),), 4).prompt_logprob_rows()
     assert rows == [0, 1, 2] and targets == prompt[17:20] and owners == [(seq, 3)]
