@@ -13,11 +13,10 @@ The captured grid may not depend on per-step values. The only one the decode pat
 (the split-KV heuristic), so every graph is captured with max_seq_len = max_model_len: the split count is
 fixed per batch size, and splits past a short sequence's end are empty (the kernel handles them).
 
-Memory: all graphs share one private pool, captured largest first so the smaller ones reuse its blocks
-(graphs replay one at a time on one stream, never concurrently). The logits of every size land in one
+Memory: all graphs (and the prefill graphs) share one private pool, captured largest first so the smaller
+ones reuse its blocks (graphs replay one at a time on one stream). The logits of every size land in one
 shared static buffer [max_size, vocab], so the pool holds only transient activations. The model runner
-reserves a measured decode-step peak for this pool before it sizes the KV cache and captures after
-allocating the KV cache (see ModelRunner).
+reserves a measured peak for the pool before it sizes the KV cache, and captures after allocating it.
 
 Without CUDA the same static-buffer path runs with the eager model as its "replay" (use_eager).
 """
@@ -188,8 +187,9 @@ class DecodeGraphRunner:
         view = self.inputs.view(size)
         src = self.inputs.src[:size]
         ids = torch.where(src >= 0, self.sampled.index_select(0, src.clamp(min=0)), view.input_ids)
-        logits = self.model(replace(view, input_ids=ids), self.kv_cache)  # [size, vocab] float32
-        self.logits[:size].copy_(logits)
+        hidden = self.model.hidden_states(replace(view, input_ids=ids), self.kv_cache)  # [size, hidden]
+        # every row, so no gather; one kernel casts into the float32 buffer (logits() would cast, then copy)
+        self.logits[:size].copy_(self.model.lm_head(hidden))
 
     def use_eager(self) -> "DecodeGraphRunner":
         """The static-buffer path with the eager model as replay (CPU tests; no torch.cuda.graph)."""
