@@ -46,12 +46,14 @@ def _attend_tile(acc, m_i, l_i, q, K, V, bt_row, kvh, start_n, kv_end, q_pos, d,
         k = tl.load(k_ptrs)
     else:
         k = tl.load(k_ptrs, mask=d_valid[:, None], other=0.0)
-    qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
+    qk = tl.dot(q, k, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N], unscaled
     if CAUSAL:
         keep = (n[None, :] <= q_pos[:, None]) & n_valid[None, :]
         qk = tl.where(keep, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    p = tl.exp2(qk - m_new[:, None])
+    # the scale (> 0, log2 domain) goes into the max of each row and into one fused multiply-add before
+    # exp2, instead of a multiply over the whole tile first: the softmax's ALU work bounds this loop
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     if CAUSAL:
