@@ -235,11 +235,11 @@ class ModelRunner:
         """Whether `sched` may be launched before the host has the in-flight step's ids (overlap scheduling):
         it replays a graph, which reads those ids from the device, and owes no prompt logprobs."""
         graphs, n = self.graphs, len(sched.scheduled)
-        if graphs is None or n > graphs.max_size:
-            return False
+        if graphs is None or n > graphs.max_size or sched.prompt_logprob_rows() is not None:
+            return False  # (a 1-token chunk mid-prompt is decode-shaped and may owe prompt logprobs)
         if sched.decode_only:
             return True
-        return self.prefill_graphs is not None and sched.prompt_logprob_rows() is None and \
+        return self.prefill_graphs is not None and \
             self.prefill_graphs.bucket_for(sched.num_batched_tokens, n) is not None
 
     def _replay_prefill(self, sched: SchedulerOutput) -> torch.Tensor | None:

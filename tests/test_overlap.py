@@ -157,3 +157,31 @@ def test_an_eager_step_refuses_a_token_the_host_has_not_seen(tiny_llama_dir):
     seq.num_computed_tokens = 2
     with pytest.raises(RuntimeError, match="has not seen"):
         runner.prepare(SchedulerOutput((ScheduledSeq(seq, 2, True, True),), 2))
+
+
+def test_a_one_token_chunk_that_owes_prompt_logprobs_waits_for_the_step_in_flight(tiny_llama_dir):
+    """15 decoding sequences leave 1 token of a 16-token budget: a late request's prompt goes in 1-token
+    chunks, decode-shaped steps that owe prompt logprobs. Those run eagerly, so they must not be launched
+    ahead of the host (their decode rows' ids would still be placeholders)."""
+    ps = engine_prompts(16, seed=7)
+    results = []
+    for overlap in (False, True):
+        llm = LLM(str(tiny_llama_dir), dtype="float32", device="cpu", kv_cache_memory="2MiB",
+                  max_num_batched_tokens=16, max_num_seqs=16, overlap_scheduling=overlap)
+        llm.engine.runner.use_graph_path_eagerly()
+        engine, out, first = llm.engine, {}, {}
+        for i in range(15):
+            engine.add_request(str(i), ps[i], SamplingParams(temperature=0.0, max_new_tokens=40))
+        while any(s.num_output_tokens == 0 for s in engine.scheduler.running) or engine.scheduler.waiting:
+            for o in engine.step():
+                out.setdefault(o.request_id, []).extend(o.new_token_ids)
+        engine.add_request("late", ps[15][:6], SamplingParams(temperature=0.0, max_new_tokens=20,
+                                                               prompt_logprobs=True))
+        while engine.has_unfinished():
+            for o in engine.step():
+                out.setdefault(o.request_id, []).extend(o.new_token_ids)
+                first.setdefault(o.request_id, o)
+        results.append((out, [round(x, 4) if x is not None else None for x in first["late"].prompt_logprobs]))
+        if overlap:
+            assert engine.counters.overlapped_steps > 10
+    assert results[0] == results[1] and len(results[1][0]["late"]) == 20 and len(results[1][1]) == 6

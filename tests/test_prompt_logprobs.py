@@ -24,9 +24,12 @@ def transformers_prompt_logprobs(model_dir, prompt: list[int]) -> list[float]:
     return logits.log_softmax(-1)[:-1].gather(1, torch.tensor(prompt[1:])[:, None]).squeeze(1).tolist()
 
 
-def run_engine(model_dir, prompts, params, **config):
-    """Each request's prompt_logprobs, from its first output."""
+def run_engine(model_dir, prompts, params, graphs: bool = False, **config):
+    """Each request's prompt_logprobs, from its first output. With `graphs`, on the graphs' static path
+    (use_graph_path_eagerly), where overlap scheduling runs steps ahead of the host."""
     engine = LLM(str(model_dir), dtype="float32", device="cpu", **config).engine
+    if graphs:
+        engine.runner.use_graph_path_eagerly()
     for i, (p, sp) in enumerate(zip(prompts, params)):
         engine.add_request(str(i), p, sp)
     first = {}
@@ -37,14 +40,16 @@ def run_engine(model_dir, prompts, params, **config):
     return [first[str(i)].prompt_logprobs for i in range(len(prompts))], engine
 
 
-@pytest.mark.parametrize("kv_cache_memory", ["2MiB", "64KiB"])
-def test_prompt_logprobs_match_transformers(tiny_llama_dir, kv_cache_memory):
+@pytest.mark.parametrize("kv_cache_memory, graphs", [("2MiB", False), ("64KiB", False), ("2MiB", True)])
+def test_prompt_logprobs_match_transformers(tiny_llama_dir, kv_cache_memory, graphs):
     prompts = engine_prompts(6, seed=11)
     params = [SamplingParams(temperature=0.0, max_new_tokens=30, ignore_eos=True, prompt_logprobs=i % 3 != 1)
               for i in range(len(prompts))]
     # 16-token steps: prompts of up to 31 tokens are split into chunks shared with other requests' tokens
-    got, engine = run_engine(tiny_llama_dir, prompts, params, max_num_batched_tokens=16, max_num_seqs=6,
+    got, engine = run_engine(tiny_llama_dir, prompts, params, graphs, max_num_batched_tokens=16, max_num_seqs=6,
                              kv_cache_memory=kv_cache_memory)
+    if graphs:  # overlap ran steps ahead, prompt-logprob steps among them never (they run eagerly)
+        assert engine.counters.overlapped_steps > 0
     if kv_cache_memory == "64KiB":
         assert engine.scheduler.num_preemptions_total > 0  # recomputed prompts must not add entries twice
     for prompt, sp, lps in zip(prompts, params, got):
