@@ -18,6 +18,7 @@ child's last reported count plus the adds still in the pipe.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import multiprocessing
 import signal
@@ -36,9 +37,10 @@ log = logging.getLogger(__name__)
 
 
 class ProcessEngine(AsyncEngine):
-    def __init__(self, config: EngineConfig, log_level: str = "info"):
+    def __init__(self, config: EngineConfig, log_level: str = "info", gc_freeze: bool = True):
+        """gc_freeze: the child freezes what is alive once its model has loaded (see ServerState)."""
         super().__init__(config)
-        self.log_level = log_level
+        self.log_level, self.gc_freeze = log_level, gc_freeze
         self._process: Any = None
         self._send_lock = threading.Lock()
         self._targets: dict[str, RequestStream] = {}  # request id -> stream, until its finished output
@@ -57,7 +59,8 @@ class ProcessEngine(AsyncEngine):
             commands, self._commands_out = ctx.Pipe(duplex=False)
             self._results, results_in = ctx.Pipe(duplex=False)
             self._process = ctx.Process(target=run_engine_process, name="gqa-engine",
-                                        args=(self.config, commands, results_in, self.log_level), daemon=True)
+                                        args=(self.config, commands, results_in, self.log_level, self.gc_freeze),
+                                        daemon=True)
             self._process.start()
             commands.close()
             results_in.close()
@@ -79,7 +82,7 @@ class ProcessEngine(AsyncEngine):
                                         max_num_seqs=self.config.max_num_seqs,
                                         max_num_batched_tokens=self.config.max_num_batched_tokens,
                                         max_model_len=self.max_model_len, max_waiting_requests=1)
-            self._stats = facts["stats"]
+            self._stats, self.child_gc_frozen = facts["stats"], facts["gc_frozen"]
             self._thread = threading.Thread(target=self._receive, name="gqa-engine-outputs", daemon=True)
             self._thread.start()
 
@@ -172,7 +175,8 @@ class ProcessEngine(AsyncEngine):
 
 
 # ---- the child ------------------------------------------------------------------------------------------
-def run_engine_process(config: EngineConfig, commands, results, log_level: str = "info") -> None:
+def run_engine_process(config: EngineConfig, commands, results, log_level: str = "info",
+                       gc_freeze: bool = True) -> None:
     """The child's main: load, report, then apply commands and step until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
@@ -183,9 +187,13 @@ def run_engine_process(config: EngineConfig, commands, results, log_level: str =
         results.send(("failed", f"{type(exc).__name__}: {exc}".splitlines()[0]))
         return
     runner = engine.runner
+    if gc_freeze:  # the model's and the imports' objects: a full collection would walk them all
+        gc.collect()
+        gc.freeze()
     results.send(("ready", {"model_config": engine.model_config, "kv_capacity": engine.kv_capacity,
                             "max_model_len": engine.max_model_len, "model_dir": engine.model_dir,
-                            "dtype": runner.dtype, "device": runner.device, "stats": engine_stats(engine)}))
+                            "dtype": runner.dtype, "device": runner.device, "stats": engine_stats(engine),
+                            "gc_frozen": gc.get_freeze_count()}))
     try:
         _loop(engine, commands, results)
     except Exception as exc:  # noqa: BLE001

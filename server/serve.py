@@ -56,8 +56,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from server.async_engine import AsyncEngine
     from server.engine_process import ProcessEngine
     try:
-        engine = ProcessEngine(config.engine, config.server.log_level) if config.server.engine_process \
-            else AsyncEngine(config.engine)
+        engine = ProcessEngine(config.engine, config.server.log_level, config.server.gc_freeze) \
+            if config.server.engine_process else AsyncEngine(config.engine)
     except Exception as exc:  # noqa: BLE001 - one line, not a traceback
         print(f"gqa-serve serve: cannot create the engine: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

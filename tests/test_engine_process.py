@@ -23,8 +23,9 @@ async def collect(stream):
 
 
 def test_a_killed_child_fails_every_stream_and_refuses_new_requests(tiny_llama_dir):
-    engine = ProcessEngine(EngineConfig(model=str(tiny_llama_dir), **CFG))
+    engine = ProcessEngine(EngineConfig(model=str(tiny_llama_dir), **CFG), gc_freeze=False)
     engine.start()
+    assert engine.child_gc_frozen == 0
     params = SamplingParams(temperature=0.0, max_new_tokens=400, ignore_eos=True)
 
     async def main():
@@ -58,6 +59,7 @@ def test_the_waiting_bound_counts_adds_still_in_the_pipe(tiny_llama_dir):
     finds 2 ahead of it (waiting, or sent and not yet applied) and is refused."""
     engine = ProcessEngine(EngineConfig(model=str(tiny_llama_dir), max_num_seqs=1, max_waiting_requests=2, **CFG))
     engine.start()
+    assert engine.child_gc_frozen > 1000  # the child froze its start-up objects (imports, model)
     params = SamplingParams(temperature=0.0, max_new_tokens=30, ignore_eos=True)
 
     async def main():
