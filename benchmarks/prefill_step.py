@@ -7,8 +7,9 @@ bucket's CUDA graph (server/prefill_graphs.py) and run eagerly, in one process o
 Eagerly, such a step launches its kernels one at a time from Python, so its wall time is the larger of
 the host's launch work and the device's work; replayed, it is the device's work plus the step's packing. In
 serving such a step is the inter-token latency every running request sees when a new one arrives. Per case:
-  step_ms    median wall time of engine.step() for the step that carries the prompt (it ends in a sync)
-  device_ms  the device time of that step's kernels (torch profiler, summed; CPU: not measured)
+  step_ms    median wall time of the engine.step() call that returns the prompt's first token (with
+             overlap scheduling that call also launches the next step: the gap the running requests see)
+  device_ms  the device time of that step's kernels (torch profiler, summed, overlap off; CPU: not measured)
   host_ms    step_ms - device_ms, the time the device waits for the host
 and the ten largest kernels per case. --profile prints cProfile's top functions over eager prefill-alone
 steps. Writes JSON to --json or $OUT/prefill_step.json.
@@ -118,8 +119,12 @@ def main(argv=None) -> dict:
         cases[case] = {"step_ms": statistics.median(ms), "all_ms": ms}
 
     def profiled(case, n):
+        # overlap off while profiling: with it, the step() call that returns the prompt's first token also
+        # launches the next step, whose kernels would land in the same profile
+        served, engine.config = engine.config, engine.config.model_copy(update={"overlap_scheduling": False})
         top = kernels.setdefault(case, {})
         dev = run_case(engine, prompts, n, 3, f"d{case}", measure=lambda step: device_ms_of(step, device, top))
+        engine.config = served
         d = None if dev[0] is None else statistics.median(dev)
         cases[case].update(device_ms=d, host_ms=None if d is None else cases[case]["step_ms"] - d)
 
