@@ -155,11 +155,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--copy-bytes", type=int, default=None, help="copy-bandwidth tensor size "
                     "(default 1 GiB on CUDA, 256 MiB on CPU)")
     add_engine_arguments(ap)
+    ap.add_argument("--blas-library", choices=["default", "cublas", "cublaslt"], default="default",
+                    help="torch.backends.cuda.preferred_blas_library for this run: an experiment on the small "
+                         "batch-1 matmuls (the engine itself leaves torch's choice alone)")
     ap.add_argument("--json", help="write the results here (default: $OUT/latency[_b<B>].json when OUT is set)")
     args = ap.parse_args(argv)
 
     from server.model_runner import resolve_device
     device = resolve_device(args.device)
+    if args.blas_library != "default" and device.type == "cuda":
+        torch.backends.cuda.preferred_blas_library(args.blas_library)
     bw = copy_bandwidth(device, args.copy_bytes or (2**30 if device.type == "cuda" else 2**28))
 
     b, n_in, n_out = args.batch_size, args.input_len, args.output_len
@@ -190,7 +195,7 @@ def main(argv=None) -> dict:
            "model": "dummy:" + args.config if args.dummy else (llm.model_dir or args.model),
            "median": median, "all_tpot_s": [r["tpot_s"] for r in runs], "runs": runs, "roofline": roof,
            "fraction_of_roofline": roof["roofline_step_s"] / median["tpot_s"],
-           "torch": torch.__version__,
+           "torch": torch.__version__, "blas_library": args.blas_library,
            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
     print_table(res)
     write_json({"args": vars(args), **res}, args.json, "latency.json" if b == 1 else f"latency_b{b}.json")

@@ -10,7 +10,7 @@
 #
 #   bash benchmarks/run_gpu.sh [all|ours|peers]     # default all
 # Knobs (environment): BUDGET (s), PEERS_RESERVE (s kept for the peers, default 170), SKIP (space-separated
-# step names: pytest kernels step_overhead host_overhead profile prefill_step latency latency_b64 throughput_1b serving serving_eager_prefill serving_engine_process throughput_8b tune_kernels peers),
+# step names: pytest kernels step_overhead host_overhead profile prefill_step latency latency_cublaslt latency_b64 throughput_1b serving serving_eager_prefill serving_engine_process throughput_8b tune_kernels peers),
 # ENGINE_EXTRA (engine flags for our benchmarks, e.g. "--no-overlap-scheduling"), PYTEST_ARGS (extra pytest arguments, e.g. "-k gpu"), SMOKE=1 (CPU smoke test of this script: tiny random model, few requests, peers with PEERS_TINY=1).
 set -u
 cd "$(dirname "$0")/.."
@@ -112,6 +112,10 @@ main() {
     fi
     step latency 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 1 --input-len 128 \
       --output-len 256 --num-iters "$lat_iters" --json "$RAW/latency.json" $ENGINE_EXTRA
+    # the same batch-1 run with cuBLASLt for the matmuls: do the small qkv / o GEMVs get nearer the copy bandwidth?
+    step latency_cublaslt 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 1 \
+      --input-len 128 --output-len 256 --num-iters "$lat_iters" --blas-library cublaslt \
+      --json "$RAW/latency_cublaslt.json" $ENGINE_EXTRA
     step latency_b64 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 64 \
       --input-len 128 --output-len 128 --num-iters "$lat_iters" --json "$RAW/latency_b64.json" $ENGINE_EXTRA
     step throughput_1b 100 $PY benchmarks/throughput.py --dummy --config "$dummy1" "${dev[@]}" --num-requests "$nreq" \
@@ -201,6 +205,8 @@ row("copy GB/s (ours: latency.py; peer: ceilings_attn)", g(lat, "roofline", "cop
     g(ca, "ceilings", "d2d_copy", "GBps_read_plus_write"))
 row("b1 decode tok/s vs HF eager", g(lat, "median", "decode_tok_s"), hf_b1)
 row("b1 decode tok/s vs HF static cache", g(lat, "median", "decode_tok_s"), hf_b1s)
+row("b1 decode tok/s, cuBLASLt (peer: default BLAS)", g(data, "latency_cublaslt", "median", "decode_tok_s"),
+    g(lat, "median", "decode_tok_s"))
 ms = lambda x: None if x is None else x * 1e3  # noqa: E731
 pct = lambda x: None if x is None else x * 100  # noqa: E731
 row("b1 TPOT ms (peer: HF eager step)", ms(g(lat, "median", "tpot_s")),
