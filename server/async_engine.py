@@ -38,13 +38,17 @@ class EngineStats:
     generation_tokens_total: int
     admission_rejections_total: int
     num_steps: int
+    decode_graph_steps: int = 0   # steps that replayed a decode graph (the rest of num_steps: below, or eager)
+    prefill_graph_steps: int = 0  # steps with prompt tokens that replayed a prefill graph
 
 
 def engine_stats(e: LLMEngine) -> EngineStats:
     c, a = e.counters, e.allocator
+    graphs = [getattr(e.runner, name, None) for name in ("graphs", "prefill_graphs")]
+    replays = [sum(g.replays.values()) if g is not None else 0 for g in graphs]
     return EngineStats(e.scheduler.num_running, e.scheduler.num_waiting, a.usage, a.num_free_blocks,
                        a.num_blocks, e.scheduler.num_preemptions_total, c.prompt_tokens_total,
-                       c.generation_tokens_total, c.admission_rejections_total, c.num_steps)
+                       c.generation_tokens_total, c.admission_rejections_total, c.num_steps, *replays)
 
 
 class RequestStream:

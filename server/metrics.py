@@ -48,6 +48,15 @@ class EngineStatsCollector(Collector):
         s = self._stats()
         for family, name, help_text, stat in _ENGINE_SERIES:
             yield family(name, help_text, value=float(getattr(s, stat)) if s is not None else 0.0)
+        steps = CounterMetricFamily("gqaserve_engine_steps", "Engine steps by how they ran: a replayed decode "
+                                    "or prefill CUDA graph, or eager kernel launches", labels=["path"])
+        decode = getattr(s, "decode_graph_steps", 0) if s is not None else 0
+        prefill = getattr(s, "prefill_graph_steps", 0) if s is not None else 0
+        total = getattr(s, "num_steps", 0) if s is not None else 0
+        for path, value in (("decode_graph", decode), ("prefill_graph", prefill),
+                            ("eager", max(total - decode - prefill, 0))):
+            steps.add_metric([path], float(value))
+        yield steps
 
 
 class ServerMetrics:

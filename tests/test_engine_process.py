@@ -95,6 +95,8 @@ def test_server_with_engine_process_answers_like_the_offline_engine(tiny_llama_d
         assert r.status_code == 200 and r.json()["generated_text"] == want[0].text
         r = httpx.post(srv.url + "/generate", json={"inputs": prompt, "parameters": {"max_new_tokens": 10**6}})
         assert r.status_code in (400, 422) and "max_new_tokens" in r.text
-        assert "gqaserve_generation_tokens_total 12.0" in httpx.get(srv.url + "/metrics").text
+        metrics = httpx.get(srv.url + "/metrics").text
+        assert "gqaserve_generation_tokens_total 12.0" in metrics
+        assert 'gqaserve_engine_steps_total{path="eager"} 12.0' in metrics  # CPU: no graphs; 1 prefill + 11
         child = engine._process
     assert not child.is_alive()

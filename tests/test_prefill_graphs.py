@@ -189,6 +189,18 @@ def test_engine_prefill_graph_path_equals_eager_engine(tiny_llama_dir):
     assert got == want
     prefill = graphed.engine.runner.prefill_graphs
     assert set(prefill.replays) <= {16, 24, 32} and prefill.replays[32] >= 4  # full-budget steps and chunks
+    # /metrics' gqaserve_engine_steps_total{path=...}: every step counted on the path it took
+    from server.async_engine import engine_stats
+    from server.metrics import ServerMetrics
+    stats = engine_stats(graphed.engine)
+    assert stats.prefill_graph_steps == sum(prefill.replays.values())
+    assert stats.decode_graph_steps == sum(graphed.engine.runner.graphs.replays.values()) > 0
+    assert stats.num_steps == stats.decode_graph_steps + stats.prefill_graph_steps  # none ran eagerly
+    text = ServerMetrics(lambda: stats).render().decode()
+    assert f'gqaserve_engine_steps_total{{path="prefill_graph"}} {float(stats.prefill_graph_steps)}' in text
+    assert 'gqaserve_engine_steps_total{path="eager"} 0.0' in text
+    eager_stats = engine_stats(eager.engine)
+    assert eager_stats.decode_graph_steps == eager_stats.prefill_graph_steps == 0 < eager_stats.num_steps
 
 
 def test_steps_past_the_largest_bucket_run_eagerly(tiny_llama_dir):
