@@ -142,19 +142,27 @@ class AsyncEngine:
             raise OverloadedError("the server is draining: no new requests")
         if request_id in self._streams:
             raise ValueError(f"duplicate request_id {request_id!r}")
-        engine = self.engine
-        engine.check_admission(prompt_token_ids, params)
-        if engine.scheduler.num_waiting + self._pending_adds >= self.config.max_waiting_requests:
-            engine.counters.admission_rejections_total += 1
-            raise OverloadedError(f"{self.config.max_waiting_requests} requests are already waiting; retry later")
+        self._admit(prompt_token_ids, params)
         stream = RequestStream(request_id, asyncio.get_running_loop())
         self._streams[request_id] = stream
         self._readable[request_id] = stream
         with self._lock:
             self._pending_adds += 1
-        self._commands.put(("add", request_id, list(prompt_token_ids), params, stream))
-        self._wake.set()
+        self._enqueue_add(request_id, list(prompt_token_ids), params, stream)
         return stream
+
+    def _admit(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise AdmissionError (never fits) or OverloadedError (the waiting queue is full)."""
+        engine = self.engine
+        engine.check_admission(prompt_token_ids, params)
+        if engine.scheduler.num_waiting + self._pending_adds >= self.config.max_waiting_requests:
+            engine.counters.admission_rejections_total += 1
+            raise OverloadedError(f"{self.config.max_waiting_requests} requests are already waiting; retry later")
+
+    def _enqueue_add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                     stream: RequestStream) -> None:
+        self._commands.put(("add", request_id, prompt_token_ids, params, stream))
+        self._wake.set()
 
     def outputs_ready(self, request_ids: list[str]) -> bool:
         """On the event loop thread: whether any of these requests has outputs waiting in its stream."""

@@ -32,6 +32,7 @@ import torch
 
 from model.batch import StepBatch
 from model.kv_cache import KVCache
+from server.graph_capture import capture_graphs
 
 log = logging.getLogger(__name__)
 
@@ -197,25 +198,10 @@ class DecodeGraphRunner:
         return self
 
     def capture(self, pool=None) -> "DecodeGraphRunner":
-        """Warm up every size on a side stream (compiles each kernel variant), then capture largest first
-        (into `pool` if given: the prefill graphs share it, see ModelRunner)."""
+        """Capture every size (server/graph_capture.py), into `pool` if given: the prefill graphs share it."""
         assert self.device.type == "cuda", "CUDA graphs need a CUDA device"
         start = time.perf_counter()
-        with torch.inference_mode():
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for size in reversed(self.sizes):
-                    self._step(size)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            torch.cuda.synchronize(self.device)
-            pool = pool if pool is not None else torch.cuda.graph_pool_handle()
-            for size in reversed(self.sizes):
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self._step(size)
-                self.graphs[size] = graph
-        torch.cuda.synchronize(self.device)
+        self.graphs = capture_graphs(self._step, self.sizes, self.device, pool)
         self._replay = {s: g.replay for s, g in self.graphs.items()}
         self.memory_bytes = self._free_at_start - torch.cuda.mem_get_info(self.device)[0]
         log.info("CUDA graphs: captured %d decode sizes (%s) in %.2f s, using %.1f MiB of GPU memory",

@@ -17,7 +17,6 @@ child's last reported count plus the adds still in the pipe.
 """
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
 import multiprocessing
@@ -29,7 +28,7 @@ from typing import Any
 from server.async_engine import MAX_FAILED_STEPS_IN_A_ROW, AsyncEngine, EngineStats, RequestStream, engine_stats
 from server.blocks import BlockAllocator
 from server.engine_config import EngineConfig
-from server.outputs import AdmissionError, EngineDeadError, OverloadedError, RequestOutput
+from server.outputs import AdmissionError, OverloadedError, RequestOutput
 from server.sampling_params import SamplingParams
 from server.scheduler import Scheduler
 
@@ -103,13 +102,8 @@ class ProcessEngine(AsyncEngine):
             self._thread.join(timeout=5)
 
     # ---- requests (event loop thread) --------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestStream:
-        if not self.is_alive:
-            raise EngineDeadError(f"the engine is not running{': ' + self._dead if self._dead else ''}")
-        if self._draining:
-            raise OverloadedError("the server is draining: no new requests")
-        if request_id in self._streams:
-            raise ValueError(f"duplicate request_id {request_id!r}")
+    def _admit(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """The child's admission checks, against its facts; the queue bound counts adds still in the pipe."""
         try:
             bad = next((t for t in prompt_token_ids if not 0 <= t < self._vocab_size), None)
             if bad is not None:
@@ -121,14 +115,12 @@ class ProcessEngine(AsyncEngine):
         except (AdmissionError, OverloadedError):
             self._rejected += 1
             raise
-        stream = RequestStream(request_id, asyncio.get_running_loop())
-        self._streams[request_id] = stream
-        self._readable[request_id] = stream
+
+    def _enqueue_add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                     stream: RequestStream) -> None:
         with self._lock:
-            self._pending_adds += 1
             self._targets[request_id] = stream
-        self._send(("add", request_id, list(prompt_token_ids), params))
-        return stream
+        self._send(("add", request_id, prompt_token_ids, params))
 
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))

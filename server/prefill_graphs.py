@@ -35,6 +35,7 @@ import torch
 from kernels.prefill_tiles import NO_ROWS, max_tiles, prefill_block_m, tile_map
 from model.batch import StepBatch
 from model.kv_cache import KVCache
+from server.graph_capture import capture_graphs
 
 log = logging.getLogger(__name__)
 
@@ -198,25 +199,10 @@ class PrefillGraphRunner:
         return self
 
     def capture(self, pool=None) -> "PrefillGraphRunner":
-        """Warm up every bucket on a side stream (compiles each kernel variant), then capture largest first
-        into `pool` (shared with the decode graphs: graphs replay one at a time on one stream)."""
+        """Capture every bucket (server/graph_capture.py), into `pool` if given: the decode graphs share it."""
         assert self.device.type == "cuda", "CUDA graphs need a CUDA device"
         start, free = time.perf_counter(), torch.cuda.mem_get_info(self.device)[0]
-        with torch.inference_mode():
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for size in reversed(self.sizes):
-                    self._body(size)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            torch.cuda.synchronize(self.device)
-            pool = pool if pool is not None else torch.cuda.graph_pool_handle()
-            for size in reversed(self.sizes):
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self._body(size)
-                self.graphs[size] = graph
-        torch.cuda.synchronize(self.device)
+        self.graphs = capture_graphs(self._body, self.sizes, self.device, pool)
         self._replay = {n: g.replay for n, g in self.graphs.items()}
         self.memory_bytes = free - torch.cuda.mem_get_info(self.device)[0]
         log.info("CUDA graphs: captured %d prefill-step token buckets (%s) in %.2f s, using %.1f MiB",
