@@ -34,6 +34,16 @@ def resolve_model_dir(config: EngineConfig) -> str:
     return str(fetch_model(DEFAULT_MODEL, config.model_cache_dir or default_cache_dir()))
 
 
+def check_request(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int,
+                  scheduler: Scheduler) -> None:
+    """A request that can never run raises AdmissionError naming the field: ids outside the vocabulary, or
+    too long for max_model_len / the whole KV cache (no engine state read: any thread, any process)."""
+    bad = next((t for t in prompt_token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise AdmissionError(f"inputs: token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
+    scheduler.check_admission(len(prompt_token_ids), params)
+
+
 @dataclass
 class EngineCounters:
     num_steps: int = 0
@@ -75,11 +85,7 @@ class LLMEngine:
     def check_admission(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Checks that need no engine state (safe from any thread); raises AdmissionError."""
         try:
-            vocab = self.model_config.vocab_size
-            bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise AdmissionError(f"inputs: token id {bad} is outside the vocabulary (0..{vocab - 1})")
-            self.scheduler.check_admission(len(prompt_token_ids), params)
+            check_request(prompt_token_ids, params, self.model_config.vocab_size, self.scheduler)
         except AdmissionError:
             self.counters.admission_rejections_total += 1
             raise

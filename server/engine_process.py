@@ -27,6 +27,7 @@ from typing import Any
 
 from server.async_engine import MAX_FAILED_STEPS_IN_A_ROW, AsyncEngine, EngineStats, RequestStream, engine_stats
 from server.blocks import BlockAllocator
+from server.engine import check_request
 from server.engine_config import EngineConfig
 from server.outputs import AdmissionError, OverloadedError, RequestOutput
 from server.sampling_params import SamplingParams
@@ -76,7 +77,7 @@ class ProcessEngine(AsyncEngine):
                 from model.tokenizer import Tokenizer
                 tokenizer = Tokenizer.from_pretrained(self.model_dir)
             self.tokenizer = tokenizer
-            self._vocab_size = self.model_config.vocab_size
+            # a Scheduler of the child's sizes, only for its stateless admission check
             self._admission = Scheduler(BlockAllocator(self.kv_capacity.num_blocks, self.config.block_size),
                                         max_num_seqs=self.config.max_num_seqs,
                                         max_num_batched_tokens=self.config.max_num_batched_tokens,
@@ -105,10 +106,7 @@ class ProcessEngine(AsyncEngine):
     def _admit(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """The child's admission checks, against its facts; the queue bound counts adds still in the pipe."""
         try:
-            bad = next((t for t in prompt_token_ids if not 0 <= t < self._vocab_size), None)
-            if bad is not None:
-                raise AdmissionError(f"inputs: token id {bad} is outside the vocabulary (0..{self._vocab_size - 1})")
-            self._admission.check_admission(len(prompt_token_ids), params)
+            check_request(prompt_token_ids, params, self.model_config.vocab_size, self._admission)
             if self._stats.num_waiting + self._pending_adds >= self.config.max_waiting_requests:
                 raise OverloadedError(f"{self.config.max_waiting_requests} requests are already waiting; "
                                       "retry later")

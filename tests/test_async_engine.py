@@ -115,12 +115,14 @@ def test_admission_refusals(engine):
         with pytest.raises(AdmissionError) as e:
             engine.add_request("big", [1] * 10, SamplingParams(max_new_tokens=10_000))
         assert e.value.field == "max_new_tokens"
+        with pytest.raises(AdmissionError, match="outside the vocabulary"):
+            engine.add_request("oov", [1, engine.model_config.vocab_size], SamplingParams(max_new_tokens=2))
         stream = engine.add_request("dup", [1, 5], SamplingParams(max_new_tokens=2))
         with pytest.raises(ValueError, match="duplicate"):
             engine.add_request("dup", [1, 5], SamplingParams(max_new_tokens=2))
         await collect(stream)
     asyncio.run(main())
-    assert engine.stats().admission_rejections_total >= 1
+    assert engine.stats().admission_rejections_total >= 2
 
 
 def test_overload_and_drain(tiny_llama_dir):
