@@ -193,3 +193,21 @@ def test_prefill_step_times_both_cases_on_cpu(tmp_path, capsys):
         assert case["device_ms"] is None  # CPU: not measured
     assert json.loads((tmp_path / "p.json").read_text())["cases"].keys() == res["cases"].keys()
     assert "cumtime" in capsys.readouterr().out  # the cProfile table
+
+
+def test_host_pack_times_both_table_sources_and_prefill_loads(tmp_path):
+    from benchmarks import host_pack
+    res = host_pack.main(["--repeats", "1", "--loads", "2", "--json", str(tmp_path / "h.json")])
+    assert [r["blocks_per_seq"] for r in res["decode"]] == [8, 40, 125]
+    assert all(r["list_us"] > 0 and r["mirror_us"] > 0 for r in res["decode"])
+    assert [r["bucket"] for r in res["prefill"]] == [128, 192, 384, 2048, 1280]
+    assert json.loads((tmp_path / "h.json").read_text())["prefill"][0]["load_us"] > 0
+
+
+def test_gc_pause_measures_before_and_after_the_freeze(tmp_path):
+    import gc
+    from benchmarks import gc_pause
+    res = gc_pause.main(["--repeats", "1", "--json", str(tmp_path / "g.json")])
+    loaded, frozen = res["rows"]
+    assert loaded["tracked_objects"] > 10_000 > frozen["tracked_objects"]
+    assert loaded["gen2_ms"] > 0 and gc.get_freeze_count() == 0  # the process is left unfrozen
