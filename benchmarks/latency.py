@@ -195,7 +195,8 @@ def main(argv=None) -> dict:
            "model": "dummy:" + args.config if args.dummy else (llm.model_dir or args.model),
            "median": median, "all_tpot_s": [r["tpot_s"] for r in runs], "runs": runs, "roofline": roof,
            "fraction_of_roofline": roof["roofline_step_s"] / median["tpot_s"],
-           "torch": torch.__version__, "blas_library": args.blas_library,
+           "torch": torch.__version__, "blas_library": args.blas_library, "compile_mode": args.compile_mode,
+           "compile_seconds": runner.compiled.compile_seconds if runner.compiled else None,
            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
     print_table(res)
     write_json({"args": vars(args), **res}, args.json, "latency.json" if b == 1 else f"latency_b{b}.json")

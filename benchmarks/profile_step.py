@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -34,6 +35,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--compile-mode", choices=["off", "default", "max-autotune"], default="off",
+                    help="torch.compile the forward as the engine's compile_mode does (which GEMMs it picks)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     from model.batch import build_step_batch
@@ -58,15 +61,20 @@ def main(argv=None) -> list[dict]:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.inference_mode():
         model(build_step_batch(prompts, [0] * B, tables, bs, dev), cache)  # prefill
-        batches = [build_step_batch([[5 + b] for b in range(B)], [ctx + i] * B, tables, bs, dev)
-                   for i in range(args.steps + 3)]
+        # max_seq_len fixed as a decode graph fixes it (one split count; one compiled graph)
+        batches = [replace(build_step_batch([[5 + b] for b in range(B)], [ctx + i] * B, tables, bs, dev),
+                           max_seq_len=ctx + args.steps + 3) for i in range(args.steps + 3)]
+        forward = model.hidden_states
+        if args.compile_mode != "off":
+            from server.compiled_forward import CompiledForward
+            forward = CompiledForward(model, args.compile_mode, max_batch_size=B).for_size(B)
         for batch in batches[:3]:  # warm-up (compiles every kernel variant)
-            model(batch, cache)
+            model.lm_head(forward(batch, cache))
         if dev.type == "cuda":
             torch.cuda.synchronize()
         with torch.profiler.profile(activities=activities) as prof:
             for batch in batches[3:]:
-                model(batch, cache)
+                model.lm_head(forward(batch, cache))
             if dev.type == "cuda":
                 torch.cuda.synchronize()
     # self times: a kernel's own device time (the ops above it have none of their own), or on CPU each op's

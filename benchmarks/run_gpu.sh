@@ -10,7 +10,7 @@
 #
 #   bash benchmarks/run_gpu.sh [all|ours|peers]     # default all
 # Knobs (environment): BUDGET (s), PEERS_RESERVE (s kept for the peers, default 170), SKIP (space-separated
-# step names: pytest kernels step_overhead host_overhead profile prefill_step latency latency_cublaslt latency_b64 throughput_1b serving serving_eager_prefill serving_engine_process throughput_8b tune_kernels peers),
+# step names: pytest kernels step_overhead host_overhead profile prefill_step latency latency_cublaslt latency_compile profile_compile latency_b64 throughput_1b serving serving_eager_prefill serving_engine_process throughput_8b tune_kernels peers),
 # ENGINE_EXTRA (engine flags for our benchmarks, e.g. "--no-overlap-scheduling"), PYTEST_ARGS (extra pytest arguments, e.g. "-k gpu"), SMOKE=1 (CPU smoke test of this script: tiny random model, few requests, peers with PEERS_TINY=1).
 set -u
 cd "$(dirname "$0")/.."
@@ -94,7 +94,7 @@ main() {
       step kernels 60 $PY benchmarks/kernels.py --dry-run
     else
       local tests=(tests/test_kernels.py tests/test_kernel_rotary_cache.py tests/test_cuda_graphs.py
-        tests/test_prefill_graphs.py)
+        tests/test_prefill_graphs.py tests/test_compiled_forward.py)
       # the default model's greedy test needs its GGUF (no network there): copy it into the cache first
       local cache=${GQA_MODEL_CACHE_DIR:-$HOME/.cache/gqa-serve/models}
       if [ -e "$cache/smollm2-135m.gguf" ] || [ -e "$cache/smollm2-135m/config.json" ]; then
@@ -102,7 +102,7 @@ main() {
       else
         echo "### tests/test_gpu_model.py left out: no $cache/smollm2-135m.gguf"
       fi
-      step pytest 150 bash -c "set -o pipefail; $PY -m pytest ${tests[*]} ${PYTEST_ARGS:-} -q -p no:cacheprovider 2>&1 | tee $RAW/pytest.txt | tail -40"
+      step pytest 200 bash -c "set -o pipefail; $PY -m pytest ${tests[*]} ${PYTEST_ARGS:-} -q -p no:cacheprovider 2>&1 | tee $RAW/pytest.txt | tail -40"
       step kernels 60 $PY benchmarks/kernels.py
       step step_overhead 40 $PY benchmarks/step_overhead.py $ENGINE_EXTRA
       step host_overhead 30 $PY benchmarks/step_overhead.py --host-only --async-engine --batch-sizes 1 8 64 256 \
@@ -116,6 +116,12 @@ main() {
     step latency_cublaslt 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 1 \
       --input-len 128 --output-len 256 --num-iters "$lat_iters" --blas-library cublaslt \
       --json "$RAW/latency_cublaslt.json" $ENGINE_EXTRA
+    # and with compile_mode max-autotune on the decode graphs up to batch 8: inductor's GEMM choice per shape
+    step latency_compile 120 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 1 \
+      --input-len 128 --output-len 256 --num-iters "$lat_iters" --compile-mode max-autotune \
+      --compile-max-batch-size 8 --json "$RAW/latency_compile.json" $ENGINE_EXTRA
+    [ "$SMOKE" = 1 ] || step profile_compile 90 $PY benchmarks/profile_step.py --batch-size 1 --context 256 --compile-mode max-autotune \
+      --json "$RAW/profile_compile.json"
     step latency_b64 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 64 \
       --input-len 128 --output-len 128 --num-iters "$lat_iters" --json "$RAW/latency_b64.json" $ENGINE_EXTRA
     step throughput_1b 100 $PY benchmarks/throughput.py --dummy --config "$dummy1" "${dev[@]}" --num-requests "$nreq" \
@@ -207,6 +213,9 @@ row("b1 decode tok/s vs HF eager", g(lat, "median", "decode_tok_s"), hf_b1)
 row("b1 decode tok/s vs HF static cache", g(lat, "median", "decode_tok_s"), hf_b1s)
 row("b1 decode tok/s, cuBLASLt (peer: default BLAS)", g(data, "latency_cublaslt", "median", "decode_tok_s"),
     g(lat, "median", "decode_tok_s"))
+row("b1 decode tok/s, compile max-autotune (peer: off)", g(data, "latency_compile", "median", "decode_tok_s"),
+    g(lat, "median", "decode_tok_s"), f"profiled {f(g(data, 'profile_compile', 'total_us_per_step'))} us/step "
+    f"(off: {f(g(data, 'profile_step', 'total_us_per_step'))})")
 ms = lambda x: None if x is None else x * 1e3  # noqa: E731
 pct = lambda x: None if x is None else x * 100  # noqa: E731
 row("b1 TPOT ms (peer: HF eager step)", ms(g(lat, "median", "tpot_s")),

@@ -80,7 +80,8 @@ def build_llm(args, prompts, out_lens):
               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
               gpu_memory_utilization=args.gpu_memory_utilization, attention_backend=args.attention_backend,
               max_model_len=max(max_len, args.block_size), block_size=args.block_size,
-              overlap_scheduling=args.overlap_scheduling, prefill_graphs=args.prefill_graphs)
+              overlap_scheduling=args.overlap_scheduling, prefill_graphs=args.prefill_graphs,
+              compile_mode=args.compile_mode, compile_max_batch_size=args.compile_max_batch_size)
     if not args.dummy:
         return LLM(args.model, **kw)
     raw = PRESETS.get(args.config) or json.loads(Path(args.config).read_text())
@@ -204,6 +205,9 @@ def add_engine_arguments(ap: argparse.ArgumentParser) -> None:
                     help="launch decode steps ahead of the host (EngineConfig.overlap_scheduling)")
     ap.add_argument("--prefill-graphs", action=argparse.BooleanOptionalAction, default=True,
                     help="CUDA graphs for steps with prompt tokens too (EngineConfig.prefill_graphs)")
+    ap.add_argument("--compile-mode", choices=["off", "default", "max-autotune"], default="off",
+                    help="torch.compile the small decode graphs' forward (EngineConfig.compile_mode)")
+    ap.add_argument("--compile-max-batch-size", type=int, default=32)
 
 
 def main(argv=None) -> None:

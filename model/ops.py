@@ -13,6 +13,9 @@ from model.batch import StepBatch
 
 class TorchOps:
     name = "torch"
+    # what torch.compile must not trace: the attention reads seq_lens and query_start_loc on the host, and
+    # the cache write's padding check is data-dependent (see opaque_to_compiler)
+    host_reading = ("rotary_and_write_kv", "attend")
     rms_norm = staticmethod(reference.rms_norm)
     silu_and_mul = staticmethod(reference.silu_and_mul)
     apply_rotary = staticmethod(reference.apply_rotary)
@@ -27,6 +30,9 @@ class TorchOps:
 
 class TritonOps:
     name = "triton"
+    # every op: our kernels are already fused, and their launchers pick grids from host ints; dynamo would
+    # only re-trace them (see opaque_to_compiler)
+    host_reading = ("rms_norm", "silu_and_mul", "apply_rotary", "rotary_and_write_kv", "attend")
 
     def __init__(self) -> None:
         # Imported here so that CPU-only installs never need triton.
@@ -42,6 +48,18 @@ class TritonOps:
         return self._dispatch.paged_attention(q, k_cache, v_cache, batch.query_start_loc, batch.seq_lens,
                                               batch.block_tables, scale, batch.max_query_len, batch.max_seq_len,
                                               tiles=batch.attention_tiles, tile_rows=batch.attention_tile_rows)
+
+
+def opaque_to_compiler(ops: "TorchOps | TritonOps") -> None:
+    """Make torch.compile call ops.host_reading as they are (a graph break each) instead of tracing them.
+    Done on the model's own ops object, once, by server/compiled_forward.py when compilation is asked
+    for: each wrapper costs about 0.5 us a call in eager steps, which the default path should not pay."""
+    for name in ops.host_reading:
+        fn = getattr(ops, name)
+        if not getattr(fn, "_opaque_to_compiler", False):
+            wrapped = torch.compiler.disable(fn)
+            wrapped._opaque_to_compiler = True
+            setattr(ops, name, wrapped)
 
 
 def make_ops(name: str, device: torch.device) -> "TorchOps | TritonOps":

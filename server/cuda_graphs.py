@@ -22,17 +22,21 @@ Without CUDA the same static-buffer path runs with the eager model as its "repla
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import Counter
 from dataclasses import replace
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from model.batch import StepBatch
 from model.kv_cache import KVCache
 from server.graph_capture import capture_graphs
+
+if TYPE_CHECKING:
+    from server.compiled_forward import CompiledForward
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +162,9 @@ class DecodeGraphRunner:
     """Replays a captured decode graph for decode-only steps of up to max(sizes) sequences."""
 
     def __init__(self, model: torch.nn.Module, kv_cache: KVCache, sizes: list[int], max_model_len: int,
-                 block_size: int, device: torch.device):
+                 block_size: int, device: torch.device, compiled: "CompiledForward | None" = None):
         self.model = model
+        self.compiled = compiled  # torch.compile of the forward for the small sizes (compile_mode)
         self.kv_cache = kv_cache
         self.sizes = sorted(set(sizes))
         self.max_size = self.sizes[-1]
@@ -188,7 +193,8 @@ class DecodeGraphRunner:
         view = self.inputs.view(size)
         src = self.inputs.src[:size]
         ids = torch.where(src >= 0, self.sampled.index_select(0, src.clamp(min=0)), view.input_ids)
-        hidden = self.model.hidden_states(replace(view, input_ids=ids), self.kv_cache)  # [size, hidden]
+        forward = self.model.hidden_states if self.compiled is None else self.compiled.for_size(size)
+        hidden = forward(replace(view, input_ids=ids), self.kv_cache)  # [size, hidden]
         # every row, so no gather; one kernel casts into the float32 buffer (logits() would cast, then copy)
         self.logits[:size].copy_(self.model.lm_head(hidden))
 
@@ -201,7 +207,8 @@ class DecodeGraphRunner:
         """Capture every size (server/graph_capture.py), into `pool` if given: the prefill graphs share it."""
         assert self.device.type == "cuda", "CUDA graphs need a CUDA device"
         start = time.perf_counter()
-        self.graphs = capture_graphs(self._step, self.sizes, self.device, pool)
+        with self.compiled.compiling(self.sizes) if self.compiled else contextlib.nullcontext():
+            self.graphs = capture_graphs(self._step, self.sizes, self.device, pool)
         self._replay = {s: g.replay for s, g in self.graphs.items()}
         self.memory_bytes = self._free_at_start - torch.cuda.mem_get_info(self.device)[0]
         log.info("CUDA graphs: captured %d decode sizes (%s) in %.2f s, using %.1f MiB of GPU memory",

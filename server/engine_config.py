@@ -54,6 +54,12 @@ class EngineConfig(BaseModel):
     prefill_graphs: bool = Field(True, description="also capture steps that carry prompt tokens, one CUDA graph "
                                  "per token bucket up to max_num_batched_tokens (4,096 at most); off: such "
                                  "steps run eagerly, one kernel launch at a time")
+    compile_mode: Literal["off", "default", "max-autotune"] = Field(
+        "off", description="torch.compile the forward of the decode CUDA graphs of up to "
+        "compile_max_batch_size rows (server/compiled_forward.py). max-autotune: inductor times its Triton "
+        "GEMM templates against cuBLAS per projection shape and keeps the faster (slower start-up); "
+        "default: compiled glue, cuBLAS GEMMs; off: the model as written")
+    compile_max_batch_size: int = Field(32, ge=1, description="largest decode graph that compile_mode applies to")
     overlap_scheduling: bool = Field(True, description="launch a step before the host has seen the "
                                      "previous one's tokens, so the host's bookkeeping overlaps the GPU "
                                      "(steps that replay a CUDA graph; stops take effect a step later; "

@@ -17,6 +17,7 @@ from model.config import ModelConfig
 from model.kv_cache import KVCache
 from model.kv_dtype import resolve_kv_cache_dtype
 from model.sampler import sample
+from server.compiled_forward import CompiledForward
 from server.cuda_graphs import DecodeGraphRunner, capture_sizes, graph_memory_reserve
 from server.engine_config import EngineConfig
 from server.prefill_graphs import PrefillGraphRunner, prefill_graph_memory_reserve, token_buckets
@@ -68,6 +69,7 @@ class ModelRunner:
         self.graph_sizes = self._graph_sizes()
         self.prefill_sizes = token_buckets(config.max_num_batched_tokens) \
             if self.graph_sizes and config.prefill_graphs else []
+        self.compiled = self._compiled_forward()
         num_blocks = self._num_kv_blocks()  # leaves room for the graphs, captured after the KV allocation
         self.kv_cache = KVCache.allocate(self.model_config, num_blocks, self.block_size, self.kv_dtype,
                                         self.device)
@@ -95,10 +97,19 @@ class ModelRunner:
             return []
         return capture_sizes(self.config.max_num_seqs, self.config.max_num_batched_tokens)
 
+    def _compiled_forward(self) -> CompiledForward | None:
+        mode = self.config.compile_mode
+        if mode == "off":
+            return None
+        if not self.graph_sizes:
+            log.warning("compile_mode=%s applies to decode CUDA graphs, and this run captures none (%s): "
+                        "the model runs as written", mode, self.device)
+        return CompiledForward(self.model, mode, self.config.compile_max_batch_size)
+
     def _decode_graphs(self) -> DecodeGraphRunner:
         return DecodeGraphRunner(self.model, self.kv_cache, self.graph_sizes or capture_sizes(
             self.config.max_num_seqs, self.config.max_num_batched_tokens), self.max_model_len, self.block_size,
-            self.device)
+            self.device, self.compiled)
 
     def _prefill_graphs(self, sampled: torch.Tensor) -> PrefillGraphRunner:
         return PrefillGraphRunner(self.model, self.kv_cache, self.prefill_sizes or token_buckets(

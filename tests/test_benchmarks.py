@@ -45,8 +45,9 @@ def test_latency_dummy_batch_counts_tied_embedding_once(tmp_path, capsys):
     cfg.write_text(json.dumps(TINY_CONFIG))
     res = latency.main(["--dummy", "--config", str(cfg), "--device", "cpu", "--batch-size", "3", "--input-len", "20",
                         "--output-len", "4", "--num-iters", "1", "--max-num-batched-tokens", "64",
-                        "--copy-bytes", str(1 << 20), "--json", str(tmp_path / "b3.json")])
+                        "--copy-bytes", str(1 << 20), "--json", str(tmp_path / "b3.json"), "--compile-mode", "default"])
     assert "roofline" in capsys.readouterr().out
+    assert res["compile_mode"] == "default" and res["compile_seconds"] == 0.0  # CPU: no decode graphs to compile
     assert res["median"]["decode_tokens"] == 3 * 3
     h, v, i = TINY_CONFIG["hidden_size"], TINY_CONFIG["vocab_size"], TINY_CONFIG["intermediate_size"]
     per_layer = (4 * 8 * h) * 2 + (2 * 8 * h) * 2 + 3 * h * i + 2 * h
@@ -131,6 +132,14 @@ def test_profile_step_smoke(tmp_path):
                  "--json", str(tmp_path / "p.json")])
     assert any("linear" in r["kernel"] or "mm" in r["kernel"] for r in rows[:10])
     assert json.loads((tmp_path / "p.json").read_text())["rows"][0]["kernel"] == rows[0]["kernel"]
+
+
+def test_profile_step_compiled_on_cpu(tmp_path):
+    """--compile-mode profiles what inductor made of the forward: its fused C++ kernels show as such."""
+    from benchmarks.profile_step import main
+    rows = main(["--layers", "1", "--vocab", "500", "--steps", "2", "--context", "16", "--device", "cpu",
+                 "--compile-mode", "default", "--json", str(tmp_path / "p.json")])
+    assert any("Torch-Compiled Region" in r["kernel"] or "inductor" in r["kernel"].lower() for r in rows)
 
 
 def test_step_overhead_host_only_on_cpu(tiny_llama_dir, tmp_path, capsys):
