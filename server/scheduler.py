@@ -48,7 +48,12 @@ class SchedulerOutput:
 
     def prompt_logprob_rows(self) -> tuple[list[int], list[int], list] | None:
         """(rows of the step's flat batch, the prompt token each row predicts, [(sequence, count)]) for
-        prompt logprobs still owed; None when no sequence in the step owes any."""
+        prompt logprobs still owed; None when no sequence in the step owes any. Worked out once per step
+        (ModelRunner.runs_ahead and launch both ask)."""
+        return self._prompt_logprob_rows
+
+    @cached_property
+    def _prompt_logprob_rows(self) -> tuple[list[int], list[int], list] | None:
         if not self.has_prefill:  # a decode row sits past its prompt (a last 1-token chunk owes nothing)
             return None
         rows: list[int] = []
