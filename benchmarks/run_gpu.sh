@@ -10,7 +10,7 @@
 #
 #   bash benchmarks/run_gpu.sh [all|ours|peers]     # default all
 # Knobs (environment): BUDGET (s), PEERS_RESERVE (s kept for the peers, default 170), SKIP (space-separated
-# step names: pytest kernels step_overhead host_overhead profile prefill_step latency latency_cublaslt latency_compile profile_compile latency_b64 throughput_1b serving serving_eager_prefill serving_engine_process throughput_8b tune_kernels peers),
+# step names: pytest kernels step_overhead host_overhead profile prefill_step latency latency_cublaslt latency_compile profile_compile gemm_shapes latency_b64 throughput_1b serving serving_eager_prefill serving_engine_process throughput_8b tune_kernels peers),
 # ENGINE_EXTRA (engine flags for our benchmarks, e.g. "--no-overlap-scheduling"), PYTEST_ARGS (extra pytest arguments, e.g. "-k gpu"), SMOKE=1 (CPU smoke test of this script: tiny random model, few requests, peers with PEERS_TINY=1).
 set -u
 cd "$(dirname "$0")/.."
@@ -122,6 +122,8 @@ main() {
       --compile-max-batch-size 8 --json "$RAW/latency_compile.json" $ENGINE_EXTRA
     [ "$SMOKE" = 1 ] || step profile_compile 90 $PY benchmarks/profile_step.py --batch-size 1 --context 256 --compile-mode max-autotune \
       --json "$RAW/profile_compile.json"
+    # each projection's GEMM alone at M 1 and 64: cuBLAS, cuBLASLt, inductor max-autotune, against its weight's read
+    [ "$SMOKE" = 1 ] || step gemm_shapes 150 $PY benchmarks/gemm_shapes.py --batch-sizes 1 64
     step latency_b64 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 64 \
       --input-len 128 --output-len 128 --num-iters "$lat_iters" --json "$RAW/latency_b64.json" $ENGINE_EXTRA
     step throughput_1b 100 $PY benchmarks/throughput.py --dummy --config "$dummy1" "${dev[@]}" --num-requests "$nreq" \
@@ -216,6 +218,9 @@ row("b1 decode tok/s, cuBLASLt (peer: default BLAS)", g(data, "latency_cublaslt"
 row("b1 decode tok/s, compile max-autotune (peer: off)", g(data, "latency_compile", "median", "decode_tok_s"),
     g(lat, "median", "decode_tok_s"), f"profiled {f(g(data, 'profile_compile', 'total_us_per_step'))} us/step "
     f"(off: {f(g(data, 'profile_step', 'total_us_per_step'))})")
+for t in g(data, "gemm_shapes", "steps") or []:
+    row(f"M={t['m']} one step's GEMMs us, best per shape (peer: cuBLAS)", t["best_us"], t["us"].get("cublas"),
+        f"limit {t['limit_us']:.0f} us; cuBLASLt {f(t['us'].get('cublaslt'))}, inductor {f(t['us'].get('inductor'))}")
 ms = lambda x: None if x is None else x * 1e3  # noqa: E731
 pct = lambda x: None if x is None else x * 100  # noqa: E731
 row("b1 TPOT ms (peer: HF eager step)", ms(g(lat, "median", "tpot_s")),

@@ -220,3 +220,24 @@ def test_gc_pause_measures_before_and_after_the_freeze(tmp_path):
     loaded, frozen = res["rows"]
     assert loaded["tracked_objects"] > 10_000 > frozen["tracked_objects"]
     assert loaded["gen2_ms"] > 0 and gc.get_freeze_count() == 0  # the process is left unfrozen
+
+
+def test_gemm_shapes_on_cpu(tmp_path, capsys):
+    """CPU smoke test of the per-projection GEMM table: every projection of the config at each M, the
+    limit from the measured copy bandwidth, and a step's total = layers x the four per-layer ones + lm_head."""
+    from benchmarks import gemm_shapes
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(TINY_CONFIG))
+    rows = gemm_shapes.main(["--config", str(cfg), "--device", "cpu", "--batch-sizes", "1", "4", "--reps", "3",
+                             "--repeats", "2", "--copy-bytes", str(1 << 20), "--json", str(tmp_path / "g.json")])
+    h, i, v = TINY_CONFIG["hidden_size"], TINY_CONFIG["intermediate_size"], TINY_CONFIG["vocab_size"]
+    shapes = {r["projection"]: (r["k"], r["n"]) for r in rows}
+    assert shapes == {"qkv": (h, (4 + 2 * 2) * 8), "o": (4 * 8, h), "gate_up": (h, 2 * i), "down": (i, h),
+                      "lm_head": (h, v)}
+    assert len(rows) == 10 and all(r["us"]["torch"] > 0 and r["limit_us"] > 0 for r in rows)
+    saved = json.loads((tmp_path / "g.json").read_text())
+    step = next(t for t in saved["steps"] if t["m"] == 4)
+    per = {r["projection"]: r for r in rows if r["m"] == 4}
+    want = 2 * sum(per[p]["limit_us"] for p in ("qkv", "o", "gate_up", "down")) + per["lm_head"]["limit_us"]
+    assert abs(step["limit_us"] - want) < 1e-9 * want and step["best_us"] == step["us"]["torch"]
+    assert "one decode step's matmuls at M=1" in capsys.readouterr().out
