@@ -241,3 +241,16 @@ def test_gemm_shapes_on_cpu(tmp_path, capsys):
     want = 2 * sum(per[p]["limit_us"] for p in ("qkv", "o", "gate_up", "down")) + per["lm_head"]["limit_us"]
     assert abs(step["limit_us"] - want) < 1e-9 * want and step["best_us"] == step["us"]["torch"]
     assert "one decode step's matmuls at M=1" in capsys.readouterr().out
+
+
+def test_run_gpu_steps_match_the_documented_names():
+    """The header's list of step names (what SKIP takes), the steps the script runs, and every name a SKIP in
+    benchmarks/README.md's call plan uses are the same set: a renamed step cannot silently stop being skipped."""
+    import re
+    script = (REPO / "benchmarks" / "run_gpu.sh").read_text()
+    listed = set(re.search(r"# step names: ([a-z0-9_ ]+)\)", script).group(1).split())
+    run = set(re.findall(r"(?:^|\|\| |STEP_RESERVE=0 )\s*step ([a-z0-9_]+) ", script, flags=re.M))
+    assert run == listed
+    plan = (REPO / "benchmarks" / "README.md").read_text()
+    skipped = {name for skip in re.findall(r'SKIP="([^"]+)"', plan) for name in skip.split()}
+    assert skipped and skipped <= listed, skipped - listed
