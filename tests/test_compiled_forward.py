@@ -63,14 +63,16 @@ def test_compiling_raises_the_recompile_limit_and_fails_past_it(tiny_llama_dir):
         CompiledForward(model, "off", 4)
 
 
-def test_engine_with_compiled_decode_graphs_equals_the_eager_engine(tiny_llama_dir):
+def test_engine_with_compiled_decode_graphs_equals_the_eager_engine(tiny_llama_dir, caplog):
     """Sizes 1 and 2 run compiled, 4 and 8 the model as written; the tokens equal the plain engine's."""
     ps = engine_prompts(5, seed=3)
     params = [SamplingParams(temperature=0.0, max_new_tokens=5 + 3 * i) for i in range(5)]
     want = [r.token_ids for r in LLM(str(tiny_llama_dir), **CPU_ENGINE).generate(ps, params)]
-    llm = LLM(str(tiny_llama_dir), compile_mode="default", compile_max_batch_size=2, **CPU_ENGINE)
+    with caplog.at_level("WARNING", logger="server.model_runner"):
+        llm = LLM(str(tiny_llama_dir), compile_mode="default", compile_max_batch_size=2, **CPU_ENGINE)
     runner = llm.engine.runner
     assert runner.compiled is not None and runner.graphs is None  # CPU: no capture, so a warning
+    assert "compile_mode=default applies to decode CUDA graphs" in caplog.text
     runner.use_graph_path_eagerly(prefill=False)
     graphs_before = dynamo_utils.counters["stats"]["unique_graphs"]
     got = [r.token_ids for r in llm.generate(ps, params)]
