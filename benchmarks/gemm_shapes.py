@@ -112,7 +112,7 @@ def main(argv=None) -> list[dict]:
                    "limit_us": limit * 1e6, "us": {}}
             with torch.inference_mode():
                 for b in backends:
-                    if b in ("cublas", "cublaslt"):
+                    if cuda and b in ("cublas", "cublaslt"):
                         torch.backends.cuda.preferred_blas_library(b)
                     try:
                         row["us"][b] = time_calls(backend_fn(b), x, weights, args.reps, args.repeats) * 1e6

@@ -59,6 +59,11 @@ def test_compiling_raises_the_recompile_limit_and_fails_past_it(tiny_llama_dir):
         assert torch._dynamo.config.recompile_limit >= 12
         assert torch._dynamo.config.fail_on_recompile_limit_hit
     assert torch._dynamo.config.recompile_limit == limit and forward.compile_seconds >= 0
+    # past the raised limit a frame fails instead of quietly running eagerly
+    double = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)
+    with pytest.raises(Exception, match="(?i)recompile"), forward.compiling([1]):  # limit 8
+        for n in range(1, 12):
+            double(torch.ones(n))
     with pytest.raises(ValueError, match="compile_mode"):
         CompiledForward(model, "off", 4)
 
