@@ -64,27 +64,35 @@ class ProcessEngine(AsyncEngine):
             self._process.start()
             commands.close()
             results_in.close()
-            try:
-                kind, facts = self._results.recv()
-            except EOFError:
-                kind, facts = "failed", f"the engine process exited with code {self._process.exitcode}"
-            if kind != "ready":
-                self._process.join(timeout=5)
-                raise RuntimeError(facts)
-            for name in ("model_config", "kv_capacity", "max_model_len", "model_dir", "dtype", "device"):
-                setattr(self, name, facts[name])
-            if tokenizer is None:
-                from model.tokenizer import Tokenizer
-                tokenizer = Tokenizer.from_pretrained(self.model_dir)
-            self.tokenizer = tokenizer
-            # a Scheduler of the child's sizes, only for its stateless admission check
-            self._admission = Scheduler(BlockAllocator(self.kv_capacity.num_blocks, self.config.block_size),
-                                        max_num_seqs=self.config.max_num_seqs,
-                                        max_num_batched_tokens=self.config.max_num_batched_tokens,
-                                        max_model_len=self.max_model_len, max_waiting_requests=1)
-            self._stats, self.child_gc_frozen = facts["stats"], facts["gc_frozen"]
-            self._thread = threading.Thread(target=self._receive, name="gqa-engine-outputs", daemon=True)
-            self._thread.start()
+            self._connect(tokenizer)
+
+    def _connect(self, tokenizer) -> None:
+        """Wait for the child's first message on `self._results`: its facts, or why it did not load."""
+        try:
+            kind, facts = self._results.recv()
+        except EOFError:
+            kind, facts = "failed", f"the engine process exited with code {self._process.exitcode}"
+        if kind != "ready":
+            self._process.join(timeout=5)
+            raise RuntimeError(facts)
+        self._attach(facts, tokenizer)
+
+    def _attach(self, facts: dict, tokenizer) -> None:
+        """Take the child's facts (`child_facts`) and start the receiver on `self._results`."""
+        for name in ("model_config", "kv_capacity", "max_model_len", "model_dir", "dtype", "device"):
+            setattr(self, name, facts[name])
+        if tokenizer is None:
+            from model.tokenizer import Tokenizer
+            tokenizer = Tokenizer.from_pretrained(self.model_dir)
+        self.tokenizer = tokenizer
+        # a Scheduler of the child's sizes, only for its stateless admission check
+        self._admission = Scheduler(BlockAllocator(self.kv_capacity.num_blocks, self.config.block_size),
+                                    max_num_seqs=self.config.max_num_seqs,
+                                    max_num_batched_tokens=self.config.max_num_batched_tokens,
+                                    max_model_len=self.max_model_len, max_waiting_requests=1)
+        self._stats, self.child_gc_frozen = facts["stats"], facts["gc_frozen"]
+        self._thread = threading.Thread(target=self._receive, name="gqa-engine-outputs", daemon=True)
+        self._thread.start()
 
     @property
     def is_alive(self) -> bool:
@@ -176,19 +184,28 @@ def run_engine_process(config: EngineConfig, commands, results, log_level: str =
     except BaseException as exc:  # noqa: BLE001 - reported to the parent as one line
         results.send(("failed", f"{type(exc).__name__}: {exc}".splitlines()[0]))
         return
-    runner = engine.runner
+    serve_engine(engine, commands, results, gc_freeze)
+
+
+def serve_engine(engine, commands, results, gc_freeze: bool = False) -> None:
+    """Report a loaded engine ready, then apply commands and step until told to stop or dead."""
     if gc_freeze:  # the model's and the imports' objects: a full collection would walk them all
         gc.collect()
         gc.freeze()
-    results.send(("ready", {"model_config": engine.model_config, "kv_capacity": engine.kv_capacity,
-                            "max_model_len": engine.max_model_len, "model_dir": engine.model_dir,
-                            "dtype": runner.dtype, "device": runner.device, "stats": engine_stats(engine),
-                            "gc_frozen": gc.get_freeze_count()}))
+    results.send(("ready", child_facts(engine)))
     try:
         _loop(engine, commands, results)
     except Exception as exc:  # noqa: BLE001
         log.exception("engine loop died")
         results.send(("dead", f"{type(exc).__name__}: {exc}"))
+
+
+def child_facts(engine) -> dict[str, Any]:
+    """What the parent needs of a loaded engine: its sizes for admission, and its first stats."""
+    return {"model_config": engine.model_config, "kv_capacity": engine.kv_capacity,
+            "max_model_len": engine.max_model_len, "model_dir": engine.model_dir,
+            "dtype": engine.runner.dtype, "device": engine.runner.device, "stats": engine_stats(engine),
+            "gc_frozen": gc.get_freeze_count()}
 
 
 def _loop(engine, commands, results) -> None:

@@ -101,3 +101,69 @@ def test_server_with_engine_process_answers_like_the_offline_engine(tiny_llama_d
         assert 'gqaserve_engine_steps_total{path="eager"} 12.0' in metrics  # CPU: no graphs; 1 prefill + 11
         child = engine._process
     assert not child.is_alive()
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def _engine_in_a_thread(config, break_child):
+    """A ProcessEngine wired by pipes to `serve_engine` on a thread: the child's code, a fault injected into
+    its LLMEngine (a spawned child would load its own and could not be broken from here)."""
+    import multiprocessing
+    import threading
+
+    from server.engine import LLMEngine
+    from server.engine_process import serve_engine
+    child = LLMEngine(config)
+    break_child(child)
+    commands, commands_out = multiprocessing.Pipe(duplex=False)
+    results, results_in = multiprocessing.Pipe(duplex=False)
+    engine = ProcessEngine(config)
+    engine._process = threading.Thread(target=serve_engine, args=(child, commands, results_in), daemon=True)
+    engine._commands_out, engine._results = commands_out, results
+    engine._process.start()
+    engine._connect(tokenizer=None)
+    return engine, child
+
+
+def _fail_launches(child):
+    child.runner.launch = lambda sched: (_ for _ in ()).throw(Boom("device lost"))
+
+
+def _fail_the_loop(child):
+    child.step = lambda: (_ for _ in ()).throw(Boom("scheduler state broken"))
+
+
+@pytest.mark.parametrize("break_child, reason, requests_before_death", [
+    (_fail_launches, "3 engine steps failed in a row", 3),
+    (_fail_the_loop, "Boom: scheduler state broken", 1)])
+def test_a_child_that_stops_stepping_says_why_and_the_parent_refuses_new_requests(
+        tiny_llama_dir, break_child, reason, requests_before_death):
+    """Step failures: each fails its own request (the engine goes on), the 3rd in a row ends the child's loop
+    with a "dead" message. A loop that raises ends with its exception. Either way every open stream ends
+    with the reason, and new requests get EngineDeadError naming it."""
+    engine, child = _engine_in_a_thread(EngineConfig(model=str(tiny_llama_dir), **CFG), break_child)
+    params = SamplingParams(temperature=0.0, max_new_tokens=5)
+
+    async def main():
+        # one at a time: each failing step is a step of its own (3 added together would fail in one step)
+        return [await asyncio.wait_for(collect(engine.add_request(f"d{i}", [1, 5 + i], params)), 10)
+                for i in range(requests_before_death)]
+    try:
+        outs = asyncio.run(main())
+        assert [o[-1].finish_reason for o in outs] == ["error"] * requests_before_death
+        assert all(len(o) == 1 for o in outs)  # no token went out before the error
+        engine._process.join(timeout=10)
+        assert not engine._process.is_alive()  # the child's loop returned
+        assert engine._thread.join(timeout=10) is None and not engine._thread.is_alive()
+        assert not engine.is_alive and engine._dead == reason
+        if requests_before_death == 3:  # the first two failures are the requests' own, reported as such
+            assert all("device lost" in o[-1].error for o in outs)
+            assert child.counters.failed_steps_in_a_row == 3
+        else:
+            assert outs[0][-1].error == reason
+        with pytest.raises(EngineDeadError, match=reason):
+            engine.add_request("late", [1, 5], params)
+    finally:
+        engine.shutdown()
