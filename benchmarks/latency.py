@@ -179,10 +179,11 @@ def main(argv=None) -> dict:
     engine = llm.engine
     vocab = vocab or engine.model_config.vocab_size
     g = torch.Generator().manual_seed(args.seed)
-    prompts = torch.randint(10, vocab, (b, n_in), generator=g).tolist()
 
     runs = []
     for it in range(args.num_iters_warmup + args.num_iters):
+        # fresh prompts each run: a repeated one would be prefilled from the prefix cache (TTFT)
+        prompts = torch.randint(10, vocab, (b, n_in), generator=g).tolist()
         r = run_once(engine, prompts, n_out, f"it{it}")
         if it >= args.num_iters_warmup:
             runs.append(r)

@@ -97,7 +97,9 @@ def main(argv=None) -> dict:
     raw = PRESETS.get(args.config) or json.loads(Path(args.config).read_text())
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(10, raw["vocab_size"], (8, args.prompt_len), generator=g).tolist()
-    llm = build_llm(SimpleNamespace(**{**vars(args), "dummy": True}), prompts, [4 * args.reps + 128])
+    # prefix caching off: the timed steps repeat these 8 prompts and must prefill each one whole
+    llm = build_llm(SimpleNamespace(**{**vars(args), "dummy": True, "enable_prefix_caching": False}), prompts,
+                    [4 * args.reps + 128])
     engine = llm.engine
     device = engine.runner.device
     if device.type != "cuda" and args.prefill_graphs:  # CPU: the graphs' static path, the model as "replay"

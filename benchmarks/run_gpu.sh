@@ -10,7 +10,7 @@
 #
 #   bash benchmarks/run_gpu.sh [all|ours|peers]     # default all
 # Knobs (environment): BUDGET (s), PEERS_RESERVE (s kept for the peers, default 170), SKIP (space-separated
-# step names: pytest kernels step_overhead host_overhead profile prefill_step latency latency_cublaslt latency_compile profile_compile gemm_shapes latency_b64 throughput_1b serving serving_eager_prefill serving_engine_process throughput_8b tune_kernels peers),
+# step names: pytest kernels step_overhead host_overhead profile prefill_step latency latency_cublaslt latency_compile profile_compile gemm_shapes latency_b64 throughput_1b throughput_prefix throughput_prefix_off serving serving_eager_prefill serving_engine_process throughput_8b tune_kernels peers),
 # ENGINE_EXTRA (engine flags for our benchmarks, e.g. "--no-overlap-scheduling"), PYTEST_ARGS (extra pytest arguments, e.g. "-k gpu"), SMOKE=1 (CPU smoke test of this script: tiny random model, few requests, peers with PEERS_TINY=1).
 set -u
 cd "$(dirname "$0")/.."
@@ -77,13 +77,13 @@ main() {
     git log -1 --format='commit %H %s' 2>/dev/null; git status --short 2>/dev/null | head -20
   } 2>&1 | tee "$RAW/env_ours.txt"
 
-  local dummy1=llama-3.2-1b dummy8=llama-3.1-8b dev=() nreq=256 lens=(100 1024) lat_iters=5 rates=8,16,32,inf nprom=128
+  local dummy1=llama-3.2-1b dummy8=llama-3.1-8b dev=() nreq=256 lens=(100 1024) lat_iters=5 rates=8,16,32,inf nprom=128 prefix=1024
   local serve_extra="--dtype bfloat16 --max-model-len 2048 $ENGINE_EXTRA"
   if [ "$SMOKE" = 1 ]; then  # CPU: a tiny random model in the same shapes' spirit, few requests
     printf '%s' '{"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
       "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "rope_theta": 500000.0,
       "max_position_embeddings": 4096, "tie_word_embeddings": true}' >"$RAW/tiny_config.json"
-    dummy1=$RAW/tiny_config.json dummy8=$RAW/tiny_config.json dev=(--device cpu) nreq=8 lens=(16 64) lat_iters=2
+    dummy1=$RAW/tiny_config.json dummy8=$RAW/tiny_config.json dev=(--device cpu) nreq=8 lens=(16 64) lat_iters=2 prefix=32
     rates=8,inf nprom=4 serve_extra="--device cpu --max-model-len 512"
     export PEERS_DEVICE=cpu PEERS_TINY=1
   fi
@@ -128,6 +128,13 @@ main() {
       --input-len 128 --output-len 128 --num-iters "$lat_iters" --json "$RAW/latency_b64.json" $ENGINE_EXTRA
     step throughput_1b 100 $PY benchmarks/throughput.py --dummy --config "$dummy1" "${dev[@]}" --num-requests "$nreq" \
       --input-len "${lens[@]}" --output-len "${lens[@]}" --seed 0 --json "$RAW/throughput_1b.json" $ENGINE_EXTRA
+    # the same requests behind one shared 1,024-token prefix (a system prompt), prefix cache on and off
+    step throughput_prefix 45 $PY benchmarks/throughput.py --dummy --config "$dummy1" "${dev[@]}" --num-requests "$nreq" \
+      --prefix-len "$prefix" --input-len "${lens[@]}" --output-len "${lens[@]}" --seed 0 \
+      --json "$RAW/throughput_prefix.json" $ENGINE_EXTRA
+    step throughput_prefix_off 60 $PY benchmarks/throughput.py --dummy --config "$dummy1" "${dev[@]}" \
+      --num-requests "$nreq" --prefix-len "$prefix" --input-len "${lens[@]}" --output-len "${lens[@]}" --seed 0 \
+      --no-enable-prefix-caching --json "$RAW/throughput_prefix_off.json" $ENGINE_EXTRA
     if $PY -c "import fastapi, uvicorn, sse_starlette" 2>/dev/null; then
       step serving 90 $PY benchmarks/serving.py --launch --dummy-checkpoint "$dummy1" --serve-args "$serve_extra" \
         --request-rates "$rates" --num-prompts "$nprom" --input-len 128 --max-tokens 128 --launch-timeout 60 \
@@ -236,6 +243,10 @@ cb = data.get("hf_cb", {})
 row("1B 256 req out tok/s vs HF CB", g(data, "throughput_1b", "ours", "output_tok_s"), cb.get("output_tok_s"),
     "HF CB timed out (partial)" if cb.get("timed_out") else "")
 row("1B 256 req total tok/s vs HF CB", g(data, "throughput_1b", "ours", "total_tok_s"), cb.get("total_tok_s"))
+row("1B shared-prefix total tok/s, cache on vs off", g(data, "throughput_prefix", "ours", "total_tok_s"),
+    g(data, "throughput_prefix_off", "ours", "total_tok_s"),
+    f"{g(data, 'throughput_prefix', 'ours', 'prefix_cache_hit_tokens')} prompt tokens from the cache; the "
+    "peer column is ours with the cache off")
 row("8B 256 req out tok/s", g(data, "throughput_8b", "ours", "output_tok_s"), None,
     f"{g(data, 'throughput_8b', 'ours', 'preemptions')} preemptions" if data.get("throughput_8b") else "")
 eager_prefill = {r["request_rate"]: r for r in g(data, "serving_eager_prefill", "rates") or []}

@@ -58,8 +58,10 @@ class RequestResult:
 
 
 # ---- workload ---------------------------------------------------------------------------------------
-def make_prompts(args, vocab_size: int) -> list[str | list[int]]:
-    rng = random.Random(args.seed)
+def make_prompts(args, vocab_size: int, run: int = 0) -> list[str | list[int]]:
+    """The prompts of one rate's run: each run draws its own, so none is served from the prefix cache of an
+    earlier run."""
+    rng = random.Random(args.seed + 7919 * run)
     lo, hi = (args.input_len[0], args.input_len[-1])
     lens = [rng.randint(lo, hi) for _ in range(args.num_prompts)]
     if not args.dataset:
@@ -70,6 +72,11 @@ def make_prompts(args, vocab_size: int) -> list[str | list[int]]:
         start = rng.randrange(0, max(1, len(words) - n))
         out.append(" ".join(words[start:start + n]))
     return out
+
+
+def warm_up_prompt(prompt: str | list[int]) -> str | list[int]:
+    """A prompt of the same size that shares no leading block with the timed one (reversed)."""
+    return prompt[::-1] if isinstance(prompt, list) else " ".join(prompt.split()[::-1])
 
 
 def arrival_gaps(n: int, rate: float, seed: int) -> list[float]:
@@ -155,7 +162,8 @@ def run_rate(base_url: str, model: str | None, prompts, rate: float, args) -> di
     url = base_url.rstrip("/") + "/v1/completions"
     gaps = arrival_gaps(len(prompts), rate, args.seed)
     bodies = [request_body(p, model, args.max_tokens) for p in prompts]
-    warm = asyncio.run(send_on_schedule(url, [bodies[0] | {"max_tokens": 2}], [0.0], args.request_timeout))[0][0]
+    warm_body = request_body(warm_up_prompt(prompts[0]), model, 2)
+    warm = asyncio.run(send_on_schedule(url, [warm_body], [0.0], args.request_timeout))[0][0]
     if not warm.ok:
         raise RuntimeError(f"warm-up request failed: {warm.error}")
     k = max(1, min(args.client_processes, len(bodies)))
@@ -235,10 +243,9 @@ def server_info(base_url: str) -> dict:
 def benchmark(base_url: str, args) -> dict:
     info = server_info(base_url)
     vocab = args.vocab_size or info.get("vocab_size") or 256
-    prompts = make_prompts(args, vocab)
     rows = []
-    for rate in args.request_rates:
-        row = run_rate(base_url, args.model, prompts, rate, args)
+    for i, rate in enumerate(args.request_rates):
+        row = run_rate(base_url, args.model, make_prompts(args, vocab, i), rate, args)
         rows.append(row)
         print(f"rate {row['request_rate']}: {row['completed']} ok, {row['failed']} failed, "
               f"{row['duration_s']:.1f} s; busiest of {row['client_processes']} client process(es) "

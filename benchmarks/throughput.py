@@ -44,11 +44,16 @@ class NullTokenizer:
         return ""
 
 
-def workload(n: int, inp: tuple[int, int], out: tuple[int, int], vocab: int, seed: int):
+def workload(n: int, inp: tuple[int, int], out: tuple[int, int], vocab: int, seed: int, prefix_len: int = 0):
+    """n prompts of random ids; with prefix_len, all start with one shared random prefix of that length
+    (a system prompt: what the prefix cache serves) before their own input_len ids."""
     rng = random.Random(seed)
     in_lens = [rng.randint(*inp) for _ in range(n)]
     out_lens = [rng.randint(*out) for _ in range(n)]
     prompts = [[rng.randrange(10, vocab) for _ in range(k)] for k in in_lens]
+    if prefix_len:
+        prefix = [rng.randrange(10, vocab) for _ in range(prefix_len)]
+        prompts = [prefix + p for p in prompts]
     return prompts, out_lens
 
 
@@ -81,7 +86,8 @@ def build_llm(args, prompts, out_lens):
               gpu_memory_utilization=args.gpu_memory_utilization, attention_backend=args.attention_backend,
               max_model_len=max(max_len, args.block_size), block_size=args.block_size,
               overlap_scheduling=args.overlap_scheduling, prefill_graphs=args.prefill_graphs,
-              compile_mode=args.compile_mode, compile_max_batch_size=args.compile_max_batch_size)
+              compile_mode=args.compile_mode, compile_max_batch_size=args.compile_max_batch_size,
+              enable_prefix_caching=args.enable_prefix_caching)
     if not args.dummy:
         return LLM(args.model, **kw)
     raw = PRESETS.get(args.config) or json.loads(Path(args.config).read_text())
@@ -93,15 +99,21 @@ def build_llm(args, prompts, out_lens):
 def run_ours(llm, prompts, out_lens) -> dict:
     from server.sampling_params import SamplingParams
     params = [SamplingParams(temperature=0.0, max_new_tokens=o, ignore_eos=True) for o in out_lens]
-    llm.generate(prompts[:2], params[:2])  # warm-up
-    steps0 = llm.engine.counters.num_steps
+    llm.generate(fresh(prompts[:2]), params[:2])  # warm-up on other prompts: nothing for the cache to reuse
+    steps0, hits0 = llm.engine.counters.num_steps, llm.engine.scheduler.prefix_cache_hits_total
     t = time.perf_counter()
     results = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t
     assert [len(r.token_ids) for r in results] == out_lens
     return metrics(prompts, out_lens, elapsed) | {
         "steps": llm.engine.counters.num_steps - steps0,
-        "preemptions": llm.engine.scheduler.num_preemptions_total}
+        "preemptions": llm.engine.scheduler.num_preemptions_total,
+        "prefix_cache_hit_tokens": llm.engine.scheduler.prefix_cache_hits_total - hits0}
+
+
+def fresh(prompts: list[list[int]]) -> list[list[int]]:
+    """Prompts of the same lengths that share no leading block with these (reversed random ids)."""
+    return [p[::-1] if len(p) > 1 and p[::-1] != p else p + [p[0] + 1] for p in prompts]
 
 
 def metrics(prompts, out_lens, elapsed) -> dict:
@@ -168,8 +180,9 @@ def compare_with_transformers(args, llm, prompts, out_lens) -> dict:
         res["hf_generate"] = hf_generate(hf, prompts, out_lens, args.hf_batch_size)
         res["hf_continuous"] = hf_continuous(hf, prompts, out_lens)
         n1 = 32 if args.quick else 128
-        res["ours_batch1_tok_s"] = ours_batch1(llm, prompts[0], n1)
-        res["hf_batch1_tok_s"] = hf_batch1(hf, prompts[0], n1)
+        prompt = fresh(prompts[:1])[0]  # one the engine has not seen: its prefill is timed whole
+        res["ours_batch1_tok_s"] = ours_batch1(llm, prompt, n1)
+        res["hf_batch1_tok_s"] = hf_batch1(hf, prompt, n1)
     return res
 
 
@@ -208,6 +221,10 @@ def add_engine_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--compile-mode", choices=["off", "default", "max-autotune"], default="off",
                     help="torch.compile the small decode graphs' forward (EngineConfig.compile_mode)")
     ap.add_argument("--compile-max-batch-size", type=int, default=32)
+    ap.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                    help="share prompt blocks between requests (EngineConfig.enable_prefix_caching); the "
+                    "benchmarks' warm-ups and repeats use fresh prompts, so it finds nothing to share "
+                    "unless the workload has a shared prefix (--prefix-len)")
 
 
 def main(argv=None) -> None:
@@ -221,6 +238,8 @@ def main(argv=None) -> None:
     ap.add_argument("--input-len", type=int, nargs=2, default=(100, 1024))
     ap.add_argument("--output-len", type=int, nargs=2, default=(100, 1024))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prefix-len", type=int, default=0, help="a shared random prefix of this many tokens "
+                    "before every prompt (as vLLM's --random-prefix-len)")
     ap.add_argument("--quick", action="store_true", help="8 short requests: a smoke test")
     add_engine_arguments(ap)
     ap.add_argument("--hf-batch-size", type=int, default=16)
@@ -239,13 +258,15 @@ def main(argv=None) -> None:
         ap.error("give --model DIR, --dummy, or --preset cpu")
     vocab = (PRESETS.get(args.config) or json.loads(Path(args.config).read_text()))["vocab_size"] \
         if args.dummy else json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
-    prompts, out_lens = workload(args.num_requests, tuple(args.input_len), tuple(args.output_len), vocab, args.seed)
+    prompts, out_lens = workload(args.num_requests, tuple(args.input_len), tuple(args.output_len), vocab, args.seed,
+                                 args.prefix_len)
     llm = build_llm(args, prompts, out_lens)
     ours = run_ours(llm, prompts, out_lens)
     cmp = compare_with_transformers(args, llm, prompts, out_lens) if args.preset == "cpu" else None
-    print(f"{args.num_requests} requests, input U{tuple(args.input_len)}, output U{tuple(args.output_len)}, "
+    prefix = f"shared prefix {args.prefix_len} + " if args.prefix_len else ""
+    print(f"{args.num_requests} requests, input {prefix}U{tuple(args.input_len)}, output U{tuple(args.output_len)}, "
           f"device {llm.engine.runner.device}, {ours['steps']} steps, {ours['preemptions']} preemptions, "
-          f"{ours['elapsed_s']:.1f} s")
+          f"{ours['prefix_cache_hit_tokens']:,} prompt tokens from the prefix cache, {ours['elapsed_s']:.1f} s")
     print_table(ours, cmp)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "ours": ours, "compare": cmp}, indent=1,

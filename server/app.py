@@ -86,6 +86,10 @@ def stats_line(s: Any, previous: Any, elapsed: float) -> str:
             f"{s.num_running}, waiting {s.num_waiting} | KV cache {100 * s.kv_cache_usage:.1f}% "
             f"({s.num_total_blocks - s.num_free_blocks:,}/{s.num_total_blocks:,} blocks) | preemptions "
             f"{s.num_preemptions_total}")
+    queries = s.prefix_cache_queries_total - (previous.prefix_cache_queries_total if previous else 0)
+    if queries:
+        hits = s.prefix_cache_hits_total - (previous.prefix_cache_hits_total if previous else 0)
+        line += f" | prefix cache hits {100 * hits / queries:.1f}%"
     return line
 
 

@@ -40,6 +40,8 @@ class EngineStats:
     num_steps: int
     decode_graph_steps: int = 0   # steps that replayed a decode graph (the rest of num_steps: below, or eager)
     prefill_graph_steps: int = 0  # steps with prompt tokens that replayed a prefill graph
+    prefix_cache_queries_total: int = 0  # prompt tokens of admissions that looked in the prefix cache
+    prefix_cache_hits_total: int = 0     # of those, tokens whose K/V were found there
 
 
 def engine_stats(e: LLMEngine) -> EngineStats:
@@ -48,7 +50,8 @@ def engine_stats(e: LLMEngine) -> EngineStats:
     replays = [sum(g.replays.values()) if g is not None else 0 for g in graphs]
     return EngineStats(e.scheduler.num_running, e.scheduler.num_waiting, a.usage, a.num_free_blocks,
                        a.num_blocks, e.scheduler.num_preemptions_total, c.prompt_tokens_total,
-                       c.generation_tokens_total, c.admission_rejections_total, c.num_steps, *replays)
+                       c.generation_tokens_total, c.admission_rejections_total, c.num_steps, *replays,
+                       e.scheduler.prefix_cache_queries_total, e.scheduler.prefix_cache_hits_total)
 
 
 class RequestStream:

@@ -1,11 +1,17 @@
-"""BlockAllocator: the paged KV cache's free list and per-block reference counts.
+"""BlockAllocator: the paged KV cache's free list, per-block reference counts, and the prefix cache.
 
-Ref counts exist from the start so prefix caching can later share a block between sequences; today every
-allocated block has count 1. A sequence's block_table grows as its tokens do; free() returns it whole.
+A sequence's block_table grows as its tokens do; free() returns it whole. With prefix caching on, every
+full block of a prompt whose K/V a launched step writes is registered under a hash of its tokens chained to
+the blocks before it (so a block matches only after the same whole prefix). A new sequence whose prompt
+starts with registered blocks shares them (ref count + 1) and prefills only the rest. A block whose count
+drops to 0 stays registered but evictable: allocate() hands out never-registered blocks first, then the
+least recently freed registered ones, dropping their entries. Only prompt blocks are registered: a decode
+step's token may still be a placeholder on the host (overlap scheduling), and prompts are where the shared
+text is (system prompts, few-shot examples, `n` samples of one prompt, the earlier turns of a chat).
 """
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 
 from server.sequence import Sequence
 
@@ -15,35 +21,51 @@ class BlockError(RuntimeError):
 
 
 class BlockAllocator:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False):
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(f"num_blocks={num_blocks} and block_size={block_size} must be positive")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_blocks))
+        self.enable_prefix_caching = enable_prefix_caching
+        self._free: deque[int] = deque(range(num_blocks))  # never registered (or dropped): handed out first
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # registered, count 0: least recent first
         self._ref_counts = [0] * num_blocks
+        self._block_hash: list[int | None] = [None] * num_blocks  # the prefix hash a full prompt block has
+        self._cached: dict[int, int] = {}  # prefix hash -> the registered block holding it
+        self._block_tokens: dict[int, tuple[int, ...]] = {}  # registered block -> its tokens (checked on a hit)
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks allocate() can hand out: free ones and evictable cached ones."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._cached)
 
     @property
     def usage(self) -> float:
-        """Fraction of blocks in use, 0..1."""
-        return 1.0 - len(self._free) / self.num_blocks
+        """Fraction of blocks in use, 0..1 (evictable cached blocks count as free)."""
+        return 1.0 - self.num_free_blocks / self.num_blocks
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
     def can_allocate(self, num_blocks: int) -> bool:
-        return num_blocks <= len(self._free)
+        return num_blocks <= self.num_free_blocks
 
     def allocate(self, num_blocks: int) -> list[int]:
-        if num_blocks > len(self._free):
-            raise BlockError(f"asked for {num_blocks} blocks, {len(self._free)} free")
-        out = [self._free.popleft() for _ in range(num_blocks)]
-        for b in out:
+        if num_blocks > self.num_free_blocks:
+            raise BlockError(f"asked for {num_blocks} blocks, {self.num_free_blocks} free")
+        out = []
+        for _ in range(num_blocks):
+            if self._free:
+                b = self._free.popleft()
+            else:
+                b, _ = self._evictable.popitem(last=False)
+                self._forget(b)
             self._ref_counts[b] = 1
+            out.append(b)
         return out
 
     def free_blocks(self, block_ids: list[int]) -> None:
@@ -54,7 +76,11 @@ class BlockAllocator:
                 raise BlockError(f"double free of block {b}")
             self._ref_counts[b] -= 1
             if self._ref_counts[b] == 0:
-                self._free.append(b)
+                if b in self._block_tokens:  # registered: kept for a later hit until it is needed
+                    self._evictable[b] = None
+                else:
+                    self._block_hash[b] = None
+                    self._free.append(b)
 
     def ref_count(self, block_id: int) -> int:
         return self._ref_counts[block_id]
@@ -67,7 +93,7 @@ class BlockAllocator:
         needed = self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
         if needed <= 0:
             return True
-        if needed > len(self._free):
+        if needed > self.num_free_blocks:
             return False
         seq.block_table.extend(self.allocate(needed))
         return True
@@ -76,3 +102,64 @@ class BlockAllocator:
         """Return the sequence's blocks; its block_table is left empty (so freeing twice is harmless)."""
         table, seq.block_table = seq.block_table, []
         self.free_blocks(table)
+
+    # ---- prefix cache ------------------------------------------------------------------------------
+    def take_cached_prefix(self, seq: Sequence) -> int:
+        """Give a sequence that holds no blocks the registered blocks its tokens start with; returns the
+        tokens they hold (now seq.num_computed_tokens). At least one token is always left to compute: the
+        step that samples must run the last one. A sequence that owes prompt logprobs takes none (those come
+        from computing every prompt position)."""
+        if not self.enable_prefix_caching or seq.block_table or seq.prompt_logprobs is not None:
+            return 0
+        bs, tokens = self.block_size, seq.token_ids
+        hits: list[int] = []
+        parent = None
+        for i in range((min(seq.num_prompt_tokens, len(tokens) - 1)) // bs):
+            block_tokens = tuple(tokens[i * bs:(i + 1) * bs])
+            parent = hash((parent, block_tokens))
+            b = self._cached.get(parent)
+            if b is None or self._block_tokens[b] != block_tokens:
+                break
+            hits.append(b)
+        for b in hits:
+            if self._ref_counts[b] == 0:
+                del self._evictable[b]
+            self._ref_counts[b] += 1
+        seq.block_table.extend(hits)
+        seq.num_computed_tokens = len(hits) * bs
+        return seq.num_computed_tokens
+
+    def register_prompt_blocks(self, seq: Sequence, computed_before: int) -> None:
+        """A launched step writes seq's K/V up to seq.num_computed_tokens: register the prompt blocks it
+        fills. Later steps read them after that write (one device stream), so a hit never reads ahead of it."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        end = min(seq.num_computed_tokens, seq.num_prompt_tokens) // bs
+        table, tokens = seq.block_table, seq.token_ids
+        for i in range(computed_before // bs, end):
+            parent = self._block_hash[table[i - 1]] if i else None
+            if i and parent is None:  # the block before was dropped (drop_cached): no chain to extend
+                return
+            b = table[i]
+            block_tokens = tuple(tokens[i * bs:(i + 1) * bs])
+            h = hash((parent, block_tokens))
+            self._block_hash[b] = h  # even for a duplicate, whose next block's hash chains from it
+            if h not in self._cached:  # a duplicate (two sequences prefilled one prompt) stays private
+                self._cached[h] = b
+                self._block_tokens[b] = block_tokens
+
+    def drop_cached(self, seq: Sequence) -> None:
+        """Unregister seq's blocks (its step failed: their K/V may never have been written)."""
+        for b in seq.block_table:
+            if b in self._block_tokens:
+                self._forget(b)
+
+    def _forget(self, b: int) -> None:
+        h = self._block_hash[b]
+        if self._block_tokens.pop(b, None) is not None:
+            del self._cached[h]
+        self._block_hash[b] = None
+        if b in self._evictable:  # count 0 and no longer registered: an ordinary free block
+            del self._evictable[b]
+            self._free.append(b)

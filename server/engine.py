@@ -73,7 +73,8 @@ class LLMEngine:
         self.max_model_len: int = runner.max_model_len
         self.kv_capacity = runner.kv_capacity
         self.eos_token_ids = tuple(tokenizer.eos_token_ids) or tuple(self.model_config.eos_token_ids)
-        self.allocator = BlockAllocator(self.kv_capacity.num_blocks, config.block_size)
+        self.allocator = BlockAllocator(self.kv_capacity.num_blocks, config.block_size,
+                                        enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.allocator, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_model_len=self.max_model_len,

@@ -60,6 +60,9 @@ class EngineConfig(BaseModel):
         "GEMM templates against cuBLAS per projection shape and keeps the faster (slower start-up); "
         "default: compiled glue, cuBLAS GEMMs; off: the model as written")
     compile_max_batch_size: int = Field(32, ge=1, description="largest decode graph that compile_mode applies to")
+    enable_prefix_caching: bool = Field(True, description="share the KV blocks of a prompt's leading full "
+                                        "blocks with later requests that start with the same tokens: they "
+                                        "prefill only the rest (server/blocks.py)")
     overlap_scheduling: bool = Field(True, description="launch a step before the host has seen the "
                                      "previous one's tokens, so the host's bookkeeping overlaps the GPU "
                                      "(steps that replay a CUDA graph; stops take effect a step later; "

@@ -89,6 +89,8 @@ class Scheduler:
         self.running: list[Sequence] = []  # admission order: the last one is preempted first
         self.requests: dict[str, Sequence] = {}
         self.num_preemptions_total = 0
+        self.prefix_cache_queries_total = 0  # prompt tokens of admissions that looked in the prefix cache
+        self.prefix_cache_hits_total = 0     # of those, tokens found there (not computed)
 
     # ---- admission -------------------------------------------------------------------------------
     def check_admission(self, num_prompt_tokens: int, params: SamplingParams) -> None:
@@ -154,9 +156,15 @@ class Scheduler:
         # New admissions, FCFS; none after a preemption (the pool is already short).
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            cached = self.allocator.take_cached_prefix(seq)
             n = min(seq.num_uncomputed_tokens, budget)
             if not self.allocator.allocate_slots(seq, n):
+                self.allocator.free(seq)  # gives back the cached blocks it took
+                seq.num_computed_tokens = 0
                 break
+            if self.allocator.enable_prefix_caching and seq.prompt_logprobs is None:
+                self.prefix_cache_queries_total += seq.num_prompt_tokens
+                self.prefix_cache_hits_total += cached
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -183,9 +191,14 @@ class Scheduler:
         return entry.num_new_tokens if entry else 0
 
     def finish_step(self, output: SchedulerOutput) -> None:
-        """The step ran: its tokens are now in the cache."""
+        """The step is launched: its tokens' K/V are written before any later step reads them."""
+        caching = self.allocator.enable_prefix_caching
         for s in output.scheduled:
-            s.seq.num_computed_tokens += s.num_new_tokens
+            seq = s.seq
+            before = seq.num_computed_tokens
+            seq.num_computed_tokens = before + s.num_new_tokens
+            if caching and before < seq.num_prompt_tokens:
+                self.allocator.register_prompt_blocks(seq, before)
 
     # ---- leaving -----------------------------------------------------------------------------------
     def finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
@@ -196,6 +209,8 @@ class Scheduler:
             self.running.remove(seq)
         else:
             self.waiting.remove(seq)
+        if reason == "error":  # its step failed: what it registered may never have been written
+            self.allocator.drop_cached(seq)
         self.allocator.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason, seq.stop_reason = reason, stop_reason

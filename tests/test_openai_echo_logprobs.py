@@ -66,7 +66,10 @@ def test_echo_logprobs_cover_the_prompt_then_the_generated_tokens(server, tiny_l
     assert choice.text == PROMPT + plain["text"]
     tail = {k: v[len(ids):] for k, v in lp.items()}
     assert tail["tokens"] == plain["logprobs"]["tokens"]
-    assert tail["top_logprobs"] == plain["logprobs"]["top_logprobs"]
+    # (the later request prefilled only the prompt's last partial block, the prefix cache holding the rest:
+    # other matmul shapes, so logprobs equal to float32 rounding, not bit for bit)
+    for got, want in zip(tail["top_logprobs"], plain["logprobs"]["top_logprobs"], strict=True):
+        assert got.keys() == want.keys() and all(abs(got[k] - want[k]) < 1e-5 for k in got)
     assert torch.allclose(torch.tensor(tail["token_logprobs"]), torch.tensor(plain["logprobs"]["token_logprobs"]))
     assert tail["text_offset"] == [len(PROMPT) + o for o in plain["logprobs"]["text_offset"]]
     # the BOS the tokenizer added is not in the echoed string: it and the first word both start at 0

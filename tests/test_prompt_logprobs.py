@@ -92,7 +92,13 @@ def test_tgi_decoder_input_details(tiny_llama_dir):
     want = transformers_prompt_logprobs(tiny_llama_dir, ids)
     assert d["prefill"][0]["logprob"] is None
     assert torch.allclose(torch.tensor([t["logprob"] for t in d["prefill"][1:]]), torch.tensor(want), atol=1e-4)
-    assert plain["prefill"] == [] and plain["tokens"] == d["tokens"]
+    assert plain["prefill"] == []
+    # the second request prefilled only the prompt's last partial block (prefix cache): other matmul shapes,
+    # so the same tokens with logprobs equal to float32 rounding
+    key = lambda t: (t["id"], t["text"], t["special"])  # noqa: E731
+    assert [key(t) for t in plain["tokens"]] == [key(t) for t in d["tokens"]]
+    assert torch.allclose(torch.tensor([t["logprob"] for t in plain["tokens"]]),
+                          torch.tensor([t["logprob"] for t in d["tokens"]]), atol=1e-5)
 
 
 def test_rows_owed_after_a_recompute_skip_what_is_done():

@@ -1,0 +1,206 @@
+"""Prefix caching (BlockAllocator's registered prompt blocks): what is shared, what is evicted, what is never
+shared, and that an engine with it gives the tokens of one without it."""
+import random
+
+import pytest
+
+from server.blocks import BlockAllocator
+from server.sampling_params import SamplingParams
+from server.scheduler import Scheduler, SchedulerOutput
+from server.sequence import Sequence
+
+BS = 4
+
+
+def seq(rid: str, tokens: list[int], **params) -> Sequence:
+    return Sequence(rid, tokens, SamplingParams(max_new_tokens=params.pop("max_new_tokens", 4), **params))
+
+
+def computed(alloc: BlockAllocator, s: Sequence, num_tokens: int | None = None) -> Sequence:
+    """Give s blocks for its prompt and register them as a launched prefill step would."""
+    num_tokens = s.num_prompt_tokens if num_tokens is None else num_tokens
+    before = s.num_computed_tokens
+    assert alloc.allocate_slots(s, num_tokens - before)
+    s.num_computed_tokens = num_tokens
+    alloc.register_prompt_blocks(s, before)
+    return s
+
+
+PROMPT = list(range(10, 20))  # 10 tokens: 2 full blocks of 4 and a partial one
+
+
+def test_a_later_prompt_shares_the_full_blocks_and_computes_the_rest():
+    a = BlockAllocator(16, BS, enable_prefix_caching=True)
+    first = computed(a, seq("a", PROMPT))
+    second = seq("b", PROMPT + [99])
+    assert a.take_cached_prefix(second) == 8
+    assert second.block_table == first.block_table[:2] and second.num_computed_tokens == 8
+    assert [a.ref_count(b) for b in first.block_table] == [2, 2, 1]
+    # the same 10 tokens again: 2 blocks are all it can take (the last token must run to sample)
+    assert a.take_cached_prefix(seq("c", PROMPT)) == 8
+    # a prompt of exactly 2 blocks takes 1: its 8th token must still be computed
+    assert a.take_cached_prefix(seq("d", PROMPT[:8])) == 4
+
+
+def test_a_block_matches_only_after_the_same_whole_prefix():
+    a = BlockAllocator(16, BS, enable_prefix_caching=True)
+    computed(a, seq("a", PROMPT))
+    other_start = [7, 7, 7, 7] + PROMPT[4:]  # block 2 has the same tokens, after another block 1
+    assert a.take_cached_prefix(seq("b", other_start)) == 0
+    # block 2's tokens at the start: the same tokens at another position (other K after RoPE, other context)
+    assert a.take_cached_prefix(seq("b2", PROMPT[4:8] + [1, 2, 3])) == 0
+    assert a.take_cached_prefix(seq("c", PROMPT[:4] + [5] + PROMPT[5:])) == 4  # stops at the first change
+
+
+def test_freed_blocks_stay_cached_until_the_pool_needs_them():
+    a = BlockAllocator(4, BS, enable_prefix_caching=True)
+    first = computed(a, seq("a", PROMPT))  # 3 blocks: 2 full ones registered, the partial one not
+    blocks = list(first.block_table)
+    a.free(first)
+    assert a.num_free_blocks == 4 and a.usage == 0.0 and a.num_cached_blocks == 2
+    again = seq("b", PROMPT)
+    assert a.take_cached_prefix(again) == 8 and again.block_table == blocks[:2]
+    assert a.num_free_blocks == 2
+    a.free(again)
+    # never-registered blocks go first, then the least recently freed registered ones, which drop out
+    got = a.allocate(3)
+    assert got[:2] == [3, blocks[2]] and got[2] == blocks[0]
+    assert a.num_cached_blocks == 1 and a.take_cached_prefix(seq("c", PROMPT)) == 0
+    a.free_blocks(got)
+    assert a.num_free_blocks == 4
+
+
+def test_two_sequences_that_prefill_one_prompt_together_register_one_copy():
+    a = BlockAllocator(16, BS, enable_prefix_caching=True)
+    x, y = seq("x", PROMPT + [1, 2, 3]), seq("y", PROMPT + [1, 2, 3])  # 13 tokens: 3 full blocks each
+    computed(a, x, 8)
+    computed(a, y, 8)  # y computed its own copy (it was admitted in the same step as x)
+    computed(a, y, 13)  # y's third block chains from its own (duplicate) second block
+    assert a.num_cached_blocks == 3
+    z = seq("z", PROMPT + [1, 2, 3, 4])
+    assert a.take_cached_prefix(z) == 12 and z.block_table == x.block_table[:2] + y.block_table[2:3]
+    a.free(y)  # y's duplicate blocks were never registered: they go straight back to the free list
+    assert a.num_free_blocks == 16 - 2 - 1  # x's 2 blocks and y's third (z holds it) stay in use
+    assert a.num_cached_blocks == 3 and not a._evictable
+
+
+def test_what_is_never_taken():
+    a = BlockAllocator(16, BS, enable_prefix_caching=True)
+    computed(a, seq("a", PROMPT))
+    assert a.take_cached_prefix(seq("logprobs", PROMPT, prompt_logprobs=1)) == 0  # needs every position
+    off = BlockAllocator(16, BS)
+    computed(off, seq("a", PROMPT))
+    assert off.num_cached_blocks == 0 and off.take_cached_prefix(seq("b", PROMPT)) == 0
+    failed = computed(a, seq("f", [5] * 9))
+    a.drop_cached(failed)  # its step failed: its K/V may never have been written
+    assert a.take_cached_prefix(seq("g", [5] * 9)) == 0
+
+
+def test_an_admission_that_does_not_fit_gives_back_the_blocks_it_took():
+    alloc = BlockAllocator(6, BS, enable_prefix_caching=True)
+    sched = Scheduler(alloc, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64)
+    holder = computed(alloc, seq("a", PROMPT))  # 3 blocks
+    alloc.allocate(2)  # another sequence's: 1 block left
+    big = seq("b", PROMPT + list(range(40, 50)), max_new_tokens=1)  # 5 blocks: 2 cached, 3 more to find
+    sched.add(big)
+    assert sched.schedule().is_empty
+    assert big.block_table == [] and big.num_computed_tokens == 0
+    assert [alloc.ref_count(b) for b in holder.block_table] == [1, 1, 1]
+    assert sched.prefix_cache_queries_total == 0  # counted when admitted, not per attempt
+
+
+class FakeModel:
+    """A KV cache of slot -> (position, token): before a sequence samples, every position of its context
+    must hold its own token, whether this sequence wrote it or a shared block did. A block handed to
+    another sequence while still registered, or a hit on the wrong prefix, fails here."""
+
+    def __init__(self) -> None:
+        self.cache: dict[int, tuple[int, int]] = {}
+
+    def run(self, out: SchedulerOutput) -> dict[str, int]:
+        slot = lambda s, p: s.block_table[p // BS] * BS + p % BS  # noqa: E731
+        sampled = {}
+        for s in out.scheduled:
+            q, start = s.seq, s.seq.num_computed_tokens
+            for pos in range(start, start + s.num_new_tokens):
+                self.cache[slot(q, pos)] = (pos, q.token_ids[pos])
+            if s.samples:
+                assert all(self.cache[slot(q, p)] == (p, q.token_ids[p]) for p in range(q.num_tokens))
+                sampled[q.request_id] = 3 + hash((q.request_id, q.num_output_tokens)) % 300
+        return sampled
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_shared_prefixes_through_eviction_and_preemption(seed):
+    """Requests built from a few shared prefixes, a pool small enough to evict and preempt: every context is
+    intact when it samples, the caches hits, and every block comes back."""
+    rng = random.Random(seed)
+    alloc = BlockAllocator(24, BS, enable_prefix_caching=True)
+    sched = Scheduler(alloc, max_num_seqs=6, max_num_batched_tokens=16, max_model_len=64)
+    model = FakeModel()
+    prefixes = [[rng.randrange(3, 300) for _ in range(rng.randint(4, 20))] for _ in range(3)]
+    pending = [rng.choice(prefixes) + [rng.randrange(3, 300) for _ in range(rng.randint(1, 9))]
+               for _ in range(40)]
+    finished = 0
+    for step in range(5000):
+        while pending and rng.random() < 0.5:
+            sched.add(seq(f"r{len(pending)}-{step}", pending.pop(), max_new_tokens=rng.randint(1, 8)))
+        if not pending and not sched.has_unfinished():
+            break
+        out = sched.schedule()
+        sampled = model.run(out)
+        sched.finish_step(out)
+        for s in out.scheduled:
+            if s.samples:
+                s.seq.token_ids.append(sampled[s.seq.request_id])
+                if s.seq.num_output_tokens >= s.seq.params.max_new_tokens:
+                    sched.finish(s.seq, "length")
+                    finished += 1
+    assert finished == 40 and not sched.has_unfinished()
+    assert alloc.num_free_blocks == 24 and all(alloc.ref_count(b) == 0 for b in range(24))
+    assert 0 < sched.prefix_cache_hits_total < sched.prefix_cache_queries_total
+    assert sched.num_preemptions_total > 0 or seed  # seed 0 is sized to preempt
+
+
+# ---- the engine on the tiny model ----------------------------------------------------------------------
+
+def test_the_engine_with_prefix_caching_gives_the_tokens_of_one_without(tiny_llama_dir):
+    from server.llm import LLM
+    rng = random.Random(0)
+    system = [1] + [rng.randrange(3, 384) for _ in range(45)]  # 46 tokens: 2 full blocks of 16 and a bit
+    prompts = [system + [rng.randrange(3, 384) for _ in range(rng.randint(1, 20))] for _ in range(6)]
+    params = SamplingParams(temperature=0.0, max_new_tokens=10, ignore_eos=True)
+    cfg = dict(dtype="float32", device="cpu", kv_cache_memory="2MiB", max_num_batched_tokens=256)
+    plain = LLM(str(tiny_llama_dir), enable_prefix_caching=False, **cfg)
+    want = [r.token_ids for r in plain.generate(prompts, params, use_tqdm=False)]
+    cached = LLM(str(tiny_llama_dir), **cfg)
+    first = cached.generate(prompts[:1], params, use_tqdm=False)[0].token_ids  # registers the system prompt
+    rest = [r.token_ids for r in cached.generate(prompts[1:], params, use_tqdm=False)]
+    assert [first] + rest == want
+    sched = cached.engine.scheduler
+    assert sched.prefix_cache_hits_total == 5 * 32  # each later prompt found the 2 full blocks
+    assert sched.prefix_cache_queries_total == sum(map(len, prompts))
+    assert plain.engine.scheduler.prefix_cache_queries_total == 0
+    stats = cached.engine.allocator
+    assert stats.num_free_blocks == stats.num_blocks and stats.num_cached_blocks >= 2
+
+
+def test_metrics_report_prefix_cache_queries_and_hits(tiny_llama_dir):
+    import httpx
+
+    from server.app import create_app
+    from server.async_engine import AsyncEngine
+    from server.config import ServerConfig
+    from server.engine_config import EngineConfig
+    from tests.live_server import LiveServer
+    engine = AsyncEngine(EngineConfig(model=str(tiny_llama_dir), device="cpu", dtype="float32",
+                                      kv_cache_memory="4MiB"))
+    text = "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun."
+    with LiveServer(create_app(engine, ServerConfig(stats_log_interval_s=0))) as s:
+        for _ in range(2):
+            r = httpx.post(s.url + "/generate", json={"inputs": text, "parameters": {"max_new_tokens": 2}})
+            assert r.status_code == 200
+        metrics = httpx.get(s.url + "/metrics").text
+    n = len(engine.tokenizer.encode(text))
+    assert f"gqaserve_prefix_cache_queries_total {2 * n}.0" in metrics
+    assert f"gqaserve_prefix_cache_hits_total {(n - 1) // 16 * 16}.0" in metrics and n > 16
