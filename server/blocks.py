@@ -1,9 +1,10 @@
 """BlockAllocator: the paged KV cache's free list, per-block reference counts, and the prefix cache.
 
 A sequence's block_table grows as its tokens do; free() returns it whole. With prefix caching on, every
-full block of a prompt whose K/V a launched step writes is registered under a hash of its tokens chained to
-the blocks before it (so a block matches only after the same whole prefix). A new sequence whose prompt
-starts with registered blocks shares them (ref count + 1) and prefills only the rest. A block whose count
+full block of a prompt that a scheduled step computes is registered under a hash of its tokens chained to
+the blocks before it (so a block matches only after the same whole prefix). A sequence admitted after that,
+in the same step or a later one, whose prompt starts with registered blocks shares them (ref count + 1) and
+prefills only the rest. A block whose count
 drops to 0 stays registered but evictable: allocate() hands out never-registered blocks first, then the
 least recently freed registered ones, dropping their entries. Only prompt blocks are registered: a decode
 step's token may still be a placeholder on the host (overlap scheduling), and prompts are where the shared
@@ -129,15 +130,17 @@ class BlockAllocator:
         seq.num_computed_tokens = len(hits) * bs
         return seq.num_computed_tokens
 
-    def register_prompt_blocks(self, seq: Sequence, computed_before: int) -> None:
-        """A launched step writes seq's K/V up to seq.num_computed_tokens: register the prompt blocks it
-        fills. Later steps read them after that write (one device stream), so a hit never reads ahead of it."""
-        if not self.enable_prefix_caching:
+    def register_prompt_blocks(self, seq: Sequence, num_new_tokens: int) -> None:
+        """seq is scheduled to compute num_new_tokens from seq.num_computed_tokens on: register the prompt
+        blocks that step fills. A sequence admitted later in the same step or after it may share them: in
+        one step every layer writes the step's K/V before its attention reads the cache, and later steps
+        run after it on the device. Whatever undoes the step before launch must drop_cached(seq)."""
+        if not self.enable_prefix_caching or seq.num_computed_tokens >= seq.num_prompt_tokens:
             return
         bs = self.block_size
-        end = min(seq.num_computed_tokens, seq.num_prompt_tokens) // bs
+        end = min(seq.num_computed_tokens + num_new_tokens, seq.num_prompt_tokens) // bs
         table, tokens = seq.block_table, seq.token_ids
-        for i in range(computed_before // bs, end):
+        for i in range(seq.num_computed_tokens // bs, end):
             parent = self._block_hash[table[i - 1]] if i else None
             if i and parent is None:  # the block before was dropped (drop_cached): no chain to extend
                 return

@@ -153,6 +153,8 @@ class Scheduler:
             if seq.status is SequenceStatus.RUNNING:
                 chosen[seq.request_id] = ScheduledSeq(seq, n, uncomputed > 1, n == uncomputed)
                 budget -= n
+                if uncomputed > 1:  # a prompt chunk (or a recompute): its full prompt blocks can be shared
+                    self.allocator.register_prompt_blocks(seq, n)
         # New admissions, FCFS; none after a preemption (the pool is already short).
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -170,6 +172,7 @@ class Scheduler:
             self.running.append(seq)
             chosen[seq.request_id] = self._entry(seq, n)
             budget -= n
+            self.allocator.register_prompt_blocks(seq, n)  # later admissions of this step may share them
         scheduled = tuple(chosen.values())
         return SchedulerOutput(scheduled, self.max_num_batched_tokens - budget, tuple(preempted))
 
@@ -181,24 +184,21 @@ class Scheduler:
     def _preempt(self, seq: Sequence, chosen: dict[str, ScheduledSeq]) -> int:
         """Free seq's blocks and requeue it at the front; returns the budget it gave back."""
         self.running.remove(seq)
+        entry = chosen.pop(seq.request_id, None)
+        if entry is not None and entry.is_prefill:  # blocks it registered this step will not be written
+            self.allocator.drop_cached(seq)  # (a guard: the newest prefill is scheduled last, so never yet)
         self.allocator.free(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
         self.num_preemptions_total += 1
-        entry = chosen.pop(seq.request_id, None)
         return entry.num_new_tokens if entry else 0
 
     def finish_step(self, output: SchedulerOutput) -> None:
         """The step is launched: its tokens' K/V are written before any later step reads them."""
-        caching = self.allocator.enable_prefix_caching
         for s in output.scheduled:
-            seq = s.seq
-            before = seq.num_computed_tokens
-            seq.num_computed_tokens = before + s.num_new_tokens
-            if caching and before < seq.num_prompt_tokens:
-                self.allocator.register_prompt_blocks(seq, before)
+            s.seq.num_computed_tokens += s.num_new_tokens
 
     # ---- leaving -----------------------------------------------------------------------------------
     def finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:

@@ -185,3 +185,28 @@ def test_a_one_token_chunk_that_owes_prompt_logprobs_waits_for_the_step_in_fligh
         if overlap:
             assert engine.counters.overlapped_steps > 10
     assert results[0] == results[1] and len(results[1][0]["late"]) == 20 and len(results[1][1]) == 6
+
+
+@pytest.mark.parametrize("kv_cache_memory", ["2MiB", "96KiB"])
+def test_prefix_cache_hits_in_steps_launched_ahead(tiny_llama_dir, kv_cache_memory):
+    """14 prompts behind one shared 40-token prefix, 8 places: the later ones are admitted with the shared
+    blocks registered by steps still in flight and prefill the rest in steps launched ahead; with a small
+    cache, preempted ones come back through the cache too. Tokens equal the synchronous engine's without
+    the cache (greedy)."""
+    import random
+    rng = random.Random(5)
+    shared = [1] + [rng.randrange(3, 384) for _ in range(39)]
+    prompts = [shared + [rng.randrange(3, 384) for _ in range(rng.randint(1, 12))] for _ in range(14)]
+    params = [SamplingParams(temperature=0.0, max_new_tokens=10 + i, ignore_eos=True) for i in range(14)]
+    plain = LLM(str(tiny_llama_dir), dtype="float32", device="cpu", kv_cache_memory=kv_cache_memory,
+                max_num_batched_tokens=64, max_num_seqs=8, overlap_scheduling=False, enable_prefix_caching=False)
+    want = plain.generate(prompts, params)
+    llm = make_llm(tiny_llama_dir, overlap=True, kv_cache_memory=kv_cache_memory)
+    got = llm.generate(prompts, params)
+    assert summary(got) == summary(want)
+    engine = llm.engine
+    assert engine.scheduler.prefix_cache_hits_total >= 8 * 32  # the 2 shared full blocks, most admissions
+    assert engine.runner.prefill_graphs.ahead >= 3 and engine.counters.overlapped_steps >= 20
+    if kv_cache_memory == "96KiB":
+        assert engine.scheduler.num_preemptions_total > 0
+    assert engine.allocator.num_free_blocks == engine.kv_capacity.num_blocks

@@ -17,12 +17,12 @@ def seq(rid: str, tokens: list[int], **params) -> Sequence:
 
 
 def computed(alloc: BlockAllocator, s: Sequence, num_tokens: int | None = None) -> Sequence:
-    """Give s blocks for its prompt and register them as a launched prefill step would."""
+    """Give s blocks for its prompt up to num_tokens, registered as the scheduler does, and compute them."""
     num_tokens = s.num_prompt_tokens if num_tokens is None else num_tokens
-    before = s.num_computed_tokens
-    assert alloc.allocate_slots(s, num_tokens - before)
+    n = num_tokens - s.num_computed_tokens
+    assert alloc.allocate_slots(s, n)
+    alloc.register_prompt_blocks(s, n)
     s.num_computed_tokens = num_tokens
-    alloc.register_prompt_blocks(s, before)
     return s
 
 
@@ -70,11 +70,11 @@ def test_freed_blocks_stay_cached_until_the_pool_needs_them():
     assert a.num_free_blocks == 4
 
 
-def test_two_sequences_that_prefill_one_prompt_together_register_one_copy():
+def test_two_sequences_that_compute_one_block_register_one_copy():
     a = BlockAllocator(16, BS, enable_prefix_caching=True)
     x, y = seq("x", PROMPT + [1, 2, 3]), seq("y", PROMPT + [1, 2, 3])  # 13 tokens: 3 full blocks each
     computed(a, x, 8)
-    computed(a, y, 8)  # y computed its own copy (it was admitted in the same step as x)
+    computed(a, y, 8)  # y computed its own copy (it held its blocks before x registered these)
     computed(a, y, 13)  # y's third block chains from its own (duplicate) second block
     assert a.num_cached_blocks == 3
     z = seq("z", PROMPT + [1, 2, 3, 4])
@@ -120,10 +120,12 @@ class FakeModel:
     def run(self, out: SchedulerOutput) -> dict[str, int]:
         slot = lambda s, p: s.block_table[p // BS] * BS + p % BS  # noqa: E731
         sampled = {}
-        for s in out.scheduled:
+        for s in out.scheduled:  # as each layer does: the whole step's K/V are written, then read
             q, start = s.seq, s.seq.num_computed_tokens
             for pos in range(start, start + s.num_new_tokens):
                 self.cache[slot(q, pos)] = (pos, q.token_ids[pos])
+        for s in out.scheduled:
+            q = s.seq
             if s.samples:
                 assert all(self.cache[slot(q, p)] == (p, q.token_ids[p]) for p in range(q.num_tokens))
                 sampled[q.request_id] = 3 + hash((q.request_id, q.num_output_tokens)) % 300
@@ -185,6 +187,22 @@ def test_the_engine_with_prefix_caching_gives_the_tokens_of_one_without(tiny_lla
     assert stats.num_free_blocks == stats.num_blocks and stats.num_cached_blocks >= 2
 
 
+def test_requests_admitted_in_one_step_share_what_the_first_computes(tiny_llama_dir):
+    """`n` samples of one prompt arrive together: the first computes the prompt, the others share its full
+    blocks in the same step (each layer writes the step's K/V before any attention reads them)."""
+    from server.llm import LLM
+    rng = random.Random(1)
+    prompt = [1] + [rng.randrange(3, 384) for _ in range(50)]  # 51 tokens: 3 full blocks of 16
+    params = SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True)
+    cfg = dict(dtype="float32", device="cpu", kv_cache_memory="2MiB", max_num_batched_tokens=256)
+    want = LLM(str(tiny_llama_dir), enable_prefix_caching=False, **cfg).generate([prompt], params)[0].token_ids
+    llm = LLM(str(tiny_llama_dir), **cfg)
+    outs = llm.generate([prompt] * 4, params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == [want] * 4
+    assert llm.engine.counters.num_steps == 8  # all four in the first step: one prefill, then 7 decodes
+    assert llm.engine.scheduler.prefix_cache_hits_total == 3 * 48
+
+
 def test_metrics_report_prefix_cache_queries_and_hits(tiny_llama_dir):
     import httpx
 
@@ -204,3 +222,28 @@ def test_metrics_report_prefix_cache_queries_and_hits(tiny_llama_dir):
     n = len(engine.tokenizer.encode(text))
     assert f"gqaserve_prefix_cache_queries_total {2 * n}.0" in metrics
     assert f"gqaserve_prefix_cache_hits_total {(n - 1) // 16 * 16}.0" in metrics and n > 16
+
+
+def test_a_step_that_fails_leaves_nothing_to_share(tiny_llama_dir):
+    """The launch of the step that registered a prompt's blocks fails: its K/V were never written, so the
+    same prompt later computes them again instead of reading them."""
+    from server.llm import LLM
+    llm = LLM(str(tiny_llama_dir), dtype="float32", device="cpu", kv_cache_memory="2MiB")
+    prompt = [1] + list(range(3, 40))  # 38 tokens: 2 full blocks
+    runner = llm.engine.runner
+    real, calls = runner.launch, {"n": 0}
+
+    def fails_once(sched):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("device lost")
+        return real(sched)
+    runner.launch = fails_once
+    params = SamplingParams(temperature=0.0, max_new_tokens=3, ignore_eos=True)
+    with pytest.raises(RuntimeError, match="device lost"):
+        llm.generate([prompt], params, use_tqdm=False)
+    assert llm.engine.allocator.num_cached_blocks == 0
+    assert llm.generate([prompt], params, use_tqdm=False)[0].finish_reason == "length"
+    assert llm.engine.scheduler.prefix_cache_hits_total == 0 and llm.engine.allocator.num_cached_blocks == 2
+    assert llm.generate([prompt], params, use_tqdm=False)[0].finish_reason == "length"
+    assert llm.engine.scheduler.prefix_cache_hits_total == 32
