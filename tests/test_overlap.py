@@ -210,3 +210,29 @@ def test_prefix_cache_hits_in_steps_launched_ahead(tiny_llama_dir, kv_cache_memo
     if kv_cache_memory == "96KiB":
         assert engine.scheduler.num_preemptions_total > 0
     assert engine.allocator.num_free_blocks == engine.kv_capacity.num_blocks
+
+
+def test_a_hit_that_leaves_one_token_runs_as_a_decode_row(tiny_llama_dir):
+    """A 33-token prompt seen before: 32 tokens come from the cache and the first step computes one, the
+    shape of a decode step (the decode graph path), joining running decodes while a step is in flight."""
+    import random
+    rng = random.Random(6)
+    prompts = [[1] + [rng.randrange(3, 384) for _ in range(32)] for _ in range(3)]
+    params = SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True)
+    plain = LLM(str(tiny_llama_dir), dtype="float32", device="cpu", kv_cache_memory="2MiB",
+                overlap_scheduling=False, enable_prefix_caching=False)
+    want = [r.token_ids for r in plain.generate(prompts, params)]
+    llm = make_llm(tiny_llama_dir, overlap=True)
+    engine = llm.engine
+    assert [r.token_ids for r in llm.generate(prompts, params)] == want  # registers the 2 blocks of each
+    decode_replays = sum(engine.runner.graphs.replays.values())
+    for i, p in enumerate(prompts):
+        engine.add_request(f"again{i}", p, params)
+    got: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            got.setdefault(out.request_id, []).extend(out.new_token_ids)
+    assert [got[f"again{i}"] for i in range(3)] == want
+    assert engine.scheduler.prefix_cache_hits_total == 3 * 32
+    # every step of the second round, the first included, was a decode-graph step
+    assert sum(engine.runner.graphs.replays.values()) - decode_replays == 12
