@@ -153,7 +153,7 @@ class Scheduler:
             if seq.status is SequenceStatus.RUNNING:
                 chosen[seq.request_id] = ScheduledSeq(seq, n, uncomputed > 1, n == uncomputed)
                 budget -= n
-                if uncomputed > 1:  # a prompt chunk (or a recompute): its full prompt blocks can be shared
+                if seq.num_computed_tokens < seq.num_prompt_tokens:  # a prompt chunk: its full blocks can be shared
                     self.allocator.register_prompt_blocks(seq, n)
         # New admissions, FCFS; none after a preemption (the pool is already short).
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
