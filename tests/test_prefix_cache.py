@@ -8,6 +8,7 @@ from server.blocks import BlockAllocator
 from server.sampling_params import SamplingParams
 from server.scheduler import Scheduler, SchedulerOutput
 from server.sequence import Sequence
+from tests.test_scheduler import step
 
 BS = 4
 
@@ -96,6 +97,20 @@ def test_what_is_never_taken():
     assert a.take_cached_prefix(seq("g", [5] * 9)) == 0
 
 
+def test_a_chain_broken_by_a_failure_is_not_extended():
+    """b shares a's first block; a's step fails and unregisters it. b's later blocks have no registered
+    block before them, so they are not registered (hashed without their prefix they would match the
+    same tokens at the start of another prompt)."""
+    a = BlockAllocator(16, BS, enable_prefix_caching=True)
+    first = computed(a, seq("a", PROMPT[:5]))  # registers block [10..13]
+    b = seq("b", PROMPT)
+    assert a.take_cached_prefix(b) == 4
+    a.drop_cached(first)
+    computed(a, b)  # b computes blocks 2 and 3 of its prompt
+    assert a.num_cached_blocks == 0
+    assert a.take_cached_prefix(seq("c", PROMPT[4:8] + [1, 2])) == 0
+
+
 def test_an_admission_that_does_not_fit_gives_back_the_blocks_it_took():
     alloc = BlockAllocator(6, BS, enable_prefix_caching=True)
     sched = Scheduler(alloc, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64)
@@ -144,20 +159,12 @@ def test_shared_prefixes_through_eviction_and_preemption(seed):
     pending = [rng.choice(prefixes) + [rng.randrange(3, 300) for _ in range(rng.randint(1, 9))]
                for _ in range(40)]
     finished = 0
-    for step in range(5000):
+    for i in range(5000):
         while pending and rng.random() < 0.5:
-            sched.add(seq(f"r{len(pending)}-{step}", pending.pop(), max_new_tokens=rng.randint(1, 8)))
+            sched.add(seq(f"r{len(pending)}-{i}", pending.pop(), max_new_tokens=rng.randint(1, 8)))
         if not pending and not sched.has_unfinished():
             break
-        out = sched.schedule()
-        sampled = model.run(out)
-        sched.finish_step(out)
-        for s in out.scheduled:
-            if s.samples:
-                s.seq.token_ids.append(sampled[s.seq.request_id])
-                if s.seq.num_output_tokens >= s.seq.params.max_new_tokens:
-                    sched.finish(s.seq, "length")
-                    finished += 1
+        finished += sum(s.seq.is_finished for s in step(sched, model).scheduled)
     assert finished == 40 and not sched.has_unfinished()
     assert alloc.num_free_blocks == 24 and all(alloc.ref_count(b) == 0 for b in range(24))
     assert 0 < sched.prefix_cache_hits_total < sched.prefix_cache_queries_total
