@@ -4,9 +4,8 @@ A sequence's block_table grows as its tokens do; free() returns it whole. With p
 full block of a prompt that a scheduled step computes is registered under a hash of its tokens chained to
 the blocks before it (so a block matches only after the same whole prefix). A sequence admitted after that,
 in the same step or a later one, whose prompt starts with registered blocks shares them (ref count + 1) and
-prefills only the rest. A block whose count
-drops to 0 stays registered but evictable: allocate() hands out never-registered blocks first, then the
-least recently freed registered ones, dropping their entries. Only prompt blocks are registered: a decode
+prefills only the rest. A block whose count drops to 0 stays registered but evictable: allocate() hands
+out never-registered blocks first, then the least recently freed registered ones, dropping their entries. Only prompt blocks are registered: a decode
 step's token may still be a placeholder on the host (overlap scheduling), and prompts are where the shared
 text is (system prompts, few-shot examples, `n` samples of one prompt, the earlier turns of a chat).
 """
@@ -115,7 +114,7 @@ class BlockAllocator:
         bs, tokens = self.block_size, seq.token_ids
         hits: list[int] = []
         parent = None
-        for i in range((min(seq.num_prompt_tokens, len(tokens) - 1)) // bs):
+        for i in range(min(seq.num_prompt_tokens, len(tokens) - 1) // bs):
             block_tokens = tuple(tokens[i * bs:(i + 1) * bs])
             parent = hash((parent, block_tokens))
             b = self._cached.get(parent)

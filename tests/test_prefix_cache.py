@@ -238,19 +238,22 @@ def test_a_step_that_fails_leaves_nothing_to_share(tiny_llama_dir):
     llm = LLM(str(tiny_llama_dir), dtype="float32", device="cpu", kv_cache_memory="2MiB")
     prompt = [1] + list(range(3, 40))  # 38 tokens: 2 full blocks
     runner = llm.engine.runner
-    real, calls = runner.launch, {"n": 0}
-
-    def fails_once(sched):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise RuntimeError("device lost")
-        return real(sched)
-    runner.launch = fails_once
     params = SamplingParams(temperature=0.0, max_new_tokens=3, ignore_eos=True)
+    runner.launch, real = (lambda sched: (_ for _ in ()).throw(RuntimeError("device lost"))), runner.launch
     with pytest.raises(RuntimeError, match="device lost"):
         llm.generate([prompt], params, use_tqdm=False)
+    runner.launch = real
     assert llm.engine.allocator.num_cached_blocks == 0
     assert llm.generate([prompt], params, use_tqdm=False)[0].finish_reason == "length"
     assert llm.engine.scheduler.prefix_cache_hits_total == 0 and llm.engine.allocator.num_cached_blocks == 2
     assert llm.generate([prompt], params, use_tqdm=False)[0].finish_reason == "length"
     assert llm.engine.scheduler.prefix_cache_hits_total == 32
+
+
+def test_the_stats_line_gives_the_hit_rate_of_its_interval():
+    from server.app import stats_line
+    from server.async_engine import EngineStats
+    before = EngineStats(0, 0, 0.0, 10, 10, 0, 0, 0, 0, 0, prefix_cache_queries_total=100, prefix_cache_hits_total=90)
+    now = EngineStats(0, 0, 0.0, 10, 10, 0, 0, 0, 0, 0, prefix_cache_queries_total=300, prefix_cache_hits_total=140)
+    assert stats_line(now, before, 1.0).endswith("| prefix cache hits 25.0%")  # 50 of the interval's 200
+    assert "prefix cache" not in stats_line(before, before, 1.0)  # no admission in the interval: no rate
