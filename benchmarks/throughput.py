@@ -3,12 +3,16 @@
     python benchmarks/throughput.py --dummy --config llama-3.2-1b      # random weights, GPU shapes
     python benchmarks/throughput.py --model DIR --num-requests 128
     python benchmarks/throughput.py --preset cpu [--quick]             # SmolLM2-135M fp32 vs transformers
+    python benchmarks/throughput.py --model DIR --turns 4 [--no-enable-prefix-caching]  # chats of 4 turns
 
 Every request ignores eos and generates exactly its drawn output length. Prints requests/s, output tok/s
 and total (prompt + output) tok/s. `--preset cpu` also runs Hugging Face transformers on the same weights
 in the same process: `generate` in left-padded greedy batches (eos ignored via min_new_tokens; a batch runs
 to its longest request, and only the requested tokens count), its continuous batching when installed, and
 batch-1 decode tok/s for both; then a table of metric, ours, transformers, ratio. JSON goes to --json.
+With --turns T each request is a chat of T turns, run in rounds: turn k + 1's prompt is turn k's prompt,
+its answer and a new message of --input-len tokens (what the prefix cache's generated blocks serve); the
+figures count every turn's prompt and output tokens.
 """
 from __future__ import annotations
 
@@ -106,6 +110,27 @@ def run_ours(llm, prompts, out_lens) -> dict:
     elapsed = time.perf_counter() - t
     assert [len(r.token_ids) for r in results] == out_lens
     return metrics(prompts, out_lens, elapsed) | {
+        "steps": llm.engine.counters.num_steps - steps0,
+        "preemptions": llm.engine.scheduler.num_preemptions_total,
+        "prefix_cache_hit_tokens": llm.engine.scheduler.prefix_cache_hits_total - hits0}
+
+
+def run_turns(llm, messages: list[list[list[int]]], out_lens: list[list[int]]) -> dict:
+    """messages[k][i]: conversation i's new message at turn k; each turn's prompt extends the last one."""
+    from server.sampling_params import SamplingParams
+    llm.generate(fresh(messages[0][:2]), SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True))
+    steps0, hits0 = llm.engine.counters.num_steps, llm.engine.scheduler.prefix_cache_hits_total
+    history: list[list[int]] = [[] for _ in messages[0]]
+    all_prompts: list[list[int]] = []
+    t = time.perf_counter()
+    for new, outs in zip(messages, out_lens):
+        prompts = [h + m for h, m in zip(history, new)]
+        params = [SamplingParams(temperature=0.0, max_new_tokens=o, ignore_eos=True) for o in outs]
+        results = llm.generate(prompts, params, use_tqdm=False)
+        history = [p + r.token_ids for p, r in zip(prompts, results)]
+        all_prompts += prompts
+    elapsed = time.perf_counter() - t
+    return metrics(all_prompts, [o for outs in out_lens for o in outs], elapsed) | {
         "steps": llm.engine.counters.num_steps - steps0,
         "preemptions": llm.engine.scheduler.num_preemptions_total,
         "prefix_cache_hit_tokens": llm.engine.scheduler.prefix_cache_hits_total - hits0}
@@ -240,6 +265,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prefix-len", type=int, default=0, help="a shared random prefix of this many tokens "
                     "before every prompt (as vLLM's --random-prefix-len)")
+    ap.add_argument("--turns", type=int, default=1, help="each request a chat of this many turns (see above)")
     ap.add_argument("--quick", action="store_true", help="8 short requests: a smoke test")
     add_engine_arguments(ap)
     ap.add_argument("--hf-batch-size", type=int, default=16)
@@ -258,15 +284,24 @@ def main(argv=None) -> None:
         ap.error("give --model DIR, --dummy, or --preset cpu")
     vocab = (PRESETS.get(args.config) or json.loads(Path(args.config).read_text()))["vocab_size"] \
         if args.dummy else json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
-    prompts, out_lens = workload(args.num_requests, tuple(args.input_len), tuple(args.output_len), vocab, args.seed,
-                                 args.prefix_len)
-    llm = build_llm(args, prompts, out_lens)
-    ours = run_ours(llm, prompts, out_lens)
+    turns = [workload(args.num_requests, tuple(args.input_len), tuple(args.output_len), vocab, args.seed + k,
+                      args.prefix_len if k == 0 else 0) for k in range(args.turns)]
+    prompts, out_lens = turns[0]
+    if args.turns > 1:
+        if args.preset == "cpu":
+            ap.error("--turns has no transformers comparison: leave out --preset cpu")
+        whole = [sum(len(t[0][i]) + t[1][i] for t in turns) for i in range(args.num_requests)]
+        llm = build_llm(args, [[0] * n for n in whole], [0] * args.num_requests)
+        ours = run_turns(llm, [t[0] for t in turns], [t[1] for t in turns])
+    else:
+        llm = build_llm(args, prompts, out_lens)
+        ours = run_ours(llm, prompts, out_lens)
     cmp = compare_with_transformers(args, llm, prompts, out_lens) if args.preset == "cpu" else None
     prefix = f"shared prefix {args.prefix_len} + " if args.prefix_len else ""
-    print(f"{args.num_requests} requests, input {prefix}U{tuple(args.input_len)}, output U{tuple(args.output_len)}, "
+    chats = f" x {args.turns} turns" if args.turns > 1 else ""
+    print(f"{args.num_requests} requests{chats}, input {prefix}U{tuple(args.input_len)}, output U{tuple(args.output_len)}, "
           f"device {llm.engine.runner.device}, {ours['steps']} steps, {ours['preemptions']} preemptions, "
-          f"{ours['prefix_cache_hit_tokens']:,} prompt tokens from the prefix cache, {ours['elapsed_s']:.1f} s")
+          f"{ours['prefix_cache_hit_tokens']:,} tokens from the prefix cache, {ours['elapsed_s']:.1f} s")
     print_table(ours, cmp)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "ours": ours, "compare": cmp}, indent=1,

@@ -40,7 +40,7 @@ class EngineStats:
     num_steps: int
     decode_graph_steps: int = 0   # steps that replayed a decode graph (the rest of num_steps: below, or eager)
     prefill_graph_steps: int = 0  # steps with prompt tokens that replayed a prefill graph
-    prefix_cache_queries_total: int = 0  # prompt tokens of admissions that looked in the prefix cache
+    prefix_cache_queries_total: int = 0  # tokens of admissions that looked in the prefix cache
     prefix_cache_hits_total: int = 0     # of those, tokens whose K/V were found there
 
 

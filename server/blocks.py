@@ -1,13 +1,15 @@
 """BlockAllocator: the paged KV cache's free list, per-block reference counts, and the prefix cache.
 
 A sequence's block_table grows as its tokens do; free() returns it whole. With prefix caching on, every
-full block of a prompt that a scheduled step computes is registered under a hash of its tokens chained to
-the blocks before it (so a block matches only after the same whole prefix). A sequence admitted after that,
-in the same step or a later one, whose prompt starts with registered blocks shares them (ref count + 1) and
-prefills only the rest. A block whose count drops to 0 stays registered but evictable: allocate() hands
-out never-registered blocks first, then the least recently freed registered ones, dropping their entries. Only prompt blocks are registered: a decode
-step's token may still be a placeholder on the host (overlap scheduling), and prompts are where the shared
-text is (system prompts, few-shot examples, `n` samples of one prompt, the earlier turns of a chat).
+full block whose K/V a sequence computes is registered under a hash of its tokens chained to the blocks
+before it (so a block matches only after the same whole prefix): prompt blocks (and a recompute's) when
+the scheduler hands them to a step, generated ones when the host has seen the step that filled them (a
+decode step's token may still be a placeholder when it is scheduled). A sequence admitted after that, in
+the same step or a later one, whose tokens start with registered blocks shares them (ref count + 1) and
+computes only the rest: the shared system prompt, `n` samples of one prompt, a chat's earlier turns
+(answers included), and a preempted sequence's own prompt and output. A block whose count drops to 0
+stays registered but evictable: allocate() hands out never-registered blocks first, then the least
+recently freed registered ones, dropping their entries.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ class BlockAllocator:
         self._free: deque[int] = deque(range(num_blocks))  # never registered (or dropped): handed out first
         self._evictable: OrderedDict[int, None] = OrderedDict()  # registered, count 0: least recent first
         self._ref_counts = [0] * num_blocks
-        self._block_hash: list[int | None] = [None] * num_blocks  # the prefix hash a full prompt block has
+        self._block_hash: list[int | None] = [None] * num_blocks  # the prefix hash a full block has
         self._cached: dict[int, int] = {}  # prefix hash -> the registered block holding it
         self._block_tokens: dict[int, tuple[int, ...]] = {}  # registered block -> its tokens (checked on a hit)
 
@@ -105,16 +107,17 @@ class BlockAllocator:
 
     # ---- prefix cache ------------------------------------------------------------------------------
     def take_cached_prefix(self, seq: Sequence) -> int:
-        """Give a sequence that holds no blocks the registered blocks its tokens start with; returns the
-        tokens they hold (now seq.num_computed_tokens). At least one token is always left to compute: the
-        step that samples must run the last one. A sequence that owes prompt logprobs takes none (those come
-        from computing every prompt position)."""
+        """Give a sequence that holds no blocks the registered blocks its tokens (prompt, and output after a
+        preemption) start with; returns the tokens they hold (now seq.num_computed_tokens). At least one
+        token is always left to compute: the step that samples must run the last one (it may be a
+        placeholder, which no registered block holds). A sequence that owes prompt logprobs takes none
+        (those come from computing every prompt position)."""
         if not self.enable_prefix_caching or seq.block_table or seq.prompt_logprobs is not None:
             return 0
         bs, tokens = self.block_size, seq.token_ids
         hits: list[int] = []
         parent = None
-        for i in range(min(seq.num_prompt_tokens, len(tokens) - 1) // bs):
+        for i in range((len(tokens) - 1) // bs):
             block_tokens = tuple(tokens[i * bs:(i + 1) * bs])
             parent = hash((parent, block_tokens))
             b = self._cached.get(parent)
@@ -129,17 +132,25 @@ class BlockAllocator:
         seq.num_computed_tokens = len(hits) * bs
         return seq.num_computed_tokens
 
-    def register_prompt_blocks(self, seq: Sequence, num_new_tokens: int) -> None:
-        """seq is scheduled to compute num_new_tokens from seq.num_computed_tokens on: register the prompt
-        blocks that step fills. A sequence admitted later in the same step or after it may share them: in
-        one step every layer writes the step's K/V before its attention reads the cache, and later steps
-        run after it on the device. Whatever undoes the step before launch must drop_cached(seq)."""
-        if not self.enable_prefix_caching or seq.num_computed_tokens >= seq.num_prompt_tokens:
+    def register_scheduled_blocks(self, seq: Sequence, num_new_tokens: int) -> None:
+        """seq is scheduled to compute num_new_tokens from seq.num_computed_tokens on (a prompt chunk or a
+        recompute): register the full blocks that step fills. A sequence admitted later in the same step or
+        after it may share them: in one step every layer writes the step's K/V before its attention reads
+        the cache, and later steps run after it on the device. Whatever undoes the step before launch must
+        drop_cached(seq). A placeholder (-1, overlap scheduling) can only be the last token."""
+        tokens = seq.token_ids
+        known = len(tokens) - (tokens[-1] < 0)
+        self.register_full_blocks(seq, seq.num_computed_tokens, min(seq.num_computed_tokens + num_new_tokens, known))
+
+    def register_full_blocks(self, seq: Sequence, start: int, end: int) -> None:
+        """Register seq's full blocks within tokens [start, end): their K/V are written (or will be before
+        any later step reads them) and their token ids are on the host. Also called by the engine for a
+        generated block once it has seen the step that filled it."""
+        if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        end = min(seq.num_computed_tokens + num_new_tokens, seq.num_prompt_tokens) // bs
         table, tokens = seq.block_table, seq.token_ids
-        for i in range(seq.num_computed_tokens // bs, end):
+        for i in range(start // bs, end // bs):
             parent = self._block_hash[table[i - 1]] if i else None
             if i and parent is None:  # the block before was dropped (drop_cached): no chain to extend
                 return
@@ -147,7 +158,7 @@ class BlockAllocator:
             block_tokens = tuple(tokens[i * bs:(i + 1) * bs])
             h = hash((parent, block_tokens))
             self._block_hash[b] = h  # even for a duplicate, whose next block's hash chains from it
-            if h not in self._cached:  # a duplicate (two sequences prefilled one prompt) stays private
+            if h not in self._cached:  # a duplicate (two sequences computed one prefix) stays private
                 self._cached[h] = b
                 self._block_tokens[b] = block_tokens
 

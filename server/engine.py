@@ -197,10 +197,15 @@ class LLMEngine:
         sampled = launched.pending.sampling
         logprobs = result.logprobs or [None] * len(sampled)
         outputs = []
+        bs = self.allocator.block_size if self.allocator.enable_prefix_caching else 0
         for seq, index, token_id, lp in zip(sampled, launched.placeholders, result.token_ids, logprobs):
             if seq.is_finished:  # stopped or aborted while this step was in flight: its token is dropped
                 del seq.token_ids[index:]
                 continue
+            if bs and index % bs == 0 and seq.block_table:  # (not preempted while this step was in flight)
+                # this step filled the block before the token it sampled: its K/V are written and its
+                # tokens known (the scheduler registers prompt and recompute blocks when it schedules them)
+                self.allocator.register_full_blocks(seq, index - bs, index)
             outputs.append(self._append(seq, index, token_id, lp, now))
         return outputs
 

@@ -35,10 +35,10 @@ _ENGINE_SERIES = (
      "num_preemptions_total"),
     (CounterMetricFamily, "gqaserve_admission_rejections", "Requests the engine refused at admission",
      "admission_rejections_total"),
-    (CounterMetricFamily, "gqaserve_prefix_cache_queries", "Prompt tokens of admitted requests looked up in "
-     "the prefix cache", "prefix_cache_queries_total"),
-    (CounterMetricFamily, "gqaserve_prefix_cache_hits", "Prompt tokens found in the prefix cache (not "
-     "prefilled)", "prefix_cache_hits_total"),
+    (CounterMetricFamily, "gqaserve_prefix_cache_queries", "Tokens of admitted requests (a preempted one's "
+     "output too) looked up in the prefix cache", "prefix_cache_queries_total"),
+    (CounterMetricFamily, "gqaserve_prefix_cache_hits", "Of those, tokens found in the prefix cache (not "
+     "computed)", "prefix_cache_hits_total"),
 )
 
 

@@ -89,7 +89,7 @@ class Scheduler:
         self.running: list[Sequence] = []  # admission order: the last one is preempted first
         self.requests: dict[str, Sequence] = {}
         self.num_preemptions_total = 0
-        self.prefix_cache_queries_total = 0  # prompt tokens of admissions that looked in the prefix cache
+        self.prefix_cache_queries_total = 0  # tokens of admissions (a recompute's outputs too) looked up in the cache
         self.prefix_cache_hits_total = 0     # of those, tokens found there (not computed)
 
     # ---- admission -------------------------------------------------------------------------------
@@ -153,8 +153,8 @@ class Scheduler:
             if seq.status is SequenceStatus.RUNNING:
                 chosen[seq.request_id] = ScheduledSeq(seq, n, uncomputed > 1, n == uncomputed)
                 budget -= n
-                if seq.num_computed_tokens < seq.num_prompt_tokens:  # a prompt chunk: its full blocks can be shared
-                    self.allocator.register_prompt_blocks(seq, n)
+                if uncomputed > 1 or seq.num_computed_tokens < seq.num_prompt_tokens:  # a prompt chunk or a
+                    self.allocator.register_scheduled_blocks(seq, n)  # recompute: its full blocks can be shared
         # New admissions, FCFS; none after a preemption (the pool is already short).
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -165,14 +165,14 @@ class Scheduler:
                 seq.num_computed_tokens = 0
                 break
             if self.allocator.enable_prefix_caching and seq.prompt_logprobs is None:
-                self.prefix_cache_queries_total += seq.num_prompt_tokens
+                self.prefix_cache_queries_total += seq.num_tokens
                 self.prefix_cache_hits_total += cached
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             chosen[seq.request_id] = self._entry(seq, n)
             budget -= n
-            self.allocator.register_prompt_blocks(seq, n)  # later admissions of this step may share them
+            self.allocator.register_scheduled_blocks(seq, n)  # later admissions of this step may share them
         scheduled = tuple(chosen.values())
         return SchedulerOutput(scheduled, self.max_num_batched_tokens - budget, tuple(preempted))
 

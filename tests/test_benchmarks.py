@@ -57,6 +57,27 @@ def test_latency_dummy_batch_counts_tied_embedding_once(tmp_path, capsys):
     assert res["roofline"]["kv_bytes_read_per_step_mean"] == 3 * (20 + 4 / 2) * kv_per_token
 
 
+@pytest.mark.parametrize("caching", [True, False])
+def test_throughput_chats_of_several_turns(tmp_path, capsys, caching):
+    """--turns: each turn's prompt extends the last turn's prompt and answer; with the cache on, the earlier
+    turns (answers included) come from it, and every turn's tokens are counted."""
+    from benchmarks import throughput
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(TINY_CONFIG))
+    out = tmp_path / "t.json"
+    throughput.main(["--dummy", "--config", str(cfg), "--device", "cpu", "--num-requests", "3", "--turns", "3",
+                     "--input-len", "20", "20", "--output-len", "12", "12", "--kv-cache-memory", "1MiB",
+                     "--json", str(out), "--enable-prefix-caching" if caching else "--no-enable-prefix-caching"])
+    assert "3 requests x 3 turns" in capsys.readouterr().out
+    ours = json.loads(out.read_text())["ours"]
+    # turn k's prompt: k * (20 + 12) + 20 tokens; 3 conversations, 3 turns
+    n_in, n_out = 3 * (20 + 52 + 84), 3 * 3 * 12
+    assert round(ours["total_tok_s"] * ours["elapsed_s"]) == n_in + n_out
+    assert round(ours["output_tok_s"] * ours["elapsed_s"]) == n_out
+    # computed before turn 2: 20 + 11 = 31 tokens (1 block of 16); before turn 3: 63 (3 blocks)
+    assert ours["prefix_cache_hit_tokens"] == (3 * (16 + 48) if caching else 0)
+
+
 def test_percentiles_and_arrivals():
     s = serving.stats_ms([0.001 * k for k in range(1, 101)])
     assert s["p50"] <= s["p90"] <= s["p99"] and s["mean"] == pytest.approx(50.5)

@@ -48,8 +48,12 @@ def step(sched: Scheduler, model: FakeModel) -> SchedulerOutput:
     out = sched.schedule()
     sampled = model.run(out)
     sched.finish_step(out)
+    bs = sched.allocator.block_size
     for s in out.scheduled:
         if s.samples:
+            index = s.seq.num_tokens
+            if index % bs == 0:  # as LLMEngine._complete: the step filled a block, now seen by the host
+                sched.allocator.register_full_blocks(s.seq, index - bs, index)
             s.seq.token_ids.append(sampled[s.seq.request_id])
             if s.seq.num_output_tokens >= s.seq.params.max_new_tokens:
                 sched.finish(s.seq, "length")
