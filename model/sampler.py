@@ -1,6 +1,7 @@
 """Batched sampling on the device from per-row parameter tensors (built by the server's model runner).
 
-Order, as Hugging Face's processors/warpers: banned ids (min_new_tokens) -> repetition penalty (HF: prompt +
+Order, as Hugging Face's processors/warpers: logit bias (OpenAI's logit_bias: added to the raw logits) ->
+banned ids (min_new_tokens) -> repetition penalty (HF: prompt +
 output, divide positive logits, multiply negative) -> presence/frequency penalties (OpenAI: output tokens)
 -> temperature -> top_k -> top_p -> min_p -> draw. temperature 0 rows take the argmax of the penalised
 logits. The draw is Gumbel-max; a seeded row's uniforms come from a counter-based hash of (seed, output
@@ -33,6 +34,8 @@ class SamplingTensors:
     prompt_tokens: torch.Tensor | None = None       # [B, Lp] int64, padded with vocab_size
     output_tokens: torch.Tensor | None = None       # [B, Lo] int64, padded with vocab_size
     banned_tokens: torch.Tensor | None = None       # [B, K] int64, padded with vocab_size
+    bias_index: torch.Tensor | None = None          # [2, N] int64: (row, token id) of each logit bias
+    bias_values: torch.Tensor | None = None         # [N] float32: added to those logits
     # host flags: which stages any row needs
     all_greedy: bool = False
     any_greedy: bool = False
@@ -75,6 +78,8 @@ def hashed_uniform(seeds: torch.Tensor, output_index: torch.Tensor, vocab_size: 
 
 def _apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     B, V = logits.shape
+    if t.bias_index is not None:  # out of place: the raw logits stay for logprobs
+        logits = logits.index_put((t.bias_index[0], t.bias_index[1]), t.bias_values, accumulate=True)
     if t.banned_tokens is not None:
         banned = torch.zeros(B, V + 1, dtype=torch.bool, device=logits.device)
         banned.scatter_(1, t.banned_tokens, True)

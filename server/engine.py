@@ -36,11 +36,16 @@ def resolve_model_dir(config: EngineConfig) -> str:
 
 def check_request(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int,
                   scheduler: Scheduler) -> None:
-    """A request that can never run raises AdmissionError naming the field: ids outside the vocabulary, or
+    """A request that can never run raises AdmissionError naming the field: ids outside the vocabulary (in
+    the prompt or logit_bias), or
     too long for max_model_len / the whole KV cache (no engine state read: any thread, any process)."""
     bad = next((t for t in prompt_token_ids if not 0 <= t < vocab_size), None)
     if bad is not None:
         raise AdmissionError(f"inputs: token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
+    bad = next((t for t in params.logit_bias if t >= vocab_size), None)
+    if bad is not None:
+        raise AdmissionError(f"logit_bias: token id {bad} is outside the vocabulary (0..{vocab_size - 1})",
+                             "logit_bias")
     scheduler.check_admission(len(prompt_token_ids), params)
 
 

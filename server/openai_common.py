@@ -33,8 +33,6 @@ def check_common(state: ServerState, req: SamplingFields, num_choices: int) -> N
     if req.model is not None and req.model not in (state.model_name, state.engine.config.model):
         raise ApiError("not_found", f"model: '{req.model}' is not served here; this server serves "
                                     f"'{state.model_name}'", "model")
-    if req.logit_bias:
-        raise ApiError("validation", "logit_bias: not supported (send null or {})", "logit_bias")
     if num_choices > state.config.max_choices:
         raise ApiError("validation", f"n: {num_choices} choices in all, more than the limit of "
                                      f"{state.config.max_choices} (max_choices)", "n")
@@ -48,6 +46,14 @@ def sampling_params(state: ServerState, req: SamplingFields, prompt_len: int, *,
     # n > 1 with a seed: one reproducible but distinct stream per choice
     seed = None if req.seed is None else (req.seed + choice) % 2**63
     names = {"max_new_tokens": max_tokens_field, "min_new_tokens": "min_tokens", "logprobs": logprobs_field}
+    bias = {}
+    for key, value in (req.logit_bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:  # also "²" and digits past int()'s limit, which str.isdigit() would let through
+            raise ApiError("validation", f"logit_bias: keys are token ids; {key!r} is not one",
+                           "logit_bias") from None
+        bias[token] = value
     return build_params(
         names, temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, min_p=req.min_p or 0.0,
@@ -55,7 +61,8 @@ def sampling_params(state: ServerState, req: SamplingFields, prompt_len: int, *,
         presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
         seed=seed, max_new_tokens=max_new, min_new_tokens=req.min_tokens or 0, stop=stop,
         stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=bool(req.ignore_eos), logprobs=logprobs,
-        skip_special_tokens=req.skip_special_tokens is not False, prompt_logprobs=prompt_logprobs)
+        skip_special_tokens=req.skip_special_tokens is not False, prompt_logprobs=prompt_logprobs,
+        logit_bias=bias)
 
 
 def token_str(state: ServerState, token_id: int) -> str:

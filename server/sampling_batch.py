@@ -1,8 +1,9 @@
 """Per-row sampling tensors for one step, from the sequences that sample (host -> device, few copies).
 
 Rows' parameters are packed into one float and one int host tensor, so a step costs two small uploads
-(plus token lists only when some row uses a penalty, and banned ids only while some row is below
-min_new_tokens). The host flags tell the sampler which stages it may skip.
+(plus token lists only when some row uses a penalty, banned ids only while some row is below
+min_new_tokens, and (row, token, bias) triples only when some row has a logit_bias). The host flags tell
+the sampler which stages it may skip.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def _padded(lists: list[list[int]], pad: int) -> list[list[int]]:
 
 
 def only_argmax(seqs: list[Sequence]) -> bool:
-    """True when every row takes the plain argmax: greedy, no penalties, no logprobs, nothing banned."""
+    """True when every row takes the plain argmax: greedy, no penalties, bias or logprobs, nothing banned."""
     for s in seqs:
         if len(s.token_ids) - s.num_prompt_tokens < s.argmax_from:  # see Sequence.argmax_from
             return False
@@ -48,6 +49,11 @@ def build_sampling_tensors(seqs: list[Sequence], vocab_size: int, eos_token_ids:
         prompt_tokens = _upload(_padded([s.prompt_token_ids for s in seqs], vocab_size), torch.int64, device)
     if any_rep or any_pf:
         output_tokens = _upload(_padded([s.output_token_ids for s in seqs], vocab_size), torch.int64, device)
+    bias_index = bias_values = None
+    if any(p.logit_bias for p in ps):
+        pairs = [(row, token, bias) for row, p in enumerate(ps) for token, bias in p.logit_bias.items()]
+        bias_index = _upload([[r for r, _, _ in pairs], [t for _, t, _ in pairs]], torch.int64, device)  # [2, N]
+        bias_values = _upload([b for _, _, b in pairs], torch.float32, device)                           # [N]
     banned = None
     if any(s.num_output_tokens < s.params.min_new_tokens for s in seqs):
         rows = []
@@ -66,6 +72,7 @@ def build_sampling_tensors(seqs: list[Sequence], vocab_size: int, eos_token_ids:
         presence_penalty=floats[4] if any_pf else None,
         frequency_penalty=floats[5] if any_pf else None,
         prompt_tokens=prompt_tokens, output_tokens=output_tokens, banned_tokens=banned,
+        bias_index=bias_index, bias_values=bias_values,
         all_greedy=all(greedy), any_greedy=any(greedy),
         any_top_k=any(p.top_k > 0 and not g for p, g in zip(ps, greedy)),
         any_top_p=any(p.top_p < 1.0 and not g for p, g in zip(ps, greedy)),

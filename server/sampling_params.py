@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024  # biased token ids per request
 
 
 class SamplingParams(BaseModel):
@@ -30,6 +31,9 @@ class SamplingParams(BaseModel):
     ignore_eos: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
                                  description="None: none; 0: the chosen token's; n: plus the top n")
+    logit_bias: dict[int, float] = Field(default_factory=dict, max_length=MAX_LOGIT_BIAS,
+                                         description="token id -> a value in [-100, 100] added to its logit "
+                                         "before sampling (OpenAI's logit_bias)")
     skip_special_tokens: bool = True
     prompt_logprobs: bool = Field(False, description="the logprob of every prompt token after the first "
                                   "(TGI's decoder_input_details); sent with the first output")
@@ -46,6 +50,11 @@ class SamplingParams(BaseModel):
                 raise ValueError(f"stop: each stop string is at most {MAX_STOP_STRING_CHARS} characters")
         if any(t < 0 for t in self.stop_token_ids):
             raise ValueError("stop_token_ids: token ids must be non-negative")
+        for token, bias in self.logit_bias.items():
+            if token < 0:
+                raise ValueError(f"logit_bias: token id {token} is negative")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias: the bias of token {token} is {bias}; it must be in [-100, 100]")
         return self
 
     @property

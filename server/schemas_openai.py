@@ -3,7 +3,7 @@
 OpenAI's field names and ranges, plus the extensions benchmark tools send (ignore_eos, top_k, min_p,
 repetition_penalty, min_tokens, stop_token_ids, skip_special_tokens). Unknown fields are refused with a
 message naming them; OpenAI fields this server does not implement are accepted only at their neutral
-value (logit_bias empty, suffix null, tools empty, response_format text).
+value (suffix null, tools empty, response_format text).
 """
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ class SamplingFields(RequestModel):
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty")
+    logit_bias: dict[str, float] | None = Field(None, description="token id (a string) -> a value in [-100, "
+                                                "100] added to its logit before sampling")
     user: Text | None = None
     # extensions (vLLM's names)
     ignore_eos: bool | None = False

@@ -53,9 +53,10 @@ class Sequence:
         # sampling reads the values of its output tokens (so its next step waits for the host to have them)
         self.uses_penalties = params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 \
             or params.frequency_penalty != 0.0
-        # the output count from which a plain argmax samples it (greedy, no penalties, no logprobs: then
+        # the output count from which a plain argmax samples it (greedy, no penalties, bias or logprobs: then
         # min_new_tokens, below which eos/stop ids are banned); never for anything else
-        plain = params.temperature == 0.0 and params.logprobs is None and not self.uses_penalties
+        plain = params.temperature == 0.0 and params.logprobs is None and not self.uses_penalties \
+            and not params.logit_bias
         self.argmax_from = params.min_new_tokens if plain else 1 << 62
         # logprob of each prompt token so far (the first has none), when the request asks; filled by the
         # prefill chunks that compute them, kept across a preemption's recompute

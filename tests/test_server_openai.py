@@ -88,7 +88,8 @@ def test_raw_sse_framing_ends_with_done(server):
 @pytest.mark.parametrize("body, status, param", [
     ({"model": "other", "prompt": "x"}, 404, "model"),
     ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
-    ({"prompt": "x", "logit_bias": {"1": 2.0}}, 400, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"one": 2.0}}, 400, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"1": 101.0}}, 400, "logit_bias"),
     ({"prompt": "x", "n": 99}, 400, "n"),
     ({"prompt": [], "max_tokens": 1}, 400, "prompt"),
     ({"prompt": [10**7]}, 400, "prompt"),
