@@ -115,7 +115,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
 def load_model(model_dir: str | Path, *, dtype: str | torch.dtype = torch.float32, device: str = "cpu",
                num_kv_heads: int | None = None, kv_head_method: str = "mean",
                attention_backend: str = "auto", progress: bool = False) -> CausalLM:
-    """Build the model on the meta device and fill it from memory-mapped safetensors (no double copy)."""
+    """Build the model on the meta device and fill it from memory-mapped safetensors, one tensor at a time."""
     from model.weights import load_weights
 
     device = torch.device(device)

@@ -1,7 +1,7 @@
 """Safetensors checkpoint (single or sharded) -> the parameters of a meta-device CausalLM.
 
-Tensors are read through safetensors' memory map one at a time and moved straight to the target
-device and dtype, so a checkpoint is never held twice. q/k/v and gate/up load into row slices of the
+Tensors are read through safetensors' memory map one at a time and copied straight to the target
+device and dtype, so a checkpoint is never held twice and the weights never follow the file afterwards. q/k/v and gate/up load into row slices of the
 fused projections. Anything missing, unexpected or misshapen is an error that names the tensor.
 """
 from __future__ import annotations
@@ -141,10 +141,11 @@ def _load_one(ckpt_name, tensor, params, fused, pending, buffers, config, dtype,
     if shard not in pending[target]:
         raise CheckpointError(f"tensor {ckpt_name} appears twice in the checkpoint")
     pending[target].discard(shard)
-    value = tensor.to(device=device, dtype=dtype)
     if target in fused:
         if target not in buffers:
             buffers[target] = torch.empty(param.shape, dtype=dtype, device=device)
-        buffers[target][start:stop] = value
+        buffers[target][start:stop].copy_(tensor)  # converts device and dtype in the one copy
     else:
-        buffers[target] = value
+        # copy=True: a float32 -> float32 CPU load would otherwise keep safetensors' private file mapping, and
+        # a checkpoint rewritten in place would then change (or, truncated, SIGBUS) a running server's weights
+        buffers[target] = tensor.to(device=device, dtype=dtype, copy=True)

@@ -184,6 +184,19 @@ def test_wrong_shape_names_tensor_and_both_shapes(broken_dir):
         load_model(broken_dir)
 
 
+def test_loaded_weights_do_not_follow_the_checkpoint_file(broken_dir):
+    """float32 -> float32 on CPU would otherwise keep safetensors' private file mapping: a checkpoint written
+    over in place while the server runs would change its weights (or, truncated, kill it with SIGBUS)."""
+    model = load_model(broken_dir)
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    path = broken_dir / "model.safetensors"
+    header = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    with open(path, "r+b") as f:  # same size, every tensor byte overwritten
+        f.seek(header)
+        f.write(b"\x7f" * (path.stat().st_size - header))
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
 def test_pickle_only_checkpoint_is_refused_with_reason(broken_dir):
     (broken_dir / "model.safetensors").unlink()
     (broken_dir / "pytorch_model.bin").write_bytes(b"not loaded")
