@@ -1,7 +1,7 @@
 """Batched sampling on the device from per-row parameter tensors (built by the server's model runner).
 
 Order, as Hugging Face's processors/warpers: logit bias (OpenAI's logit_bias: added to the raw logits) ->
-banned ids (min_new_tokens) -> repetition penalty (HF: prompt +
+tokens a grammar does not allow -> banned ids (min_new_tokens) -> repetition penalty (HF: prompt +
 output, divide positive logits, multiply negative) -> presence/frequency penalties (OpenAI: output tokens)
 -> temperature -> top_k -> top_p -> min_p -> draw. temperature 0 rows take the argmax of the penalised
 logits. The draw is Gumbel-max; a seeded row's uniforms come from a counter-based hash of (seed, output
@@ -36,6 +36,8 @@ class SamplingTensors:
     banned_tokens: torch.Tensor | None = None       # [B, K] int64, padded with vocab_size
     bias_index: torch.Tensor | None = None          # [2, N] int64: (row, token id) of each logit bias
     bias_values: torch.Tensor | None = None         # [N] float32: added to those logits
+    allowed_bits: torch.Tensor | None = None        # [B, ceil(V'/32)] int32, V' >= V: bit j of word w set =
+                                                    # token 32w+j allowed (a grammar's mask; -1: all)
     # host flags: which stages any row needs
     all_greedy: bool = False
     any_greedy: bool = False
@@ -80,6 +82,10 @@ def _apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     B, V = logits.shape
     if t.bias_index is not None:  # out of place: the raw logits stay for logprobs
         logits = logits.index_put((t.bias_index[0], t.bias_index[1]), t.bias_values, accumulate=True)
+    if t.allowed_bits is not None:
+        shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+        allowed = ((t.allowed_bits[:, :, None] >> shifts) & 1).flatten(1)[:, :V]  # [B, V] 0/1
+        logits = logits.masked_fill(allowed == 0, float("-inf"))
     if t.banned_tokens is not None:
         banned = torch.zeros(B, V + 1, dtype=torch.bool, device=logits.device)
         banned.scatter_(1, t.banned_tokens, True)

@@ -90,6 +90,10 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def backend_json(self) -> str:
+        """The whole tokenizer as tokenizers' JSON (what grammar libraries such as llguidance load)."""
+        return self._backend.to_str()
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

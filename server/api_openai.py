@@ -12,8 +12,8 @@ from server.completion_logprobs import CompletionPrompt, generated_logprobs, joi
 from server.generation import (ClientDisconnected, Collected, check_token_ids, collect_all, delta_texts,
                                encode_prompt, new_request_id, submit_all, unless_disconnected)
 from server.http_errors import ApiError
-from server.openai_common import (check_common, finish_reason, logprob_value, now_s, sampling_params,
-                                  sse_choices, token_str, usage)
+from server.openai_common import (ADMISSION_NAMES, check_common, finish_reason, logprob_value, now_s,
+                                  sampling_params, sse_choices, token_str, usage)
 from server.outputs import RequestOutput, TokenLogprob
 from server.schemas_openai import ChatCompletionRequest, CompletionRequest
 from server.schemas_openai_out import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse,
@@ -72,7 +72,7 @@ async def completions(state: ServerState, request: Request, req: CompletionReque
     echo = [p.text if req.echo else "" for p in prompt_of]
     rid, created, model = new_request_id("cmpl"), now_s(), state.model_name
     prompt_tokens = sum(len(p.token_ids) for p in prompts)
-    streams = submit_all(state, jobs)
+    streams = submit_all(state, jobs, ADMISSION_NAMES)
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -124,8 +124,6 @@ def _chat_prompt(state: ServerState, req: ChatCompletionRequest) -> tuple[str, l
                 ("chat_template_kwargs", bool(req.chat_template_kwargs), "not supported"),
                 ("tools", bool(req.tools), "tool calling is not supported"),
                 ("tool_choice", req.tool_choice not in (None, "none", "auto"), "tool calling is not supported"),
-                ("response_format", req.response_format is not None and req.response_format.type != "text",
-                 "only {'type': 'text'} is supported"),
                 ("top_logprobs", req.top_logprobs is not None and not req.logprobs, "requires logprobs=true"))
     for name, bad, why in refusals:
         if bad:
@@ -173,7 +171,7 @@ async def chat_completions(state: ServerState, request: Request, req: ChatComple
              sampling_params(state, req, len(ids), max_tokens=max_tokens, max_tokens_field=field,
                              logprobs=logprobs, logprobs_field="top_logprobs", choice=i)) for i in range(n)]
     rid, created, model = new_request_id("chatcmpl"), now_s(), state.model_name
-    streams = submit_all(state, jobs)
+    streams = submit_all(state, jobs, ADMISSION_NAMES)
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

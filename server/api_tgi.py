@@ -6,6 +6,7 @@ one, reported in details.seed.
 """
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -45,7 +46,6 @@ class Prepared:
 def _refuse_unsupported(p: GenerateParameters) -> None:
     checks = (("adapter_id", p.adapter_id is not None, "adapters are not supported"),
               ("best_of", p.best_of not in (None, 1), "only best_of=1 is supported"),
-              ("grammar", p.grammar is not None, "grammar-constrained generation is not supported"),
               ("watermark", bool(p.watermark), "watermarking is not supported"),
               ("typical_p", p.typical_p not in (None, 1.0), "typical sampling is not supported (use null)"))
     for name, bad, why in checks:
@@ -74,8 +74,18 @@ def prepare(state: ServerState, prompt: str, p: GenerateParameters, *, want_logp
         repetition_penalty=p.repetition_penalty if p.repetition_penalty is not None else 1.0,
         frequency_penalty=p.frequency_penalty or 0.0, seed=seed, max_new_tokens=max_new,
         stop=tuple(p.stop or ()), logprobs=top_n if (want_logprobs or top_n) else None,
-        prompt_logprobs=bool(p.details and p.decoder_input_details))
+        prompt_logprobs=bool(p.details and p.decoder_input_details), grammar=_grammar(p))
     return Prepared(prompt, ids, params, seed)
+
+
+def _grammar(p: GenerateParameters) -> dict | None:
+    """TGI's grammar as SamplingParams.grammar (which build_params validates)."""
+    g = p.grammar
+    if g is None:
+        return None
+    if g.type == "regex" and not isinstance(g.value, str):
+        raise ApiError("validation", "parameters.grammar: a regex grammar's value is a string", "parameters.grammar")
+    return {"type": g.type, "value": json.dumps(g.value) if isinstance(g.value, dict) else g.value}
 
 
 def _token(state: ServerState, token_id: int, text: str, logprob: float | None) -> Token:
@@ -123,7 +133,7 @@ async def generate(state: ServerState, request: Request, body: GenerateRequest) 
     state.require_ready()
     preps = [prepare(state, text, p, want_logprobs=bool(p.details),
                      field="inputs" if len(prompts) == 1 else f"inputs.{i}") for i, text in enumerate(prompts)]
-    streams = submit_all(state, [(new_request_id("tgi"), x.prompt_ids, x.params) for x in preps])
+    streams = submit_all(state, [(new_request_id("tgi"), x.prompt_ids, x.params) for x in preps], _NAMES)
     try:
         results = await unless_disconnected(request, collect_all(streams))
     except ClientDisconnected:
@@ -175,7 +185,7 @@ async def generate_stream(state: ServerState, body: GenerateRequest) -> Response
     state.require_ready()
     prep = prepare(state, body.inputs, body.parameters, want_logprobs=True)
     request_id = new_request_id("tgi")
-    stream = submit(state, prep.prompt_ids, prep.params, request_id)
+    stream = submit(state, prep.prompt_ids, prep.params, request_id, _NAMES)
     return EventStreamResponse(_events(state, prep, stream, body.parameters),
                                more_ready=lambda: state.engine.outputs_ready([request_id]))
 

@@ -17,6 +17,7 @@ from typing import Any
 from server.blocks import BlockAllocator
 from model.fetch import DEFAULT_MODEL
 from server.engine_config import EngineConfig
+from server.grammar import GrammarCompiler
 from server.outputs import AdmissionError, OverloadedError, RequestOutput, TokenLogprob
 from server.sampling_params import SamplingParams
 from server.scheduler import Scheduler, SchedulerOutput
@@ -35,10 +36,10 @@ def resolve_model_dir(config: EngineConfig) -> str:
 
 
 def check_request(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int,
-                  scheduler: Scheduler) -> None:
+                  scheduler: Scheduler, grammars: GrammarCompiler | None = None) -> None:
     """A request that can never run raises AdmissionError naming the field: ids outside the vocabulary (in
-    the prompt or logit_bias), or
-    too long for max_model_len / the whole KV cache (no engine state read: any thread, any process)."""
+    the prompt or logit_bias), a grammar that does not compile, or too long for max_model_len / the whole
+    KV cache (no engine state read: any thread, any process)."""
     bad = next((t for t in prompt_token_ids if not 0 <= t < vocab_size), None)
     if bad is not None:
         raise AdmissionError(f"inputs: token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
@@ -46,6 +47,10 @@ def check_request(prompt_token_ids: list[int], params: SamplingParams, vocab_siz
     if bad is not None:
         raise AdmissionError(f"logit_bias: token id {bad} is outside the vocabulary (0..{vocab_size - 1})",
                              "logit_bias")
+    if params.grammar is not None:
+        if grammars is None:
+            raise AdmissionError("grammar: this engine was built without a grammar compiler", "grammar")
+        grammars.check(params.grammar)
     scheduler.check_admission(len(prompt_token_ids), params)
 
 
@@ -78,6 +83,7 @@ class LLMEngine:
         self.max_model_len: int = runner.max_model_len
         self.kv_capacity = runner.kv_capacity
         self.eos_token_ids = tuple(tokenizer.eos_token_ids) or tuple(self.model_config.eos_token_ids)
+        self.grammars = GrammarCompiler(tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self.allocator = BlockAllocator(self.kv_capacity.num_blocks, config.block_size,
                                         enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.allocator, max_num_seqs=config.max_num_seqs,
@@ -91,7 +97,7 @@ class LLMEngine:
     def check_admission(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Checks that need no engine state (safe from any thread); raises AdmissionError."""
         try:
-            check_request(prompt_token_ids, params, self.model_config.vocab_size, self.scheduler)
+            check_request(prompt_token_ids, params, self.model_config.vocab_size, self.scheduler, self.grammars)
         except AdmissionError:
             self.counters.admission_rejections_total += 1
             raise
@@ -105,6 +111,8 @@ class LLMEngine:
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, list(prompt_token_ids),
                                                  skip_special_tokens=params.skip_special_tokens)
         seq.stop_checker = StopChecker(params, self.eos_token_ids)
+        if params.grammar is not None:
+            seq.grammar = self.grammars.matcher(params.grammar)
         try:
             self.scheduler.add(seq)
         except (AdmissionError, OverloadedError):
@@ -152,14 +160,14 @@ class LLMEngine:
 
     def _may_overlap(self) -> bool:
         """Whether the next step may be scheduled before the in-flight one is seen by the host: no sequence
-        that may join it samples from output token values (penalties), and it can replay a graph: a
+        that may join it samples from output token values (penalties, a grammar), and it can replay a graph: a
         decode-only one over captured sizes or, with prefill graphs, one with prompt tokens too
         (_overlappable decides once it is scheduled)."""
         sched = self.scheduler
         graphs = getattr(self.runner, "graphs", None)
         joining = islice(sched.waiting, sched.max_num_seqs)  # admissions come from the front of the queue
-        if graphs is None or any(seq.uses_penalties for seq in sched.running) \
-                or any(seq.uses_penalties for seq in joining):
+        if graphs is None or any(seq.reads_own_tokens for seq in sched.running) \
+                or any(seq.reads_own_tokens for seq in joining):
             return False
         if getattr(self.runner, "prefill_graphs", None) is not None:
             return True
@@ -229,9 +237,13 @@ class LLMEngine:
             decision = decision._replace(text_delta=decision.text_delta + self._flush(seq))
         else:
             delta = seq.detokenizer.add(token_id)
+            complete = seq.grammar is not None and seq.grammar.advance(token_id)  # nothing more may follow
             if n >= seq.params.max_new_tokens:
                 delta += self._flush(seq)
             decision = seq.stop_checker.check_text(delta, n)
+            if complete and decision.finish_reason is None:
+                end = seq.stop_checker.finish_now("eos_token")
+                decision = end._replace(text_delta=decision.text_delta + end.text_delta)
         if decision.finish_reason is not None:
             self.scheduler.finish(seq, decision.finish_reason, decision.stop_reason)
             del seq.token_ids[index + 1:]  # a placeholder of a step still in flight

@@ -28,6 +28,7 @@ from typing import Any
 from server.async_engine import MAX_FAILED_STEPS_IN_A_ROW, AsyncEngine, EngineStats, RequestStream, engine_stats
 from server.blocks import BlockAllocator
 from server.engine import check_request
+from server.grammar import GrammarCompiler
 from server.engine_config import EngineConfig
 from server.outputs import AdmissionError, OverloadedError, RequestOutput
 from server.sampling_params import SamplingParams
@@ -85,6 +86,8 @@ class ProcessEngine(AsyncEngine):
             from model.tokenizer import Tokenizer
             tokenizer = Tokenizer.from_pretrained(self.model_dir)
         self.tokenizer = tokenizer
+        self._grammars = GrammarCompiler(tokenizer, self.model_config.vocab_size,  # grammar checks at the door
+                                         tuple(tokenizer.eos_token_ids) or tuple(self.model_config.eos_token_ids))
         # a Scheduler of the child's sizes, only for its stateless admission check
         self._admission = Scheduler(BlockAllocator(self.kv_capacity.num_blocks, self.config.block_size),
                                     max_num_seqs=self.config.max_num_seqs,
@@ -114,7 +117,7 @@ class ProcessEngine(AsyncEngine):
     def _admit(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """The child's admission checks, against its facts; the queue bound counts adds still in the pipe."""
         try:
-            check_request(prompt_token_ids, params, self.model_config.vocab_size, self._admission)
+            check_request(prompt_token_ids, params, self.model_config.vocab_size, self._admission, self._grammars)
             if self._stats.num_waiting + self._pending_adds >= self.config.max_waiting_requests:
                 raise OverloadedError(f"{self.config.max_waiting_requests} requests are already waiting; "
                                       "retry later")

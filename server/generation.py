@@ -100,15 +100,19 @@ def build_params(names: Mapping[str, str], **values) -> SamplingParams:
 
 
 # submission and streams ----------------------------------------------------------------------------------
-def submit(state: ServerState, prompt_ids: list[int], params: SamplingParams,
-           request_id: str) -> AsyncIterator[RequestOutput]:
+def submit(state: ServerState, prompt_ids: list[int], params: SamplingParams, request_id: str,
+           names: Mapping[str, str] | None = None) -> AsyncIterator[RequestOutput]:
+    """names: the engine's field names -> the API's, for admission errors (as build_params takes them)."""
     state.require_ready()
     arrival = time.monotonic()
     try:
         stream = state.engine.add_request(request_id, prompt_ids, params)
     except AdmissionError as exc:
         state.metrics.http_rejections.labels("validation").inc()
-        raise ApiError("validation", str(exc), exc.field) from None
+        field, message = (names or {}).get(exc.field, exc.field), str(exc)
+        if field != exc.field and message.startswith(exc.field):
+            message = field + message[len(exc.field):]
+        raise ApiError("validation", message, field) from None
     except OverloadedError as exc:
         kind = "unavailable" if state.phase is Phase.DRAINING else "overloaded"
         state.metrics.http_rejections.labels(kind).inc()
@@ -118,13 +122,13 @@ def submit(state: ServerState, prompt_ids: list[int], params: SamplingParams,
     return _tracked(state, request_id, stream, arrival)
 
 
-def submit_all(state: ServerState, jobs: list[tuple[str, list[int], SamplingParams]]
-               ) -> list[AsyncIterator[RequestOutput]]:
+def submit_all(state: ServerState, jobs: list[tuple[str, list[int], SamplingParams]],
+               names: Mapping[str, str] | None = None) -> list[AsyncIterator[RequestOutput]]:
     """Submit several requests; if one is refused, abort the ones already admitted and re-raise."""
     streams = []
     try:
         for request_id, prompt_ids, params in jobs:
-            streams.append(submit(state, prompt_ids, params, request_id))
+            streams.append(submit(state, prompt_ids, params, request_id, names))
     except BaseException:
         for request_id, _, _ in jobs[:len(streams)]:
             state.engine.abort(request_id)

@@ -2,6 +2,7 @@
 usage, and the SSE framing of a merged stream of choices (`data: {...}` events then `data: [DONE]`)."""
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
@@ -19,6 +20,7 @@ from server.sse import sse_data
 from server.state import ServerState
 
 FINISH_REASON = {"length": "length", "stop": "stop", "eos_token": "stop"}
+ADMISSION_NAMES = {"grammar": "response_format"}  # the engine's field names -> OpenAI's, for submit_all
 
 
 def finish_reason(reason: str | None) -> str | None:
@@ -45,7 +47,8 @@ def sampling_params(state: ServerState, req: SamplingFields, prompt_len: int, *,
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     # n > 1 with a seed: one reproducible but distinct stream per choice
     seed = None if req.seed is None else (req.seed + choice) % 2**63
-    names = {"max_new_tokens": max_tokens_field, "min_new_tokens": "min_tokens", "logprobs": logprobs_field}
+    names = {"max_new_tokens": max_tokens_field, "min_new_tokens": "min_tokens", "logprobs": logprobs_field,
+             **ADMISSION_NAMES}
     bias = {}
     for key, value in (req.logit_bias or {}).items():
         try:
@@ -62,7 +65,20 @@ def sampling_params(state: ServerState, req: SamplingFields, prompt_len: int, *,
         seed=seed, max_new_tokens=max_new, min_new_tokens=req.min_tokens or 0, stop=stop,
         stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=bool(req.ignore_eos), logprobs=logprobs,
         skip_special_tokens=req.skip_special_tokens is not False, prompt_logprobs=prompt_logprobs,
-        logit_bias=bias)
+        logit_bias=bias, grammar=_grammar(req))
+
+
+def _grammar(req: SamplingFields) -> dict | None:
+    """response_format as SamplingParams.grammar: json_object is any JSON object, json_schema its schema."""
+    fmt = req.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return {"type": "json", "value": '{"type": "object"}'}
+    if fmt.json_schema is None:
+        raise ApiError("validation", "response_format: type json_schema needs a json_schema object",
+                       "response_format")
+    return {"type": "json", "value": json.dumps(fmt.json_schema.schema_ or {"type": "object"})}
 
 
 def token_str(state: ServerState, token_id: int) -> str:

@@ -2,14 +2,15 @@
 
 Rows' parameters are packed into one float and one int host tensor, so a step costs two small uploads
 (plus token lists only when some row uses a penalty, banned ids only while some row is below
-min_new_tokens, and (row, token, bias) triples only when some row has a logit_bias). The host flags tell
-the sampler which stages it may skip.
+min_new_tokens, (row, token, bias) triples only when some row has a logit_bias, and a bitmask of allowed
+tokens only when some row has a grammar). The host flags tell the sampler which stages it may skip.
 """
 from __future__ import annotations
 
 import torch
 
 from model.sampler import SamplingTensors
+from server.grammar import allowed_bitmask
 from server.sequence import Sequence
 
 
@@ -54,6 +55,10 @@ def build_sampling_tensors(seqs: list[Sequence], vocab_size: int, eos_token_ids:
         pairs = [(row, token, bias) for row, p in enumerate(ps) for token, bias in p.logit_bias.items()]
         bias_index = _upload([[r for r, _, _ in pairs], [t for _, t, _ in pairs]], torch.int64, device)  # [2, N]
         bias_values = _upload([b for _, _, b in pairs], torch.float32, device)                           # [N]
+    allowed_bits = None
+    if any(s.grammar is not None for s in seqs):
+        bits = allowed_bitmask([s.grammar for s in seqs])
+        allowed_bits = bits.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else bits
     banned = None
     if any(s.num_output_tokens < s.params.min_new_tokens for s in seqs):
         rows = []
@@ -72,7 +77,7 @@ def build_sampling_tensors(seqs: list[Sequence], vocab_size: int, eos_token_ids:
         presence_penalty=floats[4] if any_pf else None,
         frequency_penalty=floats[5] if any_pf else None,
         prompt_tokens=prompt_tokens, output_tokens=output_tokens, banned_tokens=banned,
-        bias_index=bias_index, bias_values=bias_values,
+        bias_index=bias_index, bias_values=bias_values, allowed_bits=allowed_bits,
         all_greedy=all(greedy), any_greedy=any(greedy),
         any_top_k=any(p.top_k > 0 and not g for p, g in zip(ps, greedy)),
         any_top_p=any(p.top_p < 1.0 and not g for p, g in zip(ps, greedy)),

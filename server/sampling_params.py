@@ -5,12 +5,24 @@ own fields onto this one model.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS = 1024  # biased token ids per request
+MAX_GRAMMAR_CHARS = 65536
+
+
+class Grammar(BaseModel):
+    """What the output must match (server/grammar.py): a JSON schema (as a JSON string), a regex, or a
+    Lark grammar (llguidance's dialect)."""
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    type: Literal["json", "regex", "lark"]
+    value: str = Field(..., min_length=1, max_length=MAX_GRAMMAR_CHARS)
 
 
 class SamplingParams(BaseModel):
@@ -34,6 +46,8 @@ class SamplingParams(BaseModel):
     logit_bias: dict[int, float] = Field(default_factory=dict, max_length=MAX_LOGIT_BIAS,
                                          description="token id -> a value in [-100, 100] added to its logit "
                                          "before sampling (OpenAI's logit_bias)")
+    grammar: Grammar | None = Field(None, description="constrain the output to a JSON schema, regex or Lark "
+                                    "grammar (TGI's grammar, OpenAI's response_format)")
     skip_special_tokens: bool = True
     prompt_logprobs: bool = Field(False, description="the logprob of every prompt token after the first "
                                   "(TGI's decoder_input_details); sent with the first output")

@@ -3,7 +3,7 @@
 OpenAI's field names and ranges, plus the extensions benchmark tools send (ignore_eos, top_k, min_p,
 repetition_penalty, min_tokens, stop_token_ids, skip_special_tokens). Unknown fields are refused with a
 message naming them; OpenAI fields this server does not implement are accepted only at their neutral
-value (suffix null, tools empty, response_format text).
+value (suffix null, tools empty).
 """
 from __future__ import annotations
 
@@ -23,6 +23,18 @@ class StreamOptions(RequestModel):
     continuous_usage_stats: bool | None = False
 
 
+class JsonSchemaFormat(RequestModel):
+    name: Text = Field(..., max_length=64)
+    description: Text | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="the JSON schema; none: any object")
+    strict: bool | None = Field(None, description="accepted; the output always matches the schema")
+
+
+class ResponseFormat(RequestModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = Field(None, description="with type json_schema")
+
+
 class SamplingFields(RequestModel):
     """Fields both endpoints share."""
     model: Text | None = Field(None, description="must name the served model when given")
@@ -39,6 +51,8 @@ class SamplingFields(RequestModel):
     logit_bias: dict[str, float] | None = Field(None, description="token id (a string) -> a value in [-100, "
                                                 "100] added to its logit before sampling")
     user: Text | None = None
+    response_format: ResponseFormat | None = Field(None, description="json_object: the output is a JSON "
+                                                   "object; json_schema: it matches json_schema.schema")
     # extensions (vLLM's names)
     ignore_eos: bool | None = False
     top_k: int | None = Field(None, ge=-1, description="0 or -1: off")
@@ -79,17 +93,11 @@ class ChatMessage(RequestModel):
         return "".join(part.text for part in self.content)
 
 
-class ResponseFormat(RequestModel):
-    model_config = ConfigDict(extra="allow")
-    type: Literal["text", "json_object", "json_schema"]
-
-
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=4096)
     max_completion_tokens: int | None = Field(None, ge=1, description="newer name of max_tokens")
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    response_format: ResponseFormat | None = Field(None, description="only type 'text' is supported")
     tools: list[dict[str, Any]] | None = Field(None, description="not supported: must be empty")
     tool_choice: Text | dict[str, Any] | None = Field(None, description="only 'none' or 'auto' without tools")
     parallel_tool_calls: bool | None = None

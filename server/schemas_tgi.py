@@ -1,7 +1,7 @@
 """Request and response bodies of the TGI-compatible routes (Hugging Face text-generation-inference).
 
 Field names and shapes follow TGI so its clients (huggingface_hub.InferenceClient.text_generation) work
-unchanged; fields TGI has and this server does not implement (grammar, watermark, adapters, best_of > 1,
+unchanged; fields TGI has and this server does not implement (watermark, adapters, best_of > 1,
 typical_p < 1) are accepted only at their neutral value and refused otherwise, naming the field.
 """
 from __future__ import annotations
@@ -16,6 +16,12 @@ from server.schema_common import RequestModel, ResponseModel, Text
 MAX_BATCH_INPUTS = 128  # static bound for the schema; the configured max_choices is checked at run time
 
 
+class GrammarSpec(RequestModel):
+    type: Literal["json", "regex"] = Field(..., description="json: value is a JSON schema; regex: a regex")
+    value: dict[str, Any] | str = Field(..., description="the JSON schema (an object or its JSON text), or the "
+                                                         "regex the whole output must match")
+
+
 class GenerateParameters(RequestModel):
     adapter_id: Text | None = Field(None, description="LoRA adapters are not supported: must be null")
     best_of: int | None = Field(None, ge=1, description="only 1 is supported")
@@ -24,7 +30,7 @@ class GenerateParameters(RequestModel):
     do_sample: bool | None = Field(False, description="sample; otherwise greedy unless temperature, top_k or "
                                                       "top_p ask for sampling (as TGI does)")
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    grammar: dict[str, Any] | None = Field(None, description="not supported: must be null")
+    grammar: GrammarSpec | None = Field(None, description="constrain the output to a JSON schema or a regex")
     max_new_tokens: int | None = Field(None, ge=1, description="default: 100, capped by the context left")
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     return_full_text: bool | None = Field(False, description="prepend the prompt to generated_text")

@@ -24,7 +24,7 @@ class Sequence:
     __slots__ = ("request_id", "token_ids", "num_prompt_tokens", "params", "status", "block_table",
                  "num_computed_tokens", "arrival_time", "first_scheduled_time", "first_token_time",
                  "finish_reason", "stop_reason", "detokenizer", "stop_checker", "cumulative_logprob",
-                 "num_preemptions", "sampled_row", "uses_penalties", "argmax_from", "prompt_logprobs",
+                 "num_preemptions", "sampled_row", "grammar", "reads_own_tokens", "argmax_from", "prompt_logprobs",
                  "_table_source", "_table_array", "_table_len", "_table_view")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -50,12 +50,14 @@ class Sequence:
         self.cumulative_logprob = 0.0
         self.num_preemptions = 0
         self.sampled_row = -1  # its row among the last graphed step's sampled ids (ModelRunner.launch)
-        # sampling reads the values of its output tokens (so its next step waits for the host to have them)
-        self.uses_penalties = params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 \
-            or params.frequency_penalty != 0.0
-        # the output count from which a plain argmax samples it (greedy, no penalties, bias or logprobs: then
-        # min_new_tokens, below which eos/stop ids are banned); never for anything else
-        plain = params.temperature == 0.0 and params.logprobs is None and not self.uses_penalties \
+        self.grammar: Any = None  # its llguidance matcher when the request has a grammar (server/grammar.py)
+        # sampling reads the values of its output tokens: penalties count them, a grammar's matcher has
+        # consumed them (so its next step waits for the host to have them)
+        self.reads_own_tokens = params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 \
+            or params.frequency_penalty != 0.0 or params.grammar is not None
+        # the output count from which a plain argmax samples it (greedy, no penalties, bias, grammar or
+        # logprobs: then min_new_tokens, below which eos/stop ids are banned); never for anything else
+        plain = params.temperature == 0.0 and params.logprobs is None and not self.reads_own_tokens \
             and not params.logit_bias
         self.argmax_from = params.min_new_tokens if plain else 1 << 62
         # logprob of each prompt token so far (the first has none), when the request asks; filled by the

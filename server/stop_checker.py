@@ -70,6 +70,10 @@ class StopChecker:
         self.released = max(self.released, safe)
         return StopDecision(delta_out)
 
+    def finish_now(self, reason: str) -> StopDecision:
+        """End here for a reason of the caller's (a completed grammar): release whatever text is held."""
+        return self._finish(reason, None)
+
     def _finish(self, reason: str, stop_reason: str | int | None) -> StopDecision:
         if not self.stop:  # check_text's fast path keeps no text: everything was released already
             return StopDecision("", reason, stop_reason)

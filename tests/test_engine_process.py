@@ -99,6 +99,13 @@ def test_server_with_engine_process_answers_like_the_offline_engine(tiny_llama_d
         metrics = httpx.get(srv.url + "/metrics").text
         assert "gqaserve_generation_tokens_total 12.0" in metrics
         assert 'gqaserve_engine_steps_total{path="eager"} 12.0' in metrics  # CPU: no graphs; 1 prefill + 11
+        # a grammar is checked by the parent and matched in the child (its params cross the pipe)
+        grammar = {"type": "regex", "value": "(yes|no)!"}
+        r = httpx.post(srv.url + "/generate", json={"inputs": prompt, "parameters": {"grammar": grammar}})
+        assert r.status_code == 200 and r.json()["generated_text"] in ("yes!", "no!")
+        grammar["value"] = "(yes"
+        r = httpx.post(srv.url + "/generate", json={"inputs": prompt, "parameters": {"grammar": grammar}})
+        assert r.status_code == 422 and r.json()["error"].startswith("parameters.grammar: not a valid regex")
         child = engine._process
     assert not child.is_alive()
 

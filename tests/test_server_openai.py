@@ -106,7 +106,7 @@ def test_completion_errors_in_openai_shape(server, body, status, param):
     ({"chat_template": "{{ messages }}"}, "chat_template"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"top_logprobs": 2}, "top_logprobs"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),  # json_schema missing
     ({"messages": []}, "messages"),
 ])
 def test_chat_refusals(server, extra, param):

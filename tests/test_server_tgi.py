@@ -108,7 +108,7 @@ def test_error_after_stream_began_is_last_event(client):
     ({"typical_p": 0.5}, "parameters.typical_p"),
     ({"watermark": True}, "parameters.watermark"),
     ({"best_of": 2}, "parameters.best_of"),
-    ({"grammar": {"type": "json", "value": {}}}, "parameters.grammar"),
+    ({"grammar": {"type": "regex", "value": {}}}, "parameters.grammar"),  # a regex is a string
     ({"adapter_id": "x"}, "parameters.adapter_id"),
 ])
 def test_unsupported_tgi_fields_refused(client, params, field):

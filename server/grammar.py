@@ -1,0 +1,120 @@
+"""Grammar-constrained generation (TGI's `grammar`, OpenAI's `response_format`) through llguidance.
+
+A request's Grammar (a JSON schema, a regex or a Lark grammar) becomes one llguidance matcher per
+sequence. Before each sampling step the matcher gives the tokens allowed next as a bitmask row, which the
+sampler applies as -inf on the others (model/sampler.py); after it, the sampled token advances the matcher.
+A sequence ends ("eos_token") as soon as its grammar can take nothing more. Because the mask depends on
+the previous token, a constrained sequence never has a step launched ahead of the host (engine.py).
+
+The tokenizer view llguidance needs is built once, on the first constrained request (0.4 s for SmolLM2's
+49k vocabulary, 2-core EPYC); then a JSON schema compiles in about 1 ms, and a row's mask takes 0.04 ms
+(median over a 31-token object; 3 ms the first time) on the engine thread.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from typing import Any
+
+import torch
+
+from server.outputs import AdmissionError
+from server.sampling_params import Grammar
+
+logger = logging.getLogger(__name__)
+
+# JSON as json.dumps writes it: a model cannot wander into unbounded whitespace, and the text parses as is
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def grammar_source(grammar: Grammar) -> str:
+    """The llguidance grammar for a request's Grammar; ValueError says what is wrong with it."""
+    import llguidance
+    if grammar.type == "json":
+        try:
+            schema = json.loads(grammar.value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"the JSON schema does not parse: {exc}") from None
+        if not isinstance(schema, dict):
+            raise ValueError("the JSON schema must be an object")
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_LAYOUT)
+    if grammar.type == "regex":
+        return llguidance.LLMatcher.grammar_from_regex(grammar.value)
+    return llguidance.LLMatcher.grammar_from_lark(grammar.value)
+
+
+class GrammarCompiler:
+    """Checks and compiles grammars against one tokenizer; safe to share between threads."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: tuple[int, ...]):
+        self._tokenizer = tokenizer          # model.tokenizer.Tokenizer (its backend is a tokenizers.Tokenizer)
+        # mask rows cover every logit, and every token id the tokenizer knows (llguidance sizes rows by it)
+        self.mask_vocab_size = max(vocab_size, getattr(tokenizer, "vocab_size", 0))
+        self._eos = list(eos_token_ids)
+        self._lock = threading.Lock()
+        self._ll_tokenizer: Any = None
+
+    def ll_tokenizer(self) -> Any:
+        with self._lock:
+            if self._ll_tokenizer is None:
+                import llguidance
+                source = self._tokenizer.backend_json()
+                self._ll_tokenizer = llguidance.LLTokenizer(source, n_vocab=self.mask_vocab_size,
+                                                            eos_token=self._eos)
+            return self._ll_tokenizer
+
+    def check(self, grammar: Grammar, field: str = "grammar") -> str:
+        """The compiled grammar's source; AdmissionError naming `field` if it is not a valid grammar."""
+        import llguidance
+        try:
+            source = grammar_source(grammar)
+        except ValueError as exc:
+            raise AdmissionError(f"{field}: {exc}", field) from None
+        error = llguidance.LLMatcher.validate_grammar(source, self.ll_tokenizer())
+        if error and not error.startswith("WARNING"):
+            raise AdmissionError(f"{field}: not a valid {grammar.type} grammar: {error.strip()}", field)
+        return source
+
+    def matcher(self, grammar: Grammar) -> "SequenceGrammar":
+        """A fresh matcher for one sequence (AdmissionError if the grammar is invalid)."""
+        import llguidance
+        try:
+            source = grammar_source(grammar)
+        except ValueError as exc:
+            raise AdmissionError(f"grammar: {exc}", "grammar") from None
+        matcher = llguidance.LLMatcher(self.ll_tokenizer(), source, log_level=0)
+        if matcher.is_error():
+            raise AdmissionError(f"grammar: not a valid {grammar.type} grammar: {matcher.get_error()}", "grammar")
+        return SequenceGrammar(matcher, self.mask_vocab_size)
+
+
+class SequenceGrammar:
+    """One sequence's matcher: the tokens allowed next, and the tokens it has taken."""
+    __slots__ = ("matcher", "mask_vocab_size")
+
+    def __init__(self, matcher: Any, mask_vocab_size: int):
+        self.matcher = matcher
+        self.mask_vocab_size = mask_vocab_size
+
+    def advance(self, token_id: int) -> bool:
+        """Feed a sampled token; True when the grammar is complete and can take nothing more (the sequence
+        ends). A token the mask did not allow cannot come; if one does, say so and end the sequence."""
+        if not self.matcher.consume_token(token_id):
+            logger.warning("grammar rejected token %d (%s); ending the sequence", token_id,
+                           self.matcher.get_error())
+            return True
+        return self.matcher.is_stopped()
+
+
+def allowed_bitmask(grammars: list[SequenceGrammar | None]) -> torch.Tensor:
+    """[B, ceil(V/32)] int32 on the host (V: the grammars' mask_vocab_size): bit j of word w set = token
+    32w + j allowed. Rows without a grammar allow everything (-1: all bits set)."""
+    vocab = next(g.mask_vocab_size for g in grammars if g is not None)
+    mask = torch.full((len(grammars), (vocab + 31) // 32), -1, dtype=torch.int32)
+    row_bytes = mask.shape[1] * 4
+    for row, grammar in enumerate(grammars):
+        if grammar is not None:  # written in place (llguidance.torch does the same, but importing it
+            # imports torch.compile's machinery: 2.9 s on the first constrained step)
+            grammar.matcher.unsafe_compute_mask_ptr(mask[row].data_ptr(), row_bytes)
+    return mask
