@@ -114,11 +114,12 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return self._chat_template is not None
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
+        """extra: more template variables (`tools`, as transformers passes them)."""
         if self._chat_template is None:
             raise ChatTemplateError("this model has no chat template (neither chat_template.jinja nor "
                                     "chat_template in tokenizer_config.json); send a plain prompt instead")
-        return self._chat_template.render(messages, add_generation_prompt=add_generation_prompt)
+        return self._chat_template.render(messages, add_generation_prompt=add_generation_prompt, **extra)
 
 
 def sentencepiece_backend(model_file: Path, *, legacy: bool = False, add_prefix_space: bool | None = None):

@@ -19,9 +19,10 @@ from server.schemas_openai import ChatCompletionRequest, CompletionRequest
 from server.schemas_openai_out import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse,
                                        ChatDelta, ChatLogprobs, ChatMessageOut, ChatTokenLogprob,
                                        CompletionChoice, CompletionResponse, ModelCard, ModelList, OpenAIError,
-                                       TopLogprob)
+                                       ToolCallDelta, TopLogprob)
 from server.sse import EventStreamResponse
 from server.state import ServerState
+from server.tool_calls import tool_calls, tool_grammar
 
 _ERRORS = {400: {"model": OpenAIError}, 404: {"model": OpenAIError}, 429: {"model": OpenAIError},
            503: {"model": OpenAIError}}
@@ -122,8 +123,6 @@ def _chat_prompt(state: ServerState, req: ChatCompletionRequest) -> tuple[str, l
     refusals = (("chat_template", req.chat_template is not None, "custom chat templates are not accepted; "
                                                                  "the model's own template is used"),
                 ("chat_template_kwargs", bool(req.chat_template_kwargs), "not supported"),
-                ("tools", bool(req.tools), "tool calling is not supported"),
-                ("tool_choice", req.tool_choice not in (None, "none", "auto"), "tool calling is not supported"),
                 ("top_logprobs", req.top_logprobs is not None and not req.logprobs, "requires logprobs=true"))
     for name, bad, why in refusals:
         if bad:
@@ -131,14 +130,17 @@ def _chat_prompt(state: ServerState, req: ChatCompletionRequest) -> tuple[str, l
     tok = state.engine.tokenizer
     if not tok.has_chat_template:
         raise ApiError("validation", "messages: this model has no chat template; use /v1/completions", "messages")
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(),
+                 **{k: v for k, v in (("tool_calls", m.tool_calls), ("tool_call_id", m.tool_call_id)) if v}}
                 for m in req.messages]
+    extra = {"tools": [t.model_dump(exclude_none=True) for t in req.tools]} if req.tools else {}
     limit = state.prompt_char_limit
     if sum(len(m["content"]) for m in messages) > limit:
         raise ApiError("validation", f"messages: over the limit of {limit:,} characters (max_prompt_chars)",
                        "messages")
     try:
-        text = tok.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt is not False)
+        text = tok.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt is not False,
+                                       **extra)
     except Exception as exc:  # noqa: BLE001 - a template's raise_exception() is the caller's fault
         raise ApiError("validation", f"messages: the chat template refused them ({exc})", "messages") from None
     return text, encode_prompt(state, text, "messages", add_special_tokens=False)
@@ -167,9 +169,11 @@ async def chat_completions(state: ServerState, request: Request, req: ChatComple
     else:
         max_tokens, field = req.max_tokens, "max_tokens"
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    calls = tool_grammar(req)  # the reply is tool calls, written under this grammar
     jobs = [(new_request_id("chatcmpl"), ids,
              sampling_params(state, req, len(ids), max_tokens=max_tokens, max_tokens_field=field,
-                             logprobs=logprobs, logprobs_field="top_logprobs", choice=i)) for i in range(n)]
+                             logprobs=logprobs, logprobs_field="top_logprobs", choice=i, grammar=calls))
+            for i in range(n)]
     rid, created, model = new_request_id("chatcmpl"), now_s(), state.model_name
     streams = submit_all(state, jobs, ADMISSION_NAMES)
 
@@ -180,12 +184,25 @@ async def chat_completions(state: ServerState, request: Request, req: ChatComple
             choice = ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))
             return ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
 
+        held = [""] * n  # a tool-call reply's text, sent as calls once complete
+
         def chunk(index: int, out: RequestOutput) -> ChatCompletionChunk | None:
             if not out.new_text and not out.finished and not (logprobs is not None and out.new_logprobs):
                 return None
             lp = _chat_logprobs(state, out.new_token_ids, out.new_logprobs or []) if logprobs is not None else None
-            choice = ChatChunkChoice(index=index, delta=ChatDelta(content=out.new_text or None), logprobs=lp,
-                                     finish_reason=finish_reason(out.finish_reason) if out.finished else None)
+            delta, reason = ChatDelta(content=out.new_text or None), finish_reason(out.finish_reason)
+            if calls is not None:
+                held[index] += out.new_text
+                if not out.finished and lp is None:
+                    return None
+                delta = ChatDelta()
+                if out.finished and out.finish_reason == "eos_token":
+                    delta, reason = ChatDelta(tool_calls=[ToolCallDelta(index=i, **c.model_dump()) for i, c in
+                                                          enumerate(tool_calls(req, held[index]))]), "tool_calls"
+                elif out.finished:  # cut short: the text as it is
+                    delta = ChatDelta(content=held[index])
+            choice = ChatChunkChoice(index=index, delta=delta, logprobs=lp,
+                                     finish_reason=reason if out.finished else None)
             return ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
 
         def usage_chunk(u) -> ChatCompletionChunk:
@@ -199,10 +216,13 @@ async def chat_completions(state: ServerState, request: Request, req: ChatComple
         results: list[Collected] = await unless_disconnected(request, collect_all(streams))
     except ClientDisconnected:
         return Response(status_code=499)
-    choices = [ChatChoice(index=i, message=ChatMessageOut(content=got.text),
-                          logprobs=_chat_logprobs(state, got.token_ids, got.logprobs) if logprobs is not None
-                          else None, finish_reason=finish_reason(got.finish_reason))
-               for i, got in enumerate(results)]
+    choices = []
+    for i, got in enumerate(results):
+        message, reason = ChatMessageOut(content=got.text), finish_reason(got.finish_reason)
+        if calls is not None and got.finish_reason == "eos_token":  # complete: the calls, no content
+            message, reason = ChatMessageOut(tool_calls=tool_calls(req, got.text)), "tool_calls"
+        choices.append(ChatChoice(index=i, message=message, finish_reason=reason, logprobs=_chat_logprobs(
+            state, got.token_ids, got.logprobs) if logprobs is not None else None))
     body = ChatCompletionResponse(id=rid, created=created, model=model, choices=choices,
                                   usage=usage(len(ids), sum(len(g.token_ids) for g in results)))
     return JSONResponse(body.model_dump())

@@ -42,7 +42,8 @@ def check_common(state: ServerState, req: SamplingFields, num_choices: int) -> N
 
 def sampling_params(state: ServerState, req: SamplingFields, prompt_len: int, *, max_tokens: int | None,
                     max_tokens_field: str, logprobs: int | None, logprobs_field: str,
-                    choice: int, prompt_logprobs: bool = False) -> SamplingParams:
+                    choice: int, prompt_logprobs: bool = False, grammar: dict | None = None) -> SamplingParams:
+    """grammar: one of the route's own (tool calls) in place of response_format's."""
     max_new = resolve_max_new_tokens(state, prompt_len, max_tokens, max_tokens_field, None)
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     # n > 1 with a seed: one reproducible but distinct stream per choice
@@ -65,7 +66,7 @@ def sampling_params(state: ServerState, req: SamplingFields, prompt_len: int, *,
         seed=seed, max_new_tokens=max_new, min_new_tokens=req.min_tokens or 0, stop=stop,
         stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=bool(req.ignore_eos), logprobs=logprobs,
         skip_special_tokens=req.skip_special_tokens is not False, prompt_logprobs=prompt_logprobs,
-        logit_bias=bias, grammar=_grammar(req))
+        logit_bias=bias, grammar=grammar or _grammar(req))
 
 
 def _grammar(req: SamplingFields) -> dict | None:

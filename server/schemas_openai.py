@@ -3,7 +3,7 @@
 OpenAI's field names and ranges, plus the extensions benchmark tools send (ignore_eos, top_k, min_p,
 repetition_penalty, min_tokens, stop_token_ids, skip_special_tokens). Unknown fields are refused with a
 message naming them; OpenAI fields this server does not implement are accepted only at their neutral
-value (suffix null, tools empty).
+value (suffix null; tool_choice not 'auto').
 """
 from __future__ import annotations
 
@@ -79,11 +79,13 @@ class TextPart(RequestModel):
 
 
 class ChatMessage(RequestModel):
-    model_config = ConfigDict(extra="ignore")  # tool-call bookkeeping fields are tolerated and unused
+    model_config = ConfigDict(extra="ignore")  # other bookkeeping fields (refusal, audio, ...) are tolerated
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
     name: Text | None = None
+    tool_calls: list[dict[str, Any]] | None = Field(None, description="an assistant turn's calls: to the template")
+    tool_call_id: Text | None = Field(None, description="a tool turn's call id: to the template")
 
     def text(self) -> str:
         if self.content is None:
@@ -93,13 +95,36 @@ class ChatMessage(RequestModel):
         return "".join(part.text for part in self.content)
 
 
+class FunctionDef(RequestModel):
+    name: Text = Field(..., pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: Text | None = None
+    parameters: dict[str, Any] | None = Field(None, description="a JSON schema; none: any object")
+    strict: bool | None = Field(None, description="accepted; calls always match the schema")
+
+
+class ToolDef(RequestModel):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(RequestModel):
+    name: Text
+
+
+class NamedToolChoice(RequestModel):
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=4096)
     max_completion_tokens: int | None = Field(None, ge=1, description="newer name of max_tokens")
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: list[dict[str, Any]] | None = Field(None, description="not supported: must be empty")
-    tool_choice: Text | dict[str, Any] | None = Field(None, description="only 'none' or 'auto' without tools")
+    tools: list[ToolDef] | None = Field(None, max_length=128, description="functions the model may call")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="'required' or a named function: the reply is calls (server/tool_calls.py); 'none': "
+                          "tools go to the template only; 'auto' is refused")
     parallel_tool_calls: bool | None = None
     store: bool | None = None
     metadata: dict[str, Text] | None = None

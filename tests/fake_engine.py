@@ -49,7 +49,7 @@ class FakeTokenizer:
     def id_to_piece(self, token_id: int) -> str:
         return SPECIALS[token_id] if token_id < 3 else bytes([token_id - 3]).decode("latin-1")
 
-    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, **extra) -> str:
         text = "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages)
         return text + ("<|assistant|>" if add_generation_prompt else "")
 

@@ -104,7 +104,7 @@ def test_completion_errors_in_openai_shape(server, body, status, param):
 
 @pytest.mark.parametrize("extra, param", [
     ({"chat_template": "{{ messages }}"}, "chat_template"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto"}, "tool_choice"),
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"response_format": {"type": "json_schema"}}, "response_format"),  # json_schema missing
     ({"messages": []}, "messages"),
