@@ -178,6 +178,18 @@ def test_a_bad_grammar_is_refused_at_admission(llm, grammar, words):
     assert isinstance(llm.engine.grammars, GrammarCompiler)
 
 
+def test_the_server_engine_indexes_the_vocabulary_before_the_first_request(tiny_llama_dir):
+    from server.async_engine import AsyncEngine
+    from server.engine_config import EngineConfig
+    engine = AsyncEngine(EngineConfig(model=str(tiny_llama_dir), device="cpu", dtype="float32",
+                                      kv_cache_memory="2MiB"))
+    engine.start()
+    try:
+        assert engine.engine.grammars.vocabulary_indexed
+    finally:
+        engine.shutdown()
+
+
 @pytest.fixture(scope="module")
 def live(tiny_llama_dir):
     from server.app import create_app
