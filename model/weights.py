@@ -1,8 +1,9 @@
 """Safetensors checkpoint (single or sharded) -> the parameters of a meta-device CausalLM.
 
 Tensors are read through safetensors' memory map one at a time and copied straight to the target
-device and dtype, so a checkpoint is never held twice and the weights never follow the file afterwards. q/k/v and gate/up load into row slices of the
-fused projections. Anything missing, unexpected or misshapen is an error that names the tensor.
+device and dtype, so a checkpoint is never held twice and the weights never follow the file afterwards.
+q/k/v and gate/up load into row slices of the fused projections. Anything missing, unexpected or
+misshapen is an error that names the tensor.
 """
 from __future__ import annotations
 

@@ -106,7 +106,7 @@ class AsyncEngine:
             self.engine = LLMEngine(self.config, runner=runner, tokenizer=tokenizer)
             # index the vocabulary for grammars now: it holds the GIL (0.4 s for SmolLM2's 49k tokens), and at
             # the first constrained request it would stall every stream
-            self.engine.grammars.ll_tokenizer()
+            self.engine.grammars.warm()
             self.tokenizer = self.engine.tokenizer
             self.model_config = self.engine.model_config
             self.kv_capacity = self.engine.kv_capacity

@@ -88,7 +88,7 @@ class ProcessEngine(AsyncEngine):
         self.tokenizer = tokenizer
         self._grammars = GrammarCompiler(tokenizer, self.model_config.vocab_size,  # grammar checks at the door
                                          tuple(tokenizer.eos_token_ids) or tuple(self.model_config.eos_token_ids))
-        self._grammars.ll_tokenizer()
+        self._grammars.warm()
         # a Scheduler of the child's sizes, only for its stateless admission check
         self._admission = Scheduler(BlockAllocator(self.kv_capacity.num_blocks, self.config.block_size),
                                     max_num_seqs=self.config.max_num_seqs,
@@ -185,7 +185,7 @@ def run_engine_process(config: EngineConfig, commands, results, log_level: str =
     from server.engine import LLMEngine
     try:
         engine = LLMEngine(config)
-        engine.grammars.ll_tokenizer()  # now, not at the first constrained request (see AsyncEngine.start)
+        engine.grammars.warm()  # now, not at the first constrained request (see AsyncEngine.start)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent as one line
         results.send(("failed", f"{type(exc).__name__}: {exc}".splitlines()[0]))
         return

@@ -7,11 +7,13 @@ A sequence ends ("eos_token") as soon as its grammar can take nothing more. Beca
 the previous token, a constrained sequence never has a step launched ahead of the host (engine.py).
 
 The tokenizer view llguidance needs is built once, when the server's engine starts (0.4 s for SmolLM2's
-49k vocabulary, 2-core EPYC; it holds the GIL, so built later it would stall every stream); then a JSON schema compiles in about 1 ms, and a row's mask takes 0.04 ms
-(median over a 31-token object; 3 ms the first time) on the engine thread.
+49k vocabulary, 2-core EPYC; it holds the GIL, so built later it would stall every stream). Then a JSON
+schema compiles in about 1 ms (once per distinct grammar), and a row's mask takes 0.04 ms on the engine
+thread (median over a 31-token object; 3 ms the first time).
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -54,40 +56,55 @@ class GrammarCompiler:
         self._eos = list(eos_token_ids)
         self._lock = threading.Lock()
         self._ll_tokenizer: Any = None
+        self._unusable: str | None = None  # why llguidance could not read the tokenizer
+        self._checked = functools.lru_cache(maxsize=256)(self._check)
 
     @property
     def vocabulary_indexed(self) -> bool:
         return self._ll_tokenizer is not None
 
+    def warm(self) -> None:
+        """Index the vocabulary now (see the module's docstring). A tokenizer llguidance cannot read (no
+        eos token, a stand-in) does not stop the server: grammars are then refused, saying why."""
+        try:
+            self.ll_tokenizer()
+        except AdmissionError as exc:
+            logger.warning("requests with a grammar will be refused: %s", exc)
+
     def ll_tokenizer(self) -> Any:
         with self._lock:
-            if self._ll_tokenizer is None:
+            if self._ll_tokenizer is None and self._unusable is None:
                 import llguidance
-                source = self._tokenizer.backend_json()
-                self._ll_tokenizer = llguidance.LLTokenizer(source, n_vocab=self.mask_vocab_size,
-                                                            eos_token=self._eos)
+                try:
+                    self._ll_tokenizer = llguidance.LLTokenizer(self._tokenizer.backend_json(),
+                                                                n_vocab=self.mask_vocab_size, eos_token=self._eos)
+                except Exception as exc:  # noqa: BLE001 - any reason is the tokenizer's, reported per request
+                    self._unusable = f"{type(exc).__name__}: {exc}"
+            if self._unusable is not None:
+                raise AdmissionError(f"grammar: this model's tokenizer cannot be used for grammars "
+                                     f"({self._unusable})", "grammar")
             return self._ll_tokenizer
 
-    def check(self, grammar: Grammar, field: str = "grammar") -> str:
-        """The compiled grammar's source; AdmissionError naming `field` if it is not a valid grammar."""
-        import llguidance
-        try:
-            source = grammar_source(grammar)
-        except ValueError as exc:
-            raise AdmissionError(f"{field}: {exc}", field) from None
-        error = llguidance.LLMatcher.validate_grammar(source, self.ll_tokenizer())
-        if error and not error.startswith("WARNING"):
-            raise AdmissionError(f"{field}: not a valid {grammar.type} grammar: {error.strip()}", field)
-        return source
+    def check(self, grammar: Grammar) -> str:
+        """The grammar's llguidance source, validated once per distinct grammar (clients send one schema
+        again and again); AdmissionError naming the field if it is not a valid grammar."""
+        return self._checked(grammar)
 
-    def matcher(self, grammar: Grammar) -> "SequenceGrammar":
-        """A fresh matcher for one sequence (AdmissionError if the grammar is invalid)."""
+    def _check(self, grammar: Grammar) -> str:
         import llguidance
         try:
             source = grammar_source(grammar)
         except ValueError as exc:
             raise AdmissionError(f"grammar: {exc}", "grammar") from None
-        matcher = llguidance.LLMatcher(self.ll_tokenizer(), source, log_level=0)
+        error = llguidance.LLMatcher.validate_grammar(source, self.ll_tokenizer())
+        if error and not error.startswith("WARNING"):
+            raise AdmissionError(f"grammar: not a valid {grammar.type} grammar: {error.strip()}", "grammar")
+        return source
+
+    def matcher(self, grammar: Grammar) -> "SequenceGrammar":
+        """A fresh matcher for one sequence (AdmissionError if the grammar is invalid)."""
+        import llguidance
+        matcher = llguidance.LLMatcher(self.ll_tokenizer(), self.check(grammar), log_level=0)
         if matcher.is_error():
             raise AdmissionError(f"grammar: not a valid {grammar.type} grammar: {matcher.get_error()}", "grammar")
         return SequenceGrammar(matcher, self.mask_vocab_size)

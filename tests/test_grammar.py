@@ -90,6 +90,15 @@ def test_a_sentencepiece_tokenizer_is_read_with_its_spaces_and_byte_fallback(tmp
     assert grammar.matcher.try_consume_tokens(ids) == len(ids) and grammar.matcher.is_stopped()
 
 
+def test_a_token_the_grammar_rejects_ends_the_sequence_and_says_so(llm, caplog):
+    tok = llm.engine.tokenizer
+    g = llm.engine.grammars.matcher(Grammar(type="regex", value=REGEX))
+    assert not g.advance(tok.encode("yes", add_special_tokens=False)[0])  # "y" or "yes": more must follow
+    with caplog.at_level("WARNING", logger="server.grammar"):
+        assert g.advance(tok.encode("7", add_special_tokens=False)[0])  # never allowed here: the end
+    assert "grammar rejected token" in caplog.text
+
+
 @pytest.mark.parametrize("grammar", [json_grammar(), Grammar(type="regex", value=REGEX)], ids=["json", "regex"])
 def test_greedy_under_a_grammar_matches_transformers_under_the_same_mask(tiny_llama_dir, llm, grammar):
     """transformers generates greedily with a logits processor that feeds a fresh llguidance matcher the
@@ -173,33 +182,35 @@ def test_a_bad_grammar_is_refused_at_admission(llm, grammar, words):
     with pytest.raises(AdmissionError, match=re.escape(words)) as err:
         llm.engine.add_request("bad", [1, 5, 6], params)
     assert err.value.field == "grammar" and not llm.engine.has_unfinished()
+    assert llm.engine.grammars.check(json_grammar()) is llm.engine.grammars.check(json_grammar())  # validated once
     with pytest.raises(AdmissionError, match="without a grammar compiler"):  # e.g. a stand-in engine's check
         check_request([1, 5], params, 384, llm.engine.scheduler, None)
     assert isinstance(llm.engine.grammars, GrammarCompiler)
 
 
-def test_the_server_engine_indexes_the_vocabulary_before_the_first_request(tiny_llama_dir):
-    from server.async_engine import AsyncEngine
-    from server.engine_config import EngineConfig
-    engine = AsyncEngine(EngineConfig(model=str(tiny_llama_dir), device="cpu", dtype="float32",
-                                      kv_cache_memory="2MiB"))
-    engine.start()
-    try:
-        assert engine.engine.grammars.vocabulary_indexed
-    finally:
-        engine.shutdown()
+def test_the_server_engine_indexes_the_vocabulary_before_the_first_request(live):
+    assert live.engine.engine.grammars.vocabulary_indexed
+
+
+def test_a_tokenizer_llguidance_cannot_read_refuses_grammars_and_nothing_else(llm, caplog):
+    class NoJson:
+        vocab_size = 10
+
+        def backend_json(self):
+            raise ValueError("no tokenizer.json here")
+    compiler = GrammarCompiler(NoJson(), 10, ())
+    with caplog.at_level("WARNING", logger="server.grammar"):
+        compiler.warm()  # start-up goes on
+    assert "will be refused" in caplog.text and not compiler.vocabulary_indexed
+    with pytest.raises(AdmissionError, match="cannot be used for grammars .*no tokenizer.json") as err:
+        compiler.check(json_grammar())
+    assert err.value.field == "grammar"
 
 
 @pytest.fixture(scope="module")
 def live(tiny_llama_dir):
-    from server.app import create_app
-    from server.async_engine import AsyncEngine
-    from server.config import ServerConfig
-    from server.engine_config import EngineConfig
-    from tests.live_server import LiveServer
-    engine = AsyncEngine(EngineConfig(model=str(tiny_llama_dir), device="cpu", dtype="float32",
-                                      kv_cache_memory="2MiB"))
-    with LiveServer(create_app(engine, ServerConfig(stats_log_interval_s=0))) as s:
+    from tests.live_server import engine_server
+    with engine_server(tiny_llama_dir) as s:
         yield s
 
 

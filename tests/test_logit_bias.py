@@ -50,14 +50,8 @@ def test_a_biased_request_matches_transformers_sequence_bias(tiny_llama_dir):
 
 @pytest.fixture(scope="module")
 def live(tiny_llama_dir):
-    from server.app import create_app
-    from server.async_engine import AsyncEngine
-    from server.config import ServerConfig
-    from server.engine_config import EngineConfig
-    from tests.live_server import LiveServer
-    engine = AsyncEngine(EngineConfig(model=str(tiny_llama_dir), device="cpu", dtype="float32",
-                                      kv_cache_memory="2MiB"))
-    with LiveServer(create_app(engine, ServerConfig(stats_log_interval_s=0))) as s:
+    from tests.live_server import engine_server
+    with engine_server(tiny_llama_dir) as s:
         yield s
 
 

@@ -10,11 +10,7 @@ import openai
 import pytest
 import torch
 
-from server.app import create_app
-from server.async_engine import AsyncEngine
-from server.config import ServerConfig
-from server.engine_config import EngineConfig
-from tests.live_server import LiveServer
+from tests.live_server import engine_server
 from tests.test_prompt_logprobs import transformers_prompt_logprobs
 
 PROMPT = "ROMEO: What light through yonder window"
@@ -23,10 +19,8 @@ MAX_TOKENS = 4
 
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir):
-    engine = AsyncEngine(EngineConfig(model=str(tiny_llama_dir), device="cpu", dtype="float32",
-                                      kv_cache_memory="4MiB"))
-    with LiveServer(create_app(engine, ServerConfig(stats_log_interval_s=0))) as s:
-        s.tokenizer = engine.tokenizer
+    with engine_server(tiny_llama_dir, kv_cache_memory="4MiB") as s:
+        s.tokenizer = s.engine.tokenizer
         yield s
 
 

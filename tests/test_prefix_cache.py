@@ -303,20 +303,14 @@ def test_a_block_filled_by_a_step_in_flight_is_registered_once_the_host_has_seen
 def test_metrics_report_prefix_cache_queries_and_hits(tiny_llama_dir):
     import httpx
 
-    from server.app import create_app
-    from server.async_engine import AsyncEngine
-    from server.config import ServerConfig
-    from server.engine_config import EngineConfig
-    from tests.live_server import LiveServer
-    engine = AsyncEngine(EngineConfig(model=str(tiny_llama_dir), device="cpu", dtype="float32",
-                                      kv_cache_memory="4MiB"))
+    from tests.live_server import engine_server
     text = "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun."
-    with LiveServer(create_app(engine, ServerConfig(stats_log_interval_s=0))) as s:
+    with engine_server(tiny_llama_dir, kv_cache_memory="4MiB") as s:
         for _ in range(2):
             r = httpx.post(s.url + "/generate", json={"inputs": text, "parameters": {"max_new_tokens": 2}})
             assert r.status_code == 200
         metrics = httpx.get(s.url + "/metrics").text
-    n = len(engine.tokenizer.encode(text))
+    n = len(s.engine.tokenizer.encode(text))
     assert f"gqaserve_prefix_cache_queries_total {2 * n}.0" in metrics
     assert f"gqaserve_prefix_cache_hits_total {(n - 1) // 16 * 16}.0" in metrics and n > 16
 

@@ -7,12 +7,9 @@ import httpx
 import pytest
 import torch
 
-from server.app import create_app
-from server.config import ServerConfig
-from server.engine_config import EngineConfig
 from server.llm import LLM
 from server.sampling_params import SamplingParams
-from tests.live_server import LiveServer
+from tests.live_server import engine_server
 from tests.test_cuda_graphs import engine_prompts
 
 
@@ -79,10 +76,7 @@ def test_prompt_logprobs_in_slices_equal_one_pass(tiny_llama_dir):
 
 
 def test_tgi_decoder_input_details(tiny_llama_dir):
-    from server.async_engine import AsyncEngine
-    engine = AsyncEngine(EngineConfig(model=str(tiny_llama_dir), device="cpu", dtype="float32",
-                                      kv_cache_memory="4MiB"))
-    with LiveServer(create_app(engine, ServerConfig(stats_log_interval_s=0))) as s:
+    with engine_server(tiny_llama_dir, kv_cache_memory="4MiB") as s:
         body = {"inputs": "ROMEO: What light through yonder window", "parameters": {
             "max_new_tokens": 3, "temperature": 0, "details": True, "decoder_input_details": True}}
         d = httpx.post(s.url + "/generate", json=body, timeout=60).json()["details"]

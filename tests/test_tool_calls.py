@@ -29,11 +29,7 @@ def valid(name: str, arguments: str) -> bool:
 @pytest.fixture(scope="module")
 def live(tiny_llama_dir, tmp_path_factory):
     """The tiny model with a template that renders the tools and the tool turns (as real ones do)."""
-    from server.app import create_app
-    from server.async_engine import AsyncEngine
-    from server.config import ServerConfig
-    from server.engine_config import EngineConfig
-    from tests.live_server import LiveServer
+    from tests.live_server import engine_server
     model = tmp_path_factory.mktemp("tools") / "model"
     shutil.copytree(tiny_llama_dir, model)
     config = json.loads((model / "tokenizer_config.json").read_text())
@@ -42,8 +38,7 @@ def live(tiny_llama_dir, tmp_path_factory):
                                "{% for c in m.tool_calls or [] %}call {{ c.function.name }}{% endfor %}"
                                "{{ m.tool_call_id or '' }}</s>{% endfor %}<s>assistant\n")
     (model / "tokenizer_config.json").write_text(json.dumps(config))
-    engine = AsyncEngine(EngineConfig(model=str(model), device="cpu", dtype="float32", kv_cache_memory="2MiB"))
-    with LiveServer(create_app(engine, ServerConfig(stats_log_interval_s=0))) as s:
+    with engine_server(model) as s:
         yield s
 
 
