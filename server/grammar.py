@@ -58,6 +58,7 @@ class GrammarCompiler:
         self._ll_tokenizer: Any = None
         self._unusable: str | None = None  # why llguidance could not read the tokenizer
         self._checked = functools.lru_cache(maxsize=256)(self._check)
+        self._executor: Any = None  # llguidance.LLExecutor: fills many rows' masks on its own threads
 
     @property
     def vocabulary_indexed(self) -> bool:
@@ -107,16 +108,20 @@ class GrammarCompiler:
         matcher = llguidance.LLMatcher(self.ll_tokenizer(), self.check(grammar), log_level=0)
         if matcher.is_error():
             raise AdmissionError(f"grammar: not a valid {grammar.type} grammar: {matcher.get_error()}", "grammar")
-        return SequenceGrammar(matcher, self.mask_vocab_size)
+        with self._lock:
+            if self._executor is None:
+                self._executor = llguidance.LLExecutor()
+        return SequenceGrammar(matcher, self.mask_vocab_size, self._executor)
 
 
 class SequenceGrammar:
     """One sequence's matcher: the tokens allowed next, and the tokens it has taken."""
-    __slots__ = ("matcher", "mask_vocab_size")
+    __slots__ = ("matcher", "mask_vocab_size", "executor")
 
-    def __init__(self, matcher: Any, mask_vocab_size: int):
+    def __init__(self, matcher: Any, mask_vocab_size: int, executor: Any = None):
         self.matcher = matcher
         self.mask_vocab_size = mask_vocab_size
+        self.executor = executor  # its compiler's LLExecutor
 
     def advance(self, token_id: int) -> bool:
         """Feed a sampled token; True when the grammar is complete and can take nothing more (the sequence
@@ -131,11 +136,16 @@ class SequenceGrammar:
 def allowed_bitmask(grammars: list[SequenceGrammar | None]) -> torch.Tensor:
     """[B, ceil(V/32)] int32 on the host (V: the grammars' mask_vocab_size): bit j of word w set = token
     32w + j allowed. Rows without a grammar allow everything (-1: all bits set)."""
-    vocab = next(g.mask_vocab_size for g in grammars if g is not None)
-    mask = torch.full((len(grammars), (vocab + 31) // 32), -1, dtype=torch.int32)
+    rows = [(row, g) for row, g in enumerate(grammars) if g is not None]
+    mask = torch.full((len(grammars), (rows[0][1].mask_vocab_size + 31) // 32), -1, dtype=torch.int32)
     row_bytes = mask.shape[1] * 4
-    for row, grammar in enumerate(grammars):
-        if grammar is not None:  # written in place (llguidance.torch does the same, but importing it
-            # imports torch.compile's machinery: 2.9 s on the first constrained step)
-            grammar.matcher.unsafe_compute_mask_ptr(mask[row].data_ptr(), row_bytes)
+    # written in place (llguidance.torch does the same, but importing it imports torch.compile's
+    # machinery: 2.9 s on the first constrained step); several rows on the executor's threads (64 rows
+    # of JSON: 0.79 ms against 1.09 one by one on 2 cores)
+    if len(rows) > 1 and rows[0][1].executor is not None:
+        rows[0][1].executor.unsafe_compute_mask_ptr([(g.matcher, row) for row, g in rows], mask.data_ptr(),
+                                                    row_bytes, mask.shape[0])
+    else:
+        for row, g in rows:
+            g.matcher.unsafe_compute_mask_ptr(mask[row].data_ptr(), row_bytes)
     return mask

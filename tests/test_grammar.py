@@ -75,6 +75,12 @@ def test_allowed_bitmask_is_what_the_matcher_allows(llm):
     ids = [i for i in range(compiler.mask_vocab_size) if (int(mask[1, i // 32]) >> (i % 32)) & 1]
     decode = llm.engine.tokenizer.decode
     assert ids and all(re.fullmatch(r"y|ye|yes|n|no|yes |no ", decode([i])) for i in ids)
+    # several rows are filled on the executor's threads: each row as if filled alone, free rows untouched
+    grammars = [compiler.matcher(json_grammar()), None, compiler.matcher(Grammar(type="regex", value=REGEX)), None]
+    grammars[0].advance(llm.engine.tokenizer.encode("{", add_special_tokens=False)[0])
+    many = allowed_bitmask(grammars)
+    assert torch.equal(many[0], allowed_bitmask([grammars[0]])[0]) and torch.equal(many[2], mask[1])
+    assert (many[1] == -1).all() and (many[3] == -1).all() and not torch.equal(many[0], many[2])
 
 
 def test_a_sentencepiece_tokenizer_is_read_with_its_spaces_and_byte_fallback(tmp_path, shakespeare_text):
