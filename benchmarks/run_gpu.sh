@@ -10,7 +10,7 @@
 #
 #   bash benchmarks/run_gpu.sh [all|ours|peers]     # default all
 # Knobs (environment): BUDGET (s), PEERS_RESERVE (s kept for the peers, default 170), SKIP (space-separated
-# step names: pytest kernels step_overhead host_overhead profile prefill_step latency latency_cublaslt latency_compile profile_compile gemm_shapes latency_b64 throughput_1b throughput_prefix throughput_prefix_off serving serving_eager_prefill serving_engine_process throughput_8b tune_kernels peers),
+# step names: pytest kernels step_overhead host_overhead profile prefill_step latency latency_cublaslt latency_compile profile_compile gemm_shapes latency_b64 throughput_1b throughput_penalized throughput_prefix throughput_prefix_off serving serving_eager_prefill serving_engine_process throughput_8b tune_kernels peers),
 # ENGINE_EXTRA (engine flags for our benchmarks, e.g. "--no-overlap-scheduling"), PYTEST_ARGS (extra pytest arguments, e.g. "-k gpu"), SMOKE=1 (CPU smoke test of this script: tiny random model, few requests, peers with PEERS_TINY=1).
 set -u
 cd "$(dirname "$0")/.."
@@ -128,6 +128,11 @@ main() {
       --input-len 128 --output-len 128 --num-iters "$lat_iters" --json "$RAW/latency_b64.json" $ENGINE_EXTRA
     step throughput_1b 100 $PY benchmarks/throughput.py --dummy --config "$dummy1" "${dev[@]}" --num-requests "$nreq" \
       --input-len "${lens[@]}" --output-len "${lens[@]}" --seed 0 --json "$RAW/throughput_1b.json" $ENGINE_EXTRA
+    # the same requests, 10% of them with a frequency penalty: their steps run the forward ahead and sample
+    # after the step in flight (before deferred sampling, any such row turned overlap off for the whole batch)
+    step throughput_penalized 100 $PY benchmarks/throughput.py --dummy --config "$dummy1" "${dev[@]}" \
+      --num-requests "$nreq" --input-len "${lens[@]}" --output-len "${lens[@]}" --seed 0 --penalized-fraction 0.1 \
+      --json "$RAW/throughput_penalized.json" $ENGINE_EXTRA
     # the same requests behind one shared 1,024-token prefix (a system prompt), prefix cache on and off
     step throughput_prefix 45 $PY benchmarks/throughput.py --dummy --config "$dummy1" "${dev[@]}" --num-requests "$nreq" \
       --prefix-len "$prefix" --input-len "${lens[@]}" --output-len "${lens[@]}" --seed 0 \
@@ -243,6 +248,10 @@ cb = data.get("hf_cb", {})
 row("1B 256 req out tok/s vs HF CB", g(data, "throughput_1b", "ours", "output_tok_s"), cb.get("output_tok_s"),
     "HF CB timed out (partial)" if cb.get("timed_out") else "")
 row("1B 256 req total tok/s vs HF CB", g(data, "throughput_1b", "ours", "total_tok_s"), cb.get("total_tok_s"))
+tp = data.get("throughput_penalized", {}).get("ours", {})
+row("1B 256 req out tok/s, 10% penalized (peer: none)", tp.get("output_tok_s"),
+    g(data, "throughput_1b", "ours", "output_tok_s"), f"{tp.get('deferred_sampling_steps')} of "
+    f"{tp.get('overlapped_steps')} overlapped steps sampled after the one in flight" if tp else "")
 row("1B shared-prefix total tok/s, cache on vs off", g(data, "throughput_prefix", "ours", "total_tok_s"),
     g(data, "throughput_prefix_off", "ours", "total_tok_s"),
     f"{g(data, 'throughput_prefix', 'ours', 'prefix_cache_hit_tokens')} prompt tokens from the cache; the "

@@ -4,6 +4,7 @@
     python benchmarks/throughput.py --model DIR --num-requests 128
     python benchmarks/throughput.py --preset cpu [--quick]             # SmolLM2-135M fp32 vs transformers
     python benchmarks/throughput.py --model DIR --turns 4 [--no-enable-prefix-caching]  # chats of 4 turns
+    python benchmarks/throughput.py --dummy --penalized-fraction 0.1   # 10% of the requests with a penalty
 
 Every request ignores eos and generates exactly its drawn output length. Prints requests/s, output tok/s
 and total (prompt + output) tok/s. `--preset cpu` also runs Hugging Face transformers on the same weights
@@ -100,17 +101,26 @@ def build_llm(args, prompts, out_lens):
     return LLM(None, runner=runner, tokenizer=NullTokenizer(), **kw)
 
 
-def run_ours(llm, prompts, out_lens) -> dict:
+def run_ours(llm, prompts, out_lens, penalized_fraction: float = 0.0, seed: int = 0) -> dict:
+    """With penalized_fraction, that share of the requests (drawn with seed) samples with a frequency
+    penalty: rows whose sampling reads their own tokens, which overlap scheduling must wait for."""
     from server.sampling_params import SamplingParams
-    params = [SamplingParams(temperature=0.0, max_new_tokens=o, ignore_eos=True) for o in out_lens]
+    rng = random.Random(seed)
+    params = [SamplingParams(temperature=0.0, max_new_tokens=o, ignore_eos=True,
+                             frequency_penalty=0.5 if rng.random() < penalized_fraction else 0.0)
+              for o in out_lens]
     llm.generate(fresh(prompts[:2]), params[:2])  # warm-up on other prompts: nothing for the cache to reuse
-    steps0, hits0 = llm.engine.counters.num_steps, llm.engine.scheduler.prefix_cache_hits_total
+    c = llm.engine.counters
+    steps0, hits0 = c.num_steps, llm.engine.scheduler.prefix_cache_hits_total
+    overlapped0, deferred0 = c.overlapped_steps, c.deferred_sampling_steps
     t = time.perf_counter()
     results = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t
     assert [len(r.token_ids) for r in results] == out_lens
     return metrics(prompts, out_lens, elapsed) | {
-        "steps": llm.engine.counters.num_steps - steps0,
+        "steps": c.num_steps - steps0, "overlapped_steps": c.overlapped_steps - overlapped0,
+        "deferred_sampling_steps": c.deferred_sampling_steps - deferred0,
+        "penalized_requests": sum(p.frequency_penalty != 0.0 for p in params),
         "preemptions": llm.engine.scheduler.num_preemptions_total,
         "prefix_cache_hit_tokens": llm.engine.scheduler.prefix_cache_hits_total - hits0}
 
@@ -266,6 +276,9 @@ def main(argv=None) -> None:
     ap.add_argument("--prefix-len", type=int, default=0, help="a shared random prefix of this many tokens "
                     "before every prompt (as vLLM's --random-prefix-len)")
     ap.add_argument("--turns", type=int, default=1, help="each request a chat of this many turns (see above)")
+    ap.add_argument("--penalized-fraction", type=float, default=0.0, help="this share of the requests samples "
+                    "with frequency_penalty 0.5 (rows that read their own tokens: their steps sample after the "
+                    "step in flight)")
     ap.add_argument("--quick", action="store_true", help="8 short requests: a smoke test")
     add_engine_arguments(ap)
     ap.add_argument("--hf-batch-size", type=int, default=16)
@@ -295,13 +308,16 @@ def main(argv=None) -> None:
         ours = run_turns(llm, [t[0] for t in turns], [t[1] for t in turns])
     else:
         llm = build_llm(args, prompts, out_lens)
-        ours = run_ours(llm, prompts, out_lens)
+        ours = run_ours(llm, prompts, out_lens, args.penalized_fraction, args.seed)
     cmp = compare_with_transformers(args, llm, prompts, out_lens) if args.preset == "cpu" else None
     prefix = f"shared prefix {args.prefix_len} + " if args.prefix_len else ""
     chats = f" x {args.turns} turns" if args.turns > 1 else ""
     print(f"{args.num_requests} requests{chats}, input {prefix}U{tuple(args.input_len)}, output U{tuple(args.output_len)}, "
           f"device {llm.engine.runner.device}, {ours['steps']} steps, {ours['preemptions']} preemptions, "
           f"{ours['prefix_cache_hit_tokens']:,} tokens from the prefix cache, {ours['elapsed_s']:.1f} s")
+    if "overlapped_steps" in ours:
+        print(f"{ours['penalized_requests']} requests with a penalty; {ours['overlapped_steps']} steps launched "
+              f"while one was in flight, {ours['deferred_sampling_steps']} of them sampled after it")
     print_table(ours, cmp)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "ours": ours, "compare": cmp}, indent=1,

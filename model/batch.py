@@ -88,3 +88,18 @@ def _to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     if torch.device(device).type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
+
+
+def full_budget_batch(total_tokens: int, max_len: int, block_size: int, num_logits: int,
+                      device: torch.device | str) -> tuple[StepBatch, int]:
+    """A whole-prefill batch of total_tokens (sequences of at most max_len) over fresh blocks, sampling
+    num_logits rows: the widest step a budget allows, for memory profiling. Returns it and its block count."""
+    lens = [min(max_len, total_tokens - i) for i in range(0, total_tokens, max_len)]
+    tables, next_block = [], 0
+    for n in lens:
+        k = -(-n // block_size)
+        tables.append(list(range(next_block, next_block + k)))
+        next_block += k
+    batch = build_step_batch([[0] * n for n in lens], [0] * len(lens), tables, block_size, device,
+                             logits_indices=list(range(min(num_logits, total_tokens))))
+    return batch, next_block

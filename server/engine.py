@@ -9,7 +9,6 @@ from its own thread.
 from __future__ import annotations
 
 import time
-from itertools import islice
 from pathlib import Path
 from dataclasses import dataclass, replace
 from typing import Any
@@ -22,6 +21,7 @@ from server.outputs import AdmissionError, OverloadedError, RequestOutput, Token
 from server.sampling_params import SamplingParams
 from server.scheduler import Scheduler, SchedulerOutput
 from server.sequence import Sequence
+from server.step_results import Forward
 from server.stop_checker import StopChecker
 
 
@@ -62,6 +62,7 @@ class EngineCounters:
     admission_rejections_total: int = 0
     failed_steps_in_a_row: int = 0
     overlapped_steps: int = 0  # steps launched while the previous one was still in flight
+    deferred_sampling_steps: int = 0  # of those, steps sampled after the previous one's tokens were appended
 
 
 class LLMEngine:
@@ -146,10 +147,11 @@ class LLMEngine:
         for s in sched.scheduled:
             if s.seq.first_scheduled_time is None:
                 s.seq.first_scheduled_time = now
-        launched = self._launch(sched)
+        launched = self._launch(sched, defer_sampling=self._in_flight is not None)
         if self._in_flight is not None:
             self.counters.overlapped_steps += 1
             outputs += self._complete(self._in_flight)  # the host's work here overlaps the launched step
+        launched = self._sample(sched, launched) if isinstance(launched, Forward) else launched
         if isinstance(launched, list):  # the launch failed: its requests end with an error
             return outputs + launched
         if launched.pending.graphed and self.config.overlap_scheduling:
@@ -159,15 +161,13 @@ class LLMEngine:
         return outputs
 
     def _may_overlap(self) -> bool:
-        """Whether the next step may be scheduled before the in-flight one is seen by the host: no sequence
-        that may join it samples from output token values (penalties, a grammar), and it can replay a graph: a
-        decode-only one over captured sizes or, with prefill graphs, one with prompt tokens too
-        (_overlappable decides once it is scheduled)."""
+        """Whether the next step may be scheduled before the in-flight one is seen by the host: it can replay
+        a graph, a decode-only one over captured sizes or, with prefill graphs, one with prompt tokens too
+        (_overlappable decides once it is scheduled). Rows that sample from their output tokens' values
+        (penalties, a grammar) do not prevent it: their sampling waits for those values (_launch)."""
         sched = self.scheduler
         graphs = getattr(self.runner, "graphs", None)
-        joining = islice(sched.waiting, sched.max_num_seqs)  # admissions come from the front of the queue
-        if graphs is None or any(seq.reads_own_tokens for seq in sched.running) \
-                or any(seq.reads_own_tokens for seq in joining):
+        if graphs is None:
             return False
         if getattr(self.runner, "prefill_graphs", None) is not None:
             return True
@@ -179,21 +179,36 @@ class LLMEngine:
         runs_ahead = getattr(self.runner, "runs_ahead", None)
         return runs_ahead is not None and runs_ahead(sched)
 
-    def _launch(self, sched: SchedulerOutput) -> "_Launched | list[RequestOutput]":
-        """Queue the step on the device; each sampling sequence gets a placeholder token (-1) that
-        _complete fills, so the scheduler can plan the next step before the host sees this one's ids."""
+    def _launch(self, sched: SchedulerOutput, defer_sampling: bool) -> "_Launched | Forward | list[RequestOutput]":
+        """Queue the step on the device; each sampling sequence gets a placeholder token (-1) that _complete
+        fills, so the scheduler can plan the next step before the host sees this one's ids. With
+        defer_sampling (a step is in flight), rows that sample from their tokens' values (penalties, a grammar)
+        make it queue the forward alone: step() samples it after appending the in-flight tokens."""
+        defer = defer_sampling and any(s.samples and s.seq.reads_own_tokens for s in sched.scheduled)
         try:
-            pending = self.runner.launch(sched)
+            pending = self.runner.launch_forward(sched) if defer else self.runner.launch(sched)
         except Exception as exc:  # noqa: BLE001 - the step's requests fail, the engine goes on
             self.counters.failed_steps_in_a_row += 1
             return self._fail(sched, exc)
         self.counters.num_steps += 1
         self.scheduler.finish_step(sched)
+        self.counters.deferred_sampling_steps += defer
+        return pending if defer else self._sample(sched, pending)
+
+    def _sample(self, sched: SchedulerOutput, step: Any) -> "_Launched | list[RequestOutput]":
+        """Sample a deferred Forward (or take a launched PendingStep); then each sampling sequence gets its
+        placeholder token."""
+        if isinstance(step, Forward):
+            try:
+                step = self.runner.launch_sampling(step)
+            except Exception as exc:  # noqa: BLE001
+                self.counters.failed_steps_in_a_row += 1
+                return self._fail(sched, exc)
         placeholders = []
-        for seq in pending.sampling:
+        for seq in step.sampling:
             placeholders.append(len(seq.token_ids))
             seq.token_ids.append(-1)
-        return _Launched(sched, pending, placeholders)
+        return _Launched(sched, step, placeholders)
 
     def _complete(self, launched: "_Launched") -> list[RequestOutput]:
         if launched is self._in_flight:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.batch import StepBatch, build_step_batch
+from model.batch import StepBatch, build_step_batch, full_budget_batch
 from model.config import ModelConfig
 from model.kv_cache import KVCache
 from model.kv_dtype import resolve_kv_cache_dtype
@@ -23,7 +23,7 @@ from server.engine_config import EngineConfig
 from server.prefill_graphs import PrefillGraphRunner, prefill_graph_memory_reserve, token_buckets
 from server.sampling_batch import build_sampling_tensors, only_argmax, profile_sampling_tensors
 from server.scheduler import SchedulerOutput
-from server.step_results import PendingStep
+from server.step_results import Forward, PendingStep
 
 log = logging.getLogger(__name__)
 
@@ -169,16 +169,9 @@ class ModelRunner:
     def _profile_step(self) -> None:
         """A dummy step at max_num_batched_tokens (sequences of at most max_model_len, the longest prefill)
         that samples max_num_seqs rows at once (the widest logits): both peaks in one pass."""
-        total = self.config.max_num_batched_tokens
-        lens = [min(self.max_model_len, total - i) for i in range(0, total, self.max_model_len)]
-        tables, next_block = [], 0
-        for n in lens:
-            k = -(-n // self.block_size)
-            tables.append(list(range(next_block, next_block + k)))
-            next_block += k
-        cache = KVCache.allocate(self.model_config, next_block, self.block_size, self.kv_dtype, self.device)
-        batch = build_step_batch([[0] * n for n in lens], [0] * len(lens), tables, self.block_size, self.device,
-                                 logits_indices=list(range(min(self.config.max_num_seqs, total))))
+        batch, num_blocks = full_budget_batch(self.config.max_num_batched_tokens, self.max_model_len,
+                                              self.block_size, self.config.max_num_seqs, self.device)
+        cache = KVCache.allocate(self.model_config, num_blocks, self.block_size, self.kv_dtype, self.device)
         with torch.inference_mode():
             logits = self.model(batch, cache)
             sample(logits, profile_sampling_tensors(logits.shape[0], self.device), self.generator)
@@ -204,10 +197,13 @@ class ModelRunner:
                                 logits_indices=logits_rows)
 
     def launch(self, sched: SchedulerOutput) -> "PendingStep":
-        """Queue the step's device work (forward, sampling) and return without waiting for it.
+        """Queue the step's device work (forward, sampling) and return without waiting for it."""
+        return self.launch_sampling(self.launch_forward(sched))
 
-        A decode step may feed tokens the previous step sampled and the host has not seen yet (placeholders,
-        -1 in seq.token_ids; see LLMEngine.step): the graph path reads them from the device."""
+    def launch_forward(self, sched: SchedulerOutput) -> Forward:
+        """Queue the forward alone. A decode step may feed tokens the previous step sampled and the host has
+        not seen yet (placeholders, -1 in seq.token_ids; see LLMEngine.step): the graph path reads them from
+        the device. launch_sampling may wait until the host has them (penalties and grammars read them)."""
         sampling = [s.seq for s in sched.scheduled if s.samples]
         owed = sched.prompt_logprob_rows()
         prompt_lp = None
@@ -225,22 +221,29 @@ class ModelRunner:
                 prompt_lp = (self.model.token_logprobs(hidden, rows, targets), owed[2])
             elif logits is None:
                 logits = self.model(self.prepare(sched), self.kv_cache)        # [N, vocab] float32
-            if not sampling:
-                return PendingStep(None, None, sampling, graphed, prompt_lp)
-            out = None
+        return Forward(logits, sampling, graphed, prompt_lp)
+
+    def launch_sampling(self, fwd: Forward) -> "PendingStep":
+        """Sample fwd's rows from the sequences' state now (a graphed forward's logits are valid until the
+        next replay) and publish the ids for the next graph."""
+        sampling, graphed = fwd.sampling, fwd.graphed
+        if not sampling:
+            return PendingStep(None, None, sampling, graphed, fwd.prompt_logprobs)
+        out = None
+        with torch.inference_mode():
             if only_argmax(sampling):  # greedy, no penalties or logprobs: skip the sampling tensors
-                token_ids = logits.argmax(dim=-1)
+                token_ids = fwd.logits.argmax(dim=-1)
             else:
                 tensors = build_sampling_tensors(sampling, self.model_config.vocab_size, self.eos_token_ids,
                                                  self.device)
-                out = sample(logits, tensors, self.generator)
+                out = sample(fwd.logits, tensors, self.generator)
                 token_ids = out.token_ids
             if graphed:  # the next decode step's graph may read these before the host does
                 for row, seq in enumerate(sampling):
                     seq.sampled_row = row
                 ids = self.graphs.publish_sampled(token_ids, ahead=self.config.overlap_scheduling)
-                return PendingStep(ids, out, sampling, True, prompt_lp)
-        return PendingStep(token_ids, out, sampling, False, prompt_lp)
+                return PendingStep(ids, out, sampling, True, fwd.prompt_logprobs)
+        return PendingStep(token_ids, out, sampling, False, fwd.prompt_logprobs)
 
     def runs_ahead(self, sched: SchedulerOutput) -> bool:
         """Whether `sched` may be launched before the host has the in-flight step's ids (overlap scheduling):

@@ -56,8 +56,11 @@ def build_sampling_tensors(seqs: list[Sequence], vocab_size: int, eos_token_ids:
         bias_index = _upload([[r for r, _, _ in pairs], [t for _, t, _ in pairs]], torch.int64, device)  # [2, N]
         bias_values = _upload([b for _, _, b in pairs], torch.float32, device)                           # [N]
     allowed_bits = None
-    if any(s.grammar is not None for s in seqs):
-        bits = allowed_bitmask([s.grammar for s in seqs])
+    # a sequence that ended while this step was in flight (its grammar maybe complete) samples unmasked:
+    # the engine drops its token
+    grammars = [None if s.is_finished else s.grammar for s in seqs]
+    if any(g is not None for g in grammars):
+        bits = allowed_bitmask(grammars)
         allowed_bits = bits.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else bits
     banned = None
     if any(s.num_output_tokens < s.params.min_new_tokens for s in seqs):

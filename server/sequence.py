@@ -52,7 +52,7 @@ class Sequence:
         self.sampled_row = -1  # its row among the last graphed step's sampled ids (ModelRunner.launch)
         self.grammar: Any = None  # its llguidance matcher when the request has a grammar (server/grammar.py)
         # sampling reads the values of its output tokens: penalties count them, a grammar's matcher has
-        # consumed them (so its next step waits for the host to have them)
+        # consumed them (so under overlap its step's sampling waits for the host to have them)
         self.reads_own_tokens = params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 \
             or params.frequency_penalty != 0.0 or params.grammar is not None
         # the output count from which a plain argmax samples it (greedy, no penalties, bias, grammar or

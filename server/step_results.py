@@ -1,5 +1,5 @@
-"""What a model-runner step hands back: PendingStep (launched, its ids still on the device) and RunnerOutput
-(on the host), plus the conversion of the sampler's logprob tensors."""
+"""What a model-runner step hands back: Forward (its logits, not sampled yet), PendingStep (launched, its ids
+still on the device) and RunnerOutput (on the host), plus the conversion of the sampler's logprob tensors."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,6 +16,15 @@ class RunnerOutput:
     token_ids: list[int]                         # one per scheduled entry that samples, in schedule order
     logprobs: list[TokenLogprob | None] | None = None
     prompt_logprobs: list[tuple[Any, list[float]]] | None = None  # (sequence, its next prompt logprobs)
+
+
+@dataclass(frozen=True)
+class Forward:
+    """A launched forward whose rows are not sampled yet (ModelRunner.launch_sampling samples them)."""
+    logits: torch.Tensor                         # [N, vocab] float32 on the device, one row per sampling entry
+    sampling: list                               # the sequences that sample, in row order
+    graphed: bool                                # it replayed a CUDA graph (so its ids will be published)
+    prompt_logprobs: tuple[torch.Tensor, list] | None = None
 
 
 @dataclass(frozen=True)

@@ -39,20 +39,28 @@ def varied_params(model_dir, prompts) -> list[SamplingParams]:
         elif kind == 4:
             params.append(SamplingParams(temperature=0.0, max_new_tokens=40, min_new_tokens=20,
                                          stop_token_ids=[r.token_ids[24]]))
-        else:  # penalties read the output tokens' values: such a batch must not run ahead of the host
+        else:  # penalties read the output tokens' values: such a row samples once the host has them
             params.append(SamplingParams(temperature=0.0, max_new_tokens=8, repetition_penalty=1.3,
                                          frequency_penalty=0.2))
     return params
 
 
 def summary(results):
-    """Tokens, text and stops exactly; logprobs to 4 decimals (rows are padded to other batch sizes when a
-    step runs ahead, so the float sums may round differently in the last bits)."""
-    def top(lp):
-        return tuple((t, round(v, 4)) for t, v in lp.top)
+    """Tokens, text, stops and chosen logprob ids exactly; the logprob values apart (rows are padded to other
+    batch sizes when a step runs ahead, so the float sums may differ in the last bits)."""
+    def ids(lp):
+        return lp.token_id, tuple(t for t, _ in lp.top)
     return [(r.token_ids, r.text, r.finish_reason, r.stop_reason,
-             None if r.logprobs is None else [(lp.token_id, round(lp.logprob, 4), top(lp)) for lp in r.logprobs])
-            for r in results]
+             None if r.logprobs is None else [ids(lp) for lp in r.logprobs]) for r in results]
+
+
+def logprob_values(results) -> list[float]:
+    return [v for r in results for lp in r.logprobs or () for v in (lp.logprob, *(x for _, x in lp.top))]
+
+
+def assert_same_results(got, want) -> None:
+    assert summary(got) == summary(want)
+    assert logprob_values(got) == pytest.approx(logprob_values(want), abs=1e-4)
 
 
 @pytest.mark.parametrize("kv_cache_memory", ["2MiB", "96KiB"])
@@ -62,10 +70,11 @@ def test_overlap_gives_what_the_synchronous_engine_gives(tiny_llama_dir, kv_cach
     want = make_llm(tiny_llama_dir, overlap=False, kv_cache_memory=kv_cache_memory).generate(prompts, params)
     llm = make_llm(tiny_llama_dir, overlap=True, kv_cache_memory=kv_cache_memory)
     got = llm.generate(prompts, params)
-    assert summary(got) == summary(want)
+    assert_same_results(got, want)
     assert {r.finish_reason for r in got} >= {"length", "stop"}
     engine = llm.engine
     assert engine.counters.overlapped_steps >= 10
+    assert engine.counters.deferred_sampling_steps > 0  # the penalty rows' steps ran ahead too
     if kv_cache_memory == "96KiB":
         assert engine.scheduler.num_preemptions_total > 0
     assert engine.allocator.num_free_blocks == engine.kv_capacity.num_blocks  # nothing leaked
@@ -83,7 +92,7 @@ def test_steps_with_prompt_tokens_overlap_too(tiny_llama_dir, kv_cache_memory):
     want = make_llm(tiny_llama_dir, overlap=False, kv_cache_memory=kv_cache_memory).generate(prompts, params)
     llm = make_llm(tiny_llama_dir, overlap=True, kv_cache_memory=kv_cache_memory)
     got = llm.generate(prompts, params)
-    assert summary(got) == summary(want)
+    assert_same_results(got, want)
     engine, prefill = llm.engine, llm.engine.runner.prefill_graphs
     assert prefill.ahead >= 3  # steps with prompt tokens that read ids of the step in flight
     assert engine.counters.overlapped_steps >= 20
@@ -148,6 +157,39 @@ def test_a_step_that_fails_in_flight_ends_its_requests_and_the_engine_goes_on(ti
     assert [len(r.token_ids) for r in got] == [30, 30]
 
 
+def test_a_deferred_sampling_that_fails_ends_its_requests_and_the_engine_goes_on(tiny_llama_dir):
+    """A step with penalty rows runs its forward ahead and samples after the in-flight step completes; if that
+    sampling raises, the step's requests end with the error, the in-flight step's tokens are still delivered,
+    and the engine serves the next requests."""
+    llm = make_llm(tiny_llama_dir, overlap=True)
+    engine, runner = llm.engine, llm.engine.runner
+    real, calls = runner.launch_sampling, []
+
+    def launch_sampling(forward):
+        calls.append(len(forward.sampling))
+        if len(calls) == 3:
+            raise RuntimeError("sampling broke")
+        return real(forward)
+    runner.launch_sampling = launch_sampling
+    plain = SamplingParams(temperature=0.0, max_new_tokens=30, ignore_eos=True)
+    penalised = SamplingParams(temperature=0.0, max_new_tokens=30, ignore_eos=True, frequency_penalty=0.5)
+    for i, p in enumerate(engine_prompts(3, seed=9)):
+        engine.add_request(str(i), p, penalised if i == 1 else plain)
+    counts, last = {}, {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            counts[o.request_id] = counts.get(o.request_id, 0) + len(o.new_token_ids)
+            last[o.request_id] = o
+    assert engine.counters.deferred_sampling_steps >= 2  # the 1st sampling was the prefill's own
+    assert {o.finish_reason for o in last.values()} == {"error"}
+    assert all("sampling broke" in o.error for o in last.values())
+    assert all(0 < n < 30 for n in counts.values())
+    assert engine.allocator.num_free_blocks == engine.kv_capacity.num_blocks
+    runner.launch_sampling = real
+    got = llm.generate(engine_prompts(2, seed=10), [plain, penalised])  # the engine goes on
+    assert [len(r.token_ids) for r in got] == [30, 30]
+
+
 def test_an_eager_step_refuses_a_token_the_host_has_not_seen(tiny_llama_dir):
     from server.scheduler import ScheduledSeq, SchedulerOutput
     from server.sequence import Sequence
@@ -203,7 +245,7 @@ def test_prefix_cache_hits_in_steps_launched_ahead(tiny_llama_dir, kv_cache_memo
     want = plain.generate(prompts, params)
     llm = make_llm(tiny_llama_dir, overlap=True, kv_cache_memory=kv_cache_memory)
     got = llm.generate(prompts, params)
-    assert summary(got) == summary(want)
+    assert_same_results(got, want)
     engine = llm.engine
     assert engine.scheduler.prefix_cache_hits_total >= 8 * 32  # the 2 shared full blocks, most admissions
     assert engine.runner.prefill_graphs.ahead >= 3 and engine.counters.overlapped_steps >= 20
