@@ -114,6 +114,10 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return self._chat_template is not None
 
+    @property
+    def chat_template_source(self) -> str | None:
+        return None if self._chat_template is None else self._chat_template.source
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
         """extra: more template variables (`tools`, as transformers passes them)."""
         if self._chat_template is None:

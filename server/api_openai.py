@@ -17,12 +17,12 @@ from server.openai_common import (ADMISSION_NAMES, check_common, finish_reason, 
 from server.outputs import RequestOutput, TokenLogprob
 from server.schemas_openai import ChatCompletionRequest, CompletionRequest
 from server.schemas_openai_out import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse,
-                                       ChatDelta, ChatLogprobs, ChatMessageOut, ChatTokenLogprob,
+                                       ChatDelta, ChatLogprobs, ChatTokenLogprob,
                                        CompletionChoice, CompletionResponse, ModelCard, ModelList, OpenAIError,
-                                       ToolCallDelta, TopLogprob)
+                                       TopLogprob)
 from server.sse import EventStreamResponse
 from server.state import ServerState
-from server.tool_calls import tool_calls, tool_grammar
+from server.tool_calls import ChoiceReply, auto_parser, tool_grammar
 
 _ERRORS = {400: {"model": OpenAIError}, 404: {"model": OpenAIError}, 429: {"model": OpenAIError},
            503: {"model": OpenAIError}}
@@ -170,6 +170,7 @@ async def chat_completions(state: ServerState, request: Request, req: ChatComple
         max_tokens, field = req.max_tokens, "max_tokens"
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     calls = tool_grammar(req)  # the reply is tool calls, written under this grammar
+    parser = auto_parser(req, state.tool_parser)  # or the model writes them, and this finds them
     jobs = [(new_request_id("chatcmpl"), ids,
              sampling_params(state, req, len(ids), max_tokens=max_tokens, max_tokens_field=field,
                              logprobs=logprobs, logprobs_field="top_logprobs", choice=i, grammar=calls))
@@ -184,24 +185,14 @@ async def chat_completions(state: ServerState, request: Request, req: ChatComple
             choice = ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))
             return ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
 
-        held = [""] * n  # a tool-call reply's text, sent as calls once complete
+        replies = [ChoiceReply(req, calls is not None, parser) for _ in range(n)]
 
         def chunk(index: int, out: RequestOutput) -> ChatCompletionChunk | None:
-            if not out.new_text and not out.finished and not (logprobs is not None and out.new_logprobs):
-                return None
             lp = _chat_logprobs(state, out.new_token_ids, out.new_logprobs or []) if logprobs is not None else None
-            delta, reason = ChatDelta(content=out.new_text or None), finish_reason(out.finish_reason)
-            if calls is not None:
-                held[index] += out.new_text
-                if not out.finished and lp is None:
-                    return None
-                delta = ChatDelta()
-                if out.finished and out.finish_reason == "eos_token":
-                    delta, reason = ChatDelta(tool_calls=[ToolCallDelta(index=i, **c.model_dump()) for i, c in
-                                                          enumerate(tool_calls(req, held[index]))]), "tool_calls"
-                elif out.finished:  # cut short: the text as it is
-                    delta = ChatDelta(content=held[index])
-            choice = ChatChunkChoice(index=index, delta=delta, logprobs=lp,
+            delta, reason = replies[index].delta(out.new_text, out.finish_reason if out.finished else None)
+            if delta is None and not out.finished and not (lp is not None and out.new_logprobs):
+                return None
+            choice = ChatChunkChoice(index=index, delta=delta or ChatDelta(), logprobs=lp,
                                      finish_reason=reason if out.finished else None)
             return ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
 
@@ -218,9 +209,7 @@ async def chat_completions(state: ServerState, request: Request, req: ChatComple
         return Response(status_code=499)
     choices = []
     for i, got in enumerate(results):
-        message, reason = ChatMessageOut(content=got.text), finish_reason(got.finish_reason)
-        if calls is not None and got.finish_reason == "eos_token":  # complete: the calls, no content
-            message, reason = ChatMessageOut(tool_calls=tool_calls(req, got.text)), "tool_calls"
+        message, reason = ChoiceReply(req, calls is not None, parser).message(got.text, got.finish_reason)
         choices.append(ChatChoice(index=i, message=message, finish_reason=reason, logprobs=_chat_logprobs(
             state, got.token_ids, got.logprobs) if logprobs is not None else None))
     body = ChatCompletionResponse(id=rid, created=created, model=model, choices=choices,

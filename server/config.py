@@ -71,6 +71,9 @@ class ServerConfig(BaseModel):
                                                      "engine steps do not share one GIL (server/engine_process.py)")
     gc_freeze: bool = Field(True, description="after the model loads, exempt every object alive then from "
                                               "Python's cyclic GC (gc.freeze), so full collections stay short")
+    tool_call_parser: Literal["auto", "hermes", "llama3_json", "none"] = Field(
+        "auto", description="how tool_choice 'auto' finds calls in the reply's text (server/tool_parsers.py): "
+                            "auto = the syntax the chat template shows; none = 'auto' is refused")
     enable_explain: bool = Field(False, description="serve the attention explorer at /explain (torch reference "
                                                     "path on CPU copies of the model, never the hot path)")
 

@@ -113,6 +113,15 @@ class ServerState:
         return int(self.engine.max_model_len)
 
     @property
+    def tool_parser(self) -> Any:
+        """The parser of tool_choice "auto" (server/tool_parsers.py), or None when it is refused."""
+        from server.tool_parsers import detect_parser, make_parser
+        name = self.config.tool_call_parser
+        if name == "auto":
+            name = detect_parser(getattr(self.engine.tokenizer, "chat_template_source", None))
+        return None if name in (None, "none") else make_parser(name)
+
+    @property
     def prompt_char_limit(self) -> int:
         return self.config.prompt_char_limit(self.max_model_len)
 

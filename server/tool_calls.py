@@ -1,37 +1,53 @@
-"""OpenAI tool calls on /v1/chat/completions, made by the grammar (server/grammar.py) rather than parsed.
+"""OpenAI tool calls on /v1/chat/completions.
 
-- `tool_choice` {"type": "function", "function": {"name": F}}: the output is F's arguments, a JSON object
-  matching F's `parameters` schema, returned as one call.
-- `tool_choice` "required": the output is a JSON array of {"name": ..., "parameters": {...}} objects, each
-  one of the tools with its own schema (one item at most with `parallel_tool_calls: false`), returned as
-  those calls. This is how vLLM serves these two choices.
-- "none": the tools go to the chat template only. "auto" (OpenAI's default when tools are given) would have
-  to recognise each model family's own tool-call syntax in free text; it is refused, naming tool_choice.
+- `tool_choice` {"type": "function", "function": {"name": F}}: the grammar (server/grammar.py) makes the
+  output F's arguments, a JSON object matching F's `parameters` schema, returned as one call.
+- `tool_choice` "required": the grammar makes the output a JSON array of {"name": ..., "parameters": {...}}
+  objects, each one of the tools with its own schema (one item at most with `parallel_tool_calls: false`),
+  returned as those calls. This is how vLLM serves these two choices.
+- "auto" (and no tool_choice with tools, as OpenAI defaults): the model writes freely; a parser for its
+  family's syntax (server/tool_parsers.py: the server's `tool_call_parser`, or the one its chat template
+  shows) finds the calls in the text. Without a parser "auto" is refused, naming tool_choice, and no
+  tool_choice means "none".
+- "none": the tools go to the chat template only.
 
-A call's arguments are always complete JSON: a choice cut by max_tokens is returned as text instead, with
-finish_reason "length".
+A forced call's arguments are always complete JSON: a choice cut by max_tokens is returned as text instead,
+with finish_reason "length". ChoiceReply turns one choice's output into the reply, streamed or whole.
 """
 from __future__ import annotations
 
 import json
 import uuid
 
+from typing import Any
+
 from server.http_errors import ApiError
+from server.openai_common import finish_reason
 from server.schemas_openai import ChatCompletionRequest
-from server.schemas_openai_out import FunctionCall, ToolCall
+from server.schemas_openai_out import ChatDelta, ChatMessageOut, FunctionCall, ToolCall, ToolCallDelta
+
+
+def auto_parser(req: ChatCompletionRequest, parser: Any) -> Any:
+    """The parser when the request leaves the calls to the model ("auto"), else None."""
+    if req.tool_choice == "auto":
+        if not req.tools:
+            raise ApiError("validation", "tool_choice: 'auto' needs tools", "tool_choice")
+        if parser is None:
+            raise ApiError("validation", "tool_choice: 'auto' needs a parser for this model's tool-call text, and "
+                                         "its chat template shows no syntax we know (set the server's "
+                                         "tool_call_parser: hermes or llama3_json); send 'required', a named "
+                                         "function or 'none'", "tool_choice")
+        return parser
+    return parser if req.tool_choice is None and req.tools else None
 
 
 def tool_grammar(req: ChatCompletionRequest) -> dict | None:
-    """SamplingParams.grammar for the request's tool_choice, or None when it asks for no call."""
+    """SamplingParams.grammar for the request's tool_choice, or None when it forces no call."""
     choice, tools = req.tool_choice, req.tools or []
-    if choice in (None, "none"):
+    if choice in (None, "none", "auto"):
         return None
     if not tools:
         raise ApiError("validation", "tool_choice: asks for a tool call, but no tools are given", "tool_choice")
-    if choice == "auto":
-        raise ApiError("validation", "tool_choice: 'auto' is not supported (it needs a parser for each model "
-                                     "family's tool-call text); send 'required', a named function or 'none'",
-                       "tool_choice")
     if req.response_format is not None and req.response_format.type != "text":
         raise ApiError("validation", "response_format: cannot be combined with a tool_choice that asks for "
                                      "a call (the call's arguments follow the tool's schema)", "response_format")
@@ -54,8 +70,57 @@ def tool_grammar(req: ChatCompletionRequest) -> dict | None:
 def tool_calls(req: ChatCompletionRequest, text: str) -> list[ToolCall]:
     """The calls a complete output of tool_grammar(req) holds."""
     if req.tool_choice == "required":
-        calls = [(c["name"], json.dumps(c["parameters"])) for c in json.loads(text)]
-    else:
-        calls = [(req.tool_choice.function.name, text)]
+        return _calls((c["name"], json.dumps(c["parameters"])) for c in json.loads(text))
+    return _calls([(req.tool_choice.function.name, text)])
+
+
+def _calls(pairs) -> list[ToolCall]:
     return [ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(name=name, arguments=arguments))
-            for name, arguments in calls]
+            for name, arguments in pairs]
+
+
+class ChoiceReply:
+    """One choice's output as the chat reply: content as it comes (no tools asked for); calls forced by
+    tool_grammar, sent whole once complete; or ("auto") content until the parser sees calls begin (holding
+    back only text that may open one), then, at the end, the calls the parser finds, or the text if it finds
+    none. finish_reason is "tool_calls" when the reply is calls."""
+
+    def __init__(self, req: ChatCompletionRequest, forced: bool, parser: Any = None):
+        self.req, self.forced, self.parser = req, forced, parser
+        self.names = {t.function.name for t in req.tools or []}
+        self.text, self.sent, self.in_calls = "", 0, False
+
+    def delta(self, new_text: str, engine_reason: str | None) -> tuple[ChatDelta | None, str | None]:
+        """What to send for one output delta (None: nothing yet), and the finish reason if it is the last."""
+        finished, reason = engine_reason is not None, finish_reason(engine_reason)
+        if not self.forced and self.parser is None:
+            return (ChatDelta(content=new_text) if new_text else None), reason
+        self.text += new_text
+        if not finished:
+            if self.forced or self.in_calls:
+                return None, None
+            safe, start = self.parser.split(self.text)
+            self.in_calls = start is not None
+            return self._content_up_to(safe), None
+        message, reason = self.message(self.text, engine_reason)
+        if not message.tool_calls:
+            return self._content_up_to(len(self.text)), reason
+        # content before the calls goes out as it came (here, what the last delta brought); the calls as one
+        before = None if self.forced else self._content_up_to(self.parser.split(self.text)[1])
+        return ChatDelta(content=before.content if before else None, tool_calls=[
+            ToolCallDelta(index=i, **c.model_dump()) for i, c in enumerate(message.tool_calls)]), reason
+
+    def _content_up_to(self, end: int) -> ChatDelta | None:
+        if end <= self.sent:
+            return None
+        delta, self.sent = ChatDelta(content=self.text[self.sent:end]), end
+        return delta
+
+    def message(self, text: str, engine_reason: str | None) -> tuple[ChatMessageOut, str | None]:
+        """The whole reply from the whole output."""
+        if self.forced and engine_reason == "eos_token":  # complete: the calls, no content
+            return ChatMessageOut(tool_calls=tool_calls(self.req, text)), "tool_calls"
+        parsed = self.parser.parse(text, self.names) if self.parser is not None and not self.forced else None
+        if parsed is not None:
+            return ChatMessageOut(content=parsed.content, tool_calls=_calls(parsed.calls)), "tool_calls"
+        return ChatMessageOut(content=text), finish_reason(engine_reason)

@@ -2,7 +2,8 @@
 
 Byte-level tokenizer (id = byte + 3; 0/1/2 = <unk>/<s>/</s>), deterministic tokens (printable ASCII, a
 function of the prompt, the position and the seed), a simulated block pool. Prompt markers drive the
-unusual paths: "EOS" ends with </s> after 3 tokens, "FAIL" ends with an engine error after 2 tokens.
+unusual paths: "EOS" ends with </s> after 3 tokens, "FAIL" ends with an engine error after 2 tokens,
+"SAY<<text>>" writes text, then </s>.
 """
 from __future__ import annotations
 
@@ -170,6 +171,7 @@ class FakeAsyncEngine:
         text = self.tokenizer.decode(prompt)
         rng = random.Random(params.seed if params.seed is not None else random.getrandbits(32))
         base = sum(prompt)
+        script = text[text.index("SAY<<") + 5:text.rindex(">>")].encode() if "SAY<<" in text else None
         acquired = False
         try:
             await self._slots.acquire()
@@ -183,7 +185,9 @@ class FakeAsyncEngine:
                 await asyncio.sleep(self.step_delay)
                 self._counters["steps"] += 1
                 i = len(out_ids)
-                if "EOS" in text and i == 3 and not params.ignore_eos:
+                if script is not None:  # its bytes, then </s>
+                    token = 3 + script[i] if i < len(script) else 2
+                elif "EOS" in text and i == 3 and not params.ignore_eos:
                     token = 2
                 elif params.greedy:
                     token = 3 + 32 + (base * 31 + i * 7) % 95

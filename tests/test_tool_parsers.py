@@ -1,0 +1,166 @@
+"""tool_choice "auto" (server/tool_parsers.py, tool_calls.ChoiceReply): calls found in a model's free text in
+its family's syntax, streamed with only a possible call opening held back; anything that is not wholly
+calls is content. Parsers on their own, then through the openai client against a server whose stand-in
+engine writes a scripted reply (tests/fake_engine.py: SAY<<text>>)."""
+from __future__ import annotations
+
+import json
+import random
+
+import openai
+import pytest
+
+from server.config import ServerConfig
+from server.schemas_openai import ChatCompletionRequest
+from server.tool_calls import ChoiceReply
+from server.tool_parsers import HermesParser, Llama3JsonParser, detect_parser
+
+NAMES = {"get_weather", "get_time"}
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+CALL_W = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+CALL_T = '<tool_call>{"name": "get_time", "arguments": "{\\"zone\\": \\"utc\\"}"}</tool_call>'
+
+
+def test_hermes_finds_each_call_and_the_content_before_them():
+    got = HermesParser().parse("Let me look.\n" + CALL_W + "\n" + CALL_T, NAMES)
+    assert got.content == "Let me look."
+    assert [(n, json.loads(a)) for n, a in got.calls] == [("get_weather", {"city": "Paris"}),
+                                                          ("get_time", {"zone": "utc"})]
+    assert HermesParser().parse(CALL_W, NAMES).content is None
+    # the last block may be cut before its closing tag (the model stopped at eos)
+    assert HermesParser().parse(CALL_W.removesuffix("</tool_call>"), NAMES).calls[0][0] == "get_weather"
+
+
+@pytest.mark.parametrize("text", [
+    "no call here",
+    CALL_W.replace("get_weather", "get_stock"),                       # not one of the tools
+    CALL_W.replace('{"city": "Paris"}', '["Paris"]'),                 # arguments not an object
+    CALL_W.replace('"Paris"}}', '"Paris"'),                           # not JSON
+    CALL_W + " and then some prose",                                  # a reply is all calls or none
+    CALL_W + "words" + CALL_T,
+])
+def test_hermes_text_that_is_not_wholly_calls_is_none(text):
+    assert HermesParser().parse(text, NAMES) is None
+
+
+def test_llama3_json_calls_with_or_without_the_python_tag():
+    p = Llama3JsonParser()
+    one = '{"name": "get_weather", "parameters": {"city": "Rome"}}'
+    assert p.parse(one, NAMES).calls == [("get_weather", '{"city": "Rome"}')]
+    two = p.parse('<|python_tag|>' + one + '; {"name": "get_time", "parameters": {}}', NAMES)
+    assert [n for n, _ in two.calls] == ["get_weather", "get_time"] and two.content is None
+    assert p.parse("The weather is " + one, NAMES) is None
+    assert p.parse(one + " trailing words", NAMES) is None
+    assert p.parse(one.replace("get_weather", "nope"), NAMES) is None
+
+
+def test_split_holds_back_only_what_may_open_a_call():
+    h = HermesParser()
+    assert h.split("Sure, ") == (6, None)
+    assert h.split("Sure, <tool") == (6, None)          # "<tool" may become "<tool_call>"
+    assert h.split("Sure, <tool_call>{") == (6, 6)
+    assert h.split("a < b") == (5, None)
+    j = Llama3JsonParser()
+    assert j.split("  ") == (0, None) and j.split("<|python") == (0, None)
+    assert j.split(' {"name"') == (0, 0)
+    assert j.split("Hello {") == (7, None)              # content: calls only ever open the reply
+
+
+def test_the_parser_is_detected_from_the_chat_template():
+    assert detect_parser("{% for t in tools %}<tool_call>{{ t }}</tool_call>{% endfor %}") == "hermes"
+    assert detect_parser("Environment: ipython ... <|python_tag|>") == "llama3_json"
+    assert detect_parser("<|im_start|>{{ m.content }}") is None and detect_parser(None) is None
+
+
+def stream(reply: ChoiceReply, text: str, pieces: list[int], reason: str = "eos_token"):
+    """Feed text in pieces of the given sizes; the deltas' content joined, and the last delta."""
+    content, i, last = [], 0, None
+    for k, size in enumerate(pieces):
+        piece, i = text[i:i + size], i + size
+        delta, _ = reply.delta(piece, reason if k == len(pieces) - 1 else None)
+        if delta is not None:
+            content.append(delta.content or "")
+            last = delta
+    return "".join(content), last
+
+
+def request(**kw) -> ChatCompletionRequest:
+    return ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], tools=[WEATHER, TIME], **kw)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_streamed_reply_sends_the_content_and_then_the_calls(seed):
+    rng = random.Random(seed)
+    text = "Checking the weather <now>.\n" + CALL_W + CALL_T
+    sizes = []
+    while sum(sizes) < len(text):
+        sizes.append(rng.randint(1, 9))
+    content, last = stream(ChoiceReply(request(tool_choice="auto"), False, HermesParser()), text, sizes)
+    assert content == "Checking the weather <now>.\n"       # all of it, and no byte of a call
+    assert [c.function.name for c in last.tool_calls] == ["get_weather", "get_time"]
+    assert [c.index for c in last.tool_calls] == [0, 1]
+
+
+def test_a_streamed_reply_that_is_no_call_after_all_is_sent_whole():
+    text = "I would call <tool_call>get_weather</tool_call> but no."
+    reply = ChoiceReply(request(tool_choice="auto"), False, HermesParser())
+    content, last = stream(reply, text, [3] * (len(text) // 3 + 1), reason="length")
+    assert content == text and last.tool_calls is None
+    assert reply.message(text, "length")[1] == "length"
+    message, reason = ChoiceReply(request(tool_choice="auto"), False, HermesParser()).message(CALL_W, "eos_token")
+    assert reason == "tool_calls" and message.content is None and message.tool_calls[0].id.startswith("call_")
+
+
+# ---- through the HTTP API -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def client():
+    from tests.live_server import fake_server
+    with fake_server(ServerConfig(stats_log_interval_s=0, tool_call_parser="hermes")) as s, \
+            openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0) as c:
+        yield c
+
+
+def say(text: str) -> list[dict]:
+    return [{"role": "user", "content": f"SAY<<{text}>>"}]
+
+
+@pytest.mark.parametrize("tool_choice", ["auto", None])
+def test_auto_returns_the_calls_the_model_wrote(client, tool_choice):
+    kw = {} if tool_choice is None else {"tool_choice": tool_choice}  # tools without tool_choice: "auto"
+    r = client.chat.completions.create(model="fake-model", messages=say("On it. " + CALL_W), tools=[WEATHER],
+                                       max_tokens=200, **kw)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "On it."
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+
+
+def test_auto_streams_the_content_then_one_delta_of_calls(client):
+    chunks = list(client.chat.completions.create(model="fake-model", messages=say("Sure. " + CALL_W + CALL_T),
+                                                 tools=[WEATHER, TIME], tool_choice="auto", max_tokens=200,
+                                                 stream=True))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    calls = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
+    assert content == "Sure. "
+    assert [(tc.index, tc.function.name) for tc in calls] == [(0, "get_weather"), (1, "get_time")]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_auto_with_no_call_in_the_reply_is_plain_content(client):
+    r = client.chat.completions.create(model="fake-model", messages=say("It is sunny <3"), tools=[WEATHER],
+                                       tool_choice="auto", max_tokens=200)
+    assert r.choices[0].message.content == "It is sunny <3" and r.choices[0].message.tool_calls is None
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_auto_without_a_parser_is_a_400_naming_tool_choice():
+    from tests.live_server import fake_server
+    with fake_server() as s, openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0) as c:
+        with pytest.raises(openai.BadRequestError) as err:
+            c.chat.completions.create(model="fake-model", messages=say("x"), tools=[WEATHER], tool_choice="auto")
+        assert err.value.body["param"] == "tool_choice" and "tool_call_parser" in err.value.body["message"]
+        # no tool_choice and no parser: "none", the reply is text
+        r = c.chat.completions.create(model="fake-model", messages=say(CALL_W), tools=[WEATHER], max_tokens=200)
+        assert r.choices[0].message.content == CALL_W and r.choices[0].finish_reason == "stop"
