@@ -42,6 +42,8 @@ class EngineStats:
     prefill_graph_steps: int = 0  # steps with prompt tokens that replayed a prefill graph
     prefix_cache_queries_total: int = 0  # tokens of admissions that looked in the prefix cache
     prefix_cache_hits_total: int = 0     # of those, tokens whose K/V were found there
+    overlapped_steps: int = 0            # steps launched while the previous one was in flight
+    deferred_sampling_steps: int = 0     # of those, sampled once the previous one's tokens were appended
 
 
 def engine_stats(e: LLMEngine) -> EngineStats:
@@ -51,7 +53,8 @@ def engine_stats(e: LLMEngine) -> EngineStats:
     return EngineStats(e.scheduler.num_running, e.scheduler.num_waiting, a.usage, a.num_free_blocks,
                        a.num_blocks, e.scheduler.num_preemptions_total, c.prompt_tokens_total,
                        c.generation_tokens_total, c.admission_rejections_total, c.num_steps, *replays,
-                       e.scheduler.prefix_cache_queries_total, e.scheduler.prefix_cache_hits_total)
+                       e.scheduler.prefix_cache_queries_total, e.scheduler.prefix_cache_hits_total,
+                       c.overlapped_steps, c.deferred_sampling_steps)
 
 
 class RequestStream:

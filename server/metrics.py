@@ -39,6 +39,10 @@ _ENGINE_SERIES = (
      "output too) looked up in the prefix cache", "prefix_cache_queries_total"),
     (CounterMetricFamily, "gqaserve_prefix_cache_hits", "Of those, tokens found in the prefix cache (not "
      "computed)", "prefix_cache_hits_total"),
+    (CounterMetricFamily, "gqaserve_overlapped_steps", "Engine steps launched while the previous one was "
+     "still in flight (overlap scheduling)", "overlapped_steps"),
+    (CounterMetricFamily, "gqaserve_deferred_sampling_steps", "Of those, steps whose rows (penalties, "
+     "grammars) sampled once the previous step's tokens were appended", "deferred_sampling_steps"),
 )
 
 

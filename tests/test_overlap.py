@@ -75,6 +75,12 @@ def test_overlap_gives_what_the_synchronous_engine_gives(tiny_llama_dir, kv_cach
     engine = llm.engine
     assert engine.counters.overlapped_steps >= 10
     assert engine.counters.deferred_sampling_steps > 0  # the penalty rows' steps ran ahead too
+    from server.async_engine import engine_stats
+    from server.metrics import ServerMetrics
+    stats = engine_stats(engine)
+    text = ServerMetrics(lambda: stats).render().decode()
+    assert f"gqaserve_overlapped_steps_total {float(engine.counters.overlapped_steps)}" in text
+    assert f"gqaserve_deferred_sampling_steps_total {float(engine.counters.deferred_sampling_steps)}" in text
     if kv_cache_memory == "96KiB":
         assert engine.scheduler.num_preemptions_total > 0
     assert engine.allocator.num_free_blocks == engine.kv_capacity.num_blocks  # nothing leaked
