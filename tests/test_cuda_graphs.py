@@ -304,3 +304,29 @@ def test_gpu_engine_with_graphs_equals_enforce_eager(tiny_llama_dir, overlap):
     assert [r.token_ids for r in graphed.generate(ps, params)] == want
     assert sum(graphed.engine.runner.graphs.replays.values()) > 0
     assert (graphed.engine.counters.overlapped_steps > 0) == overlap
+
+
+@gpu
+def test_gpu_deferred_sampling_under_overlap_equals_enforce_eager(tiny_llama_dir):
+    """Rows with penalties and a grammar among plain ones: with overlap their steps replay the graph ahead and
+    sample after the in-flight step's ids reach the host (deferred sampling), on real CUDA graphs and
+    streams; the tokens are the eager engine's."""
+    from server.grammar import Grammar
+    from tests.test_grammar import REGEX, matches
+    cfg = dict(dtype="float32", device="cuda", gpu_memory_utilization=0.05, max_num_seqs=16,
+               max_num_batched_tokens=256)
+    ps = engine_prompts(6, seed=2)
+    params = [SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True) for _ in range(3)]
+    params += [SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True, frequency_penalty=0.7),
+               SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True, repetition_penalty=1.3),
+               SamplingParams(temperature=0.0, max_new_tokens=24, grammar=Grammar(type="regex", value=REGEX))]
+    free_gpu_memory()
+    eager = LLM(str(tiny_llama_dir), enforce_eager=True, **cfg)
+    want = [r.token_ids for r in eager.generate(ps, params)]
+    del eager
+    free_gpu_memory()
+    graphed = LLM(str(tiny_llama_dir), overlap_scheduling=True, **cfg)
+    got = graphed.generate(ps, params)
+    assert [r.token_ids for r in got] == want
+    assert matches(got[5].text, params[5].grammar)
+    assert graphed.engine.counters.deferred_sampling_steps >= 10
