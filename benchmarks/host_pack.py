@@ -9,6 +9,9 @@ Two tables, best of --repeats runs of --loads loads each (us per load):
            and 125 blocks a sequence
   prefill  PrefillInputs.load of a step with a new prompt and running decodes (the 1B shape's GQA group 4,
            head dim 64, 2,048-token budget, 256 sequences)
+  sampling a step's build_sampling_tensors at batch 64 and 256 with 10% of the rows penalised (prompts and
+           outputs of 100-1,024 tokens, one token appended to every row per step as in service), against
+           the previous way of building the penalty tables alone: every row's token lists, padded, converted
 Writes JSON to --json or $OUT/host_pack.json.
 """
 from __future__ import annotations
@@ -70,6 +73,33 @@ def prefill_rows(prompt: int, decodes: int, inputs: PrefillInputs, repeats: int,
     return {"prompt": prompt, "decodes": decodes, "bucket": size, "load_us": us}
 
 
+def sampling_rows(batch: int, repeats: int, loads: int) -> dict:
+    from server.sampling_batch import build_sampling_tensors
+    rng = np.random.default_rng(batch)
+    seqs = []
+    for i in range(batch):
+        pen = rng.random() < 0.1
+        p = SamplingParams(temperature=0.0, frequency_penalty=0.5 if pen else 0.0,
+                           repetition_penalty=1.1 if pen else 1.0)
+        seq = Sequence(str(i), rng.integers(10, 128000, int(rng.integers(100, 1025))).tolist(), p)
+        seq.token_ids += rng.integers(10, 128000, int(rng.integers(100, 1025))).tolist()
+        seqs.append(seq)
+
+    def step(build):
+        for seq in seqs:
+            seq.token_ids.append(7)
+        build()
+
+    def lists():  # the previous tables: every row, from Python lists, padded, each step
+        for ids in ([s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs]):
+            width = max(map(len, ids))
+            torch.tensor([x + [128256] * (width - len(x)) for x in ids], dtype=torch.int64)
+    now = best_us(lambda: step(lambda: build_sampling_tensors(seqs, 128256, (2,), CPU)), repeats, loads)
+    before = best_us(lambda: step(lists), repeats, loads)
+    return {"batch": batch, "penalised": sum(s.params.frequency_penalty != 0 for s in seqs),
+            "lists_tables_us": before, "build_us": now}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=5)
@@ -80,13 +110,17 @@ def main(argv=None) -> dict:
     inputs = PrefillInputs(token_buckets(2048), 256, 128, 4, 64, CPU)
     prefill = [prefill_rows(p, d, inputs, args.repeats, args.loads)
                for p, d in ((128, 0), (128, 32), (128, 255), (2048, 0), (1024, 200))]
+    sampling = [sampling_rows(b, args.repeats, max(2, args.loads // 10)) for b in (64, 256)]
     print(f"{'decode load, batch':<20} {'blocks/seq':>10} {'list us':>9} {'mirror us':>10}")
     for r in decode:
         print(f"{r['batch']:<20} {r['blocks_per_seq']:>10} {r['list_us']:>9.0f} {r['mirror_us']:>10.0f}")
     print(f"{'prefill load, prompt':<20} {'decodes':>10} {'bucket':>9} {'load us':>10}")
     for r in prefill:
         print(f"{r['prompt']:<20} {r['decodes']:>10} {r['bucket']:>9} {r['load_us']:>10.0f}")
-    res = {"args": vars(args), "decode": decode, "prefill": prefill}
+    print(f"{'sampling, batch':<20} {'penalised':>10} {'previous tables us':>19} {'whole build us':>15}")
+    for r in sampling:
+        print(f"{r['batch']:<20} {r['penalised']:>10} {r['lists_tables_us']:>19.0f} {r['build_us']:>15.0f}")
+    res = {"args": vars(args), "decode": decode, "prefill": prefill, "sampling": sampling}
     write_json(res, args.json, "host_pack.json")
     return res
 

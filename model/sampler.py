@@ -28,11 +28,13 @@ class SamplingTensors:
     seeds: torch.Tensor                  # [B] int64 (ignored where has_seed is False)
     has_seed: torch.Tensor               # [B] bool
     output_index: torch.Tensor           # [B] int64, index of the token being drawn among the outputs
-    repetition_penalty: torch.Tensor | None = None  # [B] float32
-    presence_penalty: torch.Tensor | None = None    # [B] float32
-    frequency_penalty: torch.Tensor | None = None   # [B] float32
-    prompt_tokens: torch.Tensor | None = None       # [B, Lp] int64, padded with vocab_size
-    output_tokens: torch.Tensor | None = None       # [B, Lo] int64, padded with vocab_size
+    # penalties, for R rows: the rows in penalty_rows [R] int64, or every row (R = B) when it is None
+    penalty_rows: torch.Tensor | None = None
+    repetition_penalty: torch.Tensor | None = None  # [R] float32
+    presence_penalty: torch.Tensor | None = None    # [R] float32
+    frequency_penalty: torch.Tensor | None = None   # [R] float32
+    prompt_tokens: torch.Tensor | None = None       # [R, Lp] int64, padded with vocab_size
+    output_tokens: torch.Tensor | None = None       # [R, Lo] int64, padded with vocab_size
     banned_tokens: torch.Tensor | None = None       # [B, K] int64, padded with vocab_size
     bias_index: torch.Tensor | None = None          # [2, N] int64: (row, token id) of each logit bias
     bias_values: torch.Tensor | None = None         # [N] float32: added to those logits
@@ -90,19 +92,24 @@ def _apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
         banned = torch.zeros(B, V + 1, dtype=torch.bool, device=logits.device)
         banned.scatter_(1, t.banned_tokens, True)
         logits = logits.masked_fill(banned[:, :V], float("-inf"))
+    if t.repetition_penalty is None and t.presence_penalty is None:
+        return logits
+    rows = t.penalty_rows  # only the penalised rows' [R, V] are worked on (a batch mixes them with others)
+    sub = logits if rows is None else logits.index_select(0, rows)
+    R = sub.shape[0]
     if t.repetition_penalty is not None:
-        seen = torch.zeros(B, V + 1, dtype=torch.bool, device=logits.device)
+        seen = torch.zeros(R, V + 1, dtype=torch.bool, device=logits.device)
         seen.scatter_(1, t.prompt_tokens, True)
         seen.scatter_(1, t.output_tokens, True)
         p = t.repetition_penalty[:, None]
-        penalised = torch.where(logits > 0, logits / p, logits * p)
-        logits = torch.where(seen[:, :V], penalised, logits)
+        penalised = torch.where(sub > 0, sub / p, sub * p)
+        sub = torch.where(seen[:, :V], penalised, sub)
     if t.presence_penalty is not None:
-        counts = torch.zeros(B, V + 1, dtype=logits.dtype, device=logits.device)
+        counts = torch.zeros(R, V + 1, dtype=logits.dtype, device=logits.device)
         counts.scatter_add_(1, t.output_tokens, torch.ones_like(t.output_tokens, dtype=logits.dtype))
         counts = counts[:, :V]
-        logits = logits - t.frequency_penalty[:, None] * counts - t.presence_penalty[:, None] * (counts > 0)
-    return logits
+        sub = sub - t.frequency_penalty[:, None] * counts - t.presence_penalty[:, None] * (counts > 0)
+    return sub if rows is None else logits.index_copy(0, rows, sub)
 
 
 def _apply_top_k_top_p(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:

@@ -1,12 +1,13 @@
 """Per-row sampling tensors for one step, from the sequences that sample (host -> device, few copies).
 
 Rows' parameters are packed into one float and one int host tensor, so a step costs two small uploads
-(plus token lists only when some row uses a penalty, banned ids only while some row is below
+(plus the penalised rows' token tables only when some row uses a penalty, banned ids only while some row is below
 min_new_tokens, (row, token, bias) triples only when some row has a logit_bias, and a bitmask of allowed
 tokens only when some row has a grammar). The host flags tell the sampler which stages it may skip.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from model.sampler import SamplingTensors
@@ -19,6 +20,15 @@ def _upload(rows: list, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t
+
+
+def _upload_table(rows: list[np.ndarray], pad: int, device: torch.device) -> torch.Tensor:
+    """[R, max length] int64, each row padded with pad."""
+    table = np.full((len(rows), max((len(r) for r in rows), default=0) or 1), pad, np.int64)
+    for i, r in enumerate(rows):
+        table[i, :len(r)] = r
+    t = torch.from_numpy(table)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 def _padded(lists: list[list[int]], pad: int) -> list[list[int]]:
@@ -37,19 +47,25 @@ def only_argmax(seqs: list[Sequence]) -> bool:
 def build_sampling_tensors(seqs: list[Sequence], vocab_size: int, eos_token_ids: tuple[int, ...],
                            device: torch.device) -> SamplingTensors:
     ps = [s.params for s in seqs]
-    floats = _upload([[p.temperature for p in ps], [p.top_p for p in ps], [p.min_p for p in ps],
-                      [p.repetition_penalty for p in ps], [p.presence_penalty for p in ps],
-                      [p.frequency_penalty for p in ps]], torch.float32, device)   # [6, B]
+    floats = _upload([[p.temperature for p in ps], [p.top_p for p in ps], [p.min_p for p in ps]],
+                     torch.float32, device)                                        # [3, B]
     ints = _upload([[max(p.top_k, 0) for p in ps], [p.seed or 0 for p in ps],
                     [s.num_output_tokens for s in seqs], [p.seed is not None for p in ps]],
                    torch.int64, device)                                            # [4, B]
-    any_rep = any(p.repetition_penalty != 1.0 for p in ps)
-    any_pf = any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in ps)
-    prompt_tokens = output_tokens = None
-    if any_rep:
-        prompt_tokens = _upload(_padded([s.prompt_token_ids for s in seqs], vocab_size), torch.int64, device)
-    if any_rep or any_pf:
-        output_tokens = _upload(_padded([s.output_token_ids for s in seqs], vocab_size), torch.int64, device)
+    # penalties: tables of the penalised rows' tokens only (from each sequence's int64 mirror)
+    pen = [i for i, p in enumerate(ps)
+           if p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0]
+    any_rep = any(ps[i].repetition_penalty != 1.0 for i in pen)
+    any_pf = any(ps[i].presence_penalty != 0.0 or ps[i].frequency_penalty != 0.0 for i in pen)
+    penalty_rows = pen_floats = prompt_tokens = output_tokens = None
+    if pen:
+        penalty_rows = _upload(pen, torch.int64, device)                                 # [R]
+        pen_floats = _upload([[ps[i].repetition_penalty for i in pen], [ps[i].presence_penalty for i in pen],
+                              [ps[i].frequency_penalty for i in pen]], torch.float32, device)  # [3, R]
+        arrays = [(seqs[i].token_array(), seqs[i].num_prompt_tokens) for i in pen]
+        if any_rep:
+            prompt_tokens = _upload_table([a[:k] for a, k in arrays], vocab_size, device)
+        output_tokens = _upload_table([a[k:] for a, k in arrays], vocab_size, device)
     bias_index = bias_values = None
     if any(p.logit_bias for p in ps):
         pairs = [(row, token, bias) for row, p in enumerate(ps) for token, bias in p.logit_bias.items()]
@@ -76,9 +92,10 @@ def build_sampling_tensors(seqs: list[Sequence], vocab_size: int, eos_token_ids:
     return SamplingTensors(
         temperature=floats[0], top_p=floats[1], min_p=floats[2], top_k=ints[0], seeds=ints[1],
         output_index=ints[2], has_seed=ints[3].bool(),
-        repetition_penalty=floats[3] if any_rep else None,
-        presence_penalty=floats[4] if any_pf else None,
-        frequency_penalty=floats[5] if any_pf else None,
+        penalty_rows=penalty_rows,
+        repetition_penalty=pen_floats[0] if any_rep else None,
+        presence_penalty=pen_floats[1] if any_pf else None,
+        frequency_penalty=pen_floats[2] if any_pf else None,
         prompt_tokens=prompt_tokens, output_tokens=output_tokens, banned_tokens=banned,
         bias_index=bias_index, bias_values=bias_values, allowed_bits=allowed_bits,
         all_greedy=all(greedy), any_greedy=any(greedy),

@@ -232,6 +232,8 @@ def test_host_pack_times_both_table_sources_and_prefill_loads(tmp_path):
     assert all(r["list_us"] > 0 and r["mirror_us"] > 0 for r in res["decode"])
     assert [r["bucket"] for r in res["prefill"]] == [128, 192, 384, 2048, 1280]
     assert json.loads((tmp_path / "h.json").read_text())["prefill"][0]["load_us"] > 0
+    assert [r["batch"] for r in res["sampling"]] == [64, 256]
+    assert all(0 < r["penalised"] < r["batch"] and r["build_us"] > 0 for r in res["sampling"])
 
 
 def test_gc_pause_measures_before_and_after_the_freeze(tmp_path):

@@ -145,3 +145,76 @@ def test_logprobs_are_raw_log_softmax_with_top_n():
     assert torch.allclose(out.logprobs, ref.gather(1, out.token_ids[:, None])[:, 0])
     top = ref.topk(5, -1)
     assert torch.equal(out.top_ids, top.indices) and torch.allclose(out.top_logprobs, top.values)
+
+
+def test_penalties_on_a_subset_of_rows_leave_the_others_alone():
+    """penalty_rows: only those rows are penalised (their tables hold R rows); the rest keep their logits."""
+    from model.sampler import _apply_penalties
+    torch.manual_seed(1)
+    logits = torch.randn(5, V)
+    rows, output = [3, 1], [[4, 4, 9], [2]]
+    pad = lambda ls: torch.tensor([x + [V] * (max(map(len, ls)) - len(x)) for x in ls])  # noqa: E731
+    t = tensors(5, temperature=0.0)
+    t = SamplingTensors(**{**t.__dict__, "penalty_rows": torch.tensor(rows),
+                           "repetition_penalty": torch.tensor([1.5, 1.2]), "prompt_tokens": pad([[0], [7, 8]]),
+                           "presence_penalty": torch.tensor([0.3, 0.0]), "frequency_penalty": torch.tensor([0.5, 1.0]),
+                           "output_tokens": pad(output)})
+    got = _apply_penalties(logits, t)
+    want = logits.clone()
+    for r, prompt, out, rep, pres, freq in zip(rows, [[0], [7, 8]], output, [1.5, 1.2], [0.3, 0.0], [0.5, 1.0]):
+        for tok in set(prompt) | set(out):
+            x = want[r, tok]
+            want[r, tok] = x / rep if x > 0 else x * rep
+        for tok in set(out):
+            want[r, tok] -= freq * out.count(tok) + pres
+    assert torch.allclose(got, want) and not torch.equal(got[3], logits[3])
+    assert torch.equal(got[[0, 2, 4]], logits[[0, 2, 4]])
+
+
+def test_a_sequences_token_array_follows_its_tokens():
+    from server.sampling_params import SamplingParams
+    from server.sequence import Sequence
+    seq = Sequence("s", list(range(10, 40)), SamplingParams())
+    assert seq.token_array().tolist() == seq.token_ids
+    for t in range(100):  # grows past its buffer, a token at a time
+        seq.token_ids.append(t)
+        assert seq.token_array().tolist() == seq.token_ids
+    seq.token_ids.append(-1)                           # a placeholder of a step in flight ...
+    assert seq.token_array().tolist() == seq.token_ids
+    seq.token_ids[-1] = 77                             # ... filled when it completes
+    seq.token_ids.append(-1)
+    assert seq.token_array().tolist() == seq.token_ids
+    del seq.token_ids[-1:]                             # dropped at a stop
+    assert seq.token_array().tolist() == seq.token_ids
+    seq.token_ids[-1] = 5                              # any change at the tail is seen
+    assert seq.token_array().tolist() == seq.token_ids
+    seq.token_ids += [-1, -1]                          # two steps' placeholders; the earlier one filled
+    assert seq.token_array().tolist() == seq.token_ids
+    seq.token_ids[-2] = 8
+    assert seq.token_array().tolist() == seq.token_ids
+
+
+def test_sampling_tables_hold_only_the_penalised_rows():
+    """build_sampling_tensors: a batch of 6 with 2 penalised rows samples as the same rows alone would, and
+    uploads their tables only."""
+    from server.sampling_batch import build_sampling_tensors
+    from server.sampling_params import SamplingParams
+    from server.sequence import Sequence
+    torch.manual_seed(2)
+    seqs = []
+    for i in range(6):
+        p = SamplingParams(temperature=0.0, frequency_penalty=2.0 if i in (1, 4) else 0.0,
+                           repetition_penalty=1.5 if i == 4 else 1.0)
+        s = Sequence(str(i), [1 + i, 2 + i, 3], p)
+        s.token_ids += [5 + i, 5 + i, 9]
+        seqs.append(s)
+    logits = torch.randn(6, V)
+    for i in range(6):  # each row's repeated output token is its likely one, so penalties change the argmax
+        logits[i, 5 + i] = 3.5
+    t = build_sampling_tensors(seqs, V, (0,), torch.device("cpu"))
+    assert t.penalty_rows.tolist() == [1, 4] and t.output_tokens.shape[0] == t.prompt_tokens.shape[0] == 2
+    got = sample(logits, t).token_ids
+    alone = [sample(logits[i:i + 1], build_sampling_tensors([s], V, (0,), torch.device("cpu"))).token_ids[0]
+             for i, s in enumerate(seqs)]
+    assert got.tolist() == [int(x) for x in alone]
+    assert got[1] != logits[1].argmax() and got[0] == logits[0].argmax()
