@@ -5,6 +5,7 @@
     python benchmarks/throughput.py --preset cpu [--quick]             # SmolLM2-135M fp32 vs transformers
     python benchmarks/throughput.py --model DIR --turns 4 [--no-enable-prefix-caching]  # chats of 4 turns
     python benchmarks/throughput.py --dummy --penalized-fraction 0.1   # 10% of the requests with a penalty
+    python benchmarks/throughput.py --dummy --temperature 0.8 --top-p 0.95  # sampled, not greedy
 
 Every request ignores eos and generates exactly its drawn output length. Prints requests/s, output tok/s
 and total (prompt + output) tok/s. `--preset cpu` also runs Hugging Face transformers on the same weights
@@ -101,12 +102,15 @@ def build_llm(args, prompts, out_lens):
     return LLM(None, runner=runner, tokenizer=NullTokenizer(), **kw)
 
 
-def run_ours(llm, prompts, out_lens, penalized_fraction: float = 0.0, seed: int = 0) -> dict:
+def run_ours(llm, prompts, out_lens, penalized_fraction: float = 0.0, seed: int = 0, temperature: float = 0.0,
+             top_p: float = 1.0) -> dict:
     """With penalized_fraction, that share of the requests (drawn with seed) samples with a frequency
-    penalty: rows whose sampling reads their own tokens, which overlap scheduling must wait for."""
+    penalty: rows whose sampling reads their own tokens, which overlap scheduling must wait for. temperature
+    and top_p apply to every request (0: greedy)."""
     from server.sampling_params import SamplingParams
     rng = random.Random(seed)
-    params = [SamplingParams(temperature=0.0, max_new_tokens=o, ignore_eos=True,
+    params = [SamplingParams(temperature=temperature, top_p=top_p,
+                             max_new_tokens=o, ignore_eos=True,
                              frequency_penalty=0.5 if rng.random() < penalized_fraction else 0.0)
               for o in out_lens]
     llm.generate(fresh(prompts[:2]), params[:2])  # warm-up on other prompts: nothing for the cache to reuse
@@ -276,6 +280,8 @@ def main(argv=None) -> None:
     ap.add_argument("--prefix-len", type=int, default=0, help="a shared random prefix of this many tokens "
                     "before every prompt (as vLLM's --random-prefix-len)")
     ap.add_argument("--turns", type=int, default=1, help="each request a chat of this many turns (see above)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="every request's temperature (0: greedy)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="every request's top_p")
     ap.add_argument("--penalized-fraction", type=float, default=0.0, help="this share of the requests samples "
                     "with frequency_penalty 0.5 (rows that read their own tokens: their steps sample after the "
                     "step in flight)")
@@ -308,7 +314,7 @@ def main(argv=None) -> None:
         ours = run_turns(llm, [t[0] for t in turns], [t[1] for t in turns])
     else:
         llm = build_llm(args, prompts, out_lens)
-        ours = run_ours(llm, prompts, out_lens, args.penalized_fraction, args.seed)
+        ours = run_ours(llm, prompts, out_lens, args.penalized_fraction, args.seed, args.temperature, args.top_p)
     cmp = compare_with_transformers(args, llm, prompts, out_lens) if args.preset == "cpu" else None
     prefix = f"shared prefix {args.prefix_len} + " if args.prefix_len else ""
     chats = f" x {args.turns} turns" if args.turns > 1 else ""
@@ -316,7 +322,8 @@ def main(argv=None) -> None:
           f"device {llm.engine.runner.device}, {ours['steps']} steps, {ours['preemptions']} preemptions, "
           f"{ours['prefix_cache_hit_tokens']:,} tokens from the prefix cache, {ours['elapsed_s']:.1f} s")
     if "overlapped_steps" in ours:
-        print(f"{ours['penalized_requests']} requests with a penalty; {ours['overlapped_steps']} steps launched "
+        sampled = f"temperature {args.temperature}, top_p {args.top_p}" if args.temperature else "greedy"
+        print(f"{sampled}; {ours['penalized_requests']} requests with a penalty; {ours['overlapped_steps']} steps launched "
               f"while one was in flight, {ours['deferred_sampling_steps']} of them sampled after it")
     print_table(ours, cmp)
     if args.json:

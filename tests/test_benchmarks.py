@@ -280,15 +280,15 @@ def test_run_gpu_steps_match_the_documented_names():
 
 
 def test_throughput_with_a_share_of_penalized_requests(tmp_path, capsys):
-    """--penalized-fraction: that share of the requests (seeded draw) samples with a frequency penalty; each
-    still generates exactly its drawn length."""
+    """--penalized-fraction: that share of the requests (seeded draw) samples with a frequency penalty; with
+    --temperature / --top-p every request samples; each still generates exactly its drawn length."""
     from benchmarks import throughput
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(TINY_CONFIG))
     out = tmp_path / "p.json"
     throughput.main(["--dummy", "--config", str(cfg), "--device", "cpu", "--num-requests", "12",
                      "--input-len", "8", "20", "--output-len", "4", "12", "--kv-cache-memory", "1MiB",
-                     "--penalized-fraction", "0.5", "--json", str(out)])
+                     "--penalized-fraction", "0.5", "--temperature", "0.8", "--top-p", "0.9", "--json", str(out)])
     assert "requests with a penalty" in capsys.readouterr().out
     ours = json.loads(out.read_text())["ours"]
     assert 0 < ours["penalized_requests"] < 12
