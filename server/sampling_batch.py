@@ -88,10 +88,13 @@ def build_sampling_tensors(seqs: list[Sequence], vocab_size: int, eos_token_ids:
         banned = _upload(_padded(rows, vocab_size), torch.int64, device)
     greedy = [p.temperature == 0.0 for p in ps]
     seeded = [p.seed is not None for p in ps]
+    seeded_rows = [i for i, (sd, g) in enumerate(zip(seeded, greedy)) if sd and not g]
+    any_unseeded = any(not sd and not g for sd, g in zip(seeded, greedy))
     logprobs = [p.logprobs for p in ps if p.logprobs is not None]
     return SamplingTensors(
         temperature=floats[0], top_p=floats[1], min_p=floats[2], top_k=ints[0], seeds=ints[1],
         output_index=ints[2], has_seed=ints[3].bool(),
+        seeded_rows=_upload(seeded_rows, torch.int64, device) if seeded_rows and any_unseeded else None,
         penalty_rows=penalty_rows,
         repetition_penalty=pen_floats[0] if any_rep else None,
         presence_penalty=pen_floats[1] if any_pf else None,
@@ -102,8 +105,7 @@ def build_sampling_tensors(seqs: list[Sequence], vocab_size: int, eos_token_ids:
         any_top_k=any(p.top_k > 0 and not g for p, g in zip(ps, greedy)),
         any_top_p=any(p.top_p < 1.0 and not g for p, g in zip(ps, greedy)),
         any_min_p=any(p.min_p > 0.0 and not g for p, g in zip(ps, greedy)),
-        any_seeded=any(sd and not g for sd, g in zip(seeded, greedy)),
-        any_unseeded=any(not sd and not g for sd, g in zip(seeded, greedy)),
+        any_seeded=bool(seeded_rows), any_unseeded=any_unseeded,
         max_logprobs=max(logprobs) if logprobs else None,
     )
 

@@ -218,3 +218,32 @@ def test_sampling_tables_hold_only_the_penalised_rows():
              for i, s in enumerate(seqs)]
     assert got.tolist() == [int(x) for x in alone]
     assert got[1] != logits[1].argmax() and got[0] == logits[0].argmax()
+
+
+def test_seeded_rows_hashed_alone_draw_what_the_whole_batch_hash_draws():
+    """seeded_rows: a batch mixing seeded and unseeded rows hashes only the seeded rows' uniforms; their tokens
+    are the ones the all-rows hash gives, and unseeded rows still sample."""
+    torch.manual_seed(3)
+    logits = torch.randn(6, V)
+    seeds = [None, 11, None, None, 4, None]
+    for i in range(5):
+        whole = sample(logits, tensors(6, seeds=seeds, index=i), torch.Generator().manual_seed(0)).token_ids
+        t = tensors(6, seeds=seeds, index=i)
+        t = SamplingTensors(**{**t.__dict__, "seeded_rows": torch.tensor([1, 4])})
+        alone = sample(logits, t, torch.Generator().manual_seed(0)).token_ids
+        assert alone[[1, 4]].tolist() == whole[[1, 4]].tolist()
+        alone_row = sample(logits[1:2], tensors(1, seeds=[11], index=i)).token_ids
+        assert alone[1] == alone_row[0]
+
+
+def test_build_sampling_tensors_names_the_seeded_rows():
+    from server.sampling_batch import build_sampling_tensors
+    from server.sampling_params import SamplingParams
+    from server.sequence import Sequence
+    ps = [SamplingParams(temperature=0.7), SamplingParams(temperature=0.7, seed=3), SamplingParams(seed=5),
+          SamplingParams(temperature=0.0, seed=9)]
+    seqs = [Sequence(str(i), [1, 2], p) for i, p in enumerate(ps)]
+    t = build_sampling_tensors(seqs, V, (0,), torch.device("cpu"))
+    assert t.seeded_rows.tolist() == [1, 2] and t.any_seeded and t.any_unseeded  # greedy row 3: argmax
+    t = build_sampling_tensors(seqs[1:3], V, (0,), torch.device("cpu"))
+    assert t.seeded_rows is None and t.any_seeded and not t.any_unseeded         # all seeded: one hash
