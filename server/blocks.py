@@ -101,9 +101,13 @@ class BlockAllocator:
         return True
 
     def free(self, seq: Sequence) -> None:
-        """Return the sequence's blocks; its block_table is left empty (so freeing twice is harmless)."""
+        """Return the sequence's blocks; its block_table is left empty (so freeing twice is harmless).
+
+        Last block first: registered ones join the eviction order tail first, so the pool evicts a sequence's
+        own tail (its output, its prompt's unshared end) before the prefix other requests may share, as
+        vLLM's free does. (In the order of the table, a shared system prompt went first.)"""
         table, seq.block_table = seq.block_table, []
-        self.free_blocks(table)
+        self.free_blocks(table[::-1])
 
     # ---- prefix cache ------------------------------------------------------------------------------
     def take_cached_prefix(self, seq: Sequence) -> int:

@@ -63,10 +63,13 @@ def test_freed_blocks_stay_cached_until_the_pool_needs_them():
     assert a.take_cached_prefix(again) == 8 and again.block_table == blocks[:2]
     assert a.num_free_blocks == 2
     a.free(again)
-    # never-registered blocks go first, then the least recently freed registered ones, which drop out
+    # never-registered blocks go first, then the least recently freed registered ones, which drop out; a
+    # sequence's blocks are freed tail first, so its tail goes before the prefix others may share
     got = a.allocate(3)
-    assert got[:2] == [3, blocks[2]] and got[2] == blocks[0]
-    assert a.num_cached_blocks == 1 and a.take_cached_prefix(seq("c", PROMPT)) == 0
+    assert got[:2] == [3, blocks[2]] and got[2] == blocks[1]
+    c = seq("c", PROMPT)
+    assert a.num_cached_blocks == 1 and a.take_cached_prefix(c) == 4 and c.block_table == blocks[:1]
+    a.free(c)
     a.free_blocks(got)
     assert a.num_free_blocks == 4
 
