@@ -71,6 +71,10 @@ class ServerConfig(BaseModel):
                                                      "engine steps do not share one GIL (server/engine_process.py)")
     gc_freeze: bool = Field(True, description="after the model loads, exempt every object alive then from "
                                               "Python's cyclic GC (gc.freeze), so full collections stay short")
+    generation_config: Literal["auto", "none"] = Field(
+        "auto", description="auto: the model's generation_config.json sampling defaults (temperature, top_p, "
+                            "top_k, min_p, repetition_penalty) fill the fields an OpenAI request leaves unset; "
+                            "none: OpenAI's own defaults")
     tool_call_parser: Literal["auto", "hermes", "llama3_json", "none"] = Field(
         "auto", description="how tool_choice 'auto' finds calls in the reply's text (server/tool_parsers.py): "
                             "auto = the syntax the chat template shows; none = 'auto' is refused")

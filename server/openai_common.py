@@ -58,10 +58,14 @@ def sampling_params(state: ServerState, req: SamplingFields, prompt_len: int, *,
             raise ApiError("validation", f"logit_bias: keys are token ids; {key!r} is not one",
                            "logit_bias") from None
         bias[token] = value
+    model = state.sampling_defaults  # the model's generation_config.json, then OpenAI's defaults
+
+    def unset(value, field: str, default: float):
+        return model.get(field, default) if value is None else value
     return build_params(
-        names, temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, min_p=req.min_p or 0.0,
-        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        names, temperature=unset(req.temperature, "temperature", 1.0), top_p=unset(req.top_p, "top_p", 1.0),
+        top_k=unset(req.top_k, "top_k", 0), min_p=unset(req.min_p, "min_p", 0.0),
+        repetition_penalty=unset(req.repetition_penalty, "repetition_penalty", 1.0),
         presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
         seed=seed, max_new_tokens=max_new, min_new_tokens=req.min_tokens or 0, stop=stop,
         stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=bool(req.ignore_eos), logprobs=logprobs,

@@ -38,6 +38,7 @@ class ServerState:
         self.metrics = ServerMetrics(self.stats)
         self._thread: threading.Thread | None = None
         self._froze_gc = False
+        self._sampling_defaults: dict[str, float] | None = None
 
     # lifecycle -----------------------------------------------------------------------------------------
     def start_loading(self) -> None:
@@ -113,6 +114,19 @@ class ServerState:
         return int(self.engine.max_model_len)
 
     @property
+    def sampling_defaults(self) -> dict[str, float]:
+        """OpenAI requests' defaults for unset sampling fields, from the model's generation_config.json
+        (model/generation_defaults.py), read once the model directory is known; empty with
+        generation_config = none."""
+        if self._sampling_defaults is None:
+            model_dir = getattr(self.engine, "model_dir", None)
+            if self.config.generation_config == "none" or model_dir is None:
+                return {}
+            from model.generation_defaults import sampling_defaults
+            self._sampling_defaults = sampling_defaults(model_dir)
+        return self._sampling_defaults
+
+    @property
     def tool_parser(self) -> Any:
         """The parser of tool_choice "auto" (server/tool_parsers.py), or None when it is refused."""
         from server.tool_parsers import detect_parser, make_parser
@@ -158,3 +172,6 @@ def log_startup(state: ServerState) -> None:
     logger.info("KV cache: %s tokens (%s blocks of %d), max concurrency at %s tokens/request: %.1fx",
                 f"{cap.tokens:,}", f"{cap.num_blocks:,}", cap.block_size, f"{state.max_model_len:,}",
                 cap.tokens / max(1, state.max_model_len))
+    if state.sampling_defaults:
+        logger.info("OpenAI requests' unset sampling fields default to the model's generation_config.json: %s "
+                    "(generation_config = none: OpenAI's own)", state.sampling_defaults)

@@ -64,7 +64,7 @@ def metric(url: str, name: str) -> float:
     raise KeyError(name)
 
 
-def engine_server(model_dir, kv_cache_memory: str = "2MiB", **engine_config) -> LiveServer:
+def engine_server(model_dir, kv_cache_memory: str = "2MiB", server_config=None, **engine_config) -> LiveServer:
     """The real engine (CPU, float32) on `model_dir` behind the app, as a LiveServer context manager;
     `.engine` is the AsyncEngine."""
     from server.app import create_app
@@ -73,6 +73,6 @@ def engine_server(model_dir, kv_cache_memory: str = "2MiB", **engine_config) -> 
     from server.engine_config import EngineConfig
     engine = AsyncEngine(EngineConfig(model=str(model_dir), device="cpu", dtype="float32",
                                       kv_cache_memory=kv_cache_memory, **engine_config))
-    server = LiveServer(create_app(engine, ServerConfig(stats_log_interval_s=0)))
+    server = LiveServer(create_app(engine, server_config or ServerConfig(stats_log_interval_s=0)))
     server.engine = engine
     return server
