@@ -106,7 +106,7 @@ class ChoiceReply:
         if not message.tool_calls:
             return self._content_up_to(len(self.text)), reason
         # content before the calls goes out as it came (here, what the last delta brought); the calls as one
-        before = None if self.forced else self._content_up_to(self.parser.split(self.text)[1])
+        before = None if self.parser is None else self._content_up_to(self.parser.split(self.text)[1])
         return ChatDelta(content=before.content if before else None, tool_calls=[
             ToolCallDelta(index=i, **c.model_dump()) for i, c in enumerate(message.tool_calls)]), reason
 
@@ -120,7 +120,7 @@ class ChoiceReply:
         """The whole reply from the whole output."""
         if self.forced and engine_reason == "eos_token":  # complete: the calls, no content
             return ChatMessageOut(tool_calls=tool_calls(self.req, text)), "tool_calls"
-        parsed = self.parser.parse(text, self.names) if self.parser is not None and not self.forced else None
+        parsed = self.parser.parse(text, self.names) if self.parser is not None else None
         if parsed is not None:
             return ChatMessageOut(content=parsed.content, tool_calls=_calls(parsed.calls)), "tool_calls"
         return ChatMessageOut(content=text), finish_reason(engine_reason)
