@@ -164,3 +164,11 @@ def test_auto_without_a_parser_is_a_400_naming_tool_choice():
         # no tool_choice and no parser: "none", the reply is text
         r = c.chat.completions.create(model="fake-model", messages=say(CALL_W), tools=[WEATHER], max_tokens=200)
         assert r.choices[0].message.content == CALL_W and r.choices[0].finish_reason == "stop"
+
+
+def test_auto_without_tools_is_a_400_naming_tool_choice(client):
+    import httpx
+    r = httpx.post(str(client.base_url) + "chat/completions", json={
+        "model": "fake-model", "messages": say("x"), "tool_choice": "auto"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+    assert "needs tools" in r.json()["error"]["message"]
