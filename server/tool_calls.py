@@ -121,6 +121,7 @@ class ChoiceReply:
         if self.forced and engine_reason == "eos_token":  # complete: the calls, no content
             return ChatMessageOut(tool_calls=tool_calls(self.req, text)), "tool_calls"
         parsed = self.parser.parse(text, self.names) if self.parser is not None else None
-        if parsed is not None:
-            return ChatMessageOut(content=parsed.content, tool_calls=_calls(parsed.calls)), "tool_calls"
+        if parsed is not None:  # parallel_tool_calls false: at most one call, the first
+            calls = parsed.calls[:1] if self.req.parallel_tool_calls is False else parsed.calls
+            return ChatMessageOut(content=parsed.content, tool_calls=_calls(calls)), "tool_calls"
         return ChatMessageOut(content=text), finish_reason(engine_reason)

@@ -172,3 +172,9 @@ def test_auto_without_tools_is_a_400_naming_tool_choice(client):
         "model": "fake-model", "messages": say("x"), "tool_choice": "auto"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
     assert "needs tools" in r.json()["error"]["message"]
+
+
+def test_auto_with_parallel_tool_calls_false_returns_the_first_call_only(client):
+    r = client.chat.completions.create(model="fake-model", messages=say(CALL_W + CALL_T), tools=[WEATHER, TIME],
+                                       tool_choice="auto", parallel_tool_calls=False, max_tokens=200)
+    assert [c.function.name for c in r.choices[0].message.tool_calls] == ["get_weather"]
