@@ -4,7 +4,8 @@ A request's Grammar (a JSON schema, a regex or a Lark grammar) becomes one llgui
 sequence. Before each sampling step the matcher gives the tokens allowed next as a bitmask row, which the
 sampler applies as -inf on the others (model/sampler.py); after it, the sampled token advances the matcher.
 A sequence ends ("eos_token") as soon as its grammar can take nothing more. Because the mask depends on
-the previous token, a constrained sequence never has a step launched ahead of the host (engine.py).
+the previous token, a step with a constrained row samples only once the host has the step before it (its
+forward may still run ahead: deferred sampling, engine.py).
 
 The tokenizer view llguidance needs is built once, when the server's engine starts (0.4 s for SmolLM2's
 49k vocabulary, 2-core EPYC; it holds the GIL, so built later it would stall every stream). Then a JSON

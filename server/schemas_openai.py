@@ -3,7 +3,7 @@
 OpenAI's field names and ranges, plus the extensions benchmark tools send (ignore_eos, top_k, min_p,
 repetition_penalty, min_tokens, stop_token_ids, skip_special_tokens). Unknown fields are refused with a
 message naming them; OpenAI fields this server does not implement are accepted only at their neutral
-value (suffix null; tool_choice not 'auto').
+value (suffix null; tool_choice 'auto' only where a tool-call parser applies: server/tool_calls.py).
 """
 from __future__ import annotations
 
@@ -123,8 +123,9 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[ToolDef] | None = Field(None, max_length=128, description="functions the model may call")
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
-        None, description="'required' or a named function: the reply is calls (server/tool_calls.py); 'none': "
-                          "tools go to the template only; 'auto' is refused")
+        None, description="'required' or a named function: the reply is calls (server/tool_calls.py); 'auto': "
+                          "the calls the model writes, found by the tool_call_parser; 'none': tools go to the "
+                          "template only")
     parallel_tool_calls: bool | None = None
     store: bool | None = None
     metadata: dict[str, Text] | None = None

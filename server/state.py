@@ -39,6 +39,7 @@ class ServerState:
         self._thread: threading.Thread | None = None
         self._froze_gc = False
         self._sampling_defaults: dict[str, float] | None = None
+        self._tool_parser: tuple[Any] | None = None  # (parser or None,) once chosen
 
     # lifecycle -----------------------------------------------------------------------------------------
     def start_loading(self) -> None:
@@ -128,12 +129,18 @@ class ServerState:
 
     @property
     def tool_parser(self) -> Any:
-        """The parser of tool_choice "auto" (server/tool_parsers.py), or None when it is refused."""
-        from server.tool_parsers import detect_parser, make_parser
-        name = self.config.tool_call_parser
-        if name == "auto":
-            name = detect_parser(getattr(self.engine.tokenizer, "chat_template_source", None))
-        return None if name in (None, "none") else make_parser(name)
+        """The parser of tool_choice "auto" (server/tool_parsers.py), or None when it is refused; chosen once
+        the tokenizer (whose chat template may name it) is loaded."""
+        if self._tool_parser is None:
+            from server.tool_parsers import detect_parser, make_parser
+            tokenizer = getattr(self.engine, "tokenizer", None)
+            if tokenizer is None:
+                return None
+            name = self.config.tool_call_parser
+            if name == "auto":
+                name = detect_parser(getattr(tokenizer, "chat_template_source", None))
+            self._tool_parser = (None if name in (None, "none") else make_parser(name),)
+        return self._tool_parser[0]
 
     @property
     def prompt_char_limit(self) -> int:

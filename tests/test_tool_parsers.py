@@ -38,6 +38,7 @@ def test_hermes_finds_each_call_and_the_content_before_them():
     CALL_W.replace("get_weather", "get_stock"),                       # not one of the tools
     CALL_W.replace('{"city": "Paris"}', '["Paris"]'),                 # arguments not an object
     CALL_W.replace('"Paris"}}', '"Paris"'),                           # not JSON
+    CALL_T.replace('\\"utc\\"}', 'utc'),                               # arguments a string, not JSON
     CALL_W + " and then some prose",                                  # a reply is all calls or none
     CALL_W + "words" + CALL_T,
 ])
@@ -54,6 +55,7 @@ def test_llama3_json_calls_with_or_without_the_python_tag():
     assert p.parse("The weather is " + one, NAMES) is None
     assert p.parse(one + " trailing words", NAMES) is None
     assert p.parse(one.replace("get_weather", "nope"), NAMES) is None
+    assert p.parse(one[:-1], NAMES) is None                          # cut short: not JSON
 
 
 def test_split_holds_back_only_what_may_open_a_call():
