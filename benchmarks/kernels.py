@@ -132,9 +132,14 @@ def paged_inputs(bench: Bench, lens: list[int], heads: int, kv_heads: int, head_
 
 
 def bench_decode(bench: Bench, bandwidth: float, batch: int, context: int, heads: int, kv_heads: int,
-                 head_dim: int, block_size: int) -> list[Row]:
+                 head_dim: int, block_size: int, cache_dtype: torch.dtype | None = None) -> list[Row]:
+    """cache_dtype (e.g. float8_e4m3fn, kv_cache_dtype="fp8_e4m3"): ours reads a cache of that dtype, so the
+    limit counts its bytes; the peers, which take no fp8 K/V, read the same values in the model's dtype."""
     k_cache, v_cache, seq_lens, tables, k, v = paged_inputs(bench, [context] * batch, heads, kv_heads,
                                                             head_dim, block_size)
+    if cache_dtype is not None:
+        k_cache, v_cache = k_cache.to(cache_dtype), v_cache.to(cache_dtype)
+        k, v = k.to(cache_dtype).to(k.dtype), v.to(cache_dtype).to(v.dtype)
     q = bench.randn(batch, heads, head_dim)  # [B, H, D]
     scale = head_dim ** -0.5
     out = torch.empty_like(q)
@@ -145,10 +150,11 @@ def bench_decode(bench: Bench, bandwidth: float, batch: int, context: int, heads
         from kernels.attention_decode import paged_decode_attention
         ours = lambda: paged_decode_attention(q, k_cache, v_cache, seq_lens, tables, scale, context, out=out)  # noqa: E731,E501
     ours_us = bench.time_us(ours)
-    kv_bytes = 2 * k.numel() * k.element_size()
+    kv_bytes = 2 * k.numel() * k_cache.element_size()
     limit_us = kv_bytes / bandwidth * 1e6
     shape = f"B={batch} ctx={context} H={heads}/{kv_heads} D={head_dim} bs={block_size}"
-    return peer_rows(bench, "decode", shape, ours_us, limit_us, q[:, :, None, :], k, v, causal=False)  # q [B, H, 1, D]
+    kernel = "decode" if cache_dtype is None else f"decode, {str(cache_dtype).split('.')[-1]} KV"
+    return peer_rows(bench, kernel, shape, ours_us, limit_us, q[:, :, None, :], k, v, causal=False)  # q [B, H, 1, D]
 
 
 def bench_prefill(bench: Bench, tflops: float, batch: int, seq: int, heads: int, kv_heads: int,
@@ -266,11 +272,13 @@ def main(argv: list[str] | None = None) -> list[Row]:
     rows: list[Row] = []
     if args.dry_run:
         rows += bench_decode(bench, bandwidth, 3, 40, heads, kv_heads, 16, 8)
+        rows += bench_decode(bench, bandwidth, 3, 40, heads, kv_heads, 16, 8, torch.float8_e4m3fn)
         rows += bench_prefill(bench, tflops, 2, 24, heads, kv_heads, 16, 8)
         rows += bench_small_ops(bench, bandwidth, 5, 64, 96)
         rows.append(bench_rotary_cache(bench, bandwidth, 7, heads, kv_heads, 16, 4))
     else:
         rows += bench_decode(bench, bandwidth, 64, 4096, heads, kv_heads, 128, 16)
+        rows += bench_decode(bench, bandwidth, 64, 4096, heads, kv_heads, 128, 16, torch.float8_e4m3fn)
         for head_dim in (128, 64):
             for batch, seq in ((8, 2048), (2, 8192)):
                 rows += bench_prefill(bench, tflops, batch, seq, heads, kv_heads, head_dim, 16)

@@ -102,7 +102,7 @@ main() {
       else
         echo "### tests/test_gpu_model.py left out: no $cache/smollm2-135m.gguf"
       fi
-      step pytest 200 bash -c "set -o pipefail; $PY -m pytest ${tests[*]} ${PYTEST_ARGS:-} -q -p no:cacheprovider 2>&1 | tee $RAW/pytest.txt | tail -40"
+      step pytest 260 bash -c "set -o pipefail; $PY -m pytest ${tests[*]} ${PYTEST_ARGS:-} -q -p no:cacheprovider 2>&1 | tee $RAW/pytest.txt | tail -40"
       step kernels 60 $PY benchmarks/kernels.py
       step step_overhead 40 $PY benchmarks/step_overhead.py $ENGINE_EXTRA
       step host_overhead 30 $PY benchmarks/step_overhead.py --host-only --async-engine --batch-sizes 1 8 64 256 \

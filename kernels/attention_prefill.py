@@ -46,6 +46,9 @@ def _attend_tile(acc, m_i, l_i, q, K, V, bt_row, kvh, start_n, kv_end, q_pos, d,
         k = tl.load(k_ptrs)
     else:
         k = tl.load(k_ptrs, mask=d_valid[:, None], other=0.0)
+    # a narrower cache (fp8, or fp16 under fp32 queries) is widened in registers: tl.dot takes no fp8 rhs
+    # against a 16-bit lhs, and p must not be rounded to fp8 below
+    k = k.to(q.dtype)
     qk = tl.dot(q, k, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N], unscaled
     if CAUSAL:
         keep = (n[None, :] <= q_pos[:, None]) & n_valid[None, :]
@@ -62,6 +65,7 @@ def _attend_tile(acc, m_i, l_i, q, K, V, bt_row, kvh, start_n, kv_end, q_pos, d,
         v = tl.load(v_ptrs)
     else:
         v = tl.load(v_ptrs, mask=d_valid[None, :], other=0.0)
+    v = v.to(q.dtype)
     # rescale, then let the MMA accumulate into acc: a separate add would be one more pass over the
     # [BLOCK_M, D] accumulator per key tile, four times the score tile's size at BLOCK_N 32, D 128
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
@@ -143,7 +147,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
                             scale: float, max_query_len: int, out: torch.Tensor | None = None,
                             block_m: int | None = None, block_n: int | None = None,
-                            num_warps: int = 4, num_stages: int | None = None,
+                            num_warps: int | None = None, num_stages: int | None = None,
                             heavy_first: bool = False, tiles: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of q [T, H, D] over the paged cache [num_blocks, block_size, KVH, D] -> [T, H, D].
 
@@ -166,15 +170,19 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         return out
     d_pad = max(16, triton.next_power_of_2(head_dim))
     # Tiles from benchmarks/tune_kernels.py on an H100, 8 x 2,048 causal, 32/8 heads, bf16: head dim 128
-    # best at 128 x 32, 4 warps, 3 stages (311 TFLOP/s); 64 at 64 x 64, 4 warps, 2 stages (304).
-    wide = d_pad >= 128
+    # best at 128 x 32, 4 warps, 3 stages (311 TFLOP/s); 64 at 64 x 64, 4 warps, 2 stages (304). float32
+    # (exact products, no tensor cores): the tiles that compile without register spills on sm_80 and sm_90
+    # at head dims 64 and 128 (benchmarks/kernel_resources.py), 32 x 16 with 8 warps.
+    wide, exact = d_pad >= 128, q.dtype == torch.float32
     if block_m is None:
         assert tiles is None, "a tile map is made for one block_m: pass it"
-        block_m = prefill_block_m(max_query_len * group, head_dim)
+        block_m = prefill_block_m(max_query_len * group, head_dim, float32=exact)
     if block_n is None:
-        block_n = 32 if wide else 64
+        block_n = 16 if exact else 32 if wide else 64
     if num_stages is None:
-        num_stages = 3 if wide else 2
+        num_stages = 3 if wide or exact else 2
+    if num_warps is None:
+        num_warps = 8 if exact and block_m >= 32 else 4
     assert min(block_m, block_n) >= 16, "tl.dot wants tiles of at least 16"
     num_m = triton.cdiv(max_query_len * group, block_m)
     if tiles is not None:

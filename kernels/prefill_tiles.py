@@ -14,11 +14,15 @@ from __future__ import annotations
 NO_ROWS = 1 << 30  # a first row no sequence reaches: the padding entry's program does nothing
 
 
-def prefill_block_m(rows: int, head_dim: int) -> int:
+def prefill_block_m(rows: int, head_dim: int, float32: bool = False) -> int:
     """BLOCK_M for a step whose longest query has `rows` packed rows (tokens x query heads per kv head).
 
     Tiles from benchmarks/tune_kernels.py on an H100 (8 x 2,048, 32/8 heads, bf16): 128 rows at head dim 128,
-    64 below; 16 when the queries are short (a decode row packs only GROUP rows)."""
+    64 below; 16 when the queries are short (a decode row packs only GROUP rows). float32 queries multiply
+    exactly (no tensor cores), which takes far more registers per tile: benchmarks/kernel_resources.py found
+    64-row tiles spilling 2.8 KB per thread on sm_90 (26 KB on sm_80) at head dim 64, 32 rows none."""
+    if float32:
+        return 16 if rows < 32 else 32
     if rows < 64:
         return 16
     return 128 if max(16, head_dim) > 64 and rows >= 128 else 64

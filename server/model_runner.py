@@ -60,7 +60,8 @@ class ModelRunner:
                 calibration_tokens=config.kv_calibration_tokens, attention_backend=config.attention_backend,
                 progress=True)
         self.model = model
-        self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
+        self.ops_name = getattr(getattr(model, "ops", None), "name", None)  # "triton" | "torch"
+        self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype, self.device, self.ops_name)
         self.model_config: ModelConfig = self.model.config
         self.eos_token_ids = eos_token_ids or self.model_config.eos_token_ids
         self.max_model_len = config.resolve_max_model_len(self.model_config.max_position_embeddings)
@@ -91,9 +92,8 @@ class ModelRunner:
         (their decode attention reads seq_lens on the host, which a graph cannot)."""
         if self.config.enforce_eager or self.device.type != "cuda":
             return []
-        ops = getattr(getattr(self.model, "ops", None), "name", None)
-        if ops != "triton":
-            log.info("CUDA graphs off: the %s ops are not capturable", ops)
+        if self.ops_name != "triton":
+            log.info("CUDA graphs off: the %s ops are not capturable", self.ops_name)
             return []
         return capture_sizes(self.config.max_num_seqs, self.config.max_num_batched_tokens)
 

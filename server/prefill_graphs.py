@@ -61,12 +61,13 @@ class PrefillInputs:
     in-flight step's sampled id at that row (overlap scheduling; see DecodeInputs), not input_ids[t]."""
 
     def __init__(self, sizes: list[int], max_seqs: int, max_blocks_per_seq: int, group: int, head_dim: int,
-                 device: torch.device):
+                 device: torch.device, float32: bool = False):
+        """float32: the queries are float32, whose attention tiles are smaller (kernels/prefill_tiles.py)."""
         self.sizes = sorted(sizes)
         T, MB = self.sizes[-1], max_blocks_per_seq
         S = self.max_seqs = min(max_seqs, T)
         self.max_tokens, self.group = T, group
-        self.block_m = {n: prefill_block_m(n * group, head_dim) for n in self.sizes}
+        self.block_m = {n: prefill_block_m(n * group, head_dim, float32) for n in self.sizes}
         self.entries = {n: max_tiles(n, min(S, n), group, self.block_m[n]) for n in self.sizes}
         E = max(self.entries.values())
         self._o32 = (0, S + 1, 2 * S + 1, 2 * S + 1 + S * MB, 2 * S + 1 + S * MB + 2 * E)  # field offsets
@@ -177,7 +178,8 @@ class PrefillGraphRunner:
         self.block_size = block_size
         self.sizes = sorted(set(sizes))
         self.inputs = PrefillInputs(self.sizes, max_seqs, -(-max_model_len // block_size),
-                                    cfg.num_attention_heads // cfg.num_kv_heads, cfg.head_dim, device)
+                                    cfg.num_attention_heads // cfg.num_kv_heads, cfg.head_dim, device,
+                                    float32=model.lm_head.weight.dtype == torch.float32)
         self.hidden = torch.zeros(self.sizes[-1], cfg.hidden_size, dtype=model.lm_head.weight.dtype,
                                   device=device)                                   # [T, hidden]
         self._replay: dict[int, object] = {}

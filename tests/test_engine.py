@@ -149,6 +149,36 @@ def test_narrow_kv_cache_dtype_runs_and_halves_bytes_per_token(llm, tiny_llama_d
     assert all(len(x.token_ids) == 12 and x.finish_reason == "length" for x in r)
 
 
+def test_fp8_kv_cache_through_the_triton_attention(tiny_llama_dir):
+    """kv_cache_dtype fp8_e4m3 with the Triton attention kernels (the interpreter here) gives the torch ops'
+    tokens: the kernels read the fp8 cache widened in registers. The cache is written by the torch reference
+    in both runs, because the interpreter's own float32 -> fp8 conversion is wrong (it rounds 0.487 to 0.25
+    where a GPU's cvt and torch give 0.5); the GPU test in test_gpu_model.py runs the Triton writer too."""
+    from kernels import reference
+    torch_run = make_llm(tiny_llama_dir, kv_cache_dtype="fp8_e4m3", attention_backend="torch")
+    triton_run = make_llm(tiny_llama_dir, kv_cache_dtype="fp8_e4m3", attention_backend="triton")
+    ops = triton_run.engine.runner.model.ops
+    assert ops.name == "triton"
+    ops.rotary_and_write_kv = reference.rotary_and_write_kv
+    want, got = (llm.generate(prompts(2, seed=9), GREEDY) for llm in (torch_run, triton_run))
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert all(len(r.token_ids) == 12 for r in got)
+
+
+def test_fp8_kv_cache_needs_ada_or_newer_for_the_triton_kernels(monkeypatch):
+    """Triton has no float8_e4m3fn code below compute capability 8.9: refused at start-up, naming the field,
+    instead of failing at the first step; the torch ops and newer GPUs pass."""
+    from model.kv_dtype import resolve_kv_cache_dtype
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(ValueError, match=r"kv_cache_dtype='fp8_e4m3'.*8\.9.*this one is 8\.0"):
+        resolve_kv_cache_dtype("fp8_e4m3", torch.bfloat16, cuda, "triton")
+    assert resolve_kv_cache_dtype("fp8_e4m3", torch.bfloat16, cuda, "torch") == torch.float8_e4m3fn
+    assert resolve_kv_cache_dtype("bfloat16", torch.bfloat16, cuda, "triton") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert resolve_kv_cache_dtype("fp8_e4m3", torch.bfloat16, cuda, "triton") == torch.float8_e4m3fn
+
+
 def test_memory_profiling_step_runs(llm):
     runner = llm.engine.runner  # the CUDA sizing pass; on CPU it only has to run
     runner._profile_step()

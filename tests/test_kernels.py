@@ -120,6 +120,28 @@ def test_decode_more_splits_than_tiles():
     assert_close(out, ref.paged_attention(q, kc, vc, qsl, sl, bt, 0.25, 1), torch.float32)
 
 
+# a cache narrower than the queries: fp8 (kv_cache_dtype="fp8_e4m3") and fp16 under fp32 queries. The kernels
+# widen K/V to the queries' dtype in registers (tl.dot takes no fp8 operand against a 16-bit one).
+NARROW = [(torch.float16, torch.float8_e4m3fn), (torch.float32, torch.float8_e4m3fn),
+          (torch.float32, torch.float16)]
+
+
+@pytest.mark.parametrize("dtype,cache_dtype", NARROW, ids=["fp16-fp8", "fp32-fp8", "fp32-fp16"])
+@pytest.mark.parametrize("kind", ["prefill", "decode", "decode-3-splits"])
+def test_attention_over_a_narrower_cache(kind, dtype, cache_dtype):
+    new_lens, cached = PREFILL_BATCHES["prefix"] if kind == "prefill" else ([1] * 4, [0, 5, 39, 149])
+    q, kc, vc, qsl, sl, bt = make_paged(new_lens, cached, 8, 2, 80, 8, dtype, seed=seed_of(kind, str(cache_dtype)))
+    kc, vc = kc.to(cache_dtype), vc.to(cache_dtype)
+    out = torch.full_like(q, float("nan"))
+    scale = 80 ** -0.5
+    if kind == "prefill":
+        paged_prefill_attention(q, kc, vc, qsl, sl, bt, scale, max(new_lens), out=out)
+    else:
+        paged_decode_attention(q, kc, vc, sl, bt, scale, int(sl.max()), out=out,
+                               num_splits=3 if kind.endswith("splits") else 1)
+    assert_close(out, ref.paged_attention(q, kc, vc, qsl, sl, bt, scale, max(new_lens)), dtype)
+
+
 @pytest.mark.parametrize("batch", ["decode", "mixed"])
 def test_dispatch(batch):
     new_lens, cached = ([1, 1, 1], [9, 30, 0]) if batch == "decode" else ([1, 12, 1], [9, 4, 0])
@@ -197,7 +219,8 @@ def test_benchmark_dry_run(capsys, tmp_path):
     """The benchmark's table path on CPU with the reference functions (no timings claimed)."""
     from benchmarks.kernels import main
     rows = main(["--dry-run", "--json", str(tmp_path / "kernels.json")])
-    assert {r.kernel for r in rows} == {"decode", "prefill", "rms_norm+res", "silu_and_mul", "rotary+kv_write"}
+    assert {r.kernel for r in rows} == {"decode", "decode, float8_e4m3fn KV", "prefill", "rms_norm+res",
+                                        "silu_and_mul", "rotary+kv_write"}
     assert "frac of limit" in capsys.readouterr().out
     assert json.loads((tmp_path / "kernels.json").read_text())["dry_run"] is True
 
@@ -240,6 +263,27 @@ def test_gpu_decode_bf16(head_dim):
         paged_decode_attention(q, kc, vc, sl, bt, head_dim ** -0.5, 4096, out=out, num_splits=splits)
         assert not torch.isnan(out).any()
         assert rel_error(out, expect) < 1e-2
+
+
+@gpu
+@pytest.mark.parametrize("head_dim", [128, 64])
+def test_gpu_attention_fp8_cache(head_dim):
+    """bf16 queries over a float8_e4m3fn cache, prefill and decode, against the reference on the same cache."""
+    new_lens, cached = [512, 1, 2000, 37], [3584, 4095, 2096, 1000]
+    q, kc, vc, qsl, sl, bt = make_paged(new_lens, cached, 32, 8, head_dim, 16, torch.bfloat16, seed=4)
+    kc, vc = kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn)
+    scale = head_dim ** -0.5
+    out = torch.full_like(q, float("nan"))
+    paged_prefill_attention(q, kc, vc, qsl, sl, bt, scale, max(new_lens), out=out)
+    assert not torch.isnan(out).any()
+    assert rel_error(out, ref.paged_attention(q, kc, vc, qsl, sl, bt, scale, max(new_lens))) < 1e-2
+    starts = torch.arange(len(new_lens) + 1, dtype=torch.int32, device=q.device)
+    last = (qsl[1:] - 1).long()  # each sequence's last query row: a decode over its whole context
+    for splits in (1, 7):
+        out = torch.full_like(q[last], float("nan"))
+        paged_decode_attention(q[last], kc, vc, sl, bt, scale, int(sl.max()), out=out, num_splits=splits)
+        assert not torch.isnan(out).any()
+        assert rel_error(out, ref.paged_attention(q[last], kc, vc, starts, sl, bt, scale, 1)) < 1e-2
 
 
 @gpu

@@ -59,6 +59,8 @@ def test_prefill_block_m_follows_the_eager_launcher():
     assert prefill_block_m(63, 128) == 16 and prefill_block_m(64, 128) == 64
     assert prefill_block_m(128, 128) == 128 and prefill_block_m(128, 80) == 128  # 80 pads to 128 lanes
     assert prefill_block_m(4096, 64) == 64
+    # float32 queries: 32-row tiles, 16 for short queries (tests/test_kernel_compile.py: no register spills)
+    assert prefill_block_m(4096, 128, float32=True) == 32 and prefill_block_m(31, 64, float32=True) == 16
 
 
 # ---------------------------------------------------------------- the kernel with a work list
