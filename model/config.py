@@ -48,6 +48,10 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     # The KV-head count the model runs with; equals num_key_value_heads unless overridden (issue 6).
     num_kv_heads: int = 0
+    # Sliding-window attention (Mistral 7B v0.1; Qwen2 with use_sliding_window): a token sees the last
+    # `sliding_window` keys. Our attention is full attention, which is the same while a sequence fits in
+    # the window, so the context is capped there (max_context) instead of computing something else.
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_kv_heads == 0:
@@ -58,6 +62,11 @@ class ModelConfig:
                 raise ConfigError(
                     f"{name}={value} must be positive and divide num_attention_heads="
                     f"{self.num_attention_heads} (valid: {valid_kv_head_counts(self.num_attention_heads)})")
+
+    @property
+    def max_context(self) -> int:
+        """The longest sequence this implementation runs exactly: the positions, or the sliding window."""
+        return min(self.max_position_embeddings, self.sliding_window or self.max_position_embeddings)
 
     @property
     def q_per_kv(self) -> int:
@@ -76,10 +85,9 @@ class ModelConfig:
         arch = archs[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ConfigError(f"architectures={archs!r}: supported are {', '.join(SUPPORTED_ARCHITECTURES)}")
-        if raw.get("sliding_window") and raw.get("use_sliding_window", arch == "MistralForCausalLM"):
-            raise ConfigError(
-                f"sliding_window={raw['sliding_window']}: sliding-window attention is not supported yet; "
-                "set it to null in config.json to serve the model with full attention")
+        window = raw.get("sliding_window") if raw.get("use_sliding_window", arch == "MistralForCausalLM") else None
+        if window is not None and (not isinstance(window, int) or window <= 0):
+            raise ConfigError(f"config.json: sliding_window must be a positive integer or null, got {window!r}")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             if not isinstance(raw.get(name), int) or raw[name] <= 0:
                 raise ConfigError(f"config.json: {name} must be a positive integer, got {raw.get(name)!r}")
@@ -104,6 +112,7 @@ class ModelConfig:
             attention_bias=arch == "Qwen2ForCausalLM" or bool(raw.get("attention_bias", False)),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            sliding_window=window,
         )
 
     @classmethod

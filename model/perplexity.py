@@ -64,6 +64,8 @@ def perplexity(model, token_ids: list[int], *, window: int, stride: int,
                kv_cache_dtype: torch.dtype | None = None, block_size: int = 16,
                progress: Progress | None = None) -> PerplexityResult:
     """Strided perplexity of token_ids under model (one window per forward, logits for every token)."""
+    if window > model.config.max_context:  # past a sliding window our full attention is not the model's
+        raise ValueError(f"window={window} exceeds the model's context of {model.config.max_context} tokens")
     kv_cache_dtype = kv_cache_dtype or model.lm_head.weight.dtype
     windows = strided_windows(len(token_ids), window, stride)
     cache = _allocate(model, window, block_size, kv_cache_dtype)

@@ -7,9 +7,12 @@ by the model runner; the helpers here only do the parts that need no model.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from model.config import ModelConfig
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "t": 10**12, "tb": 10**12}
@@ -87,11 +90,15 @@ class EngineConfig(BaseModel):
                              f"block_size={self.block_size}")
         return self
 
-    def resolve_max_model_len(self, max_position_embeddings: int) -> int:
+    def resolve_max_model_len(self, model: "ModelConfig") -> int:
         """The serving context length: the configured one, checked against what the model supports."""
         if self.max_model_len is None:
-            return max_position_embeddings
-        if self.max_model_len > max_position_embeddings:
+            return model.max_context
+        if self.max_model_len > model.max_position_embeddings:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
-                             f"max_position_embeddings={max_position_embeddings}")
+                             f"max_position_embeddings={model.max_position_embeddings}")
+        if self.max_model_len > model.max_context:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's sliding_window="
+                             f"{model.sliding_window}: sliding-window attention is not implemented, so sequences "
+                             "stay within the window, where full attention computes the same")
         return self.max_model_len

@@ -120,7 +120,7 @@ def measure(spec: KVReportSpec, token_ids: list[int],
     for n in spec.num_kv_heads or ():
         if n not in valid:
             raise ValueError(f"num_kv_heads={n} is not valid for this model; valid values: {valid}")
-    max_model_len = spec.max_model_len or config.max_position_embeddings
+    max_model_len = spec.max_model_len or config.max_context
     evaluation, calibration = split_tokens(token_ids, spec)
     prompts = _prompts(evaluation, spec)
     variants = _variants(spec, native, valid)

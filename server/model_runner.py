@@ -64,7 +64,7 @@ class ModelRunner:
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype, self.device, self.ops_name)
         self.model_config: ModelConfig = self.model.config
         self.eos_token_ids = eos_token_ids or self.model_config.eos_token_ids
-        self.max_model_len = config.resolve_max_model_len(self.model_config.max_position_embeddings)
+        self.max_model_len = config.resolve_max_model_len(self.model_config)
         self.block_size = config.block_size
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.graph_sizes = self._graph_sizes()

@@ -210,12 +210,39 @@ def test_pickle_only_checkpoint_is_refused_with_reason(broken_dir):
     ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "rope_type='dynamic' is not supported"),
     ({"architectures": ["GPT2LMHeadModel"]}, "supported are LlamaForCausalLM"),
     ({"num_key_value_heads": 3}, "num_key_value_heads=3 must be positive and divide"),
-    ({"architectures": ["MistralForCausalLM"], "sliding_window": 4096}, "sliding_window=4096"),
+    ({"architectures": ["MistralForCausalLM"], "sliding_window": -1}, "sliding_window must be a positive"),
 ])
 def test_unsupported_configs_are_refused(broken_dir, changes, pattern):
     _edit_config(broken_dir, **changes)
     with pytest.raises(ConfigError, match=pattern):
         load_model(broken_dir)
+
+
+def test_sliding_window_model_runs_within_its_window(tmp_path):
+    """A sliding-window config (Mistral 7B v0.1) is served with contexts up to the window, where full attention
+    is the model's attention: equal to transformers (which applies the window) on every position of a
+    window-long sequence, and one token longer transformers' last position differs, so the cap is tight."""
+    from server.engine_config import EngineConfig
+    window = 16
+    model_dir = make_tiny_checkpoint(tmp_path / "m", architecture="MistralForCausalLM", sliding_window=window)
+    hf, model = load_hf_model(model_dir), load_model(model_dir)
+    assert model.config.sliding_window == window and model.config.max_context == window
+    tokens = torch.randint(3, model.config.vocab_size, (1, window + 1), generator=torch.Generator().manual_seed(4))
+    table: list[int] = []
+    with torch.no_grad():
+        ref = hf(tokens[:, :window]).logits[0]
+        longer = hf(tokens).logits[0, -1]
+    ours = PagedRunner(model).step([(tokens[0, :window].tolist(), 0, table)], all_logits=True)
+    assert (ours - ref).abs().max() < TOL
+    full = PagedRunner(model).step([(tokens[0].tolist(), 0, [])])[-1]  # full attention past the window
+    assert (full - longer).abs().max() > 100 * TOL
+    assert EngineConfig().resolve_max_model_len(model.config) == window
+    assert EngineConfig(max_model_len=8).resolve_max_model_len(model.config) == 8
+    with pytest.raises(ValueError, match="max_model_len=17 exceeds the model's sliding_window=16"):
+        EngineConfig(max_model_len=window + 1).resolve_max_model_len(model.config)
+    from model.perplexity import perplexity
+    with pytest.raises(ValueError, match="window=17 exceeds the model's context of 16 tokens"):
+        perplexity(model, tokens[0].tolist() * 2, window=window + 1, stride=8)
 
 
 def test_config_reads_eos_list_and_head_dim(broken_dir):
