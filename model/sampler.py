@@ -51,6 +51,7 @@ class SamplingTensors:
     any_seeded: bool = False
     any_unseeded: bool = True
     max_logprobs: int | None = None      # None: no logprobs; n: chosen token's plus top n
+    max_top_k: int | None = None         # every sampled row has 0 < top_k <= this (None: some row has none)
 
 
 @dataclass(frozen=True)
@@ -114,20 +115,63 @@ def _apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     return sub if rows is None else logits.index_copy(0, rows, sub)
 
 
-def _apply_top_k_top_p(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+CPU_CANDIDATES = 1024  # top-p without top-k on CPU: the best 1,024 tokens, a full sort for rows they miss
+
+
+def _thresholds(logits: torch.Tensor, best: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the lowest logit that survives top-k then top-p, from `best` [B, K], the row's K largest
+    logits in descending order (K = V: all of them). Returns (cut [B], exact [B]): exact where the cut is
+    surely right with only these K. A row with a top-k of k <= K always is: were the nucleus to reach past
+    the K-th token, it would end inside the ties of the k-th value, whose value is the cut. A row without
+    one is when top-p already drops its K-th token (or is off: no cut)."""
+    B, K = best.shape
     V = logits.shape[1]
-    ordered, order = logits.sort(dim=-1, descending=True)                      # [B, V]
-    if t.any_top_k:
-        k = torch.where(t.top_k > 0, t.top_k.clamp(max=V), V)
-        kth = ordered.gather(1, (k - 1)[:, None])
-        ordered = ordered.masked_fill(ordered < kth, float("-inf"))           # ties with the kth stay, as HF
-    if t.any_top_p:
-        probs = ordered.softmax(dim=-1)
-        before = probs.cumsum(dim=-1) - probs                                  # mass of better tokens
-        drop = before >= t.top_p[:, None]
-        drop[:, 0] = False
-        ordered = ordered.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(1, order, ordered)
+    inf = torch.tensor(float("inf"), device=logits.device)  # a device scalar: masked_fill without a sync
+    has_k = t.top_k > 0 if t.any_top_k else torch.zeros(B, dtype=torch.bool, device=logits.device)
+    k = torch.where(has_k, t.top_k.clamp(max=V), K).clamp(max=K)
+    kth = torch.where(has_k, best.gather(1, (k - 1)[:, None]).squeeze(1), -inf)  # ties with the kth stay, as HF
+    exact = (has_k & (t.top_k <= K)) | (K == V)  # a top-k past the best K: its kth is not among them
+    if not t.any_top_p:
+        return kth, exact | ~has_k
+    # top-p over the top-k survivors' softmax: normalised over the whole row, cumulated over the best K
+    lse = logits.masked_fill(logits < kth[:, None], -inf).logsumexp(dim=-1)          # [B]
+    probs = (best.masked_fill(best < kth[:, None], -inf) - lse[:, None]).exp()        # [B, K]
+    before = probs.cumsum(dim=-1) - probs                                            # mass of better tokens
+    keep = before < t.top_p[:, None]
+    keep[:, 0] = True
+    last = best.gather(1, (keep.sum(dim=-1) - 1)[:, None]).squeeze(1)               # keep is a prefix
+    on = t.top_p < 1.0
+    cut = torch.where(on, torch.maximum(kth, last), kth)
+    return cut, exact | (~has_k & (~on | ~keep[:, -1]))
+
+
+def _apply_top_k_top_p(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """Mask each row below its top-k / top-p cut. A cut keeps every token tied with it (a sort's arbitrary
+    tie order would split them). Where the host knows that every sampled row has a top-k (max_top_k), the
+    cut comes from the best max_top_k logits (torch.topk) instead of a sort of the whole vocabulary; on
+    CPU, top-p rows try the best CPU_CANDIDATES first (checking a row's result costs no device sync there)."""
+    V = logits.shape[1]
+    if t.max_top_k is not None and t.max_top_k < V:
+        cut, _ = _thresholds(logits, logits.topk(t.max_top_k, dim=-1).values, t)
+    elif logits.device.type == "cpu" and CPU_CANDIDATES < V:
+        cut, exact = _thresholds(logits, logits.topk(CPU_CANDIDATES, dim=-1).values, t)
+        if not bool(exact.all()):
+            rows = (~exact).nonzero().squeeze(1)
+            sub = _rows(t, rows)
+            full, _ = _thresholds(logits.index_select(0, rows),
+                                  logits.index_select(0, rows).sort(dim=-1, descending=True).values, sub)
+            cut = cut.index_copy(0, rows, full)
+    else:
+        cut, _ = _thresholds(logits, logits.sort(dim=-1, descending=True).values, t)
+    return logits.masked_fill(logits < cut[:, None], float("-inf"))
+
+
+def _rows(t: SamplingTensors, rows: torch.Tensor) -> SamplingTensors:
+    """The top-k / top-p parameters of some rows only."""
+    return SamplingTensors(temperature=t.temperature, top_k=t.top_k.index_select(0, rows),
+                           top_p=t.top_p.index_select(0, rows), min_p=t.min_p, seeds=t.seeds,
+                           has_seed=t.has_seed, output_index=t.output_index, any_top_k=t.any_top_k,
+                           any_top_p=t.any_top_p)
 
 
 def sample(logits: torch.Tensor, t: SamplingTensors, generator: torch.Generator | None = None) -> SamplerOutput:

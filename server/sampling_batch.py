@@ -107,7 +107,13 @@ def build_sampling_tensors(seqs: list[Sequence], vocab_size: int, eos_token_ids:
         any_min_p=any(p.min_p > 0.0 and not g for p, g in zip(ps, greedy)),
         any_seeded=bool(seeded_rows), any_unseeded=any_unseeded,
         max_logprobs=max(logprobs) if logprobs else None,
+        max_top_k=_max_top_k([p.top_k for p, g in zip(ps, greedy) if not g]),
     )
+
+
+def _max_top_k(top_ks: list[int]) -> int | None:
+    """The sampled rows' largest top-k when every one has a top-k (the sampler then skips its full sort)."""
+    return max(top_ks) if top_ks and min(top_ks) > 0 else None
 
 
 def profile_sampling_tensors(num_rows: int, device: torch.device) -> SamplingTensors:
@@ -116,4 +122,4 @@ def profile_sampling_tensors(num_rows: int, device: torch.device) -> SamplingTen
     zeros = torch.zeros(num_rows, dtype=torch.int64, device=device)
     return SamplingTensors(temperature=ones, top_k=zeros + 50, top_p=ones * 0.9, min_p=ones * 0.0, seeds=zeros,
                            has_seed=zeros.bool(), output_index=zeros, any_top_k=True, any_top_p=True,
-                           max_logprobs=5)
+                           max_logprobs=5)  # max_top_k None: the full sort, the pass that needs most memory

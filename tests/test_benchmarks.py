@@ -293,3 +293,12 @@ def test_throughput_with_a_share_of_penalized_requests(tmp_path, capsys):
     ours = json.loads(out.read_text())["ours"]
     assert 0 < ours["penalized_requests"] < 12
     assert ours["overlapped_steps"] == ours["deferred_sampling_steps"] == 0  # CPU: no graphs, nothing overlaps
+
+
+def test_sampler_cost_times_the_sort_and_the_cut(tiny_llama_dir, tmp_path):
+    from benchmarks import sampler_cost
+    rows = sampler_cost.main(["--model", str(tiny_llama_dir), "--batch-sizes", "3", "--context", "8",
+                              "--repeats", "1", "--json", str(tmp_path / "s.json")])
+    assert [r["setting"] for r in rows] == list(sampler_cost.SETTINGS)
+    assert all(r["sort_ms"] > 0 and r["now_ms"] > 0 and r["sort_rows"] == 0 for r in rows)
+    assert json.loads((tmp_path / "s.json").read_text())["vocab"] > 0

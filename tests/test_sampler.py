@@ -247,3 +247,75 @@ def test_build_sampling_tensors_names_the_seeded_rows():
     assert t.seeded_rows.tolist() == [1, 2] and t.any_seeded and t.any_unseeded  # greedy row 3: argmax
     t = build_sampling_tensors(seqs[1:3], V, (0,), torch.device("cpu"))
     assert t.seeded_rows is None and t.any_seeded and not t.any_unseeded         # all seeded: one hash
+
+
+# ---- top-k / top-p cuts without a full sort (model.sampler._apply_top_k_top_p) -------------------------
+
+def cut_cases(V=300, seed=0):
+    """Rows mixing top-k (none, small, past the candidates, past V) and top-p (off, tight, loose), over
+    logits rounded to bfloat16 (ties, as a bf16 model's logits have) and two grammar-like masked rows."""
+    gen = torch.Generator().manual_seed(seed)
+    ks = [0, 1, 5, 8, 20, 400, 0, 3, 0, 12, 0, 6]
+    ps = [0.9, 1.0, 0.5, 0.99, 0.9, 0.7, 1.0, 0.95, 0.3, 1.0, 0.999, 0.8]
+    logits = (torch.randn(len(ks), V, generator=gen) * 3).to(torch.bfloat16).float()
+    allowed = torch.randperm(V, generator=gen)[:5]
+    for row in (4, 8):
+        logits[row] = logits[row].masked_fill(~torch.isin(torch.arange(V), allowed), float("-inf"))
+    return logits, ks, ps
+
+
+def masked_by_sort(logits, t):
+    from model import sampler
+    cut, _ = sampler._thresholds(logits, logits.sort(dim=-1, descending=True).values, t)
+    return logits.masked_fill(logits < cut[:, None], float("-inf"))
+
+
+def test_top_k_top_p_cut_from_candidates_equals_the_full_sort(monkeypatch):
+    """The CPU path (best CPU_CANDIDATES tokens, a sort only for rows they cannot settle) and the top-k path
+    (torch.topk of the largest k) mask exactly what the full sort masks, ties and -inf rows included."""
+    from dataclasses import replace
+
+    from model import sampler
+    logits, ks, ps = cut_cases()
+    t = tensors(len(ks), top_k=ks, top_p=ps)
+    want = masked_by_sort(logits, t)
+    monkeypatch.setattr(sampler, "CPU_CANDIDATES", 8)
+    _, exact = sampler._thresholds(logits, logits.topk(8, dim=-1).values, t)
+    assert 0 < int(exact.sum()) < len(ks), "some rows must need the fallback sort, others not"
+    assert torch.equal(sampler._apply_top_k_top_p(logits, t), want)
+    with_k = [i for i, k in enumerate(ks) if k > 0]  # the top-k path serves batches where every row has one
+    sub = logits[with_k]
+    tk = tensors(len(with_k), top_k=[ks[i] for i in with_k], top_p=[ps[i] for i in with_k])
+    got = sampler._apply_top_k_top_p(sub, replace(tk, max_top_k=max(min(ks[i], 300) for i in with_k)))
+    assert torch.equal(got, masked_by_sort(sub, tk))
+    assert torch.equal(got, want[with_k])
+
+
+def test_top_k_top_p_cut_keeps_the_reference_support():
+    """Without ties, the cut keeps exactly the tokens of the plain per-row definition (HF's warpers)."""
+    logits, ks, ps = cut_cases(seed=1)
+    logits = logits + torch.rand(logits.shape, generator=torch.Generator().manual_seed(2)) * 1e-3  # no ties
+    t = tensors(len(ks), top_k=ks, top_p=ps)
+    from model import sampler
+    got = sampler._apply_top_k_top_p(logits, t)
+    for i, (k, p) in enumerate(zip(ks, ps)):
+        finite = set(torch.isfinite(got[i]).nonzero().squeeze(1).tolist())
+        want = {j for j in ref_filter(logits[i], min(k, logits.shape[1]), p, 0.0) if math.isfinite(logits[i, j])}
+        assert finite == want, i
+
+
+def test_seeded_tokens_are_the_same_with_and_without_the_top_k_shortcut():
+    from dataclasses import replace
+    logits, _, _ = cut_cases(seed=3)
+    B = logits.shape[0]
+    ks = [7, 1, 30, 2, 5, 9, 11, 4, 3, 8, 20, 6]
+    t = tensors(B, top_k=ks, top_p=0.9, seeds=list(range(B)), index=5)
+    for step in range(4):
+        t = replace(t, output_index=t.output_index + 1)
+        assert torch.equal(sample(logits, t).token_ids, sample(logits, replace(t, max_top_k=30)).token_ids)
+
+
+def test_sampling_batch_sets_max_top_k_only_when_every_sampled_row_has_one():
+    from server.sampling_batch import _max_top_k
+    assert _max_top_k([5, 40, 1]) == 40
+    assert _max_top_k([5, 0]) is None and _max_top_k([]) is None
