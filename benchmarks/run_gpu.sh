@@ -10,7 +10,7 @@
 #
 #   bash benchmarks/run_gpu.sh [all|ours|peers]     # default all
 # Knobs (environment): BUDGET (s), PEERS_RESERVE (s kept for the peers, default 170), SKIP (space-separated
-# step names: pytest kernels step_overhead host_overhead profile prefill_step latency latency_cublaslt latency_compile profile_compile gemm_shapes latency_b64 throughput_1b throughput_penalized throughput_sampled throughput_prefix throughput_prefix_off serving serving_eager_prefill serving_engine_process throughput_8b tune_kernels peers),
+# step names: pytest kernels step_overhead host_overhead profile prefill_step latency latency_cublaslt latency_compile profile_compile gemm_shapes latency_b64 throughput_1b throughput_penalized throughput_sampled throughput_top_k throughput_prefix throughput_prefix_off serving serving_eager_prefill serving_engine_process throughput_8b tune_kernels peers),
 # ENGINE_EXTRA (engine flags for our benchmarks, e.g. "--no-overlap-scheduling"), PYTEST_ARGS (extra pytest arguments, e.g. "-k gpu"), SMOKE=1 (CPU smoke test of this script: tiny random model, few requests, peers with PEERS_TINY=1).
 set -u
 cd "$(dirname "$0")/.."
@@ -137,6 +137,10 @@ main() {
     step throughput_sampled 100 $PY benchmarks/throughput.py --dummy --config "$dummy1" "${dev[@]}" \
       --num-requests "$nreq" --input-len "${lens[@]}" --output-len "${lens[@]}" --seed 0 --temperature 0.8 \
       --top-p 0.95 --json "$RAW/throughput_sampled.json" $ENGINE_EXTRA
+    # and with a top-k on every request too (Qwen2.5's defaults): the sampler's cut comes from torch.topk
+    step throughput_top_k 100 $PY benchmarks/throughput.py --dummy --config "$dummy1" "${dev[@]}" \
+      --num-requests "$nreq" --input-len "${lens[@]}" --output-len "${lens[@]}" --seed 0 --temperature 0.7 \
+      --top-k 20 --top-p 0.8 --json "$RAW/throughput_top_k.json" $ENGINE_EXTRA
     # the same requests behind one shared 1,024-token prefix (a system prompt), prefix cache on and off
     step throughput_prefix 45 $PY benchmarks/throughput.py --dummy --config "$dummy1" "${dev[@]}" --num-requests "$nreq" \
       --prefix-len "$prefix" --input-len "${lens[@]}" --output-len "${lens[@]}" --seed 0 \
@@ -258,6 +262,8 @@ row("1B 256 req out tok/s, 10% penalized (peer: none)", tp.get("output_tok_s"),
     f"{tp.get('overlapped_steps')} overlapped steps sampled after the one in flight" if tp else "")
 row("1B 256 req out tok/s, sampled T 0.8 top_p 0.95 (peer: greedy)",
     g(data, "throughput_sampled", "ours", "output_tok_s"), g(data, "throughput_1b", "ours", "output_tok_s"))
+row("1B 256 req out tok/s, T 0.7 top_k 20 top_p 0.8 (peer: top_p 0.95 alone, a full sort)",
+    g(data, "throughput_top_k", "ours", "output_tok_s"), g(data, "throughput_sampled", "ours", "output_tok_s"))
 row("1B shared-prefix total tok/s, cache on vs off", g(data, "throughput_prefix", "ours", "total_tok_s"),
     g(data, "throughput_prefix_off", "ours", "total_tok_s"),
     f"{g(data, 'throughput_prefix', 'ours', 'prefix_cache_hit_tokens')} prompt tokens from the cache; the "

@@ -103,13 +103,13 @@ def build_llm(args, prompts, out_lens):
 
 
 def run_ours(llm, prompts, out_lens, penalized_fraction: float = 0.0, seed: int = 0, temperature: float = 0.0,
-             top_p: float = 1.0) -> dict:
+             top_p: float = 1.0, top_k: int = 0) -> dict:
     """With penalized_fraction, that share of the requests (drawn with seed) samples with a frequency
     penalty: rows whose sampling reads their own tokens, which overlap scheduling must wait for. temperature
-    and top_p apply to every request (0: greedy)."""
+    top_p and top_k apply to every request (temperature 0: greedy)."""
     from server.sampling_params import SamplingParams
     rng = random.Random(seed)
-    params = [SamplingParams(temperature=temperature, top_p=top_p,
+    params = [SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
                              max_new_tokens=o, ignore_eos=True,
                              frequency_penalty=0.5 if rng.random() < penalized_fraction else 0.0)
               for o in out_lens]
@@ -282,6 +282,7 @@ def main(argv=None) -> None:
     ap.add_argument("--turns", type=int, default=1, help="each request a chat of this many turns (see above)")
     ap.add_argument("--temperature", type=float, default=0.0, help="every request's temperature (0: greedy)")
     ap.add_argument("--top-p", type=float, default=1.0, help="every request's top_p")
+    ap.add_argument("--top-k", type=int, default=0, help="every request's top_k (0: off)")
     ap.add_argument("--penalized-fraction", type=float, default=0.0, help="this share of the requests samples "
                     "with frequency_penalty 0.5 (rows that read their own tokens: their steps sample after the "
                     "step in flight)")
@@ -314,7 +315,8 @@ def main(argv=None) -> None:
         ours = run_turns(llm, [t[0] for t in turns], [t[1] for t in turns])
     else:
         llm = build_llm(args, prompts, out_lens)
-        ours = run_ours(llm, prompts, out_lens, args.penalized_fraction, args.seed, args.temperature, args.top_p)
+        ours = run_ours(llm, prompts, out_lens, args.penalized_fraction, args.seed, args.temperature, args.top_p,
+                        args.top_k)
     cmp = compare_with_transformers(args, llm, prompts, out_lens) if args.preset == "cpu" else None
     prefix = f"shared prefix {args.prefix_len} + " if args.prefix_len else ""
     chats = f" x {args.turns} turns" if args.turns > 1 else ""
