@@ -75,7 +75,7 @@ class ServerConfig(BaseModel):
         "auto", description="auto: the model's generation_config.json sampling defaults (temperature, top_p, "
                             "top_k, min_p, repetition_penalty) fill the fields an OpenAI request leaves unset; "
                             "none: OpenAI's own defaults")
-    tool_call_parser: Literal["auto", "hermes", "llama3_json", "none"] = Field(
+    tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral", "none"] = Field(
         "auto", description="how tool_choice 'auto' finds calls in the reply's text (server/tool_parsers.py): "
                             "auto = the syntax the chat template shows; none = 'auto' is refused")
     enable_explain: bool = Field(False, description="serve the attention explorer at /explain (torch reference "

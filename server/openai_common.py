@@ -69,8 +69,18 @@ def sampling_params(state: ServerState, req: SamplingFields, prompt_len: int, *,
         presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
         seed=seed, max_new_tokens=max_new, min_new_tokens=req.min_tokens or 0, stop=stop,
         stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=bool(req.ignore_eos), logprobs=logprobs,
-        skip_special_tokens=req.skip_special_tokens is not False, prompt_logprobs=prompt_logprobs,
+        skip_special_tokens=req.skip_special_tokens is not False and not _keeps_special_tokens(state, req),
+        prompt_logprobs=prompt_logprobs,
         logit_bias=bias, grammar=grammar or _grammar(req))
+
+
+def _keeps_special_tokens(state: ServerState, req: SamplingFields) -> bool:
+    """A chat request whose calls the model writes (tools, tool_choice "auto" or unset: tool_calls.auto_parser)
+    for a parser whose call marker is a special token (mistral's [TOOL_CALLS]) is decoded with special tokens
+    kept, or the marker would vanish (vLLM does the same). Token stops (eos) never enter the text either way."""
+    if not getattr(req, "tools", None) or getattr(req, "tool_choice", None) not in (None, "auto"):
+        return False
+    return getattr(state.tool_parser, "special_token", None) is not None
 
 
 def _grammar(req: SamplingFields) -> dict | None:

@@ -35,8 +35,8 @@ def auto_parser(req: ChatCompletionRequest, parser: Any) -> Any:
         if parser is None:
             raise ApiError("validation", "tool_choice: 'auto' needs a parser for this model's tool-call text, and "
                                          "its chat template shows no syntax we know (set the server's "
-                                         "tool_call_parser: hermes or llama3_json); send 'required', a named "
-                                         "function or 'none'", "tool_choice")
+                                         "tool_call_parser: hermes, llama3_json or mistral); send 'required', "
+                                         "a named function or 'none'", "tool_choice")
         return parser
     return parser if req.tool_choice is None and req.tools else None
 
@@ -103,8 +103,9 @@ class ChoiceReply:
             self.in_calls = start is not None
             return self._content_up_to(safe), None
         message, reason = self.message(self.text, engine_reason)
-        if not message.tool_calls:
-            return self._content_up_to(len(self.text)), reason
+        if not message.tool_calls:  # the rest of the text, as message() shows it
+            rest, self.sent = self._shown(self.text[self.sent:]), len(self.text)
+            return (ChatDelta(content=rest) if rest else None), reason
         # content before the calls goes out as it came (here, what the last delta brought); the calls as one
         before = None if self.parser is None else self._content_up_to(self.parser.split(self.text)[1])
         return ChatDelta(content=before.content if before else None, tool_calls=[
@@ -124,4 +125,10 @@ class ChoiceReply:
         if parsed is not None:  # parallel_tool_calls false: at most one call, the first
             calls = parsed.calls[:1] if self.req.parallel_tool_calls is False else parsed.calls
             return ChatMessageOut(content=parsed.content, tool_calls=_calls(calls)), "tool_calls"
-        return ChatMessageOut(content=text), finish_reason(engine_reason)
+        return ChatMessageOut(content=self._shown(text)), finish_reason(engine_reason)
+
+    def _shown(self, text: str) -> str:
+        """Text that holds no call, as content: without a call marker that is a special token (kept in the
+        text only for the parser to see; split() never lets content already sent end inside one)."""
+        marker = getattr(self.parser, "special_token", None)
+        return text.replace(marker, "") if marker else text

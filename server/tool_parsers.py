@@ -5,6 +5,10 @@ vLLM's --tool-call-parser), picked by `tool_call_parser` or detected from the ch
   content (Hermes, Qwen 2.5 / 3, SmolLM3 and the many templates that copied them).
 - llama3_json: the reply is `{"name": ..., "parameters": {...}}` (calls separated by `;`), optionally after
   `<|python_tag|>` (Llama 3.1-3.3's JSON tool calling).
+- mistral: `[TOOL_CALLS]` then a JSON array `[{"name": ..., "arguments": {...}}, ...]` (Mistral 7B v0.3, Nemo,
+  Small), or `[TOOL_CALLS]name[ARGS]{...}` once per call (tokenizers v11 and later), after optional content.
+  `[TOOL_CALLS]` is a special token, so requests using this parser are decoded with special tokens kept
+  (`special_token`, as vLLM does), and a reply that is no call after all shows it nowhere.
 
 A parser answers two questions: how much of a growing text is surely content (so a stream can send it at
 once and hold back only what may start a call), and, at the end, which calls the text holds. A call whose
@@ -17,7 +21,7 @@ import json
 import re
 from dataclasses import dataclass
 
-PARSERS = ("hermes", "llama3_json")
+PARSERS = ("hermes", "llama3_json", "mistral")
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,14 @@ class ParsedReply:
 def _held_back(text: str, marker: str) -> int:
     """Length of the longest suffix of text that is a proper prefix of marker (it may still become one)."""
     return max((k for k in range(1, len(marker)) if text.endswith(marker[:k])), default=0)
+
+
+def _split_at(text: str, marker: str) -> tuple[int, int | None]:
+    """split() for calls that begin at a marker: up to the marker, or all but what may start one."""
+    i = text.find(marker)
+    if i >= 0:
+        return i, i
+    return len(text) - _held_back(text, marker), None
 
 
 def _call(obj: object, names: set[str], args_key: tuple[str, ...]) -> tuple[str, str] | None:
@@ -45,15 +57,13 @@ def _call(obj: object, names: set[str], args_key: tuple[str, ...]) -> tuple[str,
 
 class HermesParser:
     name = "hermes"
+    special_token = None  # the call marker when it is a special token: requests using the parser keep them
     START, END = "<tool_call>", "</tool_call>"
     _BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
 
     def split(self, text: str) -> tuple[int, int | None]:
         """(safe, start): text[:safe] is content whatever follows; start: where the calls begin, if seen."""
-        i = text.find(self.START)
-        if i >= 0:
-            return i, i
-        return len(text) - _held_back(text, self.START), None
+        return _split_at(text, self.START)
 
     def parse(self, text: str, names: set[str]) -> ParsedReply | None:
         start = text.find(self.START)
@@ -78,6 +88,7 @@ class HermesParser:
 
 class Llama3JsonParser:
     name = "llama3_json"
+    special_token = None
     TAG = "<|python_tag|>"
 
     def split(self, text: str) -> tuple[int, int | None]:
@@ -111,8 +122,42 @@ class Llama3JsonParser:
         return ParsedReply(None, calls)
 
 
+class MistralParser:
+    name = "mistral"
+    special_token = START = "[TOOL_CALLS]"
+    _NAME = re.compile(r"\s*([^\s\[\]{}]+)\s*(?:\[ARGS\])?\s*")  # name[ARGS]{...}, or name{...}
+
+    def split(self, text: str) -> tuple[int, int | None]:
+        return _split_at(text, self.START)
+
+    def parse(self, text: str, names: set[str]) -> ParsedReply | None:
+        start = text.find(self.START)
+        if start < 0:
+            return None
+        decoder, calls = json.JSONDecoder(), []
+        for part in text[start + len(self.START):].split(self.START):
+            body = part.strip()
+            try:
+                if body.startswith(("[", "{")):  # a JSON array of calls (or one call)
+                    value, end = decoder.raw_decode(body)
+                    objs = value if isinstance(value, list) else [value]
+                else:  # name[ARGS]{arguments}
+                    head = self._NAME.match(body)
+                    if head is None:
+                        return None
+                    args, end = decoder.raw_decode(body, head.end())
+                    objs = [{"name": head.group(1), "arguments": args}]
+            except json.JSONDecodeError:
+                return None
+            found = [_call(obj, names, ("arguments", "parameters")) for obj in objs]
+            if body[end:].strip() or not found or None in found:
+                return None
+            calls += found
+        return ParsedReply(text[:start].strip() or None, calls)
+
+
 def make_parser(name: str):
-    return {"hermes": HermesParser, "llama3_json": Llama3JsonParser}[name]()
+    return {"hermes": HermesParser, "llama3_json": Llama3JsonParser, "mistral": MistralParser}[name]()
 
 
 def detect_parser(template_source: str | None) -> str | None:
@@ -121,6 +166,8 @@ def detect_parser(template_source: str | None) -> str | None:
         return None
     if "<tool_call>" in template_source:
         return "hermes"
+    if "[TOOL_CALLS]" in template_source or "[AVAILABLE_TOOLS]" in template_source:
+        return "mistral"
     if "<|python_tag|>" in template_source or ("ipython" in template_source and '"parameters"' in template_source):
         return "llama3_json"
     return None

@@ -1,9 +1,11 @@
 """A stand-in for server.async_engine.AsyncEngine with the same interface and no model.
 
-Byte-level tokenizer (id = byte + 3; 0/1/2 = <unk>/<s>/</s>), deterministic tokens (printable ASCII, a
-function of the prompt, the position and the seed), a simulated block pool. Prompt markers drive the
-unusual paths: "EOS" ends with </s> after 3 tokens, "FAIL" ends with an engine error after 2 tokens,
-"SAY<<text>>" writes text, then </s>.
+Byte-level tokenizer (id = byte + 3; 0/1/2 = <unk>/<s>/</s>, 259 = [TOOL_CALLS], special tokens that decode
+skips unless told not to), deterministic tokens (printable ASCII, a function of the prompt, the position and
+the seed), a simulated block pool. Prompt markers drive the unusual paths: "EOS" ends with </s> after 3
+tokens, "FAIL" ends with an engine error after 2 tokens, "SAY<<text>>" writes text (each "[TOOL_CALLS]" in it
+as that one special token, as Mistral models write it), then </s>. As in the real engine, the token that
+ends a request (</s>) is never decoded into its text.
 """
 from __future__ import annotations
 
@@ -20,14 +22,14 @@ from server.async_engine import EngineStats
 from server.outputs import AdmissionError, EngineDeadError, OverloadedError, RequestOutput, TokenLogprob
 from server.sampling_params import SamplingParams
 
-SPECIALS = ("<unk>", "<s>", "</s>")
+SPECIALS = {0: "<unk>", 1: "<s>", 2: "</s>", 259: "[TOOL_CALLS]"}
 
 
 class FakeTokenizer:
-    vocab_size = 259
+    vocab_size = 260
     eos_token_ids = (2,)
     bos_token_id = 1
-    all_special_ids = (0, 1, 2)
+    all_special_ids = tuple(SPECIALS)
     has_chat_template = True
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -37,7 +39,7 @@ class FakeTokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         out, buf = [], bytearray()
         for i in ids:
-            if i < 3:
+            if i in SPECIALS:
                 out.append(buf.decode("utf-8", "replace"))
                 buf = bytearray()
                 if not skip_special_tokens:
@@ -48,7 +50,14 @@ class FakeTokenizer:
         return "".join(out)
 
     def id_to_piece(self, token_id: int) -> str:
-        return SPECIALS[token_id] if token_id < 3 else bytes([token_id - 3]).decode("latin-1")
+        return SPECIALS[token_id] if token_id in SPECIALS else bytes([token_id - 3]).decode("latin-1")
+
+    def encode_script(self, text: str) -> list[int]:
+        """A SAY<<text>> script's ids: its bytes, each "[TOOL_CALLS]" as that special token."""
+        ids = []
+        for k, part in enumerate(text.split(SPECIALS[259])):
+            ids += ([259] if k else []) + self.encode(part, add_special_tokens=False)
+        return ids
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, **extra) -> str:
         text = "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages)
@@ -78,7 +87,7 @@ class FakeAsyncEngine:
         self.step_delay = step_delay
         self.load_delay = load_delay
         self.tokenizer = FakeTokenizer()
-        self.model_config = ModelConfig(architecture="LlamaForCausalLM", vocab_size=259, hidden_size=64,
+        self.model_config = ModelConfig(architecture="LlamaForCausalLM", vocab_size=260, hidden_size=64,
                                         intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                         num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
                                         num_kv_heads=self.config.num_kv_heads or 0)
@@ -171,7 +180,8 @@ class FakeAsyncEngine:
         text = self.tokenizer.decode(prompt)
         rng = random.Random(params.seed if params.seed is not None else random.getrandbits(32))
         base = sum(prompt)
-        script = text[text.index("SAY<<") + 5:text.rindex(">>")].encode() if "SAY<<" in text else None
+        script = self.tokenizer.encode_script(text[text.index("SAY<<") + 5:text.rindex(">>")]) \
+            if "SAY<<" in text else None
         acquired = False
         try:
             await self._slots.acquire()
@@ -186,7 +196,7 @@ class FakeAsyncEngine:
                 self._counters["steps"] += 1
                 i = len(out_ids)
                 if script is not None:  # its bytes, then </s>
-                    token = 3 + script[i] if i < len(script) else 2
+                    token = script[i] if i < len(script) else 2
                 elif "EOS" in text and i == 3 and not params.ignore_eos:
                     token = 2
                 elif params.greedy:
@@ -197,12 +207,13 @@ class FakeAsyncEngine:
                 self._counters["generation"] += 1
                 blocks = math.ceil((len(prompt) + len(out_ids)) / self.config.block_size)
                 self._running[rid] = blocks
-                full = self.tokenizer.decode(out_ids, params.skip_special_tokens)
                 finish, stop_reason, error = None, None, None
                 if token == 2:
                     finish, stop_reason = "eos_token", 2
                 elif "FAIL" in text and i == 1:
                     finish, error = "error", "simulated engine failure"
+                # the token that ends the request is not decoded (the real engine stops on its id)
+                full = self.tokenizer.decode(out_ids[:-1] if token == 2 else out_ids, params.skip_special_tokens)
                 for s in params.stop:
                     if s in full:
                         full, finish, stop_reason = full[:full.index(s)], "stop", s

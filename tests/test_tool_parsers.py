@@ -13,7 +13,7 @@ import pytest
 from server.config import ServerConfig
 from server.schemas_openai import ChatCompletionRequest
 from server.tool_calls import ChoiceReply
-from server.tool_parsers import HermesParser, Llama3JsonParser, detect_parser
+from server.tool_parsers import HermesParser, Llama3JsonParser, MistralParser, detect_parser
 
 NAMES = {"get_weather", "get_time"}
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -21,6 +21,10 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters":
 TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
 CALL_W = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 CALL_T = '<tool_call>{"name": "get_time", "arguments": "{\\"zone\\": \\"utc\\"}"}</tool_call>'
+# Mistral: [TOOL_CALLS] is a special token, then a JSON array (v0.3, Nemo), or name[ARGS]{...} per call (v11+)
+TC = "[TOOL_CALLS]"
+MISTRAL = TC + ' [{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_time", "arguments": {}}]'
+MISTRAL_ARGS = TC + 'get_weather[ARGS]{"city": "Paris"}' + TC + 'get_time[ARGS]{}'
 
 
 def test_hermes_finds_each_call_and_the_content_before_them():
@@ -74,6 +78,43 @@ def test_the_parser_is_detected_from_the_chat_template():
     assert detect_parser("{% for t in tools %}<tool_call>{{ t }}</tool_call>{% endfor %}") == "hermes"
     assert detect_parser("Environment: ipython ... <|python_tag|>") == "llama3_json"
     assert detect_parser("<|im_start|>{{ m.content }}") is None and detect_parser(None) is None
+    assert detect_parser("{{ '[AVAILABLE_TOOLS] ' + tools|tojson + '[/AVAILABLE_TOOLS]' }}") == "mistral"
+    assert detect_parser("{%- elif m.tool_calls %}{{ '[TOOL_CALLS] [' }}") == "mistral"
+
+
+@pytest.mark.parametrize("calls", [MISTRAL, MISTRAL_ARGS, MISTRAL_ARGS.replace("[ARGS]", ""),
+                                   TC + MISTRAL[len(TC):].replace("}}, {", "}}]" + TC + "[{")])
+def test_mistral_finds_each_call_and_the_content_before_them(calls):
+    got = MistralParser().parse("Let me look.\n" + calls, NAMES)
+    assert got.content == "Let me look."
+    assert [(n, json.loads(a)) for n, a in got.calls] == [("get_weather", {"city": "Paris"}), ("get_time", {})]
+    assert MistralParser().parse(calls + "\n", NAMES).content is None
+    one = MistralParser().parse(TC + '{"name": "get_time", "arguments": "{\\"zone\\": \\"utc\\"}"}', NAMES)
+    assert one.calls == [("get_time", '{"zone": "utc"}')]  # one call, not in an array; arguments as a string
+
+
+@pytest.mark.parametrize("text", [
+    "no call here [TOOL_CALL] [{}]",
+    MISTRAL.replace("get_time", "get_stock"),                         # one call is not one of the tools
+    MISTRAL_ARGS.replace("get_weather", "get_stock"),
+    MISTRAL.replace('"Paris"}}', '"Paris"}'),                         # malformed JSON
+    MISTRAL_ARGS.replace('"Paris"}', '"Paris"'),
+    MISTRAL.replace('{"city": "Paris"}', '"Paris"'),                  # arguments not an object
+    MISTRAL + " and then some prose",                                 # a reply is all calls or none
+    MISTRAL_ARGS + " done",
+    TC + " []", TC, "Hello " + TC + " get_weather",                  # no call after the marker
+])
+def test_mistral_text_that_is_not_wholly_calls_is_none(text):
+    assert MistralParser().parse(text, NAMES) is None
+
+
+def test_mistral_split_holds_back_only_what_may_open_a_call():
+    m = MistralParser()
+    assert m.split("Sure, ") == (6, None)
+    assert m.split("Sure, [TOOL_CA") == (6, None)       # may become [TOOL_CALLS] (as text, not the token)
+    assert m.split("Sure, [") == (6, None)
+    assert m.split("Sure, " + TC) == (6, 6) and m.split("Sure, " + TC + " [{") == (6, 6)
+    assert m.split("a [b]") == (5, None) and m.split("[TOOLS") == (6, None)
 
 
 def stream(reply: ChoiceReply, text: str, pieces: list[int], reason: str = "eos_token"):
@@ -113,6 +154,28 @@ def test_a_streamed_reply_that_is_no_call_after_all_is_sent_whole():
     assert reply.message(text, "length")[1] == "length"
     message, reason = ChoiceReply(request(tool_choice="auto"), False, HermesParser()).message(CALL_W, "eos_token")
     assert reason == "tool_calls" and message.content is None and message.tool_calls[0].id.startswith("call_")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_streamed_mistral_reply_sends_the_content_and_then_the_calls(seed):
+    rng = random.Random(seed)
+    text = "Checking [the] weather.\n" + MISTRAL
+    sizes = []
+    while sum(sizes) < len(text):
+        sizes.append(rng.randint(1, 9))
+    content, last = stream(ChoiceReply(request(tool_choice="auto"), False, MistralParser()), text, sizes)
+    assert content == "Checking [the] weather.\n"           # all of it, and no byte of the marker or calls
+    assert [(c.index, c.function.name) for c in last.tool_calls] == [(0, "get_weather"), (1, "get_time")]
+
+
+def test_a_mistral_reply_that_is_no_call_after_all_is_content_without_the_marker():
+    text = "Hmm " + MISTRAL.replace("get_time", "get_stock")
+    reply = ChoiceReply(request(tool_choice="auto"), False, MistralParser())
+    content, last = stream(reply, text, [2] * (len(text) // 2 + 1))
+    want = text.replace(TC, "")                                 # as a decode skipping special tokens shows it
+    assert content == want and last.tool_calls is None
+    message, reason = ChoiceReply(request(), False, MistralParser()).message(text, "eos_token")
+    assert message.content == want and message.tool_calls is None and reason == "stop"
 
 
 # ---- through the HTTP API -------------------------------------------------------------------------------
@@ -180,3 +243,77 @@ def test_auto_with_parallel_tool_calls_false_returns_the_first_call_only(client)
     r = client.chat.completions.create(model="fake-model", messages=say(CALL_W + CALL_T), tools=[WEATHER, TIME],
                                        tool_choice="auto", parallel_tool_calls=False, max_tokens=200)
     assert [c.function.name for c in r.choices[0].message.tool_calls] == ["get_weather"]
+
+
+# ---- mistral: [TOOL_CALLS] is a special token, kept in the text only for requests that use the parser ----
+@pytest.fixture(scope="module")
+def mistral():
+    from tests.live_server import fake_server
+    with fake_server(ServerConfig(stats_log_interval_s=0, tool_call_parser="mistral")) as s, \
+            openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0) as c:
+        yield c
+
+
+@pytest.mark.parametrize("calls", [MISTRAL, MISTRAL_ARGS])
+def test_mistral_auto_returns_the_calls_the_model_wrote(mistral, calls):
+    r = mistral.chat.completions.create(model="fake-model", messages=say("On it. " + calls), tools=[WEATHER, TIME],
+                                        max_tokens=200)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "On it."
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == [
+        ("get_weather", {"city": "Paris"}), ("get_time", {})]
+
+
+def test_mistral_auto_streams_the_content_then_one_delta_of_calls(mistral):
+    chunks = list(mistral.chat.completions.create(model="fake-model", messages=say("Sure. " + MISTRAL),
+                                                  tools=[WEATHER, TIME], tool_choice="auto", max_tokens=200,
+                                                  stream=True))
+    contents = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    calls = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
+    assert "".join(contents) == "Sure. "
+    assert [(tc.index, tc.function.name) for tc in calls] == [(0, "get_weather"), (1, "get_time")]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_mistral_replies_that_are_no_call_show_neither_the_marker_nor_eos(mistral):
+    bad = "Hmm " + MISTRAL.replace("get_time", "get_stock")  # a call naming no tool: all of it is content
+    for stream_it in (False, True):
+        for text in ("It is sunny", bad):
+            r = mistral.chat.completions.create(model="fake-model", messages=say(text), tools=[WEATHER, TIME],
+                                                max_tokens=200, stream=stream_it)
+            if stream_it:
+                chunks = list(r)
+                content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+                reason = chunks[-1].choices[0].finish_reason
+            else:
+                content, reason = r.choices[0].message.content, r.choices[0].finish_reason
+            assert (content, reason) == (text.replace(TC, ""), "stop")
+
+
+@pytest.mark.parametrize("kw", [{}, {"tools": [WEATHER], "tool_choice": "none"}])
+def test_requests_without_the_parser_still_skip_special_tokens(mistral, kw):
+    """No tools (or tool_choice none) on the mistral server: decoded as ever, the special token skipped."""
+    r = mistral.chat.completions.create(model="fake-model", messages=say("a" + MISTRAL), max_tokens=200, **kw)
+    assert r.choices[0].message.content == "a" + MISTRAL[len(TC):] and r.choices[0].finish_reason == "stop"
+    # and skip_special_tokens false, asked for, keeps it
+    r = mistral.chat.completions.create(model="fake-model", messages=say("a" + MISTRAL), max_tokens=200,
+                                        extra_body={"skip_special_tokens": False}, **kw)
+    assert r.choices[0].message.content == "a" + MISTRAL
+
+
+def test_with_special_tokens_kept_the_real_engine_still_leaves_eos_out_of_the_text(tiny_llama_dir):
+    """The real engine decides eos by token id, before detokenizing it: a mistral request with tools (decoded
+    with special tokens kept) shows <s> (forced by logit_bias while min_tokens bars eos) but never </s>."""
+    from tests.live_server import engine_server
+    body = dict(model=None, messages=[{"role": "user", "content": "hi"}], temperature=0, max_tokens=6,
+                logit_bias={"1": 50, "2": 100}, extra_body={"min_tokens": 2})
+    with engine_server(tiny_llama_dir, server_config=ServerConfig(stats_log_interval_s=0,
+                                                                  tool_call_parser="mistral")) as s, \
+            openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0) as c:
+        body["model"] = c.models.list().data[0].id
+        r = c.chat.completions.create(tools=[WEATHER], **body)
+        assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("<s><s>", "stop")
+        chunks = list(c.chat.completions.create(tools=[WEATHER], stream=True, **body))
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "<s><s>"
+        r = c.chat.completions.create(**body)  # no tools: special tokens skipped, as ever
+        assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("", "stop")
