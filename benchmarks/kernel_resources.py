@@ -205,7 +205,7 @@ def print_table(rows: list[Row]) -> None:
 
 def main(argv: list[str] | None = None) -> list[Row]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", type=int, action="append", help="compute capability x 10 (80, 86, 89, 90); repeat")
+    p.add_argument("--arch", type=int, action="append", help="compute capability x 10 (80, 86, 89, 90, 100); repeat")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes (default: cores)")
     args = p.parse_args(argv)

@@ -24,6 +24,7 @@ SM_LIMITS = {
     86: dict(registers=65536, warps=48, smem_block=99 * 1024, smem_sm=100 * 1024, reserved=1024),
     89: dict(registers=65536, warps=48, smem_block=99 * 1024, smem_sm=100 * 1024, reserved=1024),
     90: dict(registers=65536, warps=64, smem_block=227 * 1024, smem_sm=228 * 1024, reserved=1024),
+    100: dict(registers=65536, warps=64, smem_block=227 * 1024, smem_sm=228 * 1024, reserved=1024),
 }
 MAX_PROGRAMS_PER_SM = 32
 
