@@ -126,7 +126,7 @@ def _thresholds(logits: torch.Tensor, best: torch.Tensor, t: SamplingTensors) ->
     one is when top-p already drops its K-th token (or is off: no cut)."""
     B, K = best.shape
     V = logits.shape[1]
-    inf = torch.tensor(float("inf"), device=logits.device)  # a device scalar: masked_fill without a sync
+    inf = float("inf")  # a Python scalar: a tensor made from it here would be a host-to-device copy each step
     has_k = t.top_k > 0 if t.any_top_k else torch.zeros(B, dtype=torch.bool, device=logits.device)
     k = torch.where(has_k, t.top_k.clamp(max=V), K).clamp(max=K)
     kth = torch.where(has_k, best.gather(1, (k - 1)[:, None]).squeeze(1), -inf)  # ties with the kth stay, as HF
