@@ -1,6 +1,7 @@
 """model.sampler against straightforward per-row references (HF / OpenAI semantics)."""
 import math
 
+import pytest
 import torch
 
 from model.sampler import SamplingTensors, hashed_uniform, sample
@@ -319,3 +320,33 @@ def test_sampling_batch_sets_max_top_k_only_when_every_sampled_row_has_one():
     from server.sampling_batch import _max_top_k
     assert _max_top_k([5, 40, 1]) == 40
     assert _max_top_k([5, 0]) is None and _max_top_k([]) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (a host sync only exists there)")
+@pytest.mark.parametrize("case", ["greedy", "temperature", "top_p", "top_k", "top_k_top_p_min_p", "seeded",
+                                  "logprobs"])
+def test_gpu_sampling_never_waits_for_the_device(case):
+    """Overlap scheduling queues a step's sampling while the host works: no op in sample() may synchronise
+    (torch's sync debug mode raises on one), in any setting the sampler branches on."""
+    from dataclasses import fields, replace
+    B, V = 16, 32000
+    kw = {"greedy": dict(temperature=0.0), "temperature": dict(temperature=0.8),
+          "top_p": dict(temperature=0.8, top_p=0.9), "top_k": dict(temperature=0.8, top_k=20),
+          "top_k_top_p_min_p": dict(temperature=0.8, top_k=[20] * (B - 1) + [50], top_p=0.8, min_p=0.05),
+          "seeded": dict(temperature=0.8, top_p=0.9, seeds=list(range(B // 2)) + [None] * (B // 2)),
+          "logprobs": dict(temperature=0.8, max_logprobs=5)}[case]
+    t = tensors(B, **kw)
+    if case.startswith("top_k"):
+        t = replace(t, max_top_k=int(t.top_k.max()))
+    t = replace(t, **{f.name: getattr(t, f.name).cuda() for f in fields(t)
+                      if isinstance(getattr(t, f.name), torch.Tensor)})
+    logits = torch.randn(B, V, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    sample(logits, t, gen)  # warm-up: first calls may allocate
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = sample(logits, t, gen)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.token_ids.shape == (B,)
