@@ -1,6 +1,7 @@
 """OpenAI-compatible routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions.
 
 Chat prompts go through the model's own chat template (a request carrying its own template is refused).
+With a reasoning_parser, a chat reply's thinking goes to reasoning_content (server/reasoning_parsers.py).
 Errors use OpenAI's {"error": {...}} shape with status 400 for invalid requests.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from server.http_errors import ApiError
 from server.openai_common import (ADMISSION_NAMES, check_common, finish_reason, logprob_value, now_s,
                                   sampling_params, sse_choices, token_str, usage)
 from server.outputs import RequestOutput, TokenLogprob
+from server.reasoning_parsers import ReasoningStream, applies as reasoning_applies
 from server.schemas_openai import ChatCompletionRequest, CompletionRequest
 from server.schemas_openai_out import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse,
                                        ChatDelta, ChatLogprobs, ChatTokenLogprob,
@@ -163,7 +165,7 @@ async def chat_completions(state: ServerState, request: Request, req: ChatComple
     n = req.n or 1
     state.require_ready()
     check_common(state, req, n)
-    _, ids = _chat_prompt(state, req)
+    prompt, ids = _chat_prompt(state, req)
     if req.max_completion_tokens is not None:
         max_tokens, field = req.max_completion_tokens, "max_completion_tokens"
     else:
@@ -171,6 +173,11 @@ async def chat_completions(state: ServerState, request: Request, req: ChatComple
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     calls = tool_grammar(req)  # the reply is tool calls, written under this grammar
     parser = auto_parser(req, state.tool_parser)  # or the model writes them, and this finds them
+    thinks = reasoning_applies(req, state.reasoning_parser)  # the thinking goes to reasoning_content
+
+    def reply() -> ChoiceReply:
+        return ChoiceReply(req, calls is not None, parser,
+                           ReasoningStream(state.reasoning_parser, prompt) if thinks else None)
     jobs = [(new_request_id("chatcmpl"), ids,
              sampling_params(state, req, len(ids), max_tokens=max_tokens, max_tokens_field=field,
                              logprobs=logprobs, logprobs_field="top_logprobs", choice=i, grammar=calls))
@@ -185,7 +192,7 @@ async def chat_completions(state: ServerState, request: Request, req: ChatComple
             choice = ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))
             return ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
 
-        replies = [ChoiceReply(req, calls is not None, parser) for _ in range(n)]
+        replies = [reply() for _ in range(n)]
 
         def chunk(index: int, out: RequestOutput) -> ChatCompletionChunk | None:
             lp = _chat_logprobs(state, out.new_token_ids, out.new_logprobs or []) if logprobs is not None else None
@@ -209,7 +216,7 @@ async def chat_completions(state: ServerState, request: Request, req: ChatComple
         return Response(status_code=499)
     choices = []
     for i, got in enumerate(results):
-        message, reason = ChoiceReply(req, calls is not None, parser).message(got.text, got.finish_reason)
+        message, reason = reply().message(got.text, got.finish_reason)
         choices.append(ChatChoice(index=i, message=message, finish_reason=reason, logprobs=_chat_logprobs(
             state, got.token_ids, got.logprobs) if logprobs is not None else None))
     body = ChatCompletionResponse(id=rid, created=created, model=model, choices=choices,

@@ -78,6 +78,9 @@ class ServerConfig(BaseModel):
     tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral", "none"] = Field(
         "auto", description="how tool_choice 'auto' finds calls in the reply's text (server/tool_parsers.py): "
                             "auto = the syntax the chat template shows; none = 'auto' is refused")
+    reasoning_parser: Literal["none", "deepseek_r1"] = Field(
+        "none", description="split a reasoning model's thinking (<think>...</think>) into reasoning_content on "
+                            "/v1/chat/completions (server/reasoning_parsers.py); none = the reply is all content")
     enable_explain: bool = Field(False, description="serve the attention explorer at /explain (torch reference "
                                                     "path on CPU copies of the model, never the hot path)")
 

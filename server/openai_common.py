@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from server.generation import merge_streams, resolve_max_new_tokens, build_params
 from server.http_errors import ApiError, error_json
 from server.outputs import RequestOutput
+from server.reasoning_parsers import applies as reasoning_applies
 from server.sampling_params import SamplingParams
 from server.schema_common import finite_logprob
 from server.schemas_openai import SamplingFields
@@ -77,7 +78,11 @@ def sampling_params(state: ServerState, req: SamplingFields, prompt_len: int, *,
 def _keeps_special_tokens(state: ServerState, req: SamplingFields) -> bool:
     """A chat request whose calls the model writes (tools, tool_choice "auto" or unset: tool_calls.auto_parser)
     for a parser whose call marker is a special token (mistral's [TOOL_CALLS]) is decoded with special tokens
-    kept, or the marker would vanish (vLLM does the same). Token stops (eos) never enter the text either way."""
+    kept, or the marker would vanish (vLLM does the same); so is a chat request split by a reasoning parser
+    whose <think> markers are special tokens. Token stops (eos) never enter the text either way."""
+    reasoning = state.reasoning_parser
+    if getattr(reasoning, "special_tokens", False) and reasoning_applies(req, reasoning):
+        return True
     if not getattr(req, "tools", None) or getattr(req, "tool_choice", None) not in (None, "auto"):
         return False
     return getattr(state.tool_parser, "special_token", None) is not None

@@ -87,6 +87,7 @@ class ToolCallDelta(ToolCall):
 class ChatMessageOut(ResponseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None  # the thinking, with a reasoning_parser (server/reasoning_parsers.py)
     tool_calls: list[ToolCall] | None = None
 
 
@@ -109,6 +110,7 @@ class ChatCompletionResponse(ResponseModel):
 class ChatDelta(ResponseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
 
 

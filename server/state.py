@@ -40,6 +40,7 @@ class ServerState:
         self._froze_gc = False
         self._sampling_defaults: dict[str, float] | None = None
         self._tool_parser: tuple[Any] | None = None  # (parser or None,) once chosen
+        self._reasoning_parser: tuple[Any] | None = None
 
     # lifecycle -----------------------------------------------------------------------------------------
     def start_loading(self) -> None:
@@ -141,6 +142,19 @@ class ServerState:
                 name = detect_parser(getattr(tokenizer, "chat_template_source", None))
             self._tool_parser = (None if name in (None, "none") else make_parser(name),)
         return self._tool_parser[0]
+
+    @property
+    def reasoning_parser(self) -> Any:
+        """The reasoning_parser (server/reasoning_parsers.py) or None; built once the tokenizer, which tells
+        whether its <think> markers are special tokens, is loaded."""
+        if self._reasoning_parser is None:
+            tokenizer = getattr(self.engine, "tokenizer", None)
+            if tokenizer is None:
+                return None
+            from server.reasoning_parsers import make_parser
+            name = self.config.reasoning_parser
+            self._reasoning_parser = (None if name == "none" else make_parser(name, tokenizer),)
+        return self._reasoning_parser[0]
 
     @property
     def prompt_char_limit(self) -> int:

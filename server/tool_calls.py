@@ -12,7 +12,9 @@
 - "none": the tools go to the chat template only.
 
 A forced call's arguments are always complete JSON: a choice cut by max_tokens is returned as text instead,
-with finish_reason "length". ChoiceReply turns one choice's output into the reply, streamed or whole.
+with finish_reason "length". ChoiceReply turns one choice's output into the reply, streamed or whole; with a
+reasoning parser (server/reasoning_parsers.py) the thinking goes to reasoning_content first, and all the above
+works on the content after it only.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from typing import Any
 
 from server.http_errors import ApiError
 from server.openai_common import finish_reason
+from server.reasoning_parsers import ReasoningStream
 from server.schemas_openai import ChatCompletionRequest
 from server.schemas_openai_out import ChatDelta, ChatMessageOut, FunctionCall, ToolCall, ToolCallDelta
 
@@ -83,15 +86,26 @@ class ChoiceReply:
     """One choice's output as the chat reply: content as it comes (no tools asked for); calls forced by
     tool_grammar, sent whole once complete; or ("auto") content until the parser sees calls begin (holding
     back only text that may open one), then, at the end, the calls the parser finds, or the text if it finds
-    none. finish_reason is "tool_calls" when the reply is calls."""
+    none. finish_reason is "tool_calls" when the reply is calls. `reasoning`: the thinking, split off first
+    (reasoning_content), the rest being the content all this works on."""
 
-    def __init__(self, req: ChatCompletionRequest, forced: bool, parser: Any = None):
-        self.req, self.forced, self.parser = req, forced, parser
+    def __init__(self, req: ChatCompletionRequest, forced: bool, parser: Any = None,
+                 reasoning: ReasoningStream | None = None):
+        self.req, self.forced, self.parser, self.reasoning = req, forced, parser, reasoning
         self.names = {t.function.name for t in req.tools or []}
         self.text, self.sent, self.in_calls = "", 0, False
 
     def delta(self, new_text: str, engine_reason: str | None) -> tuple[ChatDelta | None, str | None]:
         """What to send for one output delta (None: nothing yet), and the finish reason if it is the last."""
+        if self.reasoning is None:
+            return self._content_delta(new_text, engine_reason)
+        thought, new_text = self.reasoning.feed(new_text, engine_reason is not None)
+        delta, reason = self._content_delta(new_text, engine_reason)
+        if thought:
+            delta = (delta or ChatDelta()).model_copy(update={"reasoning_content": thought})
+        return delta, reason
+
+    def _content_delta(self, new_text: str, engine_reason: str | None) -> tuple[ChatDelta | None, str | None]:
         finished, reason = engine_reason is not None, finish_reason(engine_reason)
         if not self.forced and self.parser is None:
             return (ChatDelta(content=new_text) if new_text else None), reason
@@ -102,7 +116,7 @@ class ChoiceReply:
             safe, start = self.parser.split(self.text)
             self.in_calls = start is not None
             return self._content_up_to(safe), None
-        message, reason = self.message(self.text, engine_reason)
+        message, reason = self._message(self.text, engine_reason)
         if not message.tool_calls:  # the rest of the text, as message() shows it
             rest, self.sent = self._shown(self.text[self.sent:]), len(self.text)
             return (ChatDelta(content=rest) if rest else None), reason
@@ -119,6 +133,15 @@ class ChoiceReply:
 
     def message(self, text: str, engine_reason: str | None) -> tuple[ChatMessageOut, str | None]:
         """The whole reply from the whole output."""
+        if self.reasoning is None:
+            return self._message(text, engine_reason)
+        thought, content = self.reasoning.whole(text)
+        if content is None:  # thinking to the end, or nothing after </think>: no content
+            return ChatMessageOut(reasoning_content=thought), finish_reason(engine_reason)
+        message, reason = self._message(content, engine_reason)
+        return message.model_copy(update={"reasoning_content": thought}), reason
+
+    def _message(self, text: str, engine_reason: str | None) -> tuple[ChatMessageOut, str | None]:
         if self.forced and engine_reason == "eos_token":  # complete: the calls, no content
             return ChatMessageOut(tool_calls=tool_calls(self.req, text)), "tool_calls"
         parsed = self.parser.parse(text, self.names) if self.parser is not None else None
