@@ -35,12 +35,17 @@ def _held_back(text: str, marker: str) -> int:
     return max((k for k in range(1, len(marker)) if text.endswith(marker[:k])), default=0)
 
 
-def _split_at(text: str, marker: str) -> tuple[int, int | None]:
-    """split() for calls that begin at a marker: up to the marker, or all but what may start one."""
-    i = text.find(marker)
-    if i >= 0:
-        return i, i
-    return len(text) - _held_back(text, marker), None
+class _CallsAfterMarker:
+    """A syntax whose calls begin at a marker (START), after optional content."""
+    START: str
+
+    def split(self, text: str) -> tuple[int, int | None]:
+        """(safe, start): text[:safe] is content whatever follows; start: where the calls begin, if seen.
+        Up to the marker, or all but a tail that may still become one."""
+        i = text.find(self.START)
+        if i >= 0:
+            return i, i
+        return len(text) - _held_back(text, self.START), None
 
 
 def _call(obj: object, names: set[str], args_key: tuple[str, ...]) -> tuple[str, str] | None:
@@ -55,15 +60,11 @@ def _call(obj: object, names: set[str], args_key: tuple[str, ...]) -> tuple[str,
     return (obj["name"], json.dumps(args, ensure_ascii=False)) if isinstance(args, dict) else None
 
 
-class HermesParser:
+class HermesParser(_CallsAfterMarker):
     name = "hermes"
     special_token = None  # the call marker when it is a special token: requests using the parser keep them
     START, END = "<tool_call>", "</tool_call>"
     _BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
-
-    def split(self, text: str) -> tuple[int, int | None]:
-        """(safe, start): text[:safe] is content whatever follows; start: where the calls begin, if seen."""
-        return _split_at(text, self.START)
 
     def parse(self, text: str, names: set[str]) -> ParsedReply | None:
         start = text.find(self.START)
@@ -122,13 +123,10 @@ class Llama3JsonParser:
         return ParsedReply(None, calls)
 
 
-class MistralParser:
+class MistralParser(_CallsAfterMarker):
     name = "mistral"
     special_token = START = "[TOOL_CALLS]"
     _NAME = re.compile(r"\s*([^\s\[\]{}]+)\s*(?:\[ARGS\])?\s*")  # name[ARGS]{...}, or name{...}
-
-    def split(self, text: str) -> tuple[int, int | None]:
-        return _split_at(text, self.START)
 
     def parse(self, text: str, names: set[str]) -> ParsedReply | None:
         start = text.find(self.START)
