@@ -23,12 +23,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from server.tool_parsers import _held_back
+
 PARSERS = ("deepseek_r1",)
-
-
-def _held_back(text: str, marker: str) -> int:
-    """Length of the longest suffix of text that is a proper prefix of marker (it may still become one)."""
-    return max((k for k in range(1, len(marker)) if text.endswith(marker[:k])), default=0)
 
 
 class DeepSeekR1Parser:
