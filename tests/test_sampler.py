@@ -350,3 +350,33 @@ def test_gpu_sampling_never_waits_for_the_device(case):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out.token_ids.shape == (B,)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (a host sync only exists there)")
+def test_gpu_sampling_with_penalties_bias_and_bans_never_waits_for_the_device():
+    """The same for the stages the server's tensors switch on: penalties on some rows (their [R, V] slice),
+    logit bias, min_new_tokens bans, seeds, top-k and logprobs, as build_sampling_tensors makes them."""
+    from server.sampling_batch import build_sampling_tensors
+    from server.sampling_params import SamplingParams
+    from server.sequence import Sequence
+    V, seqs = 32000, []
+    for i in range(12):
+        params = SamplingParams(temperature=0.8 if i % 3 else 0.0, top_k=20 if i % 2 else 0, top_p=0.9,
+                                repetition_penalty=1.2 if i % 4 == 1 else 1.0,
+                                frequency_penalty=0.5 if i % 4 == 2 else 0.0, logit_bias={5: 3.0} if i == 3 else {},
+                                min_new_tokens=4 if i == 5 else 0, seed=i if i % 5 == 0 else None, logprobs=2)
+        seq = Sequence(f"r{i}", list(range(1, 30 + i)), params)
+        seq.token_ids += [7, 8, 9]
+        seqs.append(seq)
+    t = build_sampling_tensors(seqs, V, (2,), torch.device("cuda"))
+    assert t.penalty_rows is not None and t.bias_index is not None and t.banned_tokens is not None
+    logits = torch.randn(len(seqs), V, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    sample(logits, t, gen)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = sample(logits, t, gen)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.token_ids.shape == (len(seqs),) and out.top_ids.shape == (len(seqs), 2)
