@@ -150,7 +150,8 @@ def measure(spec: KVReportSpec, token_ids: list[int],
                           / sum(x.key_mean + x.value_mean for x in losses))
         else:
             model = load_model(spec.model_dir, num_kv_heads=v.num_kv_heads, kv_head_method=v.method, **load)
-        kv_dtype = resolve_kv_cache_dtype(v.kv_cache_dtype, model_dtype)
+        kv_dtype = resolve_kv_cache_dtype(v.kv_cache_dtype, model_dtype, model.lm_head.weight.device,
+                                          getattr(getattr(model, "ops", None), "name", None))  # fp8: Ada+
         ppl = perplexity(model, evaluation, window=spec.window, stride=spec.stride, kv_cache_dtype=kv_dtype,
                          block_size=spec.block_size, progress=progress)
         tokens = greedy_generate(model, prompts, spec.greedy_tokens, kv_cache_dtype=kv_dtype,
