@@ -340,16 +340,19 @@ def test_gpu_sampling_never_waits_for_the_device(case):
         t = replace(t, max_top_k=int(t.top_k.max()))
     t = replace(t, **{f.name: getattr(t, f.name).cuda() for f in fields(t)
                       if isinstance(getattr(t, f.name), torch.Tensor)})
-    logits = torch.randn(B, V, device="cuda")
+    assert sample_without_syncs(torch.randn(B, V, device="cuda"), t).token_ids.shape == (B,)
+
+
+def sample_without_syncs(logits, t):
+    """sample() once to warm up (first calls may allocate), then again with torch raising on any sync."""
     gen = torch.Generator(device="cuda").manual_seed(0)
-    sample(logits, t, gen)  # warm-up: first calls may allocate
+    sample(logits, t, gen)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out = sample(logits, t, gen)
+        return sample(logits, t, gen)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert out.token_ids.shape == (B,)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (a host sync only exists there)")
@@ -370,13 +373,5 @@ def test_gpu_sampling_with_penalties_bias_and_bans_never_waits_for_the_device():
         seqs.append(seq)
     t = build_sampling_tensors(seqs, V, (2,), torch.device("cuda"))
     assert t.penalty_rows is not None and t.bias_index is not None and t.banned_tokens is not None
-    logits = torch.randn(len(seqs), V, device="cuda")
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    sample(logits, t, gen)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        out = sample(logits, t, gen)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    out = sample_without_syncs(torch.randn(len(seqs), V, device="cuda"), t)
     assert out.token_ids.shape == (len(seqs),) and out.top_ids.shape == (len(seqs), 2)
