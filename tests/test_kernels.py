@@ -252,6 +252,23 @@ def test_gpu_prefill_bf16(new_lens, cached, head_dim):
 
 
 @gpu
+@pytest.mark.parametrize("head_dim", [128, 64, 80])
+def test_gpu_prefill_float32_tiles(head_dim):
+    """float32 (exact products): the 32 x 16, 8-warp tiles and the 16-row ones for short queries, at real
+    sizes, equal the float32 reference (benchmarks/kernel_resources.py: these tiles spill nothing)."""
+    new_lens, cached = [700, 1, 13, 300], [0, 900, 40, 1200]
+    q, kc, vc, qsl, sl, bt = make_paged(new_lens, cached, 32, 8, head_dim, 16, torch.float32, seed=5)
+    scale = head_dim ** -0.5
+    for lens in (new_lens, [1, 1, 1, 1]):  # long queries (32-row tiles), then decode-sized ones (16 rows)
+        rows = torch.cat([torch.arange(int(qsl[b]), int(qsl[b]) + n) for b, n in enumerate(lens)]).cuda()
+        starts = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0).to(torch.int32).cuda()
+        seq = (sl - torch.tensor(new_lens, device="cuda") + torch.tensor(lens, device="cuda")).to(torch.int32)
+        out = torch.full_like(q[rows], float("nan"))
+        paged_prefill_attention(q[rows], kc, vc, starts, seq, bt, scale, max(lens), out=out)
+        assert_close(out, ref.paged_attention(q[rows], kc, vc, starts, seq, bt, scale, max(lens)), torch.float32)
+
+
+@gpu
 @pytest.mark.parametrize("head_dim", [128, 64, 96])
 def test_gpu_decode_bf16(head_dim):
     context = [1, 17, 256, 1000, 4096, 4095, 3000, 64] * 8
