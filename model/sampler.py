@@ -13,7 +13,7 @@ default "raw_logprobs": they describe the model, not the sampling settings.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -157,21 +157,13 @@ def _apply_top_k_top_p(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor
         cut, exact = _thresholds(logits, logits.topk(CPU_CANDIDATES, dim=-1).values, t)
         if not bool(exact.all()):
             rows = (~exact).nonzero().squeeze(1)
-            sub = _rows(t, rows)
-            full, _ = _thresholds(logits.index_select(0, rows),
-                                  logits.index_select(0, rows).sort(dim=-1, descending=True).values, sub)
+            sub = logits.index_select(0, rows)
+            full, _ = _thresholds(sub, sub.sort(dim=-1, descending=True).values,
+                                  replace(t, top_k=t.top_k.index_select(0, rows), top_p=t.top_p.index_select(0, rows)))
             cut = cut.index_copy(0, rows, full)
     else:
         cut, _ = _thresholds(logits, logits.sort(dim=-1, descending=True).values, t)
     return logits.masked_fill(logits < cut[:, None], float("-inf"))
-
-
-def _rows(t: SamplingTensors, rows: torch.Tensor) -> SamplingTensors:
-    """The top-k / top-p parameters of some rows only."""
-    return SamplingTensors(temperature=t.temperature, top_k=t.top_k.index_select(0, rows),
-                           top_p=t.top_p.index_select(0, rows), min_p=t.min_p, seeds=t.seeds,
-                           has_seed=t.has_seed, output_index=t.output_index, any_top_k=t.any_top_k,
-                           any_top_p=t.any_top_p)
 
 
 def sample(logits: torch.Tensor, t: SamplingTensors, generator: torch.Generator | None = None) -> SamplerOutput:

@@ -19,6 +19,7 @@ from server.schemas_openai import SamplingFields
 from server.schemas_openai_out import Usage
 from server.sse import sse_data
 from server.state import ServerState
+from server.tool_parsers import model_writes_calls
 
 FINISH_REASON = {"length": "length", "stop": "stop", "eos_token": "stop"}
 ADMISSION_NAMES = {"grammar": "response_format"}  # the engine's field names -> OpenAI's, for submit_all
@@ -83,9 +84,7 @@ def _keeps_special_tokens(state: ServerState, req: SamplingFields) -> bool:
     reasoning = state.reasoning_parser
     if getattr(reasoning, "special_tokens", False) and reasoning_applies(req, reasoning):
         return True
-    if not getattr(req, "tools", None) or getattr(req, "tool_choice", None) not in (None, "auto"):
-        return False
-    return getattr(state.tool_parser, "special_token", None) is not None
+    return model_writes_calls(req) and getattr(state.tool_parser, "special_token", None) is not None
 
 
 def _grammar(req: SamplingFields) -> dict | None:

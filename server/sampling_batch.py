@@ -87,6 +87,8 @@ def build_sampling_tensors(seqs: list[Sequence], vocab_size: int, eos_token_ids:
             rows.append(list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids)) if below else [])
         banned = _upload(_padded(rows, vocab_size), torch.int64, device)
     greedy = [p.temperature == 0.0 for p in ps]
+    sampled = [p for p, g in zip(ps, greedy) if not g]  # the rows whose filters matter
+    top_ks = [p.top_k for p in sampled]
     seeded = [p.seed is not None for p in ps]
     seeded_rows = [i for i, (sd, g) in enumerate(zip(seeded, greedy)) if sd and not g]
     any_unseeded = any(not sd and not g for sd, g in zip(seeded, greedy))
@@ -102,12 +104,12 @@ def build_sampling_tensors(seqs: list[Sequence], vocab_size: int, eos_token_ids:
         prompt_tokens=prompt_tokens, output_tokens=output_tokens, banned_tokens=banned,
         bias_index=bias_index, bias_values=bias_values, allowed_bits=allowed_bits,
         all_greedy=all(greedy), any_greedy=any(greedy),
-        any_top_k=any(p.top_k > 0 and not g for p, g in zip(ps, greedy)),
-        any_top_p=any(p.top_p < 1.0 and not g for p, g in zip(ps, greedy)),
-        any_min_p=any(p.min_p > 0.0 and not g for p, g in zip(ps, greedy)),
+        any_top_k=any(k > 0 for k in top_ks),
+        any_top_p=any(p.top_p < 1.0 for p in sampled),
+        any_min_p=any(p.min_p > 0.0 for p in sampled),
         any_seeded=bool(seeded_rows), any_unseeded=any_unseeded,
         max_logprobs=max(logprobs) if logprobs else None,
-        max_top_k=_max_top_k([p.top_k for p, g in zip(ps, greedy) if not g]),
+        max_top_k=_max_top_k(top_ks),
     )
 
 

@@ -28,6 +28,7 @@ from server.openai_common import finish_reason
 from server.reasoning_parsers import ReasoningStream
 from server.schemas_openai import ChatCompletionRequest
 from server.schemas_openai_out import ChatDelta, ChatMessageOut, FunctionCall, ToolCall, ToolCallDelta
+from server.tool_parsers import model_writes_calls
 
 
 def auto_parser(req: ChatCompletionRequest, parser: Any) -> Any:
@@ -41,7 +42,7 @@ def auto_parser(req: ChatCompletionRequest, parser: Any) -> Any:
                                          "tool_call_parser: hermes, llama3_json or mistral); send 'required', "
                                          "a named function or 'none'", "tool_choice")
         return parser
-    return parser if req.tool_choice is None and req.tools else None
+    return parser if model_writes_calls(req) else None
 
 
 def tool_grammar(req: ChatCompletionRequest) -> dict | None:

@@ -24,6 +24,12 @@ from dataclasses import dataclass
 PARSERS = ("hermes", "llama3_json", "mistral")
 
 
+def model_writes_calls(req: object) -> bool:
+    """A request whose tool calls the model writes in its text, for a parser to find: tools, and tool_choice
+    "auto" or unset (forced calls come from a grammar; "none" asks for none)."""
+    return bool(getattr(req, "tools", None)) and getattr(req, "tool_choice", None) in (None, "auto")
+
+
 @dataclass(frozen=True)
 class ParsedReply:
     content: str | None              # text before the calls (None when empty)

@@ -317,9 +317,19 @@ def test_seeded_tokens_are_the_same_with_and_without_the_top_k_shortcut():
 
 
 def test_sampling_batch_sets_max_top_k_only_when_every_sampled_row_has_one():
-    from server.sampling_batch import _max_top_k
-    assert _max_top_k([5, 40, 1]) == 40
-    assert _max_top_k([5, 0]) is None and _max_top_k([]) is None
+    """Greedy rows do not count (their token is the argmax whatever the filters); one sampled row without a
+    top-k turns the topk cut off."""
+    from server.sampling_batch import build_sampling_tensors
+    from server.sampling_params import SamplingParams
+    from server.sequence import Sequence
+
+    def max_top_k(*params):
+        seqs = [Sequence(f"r{i}", [1, 2, 3], p) for i, p in enumerate(params)]
+        return build_sampling_tensors(seqs, 100, (2,), torch.device("cpu")).max_top_k
+    greedy = SamplingParams(temperature=0.0)
+    assert max_top_k(SamplingParams(top_k=5), SamplingParams(top_k=40), greedy) == 40
+    assert max_top_k(SamplingParams(top_k=5), SamplingParams(top_p=0.9)) is None
+    assert max_top_k(greedy) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (a host sync only exists there)")
