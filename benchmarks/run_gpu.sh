@@ -10,7 +10,7 @@
 #
 #   bash benchmarks/run_gpu.sh [all|ours|peers]     # default all
 # Knobs (environment): BUDGET (s), PEERS_RESERVE (s kept for the peers, default 170), SKIP (space-separated
-# step names: pytest kernels step_overhead host_overhead profile prefill_step latency latency_cublaslt latency_compile profile_compile gemm_shapes latency_b64 throughput_1b throughput_penalized throughput_sampled throughput_top_k throughput_prefix throughput_prefix_off serving serving_eager_prefill serving_engine_process throughput_8b tune_kernels peers),
+# step names: pytest kernels step_overhead host_overhead profile prefill_step speculative latency latency_cublaslt latency_compile profile_compile gemm_shapes latency_b64 throughput_1b throughput_penalized throughput_sampled throughput_top_k throughput_prefix throughput_prefix_off serving serving_eager_prefill serving_engine_process throughput_8b tune_kernels peers),
 # ENGINE_EXTRA (engine flags for our benchmarks, e.g. "--no-overlap-scheduling"), PYTEST_ARGS (extra pytest arguments, e.g. "-k gpu"), SMOKE=1 (CPU smoke test of this script: tiny random model, few requests, peers with PEERS_TINY=1).
 set -u
 cd "$(dirname "$0")/.."
@@ -109,6 +109,11 @@ main() {
         --steps 150 --json "$RAW/host_overhead.json" $ENGINE_EXTRA
       step profile 40 $PY benchmarks/profile_step.py --batch-size 1 --context 256
       step prefill_step 60 $PY benchmarks/prefill_step.py --prompt-len 128 --decodes 32 --profile $ENGINE_EXTRA
+      # n-gram drafts at batch 1 on the real default model (bf16), against transformers' prompt lookup
+      if [ -e "$cache/smollm2-135m.gguf" ] || [ -e "$cache/smollm2-135m/config.json" ]; then
+        step speculative 90 $PY benchmarks/speculative.py --device cuda --dtype bfloat16 --num-speculative-tokens 4 8 \
+          --max-new-tokens 128 --json "$RAW/speculative.json"
+      fi
     fi
     step latency 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 1 --input-len 128 \
       --output-len 256 --num-iters "$lat_iters" --json "$RAW/latency.json" $ENGINE_EXTRA

@@ -44,6 +44,8 @@ class EngineStats:
     prefix_cache_hits_total: int = 0     # of those, tokens whose K/V were found there
     overlapped_steps: int = 0            # steps launched while the previous one was in flight
     deferred_sampling_steps: int = 0     # of those, sampled once the previous one's tokens were appended
+    draft_tokens: int = 0                # speculative tokens verified (server/speculative.py)
+    accepted_draft_tokens: int = 0       # of those, kept
 
 
 def engine_stats(e: LLMEngine) -> EngineStats:
@@ -54,7 +56,7 @@ def engine_stats(e: LLMEngine) -> EngineStats:
                        a.num_blocks, e.scheduler.num_preemptions_total, c.prompt_tokens_total,
                        c.generation_tokens_total, c.admission_rejections_total, c.num_steps, *replays,
                        e.scheduler.prefix_cache_queries_total, e.scheduler.prefix_cache_hits_total,
-                       c.overlapped_steps, c.deferred_sampling_steps)
+                       c.overlapped_steps, c.deferred_sampling_steps, c.draft_tokens, c.accepted_draft_tokens)
 
 
 class RequestStream:

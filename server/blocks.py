@@ -166,6 +166,14 @@ class BlockAllocator:
                 self._cached[h] = b
                 self._block_tokens[b] = block_tokens
 
+    def register_filled_block(self, seq: Sequence, index: int) -> None:
+        """The engine has seen the step that sampled seq's token `index`: when that token starts a block, the
+        block before it is full, its K/V written and its tokens known (generated blocks; the scheduler
+        registers prompt and recompute blocks when it schedules them)."""
+        bs = self.block_size
+        if self.enable_prefix_caching and index % bs == 0 and seq.block_table:  # (not preempted meanwhile)
+            self.register_full_blocks(seq, index - bs, index)
+
     def drop_cached(self, seq: Sequence) -> None:
         """Unregister seq's blocks (its step failed: their K/V may never have been written)."""
         for b in seq.block_table:

@@ -9,49 +9,20 @@ from its own thread.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from dataclasses import dataclass, replace
 from typing import Any
 
 from server.blocks import BlockAllocator
-from model.fetch import DEFAULT_MODEL
-from server.engine_config import EngineConfig
+from server.engine_config import EngineConfig, resolve_model_dir
+from server.admission import check_request
 from server.grammar import GrammarCompiler
 from server.outputs import AdmissionError, OverloadedError, RequestOutput, TokenLogprob
 from server.sampling_params import SamplingParams
 from server.scheduler import Scheduler, SchedulerOutput
 from server.sequence import Sequence
+from server.speculative import DraftRow, make_proposer, verified_tokens
 from server.step_results import Forward
 from server.stop_checker import StopChecker
-
-
-def resolve_model_dir(config: EngineConfig) -> str:
-    if config.model is not None:
-        if not Path(config.model).is_dir():
-            raise FileNotFoundError(f"model: {config.model} is not a directory (expected an HF-style model "
-                                    "directory with config.json, *.safetensors and a tokenizer)")
-        return config.model
-    from model.fetch import default_cache_dir, fetch_model  # lazy: only the default model needs a fetch
-    return str(fetch_model(DEFAULT_MODEL, config.model_cache_dir or default_cache_dir()))
-
-
-def check_request(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int,
-                  scheduler: Scheduler, grammars: GrammarCompiler | None = None) -> None:
-    """A request that can never run raises AdmissionError naming the field: ids outside the vocabulary (in
-    the prompt or logit_bias), a grammar that does not compile, or too long for max_model_len / the whole
-    KV cache (no engine state read: any thread, any process)."""
-    bad = next((t for t in prompt_token_ids if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise AdmissionError(f"inputs: token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
-    bad = next((t for t in params.logit_bias if t >= vocab_size), None)
-    if bad is not None:
-        raise AdmissionError(f"logit_bias: token id {bad} is outside the vocabulary (0..{vocab_size - 1})",
-                             "logit_bias")
-    if params.grammar is not None:
-        if grammars is None:
-            raise AdmissionError("grammar: this engine was built without a grammar compiler", "grammar")
-        grammars.check(params.grammar)
-    scheduler.check_admission(len(prompt_token_ids), params)
 
 
 @dataclass
@@ -63,6 +34,8 @@ class EngineCounters:
     failed_steps_in_a_row: int = 0
     overlapped_steps: int = 0  # steps launched while the previous one was still in flight
     deferred_sampling_steps: int = 0  # of those, steps sampled after the previous one's tokens were appended
+    draft_tokens: int = 0  # speculative tokens proposed and verified (server/speculative.py)
+    accepted_draft_tokens: int = 0  # of those, tokens kept
 
 
 class LLMEngine:
@@ -87,11 +60,11 @@ class LLMEngine:
         self.grammars = GrammarCompiler(tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self.allocator = BlockAllocator(self.kv_capacity.num_blocks, config.block_size,
                                         enable_prefix_caching=config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.allocator, max_num_seqs=config.max_num_seqs,
+        self.scheduler = Scheduler(self.allocator, max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
-                                   max_model_len=self.max_model_len,
                                    max_waiting_requests=config.max_waiting_requests)
         self.counters = EngineCounters()
+        self.proposer = make_proposer(config)  # n-gram drafts (server/speculative.py), or None
         self._in_flight: _Launched | None = None  # a launched step the host has not seen yet
 
     # ---- requests ----------------------------------------------------------------------------------
@@ -135,6 +108,8 @@ class LLMEngine:
         outputs: list[RequestOutput] = []
         if self._in_flight is not None and not self._may_overlap():
             outputs += self._complete(self._in_flight)
+        if self.proposer is not None:  # (no drafts for a sequence whose last token is still in flight)
+            self.proposer.propose(self.scheduler.running)
         sched = self.scheduler.schedule()
         if self._in_flight is not None and not self._overlappable(sched):
             outputs += self._complete(self._in_flight)  # fills the placeholders sched was built over
@@ -154,7 +129,7 @@ class LLMEngine:
         launched = self._sample(sched, launched) if isinstance(launched, Forward) else launched
         if isinstance(launched, list):  # the launch failed: its requests end with an error
             return outputs + launched
-        if launched.pending.graphed and self.config.overlap_scheduling:
+        if launched.pending.graphed and self.config.overlap_scheduling and not self._drafting():
             self._in_flight = launched
         else:
             outputs += self._complete(launched)
@@ -174,6 +149,10 @@ class LLMEngine:
         if sched.waiting or len(sched.running) > graphs.max_size:
             return False
         return all(len(seq.token_ids) - seq.num_computed_tokens == 1 for seq in sched.running)
+
+    def _drafting(self) -> bool:
+        """The next step drafts: it needs this one's tokens on the host (server/speculative.py)."""
+        return self.proposer is not None and self.proposer.active(self.scheduler.num_running)
 
     def _overlappable(self, sched: SchedulerOutput) -> bool:
         runs_ahead = getattr(self.runner, "runs_ahead", None)
@@ -206,6 +185,9 @@ class LLMEngine:
                 return self._fail(sched, exc)
         placeholders = []
         for seq in step.sampling:
+            if seq.__class__ is DraftRow:  # a draft's row: its token (if kept) follows its sequence's
+                placeholders.append(-1)
+                continue
             placeholders.append(len(seq.token_ids))
             seq.token_ids.append(-1)
         return _Launched(sched, step, placeholders)
@@ -224,17 +206,35 @@ class LLMEngine:
             seq.prompt_logprobs.extend(values)
         sampled = launched.pending.sampling
         logprobs = result.logprobs or [None] * len(sampled)
+        if -1 in launched.placeholders:  # a draft's row (see _sample)
+            return self._complete_verified(launched, result.token_ids, logprobs, now)
         outputs = []
         bs = self.allocator.block_size if self.allocator.enable_prefix_caching else 0
         for seq, index, token_id, lp in zip(sampled, launched.placeholders, result.token_ids, logprobs):
             if seq.is_finished:  # stopped or aborted while this step was in flight: its token is dropped
                 del seq.token_ids[index:]
                 continue
-            if bs and index % bs == 0 and seq.block_table:  # (not preempted while this step was in flight)
-                # this step filled the block before the token it sampled: its K/V are written and its
-                # tokens known (the scheduler registers prompt and recompute blocks when it schedules them)
-                self.allocator.register_full_blocks(seq, index - bs, index)
+            if bs and index % bs == 0:
+                self.allocator.register_filled_block(seq, index)
             outputs.append(self._append(seq, index, token_id, lp, now))
+        return outputs
+
+    def _complete_verified(self, launched: "_Launched", token_ids: list[int], logprobs: list,
+                           now: float) -> list[RequestOutput]:
+        """A step with drafts (server/speculative.py): each sequence keeps its accepted drafts and the token
+        sampled after them."""
+        outputs = []
+        for seq, index, tokens, lps, drafted in verified_tokens(launched.pending.sampling, launched.placeholders,
+                                                                token_ids, logprobs):
+            self.counters.draft_tokens += drafted
+            self.counters.accepted_draft_tokens += len(tokens) - 1
+            for i, (token_id, lp) in enumerate(zip(tokens, lps)):
+                if i:
+                    seq.token_ids.append(-1)
+                self.allocator.register_filled_block(seq, index + i)
+                outputs.append(self._append(seq, index + i, token_id, lp, now))
+                if seq.is_finished:
+                    break
         return outputs
 
     def _append(self, seq: Sequence, index: int, token_id: int, lp: TokenLogprob | None,

@@ -7,6 +7,7 @@ by the model runner; the helpers here only do the parts that need no model.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -70,6 +71,16 @@ class EngineConfig(BaseModel):
                                      "previous one's tokens, so the host's bookkeeping overlaps the GPU "
                                      "(steps that replay a CUDA graph; stops take effect a step later; "
                                      "H100, 1B shape: batch-64 decode 30.7k -> 37.5k tok/s)")
+    num_speculative_tokens: int = Field(0, ge=0, le=16, description="n-gram speculative decoding (prompt "
+                                        "lookup, server/speculative.py): each decoding sequence drafts up to this "
+                                        "many tokens from an earlier occurrence of its last tokens, verified in one "
+                                        "step; 0 = off. Steps with drafts are not overlapped")
+    speculative_disable_by_batch_size: int | None = Field(
+        None, ge=1, description="no drafts while this many sequences or more run (the lookup costs 10-15 us of host "
+        "time a sequence a step, and a large batch keeps the GPU busy without them); their steps overlap again. "
+        "None: always draft")
+    prompt_lookup_max: int = Field(4, ge=1, description="longest suffix (tokens) speculation looks up")
+    prompt_lookup_min: int = Field(2, ge=1, description="shortest suffix (tokens) speculation looks up")
 
     @field_validator("block_size")
     @classmethod
@@ -88,6 +99,9 @@ class EngineConfig(BaseModel):
         if self.max_num_batched_tokens < self.block_size:
             raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= "
                              f"block_size={self.block_size}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"prompt_lookup_min={self.prompt_lookup_min} must be <= prompt_lookup_max="
+                             f"{self.prompt_lookup_max}")
         return self
 
     def resolve_max_model_len(self, model: "ModelConfig") -> int:
@@ -102,3 +116,13 @@ class EngineConfig(BaseModel):
                              f"{model.sliding_window}: sliding-window attention is not implemented, so sequences "
                              "stay within the window, where full attention computes the same")
         return self.max_model_len
+
+
+def resolve_model_dir(config: EngineConfig) -> str:
+    if config.model is not None:
+        if not Path(config.model).is_dir():
+            raise FileNotFoundError(f"model: {config.model} is not a directory (expected an HF-style model "
+                                    "directory with config.json, *.safetensors and a tokenizer)")
+        return config.model
+    from model.fetch import DEFAULT_MODEL, default_cache_dir, fetch_model  # lazy: only the default model
+    return str(fetch_model(DEFAULT_MODEL, config.model_cache_dir or default_cache_dir()))

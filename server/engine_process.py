@@ -27,7 +27,7 @@ from typing import Any
 
 from server.async_engine import MAX_FAILED_STEPS_IN_A_ROW, AsyncEngine, EngineStats, RequestStream, engine_stats
 from server.blocks import BlockAllocator
-from server.engine import check_request
+from server.admission import check_request
 from server.grammar import GrammarCompiler
 from server.engine_config import EngineConfig
 from server.outputs import AdmissionError, OverloadedError, RequestOutput

@@ -43,6 +43,10 @@ _ENGINE_SERIES = (
      "still in flight (overlap scheduling)", "overlapped_steps"),
     (CounterMetricFamily, "gqaserve_deferred_sampling_steps", "Of those, steps whose rows (penalties, "
      "grammars) sampled once the previous step's tokens were appended", "deferred_sampling_steps"),
+    (CounterMetricFamily, "gqaserve_spec_decode_num_draft_tokens", "Speculative (n-gram) draft tokens verified",
+     "draft_tokens"),
+    (CounterMetricFamily, "gqaserve_spec_decode_num_accepted_tokens", "Of those, draft tokens accepted",
+     "accepted_draft_tokens"),
 )
 
 

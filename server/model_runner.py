@@ -23,6 +23,7 @@ from server.engine_config import EngineConfig
 from server.prefill_graphs import PrefillGraphRunner, prefill_graph_memory_reserve, token_buckets
 from server.sampling_batch import build_sampling_tensors, only_argmax, profile_sampling_tensors
 from server.scheduler import SchedulerOutput
+from server.speculative import sampling_rows
 from server.step_results import Forward, PendingStep
 
 log = logging.getLogger(__name__)
@@ -184,17 +185,16 @@ class ModelRunner:
         token_ids, num_cached, tables, logits_rows = [], [], [], []
         end = 0
         for s in sched.scheduled:
-            start = s.seq.num_computed_tokens
-            token_ids.append(s.seq.token_ids[start:start + s.num_new_tokens])
-            if token_ids[-1][-1] < 0:
+            start, drafts = s.seq.num_computed_tokens, s.seq.draft_token_ids
+            token_ids.append(s.seq.token_ids[start:start + s.num_new_tokens] + drafts)
+            if token_ids[-1][-1 - len(drafts)] < 0:
                 raise RuntimeError(f"{s.seq.request_id}: an eager step got a token the host has not seen")
             num_cached.append(start)
             tables.append(s.seq.block_table)
             end += s.num_new_tokens
-            if s.samples:
-                logits_rows.append(end - 1)
-        return build_step_batch(token_ids, num_cached, tables, self.block_size, self.device,
-                                logits_indices=logits_rows)
+            if s.samples:  # the last token's row, and each draft's (server/speculative.py)
+                logits_rows.extend(range(end - 1 - len(drafts), end))
+        return build_step_batch(token_ids, num_cached, tables, self.block_size, self.device, logits_indices=logits_rows)
 
     def launch(self, sched: SchedulerOutput) -> "PendingStep":
         """Queue the step's device work (forward, sampling) and return without waiting for it."""
@@ -204,7 +204,7 @@ class ModelRunner:
         """Queue the forward alone. A decode step may feed tokens the previous step sampled and the host has
         not seen yet (placeholders, -1 in seq.token_ids; see LLMEngine.step): the graph path reads them from
         the device. launch_sampling may wait until the host has them (penalties and grammars read them)."""
-        sampling = [s.seq for s in sched.scheduled if s.samples]
+        sampling = sampling_rows(sched.scheduled)  # each sampling sequence's row, then its drafts' rows
         owed = sched.prompt_logprob_rows()
         prompt_lp = None
         with torch.inference_mode():
@@ -264,12 +264,12 @@ class ModelRunner:
             return None
         rows, logits_rows, end = [], [], 0
         for s in sched.scheduled:
-            seq, start = s.seq, s.seq.num_computed_tokens
+            seq, start, drafts = s.seq, s.seq.num_computed_tokens, s.seq.draft_token_ids
             ids = seq.token_ids[start:start + s.num_new_tokens]
-            rows.append((ids, start, seq.block_table_array(), seq.sampled_row if ids[-1] < 0 else -1))
+            rows.append((ids + drafts, start, seq.block_table_array(), seq.sampled_row if ids[-1] < 0 else -1))
             end += s.num_new_tokens
             if s.samples:
-                logits_rows.append(end - 1)
+                logits_rows.extend(range(end - 1 - len(drafts), end))
         return self.prefill_graphs.run(rows, logits_rows)
 
     def _replay_decode(self, sched: SchedulerOutput) -> torch.Tensor | None:

@@ -74,7 +74,8 @@ class PrefillInputs:
         pin = device.type == "cuda"
         # Two host mirrors used in turn, each with an event after its copies: a step that samples nothing
         # ends in no sync, so the mirror may be rewritten only once its last copy has run.
-        self._host64 = [torch.zeros(4 * T + S, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        # (logits rows: up to one per token, for speculative steps' draft rows)
+        self._host64 = [torch.zeros(5 * T, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
         self._host32 = [torch.zeros(self._o32[-1], dtype=torch.int32, pin_memory=pin) for _ in range(2)]
         self._events = [torch.cuda.Event() for _ in range(2)] if pin else [None, None]
         self._turn = 0

@@ -21,7 +21,7 @@ from server.sequence import Sequence, SequenceStatus
 
 class ScheduledSeq(NamedTuple):  # a tuple: built for every sequence every step, so cheap to make
     seq: Sequence
-    num_new_tokens: int      # tokens fed this step, from seq.num_computed_tokens on
+    num_new_tokens: int      # tokens fed this step, from seq.num_computed_tokens on (its drafts included)
     is_prefill: bool         # more than the one newest token (a prompt chunk or a recompute)
     samples: bool            # this step reaches the sequence's end: a token is sampled
 
@@ -143,7 +143,10 @@ class Scheduler:
             if num_tokens - seq.num_prompt_tokens >= seq.params.max_new_tokens:
                 continue  # its last token is in flight (overlap scheduling): nothing more to compute
             uncomputed = num_tokens - seq.num_computed_tokens
-            n = min(uncomputed, budget)
+            drafts = len(seq.draft_token_ids)  # speculative tokens after its last one (server/speculative.py)
+            if drafts and (1 + drafts > budget or not self._allocate_draft_slots(seq, drafts)):
+                seq.draft_token_ids, drafts = [], 0  # no room for them this step: a plain decode
+            n = min(uncomputed + drafts, budget)
             while not self.allocator.allocate_slots(seq, n):
                 victim = self.running[-1]
                 budget += self._preempt(victim, chosen)
@@ -151,7 +154,7 @@ class Scheduler:
                 if victim is seq:
                     break
             if seq.status is SequenceStatus.RUNNING:
-                chosen[seq.request_id] = ScheduledSeq(seq, n, uncomputed > 1, n == uncomputed)
+                chosen[seq.request_id] = ScheduledSeq(seq, n, uncomputed > 1, n == uncomputed + drafts)
                 budget -= n
                 if uncomputed > 1 or seq.num_computed_tokens < seq.num_prompt_tokens:  # a prompt chunk or a
                     self.allocator.register_scheduled_blocks(seq, n)  # recompute: its full blocks can be shared
@@ -176,6 +179,13 @@ class Scheduler:
         scheduled = tuple(chosen.values())
         return SchedulerOutput(scheduled, self.max_num_batched_tokens - budget, tuple(preempted))
 
+    def _allocate_draft_slots(self, seq: Sequence, drafts: int) -> bool:
+        """Slots for a decoding sequence's last token and drafts, from blocks no running sequence could need
+        for its own next token this step: drafts never cause a preemption."""
+        a = self.allocator
+        needed = a.blocks_for(seq.num_computed_tokens + 1 + drafts) - len(seq.block_table)
+        return needed <= 0 or (needed + len(self.running) <= a.num_free_blocks and a.allocate_slots(seq, 1 + drafts))
+
     @staticmethod
     def _entry(seq: Sequence, n: int) -> ScheduledSeq:
         uncomputed = len(seq.token_ids) - seq.num_computed_tokens
@@ -189,6 +199,7 @@ class Scheduler:
             self.allocator.drop_cached(seq)  # (a guard: the newest prefill is scheduled last, so never yet)
         self.allocator.free(seq)
         seq.num_computed_tokens = 0
+        seq.draft_token_ids = []
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
@@ -196,7 +207,8 @@ class Scheduler:
         return entry.num_new_tokens if entry else 0
 
     def finish_step(self, output: SchedulerOutput) -> None:
-        """The step is launched: its tokens' K/V are written before any later step reads them."""
+        """The step is launched: its tokens' K/V are written before any later step reads them. (A sequence
+        with drafts counts them too; the engine takes back the rejected ones when it sees the step.)"""
         for s in output.scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
 

@@ -24,7 +24,8 @@ class Sequence:
     __slots__ = ("request_id", "token_ids", "num_prompt_tokens", "params", "status", "block_table",
                  "num_computed_tokens", "arrival_time", "first_scheduled_time", "first_token_time",
                  "finish_reason", "stop_reason", "detokenizer", "stop_checker", "cumulative_logprob",
-                 "num_preemptions", "sampled_row", "grammar", "reads_own_tokens", "argmax_from", "prompt_logprobs",
+                 "num_preemptions", "sampled_row", "grammar", "draft_token_ids", "reads_own_tokens", "argmax_from",
+                 "prompt_logprobs",
                  "_table_source", "_table_array", "_table_len", "_table_view", "_tokens_array", "_tokens_len")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -53,6 +54,7 @@ class Sequence:
         self.num_preemptions = 0
         self.sampled_row = -1  # its row among the last graphed step's sampled ids (ModelRunner.launch)
         self.grammar: Any = None  # its llguidance matcher when the request has a grammar (server/grammar.py)
+        self.draft_token_ids: list[int] = []  # tokens the next step feeds after token_ids (server/speculative.py)
         # sampling reads the values of its output tokens: penalties count them, a grammar's matcher has
         # consumed them (so under overlap its step's sampling waits for the host to have them)
         self.reads_own_tokens = params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 \

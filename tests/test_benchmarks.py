@@ -302,3 +302,18 @@ def test_sampler_cost_times_the_sort_and_the_cut(tiny_llama_dir, tmp_path):
     assert [r["setting"] for r in rows] == list(sampler_cost.SETTINGS)
     assert all(r["sort_ms"] > 0 and r["now_ms"] > 0 and r["sort_rows"] == 0 for r in rows)
     assert json.loads((tmp_path / "s.json").read_text())["vocab"] > 0
+
+
+def test_speculative_benchmark_compares_drafts_with_transformers(tiny_llama_dir, tmp_path):
+    """Ours with and without drafts and transformers with and without prompt lookup, on one workload; greedy
+    tokens must be the same in every setting, whatever the speed."""
+    from benchmarks import speculative
+    rows = speculative.main(["--model", str(tiny_llama_dir), "--workloads", "copy", "--num-prompts", "1",
+                             "--max-new-tokens", "6", "--num-speculative-tokens", "2",
+                             "--json", str(tmp_path / "s.json")])
+    runs = [(r["engine"], r["k"]) for r in rows]
+    assert runs == [("ours", 0), ("ours", 2), ("transformers", 0), ("transformers", 2), ("ours vs transformers", 0)]
+    assert all(r["same_tokens"] for r in rows)
+    assert all(r["tok_s"] > 0 and r["speedup"] > 0 for r in rows[:4])
+    assert rows[1]["drafted"] >= rows[1]["accepted"] >= 0 and rows[1]["tokens_per_step"] >= 1
+    assert json.loads((tmp_path / "s.json").read_text())["rows"][0]["workload"] == "copy"

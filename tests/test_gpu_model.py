@@ -29,17 +29,21 @@ PROMPTS = [
 ]
 
 
-def greedy_run(model_dir, backend: str, dtype: str, enforce_eager: bool, kv_cache_dtype: str = "auto"):
+def greedy_run(model_dir, backend: str, dtype: str, enforce_eager: bool, kv_cache_dtype: str = "auto",
+               num_speculative_tokens: int = 0):
     gc.collect()
     torch.cuda.empty_cache()
     llm = LLM(str(model_dir), device="cuda", dtype=dtype, attention_backend=backend, enforce_eager=enforce_eager,
-              gpu_memory_utilization=0.1, max_num_seqs=16, max_model_len=2048, kv_cache_dtype=kv_cache_dtype)
+              gpu_memory_utilization=0.1, max_num_seqs=16, max_model_len=2048, kv_cache_dtype=kv_cache_dtype,
+              num_speculative_tokens=num_speculative_tokens)
     params = SamplingParams(temperature=0.0, max_new_tokens=64, ignore_eos=True, logprobs=2)
     results = llm.generate(PROMPTS, params)
     runner = llm.engine.runner
     replays = sum(sum(g.replays.values()) for g in (runner.graphs, runner.prefill_graphs) if g is not None)
     prompt_steps = sum(runner.prefill_graphs.replays.values()) if runner.prefill_graphs is not None else 0
+    accepted = llm.engine.counters.accepted_draft_tokens
     del llm, runner
+    assert not num_speculative_tokens or accepted > 0, "no draft was ever kept"
     assert enforce_eager or prompt_steps > 0, "the prompt step never replayed a prefill graph"
     return results, replays
 
@@ -79,6 +83,17 @@ def test_gpu_greedy_default_model_fp8_kv_cache_triton_vs_torch(smollm2_dir):
     assert replays > 0, "the Triton run never replayed a CUDA graph"
     whole = assert_equal_up_to_ties(got, want, max_gap=0.01)
     print(f"fp8 KV cache: {whole}/{len(PROMPTS)} prompts equal for all 64 tokens")
+
+
+@gpu
+def test_gpu_greedy_default_model_with_drafts_equals_torch_float32(smollm2_dir):
+    """n-gram drafts (server/speculative.py) verified through the prefill graphs (a logits row per draft):
+    float32, so the tokens equal the torch path's plain greedy ones exactly."""
+    want, _ = greedy_run(smollm2_dir, "torch", "float32", enforce_eager=True)
+    got, replays = greedy_run(smollm2_dir, "triton", "float32", enforce_eager=False, num_speculative_tokens=4)
+    assert replays > 0
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.token_ids == w.token_ids, f"prompt {i} ({PROMPTS[i]!r})"
 
 
 def assert_equal_up_to_ties(got, want, max_gap: float) -> int:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from model.sampler import SamplingTensors, sample
-from server.engine import check_request
+from server.admission import check_request
 from server.grammar import JSON_LAYOUT, GrammarCompiler, allowed_bitmask
 from server.outputs import AdmissionError
 from server.sampling_params import Grammar, SamplingParams

@@ -23,3 +23,29 @@ def test_greedy_64_tokens_equal_transformers(smollm2_dir):
     ours = PagedRunner(load_model(smollm2_dir), num_blocks=16, block_size=16).greedy(prompt, 64)
     assert ours == ref
     assert len(set(ours)) > 8, "a real model's 64 greedy tokens should not be one repeated token"
+
+
+COPY_PROMPT = [{"role": "user", "content": "Repeat this text exactly: The quick brown fox jumps over the lazy dog "
+                                           "while the old grey cat sleeps on the warm red mat by the door."}]
+
+
+def test_speculative_greedy_equals_transformers(smollm2_dir):
+    """The engine with n-gram drafts (verified several tokens a step) gives transformers' greedy tokens on a
+    prompt the answer copies from, and keeps most of its drafts."""
+    import transformers
+
+    from server.llm import LLM
+    from server.sampling_params import SamplingParams
+
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    prompt = hf_tokenizer.apply_chat_template(COPY_PROMPT, add_generation_prompt=True, tokenize=True)
+    prompt = list(prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt)
+    with torch.no_grad():
+        ref = load_hf_model(smollm2_dir).generate(
+            torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False, eos_token_id=None,
+            pad_token_id=0)[0, len(prompt):].tolist()
+    llm = LLM(str(smollm2_dir), dtype="float32", device="cpu", kv_cache_memory="64MiB", num_speculative_tokens=4)
+    ours = llm.generate([prompt], SamplingParams(temperature=0.0, max_new_tokens=32, ignore_eos=True))[0]
+    assert ours.token_ids == ref
+    counters = llm.engine.counters
+    assert counters.accepted_draft_tokens >= 12 and counters.num_steps <= 20, counters

@@ -1,0 +1,181 @@
+"""Speculative decoding by n-gram prompt lookup at batch 1: our engine with and without drafts, against
+transformers' prompt lookup decoding on the same weights, in one run.
+
+    python benchmarks/speculative.py                                   # the default model, CPU, float32
+    python benchmarks/speculative.py --device cuda --dtype bfloat16 --num-speculative-tokens 2 4 8
+
+Two workloads of chat prompts, each request alone (batch 1), greedy, eos ignored:
+- copy: "Repeat this text exactly" over a passage of tinyshakespeare. The answer copies its prompt, the case
+  prompt lookup is for (quoting, editing, rewriting code);
+- free: "Write a short story about ...": little to copy, so drafts are rarely proposed and rarely right.
+Per setting: output tokens/s over the requests' wall time (prefill included, median of --repeats), the
+drafts kept of those proposed, output tokens per engine step, and whether the tokens equal plain greedy
+decoding's (ours plain for ours; transformers plain for its prompt lookup). transformers runs `generate`
+plainly and with `prompt_lookup_num_tokens` = each k (its lookup matches up to 2 tokens; ours
+prompt_lookup_max 4 down to prompt_lookup_min 2).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repo's packages importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from benchmarks.results import write_json  # noqa: E402
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+TOPICS = ["a lighthouse keeper who finds a letter", "the first snow of winter in a small town",
+          "a robot that learns to paint", "two friends lost in a forest", "a baker who wakes up famous",
+          "a cat that guards a library"]
+
+
+def passages(n: int, chars: int = 280) -> list[str]:
+    """n passages of whole lines, about `chars` long, from spread-out places in tinyshakespeare."""
+    text = SHAKESPEARE.read_text()
+    out = []
+    for i in range(n):
+        start = text.index("\n\n", 7919 * (i + 1)) + 2
+        lines, size = [], 0
+        for line in text[start:].splitlines():
+            if size + len(line) > chars and lines:
+                break
+            lines.append(line)
+            size += len(line) + 1
+        out.append("\n".join(lines))
+    return out
+
+
+def chat_prompts(model_dir: str, workload: str, n: int) -> list[list[int]]:
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    if workload == "copy":
+        contents = [f"Repeat this text exactly:\n\n{p}" for p in passages(n)]
+    else:
+        contents = [f"Write a short story about {TOPICS[i % len(TOPICS)]}." for i in range(n)]
+    if tok.chat_template is None:  # a test model without one: the bare request
+        return [tok.encode(c) for c in contents]
+    prompts = []
+    for c in contents:
+        ids = tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True, tokenize=True)
+        prompts.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    return prompts
+
+
+def free_device(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_ours(args, k: int, prompts: list[list[int]]) -> dict:
+    from server.llm import LLM
+    from server.sampling_params import SamplingParams
+
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, num_speculative_tokens=k, max_num_seqs=4,
+              kv_cache_memory="256MiB", gpu_memory_utilization=0.3,
+              max_model_len=max(map(len, prompts)) + args.max_new_tokens + 8)
+    params = SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens, ignore_eos=True)
+    llm.generate([prompts[0]], params.model_copy(update={"max_new_tokens": 4}))  # warm-up
+    counters = llm.engine.counters
+    walls, tokens = [], []
+    drafted, accepted, steps = counters.draft_tokens, counters.accepted_draft_tokens, counters.num_steps
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        tokens = [llm.generate([p], params)[0].token_ids for p in prompts]
+        walls.append(time.perf_counter() - t0)
+    out = sum(map(len, tokens))
+    result = dict(tok_s=out / statistics.median(walls), tokens=tokens,
+                  drafted=(counters.draft_tokens - drafted) / args.repeats,
+                  accepted=(counters.accepted_draft_tokens - accepted) / args.repeats,
+                  tokens_per_step=out * args.repeats / (counters.num_steps - steps))
+    del llm
+    free_device(args.device)
+    return result
+
+
+def run_transformers(args, k: int, prompts: list[list[int]]) -> dict:
+    import transformers
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
+    extra = {"prompt_lookup_num_tokens": k} if k else {}
+    n = args.max_new_tokens
+
+    def generate(p: list[int], new: int) -> list[int]:
+        with torch.no_grad():
+            ids = torch.tensor([p], device=args.device)
+            out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0, **extra)
+        return out[0, len(p):].tolist()
+
+    generate(prompts[0], 4)  # warm-up
+    walls = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        tokens = [generate(p, n) for p in prompts]
+        walls.append(time.perf_counter() - t0)
+    del model
+    free_device(args.device)
+    return dict(tok_s=sum(map(len, tokens)) / statistics.median(walls), tokens=tokens)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="model directory (default: the default model, fetched if needed)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--num-speculative-tokens", type=int, nargs="+", default=[4])
+    p.add_argument("--workloads", nargs="+", default=["copy", "free"], choices=["copy", "free"])
+    p.add_argument("--num-prompts", type=int, default=3)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--no-transformers", action="store_true", help="leave out the peer")
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    if args.model is None:
+        from model.fetch import DEFAULT_MODEL, default_cache_dir, fetch_model
+        args.model = str(fetch_model(DEFAULT_MODEL, default_cache_dir()))
+    torch.manual_seed(0)
+    rows = []
+    print(f"{'workload':<8} {'engine':<13} {'k':>2} {'out tok/s':>9} {'vs plain':>8} {'drafts kept':>16} "
+          f"{'tok/step':>8} {'same tokens':>11}")
+    for workload in args.workloads:
+        prompts = chat_prompts(args.model, workload, args.num_prompts)
+        runs = [("ours", k) for k in [0, *args.num_speculative_tokens]]
+        if not args.no_transformers:
+            runs += [("transformers", k) for k in [0, *args.num_speculative_tokens]]
+        plain = {}
+        for engine, k in runs:
+            res = (run_ours if engine == "ours" else run_transformers)(args, k, prompts)
+            if k == 0:
+                plain[engine] = res
+            base = plain[engine]
+            row = dict(workload=workload, engine=engine, k=k, tok_s=res["tok_s"],
+                       speedup=res["tok_s"] / base["tok_s"], same_tokens=res["tokens"] == base["tokens"],
+                       drafted=res.get("drafted"), accepted=res.get("accepted"),
+                       tokens_per_step=res.get("tokens_per_step"))
+            rows.append(row)
+            kept = f"{row['accepted']:.0f}/{row['drafted']:.0f}" if row["drafted"] is not None else "-"
+            per_step = f"{row['tokens_per_step']:.2f}" if row["tokens_per_step"] is not None else "-"
+            print(f"{workload:<8} {engine:<13} {k:>2} {row['tok_s']:>9.2f} {row['speedup']:>7.2f}x {kept:>16} "
+                  f"{per_step:>8} {str(row['same_tokens']):>11}", flush=True)
+        if "transformers" in plain:
+            same = plain["transformers"]["tokens"] == plain["ours"]["tokens"]
+            print(f"{workload:<8} plain greedy tokens, ours = transformers: {same}")
+            rows.append(dict(workload=workload, engine="ours vs transformers", k=0, same_tokens=same))
+    write_json({"device": args.device, "dtype": args.dtype, "model": args.model,
+                "max_new_tokens": args.max_new_tokens, "num_prompts": args.num_prompts, "repeats": args.repeats,
+                "rows": rows}, args.json, "speculative.json")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

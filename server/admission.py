@@ -1,0 +1,26 @@
+"""Admission checks that need no engine state: a request that can never run is refused before it queues."""
+from __future__ import annotations
+
+from server.grammar import GrammarCompiler
+from server.outputs import AdmissionError
+from server.sampling_params import SamplingParams
+from server.scheduler import Scheduler
+
+
+def check_request(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int,
+                  scheduler: Scheduler, grammars: GrammarCompiler | None = None) -> None:
+    """A request that can never run raises AdmissionError naming the field: ids outside the vocabulary (in
+    the prompt or logit_bias), a grammar that does not compile, or too long for max_model_len / the whole
+    KV cache (no engine state read: any thread, any process)."""
+    bad = next((t for t in prompt_token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise AdmissionError(f"inputs: token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
+    bad = next((t for t in params.logit_bias if t >= vocab_size), None)
+    if bad is not None:
+        raise AdmissionError(f"logit_bias: token id {bad} is outside the vocabulary (0..{vocab_size - 1})",
+                             "logit_bias")
+    if params.grammar is not None:
+        if grammars is None:
+            raise AdmissionError("grammar: this engine was built without a grammar compiler", "grammar")
+        grammars.check(params.grammar)
+    scheduler.check_admission(len(prompt_token_ids), params)

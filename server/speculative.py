@@ -1,0 +1,153 @@
+"""N-gram speculative decoding (prompt lookup): drafts from the sequence's own tokens, verified in one step.
+
+Before each step, a decoding sequence whose last n tokens (n from prompt_lookup_max down to prompt_lookup_min)
+occurred earlier in its prompt or output proposes the tokens that followed their latest earlier occurrence,
+up to num_speculative_tokens (`propose_ngram`). Text that copies its context (quoting, editing, code, a
+summary's names) repeats such runs; vLLM's `ngram` method and transformers' `prompt_lookup_num_tokens` do the
+same. The drafts are not part of seq.token_ids: they sit in seq.draft_token_ids for one step, in which the
+sequence feeds its last token and the drafts (a chunk over its cached context, like a prefill) and samples
+a token at each of those positions. Row j samples from the state plain decoding would be in after the first
+j drafts (`DraftRow`: output index, penalties' token counts, min_new_tokens), so:
+
+- draft j is accepted while it equals the token row j - 1 sampled, and the token sampled after the last
+  accepted draft is kept too: 1 to k + 1 tokens a step (`num_accepted`);
+- a draft is a single proposed token (a point mass), for which rejection sampling reduces to that equality,
+  so the output has the distribution of plain decoding; a greedy or seeded request gets the same tokens
+  (a seeded row's uniforms hash its seed and output index, model/sampler.py), up to the rounding of a
+  multi-token step against a one-token one.
+
+Rejected drafts' K/V stay in slots past the sequence's end, where later tokens overwrite them; they are
+never registered in the prefix cache (only blocks of accepted tokens are). Grammar-constrained sequences do
+not draft (their matcher would have to run ahead). A step with drafts is never left in flight (overlap
+scheduling): how many tokens it keeps decides the next step's inputs. With speculative_disable_by_batch_size,
+nothing drafts while that many sequences run, and steps may overlap again.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from server.sequence import Sequence
+
+
+def propose_ngram(tokens: np.ndarray, k: int, min_n: int, max_n: int) -> list[int]:
+    """Up to k tokens that followed the latest earlier occurrence of tokens' longest suffix of at least
+    min_n and at most max_n tokens; [] when none occurred. tokens: int64 [L]."""
+    last = len(tokens) - 1
+    if k <= 0 or last < min_n:
+        return []
+    ends = np.flatnonzero(tokens[:last] == tokens[last])  # earlier positions holding the last token
+    if ends.size == 0:
+        return []
+    length = np.ones(ends.size, np.int64)  # how long a suffix match ends at each
+    alive = np.ones(ends.size, bool)
+    for j in range(1, min(max_n, last + 1)):
+        before = ends - j
+        alive &= (before >= 0) & (tokens[np.maximum(before, 0)] == tokens[last - j])
+        if not alive.any():
+            break
+        length += alive
+    best = int(length.max())
+    if best < min_n:
+        return []
+    end = int(ends[np.flatnonzero(length == best)[-1]])  # the latest of the longest
+    return tokens[end + 1:end + 1 + k].tolist()
+
+
+def num_accepted(drafts: list[int], sampled: list[int]) -> int:
+    """How many drafts are accepted: draft j while it equals the token sampled at the row before it."""
+    m = 0
+    while m < len(drafts) and drafts[m] == sampled[m]:
+        m += 1
+    return m
+
+
+class NgramProposer:
+    def __init__(self, num_tokens: int, min_n: int, max_n: int, disable_by_batch_size: int | None = None):
+        self.num_tokens, self.min_n, self.max_n = num_tokens, min_n, max_n
+        self.disable_by_batch_size = disable_by_batch_size
+
+    def active(self, num_running: int) -> bool:
+        """Whether sequences draft at this batch size (the lookup costs host time per sequence per step)."""
+        return self.disable_by_batch_size is None or num_running < self.disable_by_batch_size
+
+    def propose(self, running: list[Sequence]) -> None:
+        """Set every running sequence's drafts for the next step ([] for one that may not draft)."""
+        active = self.active(len(running))
+        for seq in running:
+            seq.draft_token_ids = self._drafts(seq) if active else []
+
+    def _drafts(self, seq: Sequence) -> list[int]:
+        tokens = seq.token_ids
+        if seq.grammar is not None or len(tokens) - seq.num_computed_tokens != 1 or tokens[-1] < 0:
+            return []  # constrained, mid-prompt, or its last token not seen yet
+        # the step keeps at most drafts + 1 tokens: never more outputs than max_new_tokens
+        room = min(self.num_tokens, seq.params.max_new_tokens - (len(tokens) - seq.num_prompt_tokens) - 1)
+        return propose_ngram(seq.token_array(), room, self.min_n, self.max_n) if room > 0 else []
+
+
+def make_proposer(config) -> NgramProposer | None:
+    """The proposer an EngineConfig asks for (None: num_speculative_tokens is 0)."""
+    if not config.num_speculative_tokens:
+        return None
+    return NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max,
+                         config.speculative_disable_by_batch_size)
+
+
+class DraftRow:
+    """The sampling row at draft position j (1..k) of seq: seq as plain decoding would see it after its
+    first j drafts were accepted (what build_sampling_tensors and the logprobs read)."""
+    __slots__ = ("seq", "j", "sampled_row")
+    grammar = None
+    is_finished = False
+
+    def __init__(self, seq: Sequence, j: int):
+        self.seq, self.j, self.sampled_row = seq, j, -1
+
+    @property
+    def params(self):
+        return self.seq.params
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return self.seq.num_prompt_tokens
+
+    @property
+    def argmax_from(self) -> int:
+        return self.seq.argmax_from
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.seq.token_ids + self.seq.draft_token_ids[:self.j]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return self.seq.num_output_tokens + self.j
+
+    def token_array(self) -> np.ndarray:
+        return np.concatenate((self.seq.token_array(), np.asarray(self.seq.draft_token_ids[:self.j], np.int64)))
+
+
+def verified_tokens(rows: list, placeholders: list[int], token_ids: list[int], logprobs: list):
+    """For each sequence of a step's sampling rows (sampling_rows): (sequence, index of its first new token,
+    the tokens it keeps, their logprobs, how many drafts it fed). The kept tokens are the accepted drafts and
+    the token sampled after them; the rejected drafts' K/V slots are given back (num_computed_tokens)."""
+    for start, seq in enumerate(rows):
+        if seq.__class__ is DraftRow:
+            continue
+        drafts, seq.draft_token_ids = seq.draft_token_ids, []
+        sampled = token_ids[start:start + 1 + len(drafts)]
+        kept = num_accepted(drafts, sampled)
+        seq.num_computed_tokens -= len(drafts) - kept
+        yield seq, placeholders[start], sampled[:kept + 1], logprobs[start:start + kept + 1], len(drafts)
+
+
+def sampling_rows(scheduled) -> list:
+    """The step's sampling rows in order: each sampling sequence, then a DraftRow per draft it feeds."""
+    rows: list = []
+    for s in scheduled:
+        if s.samples:
+            seq = s.seq
+            rows.append(seq)
+            if seq.draft_token_ids:
+                rows.extend(DraftRow(seq, j) for j in range(1, len(seq.draft_token_ids) + 1))
+    return rows

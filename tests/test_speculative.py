@@ -1,0 +1,319 @@
+"""N-gram speculative decoding (server/speculative.py): the proposer against a brute-force lookup, and the
+engine with drafts against the same engine without them, token for token, on the tiny random LLaMA (CPU,
+float32), through chunked prefill, preemption, the prefix cache, the prefill graphs' static buffers and HTTP
+streaming; the real SmolLM2 against transformers in test_smollm2.py."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from server.engine_config import EngineConfig
+from server.llm import LLM
+from server.sampling_params import SamplingParams
+from server.sequence import Sequence
+from server.speculative import NgramProposer, num_accepted, propose_ngram
+
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=40)
+
+
+def lookup_reference(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:
+    """The longest suffix first, its latest earlier occurrence that some token follows."""
+    L = len(tokens)
+    for n in range(max_n, min_n - 1, -1):
+        if n >= L:
+            continue
+        for i in range(L - n - 1, -1, -1):
+            if tokens[i:i + n] == tokens[L - n:]:
+                return tokens[i + n:i + n + k]
+    return []
+
+
+def propose(tokens: list[int], k: int = 4, min_n: int = 2, max_n: int = 4) -> list[int]:
+    return propose_ngram(np.asarray(tokens, np.int64), k, min_n, max_n)
+
+
+def test_propose_ngram_cases():
+    assert propose([5, 6, 7, 8, 9, 5, 6]) == [7, 8, 9, 5]
+    assert propose([5, 6, 7, 8, 9, 5, 6], k=2) == [7, 8]
+    assert propose([1, 2, 3, 1, 2, 4, 1, 2]) == [4, 1, 2]  # the latest of equally long matches
+    assert propose([9, 1, 2, 3, 7, 7, 2, 3, 8, 1, 2, 3]) == [7, 7, 2, 3]  # the longest beats a later shorter
+    assert propose([1, 2, 3, 4]) == []  # no earlier occurrence
+    assert propose([1, 2, 5, 2]) == []  # a 1-token match is below min_n
+    assert propose([1, 2, 5, 2], min_n=1) == [5, 2]
+    assert propose([4, 4, 4, 4]) == [4]  # a run: the match may overlap the suffix
+    assert propose([3]) == [] and propose([3, 3], min_n=1) == [3]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_propose_ngram_equals_brute_force(seed):
+    rng = random.Random(seed)
+    for _ in range(200):
+        tokens = [rng.randrange(3) for _ in range(rng.randint(1, 30))]
+        k, min_n = rng.randint(1, 5), rng.randint(1, 3)
+        max_n = rng.randint(min_n, 5)
+        assert propose(tokens, k, min_n, max_n) == lookup_reference(tokens, k, min_n, max_n), (tokens, k, min_n, max_n)
+
+
+def test_num_accepted():
+    assert num_accepted([4, 5, 6], [4, 5, 6, 7]) == 3
+    assert num_accepted([4, 5, 6], [4, 9, 6, 7]) == 1
+    assert num_accepted([4, 5, 6], [1, 5, 6, 7]) == 0
+    assert num_accepted([], [3]) == 0
+
+
+def test_proposer_respects_max_new_tokens_and_skips_what_may_not_draft():
+    proposer = NgramProposer(4, 2, 4)
+    seq = Sequence("a", [1, 2, 3, 1, 2, 3, 1, 2], SamplingParams(max_new_tokens=10))
+    seq.num_computed_tokens = 7  # decoding: its last token is the one to feed
+    proposer.propose([seq])
+    assert seq.draft_token_ids == [3, 1, 2]
+    seq.token_ids += [3] * 0 + [9] * 7 + [1, 2]  # 9 outputs of 10: one more token, no room for a draft
+    seq.num_computed_tokens = len(seq.token_ids) - 1
+    proposer.propose([seq])
+    assert seq.draft_token_ids == []
+    mid_prompt = Sequence("b", [1, 2, 3, 1, 2], SamplingParams(max_new_tokens=10))
+    proposer.propose([mid_prompt])
+    assert mid_prompt.draft_token_ids == []
+    constrained = Sequence("c", [1, 2, 3, 1, 2], SamplingParams(max_new_tokens=10))
+    constrained.num_computed_tokens, constrained.grammar = 4, object()
+    proposer.propose([constrained])
+    assert constrained.draft_token_ids == []
+
+
+def test_draft_rows_sample_as_the_plain_sequences_they_stand_for():
+    """Row j of a sequence with drafts has the sampling state of the sequence that already holds its first j
+    drafts: output index (a seeded row's uniforms), penalties' counts, min_new_tokens' banned ids, logprobs."""
+    import torch
+
+    from model.sampler import sample
+    from server.sampling_batch import build_sampling_tensors
+    from server.speculative import DraftRow
+
+    params = SamplingParams(temperature=0.7, seed=3, repetition_penalty=1.5, frequency_penalty=0.7,
+                            presence_penalty=0.2, min_new_tokens=4, stop_token_ids=[7], max_new_tokens=20,
+                            logprobs=1)
+    seq = Sequence("a", [1, 2, 3], params)
+    seq.token_ids += [7, 8]  # two outputs so far
+    seq.draft_token_ids = [8, 7, 8]
+    rows = [seq] + [DraftRow(seq, j) for j in range(1, 4)]
+    plain = []
+    for j in range(4):
+        p = Sequence(f"p{j}", [1, 2, 3], params)
+        p.token_ids += [7, 8] + seq.draft_token_ids[:j]
+        plain.append(p)
+    vocab, cpu = 16, torch.device("cpu")
+    logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(0))
+    got, want = (build_sampling_tensors(r, vocab, (2,), cpu) for r in (rows, plain))
+    assert got.output_index.tolist() == want.output_index.tolist() == [2, 3, 4, 5]
+    assert torch.equal(got.output_tokens, want.output_tokens) and torch.equal(got.prompt_tokens, want.prompt_tokens)
+    assert torch.equal(got.banned_tokens, want.banned_tokens)  # rows 0 and 1 are below min_new_tokens
+    a = sample(logits.clone(), got, torch.Generator().manual_seed(1))
+    b = sample(logits.clone(), want, torch.Generator().manual_seed(1))
+    assert torch.equal(a.token_ids, b.token_ids) and torch.equal(a.logprobs, b.logprobs)
+
+
+def test_config_checks_the_lookup_range():
+    with pytest.raises(ValueError, match="prompt_lookup_min=3 must be <= prompt_lookup_max=2"):
+        EngineConfig(num_speculative_tokens=4, prompt_lookup_min=3, prompt_lookup_max=2)
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        EngineConfig(num_speculative_tokens=-1)
+
+
+@pytest.mark.parametrize("num_blocks,kept", [(4, False), (5, True)])
+def test_drafts_only_take_blocks_no_running_sequence_needs(num_blocks, kept):
+    """Two decoding sequences of one full 4-token block each; drafts of 3 need a second block for the first
+    one. With 2 blocks free they would leave the other sequence's next block to chance: dropped; with 3 free,
+    kept. Either way nothing is preempted."""
+    from server.blocks import BlockAllocator
+    from server.scheduler import Scheduler
+
+    sched = Scheduler(BlockAllocator(num_blocks, 4), max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64)
+    seqs = [Sequence(name, [1, 2, 3], SamplingParams(max_new_tokens=10)) for name in "ab"]
+    for seq in seqs:
+        sched.add(seq)
+    sched.finish_step(sched.schedule())  # the prompts
+    for seq in seqs:
+        seq.token_ids.append(5)  # each sampled a token: 4 tokens, 3 computed
+    seqs[0].draft_token_ids = [6, 7, 8]
+    out = sched.schedule()
+    assert [s.num_new_tokens for s in out.scheduled] == ([4, 1] if kept else [1, 1])
+    assert all(s.samples and not s.is_prefill for s in out.scheduled) and not out.preempted
+    assert seqs[0].draft_token_ids == ([6, 7, 8] if kept else [])
+
+
+# ---------------------------------------------------------------- the engine, token for token
+
+
+def make_llm(model_dir, **kw) -> LLM:
+    cfg = dict(dtype="float32", device="cpu", kv_cache_memory="2MiB", max_num_batched_tokens=256)
+    cfg.update(kw)
+    return LLM(str(model_dir), **cfg)
+
+
+def looping_prompts(n: int, seed: int = 0) -> list[list[int]]:
+    """Prompts that repeat a phrase three times: the tiny model's greedy outputs then fall into loops too."""
+    rng = random.Random(seed)
+    return [[1] + [rng.randrange(3, 384) for _ in range(rng.randint(4, 12))] * 3 for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_llama_dir):
+    return make_llm(tiny_llama_dir)
+
+
+@pytest.fixture(scope="module")
+def spec(tiny_llama_dir):
+    return make_llm(tiny_llama_dir, num_speculative_tokens=4)
+
+
+def counts(llm: LLM) -> tuple[int, int, int]:
+    c = llm.engine.counters
+    return c.draft_tokens, c.accepted_draft_tokens, c.num_steps
+
+
+@pytest.mark.parametrize("params", [
+    GREEDY,
+    SamplingParams(temperature=0.5, top_k=2, seed=5, max_new_tokens=40),
+    SamplingParams(temperature=0.3, seed=11, max_new_tokens=40, repetition_penalty=1.05, frequency_penalty=0.1,
+                   min_new_tokens=30, stop_token_ids=[198]),
+], ids=["greedy", "seeded-top-k", "seeded-penalties-min-tokens"])
+def test_drafts_keep_plain_decodings_tokens(plain, spec, params):
+    """Greedy and seeded requests get plain decoding's very tokens (rows sample as plain decoding would
+    after the accepted drafts: output index, penalty counts, min_new_tokens), and drafts were kept."""
+    prompts = looping_prompts(8)
+    want = [r.token_ids for r in plain.generate(prompts, params)]
+    before = counts(spec)
+    got = spec.generate(prompts, params)
+    drafted, accepted, _ = (a - b for a, b in zip(counts(spec), before))
+    assert [r.token_ids for r in got] == want
+    assert drafted > 0 and accepted > 0
+    assert all(len(r.token_ids) <= params.max_new_tokens for r in got)
+    assert spec.engine.allocator.num_free_blocks == spec.engine.allocator.num_blocks
+
+
+def test_logprobs_and_finish_reasons_equal_plain_decoding(plain, spec):
+    prompts = looping_prompts(4, seed=1)
+    params = [SamplingParams(temperature=0.0, max_new_tokens=30, logprobs=2),
+              SamplingParams(temperature=0.0, max_new_tokens=30, stop_token_ids=[293]),
+              SamplingParams(temperature=0.0, max_new_tokens=7), SamplingParams(temperature=0.0, max_new_tokens=1)]
+    want, got = plain.generate(prompts, params), spec.generate(prompts, params)
+    for w, g in zip(want, got):
+        assert (g.token_ids, g.finish_reason) == (w.token_ids, w.finish_reason)
+    for w, g in zip(want[0].logprobs, got[0].logprobs):
+        assert w.token_id == g.token_id and w.logprob == pytest.approx(g.logprob, abs=1e-4)
+        assert [t for t, _ in w.top] == [t for t, _ in g.top]
+
+
+def test_a_looping_sequence_takes_fewer_steps(plain, spec):
+    prompt = looping_prompts(1)[0]
+    steps = []
+    for llm in (plain, spec):
+        before = counts(llm)
+        out = llm.generate([prompt], GREEDY)[0].token_ids
+        steps.append(counts(llm)[2] - before[2])
+    assert out == plain.generate([prompt], GREEDY)[0].token_ids
+    assert steps[0] == 40 and steps[1] < steps[0], steps
+
+
+def test_generated_blocks_in_the_prefix_cache_hold_accepted_tokens(tiny_llama_dir, spec):
+    """A follow-up prompt that starts with an earlier request's prompt and output reuses its generated
+    blocks: had a rejected draft's K/V been registered, its tokens would differ from an engine without a
+    prefix cache."""
+    fresh = make_llm(tiny_llama_dir, enable_prefix_caching=False)
+    prompt = looping_prompts(1, seed=2)[0]
+    first = spec.generate([prompt], GREEDY)[0].token_ids
+    follow_up = prompt + first + [5, 6, 7]
+    hits = spec.engine.scheduler.prefix_cache_hits_total
+    assert spec.generate([follow_up], GREEDY)[0].token_ids == fresh.generate([follow_up], GREEDY)[0].token_ids
+    assert spec.engine.scheduler.prefix_cache_hits_total - hits >= 16 * ((len(prompt) + 40) // 16)
+
+
+def test_small_budget_and_preemption(tiny_llama_dir, plain):
+    """A 16-token step budget (drafts dropped when they do not fit) and a 10-block pool (preemption)."""
+    prompts = looping_prompts(8, seed=3)
+    params = SamplingParams(temperature=0.0, max_new_tokens=26)
+    want = [r.token_ids for r in plain.generate(prompts, params)]
+    small = make_llm(tiny_llama_dir, num_speculative_tokens=4, kv_cache_memory=10 * 16 * 512,
+                     max_num_batched_tokens=16)
+    assert [r.token_ids for r in small.generate(prompts, params)] == want
+    assert small.engine.scheduler.num_preemptions_total > 0 and small.engine.counters.accepted_draft_tokens > 0
+    assert small.engine.allocator.num_free_blocks == small.engine.allocator.num_blocks
+
+
+def test_prefill_graph_path_samples_every_draft_row(tiny_llama_dir, plain):
+    """The graphs' static buffers (with the eager model as replay): a step with drafts is a chunk per
+    sequence with a logits row per fed token, more rows than sequences."""
+    graphed = make_llm(tiny_llama_dir, num_speculative_tokens=4, max_num_batched_tokens=64, max_num_seqs=8)
+    graphed.engine.runner.use_graph_path_eagerly()
+    prompts = looping_prompts(6, seed=4)
+    assert [r.token_ids for r in graphed.generate(prompts, GREEDY)] == \
+        [r.token_ids for r in plain.generate(prompts, GREEDY)]
+    assert graphed.engine.counters.accepted_draft_tokens > 0
+    assert sum(graphed.engine.runner.prefill_graphs.replays.values()) > 1  # the prompts' step and draft steps
+
+
+def test_no_drafts_at_large_batches_and_those_steps_overlap(tiny_llama_dir, plain):
+    """speculative_disable_by_batch_size 3 on the graph path (overlap scheduling on): while 3 or more
+    sequences run, steps overlap and nothing drafts; once the short requests end, the long one drafts."""
+    llm = make_llm(tiny_llama_dir, num_speculative_tokens=4, speculative_disable_by_batch_size=3,
+                   max_num_batched_tokens=64, max_num_seqs=8)
+    llm.engine.runner.use_graph_path_eagerly()
+    prompts = looping_prompts(6)  # the first one's output loops
+    params = [GREEDY] + [SamplingParams(temperature=0.0, max_new_tokens=6)] * 5
+    assert [r.token_ids for r in llm.generate(prompts, params)] == \
+        [r.token_ids for r in plain.generate(prompts, params)]
+    c = llm.engine.counters
+    assert c.overlapped_steps > 0 and c.accepted_draft_tokens > 0
+
+
+def test_metrics_count_drafts(spec):
+    from server.async_engine import engine_stats
+    from server.metrics import ServerMetrics
+    spec.generate(looping_prompts(2, seed=5), GREEDY)
+    stats = engine_stats(spec.engine)
+    assert stats.draft_tokens >= stats.accepted_draft_tokens > 0
+    text = ServerMetrics(lambda: stats).render().decode()
+    assert f"gqaserve_spec_decode_num_draft_tokens_total {float(stats.draft_tokens)}" in text
+    assert f"gqaserve_spec_decode_num_accepted_tokens_total {float(stats.accepted_draft_tokens)}" in text
+
+
+def test_http_stream_with_drafts_equals_the_plain_server(tiny_llama_dir):
+    """Several tokens of one request per step reach the stream as one chunk each, in order: OpenAI
+    completions over token-id prompts, streamed and whole, against a server without drafts."""
+    import json
+
+    import httpx
+
+    from server.app import create_app
+    from server.async_engine import AsyncEngine
+    from server.config import ServerConfig
+    from tests.live_server import LiveServer, metric
+
+    results = []
+    for k in (0, 4):
+        engine = AsyncEngine(EngineConfig(model=str(tiny_llama_dir), device="cpu", dtype="float32",
+                                          kv_cache_memory="4MiB", num_speculative_tokens=k))
+        texts = []
+        with LiveServer(create_app(engine, ServerConfig(stats_log_interval_s=0))) as server:
+            model = httpx.get(server.url + "/v1/models", timeout=10).json()["data"][0]["id"]
+            for prompt in looping_prompts(4, seed=6):
+                body = {"model": model, "prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+                whole = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()
+                chunks = []
+                with httpx.stream("POST", server.url + "/v1/completions", json=body | {"stream": True},
+                                  timeout=60) as r:
+                    for line in r.iter_lines():
+                        if line.startswith("data:") and line != "data: [DONE]":
+                            chunks.append(json.loads(line[5:])["choices"][0]["text"])
+                assert whole["usage"]["completion_tokens"] == 24 and "".join(chunks) == whole["choices"][0]["text"]
+                texts.append(whole["choices"][0]["text"])
+            drafted = metric(server.url, "gqaserve_spec_decode_num_draft_tokens_total")
+            info = httpx.get(server.url + "/info", timeout=10).json()
+            assert info["speculative"] == (None if k == 0 else {
+                "method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2,
+                "disable_by_batch_size": None})
+        results.append((texts, drafted))
+    assert results[1][0] == results[0][0]
+    assert results[0][1] == 0 and results[1][1] > 0
