@@ -206,6 +206,32 @@ def test_logprobs_and_finish_reasons_equal_plain_decoding(plain, spec):
         assert [t for t, _ in w.top] == [t for t, _ in g.top]
 
 
+def test_steps_that_owe_prompt_logprobs_verify_drafts_too(plain, spec, monkeypatch):
+    """A request owing prompt logprobs makes its steps compute every row's hidden state (the eager path that
+    also returns extra rows); decoding sequences' drafts ride along and are verified the same way."""
+    prompts = looping_prompts(3, seed=8) + [looping_prompts(1, seed=9)[0] * 6]
+    params = [GREEDY] * 3 + [SamplingParams(temperature=0.0, max_new_tokens=4, prompt_logprobs=1)]
+    from tests.test_prompt_logprobs import run_engine
+
+    # a 24-token budget: the long prompt comes in chunks beside the decodes
+    want, _ = run_engine(spec.engine.model_dir, prompts, params, kv_cache_memory="2MiB", max_num_batched_tokens=24)
+    from server.model_runner import ModelRunner
+    mixed = []
+    original = ModelRunner.launch_forward
+
+    def recording(self, sched):
+        mixed.append(sched.prompt_logprob_rows() is not None and any(s.seq.draft_token_ids for s in sched.scheduled))
+        return original(self, sched)
+
+    monkeypatch.setattr(ModelRunner, "launch_forward", recording)
+    got, engine = run_engine(spec.engine.model_dir, prompts, params, kv_cache_memory="2MiB",
+                             max_num_batched_tokens=24, num_speculative_tokens=4)
+    assert any(mixed), "no step had both drafts and owed prompt logprobs"
+    assert got[3] == pytest.approx(want[3], abs=1e-4) and len(got[3]) == len(prompts[3])
+    assert engine.counters.accepted_draft_tokens > 0
+    assert [r.token_ids for r in spec.generate(prompts, params)] == [r.token_ids for r in plain.generate(prompts, params)]
+
+
 def test_a_looping_sequence_takes_fewer_steps(plain, spec):
     prompt = looping_prompts(1)[0]
     steps = []
