@@ -69,7 +69,7 @@ def test_proposer_respects_max_new_tokens_and_skips_what_may_not_draft():
     seq.num_computed_tokens = 7  # decoding: its last token is the one to feed
     proposer.propose([seq])
     assert seq.draft_token_ids == [3, 1, 2]
-    seq.token_ids += [3] * 0 + [9] * 7 + [1, 2]  # 9 outputs of 10: one more token, no room for a draft
+    seq.token_ids += [9] * 7 + [1, 2]  # 9 outputs of 10: one more token, no room for a draft
     seq.num_computed_tokens = len(seq.token_ids) - 1
     proposer.propose([seq])
     assert seq.draft_token_ids == []
