@@ -12,7 +12,7 @@ Per setting: output tokens/s over the requests' wall time (prefill included, med
 drafts kept of those proposed, output tokens per engine step, and whether the tokens equal plain greedy
 decoding's (ours plain for ours; transformers plain for its prompt lookup). transformers runs `generate`
 plainly and with `prompt_lookup_num_tokens` = each k (its lookup matches up to 2 tokens; ours
-prompt_lookup_max 4 down to prompt_lookup_min 2).
+--prompt-lookup-max, 4, down to --prompt-lookup-min, 2, as the engine's defaults).
 """
 from __future__ import annotations
 
@@ -80,6 +80,7 @@ def run_ours(args, k: int, prompts: list[list[int]]) -> dict:
     from server.sampling_params import SamplingParams
 
     llm = LLM(args.model, device=args.device, dtype=args.dtype, num_speculative_tokens=k, max_num_seqs=4,
+              prompt_lookup_min=args.prompt_lookup_min, prompt_lookup_max=args.prompt_lookup_max,
               kv_cache_memory="256MiB", gpu_memory_utilization=0.3,
               max_model_len=max(map(len, prompts)) + args.max_new_tokens + 8)
     params = SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens, ignore_eos=True)
@@ -133,6 +134,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--num-speculative-tokens", type=int, nargs="+", default=[4])
+    p.add_argument("--prompt-lookup-min", type=int, default=2)
+    p.add_argument("--prompt-lookup-max", type=int, default=4)
     p.add_argument("--workloads", nargs="+", default=["copy", "free"], choices=["copy", "free"])
     p.add_argument("--num-prompts", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -172,6 +175,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"{workload:<8} plain greedy tokens, ours = transformers: {same}")
             rows.append(dict(workload=workload, engine="ours vs transformers", k=0, same_tokens=same))
     write_json({"device": args.device, "dtype": args.dtype, "model": args.model,
+                "prompt_lookup": [args.prompt_lookup_min, args.prompt_lookup_max],
                 "max_new_tokens": args.max_new_tokens, "num_prompts": args.num_prompts, "repeats": args.repeats,
                 "rows": rows}, args.json, "speculative.json")
     return rows

@@ -206,7 +206,7 @@ class LLMEngine:
             seq.prompt_logprobs.extend(values)
         sampled = launched.pending.sampling
         logprobs = result.logprobs or [None] * len(sampled)
-        if -1 in launched.placeholders:  # a draft's row (see _sample)
+        if launched.sched.num_draft_tokens:
             return self._complete_verified(launched, result.token_ids, logprobs, now)
         outputs = []
         bs = self.allocator.block_size if self.allocator.enable_prefix_caching else 0

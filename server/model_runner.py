@@ -182,19 +182,13 @@ class ModelRunner:
 
     # ---- one step ----------------------------------------------------------------------------------
     def prepare(self, sched: SchedulerOutput) -> StepBatch:
-        token_ids, num_cached, tables, logits_rows = [], [], [], []
-        end = 0
-        for s in sched.scheduled:
-            start, drafts = s.seq.num_computed_tokens, s.seq.draft_token_ids
-            token_ids.append(s.seq.token_ids[start:start + s.num_new_tokens] + drafts)
-            if token_ids[-1][-1 - len(drafts)] < 0:
+        fed, logits_rows = sched.fed_tokens()
+        for s, ids in zip(sched.scheduled, fed):
+            if ids[-1] < 0:  # (a sequence with drafts has no placeholder: it never drafts then)
                 raise RuntimeError(f"{s.seq.request_id}: an eager step got a token the host has not seen")
-            num_cached.append(start)
-            tables.append(s.seq.block_table)
-            end += s.num_new_tokens
-            if s.samples:  # the last token's row, and each draft's (server/speculative.py)
-                logits_rows.extend(range(end - 1 - len(drafts), end))
-        return build_step_batch(token_ids, num_cached, tables, self.block_size, self.device, logits_indices=logits_rows)
+        return build_step_batch(fed, [s.seq.num_computed_tokens for s in sched.scheduled],
+                                [s.seq.block_table for s in sched.scheduled], self.block_size, self.device,
+                                logits_indices=logits_rows)
 
     def launch(self, sched: SchedulerOutput) -> "PendingStep":
         """Queue the step's device work (forward, sampling) and return without waiting for it."""
@@ -204,7 +198,7 @@ class ModelRunner:
         """Queue the forward alone. A decode step may feed tokens the previous step sampled and the host has
         not seen yet (placeholders, -1 in seq.token_ids; see LLMEngine.step): the graph path reads them from
         the device. launch_sampling may wait until the host has them (penalties and grammars read them)."""
-        sampling = sampling_rows(sched.scheduled)  # each sampling sequence's row, then its drafts' rows
+        sampling = sampling_rows(sched)  # (each draft's row after its sequence's)
         owed = sched.prompt_logprob_rows()
         prompt_lp = None
         with torch.inference_mode():
@@ -262,14 +256,9 @@ class ModelRunner:
         has not seen yet reads it from the decode graphs' sampled ids, at the sequence's row there."""
         if self.prefill_graphs is None:
             return None
-        rows, logits_rows, end = [], [], 0
-        for s in sched.scheduled:
-            seq, start, drafts = s.seq, s.seq.num_computed_tokens, s.seq.draft_token_ids
-            ids = seq.token_ids[start:start + s.num_new_tokens]
-            rows.append((ids + drafts, start, seq.block_table_array(), seq.sampled_row if ids[-1] < 0 else -1))
-            end += s.num_new_tokens
-            if s.samples:
-                logits_rows.extend(range(end - 1 - len(drafts), end))
+        fed, logits_rows = sched.fed_tokens()
+        rows = [(ids, s.seq.num_computed_tokens, s.seq.block_table_array(), s.seq.sampled_row if ids[-1] < 0 else -1)
+                for s, ids in zip(sched.scheduled, fed)]
         return self.prefill_graphs.run(rows, logits_rows)
 
     def _replay_decode(self, sched: SchedulerOutput) -> torch.Tensor | None:

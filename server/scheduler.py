@@ -31,6 +31,7 @@ class SchedulerOutput:
     scheduled: tuple[ScheduledSeq, ...]
     num_batched_tokens: int
     preempted: tuple[str, ...] = ()  # request ids preempted while scheduling this step
+    num_draft_tokens: int = 0        # speculative tokens fed after sequences' last ones (server/speculative.py)
 
     @property
     def is_empty(self) -> bool:
@@ -45,6 +46,21 @@ class SchedulerOutput:
     def has_prefill(self) -> bool:
         """Some sequence is mid-prompt (or recomputing): only then can prompt logprobs be owed."""
         return any(s.is_prefill for s in self.scheduled)
+
+    def fed_tokens(self) -> tuple[list[list[int]], list[int]]:
+        """Each scheduled sequence's tokens this step (its drafts after its last one: server/speculative.py),
+        and the rows of the flat step whose logits are sampled (a sequence's last token's, then each draft's)."""
+        fed, logits_rows, end = [], [], 0
+        for s in self.scheduled:
+            start, drafts = s.seq.num_computed_tokens, s.seq.draft_token_ids
+            ids = s.seq.token_ids[start:start + s.num_new_tokens]
+            fed.append(ids + drafts if drafts else ids)
+            end += s.num_new_tokens
+            if s.samples:
+                if drafts:
+                    logits_rows.extend(range(end - 1 - len(drafts), end - 1))
+                logits_rows.append(end - 1)
+        return fed, logits_rows
 
     def prompt_logprob_rows(self) -> tuple[list[int], list[int], list] | None:
         """(rows of the step's flat batch, the prompt token each row predicts, [(sequence, count)]) for
@@ -126,7 +142,7 @@ class Scheduler:
 
     # ---- one step --------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        budget = self.max_num_batched_tokens
+        budget, num_drafts = self.max_num_batched_tokens, 0
         chosen: dict[str, ScheduledSeq] = {}
         preempted: list[str] = []
         # Running sequences: decodes first, then unfinished prefills; both in admission order.
@@ -156,6 +172,7 @@ class Scheduler:
             if seq.status is SequenceStatus.RUNNING:
                 chosen[seq.request_id] = ScheduledSeq(seq, n, uncomputed > 1, n == uncomputed + drafts)
                 budget -= n
+                num_drafts += drafts
                 if uncomputed > 1 or seq.num_computed_tokens < seq.num_prompt_tokens:  # a prompt chunk or a
                     self.allocator.register_scheduled_blocks(seq, n)  # recompute: its full blocks can be shared
         # New admissions, FCFS; none after a preemption (the pool is already short).
@@ -177,7 +194,9 @@ class Scheduler:
             budget -= n
             self.allocator.register_scheduled_blocks(seq, n)  # later admissions of this step may share them
         scheduled = tuple(chosen.values())
-        return SchedulerOutput(scheduled, self.max_num_batched_tokens - budget, tuple(preempted))
+        if preempted:  # a preempted sequence left `chosen` with its drafts
+            num_drafts = sum(len(s.seq.draft_token_ids) for s in scheduled)
+        return SchedulerOutput(scheduled, self.max_num_batched_tokens - budget, tuple(preempted), num_drafts)
 
     def _allocate_draft_slots(self, seq: Sequence, drafts: int) -> bool:
         """Slots for a decoding sequence's last token and drafts, from blocks no running sequence could need

@@ -141,10 +141,12 @@ def verified_tokens(rows: list, placeholders: list[int], token_ids: list[int], l
         yield seq, placeholders[start], sampled[:kept + 1], logprobs[start:start + kept + 1], len(drafts)
 
 
-def sampling_rows(scheduled) -> list:
-    """The step's sampling rows in order: each sampling sequence, then a DraftRow per draft it feeds."""
+def sampling_rows(sched) -> list:
+    """A step's sampling rows in order: each sampling sequence, then a DraftRow per draft it feeds."""
+    if not sched.num_draft_tokens:  # (the common case, one row a sequence: a plain comprehension)
+        return [s.seq for s in sched.scheduled if s.samples]
     rows: list = []
-    for s in scheduled:
+    for s in sched.scheduled:
         if s.samples:
             seq = s.seq
             rows.append(seq)
