@@ -129,7 +129,8 @@ class LLMEngine:
         launched = self._sample(sched, launched) if isinstance(launched, Forward) else launched
         if isinstance(launched, list):  # the launch failed: its requests end with an error
             return outputs + launched
-        if launched.pending.graphed and self.config.overlap_scheduling and not self._drafting():
+        if launched.pending.graphed and self.config.overlap_scheduling and not sched.num_draft_tokens \
+                and not self._drafting():  # (a step with drafts decides how many tokens the next one sees)
             self._in_flight = launched
         else:
             outputs += self._complete(launched)

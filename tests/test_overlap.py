@@ -15,9 +15,9 @@ from server.sampling_params import SamplingParams
 from tests.test_cuda_graphs import engine_prompts
 
 
-def make_llm(model_dir, overlap: bool, kv_cache_memory: str = "2MiB") -> LLM:
+def make_llm(model_dir, overlap: bool, kv_cache_memory: str = "2MiB", **engine_kwargs) -> LLM:
     llm = LLM(str(model_dir), dtype="float32", device="cpu", kv_cache_memory=kv_cache_memory,
-              max_num_batched_tokens=64, max_num_seqs=8, overlap_scheduling=overlap)
+              max_num_batched_tokens=64, max_num_seqs=8, overlap_scheduling=overlap, **engine_kwargs)
     llm.engine.runner.use_graph_path_eagerly()
     return llm
 

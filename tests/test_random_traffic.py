@@ -18,8 +18,10 @@ from tests.test_grammar import REGEX, json_grammar, matches
 from tests.test_overlap import make_llm
 
 
-def traffic(seed: int):
-    """(request id, arrival step, prompt, params) for 20 requests, and the ids to abort at which step."""
+def traffic(seed: int, repeats: bool = False):
+    """(request id, arrival step, prompt, params) for 20 requests, and the ids to abort at which step.
+    repeats: a third of the requests are greedy and say a phrase three times (the tiny model's outputs then
+    loop, so drafts are accepted)."""
     rng = random.Random(seed)
     prompts = engine_prompts(20, seed=100 + seed)
     shared = prompts[0][:18]
@@ -27,6 +29,8 @@ def traffic(seed: int):
     for i, prompt in enumerate(prompts):
         if i % 3 == 0:
             prompt = shared + prompt[1:]
+        elif i % 3 == 1 and repeats:
+            prompt = [1] + prompt[1:9] * 3
         kind = rng.randrange(7)
         n = rng.randint(6, 30)
         if kind == 0:
@@ -49,13 +53,15 @@ def traffic(seed: int):
         else:
             p = SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True, frequency_penalty=1.0,
                                logprobs=1)
+        if repeats and i % 3 == 1:  # greedy: the loop it falls into is what drafts find
+            p = SamplingParams(temperature=0.0, max_new_tokens=30, ignore_eos=True, logprobs=i % 2 or None)
         requests.append((f"r{i}", rng.randint(0, 25), prompt, p))
     aborts = {f"r{i}": rng.randint(2, 30) for i in rng.sample(range(20), 3)}
     return requests, aborts
 
 
-def run(model_dir, overlap: bool, requests, aborts):
-    llm = make_llm(model_dir, overlap=overlap, kv_cache_memory="96KiB")
+def run(model_dir, overlap: bool, requests, aborts, **engine_kwargs):
+    llm = make_llm(model_dir, overlap=overlap, kv_cache_memory="96KiB", **engine_kwargs)
     engine = llm.engine
     got: dict[str, list] = {}
     step = 0
@@ -90,5 +96,28 @@ def test_random_traffic_under_overlap_gives_the_synchronous_tokens(tiny_llama_di
             assert matches(got[rid][1], params.grammar)
     c = engine.counters
     assert c.overlapped_steps > 20 and c.deferred_sampling_steps > 5
+    assert engine.scheduler.num_preemptions_total > 0 and engine.scheduler.prefix_cache_hits_total > 0
+    assert engine.allocator.num_free_blocks == engine.kv_capacity.num_blocks and not engine.has_unfinished()
+
+
+@pytest.mark.parametrize("disable_by_batch_size", [None, 4])
+@pytest.mark.parametrize("seed", range(2))
+def test_random_traffic_with_drafts_gives_the_plain_tokens(tiny_llama_dir, seed, disable_by_batch_size):
+    """The same traffic with n-gram drafts (server/speculative.py), on every step (None: no step overlaps) or
+    while fewer than 4 sequences run (steps above that overlap, and a step that drafted must not be left in
+    flight when new requests push the batch past 4): drafting steps verify several tokens a sequence amid
+    preemption, aborts, the prefix cache and grammars (which do not draft); every kept request's tokens,
+    text, logprobs and finish reason equal plain decoding's."""
+    requests, aborts = traffic(seed, repeats=True)
+    want, _ = run(tiny_llama_dir, False, requests, aborts)
+    got, engine = run(tiny_llama_dir, True, requests, aborts, num_speculative_tokens=4, prompt_lookup_min=1,
+                      speculative_disable_by_batch_size=disable_by_batch_size)
+    kept = [rid for rid, *_ in requests if rid not in aborts]
+    assert {rid: got[rid] for rid in kept} == {rid: want[rid] for rid in kept}
+    c = engine.counters
+    if disable_by_batch_size is None:
+        assert c.accepted_draft_tokens > 10 and c.overlapped_steps == 0
+    else:
+        assert c.draft_tokens > 0 and c.overlapped_steps > 20
     assert engine.scheduler.num_preemptions_total > 0 and engine.scheduler.prefix_cache_hits_total > 0
     assert engine.allocator.num_free_blocks == engine.kv_capacity.num_blocks and not engine.has_unfinished()
