@@ -109,10 +109,11 @@ main() {
         --steps 150 --json "$RAW/host_overhead.json" $ENGINE_EXTRA
       step profile 40 $PY benchmarks/profile_step.py --batch-size 1 --context 256
       step prefill_step 60 $PY benchmarks/prefill_step.py --prompt-len 128 --decodes 32 --profile $ENGINE_EXTRA
-      # n-gram drafts at batch 1 on the real default model (bf16), against transformers' prompt lookup
+      # n-gram drafts at batch 1 on the real default model (bf16), against transformers' prompt lookup; and
+      # a JSON schema's forced tokens as drafts (ours only)
       if [ -e "$cache/smollm2-135m.gguf" ] || [ -e "$cache/smollm2-135m/config.json" ]; then
-        step speculative 90 $PY benchmarks/speculative.py --device cuda --dtype bfloat16 --num-speculative-tokens 4 8 \
-          --max-new-tokens 128 --json "$RAW/speculative.json"
+        step speculative 100 $PY benchmarks/speculative.py --device cuda --dtype bfloat16 --num-speculative-tokens 4 8 \
+          --workloads copy free json --max-new-tokens 128 --json "$RAW/speculative.json"
       fi
     fi
     step latency 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 1 --input-len 128 \

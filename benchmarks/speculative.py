@@ -7,7 +7,10 @@ transformers' prompt lookup decoding on the same weights, in one run.
 Two workloads of chat prompts, each request alone (batch 1), greedy, eos ignored:
 - copy: "Repeat this text exactly" over a passage of tinyshakespeare. The answer copies its prompt, the case
   prompt lookup is for (quoting, editing, rewriting code);
-- free: "Write a short story about ...": little to copy, so drafts are rarely proposed and rarely right.
+- free: "Write a short story about ...": little to copy, so drafts are rarely proposed and rarely right;
+- json: "Describe ... as JSON" under a JSON schema (PERSON_SCHEMA), ended by the grammar: a constrained
+  sequence drafts the tokens its grammar forces (keys, quotes, colons). transformers has no grammars, so
+  this workload has no peer row (`--workloads copy free json`).
 Per setting: output tokens/s over the requests' wall time (prefill included, median of --repeats), the
 drafts kept of those proposed, output tokens per engine step, and whether the tokens equal plain greedy
 decoding's (ours plain for ours; transformers plain for its prompt lookup). transformers runs `generate`
@@ -31,6 +34,12 @@ import torch  # noqa: E402
 from benchmarks.results import write_json  # noqa: E402
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+PERSON_SCHEMA = {"type": "object", "additionalProperties": False,
+                 "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                "occupation": {"type": "string"}, "hometown": {"type": "string"},
+                                "is_married": {"type": "boolean"},
+                                "hobbies": {"type": "array", "items": {"type": "string"}, "maxItems": 3}},
+                 "required": ["name", "age", "occupation", "hometown", "is_married", "hobbies"]}
 TOPICS = ["a lighthouse keeper who finds a letter", "the first snow of winter in a small town",
           "a robot that learns to paint", "two friends lost in a forest", "a baker who wakes up famous",
           "a cat that guards a library"]
@@ -58,6 +67,9 @@ def chat_prompts(model_dir: str, workload: str, n: int) -> list[list[int]]:
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     if workload == "copy":
         contents = [f"Repeat this text exactly:\n\n{p}" for p in passages(n)]
+    elif workload == "json":
+        contents = [f"Describe the main character of a story about {TOPICS[i % len(TOPICS)]} as a JSON object."
+                    for i in range(n)]
     else:
         contents = [f"Write a short story about {TOPICS[i % len(TOPICS)]}." for i in range(n)]
     if tok.chat_template is None:  # a test model without one: the bare request
@@ -75,15 +87,19 @@ def free_device(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def run_ours(args, k: int, prompts: list[list[int]]) -> dict:
+def run_ours(args, k: int, prompts: list[list[int]], workload: str) -> dict:
+    import json
+
     from server.llm import LLM
-    from server.sampling_params import SamplingParams
+    from server.sampling_params import Grammar, SamplingParams
 
     llm = LLM(args.model, device=args.device, dtype=args.dtype, num_speculative_tokens=k, max_num_seqs=4,
               prompt_lookup_min=args.prompt_lookup_min, prompt_lookup_max=args.prompt_lookup_max,
               kv_cache_memory="256MiB", gpu_memory_utilization=0.3,
               max_model_len=max(map(len, prompts)) + args.max_new_tokens + 8)
-    params = SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens, ignore_eos=True)
+    grammar = Grammar(type="json", value=json.dumps(PERSON_SCHEMA)) if workload == "json" else None
+    params = SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens, ignore_eos=grammar is None,
+                            grammar=grammar)
     llm.generate([prompts[0]], params.model_copy(update={"max_new_tokens": 4}))  # warm-up
     counters = llm.engine.counters
     walls, tokens = [], []
@@ -102,7 +118,7 @@ def run_ours(args, k: int, prompts: list[list[int]]) -> dict:
     return result
 
 
-def run_transformers(args, k: int, prompts: list[list[int]]) -> dict:
+def run_transformers(args, k: int, prompts: list[list[int]], workload: str) -> dict:
     import transformers
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
@@ -136,7 +152,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--num-speculative-tokens", type=int, nargs="+", default=[4])
     p.add_argument("--prompt-lookup-min", type=int, default=2)
     p.add_argument("--prompt-lookup-max", type=int, default=4)
-    p.add_argument("--workloads", nargs="+", default=["copy", "free"], choices=["copy", "free"])
+    p.add_argument("--workloads", nargs="+", default=["copy", "free"], choices=["copy", "free", "json"])
     p.add_argument("--num-prompts", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=1)
@@ -153,11 +169,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for workload in args.workloads:
         prompts = chat_prompts(args.model, workload, args.num_prompts)
         runs = [("ours", k) for k in [0, *args.num_speculative_tokens]]
-        if not args.no_transformers:
+        if not args.no_transformers and workload != "json":
             runs += [("transformers", k) for k in [0, *args.num_speculative_tokens]]
         plain = {}
         for engine, k in runs:
-            res = (run_ours if engine == "ours" else run_transformers)(args, k, prompts)
+            res = (run_ours if engine == "ours" else run_transformers)(args, k, prompts, workload)
             if k == 0:
                 plain[engine] = res
             base = plain[engine]

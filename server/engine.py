@@ -3,8 +3,7 @@ API on top of it is server/llm.py.
 
 Data flows one way per step: the scheduler picks, the runner computes token ids, the engine appends them,
 decides stops and emits one RequestOutput delta per sequence that produced a token. Finished and aborted
-sequences free their KV blocks at once. The engine is single-threaded; server/async_engine.py drives it
-from its own thread.
+sequences free their KV blocks at once. Single-threaded: server/async_engine.py drives it from its thread.
 """
 from __future__ import annotations
 
@@ -64,7 +63,7 @@ class LLMEngine:
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_waiting_requests=config.max_waiting_requests)
         self.counters = EngineCounters()
-        self.proposer = make_proposer(config)  # n-gram drafts (server/speculative.py), or None
+        self.proposer = make_proposer(config)  # drafts (server/speculative.py), or None
         self._in_flight: _Launched | None = None  # a launched step the host has not seen yet
 
     # ---- requests ----------------------------------------------------------------------------------
@@ -129,8 +128,7 @@ class LLMEngine:
         launched = self._sample(sched, launched) if isinstance(launched, Forward) else launched
         if isinstance(launched, list):  # the launch failed: its requests end with an error
             return outputs + launched
-        if launched.pending.graphed and self.config.overlap_scheduling and not sched.num_draft_tokens \
-                and not self._drafting():  # (a step with drafts decides how many tokens the next one sees)
+        if launched.pending.graphed and self.config.overlap_scheduling and not self._drafting(sched):
             self._in_flight = launched
         else:
             outputs += self._complete(launched)
@@ -151,9 +149,10 @@ class LLMEngine:
             return False
         return all(len(seq.token_ids) - seq.num_computed_tokens == 1 for seq in sched.running)
 
-    def _drafting(self) -> bool:
-        """The next step drafts: it needs this one's tokens on the host (server/speculative.py)."""
-        return self.proposer is not None and self.proposer.active(self.scheduler.num_running)
+    def _drafting(self, sched: SchedulerOutput) -> bool:
+        """This step drafts or the next may: the host must see this one's kept tokens first (speculative.py)."""
+        proposer = self.proposer
+        return proposer is not None and (sched.num_draft_tokens > 0 or proposer.active(self.scheduler.num_running))
 
     def _overlappable(self, sched: SchedulerOutput) -> bool:
         runs_ahead = getattr(self.runner, "runs_ahead", None)

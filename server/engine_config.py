@@ -73,8 +73,9 @@ class EngineConfig(BaseModel):
                                      "H100, 1B shape: batch-64 decode 30.7k -> 37.5k tok/s)")
     num_speculative_tokens: int = Field(0, ge=0, le=16, description="n-gram speculative decoding (prompt "
                                         "lookup, server/speculative.py): each decoding sequence drafts up to this "
-                                        "many tokens from an earlier occurrence of its last tokens, verified in one "
-                                        "step; 0 = off. Steps with drafts are not overlapped")
+                                        "many tokens from an earlier occurrence of its last tokens (under a grammar: "
+                                        "the tokens it forces), verified in one step; 0 = off. Steps with drafts "
+                                        "are not overlapped")
     speculative_disable_by_batch_size: int | None = Field(
         None, ge=1, description="no drafts while this many sequences or more run (the lookup costs 10-15 us of host "
         "time a sequence a step, and a large batch keeps the GPU busy without them); their steps overlap again. "

@@ -133,13 +133,33 @@ class SequenceGrammar:
             return True
         return self.matcher.is_stopped()
 
+    def forced_tokens(self, limit: int) -> list[int]:
+        """Up to `limit` tokens the grammar forces next (llguidance's fast-forward tokens: e.g. the `{"name":`
+        a JSON schema must start with), which speculative decoding feeds as drafts (server/speculative.py)."""
+        return self.matcher.compute_ff_tokens()[:limit] if limit > 0 else []
 
-def allowed_bitmask(grammars: list[SequenceGrammar | None]) -> torch.Tensor:
+
+class DraftGrammar:
+    """The grammar of a draft's sampling row: `base` once it has taken `drafts` (allowed_bitmask consumes
+    them, computes the row's mask and rolls back, so the matcher itself only ever takes kept tokens)."""
+    __slots__ = ("base", "drafts")
+
+    def __init__(self, base: SequenceGrammar, drafts: list[int]):
+        self.base, self.drafts = base, drafts
+
+    @property
+    def mask_vocab_size(self) -> int:
+        return self.base.mask_vocab_size
+
+
+def allowed_bitmask(grammars: list[SequenceGrammar | DraftGrammar | None]) -> torch.Tensor:
     """[B, ceil(V/32)] int32 on the host (V: the grammars' mask_vocab_size): bit j of word w set = token
-    32w + j allowed. Rows without a grammar allow everything (-1: all bits set)."""
-    rows = [(row, g) for row, g in enumerate(grammars) if g is not None]
-    mask = torch.full((len(grammars), (rows[0][1].mask_vocab_size + 31) // 32), -1, dtype=torch.int32)
+    32w + j allowed. Rows without a grammar allow everything (-1: all bits set). A DraftGrammar row (a
+    draft's, server/speculative.py) gets its matcher's mask after that row's drafts."""
+    present = [g for g in grammars if g is not None]
+    mask = torch.full((len(grammars), (present[0].mask_vocab_size + 31) // 32), -1, dtype=torch.int32)
     row_bytes = mask.shape[1] * 4
+    rows = [(row, g) for row, g in enumerate(grammars) if g.__class__ is SequenceGrammar]
     # written in place (llguidance.torch does the same, but importing it imports torch.compile's
     # machinery: 2.9 s on the first constrained step); several rows on the executor's threads (64 rows
     # of JSON: 0.79 ms against 1.09 one by one on 2 cores)
@@ -149,4 +169,30 @@ def allowed_bitmask(grammars: list[SequenceGrammar | None]) -> torch.Tensor:
     else:
         for row, g in rows:
             g.matcher.unsafe_compute_mask_ptr(mask[row].data_ptr(), row_bytes)
+    if len(rows) < len(present):  # draft rows, after every matcher's own row: each takes its drafts in turn
+        _fill_draft_rows(mask, [(row, g) for row, g in enumerate(grammars) if g.__class__ is DraftGrammar],
+                         row_bytes)
     return mask
+
+
+def _fill_draft_rows(mask: torch.Tensor, rows: list[tuple[int, DraftGrammar]], row_bytes: int) -> None:
+    by_matcher: dict[int, list[tuple[int, DraftGrammar]]] = {}
+    for row, g in rows:
+        by_matcher.setdefault(id(g.base), []).append((row, g))
+    for group in by_matcher.values():
+        group.sort(key=lambda r: len(r[1].drafts))  # rows j = 1, 2, ...: drafts[:j]
+        matcher = group[0][1].base.matcher
+        drafts = group[-1][1].drafts
+        # consume only what the grammar takes (a refused token would leave the matcher in its error state);
+        # a row past a refused draft keeps the all-allowed mask: the row before cannot sample that draft, so
+        # nothing from this row is ever kept
+        valid = matcher.validate_tokens(drafts)
+        taken = 0
+        for row, g in group:
+            if len(g.drafts) > valid:
+                break
+            matcher.consume_tokens(g.drafts[taken:])
+            taken = len(g.drafts)
+            matcher.unsafe_compute_mask_ptr(mask[row].data_ptr(), row_bytes)
+        if taken:
+            matcher.rollback(taken)

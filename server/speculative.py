@@ -16,16 +16,21 @@ j drafts (`DraftRow`: output index, penalties' token counts, min_new_tokens), so
   (a seeded row's uniforms hash its seed and output index, model/sampler.py), up to the rounding of a
   multi-token step against a one-token one.
 
+A grammar-constrained sequence drafts instead what its grammar forces next (llguidance's fast-forward
+tokens: the keys and punctuation a JSON schema fixes), and each of its draft rows is masked as its matcher
+would be after the drafts before it (grammar.DraftGrammar: consumed, masked, rolled back), so those drafts
+are verified like any other and its output is plain decoding's too.
+
 Rejected drafts' K/V stay in slots past the sequence's end, where later tokens overwrite them; they are
-never registered in the prefix cache (only blocks of accepted tokens are). Grammar-constrained sequences do
-not draft (their matcher would have to run ahead). A step with drafts is never left in flight (overlap
-scheduling): how many tokens it keeps decides the next step's inputs. With speculative_disable_by_batch_size,
-nothing drafts while that many sequences run, and steps may overlap again.
+never registered in the prefix cache (only blocks of accepted tokens are). A step with drafts is never left
+in flight (overlap scheduling): how many tokens it keeps decides the next step's inputs. With
+speculative_disable_by_batch_size, nothing drafts while that many sequences run, and steps may overlap again.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from server.grammar import DraftGrammar
 from server.sequence import Sequence
 
 
@@ -78,10 +83,12 @@ class NgramProposer:
 
     def _drafts(self, seq: Sequence) -> list[int]:
         tokens = seq.token_ids
-        if seq.grammar is not None or len(tokens) - seq.num_computed_tokens != 1 or tokens[-1] < 0:
-            return []  # constrained, mid-prompt, or its last token not seen yet
+        if len(tokens) - seq.num_computed_tokens != 1 or tokens[-1] < 0:
+            return []  # mid-prompt, or its last token not seen yet
         # the step keeps at most drafts + 1 tokens: never more outputs than max_new_tokens
         room = min(self.num_tokens, seq.params.max_new_tokens - (len(tokens) - seq.num_prompt_tokens) - 1)
+        if seq.grammar is not None:  # what the grammar forces next (its matcher has taken every token)
+            return seq.grammar.forced_tokens(room)
         return propose_ngram(seq.token_array(), room, self.min_n, self.max_n) if room > 0 else []
 
 
@@ -97,7 +104,6 @@ class DraftRow:
     """The sampling row at draft position j (1..k) of seq: seq as plain decoding would see it after its
     first j drafts were accepted (what build_sampling_tensors and the logprobs read)."""
     __slots__ = ("seq", "j", "sampled_row")
-    grammar = None
     is_finished = False
 
     def __init__(self, seq: Sequence, j: int):
@@ -110,6 +116,12 @@ class DraftRow:
     @property
     def num_prompt_tokens(self) -> int:
         return self.seq.num_prompt_tokens
+
+    @property
+    def grammar(self) -> DraftGrammar | None:
+        """The mask source of this row: the sequence's matcher after its first j drafts."""
+        g = self.seq.grammar
+        return None if g is None else DraftGrammar(g, self.seq.draft_token_ids[:self.j])
 
     @property
     def argmax_from(self) -> int:

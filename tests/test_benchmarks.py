@@ -317,3 +317,14 @@ def test_speculative_benchmark_compares_drafts_with_transformers(tiny_llama_dir,
     assert all(r["tok_s"] > 0 and r["speedup"] > 0 for r in rows[:4])
     assert rows[1]["drafted"] >= rows[1]["accepted"] >= 0 and rows[1]["tokens_per_step"] >= 1
     assert json.loads((tmp_path / "s.json").read_text())["rows"][0]["workload"] == "copy"
+
+
+def test_speculative_benchmark_json_workload_drafts_forced_tokens(tiny_llama_dir, tmp_path):
+    """The JSON-schema workload: ours only (transformers has no grammars), the same tokens with drafts, and
+    forced tokens kept (the tiny model's byte-level vocabulary makes most of an object's tokens forced)."""
+    from benchmarks import speculative
+    rows = speculative.main(["--model", str(tiny_llama_dir), "--workloads", "json", "--num-prompts", "1",
+                             "--max-new-tokens", "24", "--num-speculative-tokens", "4",
+                             "--json", str(tmp_path / "s.json")])
+    assert [(r["engine"], r["k"]) for r in rows] == [("ours", 0), ("ours", 4)]
+    assert rows[1]["same_tokens"] and rows[1]["accepted"] > 0 and rows[1]["tokens_per_step"] > 1

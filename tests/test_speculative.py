@@ -76,10 +76,54 @@ def test_proposer_respects_max_new_tokens_and_skips_what_may_not_draft():
     mid_prompt = Sequence("b", [1, 2, 3, 1, 2], SamplingParams(max_new_tokens=10))
     proposer.propose([mid_prompt])
     assert mid_prompt.draft_token_ids == []
+
+
+class ForcingGrammar:
+    """A stand-in matcher that forces 5, 6, 7, 8, 9 next."""
+    def forced_tokens(self, limit):
+        return [5, 6, 7, 8, 9][:limit]
+
+
+def test_a_constrained_sequence_drafts_what_its_grammar_forces_not_a_lookup():
+    proposer = NgramProposer(4, 2, 4)
     constrained = Sequence("c", [1, 2, 3, 1, 2], SamplingParams(max_new_tokens=10))
-    constrained.num_computed_tokens, constrained.grammar = 4, object()
+    constrained.num_computed_tokens, constrained.grammar = 4, ForcingGrammar()
     proposer.propose([constrained])
-    assert constrained.draft_token_ids == []
+    assert constrained.draft_token_ids == [5, 6, 7, 8]  # the lookup would give [3, 1, 2]
+    constrained.token_ids += [9] * 8  # 8 outputs of 10: room for one draft
+    constrained.num_computed_tokens = len(constrained.token_ids) - 1
+    proposer.propose([constrained])
+    assert constrained.draft_token_ids == [5]
+
+
+def test_draft_rows_get_the_masks_of_the_matcher_after_their_drafts(plain):
+    """Row j of a constrained sequence is masked as its matcher would be after drafts[:j]; the matcher
+    itself is left as it was (rolled back); a row past a draft the grammar refuses allows everything
+    (the row before it cannot sample that draft, so it is never kept) and the matcher stays usable."""
+    import torch
+
+    from server.grammar import DraftGrammar, allowed_bitmask
+    from server.sampling_params import Grammar
+    from tests.test_grammar import json_grammar
+
+    compiler, encode = plain.engine.grammars, plain.engine.tokenizer.encode
+    for grammar in (json_grammar(), Grammar(type="regex", value=r"(yes|no) [a-c]{2}[0-9]!")):
+        g = compiler.matcher(grammar)
+        text = '{"ok": true, "pick": "red"}' if grammar.type == "json" else "yes bc1!"
+        drafts = encode(text, add_special_tokens=False)[:5]
+        forced_before = g.matcher.compute_ff_tokens()
+        rows = [g] + [DraftGrammar(g, drafts[:j]) for j in range(1, len(drafts) + 1)]
+        got = allowed_bitmask([None] + rows[::-1])  # any row order
+        for j in range(len(drafts) + 1):
+            fresh = compiler.matcher(grammar)
+            for t in drafts[:j]:
+                assert not fresh.advance(t)
+            assert torch.equal(got[len(drafts) + 1 - j], allowed_bitmask([fresh])[0]), (grammar.type, j)
+        assert (got[0] == -1).all() and g.matcher.compute_ff_tokens() == forced_before
+        bad = [drafts[0], encode("}", add_special_tokens=False)[0], drafts[1]]  # refused at its 2nd token
+        mask = allowed_bitmask([g, DraftGrammar(g, bad[:1]), DraftGrammar(g, bad[:2]), DraftGrammar(g, bad)])
+        assert not (mask[1] == -1).all() and (mask[2] == -1).all() and (mask[3] == -1).all()
+        assert not g.matcher.is_error() and not g.advance(drafts[0]) and not g.advance(drafts[1])
 
 
 def test_draft_rows_sample_as_the_plain_sequences_they_stand_for():
@@ -230,6 +274,34 @@ def test_steps_that_owe_prompt_logprobs_verify_drafts_too(plain, spec, monkeypat
     assert got[3] == pytest.approx(want[3], abs=1e-4) and len(got[3]) == len(prompts[3])
     assert engine.counters.accepted_draft_tokens > 0
     assert [r.token_ids for r in spec.generate(prompts, params)] == [r.token_ids for r in plain.generate(prompts, params)]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_constrained_requests_draft_their_forced_tokens_and_keep_plain_tokens(plain, spec, temperature):
+    """Under a JSON schema or a regex, a sequence drafts what its grammar forces next (`{"ok": ` and the
+    like), each draft row sampled under its own mask: the same tokens as plain decoding, in fewer steps."""
+    from server.sampling_params import Grammar
+    from tests.test_grammar import json_grammar, matches
+
+    grammars = [json_grammar(), Grammar(type="regex", value=r"(yes|no) [a-c]{2}[0-9]! (done|finished)")] * 3
+    prompts = looping_prompts(len(grammars), seed=6)
+    params = [SamplingParams(temperature=temperature, seed=i, max_new_tokens=40, grammar=g, logprobs=1)
+              for i, g in enumerate(grammars)]
+    steps = []
+    results = []
+    for llm in (plain, spec):
+        before = counts(llm)
+        results.append(llm.generate(prompts, params))
+        steps.append([a - b for a, b in zip(counts(llm), before)])
+    want, got = results
+    assert [(r.token_ids, r.text, r.finish_reason) for r in got] == \
+        [(r.token_ids, r.text, r.finish_reason) for r in want]
+    for w, g in zip(want, got):
+        assert [[t for t, _ in lp.top] for lp in g.logprobs] == [[t for t, _ in lp.top] for lp in w.logprobs]
+        assert [lp.logprob for lp in g.logprobs] == pytest.approx([lp.logprob for lp in w.logprobs], abs=1e-4)
+    assert all(matches(r.text, p.grammar) for r, p in zip(got, params) if r.finish_reason == "eos_token")
+    drafted, accepted, num_steps = steps[1]
+    assert accepted > 10 and drafted >= accepted and num_steps < steps[0][2], steps
 
 
 def test_a_looping_sequence_takes_fewer_steps(plain, spec):
