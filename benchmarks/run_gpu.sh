@@ -113,7 +113,7 @@ main() {
       # a JSON schema's forced tokens as drafts (ours only)
       if [ -e "$cache/smollm2-135m.gguf" ] || [ -e "$cache/smollm2-135m/config.json" ]; then
         step speculative 100 $PY benchmarks/speculative.py --device cuda --dtype bfloat16 --num-speculative-tokens 4 8 \
-          --workloads copy free json --max-new-tokens 128 --json "$RAW/speculative.json"
+          --workloads copy free json extract --max-new-tokens 128 --json "$RAW/speculative.json"
       fi
     fi
     step latency 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 1 --input-len 128 \

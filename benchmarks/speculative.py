@@ -10,7 +10,9 @@ Two workloads of chat prompts, each request alone (batch 1), greedy, eos ignored
 - free: "Write a short story about ...": little to copy, so drafts are rarely proposed and rarely right;
 - json: "Describe ... as JSON" under a JSON schema (PERSON_SCHEMA), ended by the grammar: a constrained
   sequence drafts the tokens its grammar forces (keys, quotes, colons). transformers has no grammars, so
-  this workload has no peer row (`--workloads copy free json`).
+  this workload has no peer row (`--workloads copy free json`);
+- extract: "Extract ... as JSON" from a short made-up biography under EXTRACT_SCHEMA: the grammar forces the
+  keys, and the values are copied from the text, which the lookup drafts where nothing is forced (ours only).
 Per setting: output tokens/s over the requests' wall time (prefill included, median of --repeats), the
 drafts kept of those proposed, output tokens per engine step, and whether the tokens equal plain greedy
 decoding's (ours plain for ours; transformers plain for its prompt lookup). transformers runs `generate`
@@ -40,6 +42,18 @@ PERSON_SCHEMA = {"type": "object", "additionalProperties": False,
                                 "is_married": {"type": "boolean"},
                                 "hobbies": {"type": "array", "items": {"type": "string"}, "maxItems": 3}},
                  "required": ["name", "age", "occupation", "hometown", "is_married", "hobbies"]}
+EXTRACT_SCHEMA = {"type": "object", "additionalProperties": False,
+                  "properties": {"name": {"type": "string"}, "city": {"type": "string"},
+                                 "company": {"type": "string"}, "quote": {"type": "string"}},
+                  "required": ["name", "city", "company", "quote"]}
+BIOGRAPHIES = [  # made up
+    'Margaret Okonkwo-Reyes, a senior engineer at Northwind Traders, moved to Saint Petersburg last spring. '
+    'Asked about the move, she said: "The winters are long, but the libraries are open late."',
+    'After twelve years at Blue Heron Shipping, Tobias Lindqvist-Marsh opened a bakery in Port Elizabeth. '
+    '"Bread forgives you more than cargo does," he told a local paper.',
+    'Priya Venkataraman leads the data team of Cobalt Orchard Analytics from its office in Wellington. '
+    'Her advice to new hires: "Write the test first, and the apology never."',
+]
 TOPICS = ["a lighthouse keeper who finds a letter", "the first snow of winter in a small town",
           "a robot that learns to paint", "two friends lost in a forest", "a baker who wakes up famous",
           "a cat that guards a library"]
@@ -67,6 +81,9 @@ def chat_prompts(model_dir: str, workload: str, n: int) -> list[list[int]]:
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     if workload == "copy":
         contents = [f"Repeat this text exactly:\n\n{p}" for p in passages(n)]
+    elif workload == "extract":
+        contents = [f"Extract the person's name, city, company and what they said, as JSON:\n\n"
+                    f"{BIOGRAPHIES[i % len(BIOGRAPHIES)]}" for i in range(n)]
     elif workload == "json":
         contents = [f"Describe the main character of a story about {TOPICS[i % len(TOPICS)]} as a JSON object."
                     for i in range(n)]
@@ -97,7 +114,8 @@ def run_ours(args, k: int, prompts: list[list[int]], workload: str) -> dict:
               prompt_lookup_min=args.prompt_lookup_min, prompt_lookup_max=args.prompt_lookup_max,
               kv_cache_memory="256MiB", gpu_memory_utilization=0.3,
               max_model_len=max(map(len, prompts)) + args.max_new_tokens + 8)
-    grammar = Grammar(type="json", value=json.dumps(PERSON_SCHEMA)) if workload == "json" else None
+    schema = {"json": PERSON_SCHEMA, "extract": EXTRACT_SCHEMA}.get(workload)
+    grammar = Grammar(type="json", value=json.dumps(schema)) if schema else None
     params = SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens, ignore_eos=grammar is None,
                             grammar=grammar)
     llm.generate([prompts[0]], params.model_copy(update={"max_new_tokens": 4}))  # warm-up
@@ -152,7 +170,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--num-speculative-tokens", type=int, nargs="+", default=[4])
     p.add_argument("--prompt-lookup-min", type=int, default=2)
     p.add_argument("--prompt-lookup-max", type=int, default=4)
-    p.add_argument("--workloads", nargs="+", default=["copy", "free"], choices=["copy", "free", "json"])
+    p.add_argument("--workloads", nargs="+", default=["copy", "free"], choices=["copy", "free", "json", "extract"])
     p.add_argument("--num-prompts", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=1)
@@ -169,7 +187,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for workload in args.workloads:
         prompts = chat_prompts(args.model, workload, args.num_prompts)
         runs = [("ours", k) for k in [0, *args.num_speculative_tokens]]
-        if not args.no_transformers and workload != "json":
+        if not args.no_transformers and workload in ("copy", "free"):
             runs += [("transformers", k) for k in [0, *args.num_speculative_tokens]]
         plain = {}
         for engine, k in runs:

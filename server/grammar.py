@@ -138,6 +138,10 @@ class SequenceGrammar:
         a JSON schema must start with), which speculative decoding feeds as drafts (server/speculative.py)."""
         return self.matcher.compute_ff_tokens()[:limit] if limit > 0 else []
 
+    def valid_prefix(self, tokens: list[int]) -> list[int]:
+        """The longest prefix of `tokens` the grammar would take from here (the matcher does not move)."""
+        return tokens[:self.matcher.validate_tokens(tokens)] if tokens else []
+
 
 class DraftGrammar:
     """The grammar of a draft's sampling row: `base` once it has taken `drafts` (allowed_bitmask consumes

@@ -16,10 +16,11 @@ j drafts (`DraftRow`: output index, penalties' token counts, min_new_tokens), so
   (a seeded row's uniforms hash its seed and output index, model/sampler.py), up to the rounding of a
   multi-token step against a one-token one.
 
-A grammar-constrained sequence drafts instead what its grammar forces next (llguidance's fast-forward
-tokens: the keys and punctuation a JSON schema fixes), and each of its draft rows is masked as its matcher
-would be after the drafts before it (grammar.DraftGrammar: consumed, masked, rolled back), so those drafts
-are verified like any other and its output is plain decoding's too.
+A grammar-constrained sequence drafts first what its grammar forces next (llguidance's fast-forward
+tokens: the keys and punctuation a JSON schema fixes); where nothing is forced, the lookup's drafts up to
+the first one its grammar refuses (a value copied from the prompt, in extraction). Each of its draft rows is
+masked as its matcher would be after the drafts before it (grammar.DraftGrammar: consumed, masked, rolled
+back), so those drafts are verified like any other and its output is plain decoding's too.
 
 Rejected drafts' K/V stay in slots past the sequence's end, where later tokens overwrite them; they are
 never registered in the prefix cache (only blocks of accepted tokens are). A step with drafts is never left
@@ -87,9 +88,15 @@ class NgramProposer:
             return []  # mid-prompt, or its last token not seen yet
         # the step keeps at most drafts + 1 tokens: never more outputs than max_new_tokens
         room = min(self.num_tokens, seq.params.max_new_tokens - (len(tokens) - seq.num_prompt_tokens) - 1)
-        if seq.grammar is not None:  # what the grammar forces next (its matcher has taken every token)
-            return seq.grammar.forced_tokens(room)
-        return propose_ngram(seq.token_array(), room, self.min_n, self.max_n) if room > 0 else []
+        if room <= 0:
+            return []
+        grammar = seq.grammar
+        if grammar is not None:  # what the grammar forces next (its matcher has taken every token), if anything
+            forced = grammar.forced_tokens(room)
+            if forced:
+                return forced
+        drafts = propose_ngram(seq.token_array(), room, self.min_n, self.max_n)
+        return drafts if grammar is None else grammar.valid_prefix(drafts)  # (a refused draft is never kept)
 
 
 def make_proposer(config) -> NgramProposer | None:

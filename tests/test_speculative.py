@@ -78,22 +78,45 @@ def test_proposer_respects_max_new_tokens_and_skips_what_may_not_draft():
     assert mid_prompt.draft_token_ids == []
 
 
-class ForcingGrammar:
-    """A stand-in matcher that forces 5, 6, 7, 8, 9 next."""
+class StandInGrammar:
+    """A stand-in matcher: forces `forced` next, and takes only tokens below `refused_from`."""
+    def __init__(self, forced, refused_from=1000):
+        self.forced, self.refused_from = forced, refused_from
+
     def forced_tokens(self, limit):
-        return [5, 6, 7, 8, 9][:limit]
+        return self.forced[:limit]
+
+    def valid_prefix(self, tokens):
+        n = 0
+        while n < len(tokens) and tokens[n] < self.refused_from:
+            n += 1
+        return tokens[:n]
 
 
-def test_a_constrained_sequence_drafts_what_its_grammar_forces_not_a_lookup():
+def test_a_constrained_sequence_drafts_what_its_grammar_forces_else_what_it_takes_of_a_lookup():
     proposer = NgramProposer(4, 2, 4)
     constrained = Sequence("c", [1, 2, 3, 1, 2], SamplingParams(max_new_tokens=10))
-    constrained.num_computed_tokens, constrained.grammar = 4, ForcingGrammar()
+    constrained.num_computed_tokens, constrained.grammar = 4, StandInGrammar([5, 6, 7, 8, 9])
     proposer.propose([constrained])
     assert constrained.draft_token_ids == [5, 6, 7, 8]  # the lookup would give [3, 1, 2]
     constrained.token_ids += [9] * 8  # 8 outputs of 10: room for one draft
     constrained.num_computed_tokens = len(constrained.token_ids) - 1
     proposer.propose([constrained])
     assert constrained.draft_token_ids == [5]
+    free = Sequence("d", [1, 2, 3, 1, 2], SamplingParams(max_new_tokens=10))  # nothing forced: the lookup
+    free.num_computed_tokens, free.grammar = 4, StandInGrammar([])
+    proposer.propose([free])
+    assert free.draft_token_ids == [3, 1, 2]
+    free.grammar = StandInGrammar([], refused_from=3)  # ... up to the first token the grammar refuses
+    proposer.propose([free])
+    assert free.draft_token_ids == []
+    free = Sequence("e", [1, 2, 0, 1, 2], SamplingParams(max_new_tokens=10))
+    free.num_computed_tokens, free.grammar = 4, StandInGrammar([], refused_from=3)
+    proposer.propose([free])
+    assert free.draft_token_ids == [0, 1, 2]
+    free.grammar = StandInGrammar([], refused_from=2)
+    proposer.propose([free])
+    assert free.draft_token_ids == [0, 1]
 
 
 def test_draft_rows_get_the_masks_of_the_matcher_after_their_drafts(plain):
