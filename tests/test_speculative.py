@@ -402,8 +402,11 @@ def test_metrics_count_drafts(spec):
 
 def test_http_stream_with_drafts_equals_the_plain_server(tiny_llama_dir):
     """Several tokens of one request per step reach the stream as one chunk each, in order: OpenAI
-    completions over token-id prompts, streamed and whole, against a server without drafts."""
+    completions over token-id prompts, streamed and whole, and a TGI stream under a JSON schema (forced
+    tokens as drafts), against a server without drafts."""
     import json
+
+    from tests.test_grammar import SCHEMA
 
     import httpx
 
@@ -430,6 +433,22 @@ def test_http_stream_with_drafts_equals_the_plain_server(tiny_llama_dir):
                             chunks.append(json.loads(line[5:])["choices"][0]["text"])
                 assert whole["usage"]["completion_tokens"] == 24 and "".join(chunks) == whole["choices"][0]["text"]
                 texts.append(whole["choices"][0]["text"])
+            # a TGI stream under a JSON schema: its forced tokens are drafts, streamed a token an event
+            before = metric(server.url, "gqaserve_spec_decode_num_accepted_tokens_total")
+            tokens = []
+            grammar = {"type": "json", "value": SCHEMA}
+            body = {"inputs": "To be", "parameters": {"max_new_tokens": 40, "grammar": grammar, "seed": 3,
+                                                       "temperature": 0.7}}
+            with httpx.stream("POST", server.url + "/generate_stream", json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data:"):
+                        event = json.loads(line[5:])
+                        tokens.append(event["token"]["id"])
+                        final = event["generated_text"]
+            assert set(json.loads(final)) == set(SCHEMA["properties"])
+            kept = metric(server.url, "gqaserve_spec_decode_num_accepted_tokens_total") - before
+            assert kept > 5 if k else kept == 0
+            texts.append((tokens, final))
             drafted = metric(server.url, "gqaserve_spec_decode_num_draft_tokens_total")
             info = httpx.get(server.url + "/info", timeout=10).json()
             assert info["speculative"] == (None if k == 0 else {
