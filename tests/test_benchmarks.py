@@ -328,3 +328,14 @@ def test_speculative_benchmark_json_workload_drafts_forced_tokens(tiny_llama_dir
                              "--json", str(tmp_path / "s.json")])
     assert [(r["engine"], r["k"]) for r in rows] == [("ours", 0), ("ours", 4)]
     assert rows[1]["same_tokens"] and rows[1]["accepted"] > 0 and rows[1]["tokens_per_step"] > 1
+
+
+def test_throughput_cpu_preset_compares_with_transformers(tiny_llama_dir, tmp_path, capsys):
+    """--preset cpu (here on the tiny model, --quick): the workload against transformers' generate and its
+    continuous batching, and batch 1 as the median of three fresh prompts with the engines taking turns."""
+    from benchmarks import throughput
+    throughput.main(["--preset", "cpu", "--model", str(tiny_llama_dir), "--quick", "--json", str(tmp_path / "t.json")])
+    cmp = json.loads((tmp_path / "t.json").read_text())["compare"]
+    assert cmp["hf_generate"]["output_tok_s"] > 0 and cmp["ours_batch1_tok_s"] > 0 and cmp["hf_batch1_tok_s"] > 0
+    assert len(cmp["batch1_prompt_lens"]) == 3
+    assert "batch-1 decode tok/s (median of 3)" in capsys.readouterr().out
