@@ -61,7 +61,12 @@ def traffic(seed: int, repeats: bool = False):
 
 
 def run(model_dir, overlap: bool, requests, aborts, **engine_kwargs):
-    llm = make_llm(model_dir, overlap=overlap, kv_cache_memory="96KiB", **engine_kwargs)
+    return drive(make_llm(model_dir, overlap=overlap, kv_cache_memory="96KiB", **engine_kwargs), requests, aborts)
+
+
+def drive(llm, requests, aborts):
+    """Step the engine: requests arrive and aborts land at their steps; each request's (token ids, text,
+    finish reason, [(logprob token, top ids)], prompt logprobs), and the engine."""
     engine = llm.engine
     got: dict[str, list] = {}
     step = 0
@@ -73,7 +78,9 @@ def run(model_dir, overlap: bool, requests, aborts, **engine_kwargs):
             if when == step:
                 engine.abort(rid)
         for out in engine.step():
-            entry = got.setdefault(out.request_id, [[], "", None, []])
+            entry = got.setdefault(out.request_id, [[], "", None, [], None])
+            if out.prompt_logprobs is not None:
+                entry[4] = list(out.prompt_logprobs)
             entry[0] += out.new_token_ids
             entry[1] += out.new_text
             entry[3] += [(lp.token_id, [t for t, _ in lp.top]) for lp in out.new_logprobs or ()]
@@ -121,3 +128,66 @@ def test_random_traffic_with_drafts_gives_the_plain_tokens(tiny_llama_dir, seed,
         assert c.draft_tokens > 0 and c.overlapped_steps > 20
     assert engine.scheduler.num_preemptions_total > 0 and engine.scheduler.prefix_cache_hits_total > 0
     assert engine.allocator.num_free_blocks == engine.kv_capacity.num_blocks and not engine.has_unfinished()
+
+
+SETTINGS = [  # each: the engine's settings, and the drafts / graph path / overlap that only the tested one has
+    (dict(kv_cache_memory="48KiB", max_num_batched_tokens=16, max_num_seqs=4, block_size=8, num_kv_heads=1,
+          kv_cache_dtype="float16"),
+     dict(num_speculative_tokens=2, prompt_lookup_min=1, speculative_disable_by_batch_size=2)),
+    (dict(kv_cache_memory="96KiB", max_num_batched_tokens=24, max_num_seqs=16, block_size=16, num_kv_heads=4,
+          kv_cache_dtype="bfloat16", enable_prefix_caching=False),
+     dict(num_speculative_tokens=4)),
+    (dict(kv_cache_memory="2MiB", max_num_batched_tokens=256, max_num_seqs=2, block_size=32), {}),
+    (dict(kv_cache_memory="48KiB", max_num_batched_tokens=32, max_num_seqs=8, block_size=16,
+          kv_cache_dtype="float16"),
+     dict(num_speculative_tokens=4, prompt_lookup_min=1, speculative_disable_by_batch_size=3)),
+]
+
+
+def with_filters(requests, seed: int):
+    """The traffic with top-k / top-p / min-p on some sampled rows and prompt logprobs on some requests."""
+    rng = random.Random(seed)
+    out = []
+    for i, (rid, arrival, prompt, p) in enumerate(requests):
+        extra = {}
+        if p.temperature > 0 and p.grammar is None and rng.random() < 0.6:
+            extra.update(top_k=rng.choice([0, 1, 5, 50]), top_p=rng.choice([1.0, 0.9, 0.5]),
+                         min_p=rng.choice([0.0, 0.1]))
+        if i % 6 == 2:
+            extra["prompt_logprobs"] = True
+        out.append((rid, arrival, prompt, p.model_copy(update=extra) if extra else p))
+    return out
+
+
+@pytest.mark.parametrize("case", range(len(SETTINGS)))
+def test_engine_settings_with_overlap_graphs_and_drafts_give_the_synchronous_plain_tokens(tiny_llama_dir, case):
+    """Settings the tests above leave at their defaults (a 16-token budget, 8- and 32-token blocks, 1 and 4
+    KV heads, 16-bit KV caches, no prefix cache, two sequences at most), each with the graph path, overlap
+    and drafts against the same settings synchronous, eager and without drafts: the same tokens, text and
+    finish reasons; logprobs to rounding."""
+    from server.llm import LLM
+
+    base, extra = SETTINGS[case]
+    requests, aborts = traffic(50 + case, repeats=True)
+    requests = with_filters(requests, case)
+    runs = []
+    for kwargs, graphs in ((dict(base, overlap_scheduling=False), False), (dict(base, **extra), True)):
+        llm = LLM(str(tiny_llama_dir), dtype="float32", device="cpu", **kwargs)
+        if graphs:
+            llm.engine.runner.use_graph_path_eagerly()
+        runs.append(drive(llm, requests, aborts))
+    (want, _), (got, engine) = runs
+    owed = 0
+    for rid, *_ in requests:
+        if rid not in aborts:
+            assert got[rid][:3] == want[rid][:3], rid
+            assert [t for t, _ in got[rid][3]] == [t for t, _ in want[rid][3]], rid
+            if want[rid][4] is not None:
+                assert got[rid][4] == pytest.approx(want[rid][4], abs=1e-4), rid
+                owed += 1
+    assert owed > 0  # some request that was not aborted asked for prompt logprobs
+    assert engine.allocator.num_free_blocks == engine.kv_capacity.num_blocks and not engine.has_unfinished()
+    c = engine.counters
+    drafting_always = extra.get("num_speculative_tokens") and not extra.get("speculative_disable_by_batch_size")
+    assert (c.overlapped_steps == 0) if drafting_always else (c.overlapped_steps > 0)  # (drafting steps: never)
+    assert (c.accepted_draft_tokens > 0) == bool(extra.get("num_speculative_tokens"))
