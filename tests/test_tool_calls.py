@@ -26,9 +26,10 @@ def valid(name: str, arguments: str) -> bool:
     return set(args) == keys and set(args.values()) <= values
 
 
-@pytest.fixture(scope="module")
-def live(tiny_llama_dir, tmp_path_factory):
-    """The tiny model with a template that renders the tools and the tool turns (as real ones do)."""
+@pytest.fixture(scope="module", params=[0, 4], ids=["plain", "drafts"])
+def live(tiny_llama_dir, tmp_path_factory, request):
+    """The tiny model with a template that renders the tools and the tool turns (as real ones do); with and
+    without speculative decoding (a call's grammar then drafts the tokens it forces: name, braces, keys)."""
     from tests.live_server import engine_server
     model = tmp_path_factory.mktemp("tools") / "model"
     shutil.copytree(tiny_llama_dir, model)
@@ -38,7 +39,7 @@ def live(tiny_llama_dir, tmp_path_factory):
                                "{% for c in m.tool_calls or [] %}call {{ c.function.name }}{% endfor %}"
                                "{{ m.tool_call_id or '' }}</s>{% endfor %}<s>assistant\n")
     (model / "tokenizer_config.json").write_text(json.dumps(config))
-    with engine_server(model) as s:
+    with engine_server(model, num_speculative_tokens=request.param) as s:
         yield s
 
 
@@ -59,7 +60,9 @@ def test_a_named_function_is_called_with_arguments_matching_its_schema(client):
         assert calls[0].id.startswith("call_") and calls[0].type == "function"
 
 
-def test_required_calls_one_of_the_tools_and_streams(client):
+def test_required_calls_one_of_the_tools_and_streams(client, live):
+    counters = live.engine.engine.counters
+    kept_before = counters.accepted_draft_tokens
     first = None
     for seed in range(3):
         r = client.chat.completions.create(model=client.models.list().data[0].id, messages=CHAT, max_tokens=60,
@@ -79,6 +82,8 @@ def test_required_calls_one_of_the_tools_and_streams(client):
     assert deltas[0].index == 0 and valid(deltas[0].function.name, deltas[0].function.arguments)
     assert (first.function.name, first.function.arguments) == (deltas[0].function.name,
                                                                 deltas[0].function.arguments)  # seed 0 again
+    drafting = live.engine.config.num_speculative_tokens > 0
+    assert (counters.accepted_draft_tokens > kept_before) == drafting  # the calls' forced tokens, as drafts
 
 
 def test_a_call_cut_by_max_tokens_comes_back_as_text(client):
