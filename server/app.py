@@ -90,6 +90,10 @@ def stats_line(s: Any, previous: Any, elapsed: float) -> str:
     if queries:
         hits = s.prefix_cache_hits_total - (previous.prefix_cache_hits_total if previous else 0)
         line += f" | prefix cache hits {100 * hits / queries:.1f}%"
+    drafted = s.draft_tokens - (previous.draft_tokens if previous else 0)
+    if drafted:  # speculative decoding's acceptance over the interval, as vLLM logs it
+        kept = s.accepted_draft_tokens - (previous.accepted_draft_tokens if previous else 0)
+        line += f" | drafts kept {100 * kept / drafted:.1f}% ({kept:,}/{drafted:,})"
     return line
 
 

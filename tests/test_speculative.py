@@ -457,3 +457,12 @@ def test_http_stream_with_drafts_equals_the_plain_server(tiny_llama_dir):
         results.append((texts, drafted))
     assert results[1][0] == results[0][0]
     assert results[0][1] == 0 and results[1][1] > 0
+
+
+def test_the_stats_line_gives_the_interval_s_draft_acceptance():
+    from server.app import stats_line
+    from server.async_engine import EngineStats
+    before = EngineStats(0, 0, 0.0, 10, 10, 0, 0, 0, 0, 0, draft_tokens=100, accepted_draft_tokens=90)
+    now = EngineStats(0, 0, 0.0, 10, 10, 0, 0, 0, 0, 0, draft_tokens=300, accepted_draft_tokens=140)
+    assert stats_line(now, before, 1.0).endswith("| drafts kept 25.0% (50/200)")
+    assert "drafts" not in stats_line(before, before, 1.0)  # nothing drafted in the interval: no rate
