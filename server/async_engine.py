@@ -46,6 +46,8 @@ class EngineStats:
     deferred_sampling_steps: int = 0     # of those, sampled once the previous one's tokens were appended
     draft_tokens: int = 0                # speculative tokens verified (server/speculative.py)
     accepted_draft_tokens: int = 0       # of those, kept
+    num_drafts: int = 0                  # times a sequence fed drafts
+    accepted_by_position: tuple[int, ...] = ()  # times draft j + 1 was kept, j < num_speculative_tokens
 
 
 def engine_stats(e: LLMEngine) -> EngineStats:
@@ -56,7 +58,8 @@ def engine_stats(e: LLMEngine) -> EngineStats:
                        a.num_blocks, e.scheduler.num_preemptions_total, c.prompt_tokens_total,
                        c.generation_tokens_total, c.admission_rejections_total, c.num_steps, *replays,
                        e.scheduler.prefix_cache_queries_total, e.scheduler.prefix_cache_hits_total,
-                       c.overlapped_steps, c.deferred_sampling_steps, c.draft_tokens, c.accepted_draft_tokens)
+                       c.overlapped_steps, c.deferred_sampling_steps, c.draft_tokens, c.accepted_draft_tokens,
+                       c.num_drafts, tuple(c.accepted_by_position[:e.config.num_speculative_tokens]))
 
 
 class RequestStream:

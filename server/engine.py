@@ -8,7 +8,7 @@ sequences free their KV blocks at once. Single-threaded: server/async_engine.py 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from server.blocks import BlockAllocator
@@ -19,7 +19,7 @@ from server.outputs import AdmissionError, OverloadedError, RequestOutput, Token
 from server.sampling_params import SamplingParams
 from server.scheduler import Scheduler, SchedulerOutput
 from server.sequence import Sequence
-from server.speculative import DraftRow, make_proposer, verified_tokens
+from server.speculative import DraftRow, make_proposer, record_verified, verified_tokens
 from server.step_results import Forward
 from server.stop_checker import StopChecker
 
@@ -35,6 +35,8 @@ class EngineCounters:
     deferred_sampling_steps: int = 0  # of those, steps sampled after the previous one's tokens were appended
     draft_tokens: int = 0  # speculative tokens proposed and verified (server/speculative.py)
     accepted_draft_tokens: int = 0  # of those, tokens kept
+    num_drafts: int = 0  # times a sequence fed drafts; accepted_by_position[j]: times its draft j + 1 was kept
+    accepted_by_position: list[int] = field(default_factory=lambda: [0] * 16)  # (num_speculative_tokens <= 16)
 
 
 class LLMEngine:
@@ -78,7 +80,6 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     arrival_time: float | None = None) -> Sequence:
         from model.detokenizer import IncrementalDetokenizer
-
         self.check_admission(prompt_token_ids, params)
         seq = Sequence(request_id, prompt_token_ids, params, arrival_time)
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, list(prompt_token_ids),
@@ -226,8 +227,7 @@ class LLMEngine:
         outputs = []
         for seq, index, tokens, lps, drafted in verified_tokens(launched.pending.sampling, launched.placeholders,
                                                                 token_ids, logprobs):
-            self.counters.draft_tokens += drafted
-            self.counters.accepted_draft_tokens += len(tokens) - 1
+            record_verified(self.counters, drafted, len(tokens) - 1)
             for i, (token_id, lp) in enumerate(zip(tokens, lps)):
                 if i:
                     seq.token_ids.append(-1)

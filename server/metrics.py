@@ -43,10 +43,12 @@ _ENGINE_SERIES = (
      "still in flight (overlap scheduling)", "overlapped_steps"),
     (CounterMetricFamily, "gqaserve_deferred_sampling_steps", "Of those, steps whose rows (penalties, "
      "grammars) sampled once the previous step's tokens were appended", "deferred_sampling_steps"),
-    (CounterMetricFamily, "gqaserve_spec_decode_num_draft_tokens", "Speculative (n-gram) draft tokens verified",
+    (CounterMetricFamily, "gqaserve_spec_decode_num_draft_tokens", "Speculative draft tokens verified",
      "draft_tokens"),
     (CounterMetricFamily, "gqaserve_spec_decode_num_accepted_tokens", "Of those, draft tokens accepted",
      "accepted_draft_tokens"),
+    (CounterMetricFamily, "gqaserve_spec_decode_num_drafts", "Times a sequence fed drafts (mean tokens a "
+     "verification: 1 + accepted / drafts)", "num_drafts"),
 )
 
 
@@ -69,6 +71,11 @@ class EngineStatsCollector(Collector):
                             ("eager", max(total - decode - prefill, 0))):
             steps.add_metric([path], float(value))
         yield steps
+        per_pos = CounterMetricFamily("gqaserve_spec_decode_num_accepted_tokens_per_pos", "Draft tokens accepted "
+                                      "at each position of a sequence's drafts (0: the first)", labels=["position"])
+        for j, value in enumerate(getattr(s, "accepted_by_position", ()) if s is not None else ()):
+            per_pos.add_metric([str(j)], float(value))
+        yield per_pos
 
 
 class ServerMetrics:

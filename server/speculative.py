@@ -160,6 +160,15 @@ def verified_tokens(rows: list, placeholders: list[int], token_ids: list[int], l
         yield seq, placeholders[start], sampled[:kept + 1], logprobs[start:start + kept + 1], len(drafts)
 
 
+def record_verified(counters, drafted: int, kept: int) -> None:
+    """Count one sequence's verified drafts (EngineCounters): how many, how many kept, and by position."""
+    counters.num_drafts += 1
+    counters.draft_tokens += drafted
+    counters.accepted_draft_tokens += kept
+    for j in range(kept):
+        counters.accepted_by_position[j] += 1
+
+
 def sampling_rows(sched) -> list:
     """A step's sampling rows in order: each sampling sequence, then a DraftRow per draft it feeds."""
     if not sched.num_draft_tokens:  # (the common case, one row a sequence: a plain comprehension)

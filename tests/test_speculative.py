@@ -398,6 +398,13 @@ def test_metrics_count_drafts(spec):
     text = ServerMetrics(lambda: stats).render().decode()
     assert f"gqaserve_spec_decode_num_draft_tokens_total {float(stats.draft_tokens)}" in text
     assert f"gqaserve_spec_decode_num_accepted_tokens_total {float(stats.accepted_draft_tokens)}" in text
+    # by position (as vLLM's ..._per_pos): position j kept only after j - 1 was, and they add up
+    per_pos = stats.accepted_by_position
+    assert len(per_pos) == 4 and sum(per_pos) == stats.accepted_draft_tokens
+    assert list(per_pos) == sorted(per_pos, reverse=True) and stats.num_drafts >= per_pos[0] > 0
+    assert f"gqaserve_spec_decode_num_drafts_total {float(stats.num_drafts)}" in text
+    for j, value in enumerate(per_pos):
+        assert f'gqaserve_spec_decode_num_accepted_tokens_per_pos_total{{position="{j}"}} {float(value)}' in text
 
 
 def test_http_stream_with_drafts_equals_the_plain_server(tiny_llama_dir):
