@@ -122,6 +122,7 @@ def run_ours(args, k: int, prompts: list[list[int]], workload: str) -> dict:
     counters = llm.engine.counters
     walls, tokens = [], []
     drafted, accepted, steps = counters.draft_tokens, counters.accepted_draft_tokens, counters.num_steps
+    by_position, num_drafts = list(counters.accepted_by_position), counters.num_drafts
     for _ in range(args.repeats):
         t0 = time.perf_counter()
         tokens = [llm.generate([p], params)[0].token_ids for p in prompts]
@@ -130,7 +131,10 @@ def run_ours(args, k: int, prompts: list[list[int]], workload: str) -> dict:
     result = dict(tok_s=out / statistics.median(walls), tokens=tokens,
                   drafted=(counters.draft_tokens - drafted) / args.repeats,
                   accepted=(counters.accepted_draft_tokens - accepted) / args.repeats,
-                  tokens_per_step=out * args.repeats / (counters.num_steps - steps))
+                  tokens_per_step=out * args.repeats / (counters.num_steps - steps),
+                  num_drafts=(counters.num_drafts - num_drafts) / args.repeats,  # and draft j + 1 kept, by j:
+                  kept_by_position=[(a - b) / args.repeats for a, b in zip(counters.accepted_by_position[:k],
+                                                                             by_position)])
     del llm
     free_device(args.device)
     return result
@@ -198,12 +202,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
             row = dict(workload=workload, engine=engine, k=k, tok_s=res["tok_s"],
                        speedup=res["tok_s"] / base["tok_s"], same_tokens=res["tokens"] == base["tokens"],
                        drafted=res.get("drafted"), accepted=res.get("accepted"),
-                       tokens_per_step=res.get("tokens_per_step"))
+                       tokens_per_step=res.get("tokens_per_step"), num_drafts=res.get("num_drafts"),
+                       kept_by_position=res.get("kept_by_position"))
             rows.append(row)
             kept = f"{row['accepted']:.0f}/{row['drafted']:.0f}" if row["drafted"] is not None else "-"
             per_step = f"{row['tokens_per_step']:.2f}" if row["tokens_per_step"] is not None else "-"
             print(f"{workload:<8} {engine:<13} {k:>2} {row['tok_s']:>9.2f} {row['speedup']:>7.2f}x {kept:>16} "
                   f"{per_step:>8} {str(row['same_tokens']):>11}", flush=True)
+            if row["num_drafts"]:
+                print(f"{'':<25} of {row['num_drafts']:.0f} drafts, kept by position: "
+                      f"{' '.join(f'{v:.0f}' for v in row['kept_by_position'])}")
         if "transformers" in plain:
             same = plain["transformers"]["tokens"] == plain["ours"]["tokens"]
             print(f"{workload:<8} plain greedy tokens, ours = transformers: {same}")

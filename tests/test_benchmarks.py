@@ -328,6 +328,7 @@ def test_speculative_benchmark_json_workload_drafts_forced_tokens(tiny_llama_dir
                              "--json", str(tmp_path / "s.json")])
     assert [(r["engine"], r["k"]) for r in rows] == [("ours", 0), ("ours", 4)]
     assert rows[1]["same_tokens"] and rows[1]["accepted"] > 0 and rows[1]["tokens_per_step"] > 1
+    assert len(rows[1]["kept_by_position"]) == 4 and sum(rows[1]["kept_by_position"]) == rows[1]["accepted"]
 
 
 def test_throughput_cpu_preset_compares_with_transformers(tiny_llama_dir, tmp_path, capsys):
