@@ -161,7 +161,10 @@ def verified_tokens(rows: list, placeholders: list[int], token_ids: list[int], l
 
 
 def record_verified(counters, drafted: int, kept: int) -> None:
-    """Count one sequence's verified drafts (EngineCounters): how many, how many kept, and by position."""
+    """Count one sequence's verified drafts (EngineCounters): how many, how many kept, and by position. (A
+    drafting step also verifies the sequences beside it that had none: not a draft.)"""
+    if not drafted:
+        return
     counters.num_drafts += 1
     counters.draft_tokens += drafted
     counters.accepted_draft_tokens += kept

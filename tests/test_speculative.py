@@ -389,6 +389,16 @@ def test_no_drafts_at_large_batches_and_those_steps_overlap(tiny_llama_dir, plai
     assert c.overlapped_steps > 0 and c.accepted_draft_tokens > 0
 
 
+def test_verified_drafts_are_counted_by_position():
+    from server.engine import EngineCounters
+    from server.speculative import record_verified
+    c = EngineCounters()
+    for drafted, kept in ((4, 2), (0, 0), (3, 3), (4, 0)):  # (0, 0): a sequence beside the drafting ones
+        record_verified(c, drafted, kept)
+    assert (c.num_drafts, c.draft_tokens, c.accepted_draft_tokens) == (3, 11, 5)
+    assert c.accepted_by_position[:4] == [2, 2, 1, 0]
+
+
 def test_metrics_count_drafts(spec):
     from server.async_engine import engine_stats
     from server.metrics import ServerMetrics
