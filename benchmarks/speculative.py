@@ -75,6 +75,12 @@ def passages(n: int, chars: int = 280) -> list[str]:
     return out
 
 
+def extract_request(i: int) -> str:
+    """The extract workload's i-th user message (answered under EXTRACT_SCHEMA)."""
+    biography = BIOGRAPHIES[i % len(BIOGRAPHIES)]
+    return f"Extract the person's name, city, company and what they said, as JSON:\n\n{biography}"
+
+
 def chat_prompts(model_dir: str, workload: str, n: int) -> list[list[int]]:
     import transformers
 
@@ -82,8 +88,7 @@ def chat_prompts(model_dir: str, workload: str, n: int) -> list[list[int]]:
     if workload == "copy":
         contents = [f"Repeat this text exactly:\n\n{p}" for p in passages(n)]
     elif workload == "extract":
-        contents = [f"Extract the person's name, city, company and what they said, as JSON:\n\n"
-                    f"{BIOGRAPHIES[i % len(BIOGRAPHIES)]}" for i in range(n)]
+        contents = [extract_request(i) for i in range(n)]
     elif workload == "json":
         contents = [f"Describe the main character of a story about {TOPICS[i % len(TOPICS)]} as a JSON object."
                     for i in range(n)]

@@ -222,13 +222,13 @@ def compare_with_transformers(args, llm, prompts, out_lens) -> dict:
         n1 = 32 if args.quick else 128
         # three prompts the engine has not seen (each prefill is timed whole), the two engines taking turns
         # so that a slow spell of a shared machine hits both; the median of each
-        ours1, hf1 = [], []
-        for prompt in fresh(prompts[:3]):
+        ours1, hf1, batch1_prompts = [], [], fresh(prompts[:3])
+        for prompt in batch1_prompts:
             n = min(n1, llm.engine.max_model_len - len(prompt))  # (max_model_len fits the workload)
             ours1.append(ours_batch1(llm, prompt, n))
             hf1.append(hf_batch1(hf, prompt, n))
         res["ours_batch1_tok_s"], res["hf_batch1_tok_s"] = statistics.median(ours1), statistics.median(hf1)
-        res["batch1_prompt_lens"] = [len(p) for p in fresh(prompts[:3])]
+        res["batch1_prompt_lens"] = [len(p) for p in batch1_prompts]
     return res
 
 

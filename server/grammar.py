@@ -136,7 +136,7 @@ class SequenceGrammar:
     def forced_tokens(self, limit: int) -> list[int]:
         """Up to `limit` tokens the grammar forces next (llguidance's fast-forward tokens: e.g. the `{"name":`
         a JSON schema must start with), which speculative decoding feeds as drafts (server/speculative.py)."""
-        return self.matcher.compute_ff_tokens()[:limit] if limit > 0 else []
+        return self.matcher.compute_ff_tokens()[:limit]
 
     def valid_prefix(self, tokens: list[int]) -> list[int]:
         """The longest prefix of `tokens` the grammar would take from here (the matcher does not move)."""

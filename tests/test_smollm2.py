@@ -51,20 +51,13 @@ def test_speculative_greedy_equals_transformers(smollm2_dir):
     assert counters.accepted_draft_tokens >= 12 and counters.num_steps <= 20, counters
 
 
-EXTRACT_SCHEMA = {"type": "object", "additionalProperties": False,
-                  "properties": {"name": {"type": "string"}, "city": {"type": "string"},
-                                 "company": {"type": "string"}, "quote": {"type": "string"}},
-                  "required": ["name", "city", "company", "quote"]}
-EXTRACT_TEXT = ("Margaret Okonkwo-Reyes, a senior engineer at Northwind Traders, moved to Saint Petersburg last "
-                "spring. Asked about the move, she said: \"The winters are long, but the libraries are open late.\"")
-
-
 def test_speculative_json_extraction_drafts_forced_and_copied_tokens(smollm2_dir):
     """Extraction under a JSON schema with the real model: the sequence drafts what its grammar forces (keys,
     quotes) and, where nothing is forced, the prompt-lookup drafts its grammar takes (values copied from the
     text): the same tokens as the engine without drafts, the right JSON, under half the steps."""
     import json
 
+    from benchmarks.speculative import EXTRACT_SCHEMA, extract_request
     from server.llm import LLM
     from server.sampling_params import Grammar, SamplingParams
 
@@ -73,8 +66,7 @@ def test_speculative_json_extraction_drafts_forced_and_copied_tokens(smollm2_dir
     runs = []
     for k in (0, 4):
         llm = LLM(str(smollm2_dir), dtype="float32", device="cpu", kv_cache_memory="64MiB", num_speculative_tokens=k)
-        prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": "Extract the person's name, city, "
-                                                     f"company and what they said, as JSON:\n\n{EXTRACT_TEXT}"}])
+        prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": extract_request(0)}])
         runs.append((llm.generate([prompt], params)[0], llm.engine.counters))
     (plain, _), (spec, counters) = runs
     assert spec.token_ids == plain.token_ids and spec.finish_reason == plain.finish_reason == "eos_token"
