@@ -87,6 +87,7 @@ def cases(shape: Shape, dtype: torch.dtype, kv_dtype: torch.dtype) -> list[tuple
     from kernels.attention_decode import paged_decode_attention
     from kernels.attention_prefill import paged_prefill_attention
     from kernels.cache import write_kv_cache
+    from kernels.decode_rotary import decode_rotary_attention
     from kernels.norm import rms_norm
     from kernels.prefill_tiles import max_tiles, prefill_block_m, tile_map
     from kernels.rotary import apply_rotary
@@ -140,6 +141,12 @@ def cases(shape: Shape, dtype: torch.dtype, kv_dtype: torch.dtype) -> list[tuple
                                                            num_splits=1)),
         ("decode, 4 splits + reduce", lambda: paged_decode_attention(q[:2], k_cache, v_cache, lens, tables, scale,
                                                                      64, num_splits=4)),
+        ("decode + rotary + kv_write, 1 split", lambda: decode_rotary_attention(
+            q[:2], k[:2], v[:2], positions[:2], cos_sin, k_cache, v_cache, slots[:2], lens, tables, scale, 64,
+            num_splits=1)),
+        ("decode + rotary + kv_write, 4 splits", lambda: decode_rotary_attention(
+            q[:2], k[:2], v[:2], positions[:2], cos_sin, k_cache, v_cache, slots[:2], lens, tables, scale, 64,
+            num_splits=4)),
         ("prefill, 2 x 1 token", prefill(1)),  # a mixed step's decode rows: the smallest tile
         ("prefill, 2 x 40", prefill(40)),
         ("prefill, 2 x 256", prefill(256)),

@@ -1,7 +1,7 @@
 """Kernel micro-benchmarks: ours vs the torch peers vs a roofline limit measured in the same run.
 
     python benchmarks/kernels.py             # CUDA only: decode, prefill, rms_norm, silu_and_mul,
-                                             #   rotary+kv_write (bf16)
+                                             #   rotary+kv_write, decode+rotary+kv_write (bf16)
     python benchmarks/kernels.py --dry-run   # CPU smoke: tiny inputs, reference functions, no timing claims
 
 Timings are medians over CUDA-event runs after warm-up (triton.testing.do_bench, return_mode="median"),
@@ -66,6 +66,24 @@ class Bench:
             return statistics.median(runs) * 1e6
         import triton.testing
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+
+    def graph_time_us(self, fn: Callable[[], object], reps: int = 20) -> float:
+        """Per call, from replays of a CUDA graph of `reps` calls: the device time a captured decode step
+        pays, gaps between kernels included and Python's launch cost excluded (which would decide a
+        comparison of one launch against two at these microsecond sizes)."""
+        if self.dry_run:
+            return self.time_us(fn)
+        fn()  # compile outside the capture
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(reps):
+                fn()
+        return self.time_us(graph.replay) / reps
 
     def randn(self, *shape: int) -> torch.Tensor:
         return torch.randn(*shape, device=self.device, dtype=self.dtype)
@@ -249,6 +267,45 @@ def bench_rotary_cache(bench: Bench, bandwidth: float, tokens: int, heads: int, 
                bench.time_us(ours), "ours-unfused (2 kernels)", bench.time_us(unfused), moved / bandwidth * 1e6)
 
 
+def bench_decode_rotary(bench: Bench, bandwidth: float, batch: int, context: int, heads: int, kv_heads: int,
+                        head_dim: int, block_size: int, max_seq_len: int) -> Row:
+    """A decode step's attention with rotary + cache write folded in (kernels/decode_rotary.py) against
+    the two kernels it replaces (rotary_and_write_kv, then paged decode), both replayed from CUDA graphs as a
+    captured step runs them; max_seq_len is what a captured graph passes (the split count follows it)."""
+    k_cache, v_cache, seq_lens, tables, k_dense, _ = paged_inputs(bench, [context] * batch, heads, kv_heads,
+                                                                  head_dim, block_size)
+    qkv = bench.randn(batch, (heads + 2 * kv_heads) * head_dim)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k, v = (x.view(batch, n, head_dim) for x, n in ((q, heads), (k, kv_heads), (v, kv_heads)))
+    freqs = torch.rand(max_seq_len, head_dim // 2, device=bench.device) * 6.3
+    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+    positions = (seq_lens - 1).long()
+    slots = tables.long().gather(1, (positions // block_size)[:, None])[:, 0] * block_size + positions % block_size
+    scale, out = head_dim ** -0.5, torch.empty_like(q)
+    if bench.dry_run:
+        def fused():
+            return ref.decode_rotary_attention(q, k, v, positions, cos_sin, k_cache, v_cache, slots, seq_lens, tables,
+                                               scale)
+        unfused = fused
+    else:
+        from kernels.attention_decode import paged_decode_attention
+        from kernels.decode_rotary import decode_rotary_attention
+        from kernels.rotary_cache import rotary_and_write_kv
+        q_rot = torch.empty_like(q)
+
+        def fused():
+            return decode_rotary_attention(q, k, v, positions, cos_sin, k_cache, v_cache, slots, seq_lens, tables,
+                                           scale, max_seq_len, out=out)
+
+        def unfused():
+            rotary_and_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slots, q_out=q_rot)
+            return paged_decode_attention(q_rot, k_cache, v_cache, seq_lens, tables, scale, max_seq_len, out=out)
+    kv_bytes = 2 * k_dense.numel() * k_cache.element_size()
+    return Row("decode+rotary+kv_write", f"B={batch} ctx={context} H={heads}/{kv_heads} D={head_dim} "
+               f"bs={block_size} max_seq_len={max_seq_len}", bench.graph_time_us(fused),
+               "ours-unfused (2 kernels)", bench.graph_time_us(unfused), kv_bytes / bandwidth * 1e6)
+
+
 def format_table(rows: list[Row]) -> str:
     head = ("kernel", "shape", "ours (us)", "peer", "peer (us)", "limit (us)", "ours/peer", "frac of limit")
     body = [(r.kernel, r.shape, f"{r.ours_us:.1f}", r.peer, f"{r.peer_us:.1f}", f"{r.limit_us:.1f}",
@@ -276,6 +333,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         rows += bench_prefill(bench, tflops, 2, 24, heads, kv_heads, 16, 8)
         rows += bench_small_ops(bench, bandwidth, 5, 64, 96)
         rows.append(bench_rotary_cache(bench, bandwidth, 7, heads, kv_heads, 16, 4))
+        rows.append(bench_decode_rotary(bench, bandwidth, 3, 40, heads, kv_heads, 16, 8, 64))
     else:
         rows += bench_decode(bench, bandwidth, 64, 4096, heads, kv_heads, 128, 16)
         rows += bench_decode(bench, bandwidth, 64, 4096, heads, kv_heads, 128, 16, torch.float8_e4m3fn)
@@ -285,6 +343,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
         rows += bench_small_ops(bench, bandwidth, 4096, 4096, 14336)
         for tokens in (4096, 64):  # prefill-like, decode-like (one captured step's launch)
             rows.append(bench_rotary_cache(bench, bandwidth, tokens, heads, kv_heads, 128, 16))
+        # a decode step's attention, as the 1B shape's graphs run it at batch 1 and 64 (max_model_len 2,048
+        # sets their split count), and the decode target's shape
+        for batch, context, head_dim, max_seq_len in ((1, 512, 64, 2048), (64, 512, 64, 2048),
+                                                      (64, 4096, 128, 4096)):
+            rows.append(bench_decode_rotary(bench, bandwidth, batch, context, heads, kv_heads, head_dim, 16,
+                                            max_seq_len))
     device = "cpu (dry run: reference functions, timings mean nothing)" if args.dry_run \
         else torch.cuda.get_device_name()
     print(f"device: {device}\ncopy bandwidth: {bandwidth / 1e9:.1f} GB/s, matmul: {tflops / 1e12:.1f} TFLOP/s")

@@ -28,21 +28,46 @@ def _decode_kernel(Q, K, V, O, PART_ACC, PART_M, PART_L, SEQ_LENS, BLOCK_TABLES,
     # grid: (B, KVH, NUM_SPLITS); partials: acc [B, H, NUM_SPLITS, D_PAD], m/l [B, H, NUM_SPLITS]
     b = tl.program_id(0)
     kvh = tl.program_id(1)
+    g = tl.arange(0, G_PAD)
+    head = kvh * GROUP + g  # [G_PAD]
+    d = tl.arange(0, D_PAD)
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + head[:, None] * stride_qh + d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=(g < GROUP)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)  # [G_PAD, D_PAD]
+    seq_len = tl.load(SEQ_LENS + b)
+    lo, hi = _split_range(seq_len, BLOCK_N, NUM_SPLITS)
+    _attend_split(q, lo, hi, K, V, O, PART_ACC, PART_M, PART_L, BLOCK_TABLES, qk_scale,
+                  stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
+                  stride_ob, stride_oh, stride_od, stride_bt,
+                  GROUP, G_PAD, HEAD_DIM, D_PAD, BLOCK_SIZE, BLOCK_N, NUM_SPLITS, PRECISION)
+
+
+@triton.jit
+def _split_range(seq_len, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """Keys [lo, hi) of this program's split: a whole number of BLOCK_N tiles of the sequence's context."""
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = tl.program_id(2) * split_len
+    return lo, tl.minimum(lo + split_len, seq_len)
+
+
+@triton.jit
+def _attend_split(q, lo, hi, K, V, O, PART_ACC, PART_M, PART_L, BLOCK_TABLES, qk_scale,
+                  stride_kb, stride_ks, stride_kh, stride_kd,
+                  stride_vb, stride_vs, stride_vh, stride_vd,
+                  stride_ob, stride_oh, stride_od, stride_bt,
+                  GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """Program (b, kvh, split): the group's query rows q [G_PAD, D_PAD] over keys [lo, hi), then the output
+    (one split) or this split's partials (several)."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
     split = tl.program_id(2)
     num_heads = tl.num_programs(1) * GROUP
-    seq_len = tl.load(SEQ_LENS + b)
-    # each split covers a whole number of BLOCK_N tiles of this sequence's own context
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    lo = split * split_len
-    hi = tl.minimum(lo + split_len, seq_len)
-
     g = tl.arange(0, G_PAD)
     g_valid = g < GROUP
     head = kvh * GROUP + g  # [G_PAD]
     d = tl.arange(0, D_PAD)
     d_valid = d < HEAD_DIM
-    q_ptrs = Q + b.to(tl.int64) * stride_qb + head[:, None] * stride_qh + d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=g_valid[:, None] & d_valid[None, :], other=0.0)  # [G_PAD, D_PAD]
     bt_row = BLOCK_TABLES + b.to(tl.int64) * stride_bt
 
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
@@ -136,22 +161,33 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     g_pad = max(16, triton.next_power_of_2(group))  # tl.dot wants M >= 16
     if num_splits is None:
         num_splits = choose_num_splits(batch, num_kv_heads, max_seq_len, q.device, block_n)
-    if num_splits > 1:
-        part_acc = torch.empty(batch, num_heads, num_splits, d_pad, dtype=torch.float32, device=q.device)
-        part_m = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
-        part_l = torch.empty_like(part_m)
-    else:
-        part_acc = part_m = part_l = out  # unused
+    part_acc, part_m, part_l = split_partials(out, num_splits, d_pad)
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, out, part_acc, part_m, part_l, seq_lens, block_tables, scale * LOG2E,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), block_tables.stride(0),
         GROUP=group, G_PAD=g_pad, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_N=block_n,
         NUM_SPLITS=num_splits, PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )
+    reduce_splits(out, part_acc, part_m, part_l, num_splits, d_pad)
+    return out
+
+
+def split_partials(out: torch.Tensor, num_splits: int, d_pad: int):
+    """(acc [B, H, S, D_PAD], m [B, H, S], l [B, H, S]) float32 for S > 1 splits; with one split the kernel
+    writes out directly and the three arguments are unused placeholders."""
+    if num_splits == 1:
+        return out, out, out
+    batch, num_heads, _ = out.shape
+    part_acc = torch.empty(batch, num_heads, num_splits, d_pad, dtype=torch.float32, device=out.device)
+    part_m = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=out.device)
+    return part_acc, part_m, torch.empty_like(part_m)
+
+
+def reduce_splits(out: torch.Tensor, part_acc, part_m, part_l, num_splits: int, d_pad: int) -> None:
     if num_splits > 1:
+        batch, num_heads, head_dim = out.shape
         _reduce_kernel[(batch, num_heads)](
             out, part_acc, part_m, part_l, *out.stride(),
             HEAD_DIM=head_dim, D_PAD=d_pad, NUM_SPLITS=num_splits,
             S_PAD=triton.next_power_of_2(num_splits), num_warps=4,
         )
-    return out

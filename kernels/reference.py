@@ -152,3 +152,14 @@ def rotary_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posit
     q_rot, k_rot = apply_rotary(q, k, positions, cos_sin_cache)
     write_kv_cache(k_rot, v, k_cache, v_cache, slot_mapping)
     return q_rot if q_out is None else q_out.copy_(q_rot)
+
+
+def decode_rotary_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                            cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            slot_mapping: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+                            scale: float) -> torch.Tensor:
+    """One new token per sequence: rotary_and_write_kv, then paged_attention -> [B, H, D]. The oracle of
+    kernels/decode_rotary.py."""
+    q_rot = rotary_and_write_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
+    query_start_loc = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
+    return paged_attention(q_rot, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, max_query_len=1)

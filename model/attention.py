@@ -61,8 +61,7 @@ class GQAAttention(nn.Module):
                 cos_sin_cache: torch.Tensor) -> torch.Tensor:
         q, k, v = self.split_qkv(hidden)
         k_cache, v_cache = kv
-        # One op (one launch on the Triton path): rotate q, and write rotated k and v to their cache slots.
-        q = self.ops.rotary_and_write_kv(q, k, v, batch.positions, cos_sin_cache, k_cache, v_cache,
-                                         batch.slot_mapping)
-        out = self.ops.attend(q, k_cache, v_cache, batch, self.scale)  # [T, H, D]
+        # rotate q and k, write rotated k and v to their cache slots, attend: one or two launches on the
+        # Triton path (model/ops.py)
+        out = self.ops.write_kv_and_attend(q, k, v, batch, cos_sin_cache, k_cache, v_cache, self.scale)  # [T, H, D]
         return self.o_proj(out.reshape(hidden.shape[0], self.num_heads * self.head_dim))

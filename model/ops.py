@@ -15,7 +15,7 @@ class TorchOps:
     name = "torch"
     # what torch.compile must not trace: the attention reads seq_lens and query_start_loc on the host, and
     # the cache write's padding check is data-dependent (see opaque_to_compiler)
-    host_reading = ("rotary_and_write_kv", "attend")
+    host_reading = ("rotary_and_write_kv", "attend", "write_kv_and_attend")
     rms_norm = staticmethod(reference.rms_norm)
     silu_and_mul = staticmethod(reference.silu_and_mul)
     apply_rotary = staticmethod(reference.apply_rotary)
@@ -27,16 +27,27 @@ class TorchOps:
         return reference.paged_attention(q, k_cache, v_cache, batch.query_start_loc, batch.seq_lens,
                                          batch.block_tables, scale, max_query_len=batch.max_query_len)
 
+    def write_kv_and_attend(self, q, k, v, batch: StepBatch, cos_sin_cache, k_cache, v_cache, scale: float):
+        """q [T, H, D], k / v [T, KVH, D] unrotated -> attention output [T, H, D]; rotated k and v land in
+        their cache slots first."""
+        q = self.rotary_and_write_kv(q, k, v, batch.positions, cos_sin_cache, k_cache, v_cache, batch.slot_mapping)
+        return self.attend(q, k_cache, v_cache, batch, scale)
+
 
 class TritonOps:
     name = "triton"
     # every op: our kernels are already fused, and their launchers pick grids from host ints; dynamo would
     # only re-trace them (see opaque_to_compiler)
-    host_reading = ("rms_norm", "silu_and_mul", "apply_rotary", "rotary_and_write_kv", "attend")
+    host_reading = ("rms_norm", "silu_and_mul", "apply_rotary", "rotary_and_write_kv", "attend",
+                    "write_kv_and_attend")
 
     def __init__(self) -> None:
         # Imported here so that CPU-only installs never need triton.
-        from kernels import activation, dispatch, norm, rotary, rotary_cache
+        from kernels import activation, decode_rotary, dispatch, norm, rotary, rotary_cache
+        # decode-only steps: rotary + cache write inside the decode attention kernel, one launch per layer
+        # less (kernels/decode_rotary.py); the model runner sets it from EngineConfig.fuse_rotary_into_decode
+        self.fuse_rotary_into_decode = False
+        self._decode_rotary = decode_rotary.decode_rotary_attention
         self.rms_norm = norm.rms_norm
         self.silu_and_mul = activation.silu_and_mul
         self.apply_rotary = rotary.apply_rotary
@@ -48,6 +59,18 @@ class TritonOps:
         return self._dispatch.paged_attention(q, k_cache, v_cache, batch.query_start_loc, batch.seq_lens,
                                               batch.block_tables, scale, batch.max_query_len, batch.max_seq_len,
                                               tiles=batch.attention_tiles, tile_rows=batch.attention_tile_rows)
+
+    def write_kv_and_attend(self, q, k, v, batch: StepBatch, cos_sin_cache, k_cache, v_cache, scale: float):
+        """TorchOps.write_kv_and_attend: one launch for a decode-only step when fuse_rotary_into_decode is
+        on (the shape test is dispatch.py's, from host ints), else the fused rotary + cache write, then
+        attend."""
+        if (self.fuse_rotary_into_decode and batch.attention_tiles is None and batch.max_query_len == 1
+                and q.shape[0] == batch.seq_lens.shape[0]):
+            return self._decode_rotary(q, k, v, batch.positions, cos_sin_cache, k_cache, v_cache,
+                                       batch.slot_mapping, batch.seq_lens, batch.block_tables, scale,
+                                       batch.max_seq_len)
+        q = self.rotary_and_write_kv(q, k, v, batch.positions, cos_sin_cache, k_cache, v_cache, batch.slot_mapping)
+        return self.attend(q, k_cache, v_cache, batch, scale)
 
 
 def opaque_to_compiler(ops: "TorchOps | TritonOps") -> None:

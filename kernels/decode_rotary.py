@@ -1,0 +1,121 @@
+"""Decode attention with the rotary embedding and the KV-cache write folded in: one launch per layer
+where the decode step otherwise makes two (kernels/rotary_cache.py, then kernels/attention_decode.py).
+
+Kernel -> launcher; reference: kernels/reference.py::decode_rotary_attention (= rotary_and_write_kv, then
+paged_attention). Program (b, kvh, split) rotates its group's query rows in registers as it loads them
+(rotate-half: each lane d also loads its partner lane d +- D/2), and the one split that holds the new
+token's position rotates that token's k for kv head kvh, writes it and v into the token's cache slot, and
+only then streams its keys, so the loop reads the new key back like any other. No other program reads
+that slot in this launch: every other split ends before it. A slot < 0 (padding row of a captured batch)
+writes nothing, as in rotary_cache.py; its seq_len of 0 gives an empty split and a zero output.
+Rounding matches the unfused pair bit for bit: rotation in float32, rounded to q's / k's dtype, then to
+the cache's.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.attention_decode import (_attend_split, _split_range, choose_num_splits, reduce_splits,
+                                      split_partials)
+from kernels.attention_prefill import LOG2E, dot_precision
+
+
+@triton.jit
+def _rotate_loaded(rows, d, d_valid, cos, sin_signed, mask, HALF: tl.constexpr):
+    """rows: pointers [R, 1] to head vectors (or one scalar pointer, R = 1) -> [R, D_PAD] rotated in float32,
+    0 where masked."""
+    partner = tl.where(d < HALF, d + HALF, d - HALF)
+    x = tl.load(rows + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    x_partner = tl.load(rows + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+    return x * cos[None, :] + x_partner * sin_signed[None, :]
+
+
+@triton.jit
+def _decode_rotary_kernel(Q, K, V, K_CACHE, V_CACHE, O, PART_ACC, PART_M, PART_L, POS, CS, SLOTS,
+                          SEQ_LENS, BLOCK_TABLES, qk_scale,
+                          stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
+                          stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                          stride_ob, stride_oh, stride_bt, stride_cs,
+                          GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                          NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr):
+    # grid: (B, KVH, NUM_SPLITS), as kernels/attention_decode.py; every head-dim stride is 1
+    HALF: tl.constexpr = HEAD_DIM // 2
+    b = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1)
+    seq_len = tl.load(SEQ_LENS + b)
+    lo, hi = _split_range(seq_len, BLOCK_N, NUM_SPLITS)
+    pos = tl.load(POS + b).to(tl.int64)
+    d = tl.arange(0, D_PAD)
+    d_valid = d < HEAD_DIM
+    lane = tl.where(d < HALF, d, d - HALF)
+    cos = tl.load(CS + pos * stride_cs + lane, mask=d_valid, other=0.0).to(tl.float32)
+    sin = tl.load(CS + pos * stride_cs + HALF + lane, mask=d_valid, other=0.0).to(tl.float32)
+    sin = tl.where(d < HALF, -sin, sin)  # x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin
+
+    if (lo <= seq_len - 1) & (seq_len - 1 < hi):  # this split holds the new token
+        slot = tl.load(SLOTS + b).to(tl.int64)
+        if slot >= 0:
+            k_row = K + b * stride_kb + kvh * stride_kh
+            k = _rotate_loaded(k_row, d, d_valid, cos, sin, d_valid[None, :], HALF)  # [1, D_PAD]
+            k_dst = K_CACHE + (slot // BLOCK_SIZE) * stride_kcb + (slot % BLOCK_SIZE) * stride_kcs \
+                + kvh * stride_kch + d[None, :]
+            tl.store(k_dst, k.to(K.dtype.element_ty).to(K_CACHE.dtype.element_ty), mask=d_valid[None, :])
+            v = tl.load(V + b * stride_vb + kvh * stride_vh + d, mask=d_valid)
+            v_dst = V_CACHE + (slot // BLOCK_SIZE) * stride_vcb + (slot % BLOCK_SIZE) * stride_vcs \
+                + kvh * stride_vch + d
+            tl.store(v_dst, v.to(V_CACHE.dtype.element_ty), mask=d_valid)
+        # every thread's stores land before any thread's loads in the key loop below
+        tl.debug_barrier()
+
+    g = tl.arange(0, G_PAD)
+    head = kvh * GROUP + g
+    q_rows = Q + b * stride_qb + head[:, None] * stride_qh  # [G_PAD, 1]
+    q = _rotate_loaded(q_rows, d, d_valid, cos, sin, (g < GROUP)[:, None] & d_valid[None, :], HALF)
+    q = q.to(Q.dtype.element_ty)  # [G_PAD, D_PAD], as the unfused kernel's rotated q buffer holds it
+    _attend_split(q, lo, hi, K_CACHE, V_CACHE, O, PART_ACC, PART_M, PART_L, BLOCK_TABLES, qk_scale,
+                  stride_kcb, stride_kcs, stride_kch, 1, stride_vcb, stride_vcs, stride_vch, 1,
+                  stride_ob, stride_oh, 1, stride_bt,
+                  GROUP, G_PAD, HEAD_DIM, D_PAD, BLOCK_SIZE, BLOCK_N, NUM_SPLITS, PRECISION)
+
+
+def decode_rotary_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                            cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            slot_mapping: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+                            scale: float, max_seq_len: int, out: torch.Tensor | None = None,
+                            num_splits: int | None = None, block_n: int | None = None, num_warps: int = 4,
+                            num_stages: int = 2) -> torch.Tensor:
+    """One new token per sequence. q [B, H, D], k / v [B, KVH, D] unrotated (may be column slices of the
+    fused qkv matmul's output), positions [B], cos_sin_cache [max_pos, D], caches [num_blocks, block_size,
+    KVH, D], slot_mapping [B] (< 0: padding), seq_lens [B] counting the new token, block_tables [B, max_blocks]
+    -> attention output [B, H, D]; the new k (rotated) and v are in the caches afterwards."""
+    batch, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    assert num_heads % num_kv_heads == 0 and head_dim % 2 == 0
+    assert k.shape == v.shape == (batch, num_kv_heads, head_dim) and v_cache.shape == k_cache.shape
+    assert all(x.stride(-1) == 1 for x in (q, k, v, k_cache, v_cache, cos_sin_cache))
+    if out is None:
+        out = torch.empty_like(q)
+    assert out.stride(-1) == 1
+    if batch == 0:
+        return out
+    if block_n is None:
+        block_n = max(block_size, 64)
+    d_pad = max(16, triton.next_power_of_2(head_dim))
+    if num_splits is None:
+        num_splits = choose_num_splits(batch, num_kv_heads, max_seq_len, q.device, block_n)
+    part_acc, part_m, part_l = split_partials(out, num_splits, d_pad)
+    _decode_rotary_kernel[(batch, num_kv_heads, num_splits)](
+        q, k, v, k_cache, v_cache, out, part_acc, part_m, part_l, positions, cos_sin_cache, slot_mapping,
+        seq_lens, block_tables, scale * LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        *k_cache.stride()[:3], *v_cache.stride()[:3], out.stride(0), out.stride(1), block_tables.stride(0),
+        cos_sin_cache.stride(0),
+        GROUP=num_heads // num_kv_heads, G_PAD=max(16, triton.next_power_of_2(num_heads // num_kv_heads)),
+        HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+    )
+    reduce_splits(out, part_acc, part_m, part_l, num_splits, d_pad)
+    return out
