@@ -141,12 +141,15 @@ def cases(shape: Shape, dtype: torch.dtype, kv_dtype: torch.dtype) -> list[tuple
                                                            num_splits=1)),
         ("decode, 4 splits + reduce", lambda: paged_decode_attention(q[:2], k_cache, v_cache, lens, tables, scale,
                                                                      64, num_splits=4)),
-        ("decode + rotary + kv_write, 1 split", lambda: decode_rotary_attention(
+        ("decode+rope+write, 1 split", lambda: decode_rotary_attention(
             q[:2], k[:2], v[:2], positions[:2], cos_sin, k_cache, v_cache, slots[:2], lens, tables, scale, 64,
             num_splits=1)),
-        ("decode + rotary + kv_write, 4 splits", lambda: decode_rotary_attention(
+        ("decode+rope+write, 4 splits", lambda: decode_rotary_attention(
             q[:2], k[:2], v[:2], positions[:2], cos_sin, k_cache, v_cache, slots[:2], lens, tables, scale, 64,
             num_splits=4)),
+        ("decode+rope+write, last reduces", lambda: decode_rotary_attention(
+            q[:2], k[:2], v[:2], positions[:2], cos_sin, k_cache, v_cache, slots[:2], lens, tables, scale, 64,
+            num_splits=4, tickets=torch.zeros(2 * kvh, dtype=torch.int32))),
         ("prefill, 2 x 1 token", prefill(1)),  # a mixed step's decode rows: the smallest tile
         ("prefill, 2 x 40", prefill(40)),
         ("prefill, 2 x 256", prefill(256)),

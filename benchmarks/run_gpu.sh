@@ -10,7 +10,7 @@
 #
 #   bash benchmarks/run_gpu.sh [all|ours|peers]     # default all
 # Knobs (environment): BUDGET (s), PEERS_RESERVE (s kept for the peers, default 170), SKIP (space-separated
-# step names: pytest kernels step_overhead host_overhead profile prefill_step speculative latency latency_cublaslt latency_fused_rotary latency_compile profile_compile gemm_shapes latency_b64 latency_b64_fused_rotary throughput_1b throughput_penalized throughput_sampled throughput_top_k throughput_prefix throughput_prefix_off serving serving_eager_prefill serving_engine_process throughput_8b tune_kernels peers),
+# step names: pytest kernels step_overhead host_overhead profile prefill_step speculative latency latency_cublaslt latency_decode_fusion latency_compile profile_compile gemm_shapes latency_b64 latency_b64_decode_fusion throughput_1b throughput_penalized throughput_sampled throughput_top_k throughput_prefix throughput_prefix_off serving serving_eager_prefill serving_engine_process throughput_8b tune_kernels peers),
 # ENGINE_EXTRA (engine flags for our benchmarks, e.g. "--no-overlap-scheduling"), PYTEST_ARGS (extra pytest arguments, e.g. "-k gpu"), SMOKE=1 (CPU smoke test of this script: tiny random model, few requests, peers with PEERS_TINY=1).
 set -u
 cd "$(dirname "$0")/.."
@@ -123,9 +123,9 @@ main() {
       --input-len 128 --output-len 256 --num-iters "$lat_iters" --blas-library cublaslt \
       --json "$RAW/latency_cublaslt.json" $ENGINE_EXTRA
     # and with rotary + cache write folded into the decode attention kernel (one launch per layer less)
-    step latency_fused_rotary 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 1 \
-      --input-len 128 --output-len 256 --num-iters "$lat_iters" --fuse-rotary-into-decode \
-      --json "$RAW/latency_fused_rotary.json" $ENGINE_EXTRA
+    step latency_decode_fusion 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 1 \
+      --input-len 128 --output-len 256 --num-iters "$lat_iters" --decode-fusion \
+      --json "$RAW/latency_decode_fusion.json" $ENGINE_EXTRA
     # and with compile_mode max-autotune on the decode graphs up to batch 8: inductor's GEMM choice per shape
     step latency_compile 120 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 1 \
       --input-len 128 --output-len 256 --num-iters "$lat_iters" --compile-mode max-autotune \
@@ -136,9 +136,9 @@ main() {
     [ "$SMOKE" = 1 ] || step gemm_shapes 150 $PY benchmarks/gemm_shapes.py --batch-sizes 1 64
     step latency_b64 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 64 \
       --input-len 128 --output-len 128 --num-iters "$lat_iters" --json "$RAW/latency_b64.json" $ENGINE_EXTRA
-    step latency_b64_fused_rotary 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 64 \
-      --input-len 128 --output-len 128 --num-iters "$lat_iters" --fuse-rotary-into-decode \
-      --json "$RAW/latency_b64_fused_rotary.json" $ENGINE_EXTRA
+    step latency_b64_decode_fusion 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 64 \
+      --input-len 128 --output-len 128 --num-iters "$lat_iters" --decode-fusion \
+      --json "$RAW/latency_b64_decode_fusion.json" $ENGINE_EXTRA
     step throughput_1b 100 $PY benchmarks/throughput.py --dummy --config "$dummy1" "${dev[@]}" --num-requests "$nreq" \
       --input-len "${lens[@]}" --output-len "${lens[@]}" --seed 0 --json "$RAW/throughput_1b.json" $ENGINE_EXTRA
     # the same requests, 10% of them with a frequency penalty: their steps run the forward ahead and sample
@@ -249,9 +249,9 @@ row("b1 decode tok/s vs HF static cache", g(lat, "median", "decode_tok_s"), hf_b
 row("b1 decode tok/s, cuBLASLt (peer: default BLAS)", g(data, "latency_cublaslt", "median", "decode_tok_s"),
     g(lat, "median", "decode_tok_s"))
 row("b1 decode tok/s, rotary folded into decode (peer: off)",
-    g(data, "latency_fused_rotary", "median", "decode_tok_s"), g(lat, "median", "decode_tok_s"))
+    g(data, "latency_decode_fusion", "median", "decode_tok_s"), g(lat, "median", "decode_tok_s"))
 row("b64 decode tok/s, rotary folded into decode (peer: off)",
-    g(data, "latency_b64_fused_rotary", "median", "decode_tok_s"), g(l64, "median", "decode_tok_s"))
+    g(data, "latency_b64_decode_fusion", "median", "decode_tok_s"), g(l64, "median", "decode_tok_s"))
 row("b1 decode tok/s, compile max-autotune (peer: off)", g(data, "latency_compile", "median", "decode_tok_s"),
     g(lat, "median", "decode_tok_s"), f"profiled {f(g(data, 'profile_compile', 'total_us_per_step'))} us/step "
     f"(off: {f(g(data, 'profile_step', 'total_us_per_step'))})")

@@ -95,7 +95,7 @@ def build_llm(args, prompts, out_lens):
               overlap_scheduling=args.overlap_scheduling, prefill_graphs=args.prefill_graphs,
               compile_mode=args.compile_mode, compile_max_batch_size=args.compile_max_batch_size,
               enable_prefix_caching=args.enable_prefix_caching,
-              fuse_rotary_into_decode=getattr(args, "fuse_rotary_into_decode", False))
+              decode_fusion=getattr(args, "decode_fusion", False))
     if not args.dummy:
         return LLM(args.model, **kw)
     raw = PRESETS.get(args.config) or json.loads(Path(args.config).read_text())
@@ -268,9 +268,9 @@ def add_engine_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--compile-mode", choices=["off", "default", "max-autotune"], default="off",
                     help="torch.compile the small decode graphs' forward (EngineConfig.compile_mode)")
     ap.add_argument("--compile-max-batch-size", type=int, default=32)
-    ap.add_argument("--fuse-rotary-into-decode", action="store_true",
+    ap.add_argument("--decode-fusion", action="store_true",
                     help="decode steps run rotary + cache write inside the attention kernel "
-                    "(EngineConfig.fuse_rotary_into_decode)")
+                    "(EngineConfig.decode_fusion)")
     ap.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                     help="share prompt blocks between requests (EngineConfig.enable_prefix_caching); the "
                     "benchmarks' warm-ups and repeats use fresh prompts, so it finds nothing to share "

@@ -1,5 +1,6 @@
-"""Decode attention with the rotary embedding and the KV-cache write folded in: one launch per layer
-where the decode step otherwise makes two (kernels/rotary_cache.py, then kernels/attention_decode.py).
+"""Decode attention with the rotary embedding and the KV-cache write folded in, and (given a `tickets`
+buffer) the split-KV reduce too: one launch per layer where a decode step otherwise makes two or three
+(kernels/rotary_cache.py, then kernels/attention_decode.py's decode and reduce kernels).
 
 Kernel -> launcher; reference: kernels/reference.py::decode_rotary_attention (= rotary_and_write_kv, then
 paged_attention). Program (b, kvh, split) rotates its group's query rows in registers as it loads them
@@ -9,7 +10,7 @@ only then streams its keys, so the loop reads the new key back like any other. N
 that slot in this launch: every other split ends before it. A slot < 0 (padding row of a captured batch)
 writes nothing, as in rotary_cache.py; its seq_len of 0 gives an empty split and a zero output.
 Rounding matches the unfused pair bit for bit: rotation in float32, rounded to q's / k's dtype, then to
-the cache's.
+the cache's. The reduce: see _reduce_if_last.
 """
 from __future__ import annotations
 
@@ -33,14 +34,14 @@ def _rotate_loaded(rows, d, d_valid, cos, sin_signed, mask, HALF: tl.constexpr):
 
 
 @triton.jit
-def _decode_rotary_kernel(Q, K, V, K_CACHE, V_CACHE, O, PART_ACC, PART_M, PART_L, POS, CS, SLOTS,
+def _decode_rotary_kernel(Q, K, V, K_CACHE, V_CACHE, O, PART_ACC, PART_M, PART_L, TICKETS, POS, CS, SLOTS,
                           SEQ_LENS, BLOCK_TABLES, qk_scale,
                           stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
                           stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                           stride_ob, stride_oh, stride_bt, stride_cs,
                           GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                           D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                          NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr):
+                          NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr, LAST_SPLIT_REDUCES: tl.constexpr):
     # grid: (B, KVH, NUM_SPLITS), as kernels/attention_decode.py; every head-dim stride is 1
     HALF: tl.constexpr = HEAD_DIM // 2
     b = tl.program_id(0).to(tl.int64)
@@ -79,6 +80,47 @@ def _decode_rotary_kernel(Q, K, V, K_CACHE, V_CACHE, O, PART_ACC, PART_M, PART_L
                   stride_kcb, stride_kcs, stride_kch, 1, stride_vcb, stride_vcs, stride_vch, 1,
                   stride_ob, stride_oh, 1, stride_bt,
                   GROUP, G_PAD, HEAD_DIM, D_PAD, BLOCK_SIZE, BLOCK_N, NUM_SPLITS, PRECISION)
+    if LAST_SPLIT_REDUCES:
+        _reduce_if_last(O, PART_ACC, PART_M, PART_L, TICKETS, stride_ob, stride_oh,
+                        GROUP, G_PAD, HEAD_DIM, D_PAD, NUM_SPLITS)
+
+
+@triton.jit
+def _reduce_if_last(O, PART_ACC, PART_M, PART_L, TICKETS, stride_ob, stride_oh,
+                    GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                    NUM_SPLITS: tl.constexpr):
+    """The split-KV reduce without its own launch: each (sequence, kv head)'s splits take a ticket after
+    storing their partials, and the one that draws the last combines the group's partials (the reduce
+    kernel's maths) and resets the ticket counter to 0 for the next launch (a graph replays this one).
+    The barrier puts every thread's partial stores before the ticket's release (acq_rel at GPU scope);
+    the reads skip L1 (.cg), which may hold lines of an earlier replay."""
+    b = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1)
+    tl.debug_barrier()
+    counter = TICKETS + b * tl.num_programs(1) + kvh
+    if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
+        g = tl.arange(0, G_PAD)
+        g_valid = g < GROUP
+        head = kvh * GROUP + g
+        d = tl.arange(0, D_PAD)
+        row = (b * tl.num_programs(1) * GROUP + head) * NUM_SPLITS  # [G_PAD] first partial of each head
+        m_max = tl.full([G_PAD], float("-inf"), tl.float32)
+        for s in range(NUM_SPLITS):
+            m_max = tl.maximum(m_max, tl.load(PART_M + row + s, mask=g_valid, other=float("-inf"),
+                                              cache_modifier=".cg"))
+        m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # an empty context: every weight is 0
+        total = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+        for s in range(NUM_SPLITS):
+            w = tl.exp2(tl.load(PART_M + row + s, mask=g_valid, other=float("-inf"), cache_modifier=".cg")
+                        - m_max)  # [G_PAD]; empty splits have m = -inf: weight 0
+            total += w * tl.load(PART_L + row + s, mask=g_valid, other=0.0, cache_modifier=".cg")
+            acc += w[:, None] * tl.load(PART_ACC + (row + s)[:, None] * D_PAD + d[None, :],
+                                        mask=g_valid[:, None], other=0.0, cache_modifier=".cg")
+        out = acc / tl.where(total > 0, total, 1.0)[:, None]
+        tl.store(O + b * stride_ob + head[:, None] * stride_oh + d[None, :], out.to(O.dtype.element_ty),
+                 mask=g_valid[:, None] & (d < HEAD_DIM)[None, :])
+        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
 
 
 def decode_rotary_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -86,11 +128,14 @@ def decode_rotary_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
                             slot_mapping: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
                             scale: float, max_seq_len: int, out: torch.Tensor | None = None,
                             num_splits: int | None = None, block_n: int | None = None, num_warps: int = 4,
-                            num_stages: int = 2) -> torch.Tensor:
+                            num_stages: int = 2, tickets: torch.Tensor | None = None) -> torch.Tensor:
     """One new token per sequence. q [B, H, D], k / v [B, KVH, D] unrotated (may be column slices of the
     fused qkv matmul's output), positions [B], cos_sin_cache [max_pos, D], caches [num_blocks, block_size,
     KVH, D], slot_mapping [B] (< 0: padding), seq_lens [B] counting the new token, block_tables [B, max_blocks]
-    -> attention output [B, H, D]; the new k (rotated) and v are in the caches afterwards."""
+    -> attention output [B, H, D]; the new k (rotated) and v are in the caches afterwards.
+
+    tickets: int32 zeros with at least B * KVH entries, kept across calls (each launch leaves them 0):
+    with it, split partials are combined by the last split to finish instead of a second (reduce) launch."""
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert num_heads % num_kv_heads == 0 and head_dim % 2 == 0
@@ -107,15 +152,21 @@ def decode_rotary_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     if num_splits is None:
         num_splits = choose_num_splits(batch, num_kv_heads, max_seq_len, q.device, block_n)
     part_acc, part_m, part_l = split_partials(out, num_splits, d_pad)
+    last_split_reduces = num_splits > 1 and tickets is not None
+    if last_split_reduces:
+        assert tickets.dtype == torch.int32 and tickets.numel() >= batch * num_kv_heads
     _decode_rotary_kernel[(batch, num_kv_heads, num_splits)](
-        q, k, v, k_cache, v_cache, out, part_acc, part_m, part_l, positions, cos_sin_cache, slot_mapping,
+        q, k, v, k_cache, v_cache, out, part_acc, part_m, part_l, tickets if last_split_reduces else seq_lens,
+        positions, cos_sin_cache, slot_mapping,
         seq_lens, block_tables, scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3], out.stride(0), out.stride(1), block_tables.stride(0),
         cos_sin_cache.stride(0),
         GROUP=num_heads // num_kv_heads, G_PAD=max(16, triton.next_power_of_2(num_heads // num_kv_heads)),
         HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
-        PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        PRECISION=dot_precision(q.dtype), LAST_SPLIT_REDUCES=last_split_reduces,
+        num_warps=num_warps, num_stages=num_stages,
     )
-    reduce_splits(out, part_acc, part_m, part_l, num_splits, d_pad)
+    if not last_split_reduces:
+        reduce_splits(out, part_acc, part_m, part_l, num_splits, d_pad)
     return out

@@ -41,12 +41,15 @@ class TritonOps:
     host_reading = ("rms_norm", "silu_and_mul", "apply_rotary", "rotary_and_write_kv", "attend",
                     "write_kv_and_attend")
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
         # Imported here so that CPU-only installs never need triton.
         from kernels import activation, decode_rotary, dispatch, norm, rotary, rotary_cache
-        # decode-only steps: rotary + cache write inside the decode attention kernel, one launch per layer
-        # less (kernels/decode_rotary.py); the model runner sets it from EngineConfig.fuse_rotary_into_decode
-        self.fuse_rotary_into_decode = False
+        # decode-only steps as one attention launch per layer (kernels/decode_rotary.py): RoPE + cache write
+        # folded in, and the last split combines the partials, counting splits in `tickets` (left at 0 by
+        # every launch, so one buffer serves every layer and every graph); the model runner sets the switch
+        # from EngineConfig.decode_fusion
+        self.decode_fusion = False
+        self.tickets = torch.zeros(1 << 16, dtype=torch.int32, device=device)  # >= batch x kv heads
         self._decode_rotary = decode_rotary.decode_rotary_attention
         self.rms_norm = norm.rms_norm
         self.silu_and_mul = activation.silu_and_mul
@@ -61,14 +64,14 @@ class TritonOps:
                                               tiles=batch.attention_tiles, tile_rows=batch.attention_tile_rows)
 
     def write_kv_and_attend(self, q, k, v, batch: StepBatch, cos_sin_cache, k_cache, v_cache, scale: float):
-        """TorchOps.write_kv_and_attend: one launch for a decode-only step when fuse_rotary_into_decode is
-        on (the shape test is dispatch.py's, from host ints), else the fused rotary + cache write, then
-        attend."""
-        if (self.fuse_rotary_into_decode and batch.attention_tiles is None and batch.max_query_len == 1
+        """TorchOps.write_kv_and_attend: one launch for a decode-only step when decode_fusion is on (the
+        shape test is dispatch.py's, from host ints), else the fused rotary + cache write, then attend."""
+        if (self.decode_fusion and batch.attention_tiles is None and batch.max_query_len == 1
                 and q.shape[0] == batch.seq_lens.shape[0]):
+            tickets = self.tickets if q.shape[0] * k.shape[1] <= self.tickets.numel() else None
             return self._decode_rotary(q, k, v, batch.positions, cos_sin_cache, k_cache, v_cache,
                                        batch.slot_mapping, batch.seq_lens, batch.block_tables, scale,
-                                       batch.max_seq_len)
+                                       batch.max_seq_len, tickets=tickets)
         q = self.rotary_and_write_kv(q, k, v, batch.positions, cos_sin_cache, k_cache, v_cache, batch.slot_mapping)
         return self.attend(q, k_cache, v_cache, batch, scale)
 
@@ -92,5 +95,5 @@ def make_ops(name: str, device: torch.device) -> "TorchOps | TritonOps":
     if name == "torch":
         return TorchOps()
     if name == "triton":
-        return TritonOps()
+        return TritonOps(device)
     raise ValueError(f"attention_backend={name!r}: expected 'auto', 'torch' or 'triton'")

@@ -55,10 +55,10 @@ class EngineConfig(BaseModel):
     seed: int = Field(0, ge=0, description="seed of the sampler's generator for requests without a seed")
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
     enforce_eager: bool = Field(False, description="never capture CUDA graphs")
-    fuse_rotary_into_decode: bool = Field(False, description="Triton path: decode-only steps rotate q and k "
-                                          "and write the new K/V inside the decode attention kernel "
-                                          "(kernels/decode_rotary.py), one launch per layer less; off until "
-                                          "a GPU run measures it (benchmarks/kernels.py)")
+    decode_fusion: bool = Field(False, description="Triton path: a decode-only step's attention is one launch "
+                                "per layer: RoPE and the K/V cache write folded into the decode kernel, and "
+                                "split-KV partials combined by the last split instead of a reduce kernel "
+                                "(kernels/decode_rotary.py); off until a GPU run measures it")
     prefill_graphs: bool = Field(True, description="also capture steps that carry prompt tokens, one CUDA graph "
                                  "per token bucket up to max_num_batched_tokens (4,096 at most); off: such "
                                  "steps run eagerly, one kernel launch at a time")

@@ -30,12 +30,12 @@ PROMPTS = [
 
 
 def greedy_run(model_dir, backend: str, dtype: str, enforce_eager: bool, kv_cache_dtype: str = "auto",
-               num_speculative_tokens: int = 0, fuse_rotary_into_decode: bool = False):
+               num_speculative_tokens: int = 0, decode_fusion: bool = False):
     gc.collect()
     torch.cuda.empty_cache()
     llm = LLM(str(model_dir), device="cuda", dtype=dtype, attention_backend=backend, enforce_eager=enforce_eager,
               gpu_memory_utilization=0.1, max_num_seqs=16, max_model_len=2048, kv_cache_dtype=kv_cache_dtype,
-              num_speculative_tokens=num_speculative_tokens, fuse_rotary_into_decode=fuse_rotary_into_decode)
+              num_speculative_tokens=num_speculative_tokens, decode_fusion=decode_fusion)
     params = SamplingParams(temperature=0.0, max_new_tokens=64, ignore_eos=True, logprobs=2)
     results = llm.generate(PROMPTS, params)
     runner = llm.engine.runner
@@ -49,13 +49,13 @@ def greedy_run(model_dir, backend: str, dtype: str, enforce_eager: bool, kv_cach
 
 
 @gpu
-@pytest.mark.parametrize("fuse_rotary_into_decode", [False, True], ids=["", "rotary-in-decode"])
-def test_gpu_greedy_default_model_triton_equals_torch_float32(smollm2_dir, fuse_rotary_into_decode):
+@pytest.mark.parametrize("decode_fusion", [False, True], ids=["", "decode-fusion"])
+def test_gpu_greedy_default_model_triton_equals_torch_float32(smollm2_dir, decode_fusion):
     """float32: the two paths agree to ~1e-6, far below any logit gap greedy decoding meets here (also with
-    rotary + cache write folded into the decode kernel, EngineConfig.fuse_rotary_into_decode)."""
+    a decode step's attention as one launch, EngineConfig.decode_fusion)."""
     want, _ = greedy_run(smollm2_dir, "torch", "float32", enforce_eager=True)
     got, replays = greedy_run(smollm2_dir, "triton", "float32", enforce_eager=False,
-                              fuse_rotary_into_decode=fuse_rotary_into_decode)
+                              decode_fusion=decode_fusion)
     assert replays > 0, "the Triton run never replayed a CUDA graph"
     for i, (g, w) in enumerate(zip(got, want)):
         assert len(g.token_ids) == 64

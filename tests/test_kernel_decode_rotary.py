@@ -92,13 +92,16 @@ IDS = ["g1-d64", "g4-d80", "g8-d96", "g8-d128"]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
 @pytest.mark.parametrize("num_splits", [None, 1, 3])
-def test_decode_rotary_attention(num_splits, cfg, dtype):
+@pytest.mark.parametrize("reduce", ["reduce-kernel", "last-split-reduces"])
+def test_decode_rotary_attention(reduce, num_splits, cfg, dtype):
     heads, kv_heads, head_dim, block_size = cfg
     step = make_step(CONTEXTS, heads, kv_heads, head_dim, block_size, dtype, seed=seed_of(num_splits, cfg, dtype))
     scale = head_dim ** -0.5
     expect_step, unfused_step = clone_step(step), clone_step(step)
     expect = ref.decode_rotary_attention(**expect_step, scale=scale)
-    out = run_fused(step, scale, num_splits=num_splits, block_n=16)
+    tickets = torch.zeros(len(CONTEXTS) * kv_heads + 5, dtype=torch.int32) if reduce == "last-split-reduces" else None
+    out = run_fused(step, scale, num_splits=num_splits, block_n=16, tickets=tickets)
+    assert tickets is None or (tickets == 0).all(), "the last split resets its counter for the next launch"
     assert not out.isnan().any(), "an output row was never written, or the new token was read before its write"
     real = torch.tensor(CONTEXTS) > 0  # the reference has no output for an empty context (NaN)
     torch.testing.assert_close(out[real].float(), expect[real].float(), **TOL[dtype])
@@ -125,6 +128,20 @@ def test_decode_rotary_into_a_narrower_cache(dtype, cache_dtype):
     assert torch.equal(out, unfused)
     for name in ("k_cache", "v_cache"):
         assert torch.equal(step[name].view(torch.uint8), unfused_step[name].view(torch.uint8))
+
+
+def test_last_split_reduces_again_on_a_second_launch():
+    """The ticket counters a launch leaves behind serve the next launch (a graph replays with the same
+    buffer): twice over the same inputs, the same output, with every split count."""
+    tickets = torch.zeros(64, dtype=torch.int32)
+    for num_splits in (2, 3, 5):
+        step = make_step([9, 150, 77], 8, 2, 64, 8, torch.float32, seed=num_splits)
+        first = run_fused(clone_step(step), 0.125, num_splits=num_splits, block_n=16, tickets=tickets)
+        second = run_fused(clone_step(step), 0.125, num_splits=num_splits, block_n=16, tickets=tickets)
+        plain = run_fused(clone_step(step), 0.125, num_splits=num_splits, block_n=16)
+        assert torch.equal(first, second) and not first.isnan().any()
+        torch.testing.assert_close(first, plain, atol=1e-6, rtol=1e-6)  # the reduce kernel's maths, reordered
+    assert (tickets == 0).all()
 
 
 def test_all_padding_writes_nothing():
@@ -163,7 +180,7 @@ def test_model_decode_step_fused_equals_unfused_and_torch(tiny_llama_dir):
     torch_logits, torch_cache = prefill_then_decode(load_model(tiny_llama_dir, attention_backend="torch"))
     model = load_model(tiny_llama_dir, attention_backend="triton")
     unfused_logits, unfused_cache = prefill_then_decode(model)
-    model.ops.fuse_rotary_into_decode = True
+    model.ops.decode_fusion = True
     calls = []
     real = model.ops._decode_rotary
     model.ops._decode_rotary = lambda *a, **kw: calls.append(1) or real(*a, **kw)
@@ -179,7 +196,8 @@ def test_model_decode_step_fused_equals_unfused_and_torch(tiny_llama_dir):
 
 @pytest.mark.skipif(CUDA, reason="interpreter case; test_gpu_model covers CUDA")
 def test_engine_setting_reaches_the_kernel_and_keeps_the_tokens(tiny_llama_dir):
-    """EngineConfig.fuse_rotary_into_decode: the engine's decode steps take the fused kernel, and greedy
+    """EngineConfig.decode_fusion: the engine's decode steps take the fused kernel (splits reduced by the
+    last one: the interpreter's split heuristic gives several splits at these batch sizes), and greedy
     tokens of requests of different lengths batched together equal the default engine's."""
     from server.llm import LLM
     from server.sampling_params import SamplingParams
@@ -188,14 +206,15 @@ def test_engine_setting_reaches_the_kernel_and_keeps_the_tokens(tiny_llama_dir):
     runs = []
     for fuse in (False, True):
         llm = LLM(str(tiny_llama_dir), dtype="float32", device="cpu", kv_cache_memory="2MiB",
-                  attention_backend="triton", fuse_rotary_into_decode=fuse)
+                  attention_backend="triton", decode_fusion=fuse)
         ops = llm.engine.runner.model.ops
-        assert ops.fuse_rotary_into_decode is fuse
+        assert ops.decode_fusion is fuse
         calls = []
         real = ops._decode_rotary
         ops._decode_rotary = lambda *a, **kw: calls.append(1) or real(*a, **kw)
         runs.append([r.token_ids for r in llm.generate(prompts, params)])
         assert bool(calls) is fuse
+        assert (ops.tickets == 0).all()
     assert runs[0] == runs[1] and all(len(t) == 6 for t in runs[0])
 
 
@@ -203,14 +222,17 @@ def test_engine_setting_reaches_the_kernel_and_keeps_the_tokens(tiny_llama_dir):
 @pytest.mark.skipif(not CUDA, reason="needs CUDA (bfloat16 at real sizes)")
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("batch,context,head_dim", [(1, 512, 64), (64, 1000, 128), (7, 3000, 96)])
-def test_gpu_decode_rotary_bf16(batch, context, head_dim, cache_dtype):
+@pytest.mark.parametrize("last_split_reduces", [False, True], ids=["reduce-kernel", "last-split-reduces"])
+def test_gpu_decode_rotary_bf16(last_split_reduces, batch, context, head_dim, cache_dtype):
     contexts = [context - 13 * i for i in range(batch)]
     step = make_step(contexts, 32, 8, head_dim, 16, torch.bfloat16, seed=batch, cache_dtype=cache_dtype)
     expect_step, unfused_step = clone_step(step), clone_step(step)
     scale = head_dim ** -0.5
     expect = ref.decode_rotary_attention(**expect_step, scale=scale)
-    out = run_fused(step, scale)
-    unfused = run_unfused(unfused_step, scale)
+    tickets = torch.zeros(batch * 8, dtype=torch.int32, device=DEVICE) if last_split_reduces else None
+    out = run_fused(step, scale, num_splits=None if batch == 64 else 8, tickets=tickets)
+    unfused = run_unfused(unfused_step, scale, num_splits=None if batch == 64 else 8)
+    assert tickets is None or (tickets == 0).all()
     assert not out.isnan().any()
     err = ((out.float() - expect.float()).norm() / expect.float().norm()).item()  # every row is real here
     assert err < 1e-2, err
