@@ -10,7 +10,7 @@ from server.scheduler import Scheduler
 def check_request(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int,
                   scheduler: Scheduler, grammars: GrammarCompiler | None = None) -> None:
     """A request that can never run raises AdmissionError naming the field: ids outside the vocabulary (in
-    the prompt or logit_bias), a grammar that does not compile, or too long for max_model_len / the whole
+    the prompt, logit_bias or stop_token_ids), a grammar that does not compile, or too long for max_model_len / the whole
     KV cache (no engine state read: any thread, any process)."""
     bad = next((t for t in prompt_token_ids if not 0 <= t < vocab_size), None)
     if bad is not None:
@@ -19,6 +19,10 @@ def check_request(prompt_token_ids: list[int], params: SamplingParams, vocab_siz
     if bad is not None:
         raise AdmissionError(f"logit_bias: token id {bad} is outside the vocabulary (0..{vocab_size - 1})",
                              "logit_bias")
+    bad = next((t for t in params.stop_token_ids if t >= vocab_size), None)
+    if bad is not None:  # never generated, and min_tokens would ban it by index
+        raise AdmissionError(f"stop_token_ids: token id {bad} is outside the vocabulary (0..{vocab_size - 1})",
+                             "stop_token_ids")
     if params.grammar is not None:
         if grammars is None:
             raise AdmissionError("grammar: this engine was built without a grammar compiler", "grammar")

@@ -222,7 +222,7 @@ class AsyncEngine:
                 with self._lock:
                     self._pending_adds -= 1
                 try:
-                    self.engine.add_request(rid, tokens, params)
+                    self.engine.add_request(rid, tokens, params, queue_bound=False)  # admitted by _admit
                     targets[rid] = stream
                 except Exception as exc:  # noqa: BLE001 - refused between the check and the queue
                     self._deliver(stream, RequestOutput(rid, [], "", True, "error", error=str(exc)))

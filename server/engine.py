@@ -78,7 +78,7 @@ class LLMEngine:
             raise
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    arrival_time: float | None = None) -> Sequence:
+                    arrival_time: float | None = None, queue_bound: bool = True) -> Sequence:
         from model.detokenizer import IncrementalDetokenizer
         self.check_admission(prompt_token_ids, params)
         seq = Sequence(request_id, prompt_token_ids, params, arrival_time)
@@ -88,7 +88,7 @@ class LLMEngine:
         if params.grammar is not None:
             seq.grammar = self.grammars.matcher(params.grammar)
         try:
-            self.scheduler.add(seq)
+            self.scheduler.add(seq, queue_bound)
         except (AdmissionError, OverloadedError):
             self.counters.admission_rejections_total += 1
             raise

@@ -226,7 +226,7 @@ def _loop(engine, commands, results) -> None:
             if cmd[0] == "add":
                 applied += 1
                 try:
-                    engine.add_request(cmd[1], cmd[2], cmd[3])
+                    engine.add_request(cmd[1], cmd[2], cmd[3], queue_bound=False)  # the parent admitted it
                 except Exception as exc:  # noqa: BLE001 - refused between the parent's check and the pipe
                     outputs.append(RequestOutput(cmd[1], [], "", True, "error", error=str(exc)))
             else:

@@ -102,7 +102,8 @@ def install_error_handlers(app: FastAPI) -> None:
             detail = "body: cannot be parsed as JSON"
         err = ApiError(kind, detail, "body" if exc.status_code == 400 else None)
         resp = error_response(err, request.url.path, headers=getattr(exc, "headers", None))
-        resp.status_code = exc.status_code if exc.status_code >= 400 else resp.status_code
+        if exc.status_code > 400:  # a 400 is a validation error: the route's status for those (TGI: 422)
+            resp.status_code = exc.status_code
         return resp
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:

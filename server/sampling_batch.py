@@ -49,7 +49,8 @@ def build_sampling_tensors(seqs: list[Sequence], vocab_size: int, eos_token_ids:
     ps = [s.params for s in seqs]
     floats = _upload([[p.temperature for p in ps], [p.top_p for p in ps], [p.min_p for p in ps]],
                      torch.float32, device)                                        # [3, B]
-    ints = _upload([[max(p.top_k, 0) for p in ps], [p.seed or 0 for p in ps],
+    # a top_k past the vocabulary keeps every token, as top_k = vocab_size does (and fits in int64)
+    ints = _upload([[min(max(p.top_k, 0), vocab_size) for p in ps], [p.seed or 0 for p in ps],
                     [s.num_output_tokens for s in seqs], [p.seed is not None for p in ps]],
                    torch.int64, device)                                            # [4, B]
     # penalties: tables of the penalised rows' tokens only (from each sequence's int64 mirror)
@@ -88,7 +89,7 @@ def build_sampling_tensors(seqs: list[Sequence], vocab_size: int, eos_token_ids:
         banned = _upload(_padded(rows, vocab_size), torch.int64, device)
     greedy = [p.temperature == 0.0 for p in ps]
     sampled = [p for p, g in zip(ps, greedy) if not g]  # the rows whose filters matter
-    top_ks = [p.top_k for p in sampled]
+    top_ks = [min(p.top_k, vocab_size) for p in sampled]
     seeded = [p.seed is not None for p in ps]
     seeded_rows = [i for i, (sd, g) in enumerate(zip(seeded, greedy)) if sd and not g]
     any_unseeded = any(not sd and not g for sd, g in zip(seeded, greedy))

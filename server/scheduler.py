@@ -129,10 +129,14 @@ class Scheduler:
                 f"max_new_tokens: {num_prompt_tokens} prompt tokens + max_new_tokens {params.max_new_tokens} "
                 f"need {blocks} KV blocks; the whole cache has {self.allocator.num_blocks}", "max_new_tokens")
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Sequence, queue_bound: bool = True) -> None:
+        """queue_bound: refuse (OverloadedError) when max_waiting_requests are waiting. The async engines
+        pass False for the requests they already admitted against that bound, counting their adds still in
+        flight: by the time an add lands, a preemption or a step may have moved the queue, and an admitted
+        request must not come back as a failure (it was a 500 instead of the 429 the bound exists for)."""
         if seq.request_id in self.requests:
             raise ValueError(f"duplicate request_id {seq.request_id!r}")
-        if len(self.waiting) >= self.max_waiting_requests:
+        if queue_bound and len(self.waiting) >= self.max_waiting_requests:
             raise OverloadedError(f"{len(self.waiting)} requests are waiting (max_waiting_requests="
                                   f"{self.max_waiting_requests}); retry later")
         self.check_admission(seq.num_prompt_tokens, seq.params)
