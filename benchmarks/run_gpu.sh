@@ -93,7 +93,7 @@ main() {
       step pytest 60 bash -c "echo 'SMOKE: kernel tests skipped' | tee $RAW/pytest.txt"
       step kernels 60 $PY benchmarks/kernels.py --dry-run
     else
-      local tests=(tests/test_kernels.py tests/test_kernel_rotary_cache.py tests/test_cuda_graphs.py tests/test_sampler.py
+      local tests=(tests/test_kernels.py tests/test_kernel_rotary_cache.py tests/test_kernel_decode_rotary.py tests/test_cuda_graphs.py tests/test_sampler.py
         tests/test_prefill_graphs.py tests/test_compiled_forward.py)
       # the default model's greedy test needs its GGUF (no network there): copy it into the cache first
       local cache=${GQA_MODEL_CACHE_DIR:-$HOME/.cache/gqa-serve/models}
