@@ -10,7 +10,7 @@ only then streams its keys, so the loop reads the new key back like any other. N
 that slot in this launch: every other split ends before it. A slot < 0 (padding row of a captured batch)
 writes nothing, as in rotary_cache.py; its seq_len of 0 gives an empty split and a zero output.
 Rounding matches the unfused pair bit for bit: rotation in float32, rounded to q's / k's dtype, then to
-the cache's. The reduce: see _reduce_if_last.
+the cache's. The reduce: see _reduce_if_last (the reduce kernel's maths, its float32 sums in split order).
 """
 from __future__ import annotations
 

@@ -109,9 +109,13 @@ def test_decode_rotary_attention(reduce, num_splits, cfg, dtype):
     assert_caches(step, expect_step, dtype)
     written = (~step["k_cache"].isnan()).all(-1).all(-1).sum().item()
     assert written == sum(max(c, 0) for c in CONTEXTS), "the new tokens' slots, and only those, are written"
-    # bit for bit what the unfused pair gives (same rounding of the rotated q and k)
+    # bit for bit what the unfused pair gives (same rounding of the rotated q and k); the last split sums the
+    # partials in its own order, so there only to float32 rounding
     unfused = run_unfused(unfused_step, scale, num_splits=num_splits, block_n=16)
-    assert torch.equal(out, unfused)
+    if tickets is None:
+        assert torch.equal(out, unfused)
+    else:
+        torch.testing.assert_close(out, unfused, atol=1e-6, rtol=1e-6)
     assert torch.equal(step["k_cache"].nan_to_num(), unfused_step["k_cache"].nan_to_num())
 
 
