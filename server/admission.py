@@ -10,8 +10,8 @@ from server.scheduler import Scheduler
 def check_request(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int,
                   scheduler: Scheduler, grammars: GrammarCompiler | None = None) -> None:
     """A request that can never run raises AdmissionError naming the field: ids outside the vocabulary (in
-    the prompt, logit_bias or stop_token_ids), a grammar that does not compile, or too long for max_model_len / the whole
-    KV cache (no engine state read: any thread, any process)."""
+    the prompt, logit_bias or stop_token_ids), a grammar that does not compile, or too long for max_model_len
+    / the whole KV cache (no engine state read: any thread, any process)."""
     bad = next((t for t in prompt_token_ids if not 0 <= t < vocab_size), None)
     if bad is not None:
         raise AdmissionError(f"inputs: token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
