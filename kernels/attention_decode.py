@@ -8,6 +8,8 @@ block table). With one split it writes the output directly; otherwise it writes 
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -138,6 +140,31 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: t
     return int(max(1, min(want, most, 64)))
 
 
+class DecodeTiles(NamedTuple):
+    group: int  # query heads per kv head: the rows of one program's tile
+    g_pad: int
+    d_pad: int
+    block_n: int
+    num_splits: int
+
+
+def decode_tiles(q: torch.Tensor, k_cache: torch.Tensor, max_seq_len: int, num_splits: int | None = None,
+                 block_n: int | None = None) -> DecodeTiles:
+    """The tiling both decode launchers use (here and kernels/decode_rotary.py), so that they compare on the
+    same grid: q [B, H, D], k_cache [num_blocks, block_size, KVH, D]; None picks the default."""
+    batch, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    assert num_heads % num_kv_heads == 0, "query heads must be a multiple of kv heads"
+    group = num_heads // num_kv_heads
+    if block_n is None:
+        block_n = max(block_size, 64)  # several pages per iteration keeps loads in flight
+    assert block_n >= 16 and block_n & (block_n - 1) == 0, "tl.dot wants a power-of-2 BLOCK_N >= 16"
+    if num_splits is None:
+        num_splits = choose_num_splits(batch, num_kv_heads, max_seq_len, q.device, block_n)
+    return DecodeTiles(group, max(16, triton.next_power_of_2(group)),  # tl.dot wants M >= 16
+                       max(16, triton.next_power_of_2(head_dim)), block_n, num_splits)
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, max_seq_len: int,
                            out: torch.Tensor | None = None, num_splits: int | None = None,
@@ -146,29 +173,21 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
     seq_lens [B] int32 counts the new token; max_seq_len (host int) sizes the split heuristic only.
     """
-    batch, num_heads, head_dim = q.shape
+    batch, _, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
-    assert num_heads % num_kv_heads == 0, "query heads must be a multiple of kv heads"
-    group = num_heads // num_kv_heads
+    t = decode_tiles(q, k_cache, max_seq_len, num_splits, block_n)
     if out is None:
         out = torch.empty_like(q)
     if batch == 0:
         return out
-    if block_n is None:
-        block_n = max(block_size, 64)  # several pages per iteration keeps loads in flight
-    assert block_n >= 16 and block_n & (block_n - 1) == 0, "tl.dot wants a power-of-2 BLOCK_N >= 16"
-    d_pad = max(16, triton.next_power_of_2(head_dim))
-    g_pad = max(16, triton.next_power_of_2(group))  # tl.dot wants M >= 16
-    if num_splits is None:
-        num_splits = choose_num_splits(batch, num_kv_heads, max_seq_len, q.device, block_n)
-    part_acc, part_m, part_l = split_partials(out, num_splits, d_pad)
-    _decode_kernel[(batch, num_kv_heads, num_splits)](
+    part_acc, part_m, part_l = split_partials(out, t.num_splits, t.d_pad)
+    _decode_kernel[(batch, num_kv_heads, t.num_splits)](
         q, k_cache, v_cache, out, part_acc, part_m, part_l, seq_lens, block_tables, scale * LOG2E,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), block_tables.stride(0),
-        GROUP=group, G_PAD=g_pad, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        GROUP=t.group, G_PAD=t.g_pad, HEAD_DIM=head_dim, D_PAD=t.d_pad, BLOCK_SIZE=block_size, BLOCK_N=t.block_n,
+        NUM_SPLITS=t.num_splits, PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )
-    reduce_splits(out, part_acc, part_m, part_l, num_splits, d_pad)
+    reduce_splits(out, part_acc, part_m, part_l, t.num_splits, t.d_pad)
     return out
 
 

@@ -18,8 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention_decode import (_attend_split, _split_range, choose_num_splits, reduce_splits,
-                                      split_partials)
+from kernels.attention_decode import _attend_split, _split_range, decode_tiles, reduce_splits, split_partials
 from kernels.attention_prefill import LOG2E, dot_precision
 
 
@@ -136,37 +135,33 @@ def decode_rotary_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
 
     tickets: int32 zeros with at least B * KVH entries, kept across calls (each launch leaves them 0):
     with it, split partials are combined by the last split to finish instead of a second (reduce) launch."""
-    batch, num_heads, head_dim = q.shape
+    batch, _, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
-    assert num_heads % num_kv_heads == 0 and head_dim % 2 == 0
+    assert head_dim % 2 == 0
     assert k.shape == v.shape == (batch, num_kv_heads, head_dim) and v_cache.shape == k_cache.shape
+    t = decode_tiles(q, k_cache, max_seq_len, num_splits, block_n)
     assert all(x.stride(-1) == 1 for x in (q, k, v, k_cache, v_cache, cos_sin_cache))
     if out is None:
         out = torch.empty_like(q)
     assert out.stride(-1) == 1
     if batch == 0:
         return out
-    if block_n is None:
-        block_n = max(block_size, 64)
-    d_pad = max(16, triton.next_power_of_2(head_dim))
-    if num_splits is None:
-        num_splits = choose_num_splits(batch, num_kv_heads, max_seq_len, q.device, block_n)
-    part_acc, part_m, part_l = split_partials(out, num_splits, d_pad)
-    last_split_reduces = num_splits > 1 and tickets is not None
+    part_acc, part_m, part_l = split_partials(out, t.num_splits, t.d_pad)
+    last_split_reduces = t.num_splits > 1 and tickets is not None
     if last_split_reduces:
         assert tickets.dtype == torch.int32 and tickets.numel() >= batch * num_kv_heads
-    _decode_rotary_kernel[(batch, num_kv_heads, num_splits)](
+    _decode_rotary_kernel[(batch, num_kv_heads, t.num_splits)](
         q, k, v, k_cache, v_cache, out, part_acc, part_m, part_l, tickets if last_split_reduces else seq_lens,
         positions, cos_sin_cache, slot_mapping,
         seq_lens, block_tables, scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3], out.stride(0), out.stride(1), block_tables.stride(0),
         cos_sin_cache.stride(0),
-        GROUP=num_heads // num_kv_heads, G_PAD=max(16, triton.next_power_of_2(num_heads // num_kv_heads)),
-        HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        GROUP=t.group, G_PAD=t.g_pad, HEAD_DIM=head_dim, D_PAD=t.d_pad, BLOCK_SIZE=block_size, BLOCK_N=t.block_n,
+        NUM_SPLITS=t.num_splits,
         PRECISION=dot_precision(q.dtype), LAST_SPLIT_REDUCES=last_split_reduces,
         num_warps=num_warps, num_stages=num_stages,
     )
     if not last_split_reduces:
-        reduce_splits(out, part_acc, part_m, part_l, num_splits, d_pad)
+        reduce_splits(out, part_acc, part_m, part_l, t.num_splits, t.d_pad)
     return out

@@ -137,7 +137,7 @@ def test_decode_rotary_into_a_narrower_cache(dtype, cache_dtype):
 def test_last_split_reduces_again_on_a_second_launch():
     """The ticket counters a launch leaves behind serve the next launch (a graph replays with the same
     buffer): twice over the same inputs, the same output, with every split count."""
-    tickets = torch.zeros(64, dtype=torch.int32)
+    tickets = torch.zeros(64, dtype=torch.int32, device=DEVICE)  # this test runs on a GPU too
     for num_splits in (2, 3, 5):
         step = make_step([9, 150, 77], 8, 2, 64, 8, torch.float32, seed=num_splits)
         first = run_fused(clone_step(step), 0.125, num_splits=num_splits, block_n=16, tickets=tickets)
