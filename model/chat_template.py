@@ -46,6 +46,7 @@ class ChatTemplate:
         except TemplateError as exc:
             raise ChatTemplateError(f"chat template does not compile: {exc}") from exc
         variables = dict(self.special_tokens)
+        variables.update(tools=None, documents=None)  # as transformers passes them: `tools is not none` works
         variables.update(extra)
         variables.update(messages=messages, add_generation_prompt=add_generation_prompt)
         chunks: list[str] = []

@@ -10,7 +10,11 @@ the last emitted token plus the tokens not yet emitted, so the work per token is
 A tokenizer that offers `decode_stream` (model.tokenizer.Tokenizer: the `tokenizers` library's Rust
 DecodeStream, the same two-window rule) is stepped through that instead: one native call per token in
 place of two Python-level decodes, about 3x less host time per token, which the engine pays for every
-sequence every step.
+sequence every step. The offsets are kept on that path too, for `flush` and for one case DecodeStream
+refuses: with sentencepiece's byte fallback, an incomplete character followed by a whole piece turns the
+run of byte pieces before it into U+FFFDs, text already emitted included, so the window's decode no longer
+starts with what was emitted and DecodeStream raises ("Invalid prefix"). The sequence then goes on with
+the Python windows, which take the difference by length as vLLM's do.
 
 Contract: `text` == `tokenizer.decode(output_ids, skip_special_tokens)` whenever the output does not end
 in an incomplete character; the prompt's text is not included. Because of that contract the window
@@ -49,9 +53,14 @@ class IncrementalDetokenizer:
         self.output_ids.append(token_id)
         if self._step is None:
             return self._advance(hold_incomplete=True)
-        delta = self._step(token_id)
+        try:
+            delta = self._step(token_id)
+        except Exception:  # noqa: BLE001 - "Invalid prefix" (module docstring): on with the Python windows
+            self._step = None
+            return self._advance(hold_incomplete=True)
         if not delta:
             return ""
+        self._prefix_offset, self._read_offset = self._read_offset, len(self.output_ids)  # as _advance
         self._chunks.append(delta)
         return delta
 
@@ -59,15 +68,9 @@ class IncrementalDetokenizer:
         """At the end of the sequence: the held-back tail, even an incomplete character (as U+FFFD), so
         that afterwards `text` == decode(output_ids). (One exception: sentencepiece's byte-fallback
         decoder turns a whole run of byte pieces into U+FFFDs when it ends incomplete, including complete
-        characters earlier in the run that were already emitted; those stay as emitted.)"""
-        if self._step is None:
-            return self._advance(hold_incomplete=False)
-        # The stream keeps its window to itself: the tail is what the whole decode has past the emitted text.
-        full, text = self._decode(self.output_ids), self.text
-        if len(full) <= len(text) or not full.startswith(text):
-            return ""
-        self._chunks.append(full[len(text):])
-        return self._chunks[-1]
+        characters earlier in the run that were already emitted; those stay as emitted, and the U+FFFDs
+        past them follow.)"""
+        return self._advance(hold_incomplete=False)
 
     def _advance(self, hold_incomplete: bool) -> str:
         emitted = self._decode(self.output_ids[self._prefix_offset:self._read_offset])

@@ -157,7 +157,20 @@ def sentencepiece_backend(model_file: Path, *, legacy: bool = False, add_prefix_
     # Control and unknown pieces (<s>, </s>, <unk>) are special: matched whole in text, skipped on decode.
     backend.add_special_tokens([AddedToken(p, special=True, normalized=False) for i, p in enumerate(pieces)
                                 if sp.is_control(i) or sp.is_unknown(i)])
+    # User-defined pieces are matched whole too, as sentencepiece and transformers do, but decoded as text.
+    backend.add_tokens([AddedToken(p, special=False, normalized=False) for p in user_defined_pieces(model_file)])
     return backend
+
+
+def user_defined_pieces(model_file: Path) -> list[str]:
+    """The USER_DEFINED pieces of a sentencepiece model, in id order. The processor's API cannot tell them
+    from normal pieces, so they are read from the model's protobuf."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(model_file).read_bytes())
+    user_defined = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+    return [p.piece for p in proto.pieces if p.type == user_defined]
 
 
 def merges_from_vocab(pieces: list[str]) -> list[tuple[str, str]]:

@@ -7,15 +7,16 @@ sequences free their KV blocks at once. Single-threaded: server/async_engine.py 
 """
 from __future__ import annotations
 
+import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from server.blocks import BlockAllocator
 from server.engine_config import EngineConfig, resolve_model_dir
 from server.admission import check_request
 from server.grammar import GrammarCompiler
-from server.outputs import AdmissionError, OverloadedError, RequestOutput, TokenLogprob
+from server.outputs import AdmissionError, EngineCounters, OverloadedError, RequestOutput, TokenLogprob
 from server.sampling_params import SamplingParams
 from server.scheduler import Scheduler, SchedulerOutput
 from server.sequence import Sequence
@@ -23,21 +24,7 @@ from server.speculative import DraftRow, make_proposer, record_verified, verifie
 from server.step_results import Forward
 from server.stop_checker import StopChecker
 
-
-@dataclass
-class EngineCounters:
-    num_steps: int = 0
-    prompt_tokens_total: int = 0
-    generation_tokens_total: int = 0
-    admission_rejections_total: int = 0
-    failed_steps_in_a_row: int = 0
-    overlapped_steps: int = 0  # steps launched while the previous one was still in flight
-    deferred_sampling_steps: int = 0  # of those, steps sampled after the previous one's tokens were appended
-    draft_tokens: int = 0  # speculative tokens proposed and verified (server/speculative.py)
-    accepted_draft_tokens: int = 0  # of those, tokens kept
-    num_drafts: int = 0  # times a sequence fed drafts; accepted_by_position[j]: times its draft j + 1 was kept
-    accepted_by_position: list[int] = field(default_factory=lambda: [0] * 16)  # (num_speculative_tokens <= 16)
-
+log = logging.getLogger(__name__)
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, *, runner: Any = None, tokenizer: Any = None):
@@ -239,6 +226,18 @@ class LLMEngine:
 
     def _append(self, seq: Sequence, index: int, token_id: int, lp: TokenLogprob | None,
                 now: float) -> RequestOutput:
+        """_take_token; a failure in the sequence's own host work (its detokenizer, stop strings, grammar)
+        ends that sequence alone with an error, not the step's other sequences or the engine loop."""
+        try:
+            return self._take_token(seq, index, token_id, lp, now)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("request %s failed on its token %d", seq.request_id, token_id)
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "error")
+            return self._finished_output(seq, "error", f"{type(exc).__name__}: {exc}")
+
+    def _take_token(self, seq: Sequence, index: int, token_id: int, lp: TokenLogprob | None,
+                    now: float) -> RequestOutput:
         seq.token_ids[index] = token_id
         self.counters.generation_tokens_total += 1
         if seq.first_token_time is None:
@@ -249,12 +248,12 @@ class LLMEngine:
         n = index + 1 - seq.num_prompt_tokens  # this token's number among the outputs
         decision = seq.stop_checker.check_token(token_id, n)
         if decision is not None:
-            decision = decision._replace(text_delta=decision.text_delta + self._flush(seq))
+            decision = decision._replace(text_delta=decision.text_delta + seq.detokenizer.flush())
         else:
             delta = seq.detokenizer.add(token_id)
             complete = seq.grammar is not None and seq.grammar.advance(token_id)  # nothing more may follow
             if n >= seq.params.max_new_tokens:
-                delta += self._flush(seq)
+                delta += seq.detokenizer.flush()
             decision = seq.stop_checker.check_text(delta, n)
             if complete and decision.finish_reason is None:
                 end = seq.stop_checker.finish_now("eos_token")
@@ -269,13 +268,6 @@ class LLMEngine:
             stop_reason=decision.stop_reason, new_logprobs=None if lp is None else [lp],
             num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=n, queue_time=queue_time,
             prompt_logprobs=seq.prompt_logprobs if n == 1 else None)
-
-    def _flush(self, seq: Sequence) -> str:
-        """At the end, text the detokenizer still holds (an incomplete character) goes out as decode() has it."""
-        detok = seq.detokenizer
-        full = self.tokenizer.decode(detok.output_ids, skip_special_tokens=seq.params.skip_special_tokens)
-        text = detok.text
-        return full[len(text):] if len(full) > len(text) and full.startswith(text) else ""
 
     def _fail(self, sched: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
         message = f"{type(exc).__name__}: {exc}"

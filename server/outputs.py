@@ -1,6 +1,7 @@
-"""What the engine hands back per request per step, and the errors it raises at admission."""
+"""What the engine hands back per request per step, the errors it raises at admission, and its counters."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 FINISH_REASONS = ("length", "stop", "eos_token", "abort", "error")
@@ -47,3 +48,18 @@ class OverloadedError(RuntimeError):
 
 class EngineDeadError(RuntimeError):
     """The engine loop has died; /health reports 503 and requests fail fast."""
+
+
+@dataclass
+class EngineCounters:
+    num_steps: int = 0
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    admission_rejections_total: int = 0
+    failed_steps_in_a_row: int = 0
+    overlapped_steps: int = 0  # steps launched while the previous one was still in flight
+    deferred_sampling_steps: int = 0  # of those, steps sampled after the previous one's tokens were appended
+    draft_tokens: int = 0  # speculative tokens proposed and verified (server/speculative.py)
+    accepted_draft_tokens: int = 0  # of those, tokens kept
+    num_drafts: int = 0  # times a sequence fed drafts; accepted_by_position[j]: times its draft j + 1 was kept
+    accepted_by_position: list[int] = field(default_factory=lambda: [0] * 16)  # (num_speculative_tokens <= 16)

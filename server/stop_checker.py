@@ -53,11 +53,11 @@ class StopChecker:
         start = len(self.text)
         self.text += delta
         if self.stop and num_output_tokens >= self.params.min_new_tokens:
-            # A new match must end inside the new text; it may start up to max_stop_len-1 chars earlier.
-            search_from = max(0, start - self.max_stop_len + 1)
+            # A new match must end inside the new text: s may start up to len(s) - 1 chars earlier (so one
+            # that lay whole in text written under min_new_tokens stays suppressed, whatever the other stops)
             best: tuple[int, str] | None = None
             for s in self.stop:
-                i = self.text.find(s, search_from)
+                i = self.text.find(s, max(0, start - len(s) + 1))
                 if i >= 0 and (best is None or i < best[0]):
                     best = (i, s)
             if best is not None:

@@ -144,6 +144,23 @@ def test_flush_releases_an_incomplete_tail(tokenizers, kind, path):
     assert detok.flush() == ""
 
 
+@pytest.mark.parametrize("then_a_word", [True, False], ids=["then-a-word", "at-the-end"])
+def test_byte_fallback_run_that_turns_invalid_behind_emitted_text(tokenizers, path, then_a_word):
+    """Sentencepiece byte fallback: "w" as a byte piece, the first byte of a 3-byte character, then a whole
+    piece. decode() now turns the whole byte run, the emitted "w" too, into U+FFFDs, which tokenizers'
+    DecodeStream refuses ("Invalid prefix": it used to stop the engine); both paths keep what they emitted
+    and add the U+FFFD and the word, and the same goes for flush at the end."""
+    tok = tokenizers["sentencepiece"]
+    ids = [tok._backend.token_to_id("<0x77>"), tok._backend.token_to_id("<0xE7>")]
+    ids += tok.encode(" and", add_special_tokens=False) if then_a_word else []
+    assert tok.decode(ids).startswith(REPLACEMENT_CHAR * 2)  # (the case: "w" is gone from decode())
+    detok = make_detok(tok, path)
+    deltas = [detok.add(t) for t in ids] + [detok.flush()]
+    assert deltas[:2] == ["w", ""]
+    assert detok.text == "w" + REPLACEMENT_CHAR + (" and" if then_a_word else "")
+    assert detok.add(tok.encode(" the", add_special_tokens=False)[-1]) == " the"  # and it goes on
+
+
 def test_native_stream_decodes_nothing_in_python(tokenizers, shakespeare_text):
     """With a Tokenizer the engine's per-token work is one native DecodeStream step, not decode() calls."""
     tok = tokenizers["byte_bpe"]

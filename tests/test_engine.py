@@ -126,6 +126,41 @@ def test_abort_frees_blocks_at_once(llm):
     assert engine.allocator.num_free_blocks == engine.allocator.num_blocks and not engine.has_unfinished()
 
 
+def test_a_request_whose_own_host_work_fails_ends_alone(llm):
+    """An exception in one sequence's detokenizer (as tokenizers' DecodeStream once raised for byte-fallback
+    output) ends that request with an error; the requests beside it finish as they would alone, its blocks
+    are freed, and the engine goes on (it used to propagate out of step() and stop the engine loop)."""
+    class Broken:
+        def __init__(self, inner):
+            self.inner, self.calls = inner, 0
+
+        def add(self, token_id):
+            self.calls += 1
+            if self.calls == 3:
+                raise RuntimeError("Invalid prefix encountered while decoding stream")
+            return self.inner.add(token_id)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    engine, ps = llm.engine, prompts(3, seed=9)
+    params = SamplingParams(temperature=0.0, max_new_tokens=10, ignore_eos=True)
+    want = [r.token_ids for r in llm.generate(ps, params)]
+    seqs = [engine.add_request(f"h{i}", p, params) for i, p in enumerate(ps)]
+    seqs[1].detokenizer = Broken(seqs[1].detokenizer)
+    finished = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+    assert finished["h1"].finish_reason == "error" and "Invalid prefix" in finished["h1"].error
+    assert [finished[f"h{i}"].finish_reason for i in (0, 2)] == ["length", "length"]
+    assert [seqs[i].output_token_ids for i in (0, 2)] == [want[0], want[2]]
+    assert engine.counters.failed_steps_in_a_row == 0
+    assert engine.allocator.num_free_blocks == engine.allocator.num_blocks
+    assert llm.generate([ps[1]], params)[0].token_ids == want[1]
+
+
 def test_admission_errors(llm):
     from server.outputs import AdmissionError
     with pytest.raises(AdmissionError) as e:

@@ -52,3 +52,14 @@ def test_stop_strings_wait_for_min_new_tokens():
     c = StopChecker(SamplingParams(stop=("a",), min_new_tokens=2, max_new_tokens=10), (2,))
     out, d = feed(c, ["a", "ba"])
     assert d.finish_reason == "stop" and "".join(out) == "ab"
+
+
+def test_a_stop_written_under_min_new_tokens_stays_suppressed_whatever_the_other_stops():
+    """"ab" lies whole in the first token, written under min_new_tokens: it never ends the sequence, and a
+    longer unrelated stop string must not widen the search back over it."""
+    results = []
+    for stops in (("ab",), ("ab", "zzzz")):
+        c = StopChecker(SamplingParams(stop=stops, min_new_tokens=2, max_new_tokens=3), (2,))
+        out, d = feed(c, ["ab", "x", "y"])
+        results.append(("".join(out), d.finish_reason))
+    assert results == [("abxy", "length")] * 2

@@ -42,7 +42,8 @@ MESSAGES = [
 
 
 def make_sentencepiece_dir(out_dir: Path, text: str, *, add_bos: bool = True,
-                           chat_template: str | None = LLAMA_CHAT_TEMPLATE) -> Path:
+                           chat_template: str | None = LLAMA_CHAT_TEMPLATE,
+                           user_defined_symbols: tuple[str, ...] = ()) -> Path:
     """A LLaMA-style tokenizer.model (BPE, byte fallback, identity normalisation) + tokenizer_config.json."""
     import sentencepiece as spm
 
@@ -52,7 +53,7 @@ def make_sentencepiece_dir(out_dir: Path, text: str, *, add_bos: bool = True,
         sentence_iterator=iter(text[:60_000].splitlines()), model_writer=model, vocab_size=SP_VOCAB_SIZE,
         model_type="bpe", byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity",
         remove_extra_whitespaces=False, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        minloglevel=2)
+        minloglevel=2, user_defined_symbols=list(user_defined_symbols))
     (out_dir / "tokenizer.model").write_bytes(model.getvalue())
     config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
               # the older dict form of a special token, as many LLaMA checkpoints still write it
@@ -112,6 +113,22 @@ def test_sentencepiece_matches_hf(sp_dir):
     emoji_ids = ours.encode("😀", add_special_tokens=False)
     assert [ours.id_to_piece(i) for i in emoji_ids][-4:] == ["<0xF0>", "<0x9F>", "<0x98>", "<0x80>"]
     assert ours.decode(emoji_ids) == "😀"
+
+
+def test_sentencepiece_user_defined_symbols_encode_whole_like_hf(tmp_path, shakespeare_text):
+    """Pieces a model was trained with as user_defined_symbols are one token each wherever they occur (as
+    sentencepiece and transformers tokenize them), and decode back as text, not as special tokens."""
+    pytest.importorskip("google.protobuf", reason="transformers reads tokenizer.model with protobuf")
+    symbols = ("<tool>", "foo", "\n\n")
+    model_dir = make_sentencepiece_dir(tmp_path, shakespeare_text, user_defined_symbols=symbols)
+    ours, hf = Tokenizer.from_pretrained(model_dir), hf_tokenizer(model_dir)
+    for text in ("foofoo", "x<tool>y", "a\n\nb", "ROMEO:\n\nfoo <tool> bar"):
+        ids = ours.encode(text, add_special_tokens=False)
+        assert ids == hf.encode(text, add_special_tokens=False), text
+        assert ours.decode(ids) == hf.decode(ids) == text
+    pieces = [ours.id_to_piece(i) for i in ours.encode("x<tool>y", add_special_tokens=False)]
+    assert "<tool>" in pieces
+    assert not ours.all_special_ids & set(ours.encode("foo", add_special_tokens=False))
 
 
 def test_sentencepiece_leading_space_like_hf_llama(sp_dir):
@@ -193,6 +210,21 @@ def test_chat_template_jinja_file_wins_and_list_form(tmp_path, tiny_llama_dir):
                                {"name": "default", "template": "{{ messages[0]['content'] }}!"}]
     (listed / "tokenizer_config.json").write_text(json.dumps(config))
     assert Tokenizer.from_pretrained(listed).apply_chat_template(MESSAGES) == "Hi there!!"
+
+
+@pytest.mark.parametrize("source", [
+    "{% if tools is not none %}TOOLS {{ tools | tojson }}\n{% endif %}{{ messages[0].content }}",
+    "{% if tools is defined %}TOOLS {{ tools | tojson }}\n{% endif %}{{ messages[0].content }}",
+    "{% if documents is not none %}DOCS{% endif %}{{ messages[0].content }}",
+], ids=["tools-is-not-none", "tools-is-defined", "documents"])
+def test_a_request_without_tools_renders_as_transformers_does(tmp_path, tiny_llama_dir, source):
+    """transformers always passes tools=None and documents=None: a template testing `tools is not none`
+    failed (tojson of an undefined) and so refused every chat request that had no tools."""
+    model_dir = tmp_path / "tools"
+    shutil.copytree(tiny_llama_dir, model_dir)
+    (model_dir / "chat_template.jinja").write_text(source)
+    expected = hf_tokenizer(model_dir).apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    assert Tokenizer.from_pretrained(model_dir).apply_chat_template(MESSAGES) == expected
 
 
 def test_missing_chat_template_gives_a_clear_error(tmp_path, shakespeare_text):
