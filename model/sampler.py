@@ -80,7 +80,16 @@ def hashed_uniform(seeds: torch.Tensor, output_index: torch.Tensor, vocab_size: 
     row = _mix64(seeds * golden + output_index)                               # [B]
     ids = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
     h = _mix64(row[:, None] + (ids[None, :] + 1) * golden)                      # [B, V]
-    return (_srl(h, 40).float() + 0.5) * (1.0 / (1 << 24))
+    return open_unit_float(_srl(h, 64 - UNIFORM_BITS))
+
+
+UNIFORM_BITS = 23  # 24 would round the top value, (2**24 - 0.5) / 2**24, to exactly 1.0 in float32
+
+
+def open_unit_float(bits: torch.Tensor) -> torch.Tensor:
+    """Integers in [0, 2**UNIFORM_BITS) to float32 uniforms strictly inside (0, 1): a 1.0 made the Gumbel
+    noise -log(-log(u)) infinite, which picked that token whatever its logit (or, if masked, NaN)."""
+    return (bits.float() + 0.5) * (1.0 / (1 << UNIFORM_BITS))
 
 
 def _apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
@@ -94,7 +103,11 @@ def _apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     if t.banned_tokens is not None:
         banned = torch.zeros(B, V + 1, dtype=torch.bool, device=logits.device)
         banned.scatter_(1, t.banned_tokens, True)
-        logits = logits.masked_fill(banned[:, :V], float("-inf"))
+        kept = logits.masked_fill(banned[:, :V], float("-inf"))
+        if t.allowed_bits is not None:  # a grammar that allows only banned ids (it must end: eos) wins over
+            # min_new_tokens; the row would otherwise be all -inf and argmax would take token 0
+            kept = torch.where(kept.amax(dim=-1, keepdim=True) == float("-inf"), logits, kept)
+        logits = kept
     if t.repetition_penalty is None and t.presence_penalty is None:
         return logits
     rows = t.penalty_rows  # only the penalised rows' [R, V] are worked on (a batch mixes them with others)

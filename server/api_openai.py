@@ -24,7 +24,7 @@ from server.schemas_openai_out import (ChatChoice, ChatChunkChoice, ChatCompleti
                                        TopLogprob)
 from server.sse import EventStreamResponse
 from server.state import ServerState
-from server.tool_calls import ChoiceReply, auto_parser, tool_grammar
+from server.tool_calls import ChoiceReply, auto_parser, tool_grammar, tool_schema_field
 
 _ERRORS = {400: {"model": OpenAIError}, 404: {"model": OpenAIError}, 429: {"model": OpenAIError},
            503: {"model": OpenAIError}}
@@ -183,7 +183,7 @@ async def chat_completions(state: ServerState, request: Request, req: ChatComple
                              logprobs=logprobs, logprobs_field="top_logprobs", choice=i, grammar=calls))
             for i in range(n)]
     rid, created, model = new_request_id("chatcmpl"), now_s(), state.model_name
-    streams = submit_all(state, jobs, ADMISSION_NAMES)
+    streams = submit_all(state, jobs, ADMISSION_NAMES if calls is None else {"grammar": tool_schema_field(req)})
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

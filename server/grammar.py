@@ -36,15 +36,22 @@ def grammar_source(grammar: Grammar) -> str:
     import llguidance
     if grammar.type == "json":
         try:
-            schema = json.loads(grammar.value)
+            schema = json.loads(grammar.value, parse_constant=_refuse_constant)
         except json.JSONDecodeError as exc:
             raise ValueError(f"the JSON schema does not parse: {exc}") from None
+        except RecursionError:
+            raise ValueError("the JSON schema is nested too deeply to parse") from None
         if not isinstance(schema, dict):
             raise ValueError("the JSON schema must be an object")
         return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_LAYOUT)
     if grammar.type == "regex":
         return llguidance.LLMatcher.grammar_from_regex(grammar.value)
     return llguidance.LLMatcher.grammar_from_lark(grammar.value)
+
+
+def _refuse_constant(name: str):
+    """NaN and Infinity are Python's extensions to JSON, not JSON."""
+    raise ValueError(f"the JSON schema does not parse: {name} is not JSON")
 
 
 class GrammarCompiler:

@@ -57,10 +57,15 @@ def tool_grammar(req: ChatCompletionRequest) -> dict | None:
                                      "a call (the call's arguments follow the tool's schema)", "response_format")
     schemas = {t.function.name: t.function.parameters or {"type": "object"} for t in tools}
     if choice == "required":
-        items = [{"type": "object", "properties": {"name": {"const": name}, "parameters": schema},
-                  "required": ["name", "parameters"], "additionalProperties": False}
-                 for name, schema in schemas.items()]
-        array = {"type": "array", "minItems": 1, "items": {"anyOf": items}}
+        # each tool's schema sits under the wrapper's $defs, its own references ("#", "#/$defs/X", as
+        # pydantic writes them) rewritten to point there: as a plain subschema they would resolve
+        # against the wrapper's root
+        defs = {f"tool_{i}": rebased_refs(schema, f"#/$defs/tool_{i}")
+                for i, schema in enumerate(schemas.values())}
+        items = [{"type": "object", "required": ["name", "parameters"], "additionalProperties": False,
+                  "properties": {"name": {"const": name}, "parameters": {"$ref": f"#/$defs/tool_{i}"}}}
+                 for i, name in enumerate(schemas)]
+        array = {"$defs": defs, "type": "array", "minItems": 1, "items": {"anyOf": items}}
         if req.parallel_tool_calls is False:
             array["maxItems"] = 1
         return {"type": "json", "value": json.dumps(array)}
@@ -69,6 +74,38 @@ def tool_grammar(req: ChatCompletionRequest) -> dict | None:
         raise ApiError("validation", f"tool_choice: function '{name}' is not among the tools "
                                      f"({', '.join(schemas)})", "tool_choice")
     return {"type": "json", "value": json.dumps(schemas[name])}
+
+
+def tool_schema_field(req: ChatCompletionRequest) -> str:
+    """The request field tool_grammar(req) comes from, for errors about it (OpenAI's `param`)."""
+    if req.tool_choice == "required":
+        return "tools"
+    names = [t.function.name for t in req.tools or []]
+    return f"tools.{names.index(req.tool_choice.function.name)}.function.parameters"  # as pydantic names fields
+
+
+_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})  # their values are data, not schemas
+_NAMED_SCHEMAS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+
+
+def rebased_refs(schema, base: str):
+    """schema with each local reference ("#" or "#/...") moved under `base`, a JSON pointer to where the
+    schema will sit in a larger one."""
+    if isinstance(schema, list):
+        return [rebased_refs(item, base) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and (value == "#" or value.startswith("#/")):
+            out[key] = base + value[1:]
+        elif key in _DATA_KEYWORDS:
+            out[key] = value
+        elif key in _NAMED_SCHEMAS and isinstance(value, dict):  # names (maybe "const") -> schemas
+            out[key] = {name: rebased_refs(sub, base) for name, sub in value.items()}
+        else:
+            out[key] = rebased_refs(value, base)
+    return out
 
 
 def tool_calls(req: ChatCompletionRequest, text: str) -> list[ToolCall]:

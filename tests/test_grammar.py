@@ -105,6 +105,23 @@ def test_a_token_the_grammar_rejects_ends_the_sequence_and_says_so(llm, caplog):
     assert "grammar rejected token" in caplog.text
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_grammar_wins_over_min_new_tokens_when_it_allows_only_banned_tokens(llm, caplog, temperature):
+    """Under min_new_tokens, stop ids (and eos) are banned; a grammar that allows nothing else here (regex
+    "ab" after "a", with "b" a stop id) left the row all -inf, and argmax took token 0, which the grammar
+    rejected. The grammar wins: "b" is sampled (a stop id below min_new_tokens does not stop) and the
+    sequence ends with the grammar, its text matching."""
+    b = llm.engine.tokenizer.encode("b", add_special_tokens=False)
+    assert len(b) == 1
+    grammar = Grammar(type="regex", value="ab")
+    params = SamplingParams(temperature=temperature, seed=3, max_new_tokens=20, min_new_tokens=2,
+                            stop_token_ids=b, grammar=grammar)
+    with caplog.at_level("WARNING", logger="server.grammar"):
+        out = llm.generate(engine_prompts(3, seed=5), params)
+    assert [(o.text, o.finish_reason) for o in out] == [("ab", "eos_token")] * 3
+    assert "grammar rejected" not in caplog.text
+
+
 @pytest.mark.parametrize("grammar", [json_grammar(), Grammar(type="regex", value=REGEX)], ids=["json", "regex"])
 def test_greedy_under_a_grammar_matches_transformers_under_the_same_mask(tiny_llama_dir, llm, grammar):
     """transformers generates greedily with a logits processor that feeds a fresh llguidance matcher the
@@ -182,6 +199,8 @@ def test_grammar_rows_under_overlap_and_preemption_match_the_synchronous_engine(
     (Grammar(type="json", value="{not json"), "does not parse"),
     (Grammar(type="json", value='{"type": "wrong"}'), "not a valid json grammar"),
     (Grammar(type="lark", value="start: nowhere"), "not a valid lark grammar"),
+    (Grammar(type="json", value="[" * 5000), "nested too deeply"),  # (a RecursionError: a 500)
+    (Grammar(type="json", value='{"const": NaN}'), "NaN is not JSON"),  # (Python's json took it)
 ])
 def test_a_bad_grammar_is_refused_at_admission(llm, grammar, words):
     params = SamplingParams(max_new_tokens=4, grammar=grammar)

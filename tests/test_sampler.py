@@ -136,6 +136,12 @@ def test_hashed_uniform_is_uniform_in_open_interval():
     u = hashed_uniform(torch.tensor([0, 1, 2**62]), torch.tensor([0, 5, 9]), 20000)
     assert (u > 0).all() and (u < 1).all()
     assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.005
+    # the extremes a hash can give (with 24 bits the top one was exactly 1.0: one token in 2**24 drew an
+    # infinite Gumbel and was sampled whatever its logit, or NaN where masked; a grammar fuzzer caught it)
+    from model.sampler import UNIFORM_BITS, open_unit_float
+    ends = open_unit_float(torch.tensor([0, (1 << UNIFORM_BITS) - 1]))
+    assert ends.dtype == torch.float32 and 0 < ends[0] and ends[1] < 1
+    assert torch.isfinite(-torch.log(-torch.log(ends))).all()
 
 
 def test_logprobs_are_raw_log_softmax_with_top_n():

@@ -86,6 +86,34 @@ def test_required_calls_one_of_the_tools_and_streams(client, live):
     assert (counters.accepted_draft_tokens > kept_before) == drafting  # the calls' forced tokens, as drafts
 
 
+# pydantic's model_json_schema() puts nested models under $defs; a recursive schema refers to its root
+LOCATED = {"type": "object", "properties": {"loc": {"$ref": "#/$defs/Loc"}}, "required": ["loc"],
+           "additionalProperties": False, "$defs": {"Loc": {
+               "type": "object", "properties": {"city": {"enum": ["paris", "rome"]}}, "required": ["city"],
+               "additionalProperties": False}}}
+TREE = {"type": "object", "properties": {"kids": {"type": "array", "items": {"$ref": "#"}, "maxItems": 2}},
+        "required": ["kids"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("parameters", [LOCATED, TREE], ids=["defs", "recursive"])
+def test_tool_schemas_with_references_hold_under_required_and_named(client, parameters):
+    """"required" wraps the tools' schemas in one array schema; their own references ("#/$defs/Loc", "#")
+    must still resolve against the tool's schema (they resolved against the wrapper: a 400, or calls nested
+    in calls). Checked with the jsonschema package against the tool's own schema."""
+    import jsonschema
+    tool = {"type": "function", "function": {"name": "f", "parameters": parameters}}
+    for choice in ("required", {"type": "function", "function": {"name": "f"}}):
+        for seed in range(2):
+            r = client.chat.completions.create(model=client.models.list().data[0].id, messages=CHAT,
+                                               max_tokens=200, tools=[tool, TIME], tool_choice=choice,
+                                               parallel_tool_calls=False, temperature=1.0, seed=seed)
+            calls = r.choices[0].message.tool_calls
+            assert r.choices[0].finish_reason == "tool_calls" and calls, r
+            for call in calls:
+                schema = parameters if call.function.name == "f" else TIME["function"]["parameters"]
+                jsonschema.validate(json.loads(call.function.arguments), schema)
+
+
 def test_a_call_cut_by_max_tokens_comes_back_as_text(client):
     r = client.chat.completions.create(model=client.models.list().data[0].id, messages=CHAT, max_tokens=3,
                                        tools=[WEATHER], tool_choice="required")
@@ -109,11 +137,17 @@ def test_tools_and_tool_turns_reach_the_template(live):
     assert count[0] > count[1]  # "call get_weather" and "call_1" were rendered
 
 
+BAD_SCHEMA = {"type": "function", "function": {"name": "bad", "parameters": {"type": "wrong"}}}
+
+
 @pytest.mark.parametrize("extra, param", [
     ({"tool_choice": "auto"}, "tool_choice"),
     ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
     ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
     ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools.0.function.name"),
+    ({"tools": [WEATHER, BAD_SCHEMA], "tool_choice": "required"}, "tools"),  # (it was "response_format")
+    ({"tools": [WEATHER, BAD_SCHEMA], "tool_choice": {"type": "function", "function": {"name": "bad"}}},
+     "tools.1.function.parameters"),
 ])
 def test_tool_requests_that_cannot_be_served_are_400s(live, extra, param):
     body = {"messages": CHAT, "tools": [WEATHER], **extra}
