@@ -81,37 +81,43 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> "ModelConfig":
+        """Every field this server reads, checked: a wrong type or value here is one clear error at load,
+        not a server that answers /health and then fails every request."""
         archs = raw.get("architectures") or ["LlamaForCausalLM"]
-        arch = archs[0]
+        archs = [archs] if isinstance(archs, str) else archs
+        arch = archs[0] if isinstance(archs, list) else None
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ConfigError(f"architectures={archs!r}: supported are {', '.join(SUPPORTED_ARCHITECTURES)}")
+        act = raw.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):  # the MLP is SwiGLU: another activation would run silu silently
+            raise ConfigError(f"config.json: hidden_act={act!r} is not supported (the MLP computes silu)")
+        for name in ("mlp_bias", "attention_bias", "tie_word_embeddings", "use_sliding_window"):
+            if raw.get(name) is not None and not isinstance(raw[name], bool):
+                raise ConfigError(f"config.json: {name} must be true or false, got {raw[name]!r}")
+        if raw.get("mlp_bias"):
+            raise ConfigError("config.json: mlp_bias=true is not supported (the MLP projections have no bias)")
         window = raw.get("sliding_window") if raw.get("use_sliding_window", arch == "MistralForCausalLM") else None
-        if window is not None and (not isinstance(window, int) or window <= 0):
+        if window is not None and (not _is_int(window) or window <= 0):
             raise ConfigError(f"config.json: sliding_window must be a positive integer or null, got {window!r}")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-            if not isinstance(raw.get(name), int) or raw[name] <= 0:
-                raise ConfigError(f"config.json: {name} must be a positive integer, got {raw.get(name)!r}")
-        heads = raw["num_attention_heads"]
-        head_dim = raw.get("head_dim") or raw["hidden_size"] // heads
-        eos = raw.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        sizes = {name: _positive_int(raw, name) for name in ("vocab_size", "hidden_size", "intermediate_size",
+                                                             "num_hidden_layers", "num_attention_heads")}
+        heads = sizes["num_attention_heads"]
+        rope_params = raw.get("rope_parameters") if isinstance(raw.get("rope_parameters"), dict) else {}
+        max_positions = _positive_int(raw, "max_position_embeddings", 2048)
         return cls(
             architecture=arch,
-            vocab_size=raw["vocab_size"],
-            hidden_size=raw["hidden_size"],
-            intermediate_size=raw["intermediate_size"],
-            num_hidden_layers=raw["num_hidden_layers"],
-            num_attention_heads=heads,
-            num_key_value_heads=raw.get("num_key_value_heads") or heads,
-            head_dim=head_dim,
-            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
-            rope_theta=raw.get("rope_theta", (raw.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
-            rope_scaling=_parse_rope_scaling(raw),
-            max_position_embeddings=raw.get("max_position_embeddings", 2048),
+            **sizes,
+            num_key_value_heads=_positive_int(raw, "num_key_value_heads", heads),
+            head_dim=_positive_int(raw, "head_dim", sizes["hidden_size"] // heads),
+            rms_norm_eps=_positive_number(raw, "rms_norm_eps", 1e-6),
+            # transformers >= 5 reads rope_parameters first; older configs have rope_theta at the top
+            rope_theta=_positive_number(rope_params if "rope_theta" in rope_params else raw, "rope_theta", 10000.0),
+            rope_scaling=_parse_rope_scaling(raw, max_positions),
+            max_position_embeddings=max_positions,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attention_bias=arch == "Qwen2ForCausalLM" or bool(raw.get("attention_bias", False)),
-            bos_token_id=raw.get("bos_token_id"),
-            eos_token_ids=eos_ids,
+            bos_token_id=_token_ids(raw, "bos_token_id")[0] if raw.get("bos_token_id") is not None else None,
+            eos_token_ids=_token_ids(raw, "eos_token_id"),
             sliding_window=window,
         )
 
@@ -127,22 +133,61 @@ def valid_kv_head_counts(num_attention_heads: int) -> list[int]:
     return [n for n in range(1, num_attention_heads + 1) if num_attention_heads % n == 0]
 
 
-def _parse_rope_scaling(raw: dict) -> RopeScaling:
+def _parse_rope_scaling(raw: dict, max_position_embeddings: int) -> RopeScaling:
     # transformers >= 5 writes rope settings under rope_parameters; older configs use rope_scaling.
     scaling = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+    if not isinstance(scaling, dict):
+        raise ConfigError(f"config.json: rope_scaling must be an object or null, got {scaling!r}")
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(f"rope_scaling.rope_type={rope_type!r} is not supported "
                           f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
     if rope_type == "default":
         return RopeScaling()
+    if "factor" not in scaling:
+        raise ConfigError(f"config.json: rope_scaling of type {rope_type!r} needs a factor")
+
+    def number(name: str, default: float) -> float:
+        return _positive_number(scaling, name, default, where="rope_scaling.")
     return RopeScaling(
         rope_type=rope_type,
-        factor=float(scaling["factor"]),
-        low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(scaling.get("original_max_position_embeddings", 8192)),
+        factor=number("factor", 1.0),
+        low_freq_factor=number("low_freq_factor", 1.0),
+        high_freq_factor=number("high_freq_factor", 4.0),
+        # (absent: the model's own context, as transformers takes it)
+        original_max_position_embeddings=_positive_int(scaling, "original_max_position_embeddings",
+                                                       max_position_embeddings, where="rope_scaling."),
     )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_int(raw: dict, name: str, default: int | None = None, where: str = "") -> int:
+    """raw[name] (default when absent or null), which must be a positive integer."""
+    value = raw.get(name)
+    if value is None and default is not None:
+        return default
+    if not _is_int(value) or value <= 0:
+        raise ConfigError(f"config.json: {where}{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _positive_number(raw: dict, name: str, default: float, where: str = "") -> float:
+    value = raw.get(name, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+        raise ConfigError(f"config.json: {where}{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _token_ids(raw: dict, name: str) -> tuple[int, ...]:
+    """A token id or a list of them (eos_token_id), or null."""
+    value = raw.get(name)
+    ids = value if isinstance(value, list) else ([] if value is None else [value])
+    if not all(_is_int(i) and i >= 0 for i in ids):
+        raise ConfigError(f"config.json: {name} must be a token id, a list of them or null, got {value!r}")
+    return tuple(ids)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:

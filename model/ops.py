@@ -95,5 +95,17 @@ def make_ops(name: str, device: torch.device) -> "TorchOps | TritonOps":
     if name == "torch":
         return TorchOps()
     if name == "triton":
+        if device.type != "cuda" and not _triton_interprets():
+            raise ValueError(f"attention_backend='triton' on {device.type}: Triton's kernels need a CUDA device "
+                             "(or TRITON_INTERPRET=1, the interpreter the tests use); use 'auto' or 'torch'")
         return TritonOps(device)
     raise ValueError(f"attention_backend={name!r}: expected 'auto', 'torch' or 'triton'")
+
+
+def _triton_interprets() -> bool:
+    """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET=1, read by Triton itself)."""
+    try:
+        from triton import knobs
+    except ImportError:  # no Triton, or one older than its knobs (3.4): let the launch say what is wrong
+        return True
+    return bool(knobs.runtime.interpret)

@@ -33,12 +33,18 @@ class CheckpointError(ValueError):
 def checkpoint_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        files = sorted({model_dir / name for name in weight_map.values()})
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted({model_dir / name for name in weight_map.values()})
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{index}: not a safetensors index (a JSON object with a weight_map of "
+                                  f"tensor -> file): {type(exc).__name__}: {exc}") from None
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise CheckpointError(f"{index}: shard files listed but not found: {missing}")
         return files
+    if (model_dir / "model.safetensors").is_file():  # alone, as transformers reads it: a directory may also
+        return [model_dir / "model.safetensors"]      # hold consolidated.safetensors or an adapter's file
     files = sorted(model_dir.glob("*.safetensors"))
     if files:
         return files
@@ -95,13 +101,20 @@ def load_weights(model: nn.Module, model_dir: Path, *, dtype: torch.dtype, devic
     files = checkpoint_files(model_dir)
     with tqdm(desc="Loading weights", unit="tensor", disable=not progress) as bar:
         for path in files:
-            with safe_open(str(path), framework="pt", device="cpu") as reader:
+            try:
+                reader_context = safe_open(str(path), framework="pt", device="cpu")
+            except Exception as exc:  # noqa: BLE001 - safetensors' own error types vary by version
+                raise CheckpointError(f"{path}: not a readable safetensors file: {exc}") from None
+            with reader_context as reader:
                 bar.total = (bar.total or 0) + len(reader.keys())
                 for ckpt_name in reader.keys():
                     bar.update()
                     if ckpt_name.endswith(IGNORED_SUFFIXES) or (tied and ckpt_name == "lm_head.weight"):
                         continue
-                    tensor = reader.get_tensor(ckpt_name)
+                    try:
+                        tensor = reader.get_tensor(ckpt_name)
+                    except Exception as exc:  # noqa: BLE001 - a truncated file fails here
+                        raise CheckpointError(f"{path}: tensor {ckpt_name} cannot be read: {exc}") from None
                     _load_one(ckpt_name, tensor, params, fused, pending, buffers, config, dtype, device,
                               kv_head_method)
 

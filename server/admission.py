@@ -7,6 +7,24 @@ from server.sampling_params import SamplingParams
 from server.scheduler import Scheduler
 
 
+def token_ids_within(tokenizer, eos_token_ids: tuple[int, ...], vocab_size: int) -> tuple[int, ...]:
+    """At start-up: the tokenizer's bos id, which it puts in every prompt, must have an embedding (else every
+    request would be refused); eos ids past the vocabulary can never be sampled and are dropped, with a
+    warning. Returns the eos ids kept."""
+    import logging
+
+    from model.config import ConfigError
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and bos >= vocab_size:
+        raise ConfigError(f"tokenizer: its bos token id {bos} is outside the model's vocabulary (vocab_size "
+                          f"{vocab_size} in config.json): the tokenizer files do not match the weights")
+    kept = tuple(i for i in eos_token_ids if i < vocab_size)
+    if kept != eos_token_ids:
+        logging.getLogger(__name__).warning("eos token ids %s are outside the vocabulary (%d); ignoring them",
+                                            sorted(set(eos_token_ids) - set(kept)), vocab_size)
+    return kept
+
+
 def check_request(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int,
                   scheduler: Scheduler, grammars: GrammarCompiler | None = None) -> None:
     """A request that can never run raises AdmissionError naming the field: ids outside the vocabulary (in

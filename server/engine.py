@@ -14,7 +14,7 @@ from typing import Any
 
 from server.blocks import BlockAllocator
 from server.engine_config import EngineConfig, resolve_model_dir
-from server.admission import check_request
+from server.admission import check_request, token_ids_within
 from server.grammar import GrammarCompiler
 from server.outputs import AdmissionError, EngineCounters, OverloadedError, RequestOutput, TokenLogprob
 from server.sampling_params import SamplingParams
@@ -44,7 +44,8 @@ class LLMEngine:
         self.model_config = runner.model_config
         self.max_model_len: int = runner.max_model_len
         self.kv_capacity = runner.kv_capacity
-        self.eos_token_ids = tuple(tokenizer.eos_token_ids) or tuple(self.model_config.eos_token_ids)
+        self.eos_token_ids = token_ids_within(tokenizer, tuple(tokenizer.eos_token_ids)
+                                              or tuple(self.model_config.eos_token_ids), self.model_config.vocab_size)
         self.grammars = GrammarCompiler(tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self.allocator = BlockAllocator(self.kv_capacity.num_blocks, config.block_size,
                                         enable_prefix_caching=config.enable_prefix_caching)

@@ -108,6 +108,11 @@ class GrammarCompiler:
         error = llguidance.LLMatcher.validate_grammar(source, self.ll_tokenizer())
         if error and not error.startswith("WARNING"):
             raise AdmissionError(f"grammar: not a valid {grammar.type} grammar: {error.strip()}", "grammar")
+        probe = llguidance.LLMatcher(self.ll_tokenizer(), source, log_level=0)
+        probe.compute_bitmask()  # some grammars validate but cannot start (a $ref that only refers to itself)
+        if probe.is_error():
+            raise AdmissionError(f"grammar: this {grammar.type} grammar cannot be run: "
+                                 f"{probe.get_error().strip().splitlines()[0]}", "grammar")
         return source
 
     def matcher(self, grammar: Grammar) -> "SequenceGrammar":
@@ -122,6 +127,10 @@ class GrammarCompiler:
         return SequenceGrammar(matcher, self.mask_vocab_size, self._executor)
 
 
+class GrammarFailed(RuntimeError):
+    """A sequence's grammar could not take its sampled token."""
+
+
 class SequenceGrammar:
     """One sequence's matcher: the tokens allowed next, and the tokens it has taken."""
     __slots__ = ("matcher", "mask_vocab_size", "executor")
@@ -133,11 +142,12 @@ class SequenceGrammar:
 
     def advance(self, token_id: int) -> bool:
         """Feed a sampled token; True when the grammar is complete and can take nothing more (the sequence
-        ends). A token the mask did not allow cannot come; if one does, say so and end the sequence."""
+        ends). A token the mask did not allow cannot come, and a grammar that fails mid-way (too complex
+        for the parser) allows none: GrammarFailed, which ends the request with an error (the engine),
+        not as if its output were complete."""
         if not self.matcher.consume_token(token_id):
-            logger.warning("grammar rejected token %d (%s); ending the sequence", token_id,
-                           self.matcher.get_error())
-            return True
+            error = (self.matcher.get_error() or "").strip().splitlines()
+            raise GrammarFailed(f"the grammar refused token {token_id}" + (f": {error[0]}" if error else ""))
         return self.matcher.is_stopped()
 
     def forced_tokens(self, limit: int) -> list[int]:

@@ -161,6 +161,26 @@ def test_a_request_whose_own_host_work_fails_ends_alone(llm):
     assert llm.generate([ps[1]], params)[0].token_ids == want[1]
 
 
+def test_start_up_refuses_what_would_fail_every_request(tiny_llama_dir, tmp_path, monkeypatch):
+    """A bos token the tokenizer adds past the model's vocabulary (every prompt refused) and the Triton
+    backend on a CPU without the interpreter (every step failed): refused at start-up, naming why."""
+    import json
+    import shutil
+
+    from model.config import ConfigError
+    from model.ops import make_ops
+    model_dir = tmp_path / "bos"
+    shutil.copytree(tiny_llama_dir, model_dir)
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    config["bos_token"] = "<|not_in_the_vocabulary|>"  # the tokenizer adds it as id 384 = vocab_size
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="bos token id 384 is outside the model's vocabulary"):
+        make_llm(model_dir)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="Triton's kernels need a CUDA device"):
+        make_ops("triton", torch.device("cpu"))
+
+
 def test_admission_errors(llm):
     from server.outputs import AdmissionError
     with pytest.raises(AdmissionError) as e:

@@ -96,13 +96,33 @@ def test_a_sentencepiece_tokenizer_is_read_with_its_spaces_and_byte_fallback(tmp
     assert grammar.matcher.try_consume_tokens(ids) == len(ids) and grammar.matcher.is_stopped()
 
 
-def test_a_token_the_grammar_rejects_ends_the_sequence_and_says_so(llm, caplog):
+def test_a_token_the_grammar_rejects_fails_the_request_not_completes_it(llm):
+    """It used to end the sequence as if the grammar were complete (finish "eos_token", OpenAI "stop" or
+    "tool_calls") with output that does not match it."""
+    from server.grammar import GrammarFailed
     tok = llm.engine.tokenizer
     g = llm.engine.grammars.matcher(Grammar(type="regex", value=REGEX))
     assert not g.advance(tok.encode("yes", add_special_tokens=False)[0])  # "y" or "yes": more must follow
-    with caplog.at_level("WARNING", logger="server.grammar"):
-        assert g.advance(tok.encode("7", add_special_tokens=False)[0])  # never allowed here: the end
-    assert "grammar rejected token" in caplog.text
+    seven = tok.encode("7", add_special_tokens=False)[0]
+    with pytest.raises(GrammarFailed, match=f"refused token {seven}"):
+        g.advance(seven)  # never allowed here
+    class FailingMidway:  # as a grammar too complex for the parser fails: on some later token
+        def __init__(self, inner):
+            self.inner = inner
+
+        def advance(self, token_id):
+            raise GrammarFailed(f"the grammar refused token {token_id}")
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_new_tokens=8, grammar=Grammar(type="regex", value=REGEX))
+    seq = engine.add_request("refused", engine_prompts(1, seed=2)[0], params)
+    seq.grammar = FailingMidway(seq.grammar)
+    finished = [o for _ in range(20) if engine.has_unfinished() for o in engine.step() if o.finished]
+    assert [(o.finish_reason, "refused token" in o.error) for o in finished] == [("error", True)]
+    assert engine.allocator.num_free_blocks == engine.allocator.num_blocks
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
@@ -201,6 +221,7 @@ def test_grammar_rows_under_overlap_and_preemption_match_the_synchronous_engine(
     (Grammar(type="lark", value="start: nowhere"), "not a valid lark grammar"),
     (Grammar(type="json", value="[" * 5000), "nested too deeply"),  # (a RecursionError: a 500)
     (Grammar(type="json", value='{"const": NaN}'), "NaN is not JSON"),  # (Python's json took it)
+    (Grammar(type="json", value='{"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}'), "cannot be run"),
 ])
 def test_a_bad_grammar_is_refused_at_admission(llm, grammar, words):
     params = SamplingParams(max_new_tokens=4, grammar=grammar)

@@ -211,11 +211,59 @@ def test_pickle_only_checkpoint_is_refused_with_reason(broken_dir):
     ({"architectures": ["GPT2LMHeadModel"]}, "supported are LlamaForCausalLM"),
     ({"num_key_value_heads": 3}, "num_key_value_heads=3 must be positive and divide"),
     ({"architectures": ["MistralForCausalLM"], "sliding_window": -1}, "sliding_window must be a positive"),
+    # what a config fuzzer found loading silently: served wrong (an activation the MLP does not compute) or
+    # failing every request (a string eps, a zero factor)
+    ({"hidden_act": "gelu_pytorch_tanh"}, "hidden_act='gelu_pytorch_tanh' is not supported"),
+    ({"mlp_bias": True}, "mlp_bias=true is not supported"),
+    ({"rms_norm_eps": "1e-5"}, "rms_norm_eps must be a positive number"),
+    ({"rms_norm_eps": None}, "rms_norm_eps must be a positive number"),
+    ({"rope_theta": -1.0, "rope_parameters": None}, "rope_theta must be a positive number"),
+    ({"rope_parameters": None, "rope_scaling": {"rope_type": "linear", "factor": 0}}, "factor must be a positive"),
+    ({"rope_parameters": None, "rope_scaling": {"rope_type": "linear"}}, "needs a factor"),
+    ({"rope_parameters": None, "rope_scaling": [1, 2]}, "rope_scaling must be an object"),
+    ({"num_key_value_heads": "2"}, "num_key_value_heads must be a positive integer"),
+    ({"head_dim": 16.0}, "head_dim must be a positive integer"),
+    ({"max_position_embeddings": 0}, "max_position_embeddings must be a positive integer"),
+    ({"tie_word_embeddings": "yes"}, "tie_word_embeddings must be true or false"),
+    ({"eos_token_id": "2"}, "eos_token_id must be a token id"),
 ])
 def test_unsupported_configs_are_refused(broken_dir, changes, pattern):
     _edit_config(broken_dir, **changes)
     with pytest.raises(ConfigError, match=pattern):
         load_model(broken_dir)
+
+
+@pytest.mark.parametrize("changes", [
+    {"architectures": "LlamaForCausalLM"},  # a string, which transformers accepts too
+    {"hidden_act": "swish"},  # silu's other name
+    {"rope_theta": 500000.0},  # beside rope_parameters' own (10000), which transformers 5 reads
+    {"rope_parameters": None, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                               "high_freq_factor": 4.0}},  # original context: the model's
+], ids=["architectures-string", "swish", "rope-theta-twice", "llama3-no-original-context"])
+def test_configs_transformers_reads_are_read_as_it_reads_them(broken_dir, changes):
+    _edit_config(broken_dir, **changes)
+    tokens = list(range(3, 40))
+    ours = PagedRunner(load_model(broken_dir)).step([(tokens, 0, [])], all_logits=True)
+    with torch.no_grad():
+        ref = load_hf_model(broken_dir)(torch.tensor([tokens])).logits[0]
+    assert (ours - ref).abs().max() < TOL
+
+
+def test_unreadable_weight_files_are_named(broken_dir):
+    path = broken_dir / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-1000])  # truncated
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors file"):
+        load_model(broken_dir)
+    (broken_dir / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"index\.json: not a safetensors index"):
+        load_model(broken_dir)
+
+
+def test_model_safetensors_is_read_alone_beside_other_safetensors_files(broken_dir):
+    """Without an index, model.safetensors is the checkpoint (as transformers reads it): an adapter's or a
+    consolidated copy's file beside it is not loaded as more tensors."""
+    (broken_dir / "adapter_model.safetensors").write_bytes((broken_dir / "model.safetensors").read_bytes())
+    load_model(broken_dir)
 
 
 def test_sliding_window_model_runs_within_its_window(tmp_path):
