@@ -13,6 +13,7 @@ Two workloads of chat prompts, each request alone (batch 1), greedy, eos ignored
   this workload has no peer row (`--workloads copy free json`);
 - extract: "Extract ... as JSON" from a short made-up biography under EXTRACT_SCHEMA: the grammar forces the
   keys, and the values are copied from the text, which the lookup drafts where nothing is forced (ours only).
+With --adaptive, each k runs again with prompt_lookup_adaptive (engine "ours adaptive", against ours plain).
 Per setting: output tokens/s over the requests' wall time (prefill included, median of --repeats), the
 drafts kept of those proposed, output tokens per engine step, and whether the tokens equal plain greedy
 decoding's (ours plain for ours; transformers plain for its prompt lookup). transformers runs `generate`
@@ -109,7 +110,7 @@ def free_device(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def run_ours(args, k: int, prompts: list[list[int]], workload: str) -> dict:
+def run_ours(args, k: int, prompts: list[list[int]], workload: str, adaptive: bool = False) -> dict:
     import json
 
     from server.llm import LLM
@@ -117,6 +118,7 @@ def run_ours(args, k: int, prompts: list[list[int]], workload: str) -> dict:
 
     llm = LLM(args.model, device=args.device, dtype=args.dtype, num_speculative_tokens=k, max_num_seqs=4,
               prompt_lookup_min=args.prompt_lookup_min, prompt_lookup_max=args.prompt_lookup_max,
+              prompt_lookup_adaptive=adaptive,
               kv_cache_memory="256MiB", gpu_memory_utilization=0.3,
               max_model_len=max(map(len, prompts)) + args.max_new_tokens + 8)
     schema = {"json": PERSON_SCHEMA, "extract": EXTRACT_SCHEMA}.get(workload)
@@ -184,6 +186,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--no-transformers", action="store_true", help="leave out the peer")
+    p.add_argument("--adaptive", action="store_true",
+                   help="also run each k with prompt_lookup_adaptive (engine 'ours adaptive')")
     p.add_argument("--json")
     args = p.parse_args(argv)
     if args.model is None:
@@ -196,14 +200,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for workload in args.workloads:
         prompts = chat_prompts(args.model, workload, args.num_prompts)
         runs = [("ours", k) for k in [0, *args.num_speculative_tokens]]
+        if args.adaptive:
+            runs += [("ours adaptive", k) for k in args.num_speculative_tokens]
         if not args.no_transformers and workload in ("copy", "free"):
             runs += [("transformers", k) for k in [0, *args.num_speculative_tokens]]
         plain = {}
         for engine, k in runs:
-            res = (run_ours if engine == "ours" else run_transformers)(args, k, prompts, workload)
+            if engine == "transformers":
+                res = run_transformers(args, k, prompts, workload)
+            else:
+                res = run_ours(args, k, prompts, workload, adaptive=engine == "ours adaptive")
             if k == 0:
                 plain[engine] = res
-            base = plain[engine]
+            base = plain[engine.split()[0]]
             row = dict(workload=workload, engine=engine, k=k, tok_s=res["tok_s"],
                        speedup=res["tok_s"] / base["tok_s"], same_tokens=res["tokens"] == base["tokens"],
                        drafted=res.get("drafted"), accepted=res.get("accepted"),

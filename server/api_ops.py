@@ -53,7 +53,8 @@ def info_payload(state: ServerState) -> dict:
                    "max_prompt_chars": state.prompt_char_limit, "max_choices": cfg.max_choices},
         "speculative": {"method": "ngram", "num_speculative_tokens": ec.num_speculative_tokens,
                         "prompt_lookup_max": ec.prompt_lookup_max, "prompt_lookup_min": ec.prompt_lookup_min,
-                        "disable_by_batch_size": ec.speculative_disable_by_batch_size}
+                        "disable_by_batch_size": ec.speculative_disable_by_batch_size,
+                        "adaptive": ec.prompt_lookup_adaptive}
         if ec.num_speculative_tokens else None,
         "sampling_defaults": state.sampling_defaults,  # from generation_config.json, for OpenAI requests
         "version": package_version(),

@@ -86,6 +86,9 @@ class EngineConfig(BaseModel):
         "None: always draft")
     prompt_lookup_max: int = Field(4, ge=1, description="longest suffix (tokens) speculation looks up")
     prompt_lookup_min: int = Field(2, ge=1, description="shortest suffix (tokens) speculation looks up")
+    prompt_lookup_adaptive: bool = Field(False, description="each sequence drafts fewer tokens after a draft "
+                                         "fails, and waits longer between lookups while none is kept "
+                                         "(server/speculative.py)")
 
     @field_validator("block_size")
     @classmethod

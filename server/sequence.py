@@ -25,7 +25,7 @@ class Sequence:
                  "num_computed_tokens", "arrival_time", "first_scheduled_time", "first_token_time",
                  "finish_reason", "stop_reason", "detokenizer", "stop_checker", "cumulative_logprob",
                  "num_preemptions", "sampled_row", "grammar", "draft_token_ids", "reads_own_tokens", "argmax_from",
-                 "prompt_logprobs",
+                 "prompt_logprobs", "lookup_limit", "lookup_skip", "lookup_misses",
                  "_table_source", "_table_array", "_table_len", "_table_view", "_tokens_array", "_tokens_len")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -55,6 +55,9 @@ class Sequence:
         self.sampled_row = -1  # its row among the last graphed step's sampled ids (ModelRunner.launch)
         self.grammar: Any = None  # its llguidance matcher when the request has a grammar (server/grammar.py)
         self.draft_token_ids: list[int] = []  # tokens the next step feeds after token_ids (server/speculative.py)
+        # how its prompt lookups have fared (speculative.adapt_lookup): the most lookup drafts it may feed
+        # next, the decode steps it waits before looking up again, and its lookups in a row with none kept
+        self.lookup_limit, self.lookup_skip, self.lookup_misses = 1 << 30, 0, 0
         # sampling reads the values of its output tokens: penalties count them, a grammar's matcher has
         # consumed them (so under overlap its step's sampling waits for the host to have them)
         self.reads_own_tokens = params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 \

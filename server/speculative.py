@@ -22,6 +22,13 @@ the first one its grammar refuses (a value copied from the prompt, in extraction
 masked as its matcher would be after the drafts before it (grammar.DraftGrammar: consumed, masked, rolled
 back), so those drafts are verified like any other and its output is plain decoding's too.
 
+Drafts that fail cost a verification step's extra rows for nothing (on a CPU, where compute is the limit, a
+step of 5 rows costs about 2x one of 1), so with prompt_lookup_adaptive each sequence adapts its lookups to
+how they fared (`adapt_lookup`): after a draft fails at row j, its next lookup drafts at most j + 1 tokens,
+doubling again with each one kept whole; after a lookup with none kept it waits 1, 2, 4, ... up to
+MAX_LOOKUP_SKIP decode steps before looking up again. What a grammar forces is drafted regardless: it is
+always kept.
+
 Rejected drafts' K/V stay in slots past the sequence's end, where later tokens overwrite them; they are
 never registered in the prefix cache (only blocks of accepted tokens are). A step with drafts is never left
 in flight (overlap scheduling): how many tokens it keeps decides the next step's inputs. With
@@ -33,6 +40,8 @@ import numpy as np
 
 from server.grammar import DraftGrammar
 from server.sequence import Sequence
+
+MAX_LOOKUP_SKIP = 16  # decode steps a sequence whose lookups keep failing waits at most before the next
 
 
 def propose_ngram(tokens: np.ndarray, k: int, min_n: int, max_n: int) -> list[int]:
@@ -67,10 +76,23 @@ def num_accepted(drafts: list[int], sampled: list[int]) -> int:
     return m
 
 
+def adapt_lookup(seq: Sequence, drafted: int, kept: int) -> None:
+    """After seq's drafts were verified: how many it may draft next time, and how long it waits (the
+    module's docstring). drafted > 0."""
+    if kept == drafted:
+        seq.lookup_limit, seq.lookup_misses = min(2 * seq.lookup_limit, 1 << 30), 0
+    elif kept:
+        seq.lookup_limit, seq.lookup_misses = kept + 1, 0
+    else:
+        seq.lookup_limit, seq.lookup_skip = 1, min(1 << seq.lookup_misses, MAX_LOOKUP_SKIP)
+        seq.lookup_misses += 1
+
+
 class NgramProposer:
-    def __init__(self, num_tokens: int, min_n: int, max_n: int, disable_by_batch_size: int | None = None):
+    def __init__(self, num_tokens: int, min_n: int, max_n: int, disable_by_batch_size: int | None = None,
+                 adaptive: bool = False):
         self.num_tokens, self.min_n, self.max_n = num_tokens, min_n, max_n
-        self.disable_by_batch_size = disable_by_batch_size
+        self.disable_by_batch_size, self.adaptive = disable_by_batch_size, adaptive
 
     def active(self, num_running: int) -> bool:
         """Whether sequences draft at this batch size (the lookup costs host time per sequence per step)."""
@@ -95,6 +117,11 @@ class NgramProposer:
             forced = grammar.forced_tokens(room)
             if forced:
                 return forced
+        if self.adaptive:
+            if seq.lookup_skip:
+                seq.lookup_skip -= 1
+                return []
+            room = min(room, seq.lookup_limit)
         drafts = propose_ngram(seq.token_array(), room, self.min_n, self.max_n)
         return drafts if grammar is None else grammar.valid_prefix(drafts)  # (a refused draft is never kept)
 
@@ -104,7 +131,7 @@ def make_proposer(config) -> NgramProposer | None:
     if not config.num_speculative_tokens:
         return None
     return NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max,
-                         config.speculative_disable_by_batch_size)
+                         config.speculative_disable_by_batch_size, config.prompt_lookup_adaptive)
 
 
 class DraftRow:
@@ -157,6 +184,8 @@ def verified_tokens(rows: list, placeholders: list[int], token_ids: list[int], l
         sampled = token_ids[start:start + 1 + len(drafts)]
         kept = num_accepted(drafts, sampled)
         seq.num_computed_tokens -= len(drafts) - kept
+        if drafts:
+            adapt_lookup(seq, len(drafts), kept)
         yield seq, placeholders[start], sampled[:kept + 1], logprobs[start:start + kept + 1], len(drafts)
 
 
