@@ -93,7 +93,7 @@ def rebased_refs(schema, base: str):
     schema will sit in a larger one."""
     if isinstance(schema, list):
         return [rebased_refs(item, base) for item in schema]
-    if not isinstance(schema, dict):
+    if not isinstance(schema, dict) or "$id" in schema:  # a schema with its own $id: its "#" is itself
         return schema
     out = {}
     for key, value in schema.items():

@@ -95,7 +95,8 @@ TREE = {"type": "object", "properties": {"kids": {"type": "array", "items": {"$r
         "required": ["kids"], "additionalProperties": False}
 
 
-@pytest.mark.parametrize("parameters", [LOCATED, TREE], ids=["defs", "recursive"])
+@pytest.mark.parametrize("parameters", [LOCATED, TREE, {"$id": "https://example.com/located", **LOCATED}],
+                         ids=["defs", "recursive", "own-id"])
 def test_tool_schemas_with_references_hold_under_required_and_named(client, parameters):
     """"required" wraps the tools' schemas in one array schema; their own references ("#/$defs/Loc", "#")
     must still resolve against the tool's schema (they resolved against the wrapper: a 400, or calls nested
