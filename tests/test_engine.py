@@ -181,6 +181,18 @@ def test_start_up_refuses_what_would_fail_every_request(tiny_llama_dir, tmp_path
         make_ops("triton", torch.device("cpu"))
 
 
+def test_eos_ids_past_the_vocabulary_are_dropped_with_a_warning(caplog):
+    """They can never be sampled; kept, they stopped llguidance from reading the tokenizer (no grammars)."""
+    from server.admission import token_ids_within
+
+    class Tok:
+        bos_token_id = 1
+    with caplog.at_level("WARNING", logger="server.admission"):
+        assert token_ids_within(Tok(), (2, 400, 383), 384) == (2, 383)
+    assert "[400]" in caplog.text and "outside the vocabulary" in caplog.text
+    assert token_ids_within(Tok(), (2,), 384) == (2,)
+
+
 def test_admission_errors(llm):
     from server.outputs import AdmissionError
     with pytest.raises(AdmissionError) as e:
