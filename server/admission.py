@@ -1,26 +1,28 @@
 """Admission checks that need no engine state: a request that can never run is refused before it queues."""
 from __future__ import annotations
 
+import logging
+
+from model.config import ConfigError
 from server.grammar import GrammarCompiler
 from server.outputs import AdmissionError
 from server.sampling_params import SamplingParams
 from server.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
 
 
 def token_ids_within(tokenizer, eos_token_ids: tuple[int, ...], vocab_size: int) -> tuple[int, ...]:
     """At start-up: the tokenizer's bos id, which it puts in every prompt, must have an embedding (else every
     request would be refused); eos ids past the vocabulary can never be sampled and are dropped, with a
     warning. Returns the eos ids kept."""
-    import logging
-
-    from model.config import ConfigError
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is not None and bos >= vocab_size:
         raise ConfigError(f"tokenizer: its bos token id {bos} is outside the model's vocabulary (vocab_size "
                           f"{vocab_size} in config.json): the tokenizer files do not match the weights")
     kept = tuple(i for i in eos_token_ids if i < vocab_size)
     if kept != eos_token_ids:
-        logging.getLogger(__name__).warning("eos token ids %s are outside the vocabulary (%d); ignoring them",
+        log.warning("eos token ids %s are outside the vocabulary (%d); ignoring them",
                                             sorted(set(eos_token_ids) - set(kept)), vocab_size)
     return kept
 

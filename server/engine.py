@@ -26,6 +26,7 @@ from server.stop_checker import StopChecker
 
 log = logging.getLogger(__name__)
 
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, *, runner: Any = None, tokenizer: Any = None):
         """runner/tokenizer may be injected (tests, a shared tokenizer); otherwise both load from config.model."""

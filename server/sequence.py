@@ -25,7 +25,7 @@ class Sequence:
                  "num_computed_tokens", "arrival_time", "first_scheduled_time", "first_token_time",
                  "finish_reason", "stop_reason", "detokenizer", "stop_checker", "cumulative_logprob",
                  "num_preemptions", "sampled_row", "grammar", "draft_token_ids", "reads_own_tokens", "argmax_from",
-                 "prompt_logprobs", "lookup_limit", "lookup_skip", "lookup_misses",
+                 "prompt_logprobs", "lookup_limit", "lookup_skip", "lookup_wait",
                  "_table_source", "_table_array", "_table_len", "_table_view", "_tokens_array", "_tokens_len")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -56,8 +56,9 @@ class Sequence:
         self.grammar: Any = None  # its llguidance matcher when the request has a grammar (server/grammar.py)
         self.draft_token_ids: list[int] = []  # tokens the next step feeds after token_ids (server/speculative.py)
         # how its prompt lookups have fared (speculative.adapt_lookup): the most lookup drafts it may feed
-        # next, the decode steps it waits before looking up again, and its lookups in a row with none kept
-        self.lookup_limit, self.lookup_skip, self.lookup_misses = 1 << 30, 0, 0
+        # next, the decode steps it waits before looking up again, and the wait after its next lookup if
+        # that one keeps nothing either
+        self.lookup_limit, self.lookup_skip, self.lookup_wait = 1 << 30, 0, 1
         # sampling reads the values of its output tokens: penalties count them, a grammar's matcher has
         # consumed them (so under overlap its step's sampling waits for the host to have them)
         self.reads_own_tokens = params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 \

@@ -80,12 +80,12 @@ def adapt_lookup(seq: Sequence, drafted: int, kept: int) -> None:
     """After seq's drafts were verified: how many it may draft next time, and how long it waits (the
     module's docstring). drafted > 0."""
     if kept == drafted:
-        seq.lookup_limit, seq.lookup_misses = min(2 * seq.lookup_limit, 1 << 30), 0
+        seq.lookup_limit, seq.lookup_wait = min(2 * seq.lookup_limit, 1 << 30), 1
     elif kept:
-        seq.lookup_limit, seq.lookup_misses = kept + 1, 0
+        seq.lookup_limit, seq.lookup_wait = kept + 1, 1
     else:
-        seq.lookup_limit, seq.lookup_skip = 1, min(1 << seq.lookup_misses, MAX_LOOKUP_SKIP)
-        seq.lookup_misses += 1
+        seq.lookup_limit, seq.lookup_skip = 1, seq.lookup_wait
+        seq.lookup_wait = min(2 * seq.lookup_wait, MAX_LOOKUP_SKIP)
 
 
 class NgramProposer:
