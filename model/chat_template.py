@@ -14,6 +14,7 @@ itself, so the overshoot past the deadline is bounded by one such inner loop.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 MAX_OUTPUT_CHARS = 1_000_000
 MAX_RENDER_SECONDS = 2.0
 TEMPLATE_FILE = "chat_template.jinja"
+logger = logging.getLogger(__name__)
 
 
 class ChatTemplateError(ValueError):
@@ -34,6 +36,16 @@ class ChatTemplate:
     special_tokens: tuple[tuple[str, str], ...] = ()  # (variable name, token text), e.g. ("bos_token", "<s>")
     max_output_chars: int = MAX_OUTPUT_CHARS
     max_render_seconds: float = MAX_RENDER_SECONDS
+
+    def syntax_error(self) -> str | None:
+        """Why the template does not compile, or None: checked at load so the log says it at start-up, not
+        at the first chat request."""
+        from jinja2.exceptions import TemplateError
+        try:
+            _bounded_environment(time.monotonic() + self.max_render_seconds, self.max_render_seconds).parse(self.source)
+        except TemplateError as exc:
+            return f"{type(exc).__name__}: {exc}" + (f" (line {exc.lineno})" if getattr(exc, "lineno", None) else "")
+        return None
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                **extra: Any) -> str:
@@ -73,6 +85,16 @@ class ChatTemplate:
 def load_chat_template(model_dir: Path, tokenizer_config: dict[str, Any],
                        special_tokens: tuple[tuple[str, str], ...]) -> ChatTemplate | None:
     """`chat_template.jinja` wins over `chat_template` in tokenizer_config.json, as in transformers."""
+    template = _read_chat_template(model_dir, tokenizer_config, special_tokens)
+    error = template.syntax_error() if template is not None else None
+    if error:
+        logger.warning("%s: the chat template does not compile, so chat requests will be refused: %s",
+                       model_dir, error)
+    return template
+
+
+def _read_chat_template(model_dir: Path, tokenizer_config: dict[str, Any],
+                        special_tokens: tuple[tuple[str, str], ...]) -> ChatTemplate | None:
     template_file = Path(model_dir) / TEMPLATE_FILE
     if template_file.is_file():
         return ChatTemplate(template_file.read_text(encoding="utf-8"), special_tokens)

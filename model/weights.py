@@ -8,6 +8,7 @@ misshapen is an error that names the tensor.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ FUSED_SHARDS = {
 }
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -39,6 +41,9 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"{index}: not a safetensors index (a JSON object with a weight_map of "
                                   f"tensor -> file): {type(exc).__name__}: {exc}") from None
+        outside = sorted({name for name in weight_map.values() if Path(name).name != name or name in ("", ".", "..")})
+        if outside:  # shards are files of the model directory; a path would read weights from elsewhere
+            raise CheckpointError(f"{index}: shard names must be file names in the model directory, got {outside}")
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise CheckpointError(f"{index}: shard files listed but not found: {missing}")
@@ -98,7 +103,7 @@ def load_weights(model: nn.Module, model_dir: Path, *, dtype: torch.dtype, devic
     pending = {name: set(range(len(fused[name]))) if name in fused else {0} for name in params}
     buffers: dict[str, torch.Tensor] = {}  # loaded values; fused ones filled shard by shard
 
-    files = checkpoint_files(model_dir)
+    files, written_head = checkpoint_files(model_dir), None
     with tqdm(desc="Loading weights", unit="tensor", disable=not progress) as bar:
         for path in files:
             try:
@@ -110,7 +115,10 @@ def load_weights(model: nn.Module, model_dir: Path, *, dtype: torch.dtype, devic
                 bar.total = (bar.total or 0) + len(reader.keys())
                 for ckpt_name in reader.keys():
                     bar.update()
-                    if ckpt_name.endswith(IGNORED_SUFFIXES) or (tied and ckpt_name == "lm_head.weight"):
+                    if ckpt_name.endswith(IGNORED_SUFFIXES):
+                        continue
+                    if tied and ckpt_name == "lm_head.weight":  # kept aside: used only if it is not the embedding
+                        written_head = reader.get_tensor(ckpt_name)
                         continue
                     tensor = reader.get_tensor(ckpt_name)
                     _load_one(ckpt_name, tensor, params, fused, pending, buffers, config, dtype, device,
@@ -126,6 +134,22 @@ def load_weights(model: nn.Module, model_dir: Path, *, dtype: torch.dtype, devic
         _set_parameter(model, name, tensor)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
+        _untie_a_different_head(model, written_head, model_dir)
+
+
+def _untie_a_different_head(model: nn.Module, head: torch.Tensor | None, model_dir: Path) -> None:
+    """tie_word_embeddings with an lm_head.weight in the checkpoint that is not the embedding: use the
+    written head, as transformers does (its logits are what the checkpoint was trained or converted with)."""
+    embedding = model.model.embed_tokens.weight
+    if head is not None and head.shape != embedding.shape:
+        raise CheckpointError(f"{model_dir}: lm_head.weight {tuple(head.shape)} does not match the tied "
+                              f"embedding {tuple(embedding.shape)}")
+    if head is None or torch.equal(head.to(embedding.dtype), embedding.cpu()):
+        return
+    _check_finite("lm_head.weight", head, head.to(embedding.dtype))
+    logger.warning("%s: config.json sets tie_word_embeddings, but the checkpoint's lm_head.weight differs from "
+                   "the embedding; using the checkpoint's lm_head.weight, as transformers does", model_dir)
+    model.lm_head.weight = nn.Parameter(head.to(embedding.dtype).to(embedding.device), requires_grad=False)
 
 
 def _load_one(ckpt_name, tensor, params, fused, pending, buffers, config, dtype, device, kv_head_method):
@@ -156,8 +180,23 @@ def _load_one(ckpt_name, tensor, params, fused, pending, buffers, config, dtype,
     if target in fused:
         if target not in buffers:
             buffers[target] = torch.empty(param.shape, dtype=dtype, device=device)
-        buffers[target][start:stop].copy_(tensor)  # converts device and dtype in the one copy
+        loaded = buffers[target][start:stop]
+        loaded.copy_(tensor)  # converts device and dtype in the one copy
     else:
         # copy=True: a float32 -> float32 CPU load would otherwise keep safetensors' private file mapping, and
         # a checkpoint rewritten in place would then change (or, truncated, SIGBUS) a running server's weights
-        buffers[target] = tensor.to(device=device, dtype=dtype, copy=True)
+        loaded = buffers[target] = tensor.to(device=device, dtype=dtype, copy=True)
+    _check_finite(ckpt_name, tensor, loaded)
+
+
+def _check_finite(ckpt_name: str, written: torch.Tensor, loaded: torch.Tensor) -> None:
+    """NaN or inf in a weight makes every logit NaN, and argmax then serves token 0 to every request: refuse
+    it at load, naming the tensor and whether the file holds it or the serving dtype made it (float16 tops
+    out at 65504; bfloat16 checkpoints can hold more)."""
+    if torch.isfinite(loaded.sum()):  # one vectorised pass (isfinite is 15x slower on CPU); a sum that
+        return                        # overflows only sends us to the exact count below
+    bad = int((~torch.isfinite(loaded)).sum())
+    if bad:
+        cause = ("in the checkpoint" if not torch.isfinite(written).all() else
+                 f"after conversion to {loaded.dtype} (values out of its range; serve with a wider dtype)")
+        raise CheckpointError(f"tensor {ckpt_name}: {bad} of {loaded.numel()} values are NaN or infinite {cause}")

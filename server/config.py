@@ -117,12 +117,16 @@ class FieldSpec:
         return self.annotation is bool
 
     @property
+    def members(self) -> tuple[Any, ...]:
+        return _union_members(self.annotation)
+
+    @property
     def is_sequence(self) -> bool:
-        return any(typing.get_origin(a) in (tuple, list) for a in _union_members(self.annotation))
+        return any(typing.get_origin(a) in (tuple, list) for a in self.members)
 
     @property
     def is_optional(self) -> bool:
-        return type(None) in _union_members(self.annotation)
+        return type(None) in self.members
 
 
 def _union_members(annotation: Any) -> tuple[Any, ...]:
@@ -205,6 +209,11 @@ def load_config(flags: Mapping[str, Any] | None = None, config_file: str | None 
         path = resolve_config_path(config_file)
         for section, table in _read_toml(path).items():
             for key, value in table.items():
+                spec = specs.get(key)
+                if isinstance(value, bool) and spec and spec.section == section and bool not in spec.members:
+                    # pydantic's lax mode reads true as 1: `num_kv_heads = true` would serve one KV head
+                    raise ConfigError(f"{section}.{key}: not a boolean setting, got {value!r} "
+                                      f"(from {path} [{section}])")
                 values[section][key] = value
                 sources[(section, key)] = f"{path} [{section}]"
     for spec in specs.values():

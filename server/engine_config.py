@@ -33,7 +33,8 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
 
     model: str | None = Field(None, description="model directory; None = the default model (see model_cache_dir)")
-    model_cache_dir: str | None = Field(None, description="where the default model is fetched to (None: ~/.cache/gqa-serve/models)")
+    model_cache_dir: str | None = Field(
+        None, description="where the default model is fetched to (None: ~/.cache/gqa-serve/models)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_kv_heads: int | None = Field(None, ge=1, description="serve with this many KV heads (pooled at load)")
@@ -52,7 +53,8 @@ class EngineConfig(BaseModel):
     kv_cache_memory: int = Field(2**30, ge=1, description="KV cache bytes on CPU ('1GiB' accepted)")
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
     max_waiting_requests: int = Field(1024, ge=1, description="queue length beyond which requests are refused")
-    seed: int = Field(0, ge=0, description="seed of the sampler's generator for requests without a seed")
+    seed: int = Field(0, ge=0, le=2**64 - 1,  # torch.Generator.manual_seed's range
+                      description="seed of the sampler's generator for requests without a seed")
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
     enforce_eager: bool = Field(False, description="never capture CUDA graphs")
     decode_fusion: bool = Field(False, description="Triton path: a decode-only step's attention is one launch "

@@ -75,9 +75,9 @@ class Sequence:
     def block_table_array(self) -> np.ndarray:
         """block_table as int32, to copy into the graphs' pinned staging every step: converting the Python
         list each time cost 3.6 us a sequence at 125 blocks (930 us a batch-256 load), copying this about
-        0.7 at any length (2-core EPYC). The list only grows (BlockAllocator.allocate_slots extends it) until free() swaps in a
-        new one, so only new entries are copied here; a new list object, or one that shrank or whose last
-        mirrored entry changed, starts over. (An in-place rewrite at the same length would go unseen: the
+        0.7 at any length (2-core EPYC). The list only grows (BlockAllocator.allocate_slots extends it) until
+        free() swaps in a new one, so only new entries are copied here; a new list object, or one that shrank or
+        whose last mirrored entry changed, starts over. (An in-place rewrite at the same length would go unseen: the
         allocator never does one.)"""
         table, n = self.block_table, len(self.block_table)
         if table is self._table_source and n == self._table_len:  # the common case: no new block

@@ -111,8 +111,44 @@ def rebased_refs(schema, base: str):
 def tool_calls(req: ChatCompletionRequest, text: str) -> list[ToolCall]:
     """The calls a complete output of tool_grammar(req) holds."""
     if req.tool_choice == "required":
-        return _calls((c["name"], json.dumps(c["parameters"])) for c in json.loads(text))
+        return _calls(_written_calls(text))
     return _calls([(req.tool_choice.function.name, text)])
+
+
+def _written_calls(text: str) -> list[tuple[str, str]]:
+    """(name, parameters as written) of each object in the JSON array `text`. The text as written, not
+    json.dumps of what json.loads reads: that would turn a valid 9E999 into Infinity, which is not JSON."""
+    decode, calls = json.JSONDecoder().raw_decode, []
+    i = _past(text, 0, "[")
+    while True:
+        fields, i = {}, _past(text, i, "{")
+        while True:
+            key, i = decode(text, _skip_space(text, i))
+            start = _skip_space(text, _past(text, i, ":"))
+            _, i = decode(text, start)
+            fields[key] = text[start:i]
+            i = _skip_space(text, i)
+            if text[i] != ",":
+                break
+            i += 1
+        calls.append((json.loads(fields["name"]), fields["parameters"]))
+        i = _skip_space(text, _past(text, i, "}"))
+        if text[i] != ",":
+            return calls
+        i += 1
+
+
+def _skip_space(text: str, i: int) -> int:
+    while i < len(text) and text[i] in " \t\n\r":
+        i += 1
+    return i
+
+
+def _past(text: str, i: int, char: str) -> int:
+    i = _skip_space(text, i)
+    if text[i] != char:
+        raise ValueError(f"expected {char!r} at {i} in {text!r}")
+    return i + 1
 
 
 def _calls(pairs) -> list[ToolCall]:

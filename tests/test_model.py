@@ -197,6 +197,40 @@ def test_loaded_weights_do_not_follow_the_checkpoint_file(broken_dir):
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
 
 
+@pytest.mark.parametrize("head", ["embedding", "different"])
+def test_tied_config_with_a_written_head_loads_as_transformers_does(broken_dir, head):
+    """tie_word_embeddings with an lm_head.weight in the file: the embedding if they are equal (tied, one
+    tensor), else the written head (transformers then keeps it; tying gave logits off by several units)."""
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(broken_dir / "model.safetensors")
+    embedding = tensors["model.embed_tokens.weight"]
+    tensors["lm_head.weight"] = embedding.clone() if head == "embedding" else torch.randn_like(embedding)
+    save_file(tensors, broken_dir / "model.safetensors", metadata={"format": "pt"})
+    _edit_config(broken_dir, tie_word_embeddings=True)
+    model, hf = load_model(broken_dir), load_hf_model(broken_dir)
+    tokens = torch.randint(3, model.config.vocab_size, (1, 7))
+    with torch.no_grad():
+        ref = hf(tokens).logits[0]
+    logits = PagedRunner(model).step([(tokens[0].tolist(), 0, [])], all_logits=True)
+    assert (logits - ref).abs().max() < TOL
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == (head == "embedding")
+
+
+@pytest.mark.parametrize("value, dtype, cause", [
+    (float("nan"), "float32", "in the checkpoint"), (float("-inf"), "float32", "in the checkpoint"),
+    (1e6, "float16", "after conversion to torch.float16"),  # finite in the file, past float16's 65504
+])
+def test_weights_that_are_not_finite_are_refused_naming_the_tensor(broken_dir, value, dtype, cause):
+    """Every logit would be NaN and argmax would serve token 0 to every request."""
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(broken_dir / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = value
+    save_file(tensors, broken_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"model\.layers\.1\.mlp\.up_proj\.weight: 1 of \d+ values are NaN "
+                                              rf"or infinite {cause}"):
+        load_model(broken_dir, dtype=dtype)
+
+
 def test_pickle_only_checkpoint_is_refused_with_reason(broken_dir):
     (broken_dir / "model.safetensors").unlink()
     (broken_dir / "pytorch_model.bin").write_bytes(b"not loaded")
@@ -256,6 +290,12 @@ def test_unreadable_weight_files_are_named(broken_dir):
         load_model(broken_dir)
     (broken_dir / "model.safetensors.index.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"index\.json: not a safetensors index"):
+        load_model(broken_dir)
+    outside = broken_dir.parent / "elsewhere.safetensors"
+    shutil.copy(broken_dir / "model.safetensors", outside)
+    (broken_dir / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.embed_tokens.weight": f"../{outside.name}"}}))
+    with pytest.raises(CheckpointError, match=r"shard names must be file names in the model directory"):
         load_model(broken_dir)
 
 

@@ -61,6 +61,10 @@ def test_config_from_env_var_and_none_words(tmp_path):
     ({}, {}, "[engine]\nbogus = 1\n", "engine.bogus: unknown setting"),
     ({}, {}, "[serve]\nport = 1\n", "unknown table or key 'serve'"),
     ({}, {}, "[server\n", "config"),
+    ({}, {}, "[engine]\nnum_kv_heads = true\n", "engine.num_kv_heads: not a boolean setting"),  # lax: 1 KV head
+    ({}, {}, "[engine]\ngpu_memory_utilization = true\n", "engine.gpu_memory_utilization: not a boolean"),
+    ({}, {}, "[engine]\ndtype = false\n", "engine.dtype: not a boolean"),
+    ({"seed": str(2**64)}, {}, None, "engine.seed"),  # past torch's manual_seed range
 ])
 def test_bad_config_is_one_line_naming_the_field(tmp_path, flags, env, toml, needle):
     path = None
@@ -81,3 +85,10 @@ def test_run_serve_rejects_bad_config_with_exit_code(capsys):
 def test_missing_config_file_is_named():
     with pytest.raises(ConfigError, match="no such file"):
         load_config({}, "does-not-exist", environ={})
+
+
+def test_toml_booleans_set_boolean_settings(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text("[engine]\nenforce_eager = true\nenable_prefix_caching = false\n[server]\nengine_process = true\n")
+    cfg = load_config({}, str(toml), environ={})
+    assert cfg.engine.enforce_eager and not cfg.engine.enable_prefix_caching and cfg.server.engine_process

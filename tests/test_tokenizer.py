@@ -234,6 +234,21 @@ def test_missing_chat_template_gives_a_clear_error(tmp_path, shakespeare_text):
         tok.apply_chat_template(MESSAGES)
 
 
+def test_a_template_that_does_not_compile_is_named_at_load(tmp_path, tiny_llama_dir, caplog):
+    model_dir = tmp_path / "broken"
+    shutil.copytree(tiny_llama_dir, model_dir)
+    (model_dir / "chat_template.jinja").write_text("{% for m in messages %}\n{{ m.content }\n{% endfor %}")
+    with caplog.at_level("WARNING", logger="model.chat_template"):
+        tok = Tokenizer.from_pretrained(model_dir)
+    assert "does not compile" in caplog.text and "line 2" in caplog.text
+    with pytest.raises(ChatTemplateError, match="does not compile"):  # and each chat request says so
+        tok.apply_chat_template(MESSAGES)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="model.chat_template"):
+        Tokenizer.from_pretrained(tiny_llama_dir)
+    assert "chat template" not in caplog.text
+
+
 def test_template_raise_exception_reaches_the_caller(sp_dir):
     tok = Tokenizer.from_pretrained(sp_dir)
     with pytest.raises(ChatTemplateError, match="roles must alternate"):

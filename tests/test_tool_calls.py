@@ -156,3 +156,15 @@ def test_tool_requests_that_cannot_be_served_are_400s(live, extra, param):
     assert r.status_code == 400 and r.json()["error"]["param"] == param
     r = httpx.post(live.url + "/v1/chat/completions", json={"messages": CHAT, "tool_choice": "required"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"  # no tools to call
+
+
+def test_required_calls_keep_their_arguments_as_the_model_wrote_them():
+    """A grammar-valid number like 9E999 must not come back as Infinity (not JSON) nor 9e+96 as rewritten:
+    the arguments are the text the model wrote, whatever the spacing and key order."""
+    from server.schemas_openai import ChatCompletionRequest
+    from server.tool_calls import tool_calls
+    req = ChatCompletionRequest(model="m", messages=CHAT, tools=[WEATHER, TIME], tool_choice="required")
+    text = ' [ {"name" : "get_time", "parameters": {"x": 9E999, "y": [1, 2e5]}} ,{"parameters":{"z":"a,}"},"name":"f"}]'
+    calls = tool_calls(req, text)
+    assert [(c.function.name, c.function.arguments) for c in calls] == [
+        ("get_time", '{"x": 9E999, "y": [1, 2e5]}'), ("f", '{"z":"a,}"}')]
