@@ -62,7 +62,8 @@ class AttentionExplanation:
 
 class AttentionExplainer:
     def __init__(self, model_dir: str | Path, *, tokenizer=None, device: str = "cpu",
-                 kv_head_method: str = "mean", max_prompt_tokens: int = MAX_PROMPT_TOKENS):
+                 kv_head_method: str = "mean", calibration_text: str | Path | None = None,
+                 calibration_tokens: int = 2048, max_prompt_tokens: int = MAX_PROMPT_TOKENS):
         self.model_dir = Path(model_dir)
         self.config = ModelConfig.from_pretrained(self.model_dir)
         if tokenizer is None:
@@ -70,8 +71,9 @@ class AttentionExplainer:
             tokenizer = Tokenizer.from_pretrained(self.model_dir)
         self.tokenizer = tokenizer
         self.device = device
-        self.kv_head_method = kv_head_method
-        self.max_prompt_tokens = max_prompt_tokens
+        self.kv_head_method = kv_head_method  # with its calibration: the pooled heads the server runs
+        self.calibration = dict(calibration_text=calibration_text, calibration_tokens=calibration_tokens)
+        self.max_prompt_tokens = min(max_prompt_tokens, self.config.max_context)
         self._models: dict[int, object] = {}
         # layer inputs of the last few (num_kv_heads, prompt) pairs: a token click re-walks without a forward
         self._inputs: dict[tuple[int, tuple[int, ...]], list] = {}
@@ -93,10 +95,11 @@ class AttentionExplainer:
             raise ExplainError("num_kv_heads", f"{count} is not valid for this model "
                                                f"({self.config.num_attention_heads} query heads); valid: {list(valid)}")
         if count not in self._models:
-            from model.llama import load_model
-            self._models[count] = load_model(self.model_dir, dtype="float32", device=self.device,
-                                             num_kv_heads=count, kv_head_method=self.kv_head_method,
-                                             attention_backend="torch")
+            from model.kv_refit import load_with_kv_head_method
+            native = count == self.config.num_key_value_heads
+            self._models[count] = load_with_kv_head_method(
+                self.model_dir, num_kv_heads=None if native else count, kv_head_method=self.kv_head_method,
+                **self.calibration, dtype="float32", device=self.device, attention_backend="torch")
         return self._models[count]
 
     def tokenize(self, prompt: str, add_special_tokens: bool = True) -> list[int]:

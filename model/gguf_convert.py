@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import struct
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -51,9 +52,17 @@ DIGIT_SPLITTING_PRE = ("smollm", "starcoder", "refact")  # digits one by one, th
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Raises ValueError naming the file for anything it cannot convert, a damaged file included."""
+    try:
+        _convert(Path(gguf_path), Path(out_dir))
+    except (IndexError, KeyError, TypeError, ZeroDivisionError, AttributeError, struct.error) as exc:
+        # a truncated header, counts of zero, ids past the vocabulary: gguf's reader does not check them
+        raise ValueError(f"{gguf_path}: a damaged or malformed GGUF file ({type(exc).__name__}: {exc})") from exc
+
+
+def _convert(gguf_path: Path, out_dir: Path) -> None:
     from gguf import GGUFReader
 
-    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     reader = GGUFReader(str(gguf_path))
     metadata = _read_metadata(reader)
     arch = metadata.get("general.architecture")
@@ -78,6 +87,9 @@ def llama_config(metadata: dict[str, Any], *, tie_word_embeddings: bool) -> dict
 
     heads = int(need("attention.head_count"))
     hidden = int(need("embedding_length"))
+    if heads < 1 or int(metadata.get("llama.attention.head_count_kv", heads)) < 1:
+        raise ValueError(f"GGUF head counts must be positive, got {heads} query and "
+                         f"{metadata.get('llama.attention.head_count_kv')} KV heads")
     vocab = metadata.get("llama.vocab_size") or len(metadata.get("tokenizer.ggml.tokens", []))
     config: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"],
@@ -127,6 +139,13 @@ def _write_weights(reader, config: dict[str, Any], path: Path) -> None:
     tensors: dict[str, np.ndarray] = {}
     for tensor in tqdm(reader.tensors, desc="dequantizing GGUF", unit="tensor"):
         name = _hf_name(tensor.name)
+        if tensor.name == "rope_freqs.weight":  # llama3 rope scaling, as llama.cpp writes it
+            factors = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+            if not np.all(factors == 1.0):
+                raise ValueError("GGUF rope_freqs.weight holds per-frequency RoPE factors (llama3 scaling); "
+                                 "converting them to rope_scaling is not supported, and without them the "
+                                 "logits would be wrong")
+            continue
         if name is None:
             logger.warning("skipping GGUF tensor %s (no Hugging Face counterpart)", tensor.name)
             continue
@@ -150,7 +169,7 @@ def _hf_name(gguf_name: str) -> str | None:
     match = re.fullmatch(r"blk\.(\d+)\.(.+)", gguf_name)
     if match and match.group(2) in LAYER_TENSORS:
         return f"model.layers.{match.group(1)}.{LAYER_TENSORS[match.group(2)]}"
-    return None  # e.g. rope_freqs.weight (llama3 rope, baked in by llama.cpp)
+    return None
 
 
 def _write_tokenizer(metadata: dict[str, Any], config: dict[str, Any], out_dir: Path) -> None:

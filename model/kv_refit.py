@@ -76,6 +76,7 @@ def collect_grams(model, token_ids: list[int], *, window: int = 512, block_size:
     """E[[x,1][x,1]^T] of every layer's attention input over token_ids, [hidden+1, hidden+1] float64 each."""
     if len(token_ids) < 2:
         raise ValueError("calibration needs at least 2 tokens")
+    window = min(window, model.config.max_context)  # past it there are no positions to run
     device = model.lm_head.weight.device
     size = model.config.hidden_size + 1
     grams = [torch.zeros(size, size, dtype=torch.float64, device=device) for _ in model.model.layers]

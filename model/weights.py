@@ -163,6 +163,11 @@ def _load_one(ckpt_name, tensor, params, fused, pending, buffers, config, dtype,
         raise CheckpointError(f"unexpected tensor {ckpt_name} {tuple(tensor.shape)} in the checkpoint: "
                               "this model has no such parameter")
     if proj in ("k_proj", "v_proj"):
+        written = config.num_key_value_heads * config.head_dim  # rows before pooling or replication
+        if tensor.shape[0] != written:
+            raise CheckpointError(f"tensor {ckpt_name}: checkpoint shape {tuple(tensor.shape)} but the checkpoint's "
+                                  f"{config.num_key_value_heads} KV heads of {config.head_dim} need {written} rows "
+                                  "(check config.json against the weights)")
         tensor = convert_kv_heads(tensor, config.num_key_value_heads, config.num_kv_heads, config.head_dim,
                                   kv_head_method)
     param = params[target]

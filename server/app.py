@@ -73,7 +73,11 @@ def explain_router(state: ServerState):
         with lock:
             if not built:
                 from model.explainer import AttentionExplainer
-                built.append(AttentionExplainer(state.engine.model_dir, tokenizer=state.engine.tokenizer))
+                engine = state.engine.config
+                built.append(AttentionExplainer(state.engine.model_dir, tokenizer=state.engine.tokenizer,
+                                                kv_head_method=engine.kv_head_method,
+                                                calibration_text=engine.kv_calibration_text,
+                                                calibration_tokens=engine.kv_calibration_tokens))
             return built[0]
 
     return create_explain_router(get_explainer)

@@ -19,7 +19,8 @@ def add_attention_map_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=int, nargs="+", default=None, help="query heads to draw (default: all)")
     parser.add_argument("--num-kv-heads", type=int, default=None,
                         help="KV heads to run with (default: the checkpoint's); pooled or replicated")
-    parser.add_argument("--kv-head-method", default="mean")
+    parser.add_argument("--kv-head-method", default="mean", choices=["mean", "refit"],
+                        help="how pooled heads are made (refit calibrates on the packaged text, as serve does)")
     parser.add_argument("--no-special-tokens", action="store_true", help="do not add BOS")
     parser.add_argument("--dpi", type=int, default=110)
     parser.add_argument("--out", type=Path, required=True, help="PNG file to write")

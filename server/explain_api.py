@@ -15,12 +15,13 @@ from typing import Callable
 import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from model.explain import LayerAttention, QueryWalkthrough
 from model.explainer import AttentionExplainer, AttentionExplanation, ExplainError
 from server.http_errors import ApiError, error_response
+from server.schema_common import Text
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 STATIC_FILES = {"explain.js": "text/javascript", "explain.css": "text/css"}
@@ -31,11 +32,12 @@ DIGITS = 6  # decimals sent over the wire: enough for any plot, and it keeps a 2
 class ExplainAttentionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    prompt: str = Field(description="the text to explain; at most 256 tokens after tokenization")
-    layers: list[int] = Field(default_factory=lambda: [0], description="decoder layers (0-based)")
-    heads: list[int] | None = Field(default=None, description="query heads whose maps to return; all if null")
-    num_kv_heads: int | None = Field(default=None, description="native (null) or a pooled/replicated count")
-    query_index: int | None = Field(default=None, description="token to walk through; the last if null")
+    # strict integers: pydantic's lax mode reads true as 1 (one KV head) and 2.0 as 2
+    prompt: Text = Field(description="the text to explain; at most 256 tokens after tokenization")
+    layers: list[StrictInt] = Field(default_factory=lambda: [0], description="decoder layers (0-based)")
+    heads: list[StrictInt] | None = Field(default=None, description="query heads whose maps to return; all if null")
+    num_kv_heads: StrictInt | None = Field(default=None, description="native (null) or a pooled/replicated count")
+    query_index: StrictInt | None = Field(default=None, description="token to walk through; the last if null")
     add_special_tokens: bool = True
     include_weights: bool = Field(default=True, description="false: only tokens and the walkthrough "
                                                             "(the page sends it when a token is clicked)")

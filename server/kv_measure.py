@@ -123,6 +123,11 @@ def measure(spec: KVReportSpec, token_ids: list[int],
     max_model_len = spec.max_model_len or config.max_context
     evaluation, calibration = split_tokens(token_ids, spec)
     prompts = _prompts(evaluation, spec)
+    if spec.window > config.max_context:  # checked before the calibration, which would fail first
+        raise ValueError(f"--window {spec.window} exceeds the model's context of {config.max_context} tokens")
+    if len(prompts[0]) + spec.greedy_tokens > config.max_context:
+        raise ValueError(f"--greedy-tokens {spec.greedy_tokens} after {len(prompts[0])}-token prompts exceeds the "
+                         f"model's context of {config.max_context} tokens")
     variants = _variants(spec, native, valid)
     refits = [v for v in variants if v.method == "refit"]
     progress = progress_factory(work_units(spec, len(variants), len(evaluation), len(refits))) \

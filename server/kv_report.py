@@ -77,8 +77,9 @@ def _model_dir(args: argparse.Namespace) -> Path:
 
 def spec_from_args(args: argparse.Namespace, model_dir: Path) -> KVReportSpec:
     from server.model_runner import resolve_device
-    for name in ("max_tokens", "window", "stride", "num_prompts", "greedy_tokens", "calibration_tokens"):
-        if getattr(args, name) < 1:
+    for name in ("max_tokens", "window", "stride", "num_prompts", "greedy_tokens", "calibration_tokens",
+                 "block_size", "max_model_len"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     return KVReportSpec(
         model_dir=model_dir, max_tokens=args.max_tokens, window=args.window, stride=args.stride,

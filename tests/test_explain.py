@@ -4,6 +4,7 @@ model's own paged forward, the HTTP contract (errors name the field; disabled me
 from __future__ import annotations
 
 import argparse
+import json
 import struct
 
 import pytest
@@ -180,9 +181,13 @@ def test_pooled_request_reports_its_grouping(client):
     ({"prompt": PROMPT, "query_index": 500}, "query_index"),
     ({"prompt": PROMPT, "layer": 0}, "layer"),
     ([1, 2], "body"),
+    ({"prompt": "lone \ud800 surrogate"}, "prompt"),  # was a 500 from the tokenizer
+    ({"prompt": PROMPT, "num_kv_heads": True}, "num_kv_heads"),  # pydantic's lax mode read it as 1 KV head
+    ({"prompt": PROMPT, "layers": [True]}, "layers.0"),
 ])
 def test_bad_requests_get_422_naming_the_field(client, body, field):
-    resp = client.post("/explain/attention", json=body)
+    resp = client.post("/explain/attention", content=json.dumps(body),  # ASCII: a lone surrogate as \\ud800
+                       headers={"content-type": "application/json"})
     assert resp.status_code == 422, resp.text
     data = resp.json()
     assert data["error_type"] == "validation"
@@ -244,6 +249,29 @@ def test_attention_map_names_the_bad_flag(tiny_llama_dir, tmp_path):
             run_attention_map(_cli_args("--model", str(tiny_llama_dir), "--prompt", "hi", *argv,
                                         "--out", str(tmp_path / "x.png")))
     assert not (tmp_path / "x.png").exists()
+
+
+def test_prompts_stop_at_the_model_context(tmp_path):
+    """A 64-position model: its context caps the prompt below the explorer's 256 (it ran past the rotary
+    table, a 500)."""
+    from tests.tiny_models import make_tiny_checkpoint
+    short = AttentionExplainer(make_tiny_checkpoint(tmp_path / "short", max_position_embeddings=64))
+    assert short.info().max_prompt_tokens == 64
+    with pytest.raises(ExplainError, match="at most 64") as err:
+        short.explain("word " * 100, layers=[0])
+    assert err.value.field == "prompt"
+
+
+def test_pooled_heads_are_made_as_the_server_makes_them(tiny_llama_dir):
+    """With kv_head_method refit the explorer shows the refit heads the server runs (it showed mean
+    pooling: by the README's table a different model, 17,385 against 121.8 perplexity for SmolLM2 at 1 head)."""
+    from model.kv_refit import load_with_kv_head_method
+    refit = AttentionExplainer(tiny_llama_dir, kv_head_method="refit", calibration_tokens=256)
+    served = load_with_kv_head_method(tiny_llama_dir, num_kv_heads=1, kv_head_method="refit", calibration_tokens=256)
+    shown, mean = refit.model_for(1).model.layers[0].self_attn, load_model(tiny_llama_dir, num_kv_heads=1)
+    for name, param in served.model.layers[0].self_attn.named_parameters():
+        assert torch.equal(dict(shown.named_parameters())[name], param), name
+    assert not torch.equal(shown.qkv_proj.weight, mean.model.layers[0].self_attn.qkv_proj.weight)
 
 
 def test_explain_error_names_field(explainer):

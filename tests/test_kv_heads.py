@@ -162,6 +162,18 @@ def test_refit_objective_is_not_worse_than_mean_at_one_head(tiny_llama_dir, cali
     assert key_loss(w, mean, grams[0], 4, 16) == pytest.approx(losses[0].key_mean)
 
 
+def test_refit_calibrates_a_model_with_a_context_shorter_than_its_window(tmp_path, calibration_ids):
+    """The calibration windows (512 tokens) stop at the model's context: a 64-position model ran past its
+    rotary table (IndexError) and so could not be served with refit."""
+    short = make_tiny_checkpoint(tmp_path / "short", max_position_embeddings=64)
+    native = load_model(short)
+    model, losses = load_refit_model(short, 1, calibration_ids, native_model=native)
+    assert model.config.num_kv_heads == 1 and len(losses) == 2
+    assert all(x.key_refit <= x.key_mean * (1 + 1e-9) for x in losses)
+    windowed = collect_grams(native, calibration_ids[:128], window=64)
+    torch.testing.assert_close(collect_grams(native, calibration_ids[:128]), windowed)
+
+
 def test_refit_without_pooling_is_the_identity(tiny_llama_dir, calibration_ids):
     """Refitting 2 heads into 2 folds only exact rescalings into q and o: the model is unchanged."""
     native = load_model(tiny_llama_dir)

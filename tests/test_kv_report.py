@@ -78,6 +78,19 @@ def test_kv_report_table_and_bad_counts(tiny_llama_dir, text_file, capsys):
         _parse(base + ["--methods", "median"])
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--block-size", "0"], "--block-size must be positive, got 0"),
+    (["--max-model-len", "-5"], "--max-model-len must be positive, got -5"),  # was a negative capacity
+    (["--window", "600", "--stride", "32"], "--window 600 exceeds the model's context of 512 tokens"),
+    (["--greedy-tokens", "500"], r"--greedy-tokens 500 after \d+-token prompts exceeds the model.s context of 512"),
+])
+def test_kv_report_refuses_arguments_the_model_cannot_run(tiny_llama_dir, text_file, flags, message):
+    base = ["--model", str(tiny_llama_dir), "--text", str(text_file), "--max-tokens", "64", "--window", "32",
+            "--stride", "32", "--methods", "mean,refit", "--kv-cache-dtypes", "", "--no-progress"]
+    with pytest.raises(ValueError, match=message):
+        run_kv_report(_parse(base + flags))
+
+
 def test_format_table_marks_native_and_ratio():
     from server.kv_measure import KVReportRow
     rows = [KVReportRow("mean", 3, True, "float32", 46080, 23296, 2, 41.3, 1.0),

@@ -184,6 +184,18 @@ def test_wrong_shape_names_tensor_and_both_shapes(broken_dir):
         load_model(broken_dir)
 
 
+@pytest.mark.parametrize("num_kv_heads", [None, 1, 4])  # native 2, pooled, replicated
+def test_a_short_kv_projection_is_named_whatever_num_kv_heads(broken_dir, num_kv_heads):
+    """Pooling and replication reshape k/v rows by head: a short tensor failed there, naming nothing."""
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(broken_dir / "model.safetensors")
+    name = "model.layers.0.self_attn.v_proj.weight"
+    tensors[name] = tensors[name][:-1].contiguous()
+    save_file(tensors, broken_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"tensor {name}: checkpoint shape \(31, 64\)"):
+        load_model(broken_dir, num_kv_heads=num_kv_heads)
+
+
 def test_loaded_weights_do_not_follow_the_checkpoint_file(broken_dir):
     """float32 -> float32 on CPU would otherwise keep safetensors' private file mapping: a checkpoint written
     over in place while the server runs would change its weights (or, truncated, kill it with SIGBUS)."""
