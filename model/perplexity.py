@@ -6,8 +6,10 @@ is measured exactly as the server would run it: K/V rounded on write, attention 
 
 Perplexity follows Hugging Face's strided recipe ("Perplexity of fixed-length models"): windows of
 `window` tokens start every `stride` tokens; each window is a fresh sequence (positions from 0), and
-only the tokens no earlier window scored count, so every token after the first is scored exactly once,
-with at least window - stride tokens of context once the first window is past.
+only the tokens no earlier window scored count, and never a window's first token (nothing precedes it).
+With stride < window every token after the first is so scored exactly once, with at least window - stride
+tokens of context once the first window is past; with stride == window each window's first token goes
+unscored, as in HF's recipe.
 """
 from __future__ import annotations
 
