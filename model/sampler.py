@@ -179,6 +179,20 @@ def _apply_top_k_top_p(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor
     return logits.masked_fill(logits < cut[:, None], float("-inf"))
 
 
+def warped(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p (masked to -inf): what the draw samples from, in HF's order.
+    Greedy rows (temperature 0) come back untempered."""
+    temp = torch.where(t.temperature > 0, t.temperature, 1.0)
+    logits = logits / temp[:, None]
+    if t.any_top_k or t.any_top_p:
+        logits = _apply_top_k_top_p(logits, t)
+    if t.any_min_p:
+        probs = logits.softmax(dim=-1)
+        threshold = t.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    return logits
+
+
 def sample(logits: torch.Tensor, t: SamplingTensors, generator: torch.Generator | None = None) -> SamplerOutput:
     """logits [B, V] float32 -> one token per row (no host sync)."""
     raw = logits
@@ -187,14 +201,7 @@ def sample(logits: torch.Tensor, t: SamplingTensors, generator: torch.Generator 
     if t.all_greedy:
         token_ids = greedy_ids
     else:
-        temp = torch.where(t.temperature > 0, t.temperature, 1.0)
-        logits = logits / temp[:, None]
-        if t.any_top_k or t.any_top_p:
-            logits = _apply_top_k_top_p(logits, t)
-        if t.any_min_p:
-            probs = logits.softmax(dim=-1)
-            threshold = t.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
-            logits = logits.masked_fill(probs < threshold, float("-inf"))
+        logits = warped(logits, t)
         B, V = logits.shape
         if t.any_seeded and not t.any_unseeded:
             u = hashed_uniform(t.seeds, t.output_index, V)

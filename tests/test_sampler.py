@@ -74,6 +74,36 @@ def test_filters_match_reference_support():
         assert len(seen[i]) >= min(len(allowed[i]), 3)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_what_is_sampled_from_equals_transformers_processors(seed):
+    """Penalty, temperature, top-k, top-p and min-p against transformers' own logits processors, chained in
+    the order generate() applies them: the logits the draw sees, values and -inf mask."""
+    from transformers.generation import logits_process as hf
+
+    from model.sampler import _apply_penalties, warped
+    gen = torch.Generator().manual_seed(seed)
+    cases = [(1.3, 0.7, 5, 1.0, 0.0), (1.0, 1.0, 0, 0.8, 0.0), (1.1, 1.5, 0, 1.0, 0.1), (2.0, 0.5, 9, 0.9, 0.05),
+             (1.0, 1.0, 1, 1.0, 0.0), (1.0, 0.9, 0, 0.5, 0.2), (1.2, 1.0, 40, 0.95, 0.0)]
+    B = len(cases)
+    logits = torch.randn(B, V, generator=gen) * 3
+    history = torch.randint(0, V, (B, 12), generator=gen)  # prompt then output, as HF's input_ids
+    rep, temp, top_k, top_p, min_p = (list(c) for c in zip(*cases))
+    t = tensors(B, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p)
+    t = SamplingTensors(**{**t.__dict__, "repetition_penalty": torch.tensor(rep),
+                           "presence_penalty": torch.zeros(B), "frequency_penalty": torch.zeros(B),
+                           "prompt_tokens": history[:, :5], "output_tokens": history[:, 5:], "max_logprobs": 0})
+    ours = warped(_apply_penalties(logits, t), t)
+    for b, (r, temperature, k, p, m) in enumerate(cases):
+        chain = [hf.RepetitionPenaltyLogitsProcessor(r), hf.TemperatureLogitsWarper(temperature)]
+        chain += [hf.TopKLogitsWarper(k)] if k else []
+        chain += [hf.TopPLogitsWarper(p)] if p < 1 else []
+        chain += [hf.MinPLogitsWarper(m)] if m else []
+        want = hf.LogitsProcessorList(chain)(history[b:b + 1], logits[b:b + 1].clone())[0]
+        assert torch.equal(ours[b].isinf(), want.isinf()), (b, cases[b])
+        kept = ~want.isinf()
+        torch.testing.assert_close(ours[b][kept], want[kept], msg=lambda m: f"{cases[b]}: {m}")
+
+
 def test_sampling_frequencies_follow_softmax():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)
     out = sample(logits, tensors(4000, temperature=0.5), torch.Generator().manual_seed(1)).token_ids
