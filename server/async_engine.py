@@ -187,6 +187,14 @@ class AsyncEngine:
         self._commands.put(("abort", request_id))
         self._wake.set()
 
+    def abort_all(self) -> int:
+        """On the event loop thread: abort every request in flight (each stream ends with finish_reason
+        "abort", which the routes answer as 503 or an error event); returns how many."""
+        request_ids = list(self._streams)
+        for request_id in request_ids:
+            self.abort(request_id)
+        return len(request_ids)
+
     def stats(self) -> EngineStats:
         return EngineStats(0, 0, 0.0, 0, 0, 0, 0, 0, 0, 0) if self.engine is None else engine_stats(self.engine)
 

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args._commands[args.command](args)
-    except (ValueError, FileNotFoundError) as exc:  # config, checkpoint and parameter errors
+    except (ValueError, OSError) as exc:  # config, checkpoint and parameter errors; files that cannot be read
         print(f"gqa-serve {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
 

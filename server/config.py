@@ -53,7 +53,8 @@ class ServerConfig(BaseModel):
     """HTTP-side settings; the engine's are in EngineConfig."""
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    host: str = Field("127.0.0.1", description="interface to listen on")
+    host: str = Field("127.0.0.1", min_length=1,  # uvicorn would read "" as every interface
+                      description="interface to listen on")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
     api_key: SecretStr | None = Field(None, description="require 'Authorization: Bearer KEY' on all routes "
                                                         "but /health and /metrics")
@@ -164,7 +165,7 @@ def resolve_config_path(value: str) -> Path:
     path = Path(value)
     if path.is_file():
         return path
-    if path.suffix == "" and path.parent == Path("."):
+    if path.parent == Path(".") and path.suffix != ".toml":  # a preset name ("llama-3.2-1b" has a suffix)
         for root in (Path.cwd(), Path(__file__).resolve().parent.parent):
             candidate = root / "configs" / f"{value}.toml"
             if candidate.is_file():
@@ -236,11 +237,14 @@ def load_config(flags: Mapping[str, Any] | None = None, config_file: str | None 
 
 def _one_line(section: str, exc: ValidationError, sources: Mapping[tuple[str, str], str]) -> str:
     err = exc.errors(include_url=False)[0]
-    field = ".".join(str(p) for p in err["loc"]) or section
+    field = ".".join(str(p) for p in err["loc"])
     name = str(err["loc"][0]) if err["loc"] else ""
     where = sources.get((section, name))
+    label = f"{section}.{field}" if field else section  # a check across fields has no location
     if err["type"] == "extra_forbidden":
-        return f"{section}.{field}: unknown setting" + (f" (from {where})" if where else "")
+        return f"{label}: unknown setting" + (f" (from {where})" if where else "")
     message = err["msg"].removeprefix("Value error, ")
-    got = f", got {err['input']!r}" if "input" in err and err["loc"] and not isinstance(err["input"], dict) else ""
-    return f"{section}.{field}: {message}{got}" + (f" (from {where})" if where else "")
+    shown = repr(err.get("input"))
+    got = f", got {shown}" if "input" in err and err["loc"] and not isinstance(err["input"], dict) \
+        and shown not in message else ""
+    return f"{label}: {message}{got}" + (f" (from {where})" if where else "")

@@ -269,7 +269,7 @@ class LLMEngine:
             finished=decision.finish_reason is not None, finish_reason=decision.finish_reason,
             stop_reason=decision.stop_reason, new_logprobs=None if lp is None else [lp],
             num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=n, queue_time=queue_time,
-            prompt_logprobs=seq.prompt_logprobs if n == 1 else None)
+            prompt_logprobs=seq.prompt_logprobs if n == 1 else None, step_time=now)
 
     def _fail(self, sched: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
         message = f"{type(exc).__name__}: {exc}"

@@ -140,7 +140,15 @@ async def _tracked(state: ServerState, request_id: str, stream: AsyncIterator[Re
                    arrival: float) -> AsyncIterator[RequestOutput]:
     m = state.metrics
     last_token_time: float | None = None
+    # the tokens of one engine step (several with speculative decoding, each its own output) share the gap
+    # since the previous step: k tokens give k samples of gap / k
+    step, step_tokens, step_gap = None, 0, 0.0
     finished = False
+
+    def observe_step() -> None:
+        for _ in range(step_tokens):
+            m.inter_token_latency.observe(step_gap / step_tokens)
+
     try:
         async for out in stream:
             now = time.monotonic()
@@ -150,12 +158,15 @@ async def _tracked(state: ServerState, request_id: str, stream: AsyncIterator[Re
                     m.time_to_first_token.observe(now - arrival)
                     queue_time = out.queue_time
                     m.request_queue_time.observe(queue_time if queue_time is not None else now - arrival)
+                    step, last_token_time = out.step_time, now
+                elif out.step_time is not None and out.step_time == step:
+                    step_tokens += n
                 else:
-                    for _ in range(n):
-                        m.inter_token_latency.observe((now - last_token_time) / n)
-                last_token_time = now
+                    observe_step()
+                    step, step_tokens, step_gap, last_token_time = out.step_time, n, now - last_token_time, now
             if out.finished:
                 finished = True
+                observe_step()
                 m.e2e_request_latency.observe(now - arrival)
                 m.request_success.labels(out.finish_reason or "unknown").inc()
             yield out
@@ -163,6 +174,7 @@ async def _tracked(state: ServerState, request_id: str, stream: AsyncIterator[Re
                 return
     finally:
         if not finished:
+            observe_step()
             state.engine.abort(request_id)
             m.request_success.labels("abort").inc()
 

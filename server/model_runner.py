@@ -41,6 +41,9 @@ class KVCapacity:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():  # torch's own error is an assertion deep in a load
+        raise ValueError("device: cuda was asked for, but torch sees no CUDA device (torch "
+                         f"{torch.__version__}{'' if torch.version.cuda else ', a CPU-only build'})")
     return torch.device(name)
 
 

@@ -29,6 +29,8 @@ class RequestOutput(NamedTuple):
     error: str | None = None           # set with finish_reason "error"
     queue_time: float | None = None    # seconds from arrival to first scheduling; on the first output only
     prompt_logprobs: list[float | None] | None = None
+    step_time: float | None = None     # time.monotonic() of the engine step that made it: one step may keep
+                                       # several draft tokens, each its own output; metrics group them by this
 
 
 class AdmissionError(ValueError):

@@ -2,7 +2,8 @@
 
 server/cli.py wires the subcommand: `add_serve_arguments(subparser)` then `run_serve(args)` (an exit code).
 On SIGTERM the server stops admitting (new requests get 503, /health turns 503), lets running requests
-finish for up to drain_timeout_s, then exits 0. A second signal exits at once.
+finish for up to drain_timeout_s, then aborts the rest (a 503, or an error event on a stream: never a cut
+connection) and exits 0. A second SIGTERM aborts them at once.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import socket
 import sys
 from types import FrameType
 from typing import Any
@@ -51,6 +53,10 @@ def run_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"gqa-serve serve: invalid configuration: {exc}", file=sys.stderr)
         return 2
+    unusable = listen_address_error(config.server.host, config.server.port)
+    if unusable:  # before the model loads (uvicorn binds after the lifespan has started the load)
+        print(f"gqa-serve serve: {unusable}", file=sys.stderr)
+        return 2
     configure_logging(config.server.log_level)
     from server.app import create_app
     from server.async_engine import AsyncEngine
@@ -62,6 +68,22 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"gqa-serve serve: cannot create the engine: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     return serve_app(create_app(engine, config.server), config.server)
+
+
+def listen_address_error(host: str, port: int) -> str | None:
+    """Why uvicorn could not listen on host:port, or None: tried with a bind of each address it would use."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        return f"server.host: cannot resolve {host!r}: {exc}"
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                return f"server.port: cannot listen on {host}:{port}: {exc.strerror or exc}"
+    return None
 
 
 def serve_app(app: Any, config: ServerConfig) -> int:
@@ -95,15 +117,21 @@ class DrainingServer(uvicorn.Server):
                 logger.info("listening on http://%s:%d (model loading in the background)", host, port)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if sig == signal.SIGTERM and not self._drain_requested and self._loop is not None \
-                and not self.should_exit:
-            self._drain_requested = True  # not recorded as captured: a drained server exits 0
-            self._loop.call_soon_threadsafe(self._start_drain)
+        if sig == signal.SIGTERM and self._loop is not None and not self.should_exit:
+            # not recorded as captured: a drained server exits 0
+            self._loop.call_soon_threadsafe(self._end_drain if self._drain_requested else self._start_drain)
+            self._drain_requested = True
             return
         super().handle_exit(sig, frame)
 
     def _start_drain(self) -> None:
         self._drain_task = asyncio.ensure_future(self._drain())
+
+    def _end_drain(self) -> None:
+        """A second SIGTERM: stop waiting for the requests in flight."""
+        if self._drain_task is not None and not self._drain_task.done():
+            self._drain_task.cancel()
+            asyncio.ensure_future(self._abort_in_flight("a second SIGTERM"))
 
     async def _drain(self) -> None:
         stats = self.state.stats()
@@ -112,8 +140,21 @@ class DrainingServer(uvicorn.Server):
                     self.drain_timeout_s, running)
         self.state.begin_drain()
         if self.state.loaded.is_set() and self.state.load_error is None:
-            idle = await self.state.engine.wait_idle(self.drain_timeout_s)
-            logger.info("drain %s", "complete" if idle else "timed out; aborting the rest")
+            if await self.state.engine.wait_idle(self.drain_timeout_s):
+                logger.info("drain complete")
+            else:
+                await self._abort_in_flight("the drain timed out")
+                return
+        self.should_exit = True
+
+    async def _abort_in_flight(self, why: str) -> None:
+        """Abort what is left through the engine, so each request is answered (503, or an error event that
+        ends its stream) before uvicorn closes the connections; then exit."""
+        engine = self.state.engine
+        if self.state.loaded.is_set() and self.state.load_error is None:
+            logger.warning("%s: aborting the %d requests in flight", why, engine.abort_all())
+            await engine.wait_idle(5.0)
+            await asyncio.sleep(0.2)  # the aborted outputs reach their handlers, which send the last bytes
         self.should_exit = True
 
     async def on_tick(self, counter: int) -> bool:

@@ -55,6 +55,16 @@ def test_missing_model_dir_is_named(tmp_path, capsys):
     assert "is not a directory" in capsys.readouterr().err
 
 
+def test_unusable_device_and_unreadable_files_are_one_line(tiny_llama_dir, tmp_path, capsys):
+    """They were tracebacks: torch's CUDA assertion deep in a load, and an IsADirectoryError."""
+    import torch
+    if not torch.cuda.is_available():
+        assert main(["generate", "--model", str(tiny_llama_dir), "--prompt", "hi", "--device", "cuda"]) == 2
+        assert "device: cuda was asked for, but torch sees no CUDA device" in capsys.readouterr().err
+    assert main(["kv-report", "--model", str(tiny_llama_dir), "--text", str(tmp_path), "--device", "cpu"]) == 2
+    assert "Is a directory" in capsys.readouterr().err
+
+
 def test_fetch_model_prints_the_cached_directory(smollm2_dir, capsys):
     assert main(["fetch-model", "smollm2-135m", "--cache-dir", str(smollm2_dir.parent)]) == 0
     assert capsys.readouterr().out.strip() == str(smollm2_dir)

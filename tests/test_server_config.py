@@ -65,6 +65,7 @@ def test_config_from_env_var_and_none_words(tmp_path):
     ({}, {}, "[engine]\ngpu_memory_utilization = true\n", "engine.gpu_memory_utilization: not a boolean"),
     ({}, {}, "[engine]\ndtype = false\n", "engine.dtype: not a boolean"),
     ({"seed": str(2**64)}, {}, None, "engine.seed"),  # past torch's manual_seed range
+    ({"prompt_lookup_min": "5", "prompt_lookup_max": "3"}, {}, None, "engine: prompt_lookup_min=5"),  # not engine.engine
 ])
 def test_bad_config_is_one_line_naming_the_field(tmp_path, flags, env, toml, needle):
     path = None
@@ -80,6 +81,41 @@ def test_run_serve_rejects_bad_config_with_exit_code(capsys):
     assert run_serve(parse(["--max-num-seqs", "0"])) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "max_num_seqs" in err
+
+
+def test_an_address_serve_cannot_listen_on_is_refused_before_the_model_loads(capsys, monkeypatch):
+    """uvicorn binds after the lifespan has begun the load: a busy port loaded the whole model (and waited up
+    to 60 s for it) before exiting 3; a bad host did the same without naming the setting."""
+    import socket
+
+    import server.async_engine
+    monkeypatch.setattr(server.async_engine.AsyncEngine, "__init__", lambda *a: pytest.fail("engine created"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        assert run_serve(parse(["--host", "127.0.0.1", "--port", port])) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"server.port: cannot listen on 127.0.0.1:{port}" in err
+    assert run_serve(parse(["--host", "x" * 64])) == 2  # a DNS label too long: refused without a lookup
+    assert f"server.host: cannot resolve '{'x' * 64}'" in capsys.readouterr().err
+
+
+def test_an_empty_host_is_refused_not_every_interface():
+    with pytest.raises(ConfigError, match="server.host"):
+        load_config({}, environ={"GQA_HOST": ""})
+
+
+@pytest.mark.parametrize("preset", ["llama-3.2-1b", "llama-3.1-8b", "smollm2-135m-kv1"])
+def test_presets_are_found_by_name_dots_and_all(preset, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # found beside the package, not only from the repository root
+    assert load_config({}, preset, environ={}) is not None
+
+
+def test_a_value_is_shown_once():
+    with pytest.raises(ConfigError) as info:
+        load_config({"kv_cache_memory": "-5"}, environ={})
+    assert str(info.value).count("'-5'") == 1, str(info.value)
 
 
 def test_missing_config_file_is_named():

@@ -114,36 +114,50 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_sigterm_drains_in_flight_request_and_exits_zero(tiny_llama_dir):
+def serve_in_a_process(model_dir, *flags: str) -> tuple[subprocess.Popen, str]:
+    """`gqa-serve serve` on the model, once /health says 200."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(tiny_llama_dir), "--device", "cpu",
-           "--dtype", "float32", "--port", str(port), "--kv-cache-memory", "8MiB", "--drain-timeout-s", "60"]
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--device", "cpu",
+           "--dtype", "float32", "--port", str(port), "--kv-cache-memory", "8MiB", *flags]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 90
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read())
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("server never became healthy")
+        time.sleep(0.1)
+
+
+def stream_in_a_thread(url: str, max_new_tokens: int) -> tuple[threading.Thread, list[dict], threading.Event]:
+    """A /generate_stream request in a thread: its events (data lines) and an event set at the first."""
+    events: list[dict] = []
+    started = threading.Event()
+
+    def stream() -> None:
+        body = {"inputs": "ROMEO:", "parameters": {"max_new_tokens": max_new_tokens, "temperature": 0}}
+        with httpx.stream("POST", url + "/generate_stream", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    events.append(json.loads(line[5:]))
+                    started.set()
+
+    worker = threading.Thread(target=stream)
+    worker.start()
+    return worker, events, started
+
+
+def test_sigterm_drains_in_flight_request_and_exits_zero(tiny_llama_dir):
+    proc, url = serve_in_a_process(tiny_llama_dir, "--drain-timeout-s", "60")
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server never became healthy"
-            time.sleep(0.1)
-        events: list[dict] = []
-        started = threading.Event()
-
-        def stream() -> None:
-            body = {"inputs": "ROMEO:", "parameters": {"max_new_tokens": 16, "temperature": 0}}
-            with httpx.stream("POST", url + "/generate_stream", json=body, timeout=120) as r:
-                for line in r.iter_lines():
-                    if line.startswith("data:"):
-                        events.append(json.loads(line[5:]))
-                        started.set()
-
-        worker = threading.Thread(target=stream)
-        worker.start()
+        worker, events, started = stream_in_a_thread(url, 16)
         assert started.wait(60)
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
@@ -156,6 +170,33 @@ def test_sigterm_drains_in_flight_request_and_exits_zero(tiny_llama_dir):
         worker.join(120)
         assert events and events[-1].get("details", {}) and events[-1]["details"]["generated_tokens"] == 16
         assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("how", ["timeout", "second_sigterm"])
+def test_requests_a_drain_cannot_wait_for_are_answered_not_cut(tiny_llama_dir, how):
+    """When the drain ends before the requests do (its timeout, or a second SIGTERM), each is aborted
+    through the engine: a stream ends with an error event, not a cut connection (uvicorn's own timeout
+    cancelled the handlers: "incomplete chunked read"), and the server still exits 0."""
+    timeout = "0" if how == "timeout" else "600"
+    proc, url = serve_in_a_process(tiny_llama_dir, "--drain-timeout-s", timeout, "--max-num-seqs", "1")
+    try:
+        worker, events, started = stream_in_a_thread(url, 400)  # long enough to outlast the signal
+        assert started.wait(60)
+        proc.send_signal(signal.SIGTERM)
+        if how == "second_sigterm":
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+        worker.join(120)
+        assert not worker.is_alive()
+        assert "error" in events[-1] and "aborted by the server" in events[-1]["error"], events[-1]
+        assert len(events) < 400
+        assert proc.wait(60) == 0
+        log = proc.stdout.read()
+        assert "aborting the 1 requests in flight" in log and "Traceback" not in log and "Cancel" not in log, log
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -520,3 +520,42 @@ def test_the_stats_line_gives_the_interval_s_draft_acceptance():
     now = EngineStats(0, 0, 0.0, 10, 10, 0, 0, 0, 0, 0, draft_tokens=300, accepted_draft_tokens=140)
     assert stats_line(now, before, 1.0).endswith("| drafts kept 25.0% (50/200)")
     assert "drafts" not in stats_line(before, before, 1.0)  # nothing drafted in the interval: no rate
+
+
+def test_a_steps_kept_drafts_share_its_step_time_and_its_inter_token_gap(spec):
+    """Each kept draft is its own output, all made in one step: the ITL histogram spread the step's gap over
+    them (k samples of gap / k); it took one sample of the whole gap and k - 1 of about zero."""
+    import asyncio
+    import types
+
+    from server.generation import _tracked
+    from server.metrics import ServerMetrics
+    from server.outputs import RequestOutput
+
+    engine = spec.engine
+    for i, prompt in enumerate(looping_prompts(8)):
+        engine.add_request(f"steps-{i}", prompt, GREEDY)
+    most = 0
+    while engine.has_unfinished():
+        outputs = engine.step()
+        assert len({o.step_time for o in outputs}) <= 1 and all(o.step_time is not None for o in outputs)
+        most = max([most] + [sum(o.request_id == r.request_id for o in outputs) for r in outputs])
+    assert most > 1  # a request kept drafts: several outputs of one step
+
+    metrics = ServerMetrics(lambda: None)
+    state = types.SimpleNamespace(metrics=metrics, engine=types.SimpleNamespace(abort=lambda request_id: None))
+    steps = [[1], [2, 3, 4], [5]]  # the tokens each step made; 30 ms between steps
+
+    async def stream():
+        for i, tokens in enumerate(steps):
+            await asyncio.sleep(0.03)
+            for token in tokens:
+                yield RequestOutput("r", [token], "x", finished=token == 5, finish_reason="length", step_time=i)
+
+    async def consume():
+        return [out async for out in _tracked(state, "r", stream(), arrival=0.0)]
+
+    assert len(asyncio.run(consume())) == 5
+    sample = metrics.registry.get_sample_value
+    assert sample("gqaserve_inter_token_latency_seconds_count") == 4
+    assert sample("gqaserve_inter_token_latency_seconds_bucket", {"le": "0.005"}) == 0  # 3 x 10+ ms, 1 x 30+ ms
