@@ -2,8 +2,9 @@
 
 Nothing here is module-level state: every app gets its own ServerState (engine, settings, metrics
 registry, lifecycle). At startup the model loads on a background thread, so /health answers (503) at once;
-at shutdown the engine is stopped. Middleware order, outermost first: CORS (only when origins are
-configured), then the gate (auth, drain refusal, body size), then the routes.
+at shutdown the engine is stopped. Middleware order, outermost first: the response counter (/metrics'
+route x status), CORS (only when origins are configured), the gate (auth, drain refusal, body size), then
+the routes.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from server.api_tgi import tgi_router
 from server.config import ServerConfig
 from server.explain_api import create_explain_disabled_router, create_explain_router
 from server.http_errors import install_error_handlers
-from server.middleware import GateMiddleware
+from server.middleware import GateMiddleware, ResponseCountMiddleware
 from server.state import ServerState
 
 logger = logging.getLogger("gqa_serve.server")
@@ -50,15 +51,16 @@ def create_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
                   description="LLaMA-family inference server: TGI- and OpenAI-compatible APIs.")
     app.state.server = state
     install_error_handlers(app)
-    app.include_router(ops_router())
-    app.include_router(tgi_router())
-    app.include_router(openai_router())
-    app.include_router(explain_router(state))
+    routers = [ops_router(), tgi_router(), openai_router(), explain_router(state)]
+    for router in routers:
+        app.include_router(router)
     app.add_middleware(GateMiddleware, state=state)
     if state.config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(state.config.cors_origins),
                            allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(ResponseCountMiddleware, state=state,
+                       route_paths=frozenset(route.path for router in routers for route in router.routes))
     return app
 
 

@@ -99,6 +99,9 @@ class ServerMetrics:
             "gqaserve_request_success", "Requests finished, by finish reason", ["finished_reason"], registry=r)
         self.http_rejections = Counter(
             "gqaserve_http_rejections", "Requests refused by the HTTP layer, by kind", ["kind"], registry=r)
+        self.http_responses = Counter(
+            "gqaserve_http_responses", "HTTP responses by route (the path template; 'unmatched' for paths no "
+            "route serves) and status code: 4xx and 5xx rates come from here", ["route", "status"], registry=r)
         r.register(EngineStatsCollector(stats))
 
     def render(self) -> bytes:

@@ -101,3 +101,28 @@ class GateMiddleware:
             return await receive()
 
         return replay
+
+
+class ResponseCountMiddleware:
+    """Outermost: counts every response by route and status (the gate's 401/413/503 included), so error rates
+    can be read from /metrics. Routes are path templates, so the label set stays small."""
+
+    def __init__(self, app: ASGIApp, state: ServerState, route_paths: frozenset[str]):
+        self.app = app
+        self.state = state
+        self.route_paths = route_paths  # the app's own paths: the gate answers some before routing
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                route = getattr(scope.get("route"), "path", None)  # set by the router when a route matched
+                if route is None:
+                    route = scope["path"] if scope["path"] in self.route_paths else "unmatched"
+                self.state.metrics.http_responses.labels(route, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)

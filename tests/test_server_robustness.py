@@ -130,6 +130,22 @@ def test_auth_default_deny_except_health_and_metrics():
         assert ok.status_code == 200
 
 
+def test_every_response_is_counted_by_route_and_status():
+    """4xx rates had no metric: validation errors, 401 and 413 were counted nowhere."""
+    with fake_server(ServerConfig(api_key="k", max_payload_bytes=1024, stats_log_interval_s=0)) as s:
+        auth = {"Authorization": "Bearer k"}
+        assert httpx.post(s.url + "/generate", json={"inputs": "x"}, headers=auth).status_code == 200
+        assert httpx.post(s.url + "/generate", json={"inputs": 5}, headers=auth).status_code == 422
+        assert httpx.post(s.url + "/v1/completions", json={"prompt": "x", "max_tokens": -1}, headers=auth).status_code == 400
+        assert httpx.post(s.url + "/generate", json={"inputs": "x"}).status_code == 401
+        assert httpx.post(s.url + "/generate", json={"inputs": "x" * 2000}, headers=auth).status_code == 413
+        assert httpx.get(s.url + "/nope", headers=auth).status_code == 404
+        text = httpx.get(s.url + "/metrics").text
+    for route, status in (("/generate", 200), ("/generate", 422), ("/v1/completions", 400), ("/generate", 401),
+                          ("/generate", 413), ("unmatched", 404)):
+        assert f'gqaserve_http_responses_total{{route="{route}",status="{status}"}} 1.0' in text, (route, status)
+
+
 def test_cors_closed_unless_configured(server):
     pre = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
     r = httpx.options(server.url + "/generate", headers=pre)
