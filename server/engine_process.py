@@ -17,11 +17,13 @@ child's last reported count plus the adds still in the pipe.
 """
 from __future__ import annotations
 
+import atexit
 import gc
 import logging
 import multiprocessing
 import signal
 import threading
+import weakref
 from dataclasses import replace
 from typing import Any
 
@@ -63,6 +65,7 @@ class ProcessEngine(AsyncEngine):
                                         args=(self.config, commands, results_in, self.log_level, self.gc_freeze),
                                         daemon=True)
             self._process.start()
+            atexit.register(_shutdown_at_exit, weakref.ref(self))
             commands.close()
             results_in.close()
             self._connect(tokenizer)
@@ -72,7 +75,7 @@ class ProcessEngine(AsyncEngine):
         try:
             kind, facts = self._results.recv()
         except EOFError:
-            kind, facts = "failed", f"the engine process exited with code {self._process.exitcode}"
+            kind, facts = "failed", f"the engine process exited with {self._exit_status()}"
         if kind != "ready":
             self._process.join(timeout=5)
             raise RuntimeError(facts)
@@ -109,7 +112,8 @@ class ProcessEngine(AsyncEngine):
         self._send(("stop",))
         self._process.join(timeout=10)
         if self._process.is_alive():
-            self._process.terminate()
+            # stuck or stopped (SIGSTOP), and deaf to SIGTERM: unkilled, multiprocessing's atexit would join it forever
+            self._process.kill()
             self._process.join(timeout=5)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
@@ -134,6 +138,12 @@ class ProcessEngine(AsyncEngine):
 
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
+
+    def _exit_status(self) -> str:
+        """The child's exit code once reaped: its pipe closes as it dies, before waitpid can see it gone."""
+        self._process.join(timeout=5)
+        code = self._process.exitcode
+        return f"code {code}" + (f": {signal.strsignal(-code)}" if code is not None and code < 0 else "")
 
     def stats(self) -> EngineStats:
         s = self._stats
@@ -166,21 +176,36 @@ class ProcessEngine(AsyncEngine):
                 self._deliver_all(deliveries)
         except (EOFError, OSError):
             if not self._stop:
-                self._dead = f"the engine process exited (code {self._process.exitcode})"
+                self._dead = f"the engine process exited ({self._exit_status()})"
         if self._dead:
             log.error("engine process stopped: %s", self._dead)
         with self._lock:
+            # its sequences and KV blocks went with the child: gauges at rest (/metrics, drain), counters kept
+            last = self._stats
+            self._stats = replace(last, num_running=0, num_waiting=0, kv_cache_usage=0.0,
+                                  num_free_blocks=last.num_total_blocks)
             failed = [(s, RequestOutput(rid, [], "", True, "error", error=self._dead or "the server stopped"))
                       for rid, s in self._targets.items()]
             self._targets.clear()
         self._deliver_all(failed)
 
 
+def _shutdown_at_exit(ref: weakref.ref) -> None:
+    """Registered after multiprocessing's own atexit hook, so it runs first: that hook would terminate() a child
+    that ignores SIGTERM and then join it forever when the parent exits without shutdown() (a stop mid-load)."""
+    engine = ref()
+    if engine is not None and engine._process.is_alive():
+        engine.shutdown()
+
+
 # ---- the child ------------------------------------------------------------------------------------------
 def run_engine_process(config: EngineConfig, commands, results, log_level: str = "info",
                        gc_freeze: bool = True) -> None:
     """The child's main: load, report, then apply commands and step until told to stop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
+    # Ctrl-C and a supervisor's SIGTERM (systemd's KillMode=control-group) reach the whole group: the parent
+    # decides, so its drain can finish the requests in flight; ProcessEngine.shutdown stops or kills the child
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
     from server.engine import LLMEngine
     try:

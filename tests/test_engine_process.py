@@ -3,8 +3,11 @@ abort, admission, one wake-up per step) runs against both engines in test_async_
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
+import sys
 
 import httpx
 import pytest
@@ -23,6 +26,8 @@ async def collect(stream):
 
 
 def test_a_killed_child_fails_every_stream_and_refuses_new_requests(tiny_llama_dir):
+    """Also: the reason carries the child's real exit status, and the stats stop claiming the dead child's
+    sequences and KV blocks (/metrics would show them running forever) while keeping its counters."""
     engine = ProcessEngine(EngineConfig(model=str(tiny_llama_dir), **CFG), gc_freeze=False)
     engine.start()
     assert engine.child_gc_frozen == 0
@@ -31,21 +36,75 @@ def test_a_killed_child_fails_every_stream_and_refuses_new_requests(tiny_llama_d
     async def main():
         streams = [engine.add_request(f"k{i}", [1, 5 + i, 6], params) for i in range(3)]
         first = await streams[0].__anext__()
+        busy = engine.stats()  # the child's stats of the step that made `first`
         os.kill(engine._process.pid, signal.SIGKILL)
         rest = await asyncio.wait_for(asyncio.gather(*(collect(s) for s in streams)), 10)
-        return first, rest
+        return first, busy, rest
     try:
-        first, rest = asyncio.run(main())
+        first, busy, rest = asyncio.run(main())
         assert not first.finished
+        assert busy.num_running >= 1 and busy.kv_cache_usage > 0 and busy.num_steps > 0
         for outs in rest:
             assert outs[-1].finished and outs[-1].finish_reason == "error"
-            assert "engine process exited" in outs[-1].error
+            assert "engine process exited (code -9" in outs[-1].error
+        s = engine.stats()
+        assert (s.num_running, s.num_waiting, s.kv_cache_usage) == (0, 0, 0.0)
+        assert s.num_free_blocks == s.num_total_blocks == busy.num_total_blocks
+        assert s.num_steps >= busy.num_steps
         assert not engine.is_alive
         with pytest.raises(EngineDeadError, match="engine process exited"):
             engine.add_request("late", [1, 5], params)
         engine.abort("k1")  # a client leaving after the child died: the broken pipe is not the caller's error
     finally:
         engine.shutdown()
+
+
+# run as a script: only a process of its own can show that it exits without shutdown() (multiprocessing's atexit
+# would terminate() the child, which ignores SIGTERM now, then join it forever)
+SIGTERM_TO_THE_CHILD = """
+import asyncio, json, os, signal, sys
+from server.engine_config import EngineConfig
+from server.engine_process import ProcessEngine
+from server.sampling_params import SamplingParams
+
+async def generate(engine):
+    params = SamplingParams(temperature=0.0, max_new_tokens=5, ignore_eos=True)
+    return [out async for out in engine.add_request("t", [1, 5, 6], params)]
+
+engine = ProcessEngine(EngineConfig(model=sys.argv[1], **json.loads(sys.argv[2])), gc_freeze=False)
+engine.start()
+os.kill(engine._process.pid, signal.SIGTERM)
+outs = asyncio.run(generate(engine))
+print(engine._process.pid, len(outs), outs[-1].finish_reason, outs[-1].error, flush=True)
+"""
+
+
+def test_the_child_ignores_sigterm_and_the_parent_still_stops_it_at_exit(tiny_llama_dir):
+    """A supervisor's SIGTERM to the whole process group (systemd's KillMode=control-group) must leave the
+    child serving, so the parent's drain can finish the requests in flight; the parent decides when it stops."""
+    done = subprocess.run([sys.executable, "-c", SIGTERM_TO_THE_CHILD, str(tiny_llama_dir), json.dumps(CFG)],
+                          capture_output=True, text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    pid, count, reason, error = done.stdout.strip().split(maxsplit=3)
+    assert (count, reason, error) == ("5", "length", "None")
+    assert not os.path.exists(f"/proc/{pid}")  # stopped and reaped before the parent exited
+
+
+def test_shutdown_kills_a_child_that_does_not_stop(tiny_llama_dir):
+    """A stopped (SIGSTOP) or stuck child never reads "stop", and SIGTERM does not end it: shutdown kills it
+    (else the parent hangs at exit, multiprocessing's atexit joining its daemonic child without a timeout)."""
+    engine = ProcessEngine(EngineConfig(model=str(tiny_llama_dir), **CFG), gc_freeze=False)
+    engine.start()
+    child = engine._process
+    os.kill(child.pid, signal.SIGSTOP)
+    try:
+        engine.shutdown()
+        assert not child.is_alive() and child.exitcode == -signal.SIGKILL
+        assert not engine._thread.is_alive()
+    finally:
+        if child.is_alive():  # left behind (the old shutdown): not to hang pytest at exit
+            child.kill()
+            child.join()
 
 
 def test_a_model_that_does_not_load_is_reported_by_start(tmp_path):
