@@ -21,9 +21,10 @@ def package_version() -> str:
 
 def health_payload(state: ServerState) -> tuple[int, dict]:
     if state.phase is Phase.READY:
-        if state.engine.is_alive:
-            return 200, {"status": "ok"}
-        return 503, {"status": "dead", "detail": "the engine loop has stopped"}
+        if not state.engine.is_alive:
+            return 503, {"status": "dead", "detail": "the engine loop has stopped"}
+        stall = state.stall()
+        return (200, {"status": "ok"}) if stall is None else (503, {"status": "stalled", "detail": stall})
     if state.phase is Phase.FAILED:
         return 503, {"status": "failed", "detail": state.load_error}
     return 503, {"status": state.phase.value}

@@ -96,6 +96,7 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, RequestStream] = {}  # touched only on the event loop thread
+        self._progress_time = time.monotonic()  # the last step's end, or when requests arrived at an idle engine
         # the same streams until their readers drop them (a finished one may still hold unread outputs)
         self._readable: weakref.WeakValueDictionary[str, RequestStream] = weakref.WeakValueDictionary()
         self._pending_adds = 0                        # adds enqueued, not yet in the scheduler
@@ -157,6 +158,8 @@ class AsyncEngine:
         if request_id in self._streams:
             raise ValueError(f"duplicate request_id {request_id!r}")
         self._admit(prompt_token_ids, params)
+        if not self._streams:  # idle until now: its silence so far was not a stall
+            self._progress_time = time.monotonic()
         stream = RequestStream(request_id, asyncio.get_running_loop())
         self._streams[request_id] = stream
         self._readable[request_id] = stream
@@ -186,6 +189,10 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
         self._wake.set()
+
+    def stalled_for(self) -> float:
+        """On the event loop thread: seconds without a finished step while requests are in flight (0 if none)."""
+        return time.monotonic() - self._progress_time if self._streams else 0.0
 
     def abort_all(self) -> int:
         """On the event loop thread: abort every request in flight (each stream ends with finish_reason
@@ -250,6 +257,7 @@ class AsyncEngine:
                     self._wake.clear()
                     continue
                 outputs = self.engine.step()
+                self._progress_time = time.monotonic()
                 if self.engine.counters.failed_steps_in_a_row >= MAX_FAILED_STEPS_IN_A_ROW:
                     # dead before these errors reach clients, so a retry gets EngineDeadError
                     self._dead = f"{MAX_FAILED_STEPS_IN_A_ROW} engine steps failed in a row"

@@ -67,6 +67,9 @@ class ServerConfig(BaseModel):
     max_choices: int = Field(16, ge=1, le=128, description="largest n (OpenAI) / batch size (TGI list inputs)")
     stats_log_interval_s: float = Field(10.0, ge=0.0, description="seconds between stats log lines; 0: off")
     drain_timeout_s: float = Field(30.0, ge=0.0, description="on SIGTERM, how long running requests may finish")
+    engine_stall_timeout_s: float = Field(
+        120.0, ge=0.0, description="with requests in flight and no engine step finished for this long, /health "
+                                   "and new requests answer 503 (a hung GPU or engine process); 0: never")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     engine_process: bool = Field(False, description="run the engine loop in a child process, so HTTP work and "
                                                      "engine steps do not share one GIL (server/engine_process.py)")

@@ -23,6 +23,7 @@ import logging
 import multiprocessing
 import signal
 import threading
+import time
 import weakref
 from dataclasses import replace
 from typing import Any
@@ -165,6 +166,7 @@ class ProcessEngine(AsyncEngine):
                     self._dead = message[1]
                     break
                 _, outputs, self._stats, applied = message
+                self._progress_time = time.monotonic()
                 deliveries = []
                 with self._lock:
                     self._pending_adds -= applied
@@ -258,9 +260,10 @@ def _loop(engine, commands, results) -> None:
                 out = engine.abort(cmd[1])
                 if out is not None:
                     outputs.append(out)
-        if engine.has_unfinished():
+        stepped = engine.has_unfinished()
+        if stepped:
             outputs += engine.step()
-        if outputs or applied:
+        if outputs or applied or stepped:  # every step: the parent's stall check counts them
             results.send(("outputs", outputs, engine_stats(engine), applied))
         if engine.counters.failed_steps_in_a_row >= MAX_FAILED_STEPS_IN_A_ROW:
             results.send(("dead", f"{MAX_FAILED_STEPS_IN_A_ROW} engine steps failed in a row"))

@@ -89,14 +89,27 @@ class ServerState:
 
     @property
     def alive(self) -> bool:
-        return self.phase is Phase.READY and bool(self.engine.is_alive)
+        return self.phase is Phase.READY and bool(self.engine.is_alive) and self.stall() is None
+
+    def stall(self) -> str | None:
+        """Why the engine looks hung (a step that never returns: the thread or child is alive, so is_alive
+        cannot tell), or None. A hung engine would otherwise take requests that then wait forever."""
+        limit = self.config.engine_stall_timeout_s
+        stalled = self.engine.stalled_for() if limit and self.phase is Phase.READY else 0.0
+        if stalled <= limit:
+            return None
+        return (f"engine: no step has finished for {stalled:.0f} s with requests in flight "
+                f"(engine_stall_timeout_s {limit:g}); the server must restart")
 
     def require_ready(self) -> None:
         """Raise the 503 that fits the phase; requests pass only when the model is loaded and alive."""
         if self.phase is Phase.READY:
-            if self.engine.is_alive:
+            if not self.engine.is_alive:
+                raise ApiError("unavailable", "engine: the generation loop has stopped; the server must restart")
+            stall = self.stall()
+            if stall is None:
                 return
-            raise ApiError("unavailable", "engine: the generation loop has stopped; the server must restart")
+            raise ApiError("unavailable", stall)
         if self.phase is Phase.LOADING:
             raise ApiError("unavailable", "model: still loading, retry shortly")
         if self.phase is Phase.FAILED:

@@ -103,6 +103,7 @@ class FakeAsyncEngine:
         self._waiting = 0
         self._slots: asyncio.Semaphore | None = None
         self._alive = False
+        self.stalled_seconds = 0.0
         self._draining = False
         self._counters = dict(prompt=0, generation=0, rejections=0, steps=0)
         self.started = threading.Event()
@@ -120,6 +121,9 @@ class FakeAsyncEngine:
 
     def kill(self) -> None:
         self._alive = False
+
+    def stalled_for(self) -> float:
+        return self.stalled_seconds  # a test sets it to play a hung engine
 
     def begin_drain(self) -> None:
         self._draining = True

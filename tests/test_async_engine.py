@@ -234,3 +234,44 @@ def test_overlap_scheduling_behind_the_async_engine(tiny_llama_dir):
         assert e.engine.counters.overlapped_steps > 0
     finally:
         e.shutdown()
+
+
+def test_a_step_that_does_not_return_shows_as_a_stall(engine):
+    """The loop (thread or child process) is alive but stuck in a step: is_alive cannot see it, so /health
+    reads stalled_for. Idle time before a request is not a stall; a finished step clears it."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from server.engine_process import ProcessEngine
+    release = threading.Event()
+    if isinstance(engine, ProcessEngine):
+        pid = engine._process.pid
+        hang, resume = (lambda: os.kill(pid, signal.SIGSTOP)), (lambda: os.kill(pid, signal.SIGCONT))
+    else:
+        step = engine.engine.step
+        engine.engine.step = lambda: release.wait(60) and step()
+        hang, resume = (lambda: None), release.set
+    params = SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True)
+
+    async def main():
+        await asyncio.sleep(0.3)  # idle: no stall however long
+        assert engine.stalled_for() == 0.0
+        hang()
+        try:
+            since_add = time.monotonic()
+            stream = engine.add_request("stall", [1, 5, 9], params)
+            await asyncio.sleep(0.5)
+            stalled, since_add = engine.stalled_for(), time.monotonic() - since_add
+        finally:
+            resume()
+        assert 0.4 <= stalled <= since_add  # counted from the request, not from the idle time before it
+        return await collect(stream)
+
+    try:
+        outs = asyncio.run(main())
+    finally:
+        vars(engine.engine).pop("step", None) if engine.engine is not None else None
+    assert outs[-1].finished and len(outs) == 4
+    assert engine.stalled_for() == 0.0

@@ -130,6 +130,22 @@ def test_auth_default_deny_except_health_and_metrics():
         assert ok.status_code == 200
 
 
+def test_a_stalled_engine_is_unhealthy_and_refuses_requests():
+    """A step that never returns (a hung GPU, a stopped engine process) left /health at 200 and new requests
+    waiting forever."""
+    with fake_server(ServerConfig(engine_stall_timeout_s=60, stats_log_interval_s=0)) as s:
+        s.engine.stalled_seconds = 61.0
+        health = httpx.get(s.url + "/health")
+        assert health.status_code == 503 and health.json()["status"] == "stalled"
+        r = httpx.post(s.url + "/generate", json={"inputs": "x"})
+        assert r.status_code == 503 and "no step has finished for 61 s" in r.json()["error"]
+        s.engine.stalled_seconds = 59.0
+        assert httpx.get(s.url + "/health").status_code == 200
+    with fake_server(ServerConfig(engine_stall_timeout_s=0, stats_log_interval_s=0)) as s:  # 0: never
+        s.engine.stalled_seconds = 1e6
+        assert httpx.get(s.url + "/health").status_code == 200
+
+
 def test_every_response_is_counted_by_route_and_status():
     """4xx rates had no metric: validation errors, 401 and 413 were counted nowhere."""
     with fake_server(ServerConfig(api_key="k", max_payload_bytes=1024, stats_log_interval_s=0)) as s:
