@@ -152,7 +152,8 @@ def test_every_response_is_counted_by_route_and_status():
         auth = {"Authorization": "Bearer k"}
         assert httpx.post(s.url + "/generate", json={"inputs": "x"}, headers=auth).status_code == 200
         assert httpx.post(s.url + "/generate", json={"inputs": 5}, headers=auth).status_code == 422
-        assert httpx.post(s.url + "/v1/completions", json={"prompt": "x", "max_tokens": -1}, headers=auth).status_code == 400
+        bad = {"prompt": "x", "max_tokens": -1}
+        assert httpx.post(s.url + "/v1/completions", json=bad, headers=auth).status_code == 400
         assert httpx.post(s.url + "/generate", json={"inputs": "x"}).status_code == 401
         assert httpx.post(s.url + "/generate", json={"inputs": "x" * 2000}, headers=auth).status_code == 413
         assert httpx.get(s.url + "/nope", headers=auth).status_code == 404
