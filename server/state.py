@@ -99,7 +99,7 @@ class ServerState:
         if stalled <= limit:
             return None
         return (f"engine: no step has finished for {stalled:.0f} s with requests in flight "
-                f"(engine_stall_timeout_s {limit:g}); the server must restart")
+                f"(engine_stall_timeout_s {limit:g}): a hung step; restart the server if it persists")
 
     def require_ready(self) -> None:
         """Raise the 503 that fits the phase; requests pass only when the model is loaded and alive."""
