@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse, Response
 
 from server.http_errors import ApiError
 from server.metrics import CONTENT_TYPE
+from server.sampling_params import MAX_STOP_SEQUENCES
 from server.schemas_tgi import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from server.state import Phase, ServerState, resolved_setting
 
@@ -34,12 +35,19 @@ def info_payload(state: ServerState) -> dict:
     engine, cfg = state.engine, state.config
     mc, cap = engine.model_config, engine.kv_capacity
     ec = engine.config
+    dtype, device = resolved_setting(engine, "dtype"), resolved_setting(engine, "device")
     return {
-        "model_id": state.model_name,
+        # TGI's Info fields first (what its clients read), then ours
+        "model_id": state.model_name, "model_sha": None, "model_pipeline_tag": "text-generation",
+        "model_dtype": f"torch.{dtype}", "model_device_type": device.split(":")[0],
+        "max_concurrent_requests": ec.max_num_seqs + ec.max_waiting_requests, "max_best_of": 1,
+        "max_stop_sequences": MAX_STOP_SEQUENCES, "max_input_tokens": state.max_model_len - 1,
+        "max_total_tokens": state.max_model_len, "max_client_batch_size": cfg.max_choices,
+        "validation_workers": 1, "router": "gqa-serve", "sha": None, "docker_label": None,
         "model_path": ec.model,
         "architecture": mc.architecture,
-        "dtype": resolved_setting(engine, "dtype"),
-        "device": resolved_setting(engine, "device"),
+        "dtype": dtype,
+        "device": device,
         "num_attention_heads": mc.num_attention_heads,
         "num_kv_heads": mc.num_kv_heads,
         "checkpoint_num_kv_heads": mc.num_key_value_heads,

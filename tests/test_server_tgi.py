@@ -144,3 +144,8 @@ def test_tokenize_detokenize_info(client):
     info = client.get("/info").json()
     assert info["num_kv_heads"] == 2 and info["checkpoint_num_kv_heads"] == 2 and info["max_model_len"] == 1024
     assert info["kv_cache"]["tokens"] == 4096 and info["limits"]["max_payload_bytes"] == 1 << 20
+    # TGI's Info schema, as its clients read it (they had none of these)
+    assert info["model_dtype"] == f"torch.{info['dtype']}" and info["model_device_type"] == info["device"]
+    assert info["max_input_tokens"] == 1023 and info["max_total_tokens"] == 1024 and info["max_best_of"] == 1
+    assert info["max_stop_sequences"] == 16 and info["max_concurrent_requests"] > info["limits"]["max_num_seqs"]
+    assert info["version"] and info["router"] == "gqa-serve" and info["max_client_batch_size"] >= 1
