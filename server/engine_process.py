@@ -147,8 +147,10 @@ class ProcessEngine(AsyncEngine):
         return f"code {code}" + (f": {signal.strsignal(-code)}" if code is not None and code < 0 else "")
 
     def stats(self) -> EngineStats:
-        s = self._stats
-        return replace(s, admission_rejections_total=s.admission_rejections_total + self._rejected)
+        with self._lock:  # the child's last report; the adds still in the pipe wait too (they did not show)
+            s, pending = self._stats, self._pending_adds
+        return replace(s, admission_rejections_total=s.admission_rejections_total + self._rejected,
+                       num_waiting=s.num_waiting + max(0, pending))
 
     def _send(self, message: tuple) -> None:
         try:
@@ -165,10 +167,11 @@ class ProcessEngine(AsyncEngine):
                 if message[0] == "dead":
                     self._dead = message[1]
                     break
-                _, outputs, self._stats, applied = message
+                _, outputs, stats, applied = message
                 self._progress_time = time.monotonic()
                 deliveries = []
-                with self._lock:
+                with self._lock:  # together: stats() counts the adds not yet applied as waiting
+                    self._stats = stats
                     self._pending_adds -= applied
                     for out in outputs:
                         stream = self._targets.pop(out.request_id, None) if out.finished \
