@@ -132,6 +132,7 @@ def submit_all(state: ServerState, jobs: list[tuple[str, list[int], SamplingPara
     except BaseException:
         for request_id, _, _ in jobs[:len(streams)]:
             state.engine.abort(request_id)
+            state.metrics.request_success.labels("abort").inc()  # its stream never starts, so never counts it
         raise
     return streams
 

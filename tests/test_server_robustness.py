@@ -212,19 +212,25 @@ def test_queue_full_is_429_at_once():
 
     async def run(url: str) -> list[int]:
         async with httpx.AsyncClient(base_url=url, timeout=30) as c:
-            body = {"inputs": "x", "parameters": {"max_new_tokens": 50}}
+            body = {"inputs": "x", "parameters": {"max_new_tokens": 200}}
             first = asyncio.ensure_future(c.post("/generate", json=body))
             await asyncio.sleep(0.1)
             second = asyncio.ensure_future(c.post("/generate", json=body))
             await asyncio.sleep(0.1)
-            t0 = time.monotonic()
             third = await c.post("/generate", json=body)
-            assert time.monotonic() - t0 < 0.5
             oai = await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 5})
-            return [third.status_code, oai.status_code, (await first).status_code, (await second).status_code]
+            refused_while_busy = not first.done() and not second.done()  # at once, not queued behind them
+            statuses = [third.status_code, oai.status_code, (await first).status_code, (await second).status_code]
+            # a batch: the 3rd prompt at the latest is refused, and those admitted before it are aborted
+            batch = await c.post("/generate", json={"inputs": ["a", "b", "c"], "parameters": {"max_new_tokens": 9}})
+            return [refused_while_busy, batch.status_code, *statuses]
 
     with fake_server(engine_config=cfg, step_delay=0.01) as s:
-        assert asyncio.run(run(s.url)) == [429, 429, 200, 200]
+        assert asyncio.run(run(s.url)) == [True, 429, 429, 429, 200, 200]
+        # the batch's admitted prompts ended as aborts (their streams never started, so nothing counted them)
+        aborts = [line for line in httpx.get(s.url + "/metrics").text.splitlines()
+                  if line.startswith('gqaserve_request_success_total{finished_reason="abort"}')]
+        assert aborts and float(aborts[0].split()[1]) >= 1
 
 
 def wait_freed(url: str, timeout: float = 1.0) -> float:
