@@ -90,11 +90,13 @@ def test_huggingface_hub_client(server):
 
 def test_dropped_requests_free_blocks_at_once(server):
     body = {"inputs": "x", "parameters": {"max_new_tokens": 400, "temperature": 0}}
+    before = metric(server.url, "gqaserve_generation_tokens_total")
     with httpx.stream("POST", server.url + "/generate_stream", json=body, timeout=60) as r:
         lines = r.iter_lines()
         next(lines)
         assert metric(server.url, "gqaserve_kv_cache_usage_ratio") > 0
-    wait_freed(server.url)
+    wait_freed(server.url, before, 400)
+    before = metric(server.url, "gqaserve_generation_tokens_total")
     host, port = server.url.removeprefix("http://").split(":")
     raw = json.dumps(body).encode()
     sock = socket.create_connection((host, int(port)))
@@ -105,7 +107,7 @@ def test_dropped_requests_free_blocks_at_once(server):
         time.sleep(0.02)
     assert metric(server.url, "gqaserve_kv_cache_usage_ratio") > 0
     sock.close()
-    wait_freed(server.url)
+    wait_freed(server.url, before, 400)
 
 
 def free_port() -> int:

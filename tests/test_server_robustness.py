@@ -233,27 +233,32 @@ def test_queue_full_is_429_at_once():
         assert aborts and float(aborts[0].split()[1]) >= 1
 
 
-def wait_freed(url: str, timeout: float = 1.0) -> float:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if metric(url, "gqaserve_num_requests_running") == 0 and metric(url, "gqaserve_kv_cache_usage_ratio") == 0:
-            return time.monotonic() - t0
+def wait_freed(url: str, tokens_before: float, max_new_tokens: int) -> None:
+    """Wait until nothing runs and no KV block is held, then check that the request was aborted, not run to its
+    end: fewer than max_new_tokens were generated since tokens_before (no timing: a slow machine cannot fail it)."""
+    deadline = time.monotonic() + 60  # a hang, not a slow abort
+    while metric(url, "gqaserve_num_requests_running") or metric(url, "gqaserve_kv_cache_usage_ratio"):
+        assert time.monotonic() < deadline, "request still running a minute after the client left"
         time.sleep(0.02)
-    raise AssertionError("request still running a second after the client left")
+    generated = metric(url, "gqaserve_generation_tokens_total") - tokens_before
+    assert generated < max_new_tokens, f"the request ran to its end ({generated:.0f} tokens): it was not aborted"
 
 
 def test_dropped_stream_frees_at_once(server):
     body = {"inputs": "x", "parameters": {"max_new_tokens": 1000}}
+    before = metric(server.url, "gqaserve_generation_tokens_total")
     with httpx.stream("POST", server.url + "/generate_stream", json=body) as r:
         lines = r.iter_lines()  # keep a reference: a collected iterator closes the response
         next(lines)
         assert metric(server.url, "gqaserve_num_requests_running") == 1
-    wait_freed(server.url)
+    wait_freed(server.url, before, 1000)
 
 
 def test_dropped_non_streaming_request_frees_at_once(server):
+    chat = b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 1000}'
     for path, body in (("/generate", b'{"inputs": "x", "parameters": {"max_new_tokens": 1000}}'),
-                       ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}]}')):
+                       ("/v1/chat/completions", chat)):
+        before = metric(server.url, "gqaserve_generation_tokens_total")
         host, port = server.url.removeprefix("http://").split(":")
         sock = socket.create_connection((host, int(port)))
         sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -261,4 +266,4 @@ def test_dropped_non_streaming_request_frees_at_once(server):
         time.sleep(0.2)
         assert metric(server.url, "gqaserve_num_requests_running") == 1
         sock.close()
-        wait_freed(server.url)
+        wait_freed(server.url, before, 1000)
