@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from server.generation import (ClientDisconnected, Collected, collect_all, delta_texts, encode_prompt,
                                check_prompt_length, new_request_id, resolve_max_new_tokens, submit, submit_all,
                                unless_disconnected, build_params)
-from server.http_errors import ApiError, error_json
+from server.http_errors import ApiError, error_json, failure_error
 from server.outputs import RequestOutput
 from server.sampling_params import SamplingParams
 from server.schema_common import finite_logprob
@@ -149,9 +149,7 @@ async def _events(state: ServerState, prep: Prepared, stream: AsyncIterator[Requ
         async with aclosing(stream) as outputs:
             async for out in outputs:
                 if out.finished and out.finish_reason in ("error", "abort"):
-                    kind = "generation" if out.finish_reason == "error" else "unavailable"
-                    message = out.error or ("request aborted by the server" if kind == "unavailable" else "")
-                    yield sse_data(error_json(ApiError(kind, f"generation failed: {message}"), openai=False))
+                    yield sse_data(error_json(failure_error(out), openai=False))
                     return
                 text += out.new_text
                 texts = delta_texts(out) or [""]

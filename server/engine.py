@@ -15,7 +15,7 @@ from typing import Any
 from server.blocks import BlockAllocator
 from server.engine_config import EngineConfig, resolve_model_dir
 from server.admission import check_request, token_ids_within
-from server.grammar import GrammarCompiler
+from server.grammar import GrammarCompiler, GrammarFailed
 from server.outputs import AdmissionError, EngineCounters, OverloadedError, RequestOutput, TokenLogprob
 from server.sampling_params import SamplingParams
 from server.scheduler import Scheduler, SchedulerOutput
@@ -236,7 +236,8 @@ class LLMEngine:
             log.exception("request %s failed on its token %d", seq.request_id, token_id)
             if not seq.is_finished:
                 self.scheduler.finish(seq, "error")
-            return self._finished_output(seq, "error", f"{type(exc).__name__}: {exc}")
+            out = self._finished_output(seq, "error", f"{type(exc).__name__}: {exc}")
+            return out._replace(error_field="grammar") if isinstance(exc, GrammarFailed) else out
 
     def _take_token(self, seq: Sequence, index: int, token_id: int, lp: TokenLogprob | None,
                     now: float) -> RequestOutput:

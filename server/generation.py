@@ -19,7 +19,7 @@ from typing import TypeVar
 from fastapi import Request
 from pydantic import ValidationError
 
-from server.http_errors import ApiError
+from server.http_errors import ApiError, failure_error
 from server.outputs import AdmissionError, EngineDeadError, OverloadedError, RequestOutput, TokenLogprob
 from server.sampling_params import SamplingParams
 from server.state import Phase, ServerState
@@ -119,7 +119,7 @@ def submit(state: ServerState, prompt_ids: list[int], params: SamplingParams, re
         raise ApiError(kind, f"server: {exc}") from None
     except EngineDeadError as exc:
         raise ApiError("unavailable", f"engine: {exc}") from None
-    return _tracked(state, request_id, stream, arrival)
+    return _tracked(state, request_id, stream, arrival, names or {})
 
 
 def submit_all(state: ServerState, jobs: list[tuple[str, list[int], SamplingParams]],
@@ -138,7 +138,7 @@ def submit_all(state: ServerState, jobs: list[tuple[str, list[int], SamplingPara
 
 
 async def _tracked(state: ServerState, request_id: str, stream: AsyncIterator[RequestOutput],
-                   arrival: float) -> AsyncIterator[RequestOutput]:
+                   arrival: float, names: Mapping[str, str] | None = None) -> AsyncIterator[RequestOutput]:
     m = state.metrics
     last_token_time: float | None = None
     # the tokens of one engine step (several with speculative decoding, each its own output) share the gap
@@ -168,6 +168,8 @@ async def _tracked(state: ServerState, request_id: str, stream: AsyncIterator[Re
             if out.finished:
                 finished = True
                 observe_step()
+                if out.error_field is not None:  # the engine's name for the field -> the API's
+                    out = out._replace(error_field=(names or {}).get(out.error_field, out.error_field))
                 m.e2e_request_latency.observe(now - arrival)
                 m.request_success.labels(out.finish_reason or "unknown").inc()
             yield out
@@ -250,10 +252,8 @@ def delta_texts(out: RequestOutput) -> list[str]:
 
 
 def raise_if_failed(out: RequestOutput) -> None:
-    if out.finish_reason == "error":
-        raise ApiError("generation", f"generation failed: {out.error or 'engine error'}")
-    if out.finish_reason == "abort":
-        raise ApiError("unavailable", "request aborted by the server (shutting down)")
+    if out.finish_reason in ("error", "abort"):
+        raise failure_error(out)
 
 
 async def collect_all(streams: list[AsyncIterator[RequestOutput]]) -> list[Collected]:

@@ -114,3 +114,13 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(Exception, on_unexpected)
+
+
+def failure_error(out: Any) -> ApiError:
+    """What a failed or aborted RequestOutput is answered with (a status, or a stream's last event). A failure
+    that is the request's own (a grammar that turns out impossible to follow) is a 4xx naming its field."""
+    if out.finish_reason == "abort":
+        return ApiError("unavailable", "request aborted by the server (shutting down)")
+    if out.error_field is not None:
+        return ApiError("validation", f"{out.error_field}: cannot be followed ({out.error})", out.error_field)
+    return ApiError("generation", f"generation failed: {out.error or 'engine error'}")

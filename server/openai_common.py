@@ -10,7 +10,7 @@ from contextlib import aclosing
 from pydantic import BaseModel
 
 from server.generation import merge_streams, resolve_max_new_tokens, build_params
-from server.http_errors import ApiError, error_json
+from server.http_errors import ApiError, error_json, failure_error
 from server.outputs import RequestOutput
 from server.reasoning_parsers import applies as reasoning_applies
 from server.sampling_params import SamplingParams
@@ -126,9 +126,7 @@ async def sse_choices(streams: list[AsyncIterator[RequestOutput]], prompt_tokens
         async with aclosing(merge_streams(streams)) as merged:
             async for index, out in merged:
                 if out.finished and out.finish_reason in ("error", "abort"):
-                    kind = "generation" if out.finish_reason == "error" else "unavailable"
-                    detail = out.error or "request aborted by the server"
-                    yield sse_data(error_json(ApiError(kind, f"generation failed: {detail}"), openai=True))
+                    yield sse_data(error_json(failure_error(out), openai=True))
                     yield sse_data("[DONE]")
                     return
                 completion_tokens[index] = out.num_output_tokens or completion_tokens[index] + len(

@@ -27,6 +27,7 @@ class RequestOutput(NamedTuple):
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0         # total so far
     error: str | None = None           # set with finish_reason "error"
+    error_field: str | None = None     # the request field at fault when the failure is the request's (its grammar)
     queue_time: float | None = None    # seconds from arrival to first scheduling; on the first output only
     prompt_logprobs: list[float | None] | None = None
     step_time: float | None = None     # time.monotonic() of the engine step that made it: one step may keep

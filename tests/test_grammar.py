@@ -121,8 +121,38 @@ def test_a_token_the_grammar_rejects_fails_the_request_not_completes_it(llm):
     seq = engine.add_request("refused", engine_prompts(1, seed=2)[0], params)
     seq.grammar = FailingMidway(seq.grammar)
     finished = [o for _ in range(20) if engine.has_unfinished() for o in engine.step() if o.finished]
-    assert [(o.finish_reason, "refused token" in o.error) for o in finished] == [("error", True)]
+    assert [(o.finish_reason, "refused token" in o.error, o.error_field) for o in finished] == [
+        ("error", True, "grammar")]  # the request's own fault: answered as a 4xx naming its grammar's field
     assert engine.allocator.num_free_blocks == engine.allocator.num_blocks
+
+
+def test_a_grammar_that_fails_midway_is_a_4xx_naming_the_routes_field():
+    """Through submit's field names (OpenAI: response_format or the tool's schema; TGI: parameters.grammar):
+    it was a 500, as if the server had failed."""
+    import asyncio
+    import types
+
+    from server.generation import _tracked
+    from server.http_errors import error_status, failure_error
+    from server.metrics import ServerMetrics
+    from server.outputs import RequestOutput
+
+    state = types.SimpleNamespace(metrics=ServerMetrics(lambda: None),
+                                  engine=types.SimpleNamespace(abort=lambda request_id: None))
+    failed = RequestOutput("r", [], "", True, "error", error="GrammarFailed: the grammar refused token 7",
+                           error_field="grammar")
+
+    async def last(names):
+        async def stream():
+            yield failed
+        return [out async for out in _tracked(state, "r", stream(), 0.0, names)][-1]
+
+    out = asyncio.run(last({"grammar": "response_format"}))
+    err = failure_error(out)
+    assert (err.param, error_status(err, True), error_status(err, False)) == ("response_format", 400, 422)
+    assert err.message.startswith("response_format: cannot be followed (GrammarFailed")
+    engine_fault = failure_error(failed._replace(error_field=None, error="RuntimeError: boom"))
+    assert error_status(engine_fault, True) == 500 and engine_fault.param is None
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
