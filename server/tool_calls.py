@@ -175,6 +175,7 @@ class ChoiceReply:
             return self._content_delta(new_text, engine_reason)
         thought, new_text = self.reasoning.feed(new_text, engine_reason is not None)
         delta, reason = self._content_delta(new_text, engine_reason)
+        thought = self._shown(thought) if thought else thought  # a special-token call marker shows nowhere
         if thought:
             delta = (delta or ChatDelta()).model_copy(update={"reasoning_content": thought})
         return delta, reason
@@ -210,6 +211,7 @@ class ChoiceReply:
         if self.reasoning is None:
             return self._message(text, engine_reason)
         thought, content = self.reasoning.whole(text)
+        thought = self._shown(thought) if thought else thought
         if content is None:  # thinking to the end, or nothing after </think>: no content
             return ChatMessageOut(reasoning_content=thought), finish_reason(engine_reason)
         message, reason = self._message(content, engine_reason)

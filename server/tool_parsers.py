@@ -18,6 +18,7 @@ content: a reply is all calls or none, never a guess.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 
@@ -54,16 +55,38 @@ class _CallsAfterMarker:
         return len(text) - _held_back(text, self.START), None
 
 
+def _not_json(value: str) -> float:
+    raise ValueError(f"{value} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    return value if math.isfinite(value) else _not_json(text)  # 1e999: it would be written back as Infinity
+
+
+# Strict: NaN, Infinity and overflowing numbers are refused (arguments written back must be JSON). A model's
+# text may also nest past the recursion limit or hold a 5,000-digit integer: callers catch JSON_FAILURES.
+_JSON = json.JSONDecoder(parse_constant=_not_json, parse_float=_finite)
+JSON_FAILURES = (ValueError, RecursionError)
+
+
 def _call(obj: object, names: set[str], args_key: tuple[str, ...]) -> tuple[str, str] | None:
-    if not isinstance(obj, dict) or obj.get("name") not in names:
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or obj["name"] not in names:
         return None
     args = next((obj[k] for k in args_key if k in obj), {})
     if isinstance(args, str):  # some models write the arguments as a JSON string
         try:
-            args = json.loads(args)
-        except json.JSONDecodeError:
+            args = _JSON.decode(args)
+        except JSON_FAILURES:
             return None
-    return (obj["name"], json.dumps(args, ensure_ascii=False)) if isinstance(args, dict) else None
+    if not isinstance(args, dict):
+        return None
+    text = json.dumps(args, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud83d", half an emoji) is valid JSON only escaped
+        text = json.dumps(args)
+    return obj["name"], text
 
 
 class HermesParser(_CallsAfterMarker):
@@ -81,8 +104,8 @@ class HermesParser(_CallsAfterMarker):
             if text[end:block.start()].strip():  # prose between calls: not a reply of calls
                 return None
             try:
-                call = _call(json.loads(block.group(1)), names, ("arguments", "parameters"))
-            except json.JSONDecodeError:
+                call = _call(_JSON.decode(block.group(1)), names, ("arguments", "parameters"))
+            except JSON_FAILURES:
                 return None
             if call is None:
                 return None
@@ -110,11 +133,11 @@ class Llama3JsonParser:
         body = text.strip().removeprefix(self.TAG).strip()
         if not body.startswith("{"):
             return None
-        decoder, calls, i = json.JSONDecoder(), [], 0
+        decoder, calls, i = _JSON, [], 0
         while i < len(body):
             try:
                 obj, i = decoder.raw_decode(body, i)
-            except json.JSONDecodeError:
+            except JSON_FAILURES:
                 return None
             call = _call(obj, names, ("parameters", "arguments"))
             if call is None:
@@ -138,7 +161,7 @@ class MistralParser(_CallsAfterMarker):
         start = text.find(self.START)
         if start < 0:
             return None
-        decoder, calls = json.JSONDecoder(), []
+        decoder, calls = _JSON, []
         for part in text[start + len(self.START):].split(self.START):
             body = part.strip()
             try:
@@ -151,7 +174,7 @@ class MistralParser(_CallsAfterMarker):
                         return None
                     args, end = decoder.raw_decode(body, head.end())
                     objs = [{"name": head.group(1), "arguments": args}]
-            except json.JSONDecodeError:
+            except JSON_FAILURES:
                 return None
             found = [_call(obj, names, ("arguments", "parameters")) for obj in objs]
             if body[end:].strip() or not found or None in found:

@@ -94,6 +94,20 @@ def request(**kw) -> ChatCompletionRequest:
     return ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], **kw)
 
 
+def test_a_special_token_call_marker_shows_in_the_reasoning_no_more_than_in_the_content():
+    """Mistral's [TOOL_CALLS] is a special token kept in the text for its parser: thinking that mentions a
+    call (a Magistral-style model) showed it in reasoning_content, streamed and not."""
+    from server.tool_parsers import MistralParser
+    pieces = ["Maybe ", "[TOOL_CALLS]", "get_time", "[ARGS]{}", " is right.", "</think>", "\n\nIt is noon."]
+    req = request(tools=[WEATHER], tool_choice="auto")
+    reply = ChoiceReply(req, False, MistralParser(), ReasoningStream(R1, OPEN))
+    deltas = [reply.delta(p, "eos_token" if k == len(pieces) - 1 else None) for k, p in enumerate(pieces)]
+    streamed = "".join(d.reasoning_content or "" for d, _ in deltas if d is not None)
+    whole, _ = ChoiceReply(req, False, MistralParser(), ReasoningStream(R1, OPEN)).message("".join(pieces),
+                                                                                          "eos_token")
+    assert streamed == whole.reasoning_content == "Maybe get_time[ARGS]{} is right." and whole.content == "It is noon."
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_a_streamed_reply_sends_the_reasoning_then_the_content_then_the_calls(seed):
     text = "I need <tool_call> for Paris.\n</think>\n\nChecking.\n" + CALL_W

@@ -50,6 +50,37 @@ def test_hermes_text_that_is_not_wholly_calls_is_none(text):
     assert HermesParser().parse(text, NAMES) is None
 
 
+DEEP = "[" * 3000  # a degenerate model writing brackets until max_tokens: past the recursion limit
+BIG = "9" * 5000   # past int()'s digit limit
+BAD_CALLS = [  # (parser, text): none is a call, each used to raise out of parse (a 500, or a dead stream)
+    (HermesParser, '<tool_call>{"name": ["get_time"], "arguments": {}}</tool_call>'),
+    (Llama3JsonParser, '{"name": {"f": 1}, "parameters": {}}'),
+    (MistralParser, TC + '[{"name": ["get_time"], "arguments": {}}]'),
+    (HermesParser, "<tool_call>" + DEEP), (MistralParser, TC + DEEP), (Llama3JsonParser, '{"a":' + DEEP),
+    (HermesParser, '<tool_call>{"name": "get_time", "arguments": {"x": ' + BIG + "}}</tool_call>"),
+    (HermesParser, '<tool_call>{"name": "get_time", "arguments": "{\\"x\\": ' + BIG + '}"}</tool_call>'),
+    # arguments that would be written back as NaN / Infinity, which is not JSON
+    (HermesParser, '<tool_call>{"name": "get_time", "arguments": {"x": NaN}}</tool_call>'),
+    (Llama3JsonParser, '{"name": "get_time", "parameters": {"x": -Infinity}}'),
+    (MistralParser, TC + 'get_time[ARGS]{"x": 1e999}'),
+]
+
+
+@pytest.mark.parametrize("parser, text", BAD_CALLS)
+def test_text_that_only_looks_like_a_call_is_content_and_never_raises(parser, text):
+    assert parser().parse(text, NAMES) is None
+
+
+def test_a_lone_surrogate_in_arguments_stays_escaped():
+    """"\\ud83d" (half an emoji pair) is valid JSON text, but written back unescaped it cannot be encoded:
+    the response raised UnicodeEncodeError (a 500) or broke the stream."""
+    got = HermesParser().parse('<tool_call>{"name": "get_time", "arguments": {"e": "\\ud83d \u00e9"}}</tool_call>',
+                               NAMES)
+    name, arguments = got.calls[0]
+    arguments.encode("utf-8")
+    assert name == "get_time" and json.loads(arguments) == {"e": "\ud83d \u00e9"}
+
+
 def test_llama3_json_calls_with_or_without_the_python_tag():
     p = Llama3JsonParser()
     one = '{"name": "get_weather", "parameters": {"city": "Rome"}}'
