@@ -189,6 +189,7 @@ class ProcessEngine(AsyncEngine):
             last = self._stats
             self._stats = replace(last, num_running=0, num_waiting=0, kv_cache_usage=0.0,
                                   num_free_blocks=last.num_total_blocks)
+            self._pending_adds = 0  # never applied: failed below with the rest
             failed = [(s, RequestOutput(rid, [], "", True, "error", error=self._dead or "the server stopped"))
                       for rid, s in self._targets.items()]
             self._targets.clear()
