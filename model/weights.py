@@ -141,15 +141,18 @@ def _untie_a_different_head(model: nn.Module, head: torch.Tensor | None, model_d
     """tie_word_embeddings with an lm_head.weight in the checkpoint that is not the embedding: use the
     written head, as transformers does (its logits are what the checkpoint was trained or converted with)."""
     embedding = model.model.embed_tokens.weight
-    if head is not None and head.shape != embedding.shape:
+    if head is None:
+        return
+    if head.shape != embedding.shape:
         raise CheckpointError(f"{model_dir}: lm_head.weight {tuple(head.shape)} does not match the tied "
                               f"embedding {tuple(embedding.shape)}")
-    if head is None or torch.equal(head.to(embedding.dtype), embedding.cpu()):
+    loaded = head.to(device=embedding.device, dtype=embedding.dtype, copy=True)  # compared where it will live
+    if torch.equal(loaded, embedding):
         return
-    _check_finite("lm_head.weight", head, head.to(embedding.dtype))
+    _check_finite("lm_head.weight", head, loaded)
     logger.warning("%s: config.json sets tie_word_embeddings, but the checkpoint's lm_head.weight differs from "
                    "the embedding; using the checkpoint's lm_head.weight, as transformers does", model_dir)
-    model.lm_head.weight = nn.Parameter(head.to(embedding.dtype).to(embedding.device), requires_grad=False)
+    model.lm_head.weight = nn.Parameter(loaded, requires_grad=False)
 
 
 def _load_one(ckpt_name, tensor, params, fused, pending, buffers, config, dtype, device, kv_head_method):

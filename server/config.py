@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 import tomllib
-import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
-from server.engine_config import EngineConfig
+from server.engine_config import EngineConfig, Settings, union_members
 
 ENV_PREFIX = "GQA_"
 CONFIG_ENV = "GQA_CONFIG"
@@ -49,7 +48,7 @@ class ConfigError(ValueError):
     """A bad configuration; str() is one line that names the field and where the value came from."""
 
 
-class ServerConfig(BaseModel):
+class ServerConfig(Settings):
     """HTTP-side settings; the engine's are in EngineConfig."""
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -122,7 +121,7 @@ class FieldSpec:
 
     @property
     def members(self) -> tuple[Any, ...]:
-        return _union_members(self.annotation)
+        return union_members(self.annotation)
 
     @property
     def is_sequence(self) -> bool:
@@ -131,12 +130,6 @@ class FieldSpec:
     @property
     def is_optional(self) -> bool:
         return type(None) in self.members
-
-
-def _union_members(annotation: Any) -> tuple[Any, ...]:
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return typing.get_args(annotation)
-    return (annotation,)
 
 
 def _section_models() -> dict[str, type[BaseModel]]:
@@ -213,11 +206,6 @@ def load_config(flags: Mapping[str, Any] | None = None, config_file: str | None 
         path = resolve_config_path(config_file)
         for section, table in _read_toml(path).items():
             for key, value in table.items():
-                spec = specs.get(key)
-                if isinstance(value, bool) and spec and spec.section == section and bool not in spec.members:
-                    # pydantic's lax mode reads true as 1: `num_kv_heads = true` would serve one KV head
-                    raise ConfigError(f"{section}.{key}: not a boolean setting, got {value!r} "
-                                      f"(from {path} [{section}])")
                 values[section][key] = value
                 sources[(section, key)] = f"{path} [{section}]"
     for spec in specs.values():

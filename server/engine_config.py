@@ -7,10 +7,12 @@ by the model runner; the helpers here only do the parts that need no model.
 from __future__ import annotations
 
 import re
+import types
+import typing
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 if TYPE_CHECKING:
     from model.config import ModelConfig
@@ -29,7 +31,25 @@ def parse_bytes(value: int | str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-class EngineConfig(BaseModel):
+def union_members(annotation: Any) -> tuple[Any, ...]:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
+class Settings(BaseModel):
+    """A model of settings (EngineConfig, ServerConfig), from TOML, flags, env or Python."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads true as 1: `num_kv_heads = true` would serve one KV head
+        if isinstance(value, bool) and bool not in union_members(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"not a boolean setting, got {value!r}")
+        return value
+
+
+class EngineConfig(Settings):
     model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
 
     model: str | None = Field(None, description="model directory; None = the default model (see model_cache_dir)")

@@ -65,9 +65,9 @@ def _finite(text: str) -> float:
 
 
 # Strict: NaN, Infinity and overflowing numbers are refused (arguments written back must be JSON). A model's
-# text may also nest past the recursion limit or hold a 5,000-digit integer: callers catch JSON_FAILURES.
+# text may also nest past the recursion limit or hold a 5,000-digit integer: callers catch _JSON_FAILURES.
 _JSON = json.JSONDecoder(parse_constant=_not_json, parse_float=_finite)
-JSON_FAILURES = (ValueError, RecursionError)
+_JSON_FAILURES = (ValueError, RecursionError)
 
 
 def _call(obj: object, names: set[str], args_key: tuple[str, ...]) -> tuple[str, str] | None:
@@ -77,7 +77,7 @@ def _call(obj: object, names: set[str], args_key: tuple[str, ...]) -> tuple[str,
     if isinstance(args, str):  # some models write the arguments as a JSON string
         try:
             args = _JSON.decode(args)
-        except JSON_FAILURES:
+        except _JSON_FAILURES:
             return None
     if not isinstance(args, dict):
         return None
@@ -105,7 +105,7 @@ class HermesParser(_CallsAfterMarker):
                 return None
             try:
                 call = _call(_JSON.decode(block.group(1)), names, ("arguments", "parameters"))
-            except JSON_FAILURES:
+            except _JSON_FAILURES:
                 return None
             if call is None:
                 return None
@@ -133,11 +133,11 @@ class Llama3JsonParser:
         body = text.strip().removeprefix(self.TAG).strip()
         if not body.startswith("{"):
             return None
-        decoder, calls, i = _JSON, [], 0
+        calls, i = [], 0
         while i < len(body):
             try:
-                obj, i = decoder.raw_decode(body, i)
-            except JSON_FAILURES:
+                obj, i = _JSON.raw_decode(body, i)
+            except _JSON_FAILURES:
                 return None
             call = _call(obj, names, ("parameters", "arguments"))
             if call is None:
@@ -161,20 +161,20 @@ class MistralParser(_CallsAfterMarker):
         start = text.find(self.START)
         if start < 0:
             return None
-        decoder, calls = _JSON, []
+        calls = []
         for part in text[start + len(self.START):].split(self.START):
             body = part.strip()
             try:
                 if body.startswith(("[", "{")):  # a JSON array of calls (or one call)
-                    value, end = decoder.raw_decode(body)
+                    value, end = _JSON.raw_decode(body)
                     objs = value if isinstance(value, list) else [value]
                 else:  # name[ARGS]{arguments}
                     head = self._NAME.match(body)
                     if head is None:
                         return None
-                    args, end = decoder.raw_decode(body, head.end())
+                    args, end = _JSON.raw_decode(body, head.end())
                     objs = [{"name": head.group(1), "arguments": args}]
-            except JSON_FAILURES:
+            except _JSON_FAILURES:
                 return None
             found = [_call(obj, names, ("arguments", "parameters")) for obj in objs]
             if body[end:].strip() or not found or None in found:

@@ -209,6 +209,16 @@ def test_loaded_weights_do_not_follow_the_checkpoint_file(broken_dir):
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
 
 
+def test_tied_config_with_a_written_head_of_another_shape_is_named(broken_dir):
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(broken_dir / "model.safetensors")
+    tensors["lm_head.weight"] = torch.randn(7, tensors["model.embed_tokens.weight"].shape[1])
+    save_file(tensors, broken_dir / "model.safetensors", metadata={"format": "pt"})
+    _edit_config(broken_dir, tie_word_embeddings=True)
+    with pytest.raises(CheckpointError, match=r"lm_head\.weight \(7, 64\) does not match the tied embedding"):
+        load_model(broken_dir)
+
+
 @pytest.mark.parametrize("head", ["embedding", "different"])
 def test_tied_config_with_a_written_head_loads_as_transformers_does(broken_dir, head):
     """tie_word_embeddings with an lm_head.weight in the file: the embedding if they are equal (tied, one

@@ -65,7 +65,8 @@ def test_config_from_env_var_and_none_words(tmp_path):
     ({}, {}, "[engine]\ngpu_memory_utilization = true\n", "engine.gpu_memory_utilization: not a boolean"),
     ({}, {}, "[engine]\ndtype = false\n", "engine.dtype: not a boolean"),
     ({"seed": str(2**64)}, {}, None, "engine.seed"),  # past torch's manual_seed range
-    ({"prompt_lookup_min": "5", "prompt_lookup_max": "3"}, {}, None, "engine: prompt_lookup_min=5"),  # not engine.engine
+    # a check across fields: "engine: ...", not "engine.engine: ..."
+    ({"prompt_lookup_min": "5", "prompt_lookup_max": "3"}, {}, None, "engine: prompt_lookup_min=5"),
 ])
 def test_bad_config_is_one_line_naming_the_field(tmp_path, flags, env, toml, needle):
     path = None
@@ -121,6 +122,15 @@ def test_a_value_is_shown_once():
 def test_missing_config_file_is_named():
     with pytest.raises(ConfigError, match="no such file"):
         load_config({}, "does-not-exist", environ={})
+
+
+def test_a_boolean_is_refused_for_a_setting_that_is_not_one_from_python_too():
+    from pydantic import ValidationError
+    with pytest.raises(ValidationError, match="not a boolean setting"):
+        EngineConfig(num_kv_heads=True)
+    with pytest.raises(ValidationError, match="not a boolean setting"):
+        ServerConfig(port=False)
+    assert EngineConfig(enforce_eager=True).enforce_eager and EngineConfig(num_kv_heads=2).num_kv_heads == 2
 
 
 def test_toml_booleans_set_boolean_settings(tmp_path):
