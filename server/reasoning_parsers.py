@@ -84,20 +84,53 @@ def applies(req: Any, parser: Any) -> bool:
 
 
 class ReasoningStream:
-    """One choice's reply as it arrives: each delta's new reasoning and new content (split() of the text so
-    far, less what went out before), so that the deltas joined are split() of the whole reply."""
+    """One choice's reply as it arrives: each delta's new reasoning and new content, so that the deltas joined
+    are split() of the whole reply, and what has gone out after each delta is split(text so far, final=False).
+    Each delta costs what it brings, not the text so far: only what is not yet sure (whitespace that strip()
+    may drop, a tail that may start </think>) is kept and looked at again."""
 
     def __init__(self, parser: DeepSeekR1Parser, prompt: str):
         self.parser, self.thinking = parser, parser.opens(prompt)
-        self.text, self.sent_reasoning, self.sent_content = "", 0, 0
+        self.part = "undecided"  # then "content" (thinking never opened), "reasoning", then "answer"
+        self.held = ""           # undecided: the text so far; reasoning: its tail not yet sent
+        self.started = False     # reasoning: some went out (its leading whitespace is dropped before that)
+        self.started_answer = False  # answer: likewise, for the newlines that open it
 
     def whole(self, text: str) -> tuple[str | None, str | None]:
         return self.parser.split(text, self.thinking)
 
     def feed(self, new_text: str, final: bool) -> tuple[str, str]:
-        self.text += new_text
-        reasoning, content = self.parser.split(self.text, self.thinking, final)
-        reasoning, content = reasoning or "", content or ""
-        out = reasoning[self.sent_reasoning:], content[self.sent_content:]
-        self.sent_reasoning, self.sent_content = len(reasoning), len(content)
-        return out
+        start, end = self.parser.START, self.parser.END
+        if self.part == "undecided":
+            text, self.held = self.held + new_text, ""
+            body = text.lstrip()
+            if body.startswith(start):
+                self.part, new_text = "reasoning", body[len(start):]
+            elif not final and start.startswith(body):  # may yet open with <think>
+                self.held = text
+                return "", ""
+            else:
+                self.part, new_text = ("reasoning" if self.thinking else "content"), text
+        if self.part == "content":
+            return "", new_text
+        if self.part == "answer":
+            return "", self._answer(new_text)
+        text, self.held = self.held + new_text, ""
+        if not self.started:
+            text = text.lstrip()
+        at = text.find(end)
+        if at >= 0:
+            self.part = "answer"
+            return text[:at].rstrip(), self._answer(text[at + len(end):])
+        if final:
+            return text.rstrip(), ""
+        sure = text[:len(text) - _held_back(text, end)].rstrip()
+        self.held, self.started = text[len(sure):], self.started or bool(sure)
+        return sure, ""
+
+    def _answer(self, text: str) -> str:
+        """The answer's part of text: the newlines that open the answer are dropped."""
+        if not self.started_answer:
+            text = text.lstrip("\r\n")
+            self.started_answer = bool(text)
+        return text

@@ -28,7 +28,7 @@ from server.openai_common import finish_reason
 from server.reasoning_parsers import ReasoningStream
 from server.schemas_openai import ChatCompletionRequest
 from server.schemas_openai_out import ChatDelta, ChatMessageOut, FunctionCall, ToolCall, ToolCallDelta
-from server.tool_parsers import model_writes_calls
+from server.tool_parsers import model_writes_calls, skip_space
 
 
 def auto_parser(req: ChatCompletionRequest, parser: Any) -> Any:
@@ -123,29 +123,23 @@ def _written_calls(text: str) -> list[tuple[str, str]]:
     while True:
         fields, i = {}, _past(text, i, "{")
         while True:
-            key, i = decode(text, _skip_space(text, i))
-            start = _skip_space(text, _past(text, i, ":"))
+            key, i = decode(text, skip_space(text, i))
+            start = skip_space(text, _past(text, i, ":"))
             _, i = decode(text, start)
             fields[key] = text[start:i]
-            i = _skip_space(text, i)
+            i = skip_space(text, i)
             if text[i] != ",":
                 break
             i += 1
         calls.append((json.loads(fields["name"]), fields["parameters"]))
-        i = _skip_space(text, _past(text, i, "}"))
+        i = skip_space(text, _past(text, i, "}"))
         if text[i] != ",":
             return calls
         i += 1
 
 
-def _skip_space(text: str, i: int) -> int:
-    while i < len(text) and text[i] in " \t\n\r":
-        i += 1
-    return i
-
-
 def _past(text: str, i: int, char: str) -> int:
-    i = _skip_space(text, i)
+    i = skip_space(text, i)
     if text[i] != char:
         raise ValueError(f"expected {char!r} at {i} in {text!r}")
     return i + 1
@@ -167,7 +161,8 @@ class ChoiceReply:
                  reasoning: ReasoningStream | None = None):
         self.req, self.forced, self.parser, self.reasoning = req, forced, parser, reasoning
         self.names = {t.function.name for t in req.tools or []}
-        self.text, self.sent, self.in_calls = "", 0, False
+        self.parts: list[str] = []  # the output so far, joined once at the end
+        self.unsent, self.sent, self.in_calls = "", 0, False  # content held back; how much went out
 
     def delta(self, new_text: str, engine_reason: str | None) -> tuple[ChatDelta | None, str | None]:
         """What to send for one output delta (None: nothing yet), and the finish reason if it is the last."""
@@ -184,26 +179,29 @@ class ChoiceReply:
         finished, reason = engine_reason is not None, finish_reason(engine_reason)
         if not self.forced and self.parser is None:
             return (ChatDelta(content=new_text) if new_text else None), reason
-        self.text += new_text
+        self.parts.append(new_text)
         if not finished:
             if self.forced or self.in_calls:
                 return None, None
-            safe, start = self.parser.split(self.text)
+            self.unsent += new_text
+            safe, start = self.parser.split(self.unsent, self.sent > 0)
             self.in_calls = start is not None
-            return self._content_up_to(safe), None
-        message, reason = self._message(self.text, engine_reason)
+            return self._send(safe), None
+        text = "".join(self.parts)
+        message, reason = self._message(text, engine_reason)
         if not message.tool_calls:  # the rest of the text, as message() shows it
-            rest, self.sent = self._shown(self.text[self.sent:]), len(self.text)
+            rest = self._shown(text[self.sent:])
             return (ChatDelta(content=rest) if rest else None), reason
         # content before the calls goes out as it came (here, what the last delta brought); the calls as one
-        before = None if self.parser is None else self._content_up_to(self.parser.split(self.text)[1])
-        return ChatDelta(content=before.content if before else None, tool_calls=[
+        before = text[self.sent:self.parser.split(text)[1]] if self.parser is not None else ""
+        return ChatDelta(content=before or None, tool_calls=[
             ToolCallDelta(index=i, **c.model_dump()) for i, c in enumerate(message.tool_calls)]), reason
 
-    def _content_up_to(self, end: int) -> ChatDelta | None:
-        if end <= self.sent:
+    def _send(self, n: int) -> ChatDelta | None:
+        """The first n characters of the content held back, as a delta (None when n is 0)."""
+        if n <= 0:
             return None
-        delta, self.sent = ChatDelta(content=self.text[self.sent:end]), end
+        delta, self.unsent, self.sent = ChatDelta(content=self.unsent[:n]), self.unsent[n:], self.sent + n
         return delta
 
     def message(self, text: str, engine_reason: str | None) -> tuple[ChatMessageOut, str | None]:

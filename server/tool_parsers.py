@@ -11,7 +11,8 @@ vLLM's --tool-call-parser), picked by `tool_call_parser` or detected from the ch
   (`special_token`, as vLLM does), and a reply that is no call after all shows it nowhere.
 
 A parser answers two questions: how much of a growing text is surely content (so a stream can send it at
-once and hold back only what may start a call), and, at the end, which calls the text holds. A call whose
+once and hold back only what may start a call), and, at the end, which calls the text holds. The first is
+asked of the text not yet sent only, so that a stream's delta costs what it brings, not the text so far. A call whose
 name is not among the request's tools, or whose arguments are not a JSON object, makes the whole reply
 content: a reply is all calls or none, never a guess.
 """
@@ -46,9 +47,10 @@ class _CallsAfterMarker:
     """A syntax whose calls begin at a marker (START), after optional content."""
     START: str
 
-    def split(self, text: str) -> tuple[int, int | None]:
+    def split(self, text: str, after_content: bool = False) -> tuple[int, int | None]:
         """(safe, start): text[:safe] is content whatever follows; start: where the calls begin, if seen.
-        Up to the marker, or all but a tail that may still become one."""
+        Up to the marker, or all but a tail that may still become one. `text`: the reply, or its part not yet
+        sent as content (after_content: some was); a marker never begins in a part split() let go."""
         i = text.find(self.START)
         if i >= 0:
             return i, i
@@ -93,27 +95,36 @@ class HermesParser(_CallsAfterMarker):
     name = "hermes"
     special_token = None  # the call marker when it is a special token: requests using the parser keep them
     START, END = "<tool_call>", "</tool_call>"
-    _BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
 
     def parse(self, text: str, names: set[str]) -> ParsedReply | None:
+        """Blocks of START, a JSON call, END (the last one's END may be cut off), with only whitespace between
+        them. The JSON is read as JSON, so an argument holding "</tool_call>" does not end its block."""
         start = text.find(self.START)
         if start < 0:
             return None
-        calls, end = [], start
-        for block in self._BLOCK.finditer(text, start):
-            if text[end:block.start()].strip():  # prose between calls: not a reply of calls
+        calls, i = [], start
+        while i < len(text):
+            if not text.startswith(self.START, i):  # prose between or after the calls: not a reply of calls
                 return None
             try:
-                call = _call(_JSON.decode(block.group(1)), names, ("arguments", "parameters"))
+                obj, i = _JSON.raw_decode(text, skip_space(text, i + len(self.START)))
             except _JSON_FAILURES:
                 return None
+            call = _call(obj, names, ("arguments", "parameters"))
             if call is None:
                 return None
             calls.append(call)
-            end = block.end()
-        if text[end:].strip():
-            return None
+            i = skip_space(text, i)
+            if text.startswith(self.END, i):
+                i = skip_space(text, i + len(self.END))
         return ParsedReply(text[:start].strip() or None, calls)
+
+
+def skip_space(text: str, i: int) -> int:
+    """Past the JSON whitespace at text[i]."""
+    while i < len(text) and text[i] in " \t\n\r":
+        i += 1
+    return i
 
 
 class Llama3JsonParser:
@@ -121,7 +132,9 @@ class Llama3JsonParser:
     special_token = None
     TAG = "<|python_tag|>"
 
-    def split(self, text: str) -> tuple[int, int | None]:
+    def split(self, text: str, after_content: bool = False) -> tuple[int, int | None]:
+        if after_content:  # the reply began as content: it stays content
+            return len(text), None
         body = text.lstrip()
         if not body or self.TAG.startswith(body):  # nothing decided yet
             return 0, None

@@ -304,6 +304,15 @@ def test_sampler_cost_times_the_sort_and_the_cut(tiny_llama_dir, tmp_path):
     assert json.loads((tmp_path / "s.json").read_text())["vocab"] > 0
 
 
+def test_stream_parse_cost_times_parsed_and_plain_replies(tmp_path):
+    from benchmarks import stream_parse_cost
+    rows = stream_parse_cost.main(["--deltas", "40", "--json", str(tmp_path / "p.json")])
+    assert [r["deltas"] for r in rows] == [40] and all(v > 0 for v in rows[0].values())
+    assert json.loads((tmp_path / "p.json").read_text())["rows"] == rows
+    text = "".join(stream_parse_cost.deltas(6))
+    assert text == "the cat sat </think>\nthe cat sat "  # reasoning, the end marker, the answer
+
+
 def test_speculative_benchmark_compares_drafts_with_transformers(tiny_llama_dir, tmp_path):
     """Ours with and without drafts and transformers with and without prompt lookup, on one workload; greedy
     tokens must be the same in every setting, whatever the speed."""

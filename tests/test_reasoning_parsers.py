@@ -90,6 +90,28 @@ def test_an_end_marker_split_across_deltas_at_every_position(prompt, text):
         assert (want[0] or "").startswith(sent)  # never a byte of </think>, nor of space it may strip
 
 
+PIECES = ["<think>", "</think>", "<th", "</thi", "nk>", "k>", "<", "/", " ", "  ", "\n", "\r\n", "\t", "a", "b c",
+          "\u3000"]  # an ideographic space: str.strip() drops it too
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_after_each_delta_the_stream_has_sent_the_split_of_the_text_so_far(seed):
+    """The stream keeps only the unsure tail of the text; the reference, split(), looks at all of it. After
+    every delta, what went out is split(text so far, final=False); at the end it is split(whole)."""
+    rng = random.Random(seed)
+    text = "".join(rng.choice(PIECES) for _ in range(rng.randint(0, 14)))
+    prompt = rng.choice([OPEN, PLAIN])
+    cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(0, 6))))
+    pieces = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+    stream, sent, so_far = ReasoningStream(R1, prompt), ["", ""], ""
+    for k, piece in enumerate(pieces):
+        final = k == len(pieces) - 1
+        r, c = stream.feed(piece, final)
+        so_far, sent = so_far + piece, [sent[0] + r, sent[1] + c]
+        want = R1.split(so_far, R1.opens(prompt), final)
+        assert sent == [want[0] or "", want[1] or ""], (pieces, k)
+
+
 def request(**kw) -> ChatCompletionRequest:
     return ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], **kw)
 

@@ -37,6 +37,16 @@ def test_hermes_finds_each_call_and_the_content_before_them():
     assert HermesParser().parse(CALL_W.removesuffix("</tool_call>"), NAMES).calls[0][0] == "get_weather"
 
 
+def test_hermes_reads_a_closing_tag_inside_an_argument_string_as_part_of_the_argument():
+    """The block is read as JSON: a model writing about tool calls (an argument holding "</tool_call>") used
+    to have its call cut there, and the whole reply turned into content."""
+    call = '<tool_call>{"name": "get_time", "arguments": {"note": "ends with </tool_call> here"}}</tool_call>'
+    got = HermesParser().parse("Sure.\n" + call + "\n" + CALL_W, NAMES)
+    assert [(n, json.loads(a)) for n, a in got.calls] == [("get_time", {"note": "ends with </tool_call> here"}),
+                                                          ("get_weather", {"city": "Paris"})]
+    assert got.content == "Sure."
+
+
 @pytest.mark.parametrize("text", [
     "no call here",
     CALL_W.replace("get_weather", "get_stock"),                       # not one of the tools
@@ -175,6 +185,36 @@ def test_a_streamed_reply_sends_the_content_and_then_the_calls(seed):
     assert content == "Checking the weather <now>.\n"       # all of it, and no byte of a call
     assert [c.function.name for c in last.tool_calls] == ["get_weather", "get_time"]
     assert [c.index for c in last.tool_calls] == [0, 1]
+
+
+FRAGMENTS = {"hermes": ["<tool_call>", "</tool_call>", "<tool", "_call>", CALL_W, CALL_T, "<", "\n"],
+             "mistral": [TC, "[TOOL_CA", "[", MISTRAL, MISTRAL_ARGS, 'get_time[ARGS]{}'],
+             "llama3_json": ["<|python_tag|>", "<|py", '{"name": "get_time", "parameters": {}}', "; ", "{"]}
+CALLS = {"hermes": [CALL_W, CALL_T], "mistral": [MISTRAL, MISTRAL_ARGS], "llama3_json": [
+    '{"name": "get_time", "parameters": {}}; ', '<|python_tag|>{"name": "get_weather", "parameters": {"city": "X"}}']}
+PARSER = {"hermes": HermesParser, "mistral": MistralParser, "llama3_json": Llama3JsonParser}
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_a_stream_in_random_pieces_sends_what_the_whole_reply_holds(seed):
+    """The parser is asked about the text not yet sent only (each delta costs what it brings): whatever the
+    pieces, the deltas' content is the whole reply's, and the last delta carries its calls."""
+    rng = random.Random(seed)
+    name = rng.choice(sorted(FRAGMENTS))
+    text = "".join(rng.choice(FRAGMENTS[name] + [" ", "ok", "It is"]) for _ in range(rng.randint(1, 8)))
+    if seed % 2:  # half are calls, after some content or none
+        text = rng.choice(["", "ok ", "It is\n"]) + "".join(rng.choice(CALLS[name]) for _ in range(rng.randint(1, 3)))
+    sizes = []
+    while sum(sizes) < len(text):
+        sizes.append(rng.randint(1, 12))
+    content, last = stream(ChoiceReply(request(tool_choice="auto"), False, PARSER[name]()), text, sizes)
+    whole, _ = ChoiceReply(request(tool_choice="auto"), False, PARSER[name]()).message(text, "eos_token")
+    calls = [(c.function.name, c.function.arguments) for c in (last.tool_calls if last else None) or []]
+    assert calls == [(c.function.name, c.function.arguments) for c in whole.tool_calls or []], text
+    if whole.tool_calls:  # the whole reply strips the content before the calls; the stream sent it as it came
+        assert content.strip() == (whole.content or ""), text
+    else:
+        assert content == whole.content, text
 
 
 def test_a_streamed_reply_that_is_no_call_after_all_is_sent_whole():
