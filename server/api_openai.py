@@ -133,11 +133,12 @@ def _chat_prompt(state: ServerState, req: ChatCompletionRequest) -> tuple[str, l
     if not tok.has_chat_template:
         raise ApiError("validation", "messages: this model has no chat template; use /v1/completions", "messages")
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(),
-                 **{k: v for k, v in (("tool_calls", m.tool_calls), ("tool_call_id", m.tool_call_id)) if v}}
+                 **{k: v for k, v in (("tool_calls", m.tool_calls), ("tool_call_id", m.tool_call_id),
+                                      ("reasoning_content", m.reasoning_content or m.reasoning)) if v}}
                 for m in req.messages]
     extra = {"tools": [t.model_dump(exclude_none=True) for t in req.tools]} if req.tools else {}
     limit = state.prompt_char_limit
-    if sum(len(m["content"]) for m in messages) > limit:
+    if sum(len(m["content"]) + len(m.get("reasoning_content", "")) for m in messages) > limit:
         raise ApiError("validation", f"messages: over the limit of {limit:,} characters (max_prompt_chars)",
                        "messages")
     try:

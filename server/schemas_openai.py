@@ -86,6 +86,9 @@ class ChatMessage(RequestModel):
     name: Text | None = None
     tool_calls: list[dict[str, Any]] | None = Field(None, description="an assistant turn's calls: to the template")
     tool_call_id: Text | None = Field(None, description="a tool turn's call id: to the template")
+    reasoning_content: Text | None = Field(None, description="an assistant turn's thinking: to the template, "
+                                                             "as reasoning_content (Qwen3's templates read it)")
+    reasoning: Text | None = Field(None, description="the same, under vLLM's name (reasoning_content first)")
 
     def text(self) -> str:
         if self.content is None:

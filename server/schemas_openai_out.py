@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import computed_field
+
 from server.schema_common import ResponseModel
 
 FinishReason = Literal["stop", "length", "tool_calls"]
@@ -84,10 +86,20 @@ class ToolCallDelta(ToolCall):
     index: int
 
 
-class ChatMessageOut(ResponseModel):
+class _Reasoning(ResponseModel):
+    """The thinking, with a reasoning_parser (server/reasoning_parsers.py), under both names clients read:
+    `reasoning_content` (DeepSeek's, most SDKs') and `reasoning` (vLLM's current name, OpenRouter's)."""
+
+    @computed_field
+    @property
+    def reasoning(self) -> str | None:
+        return self.reasoning_content  # a field of each subclass, where it belongs in the JSON
+
+
+class ChatMessageOut(_Reasoning):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
-    reasoning_content: str | None = None  # the thinking, with a reasoning_parser (server/reasoning_parsers.py)
+    reasoning_content: str | None = None
     tool_calls: list[ToolCall] | None = None
 
 
@@ -107,7 +119,7 @@ class ChatCompletionResponse(ResponseModel):
     usage: Usage | None = None
 
 
-class ChatDelta(ResponseModel):
+class ChatDelta(_Reasoning):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None

@@ -328,9 +328,41 @@ def test_the_reasoning_parser_setting():
     assert "--reasoning-parser" in parser.format_help()
 
 
-def test_a_history_that_carries_reasoning_content_back_is_accepted(client):
-    """Clients may echo an earlier reply whole, reasoning_content included: it is ignored, not a 400."""
-    earlier = {"role": "assistant", "content": "It is mild.", "reasoning_content": "Paris, June: mild."}
+class RecordingTokenizer(FakeTokenizer):
+    """The fake tokenizer, keeping the messages its chat template was given."""
+    seen: list[dict] = []
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, **extra) -> str:
+        self.seen = messages
+        return super().apply_chat_template(messages, add_generation_prompt, **extra)
+
+
+@pytest.mark.parametrize("key", ["reasoning_content", "reasoning"])
+def test_an_earlier_turns_thinking_goes_back_to_the_template(key):
+    """A client echoing an earlier reply (interleaved thinking in a tool loop) sends its thinking back under
+    either name; the template gets it as reasoning_content, which Qwen3's templates render. It used to be
+    dropped."""
+    tok = RecordingTokenizer()
+    earlier = {"role": "assistant", "content": "It is mild.", key: "Paris, June: mild."}
     messages = [{"role": "user", "content": "Weather?"}, earlier] + say("<think>ok</think>\n\nSure.")
-    r = client.chat.completions.create(model="fake-model", messages=messages, max_tokens=50)
+    with serve(tok, reasoning_parser="deepseek_r1") as s, \
+            openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0) as c:
+        r = c.chat.completions.create(model="fake-model", messages=messages, max_tokens=50)
     assert (r.choices[0].message.reasoning_content, r.choices[0].message.content) == ("ok", "Sure.")
+    assert tok.seen[1] == {"role": "assistant", "content": "It is mild.", "reasoning_content": "Paris, June: mild."}
+    assert "reasoning_content" not in tok.seen[0] and "reasoning_content" not in tok.seen[2]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_thinking_is_also_under_vllms_name_reasoning(client, stream):
+    """vLLM now writes the thinking as `reasoning` (OpenRouter too), DeepSeek and most SDKs read
+    reasoning_content: both are sent, equal, in messages and in deltas."""
+    r = client.chat.completions.with_raw_response.create(model="fake-model", max_tokens=50, stream=stream,
+                                                         messages=say("<think>Hm.</think>\n\nYes."))
+    if stream:
+        deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in r.http_response.iter_lines()
+                  if line.startswith("data: {") and '"choices":[{' in line]
+    else:
+        deltas = [json.loads(r.http_response.text)["choices"][0]["message"]]
+    assert all(d["reasoning"] == d["reasoning_content"] for d in deltas)
+    assert "".join(d["reasoning"] or "" for d in deltas) == "Hm."
