@@ -122,7 +122,8 @@ def build_response(state: ServerState, prep: Prepared, got: Collected, p: Genera
     return GenerateResponse(generated_text=text, details=details)
 
 
-async def generate(state: ServerState, request: Request, body: GenerateRequest) -> Response:
+async def generate(state: ServerState, request: Request, body: GenerateRequest, as_list: bool = False) -> Response:
+    """One GenerateResponse per prompt: a list when `inputs` is one (or as_list: TGI's POST / always)."""
     p = body.parameters
     prompts = body.inputs if isinstance(body.inputs, list) else [body.inputs]
     if not prompts:
@@ -139,7 +140,7 @@ async def generate(state: ServerState, request: Request, body: GenerateRequest) 
     except ClientDisconnected:
         return Response(status_code=499)
     out = [build_response(state, x, got, p).model_dump() for x, got in zip(preps, results)]
-    return JSONResponse(out if isinstance(body.inputs, list) else out[0])
+    return JSONResponse(out if as_list or isinstance(body.inputs, list) else out[0])
 
 
 async def _events(state: ServerState, prep: Prepared, stream: AsyncIterator[RequestOutput],
@@ -201,11 +202,13 @@ def tgi_router() -> APIRouter:
     async def generate_stream_route(request: Request, body: GenerateRequest) -> Response:
         return await generate_stream(request.app.state.server, body)
 
-    @router.post("/", response_model=GenerateResponse | list[GenerateResponse], responses=_ERRORS)
+    @router.post("/", response_model=list[GenerateResponse], responses=_ERRORS)
     async def compat_route(request: Request, body: CompatGenerateRequest) -> Response:
+        """TGI's compat route: /generate_stream with `stream`, else /generate's answer in a list (as TGI
+        answers it: text_generation.Client.generate reads the list's first item)."""
         state = request.app.state.server
         if body.stream:
             return await generate_stream(state, body)
-        return await generate(state, request, body)
+        return await generate(state, request, body, as_list=True)
 
     return router

@@ -90,7 +90,9 @@ def test_generate_stream_framing(client):
 
 
 def test_compat_root_route_dispatches_on_stream(client):
-    assert "generated_text" in client.post("/", json={"inputs": "a", "parameters": {"max_new_tokens": 1}}).json()
+    # a list, as TGI answers it (text_generation.Client.generate reads [0]), for one prompt or several
+    assert "generated_text" in client.post("/", json={"inputs": "a", "parameters": {"max_new_tokens": 1}}).json()[0]
+    assert len(client.post("/", json={"inputs": ["a", "b"], "parameters": {"max_new_tokens": 1}}).json()) == 2
     r = client.post("/", json={"inputs": "a", "stream": True, "parameters": {"max_new_tokens": 2}})
     assert len(sse_events(r.text)) == 2
 
