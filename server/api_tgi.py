@@ -73,7 +73,7 @@ def prepare(state: ServerState, prompt: str, p: GenerateParameters, *, want_logp
         top_k=p.top_k or 0, top_p=p.top_p if p.top_p is not None else 1.0,
         repetition_penalty=p.repetition_penalty if p.repetition_penalty is not None else 1.0,
         frequency_penalty=p.frequency_penalty or 0.0, seed=seed, max_new_tokens=max_new,
-        stop=tuple(p.stop or ()), logprobs=top_n if (want_logprobs or top_n) else None,
+        stop=tuple(p.stop or ()), include_stop_str_in_output=True, logprobs=top_n if (want_logprobs or top_n) else None,
         prompt_logprobs=bool(p.details and p.decoder_input_details), grammar=_grammar(p))
     return Prepared(prompt, ids, params, seed)
 
@@ -168,7 +168,7 @@ async def _events(state: ServerState, prep: Prepared, stream: AsyncIterator[Requ
                         generated_text=((prep.prompt + text) if p.return_full_text else text) if final else None,
                         details=StreamDetails(finish_reason=_finish_reason(out.finish_reason),
                                               generated_tokens=out.num_output_tokens, seed=prep.seed,
-                                              input_length=len(prep.prompt_ids)) if final else None)
+                                              input_length=len(prep.prompt_ids)) if final and p.details else None)
                     yield sse_data(event.model_dump_json())
                 if out.finished:
                     return

@@ -40,6 +40,8 @@ class SamplingParams(BaseModel):
     min_new_tokens: int = Field(0, ge=0)
     stop: tuple[str, ...] = Field((), max_length=MAX_STOP_SEQUENCES)
     stop_token_ids: tuple[int, ...] = Field((), max_length=MAX_STOP_SEQUENCES)
+    include_stop_str_in_output: bool = Field(False, description="keep a matched stop string at the end of the "
+                                             "output (TGI does; OpenAI and vLLM's default cut it)")
     ignore_eos: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
                                  description="None: none; 0: the chosen token's; n: plus the top n")

@@ -2,7 +2,8 @@
 
 Per sequence, fed one token at a time. Token stops (stop_token_ids, eos) are decided before the token is
 detokenized, so their text never enters the output. Stop strings are matched in the detokenized text across
-token boundaries; the match and everything after it is cut. Text that could be the start of a stop string
+token boundaries; the match and everything after it is cut (everything after it only, with
+include_stop_str_in_output: TGI's way). Text that could be the start of a stop string
 is held back until resolved, so a streaming client never receives text a later match would remove.
 min_new_tokens suppresses every stop but "length" (as vLLM's min_tokens; the sampler also masks eos/stop ids).
 """
@@ -61,7 +62,7 @@ class StopChecker:
                 if i >= 0 and (best is None or i < best[0]):
                     best = (i, s)
             if best is not None:
-                self.text = self.text[:best[0]]
+                self.text = self.text[:best[0] + (len(best[1]) if self.params.include_stop_str_in_output else 0)]
                 return self._finish("stop", best[1])
         if num_output_tokens >= self.params.max_new_tokens:
             return self._finish("length", None)

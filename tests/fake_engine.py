@@ -220,7 +220,8 @@ class FakeAsyncEngine:
                 full = self.tokenizer.decode(out_ids[:-1] if token == 2 else out_ids, params.skip_special_tokens)
                 for s in params.stop:
                     if s in full:
-                        full, finish, stop_reason = full[:full.index(s)], "stop", s
+                        end = full.index(s) + (len(s) if params.include_stop_str_in_output else 0)
+                        full, finish, stop_reason = full[:end], "stop", s
                         break
                 if finish is None and len(out_ids) >= params.max_new_tokens:
                     finish = "length"

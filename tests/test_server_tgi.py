@@ -65,7 +65,12 @@ def test_finish_reasons_map_to_tgi_names(client):
     stop = greedy["generated_text"][2:4]
     r = client.post("/generate", json={"inputs": "stop", "parameters": {"max_new_tokens": 8, "stop": [stop],
                                                                         "details": True}}).json()
-    assert r["details"]["finish_reason"] == "stop_sequence" and r["generated_text"] == greedy["generated_text"][:2]
+    # the stop sequence stays at the end, as TGI keeps it (OpenAI cuts it), in the text and the last token's
+    assert r["details"]["finish_reason"] == "stop_sequence" and r["generated_text"] == greedy["generated_text"][:4]
+    assert "".join(t["text"] for t in r["details"]["tokens"]) == r["generated_text"]
+    events = sse_events(client.post("/generate_stream", json={"inputs": "stop", "parameters": {
+        "max_new_tokens": 8, "stop": [stop], "details": True}}).text)
+    assert events[-1]["generated_text"] == "".join(e["token"]["text"] for e in events) == r["generated_text"]
 
 
 def test_return_full_text_and_truncate(client):
@@ -73,12 +78,13 @@ def test_return_full_text_and_truncate(client):
                                                                            "return_full_text": True}}).json()
     assert r["generated_text"].startswith("abcdef")
     r = client.post("/generate_stream", json={"inputs": "abcdef", "parameters": {"max_new_tokens": 2,
-                                                                                  "truncate": 3}})
+                                                                                  "truncate": 3, "details": True}})
     assert sse_events(r.text)[-1]["details"]["input_length"] == 3
 
 
 def test_generate_stream_framing(client):
-    with client.stream("POST", "/generate_stream", json={"inputs": "Hi", "parameters": {"max_new_tokens": 4}}) as r:
+    with client.stream("POST", "/generate_stream", json={"inputs": "Hi", "parameters": {"max_new_tokens": 4,
+                                                                                         "details": True}}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         text = "".join(r.iter_text())
     events = sse_events(text)
@@ -87,6 +93,10 @@ def test_generate_stream_framing(client):
     last = events[-1]
     assert last["generated_text"] == "".join(e["token"]["text"] for e in events)
     assert last["details"] == {"finish_reason": "length", "generated_tokens": 4, "seed": None, "input_length": 3}
+    # without details asked for, the last event has none (TGI's generate_stream: `false => None`)
+    r = client.post("/generate_stream", json={"inputs": "Hi", "parameters": {"max_new_tokens": 4}})
+    assert sse_events(r.text)[-1]["details"] is None and sse_events(r.text)[-1]["generated_text"] == last[
+        "generated_text"]
 
 
 def test_compat_root_route_dispatches_on_stream(client):

@@ -20,6 +20,12 @@ def test_stop_string_across_tokens_is_cut_and_never_streamed():
     assert out == ["hello ", "", "", ""] and "".join(out) == "hello "
 
 
+def test_with_include_stop_str_in_output_the_match_stays_and_only_what_follows_is_cut():
+    c = StopChecker(SamplingParams(stop=("STOP",), max_new_tokens=100, include_stop_str_in_output=True), (2,))
+    out, d = feed(c, ["hello S", "T", "O", "P and more"])
+    assert (d.finish_reason, d.stop_reason) == ("stop", "STOP") and out == ["hello ", "", "", "STOP"]
+
+
 def test_false_alarm_prefix_is_released_later():
     c = StopChecker(SamplingParams(stop=("STOP",), max_new_tokens=100), (2,))
     out, d = feed(c, ["a ST", "x", "b"])
