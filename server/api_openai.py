@@ -13,8 +13,8 @@ from server.completion_logprobs import CompletionPrompt, generated_logprobs, joi
 from server.generation import (ClientDisconnected, Collected, check_token_ids, collect_all, delta_texts,
                                encode_prompt, new_request_id, submit_all, unless_disconnected)
 from server.http_errors import ApiError
-from server.openai_common import (ADMISSION_NAMES, check_common, finish_reason, logprob_value, now_s,
-                                  sampling_params, sse_choices, token_str, usage)
+from server.openai_common import (ADMISSION_NAMES, check_common, continuous_usage, finish_reason, logprob_value,
+                                  now_s, sampling_params, sse_choices, token_str, usage)
 from server.outputs import RequestOutput, TokenLogprob
 from server.reasoning_parsers import ReasoningStream, applies as reasoning_applies
 from server.schemas_openai import ChatCompletionRequest, CompletionRequest
@@ -100,7 +100,8 @@ async def completions(state: ServerState, request: Request, req: CompletionReque
 
         request_ids = [job[0] for job in jobs]
         return EventStreamResponse(sse_choices(streams, prompt_tokens, chunk,
-                                               usage_chunk if include_usage else None),
+                                               usage_chunk if include_usage else None,
+                                               continuous_usage=continuous_usage(req)),
                                    more_ready=lambda: state.engine.outputs_ready(request_ids))
     try:
         results = await unless_disconnected(request, collect_all(streams))
@@ -209,7 +210,7 @@ async def chat_completions(state: ServerState, request: Request, req: ChatComple
 
         request_ids = [job[0] for job in jobs]
         return EventStreamResponse(sse_choices(streams, len(ids), chunk, usage_chunk if include_usage else None,
-                                               first=first),
+                                               first=first, continuous_usage=continuous_usage(req)),
                                    more_ready=lambda: state.engine.outputs_ready(request_ids))
     try:
         results: list[Collected] = await unless_disconnected(request, collect_all(streams))
@@ -230,11 +231,24 @@ def openai_router() -> APIRouter:
     sse_doc = {200: {"description": "JSON, or server-sent events when stream is true",
                      "content": {"text/event-stream": {}}}}
 
+    def card(state: ServerState) -> ModelCard:
+        return ModelCard(id=state.model_name, created=now_s(), max_model_len=state.max_model_len)
+
     @router.get("/models", response_model=ModelList)
     async def models(request: Request) -> ModelList:
         state: ServerState = request.app.state.server
         state.require_ready()
-        return ModelList(data=[ModelCard(id=state.model_name, created=now_s(), max_model_len=state.max_model_len)])
+        return ModelList(data=[card(state)])
+
+    @router.get("/models/{model:path}", response_model=ModelCard, responses={404: {"model": OpenAIError}})
+    async def model(request: Request, model: str) -> ModelCard:
+        """OpenAI's retrieve (client.models.retrieve): the served model's card, under its names."""
+        state: ServerState = request.app.state.server
+        state.require_ready()
+        if model not in (state.model_name, state.engine.config.model):
+            raise ApiError("not_found", f"model: '{model}' is not served here; this server serves "
+                                        f"'{state.model_name}'", "model")
+        return card(state)
 
     @router.post("/completions", response_model=CompletionResponse, responses={**_ERRORS, **sse_doc})
     async def completions_route(request: Request, body: CompletionRequest) -> Response:

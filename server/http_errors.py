@@ -24,6 +24,10 @@ OPENAI_TYPE = {"validation": "invalid_request_error", "unauthorized": "authentic
                "not_found": "not_found_error", "method_not_allowed": "invalid_request_error",
                "payload_too_large": "invalid_request_error", "overloaded": "rate_limit_error",
                "generation": "server_error", "unavailable": "service_unavailable_error"}
+# Retry-After (seconds) on refusals that pass: a full queue drains in about a second of decoding; a model
+# still loading, a draining or stalled server, a few more. The openai SDK and huggingface_hub wait for it
+# before they retry, rather than their own short backoff
+RETRY_AFTER_S = {"overloaded": 1, "unavailable": 5}
 _HTTP_KIND = {400: "validation", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
               413: "payload_too_large", 422: "validation", 429: "overloaded", 503: "unavailable"}
 
@@ -59,6 +63,8 @@ def error_json(err: ApiError, openai: bool) -> str:
 
 def error_response(err: ApiError, path: str, headers: dict[str, str] | None = None) -> JSONResponse:
     openai = is_openai_path(path)
+    if err.kind in RETRY_AFTER_S:
+        headers = {"Retry-After": str(RETRY_AFTER_S[err.kind]), **(headers or {})}
     return JSONResponse(error_body(err, openai), status_code=error_status(err, openai), headers=headers)
 
 

@@ -33,10 +33,18 @@ def now_s() -> int:
     return int(time.time())
 
 
+# Model names clients send when they do not know the served one: huggingface_hub's InferenceClient sends
+# "dummy" (older versions "tgi") when given a server URL, as TGI serves whatever model is asked for
+PLACEHOLDER_MODELS = ("dummy", "tgi")
+
+
 def check_common(state: ServerState, req: SamplingFields, num_choices: int) -> None:
-    if req.model is not None and req.model not in (state.model_name, state.engine.config.model):
+    if req.model is not None and req.model not in (state.model_name, state.engine.config.model,
+                                                   *PLACEHOLDER_MODELS):
         raise ApiError("not_found", f"model: '{req.model}' is not served here; this server serves "
                                     f"'{state.model_name}'", "model")
+    if req.stream_options is not None and not req.stream:
+        raise ApiError("validation", "stream_options: only with stream true", "stream_options")
     if num_choices > state.config.max_choices:
         raise ApiError("validation", f"n: {num_choices} choices in all, more than the limit of "
                                      f"{state.config.max_choices} (max_choices)", "n")
@@ -90,10 +98,13 @@ def _keeps_special_tokens(state: ServerState, req: SamplingFields) -> bool:
 def _grammar(req: SamplingFields) -> dict | None:
     """response_format as SamplingParams.grammar: json_object is any JSON object, json_schema its schema."""
     fmt = req.response_format
+    if fmt is not None and fmt.value is not None and fmt.type != "json_object":
+        raise ApiError("validation", "response_format.value: only with type json_object (TGI's shape); type "
+                                     "json_schema takes json_schema.schema", "response_format.value")
     if fmt is None or fmt.type == "text":
         return None
     if fmt.type == "json_object":
-        return {"type": "json", "value": '{"type": "object"}'}
+        return {"type": "json", "value": json.dumps(fmt.value) if fmt.value is not None else '{"type": "object"}'}
     if fmt.json_schema is None:
         raise ApiError("validation", "response_format: type json_schema needs a json_schema object",
                        "response_format")
@@ -113,16 +124,29 @@ def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
                  total_tokens=prompt_tokens + completion_tokens)
 
 
+def continuous_usage(req: SamplingFields) -> bool:
+    """stream_options asks for usage on every chunk (vLLM's continuous_usage_stats, with include_usage)."""
+    opts = req.stream_options
+    return bool(opts and opts.include_usage and opts.continuous_usage_stats)
+
+
 async def sse_choices(streams: list[AsyncIterator[RequestOutput]], prompt_tokens: int,
                       chunk: Callable[[int, RequestOutput], BaseModel | None],
                       usage_chunk: Callable[[Usage], BaseModel] | None,
-                      first: Callable[[int], BaseModel] | None = None) -> AsyncIterator[str]:
-    """Frame one merged stream: `chunk(index, output)` builds each event; usage and [DONE] close it."""
+                      first: Callable[[int], BaseModel] | None = None,
+                      continuous_usage: bool = False) -> AsyncIterator[str]:
+    """Frame one merged stream: `chunk(index, output)` builds each event; usage and [DONE] close it. With
+    continuous_usage (vLLM's stream_options.continuous_usage_stats) every event carries the usage so far."""
     completion_tokens = [0] * len(streams)
+
+    def framed(event: BaseModel) -> str:
+        if continuous_usage:
+            event = event.model_copy(update={"usage": usage(prompt_tokens, sum(completion_tokens))})
+        return sse_data(event.model_dump_json())
     try:
         if first is not None:
             for index in range(len(streams)):
-                yield sse_data(first(index).model_dump_json(exclude_unset=False))
+                yield framed(first(index))
         async with aclosing(merge_streams(streams)) as merged:
             async for index, out in merged:
                 if out.finished and out.finish_reason in ("error", "abort"):
@@ -133,7 +157,7 @@ async def sse_choices(streams: list[AsyncIterator[RequestOutput]], prompt_tokens
                     out.new_token_ids)
                 event = chunk(index, out)
                 if event is not None:
-                    yield sse_data(event.model_dump_json())
+                    yield framed(event)
         if usage_chunk is not None:
             yield sse_data(usage_chunk(usage(prompt_tokens, sum(completion_tokens))).model_dump_json())
     except ApiError as exc:

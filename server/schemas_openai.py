@@ -20,7 +20,9 @@ Stop = Text | list[Text] | None
 
 class StreamOptions(RequestModel):
     include_usage: bool | None = False
-    continuous_usage_stats: bool | None = False
+    continuous_usage_stats: bool | None = Field(False, description="with include_usage: usage on every chunk "
+                                                "too (vLLM's extension)")
+    include_obfuscation: bool | None = Field(None, description="accepted; chunks carry no obfuscation padding")
 
 
 class JsonSchemaFormat(RequestModel):
@@ -33,6 +35,8 @@ class JsonSchemaFormat(RequestModel):
 class ResponseFormat(RequestModel):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = Field(None, description="with type json_schema")
+    value: dict[str, Any] | None = Field(None, description="with type json_object: a JSON schema the object "
+                                         "matches (TGI's shape, which huggingface_hub's chat_completion sends)")
 
 
 class SamplingFields(RequestModel):
@@ -133,6 +137,9 @@ class ChatCompletionRequest(SamplingFields):
     store: bool | None = None
     metadata: dict[str, Text] | None = None
     service_tier: Text | None = None
+    prompt_cache_key: Text | None = Field(None, description="accepted; the prefix cache needs no key")
+    safety_identifier: Text | None = Field(None, description="accepted, as user")
+    modalities: list[Literal["text"]] | None = Field(None, description="text only")
     chat_template: Text | None = Field(None, description="refused: the model's own template is used")
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="refused")
     add_generation_prompt: bool | None = True

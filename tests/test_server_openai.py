@@ -27,6 +27,56 @@ def oai(server):
 def test_models(oai):
     models = oai.models.list()
     assert [m.id for m in models.data] == ["fake-model"]
+    assert oai.models.retrieve("fake-model").id == "fake-model"  # GET /v1/models/{id}: it used to be a 404
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        oai.models.retrieve("other/model")
+
+
+def test_huggingface_hubs_placeholder_model_names_are_served(server):
+    """huggingface_hub's InferenceClient(base_url=...).chat_completion() sends model "dummy" (older versions
+    "tgi"): TGI serves whatever is asked, and we answered 404."""
+    for name in ("dummy", "tgi"):
+        r = httpx.post(server.url + "/v1/chat/completions", json={"model": name, "messages": CHAT, "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["model"] == "fake-model"
+
+
+def test_a_json_object_format_with_tgis_schema_value_follows_the_schema(server):
+    """huggingface_hub's chat_completion turns a json_schema response_format into TGI's shape,
+    {"type": "json_object", "value": <schema>}; it was refused as an unknown field."""
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
+              "additionalProperties": False}
+    from server.openai_common import _grammar
+    from server.schemas_openai import ChatCompletionRequest
+    req = ChatCompletionRequest(messages=CHAT, response_format={"type": "json_object", "value": schema})
+    assert _grammar(req) == {"type": "json", "value": json.dumps(schema)}  # the schema, not any object
+    r = httpx.post(server.url + "/v1/chat/completions", json={
+        "messages": CHAT, "max_tokens": 4, "response_format": {"type": "json_object", "value": schema}})
+    assert r.status_code == 200
+    r = httpx.post(server.url + "/v1/chat/completions", json={
+        "messages": CHAT, "response_format": {"type": "text", "value": schema}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format.value"
+
+
+def test_continuous_usage_stats_puts_the_usage_so_far_on_every_chunk(server):
+    body = {"prompt": "Once upon", "max_tokens": 4, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    chunks = [json.loads(b[6:]) for b in httpx.post(server.url + "/v1/completions", json=body).text.split("\n\n")
+              if b.startswith("data: {")]
+    counts = [c["usage"]["completion_tokens"] for c in chunks]
+    assert counts == sorted(counts) and counts[-1] == 4 and all(c["usage"]["prompt_tokens"] == 10 for c in chunks)
+    assert len([c for c in chunks if c["choices"]]) == 4  # each token's chunk carries it, not only the last
+    body["stream_options"] = {"include_usage": True}
+    chunks = [json.loads(b[6:]) for b in httpx.post(server.url + "/v1/completions", json=body).text.split("\n\n")
+              if b.startswith("data: {")]
+    assert [c["usage"] is None for c in chunks] == [True] * 4 + [False]
+
+
+def test_openai_fields_with_nothing_to_do_here_are_accepted(server):
+    body = {"messages": CHAT, "max_tokens": 2, "prompt_cache_key": "k", "safety_identifier": "u1",
+            "modalities": ["text"], "stream": True, "stream_options": {"include_obfuscation": False}}
+    assert httpx.post(server.url + "/v1/chat/completions", json=body).status_code == 200
+    r = httpx.post(server.url + "/v1/chat/completions", json={**body, "modalities": ["text", "audio"]})
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith("modalities")
 
 
 def test_completion_non_streaming_and_streaming_agree(oai):
@@ -108,6 +158,7 @@ def test_completion_errors_in_openai_shape(server, body, status, param):
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"response_format": {"type": "json_schema"}}, "response_format"),  # json_schema missing
     ({"messages": []}, "messages"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream (OpenAI and vLLM refuse)
 ])
 def test_chat_refusals(server, extra, param):
     r = httpx.post(server.url + "/v1/chat/completions", json={"messages": CHAT, **extra})

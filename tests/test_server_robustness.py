@@ -180,7 +180,8 @@ def test_health_loading_then_ready_then_dead():
     with srv as s:
         r = httpx.get(s.url + "/health")
         assert r.status_code == 503 and r.json()["status"] == "loading"
-        assert httpx.post(s.url + "/generate", json={"inputs": "x"}).status_code == 503
+        r = httpx.post(s.url + "/generate", json={"inputs": "x"})
+        assert r.status_code == 503 and r.headers["retry-after"] == "5"  # clients wait that long to retry
         assert httpx.get(s.url + "/metrics").status_code == 200
         s.wait_healthy()
         s.app.state.server.engine.kill()
@@ -219,6 +220,7 @@ def test_queue_full_is_429_at_once():
             await asyncio.sleep(0.1)
             third = await c.post("/generate", json=body)
             oai = await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 5})
+            assert third.headers["retry-after"] == oai.headers["retry-after"] == "1"  # the SDKs' retries wait
             refused_while_busy = not first.done() and not second.done()  # at once, not queued behind them
             statuses = [third.status_code, oai.status_code, (await first).status_code, (await second).status_code]
             # a batch: the 3rd prompt at the latest is refused, and those admitted before it are aborted
