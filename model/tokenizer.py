@@ -24,6 +24,7 @@ from types import MappingProxyType
 from typing import Any
 
 from model.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
+from model.token_bytes import piece_decoder
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ class Tokenizer:
         specials.update(special_tokens.values())
         self.all_special_ids: frozenset[int] = frozenset(
             i for i in (backend.token_to_id(t) for t in specials) if i is not None)
+        self._added = frozenset(backend.get_added_tokens_decoder())  # ids of tokens that are their text
+        self._piece_bytes = piece_decoder(backend.to_str())
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> "Tokenizer":
@@ -103,6 +106,12 @@ class Tokenizer:
         from tokenizers.decoders import DecodeStream
 
         return partial(DecodeStream(skip_special_tokens=skip_special_tokens).step, self._backend)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes the token stands for (model/token_bytes.py): part of a character for a byte token."""
+        if self._piece_bytes is None or token_id in self._added:
+            return self._backend.decode([token_id], skip_special_tokens=False).encode()
+        return self._piece_bytes(self.id_to_piece(token_id))
 
     def id_to_piece(self, token_id: int) -> str:
         piece = self._backend.id_to_token(token_id)

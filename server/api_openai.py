@@ -9,12 +9,13 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from model.token_bytes import token_string
 from server.completion_logprobs import CompletionPrompt, generated_logprobs, joined, prompt_logprobs
 from server.generation import (ClientDisconnected, Collected, check_token_ids, collect_all, delta_texts,
                                encode_prompt, new_request_id, submit_all, unless_disconnected)
 from server.http_errors import ApiError
 from server.openai_common import (ADMISSION_NAMES, check_common, continuous_usage, finish_reason, logprob_value,
-                                  now_s, sampling_params, sse_choices, token_str, usage)
+                                  now_s, sampling_params, sse_choices, token_bytes, usage)
 from server.outputs import RequestOutput, TokenLogprob
 from server.reasoning_parsers import ReasoningStream, applies as reasoning_applies
 from server.schemas_openai import ChatCompletionRequest, CompletionRequest
@@ -152,8 +153,8 @@ def _chat_prompt(state: ServerState, req: ChatCompletionRequest) -> tuple[str, l
 
 def _chat_logprobs(state: ServerState, token_ids: list[int], lps: list[TokenLogprob]) -> ChatLogprobs:
     def entry(tid: int, value: float) -> TopLogprob:
-        s = token_str(state, tid)
-        return TopLogprob(token=s, logprob=logprob_value(value), bytes=list(s.encode("utf-8")))
+        raw = token_bytes(state, tid)  # the token's own bytes: joined, they rebuild the content
+        return TopLogprob(token=token_string(raw), logprob=logprob_value(value), bytes=list(raw))
 
     content = []
     for tid, lp in zip(token_ids, lps):

@@ -9,6 +9,7 @@ from contextlib import aclosing
 
 from pydantic import BaseModel
 
+from model.token_bytes import token_string
 from server.generation import merge_streams, resolve_max_new_tokens, build_params
 from server.http_errors import ApiError, error_json, failure_error
 from server.outputs import RequestOutput
@@ -111,8 +112,19 @@ def _grammar(req: SamplingFields) -> dict | None:
     return {"type": "json", "value": json.dumps(fmt.json_schema.schema_ or {"type": "object"})}
 
 
+def token_bytes(state: ServerState, token_id: int) -> bytes:
+    """The bytes the token stands for (model/token_bytes.py), part of a character for a byte token; a
+    tokenizer that cannot tell gives its decode's (U+FFFD for such a token)."""
+    tok = state.engine.tokenizer
+    if hasattr(tok, "token_bytes"):
+        return tok.token_bytes(token_id)
+    return tok.decode([token_id], skip_special_tokens=False).encode()
+
+
 def token_str(state: ServerState, token_id: int) -> str:
-    return state.engine.tokenizer.decode([token_id], skip_special_tokens=False)
+    """A logprob entry's token: its text, or "bytes:\\xf0\\x9f" for part of a character, as OpenAI writes it
+    (one U+FFFD for each would merge different tokens into one top_logprobs key)."""
+    return token_string(token_bytes(state, token_id))
 
 
 def logprob_value(value: float) -> float:

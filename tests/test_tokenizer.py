@@ -301,3 +301,23 @@ def test_unigram_sentencepiece_is_flagged(tmp_path, shakespeare_text, caplog):
         tok = Tokenizer.from_pretrained(tmp_path)
     assert "unigram" in caplog.text
     assert tok.decode(tok.encode("the king")) == "the king"
+
+
+@pytest.mark.parametrize("kind", ["tokenizer.json", "sentencepiece"])
+def test_token_bytes_rebuild_the_text_where_decoding_tokens_alone_gives_replacement_characters(
+        kind, tiny_llama_dir, sp_dir):
+    """OpenAI's logprob `bytes`: an emoji split over byte tokens decodes, token by token, to U+FFFDs; the
+    tokens' own bytes, joined, are the text (sentencepiece: after its dummy-prefix space)."""
+    from model.token_bytes import token_string
+    tok = Tokenizer.from_pretrained(tiny_llama_dir if kind == "tokenizer.json" else sp_dir)
+    text = "emoji 😀🎉 café naïve 中文 日本語"
+    ids = tok.encode(text, add_special_tokens=False)
+    joined = b"".join(tok.token_bytes(i) for i in ids).decode("utf-8")
+    assert joined == (text if kind == "tokenizer.json" else " " + text)
+    partial = [i for i in ids if "\ufffd" in tok.decode([i])]
+    assert partial, "the text should need byte tokens in this vocabulary"
+    assert all(token_string(tok.token_bytes(i)).startswith("bytes:\\x") for i in partial)
+    whole = [i for i in ids if "\ufffd" not in tok.decode([i])]  # a whole token: the text decoding gives
+    assert all(tok.token_bytes(i).decode().strip() == tok.decode([i]).strip() for i in whole)
+    special = tok.all_special_ids
+    assert all(tok.token_bytes(i) == tok.decode([i], skip_special_tokens=False).encode() for i in special)
