@@ -109,9 +109,10 @@ class Tokenizer:
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes the token stands for (model/token_bytes.py): part of a character for a byte token."""
-        if self._piece_bytes is None or token_id in self._added:
+        piece = self._backend.id_to_token(token_id)  # None past the tokenizer: a model's padded vocabulary
+        if self._piece_bytes is None or piece is None or token_id in self._added:
             return self._backend.decode([token_id], skip_special_tokens=False).encode()
-        return self._piece_bytes(self.id_to_piece(token_id))
+        return self._piece_bytes(piece)
 
     def id_to_piece(self, token_id: int) -> str:
         piece = self._backend.id_to_token(token_id)

@@ -25,9 +25,10 @@ OPENAI_TYPE = {"validation": "invalid_request_error", "unauthorized": "authentic
                "payload_too_large": "invalid_request_error", "overloaded": "rate_limit_error",
                "generation": "server_error", "unavailable": "service_unavailable_error"}
 # Retry-After (seconds) on refusals that pass: a full queue drains in about a second of decoding; a model
-# still loading, a draining or stalled server, a few more. The openai SDK and huggingface_hub wait for it
-# before they retry, rather than their own short backoff
-RETRY_AFTER_S = {"overloaded": 1, "unavailable": 5}
+# still loading, a draining or stalled server, a few more (TRANSIENT_S, given where raised). The openai SDK
+# and huggingface_hub wait for it before they retry, rather than their own short backoff. A dead engine or
+# a failed load sends none: retrying cannot help
+OVERLOADED_RETRY_S, TRANSIENT_S = 1, 5
 _HTTP_KIND = {400: "validation", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
               413: "payload_too_large", 422: "validation", 429: "overloaded", 503: "unavailable"}
 
@@ -35,11 +36,12 @@ _HTTP_KIND = {400: "validation", 401: "unauthorized", 404: "not_found", 405: "me
 class ApiError(Exception):
     """A request that cannot be served; `param` names the field at fault when there is one."""
 
-    def __init__(self, kind: str, message: str, param: str | None = None):
+    def __init__(self, kind: str, message: str, param: str | None = None, retry_after_s: int | None = None):
         super().__init__(message)
         self.kind = kind if kind in STATUS else "generation"
         self.message = message
         self.param = param
+        self.retry_after_s = OVERLOADED_RETRY_S if kind == "overloaded" and retry_after_s is None else retry_after_s
 
 
 def is_openai_path(path: str) -> bool:
@@ -63,8 +65,8 @@ def error_json(err: ApiError, openai: bool) -> str:
 
 def error_response(err: ApiError, path: str, headers: dict[str, str] | None = None) -> JSONResponse:
     openai = is_openai_path(path)
-    if err.kind in RETRY_AFTER_S:
-        headers = {"Retry-After": str(RETRY_AFTER_S[err.kind]), **(headers or {})}
+    if err.retry_after_s is not None:
+        headers = {"Retry-After": str(err.retry_after_s), **(headers or {})}
     return JSONResponse(error_body(err, openai), status_code=error_status(err, openai), headers=headers)
 
 
@@ -126,7 +128,7 @@ def failure_error(out: Any) -> ApiError:
     """What a failed or aborted RequestOutput is answered with (a status, or a stream's last event). A failure
     that is the request's own (a grammar that turns out impossible to follow) is a 4xx naming its field."""
     if out.finish_reason == "abort":
-        return ApiError("unavailable", "request aborted by the server (shutting down)")
+        return ApiError("unavailable", "request aborted by the server (shutting down)", retry_after_s=TRANSIENT_S)
     if out.error_field is not None:
         return ApiError("validation", f"{out.error_field}: cannot be followed ({out.error})", out.error_field)
     return ApiError("generation", f"generation failed: {out.error or 'engine error'}")

@@ -10,7 +10,7 @@ import hmac
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.http_errors import ApiError, error_response
+from server.http_errors import TRANSIENT_S, ApiError, error_response
 from server.state import Phase, ServerState
 
 OPEN_PATHS = frozenset({"/health", "/metrics"})
@@ -49,7 +49,8 @@ class GateMiddleware:
             await error_response(err, path, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
             return
         if self.state.phase in (Phase.DRAINING, Phase.STOPPED):
-            err = ApiError("unavailable", "server: shutting down, not admitting new requests")
+            err = ApiError("unavailable", "server: shutting down, not admitting new requests",
+                           retry_after_s=TRANSIENT_S)
             await error_response(err, path, {"Connection": "close"})(scope, receive, send)
             return
         if scope["method"] not in _BODY_METHODS:

@@ -14,7 +14,7 @@ from typing import Any
 
 from model.fetch import DEFAULT_MODEL
 from server.config import ServerConfig
-from server.http_errors import ApiError
+from server.http_errors import TRANSIENT_S, ApiError
 from server.metrics import ServerMetrics
 
 logger = logging.getLogger("gqa_serve.server")
@@ -109,12 +109,12 @@ class ServerState:
             stall = self.stall()
             if stall is None:
                 return
-            raise ApiError("unavailable", stall)
+            raise ApiError("unavailable", stall, retry_after_s=TRANSIENT_S)
         if self.phase is Phase.LOADING:
-            raise ApiError("unavailable", "model: still loading, retry shortly")
+            raise ApiError("unavailable", "model: still loading, retry shortly", retry_after_s=TRANSIENT_S)
         if self.phase is Phase.FAILED:
             raise ApiError("unavailable", f"model: failed to load ({self.load_error})")
-        raise ApiError("unavailable", "server: shutting down, not admitting new requests")
+        raise ApiError("unavailable", "server: shutting down, not admitting new requests", retry_after_s=TRANSIENT_S)
 
     # facts -----------------------------------------------------------------------------------------------
     @property

@@ -116,7 +116,9 @@ class HermesParser(_CallsAfterMarker):
             calls.append(call)
             i = skip_space(text, i)
             if text.startswith(self.END, i):
-                i = skip_space(text, i + len(self.END))
+                i = len(text) - len(text[i + len(self.END):].lstrip())  # any whitespace, as str.strip()
+            elif i < len(text):  # only the last block may lack its END (cut at eos)
+                return None
         return ParsedReply(text[:start].strip() or None, calls)
 
 

@@ -144,7 +144,8 @@ def stream_in_a_thread(url: str, max_new_tokens: int) -> tuple[threading.Thread,
     started = threading.Event()
 
     def stream() -> None:
-        body = {"inputs": "ROMEO:", "parameters": {"max_new_tokens": max_new_tokens, "temperature": 0}}
+        body = {"inputs": "ROMEO:", "parameters": {"max_new_tokens": max_new_tokens, "temperature": 0,
+                                                  "details": True}}
         with httpx.stream("POST", url + "/generate_stream", json=body, timeout=120) as r:
             for line in r.iter_lines():
                 if line.startswith("data:"):

@@ -321,3 +321,5 @@ def test_token_bytes_rebuild_the_text_where_decoding_tokens_alone_gives_replacem
     assert all(tok.token_bytes(i).decode().strip() == tok.decode([i]).strip() for i in whole)
     special = tok.all_special_ids
     assert all(tok.token_bytes(i) == tok.decode([i], skip_special_tokens=False).encode() for i in special)
+    past = tok.vocab_size + 3  # a model's padded vocabulary (Qwen2.5: 151,936 rows, 151,665 tokens) can
+    assert tok.token_bytes(past) == tok.decode([past]).encode() == b""  # sample these: no text, no error

@@ -45,6 +45,9 @@ def test_hermes_reads_a_closing_tag_inside_an_argument_string_as_part_of_the_arg
     assert [(n, json.loads(a)) for n, a in got.calls] == [("get_time", {"note": "ends with </tool_call> here"}),
                                                           ("get_weather", {"city": "Paris"})]
     assert got.content == "Sure."
+    # between and after the blocks any whitespace, as before; a block's END is missing only at the very end
+    assert len(HermesParser().parse(CALL_W + "\u00a0" + CALL_T + "\u3000", NAMES).calls) == 2
+    assert HermesParser().parse(CALL_W.removesuffix("</tool_call>") + CALL_T, NAMES) is None
 
 
 @pytest.mark.parametrize("text", [
