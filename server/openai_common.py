@@ -113,12 +113,8 @@ def _grammar(req: SamplingFields) -> dict | None:
 
 
 def token_bytes(state: ServerState, token_id: int) -> bytes:
-    """The bytes the token stands for (model/token_bytes.py), part of a character for a byte token; a
-    tokenizer that cannot tell gives its decode's (U+FFFD for such a token)."""
-    tok = state.engine.tokenizer
-    if hasattr(tok, "token_bytes"):
-        return tok.token_bytes(token_id)
-    return tok.decode([token_id], skip_special_tokens=False).encode()
+    """The bytes the token stands for (model/token_bytes.py), part of a character for a byte token."""
+    return state.engine.tokenizer.token_bytes(token_id)
 
 
 def token_str(state: ServerState, token_id: int) -> str:

@@ -52,6 +52,9 @@ class FakeTokenizer:
     def id_to_piece(self, token_id: int) -> str:
         return SPECIALS[token_id] if token_id in SPECIALS else bytes([token_id - 3]).decode("latin-1")
 
+    def token_bytes(self, token_id: int) -> bytes:
+        return SPECIALS[token_id].encode() if token_id in SPECIALS else bytes([token_id - 3])
+
     def encode_script(self, text: str) -> list[int]:
         """A SAY<<text>> script's ids: its bytes, each "[TOOL_CALLS]" as that special token."""
         ids = []
