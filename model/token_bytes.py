@@ -50,9 +50,10 @@ def piece_decoder(backend_json: str) -> Callable[[str], bytes] | None:
     return None
 
 
-def token_string(raw: bytes) -> str:
-    """A token's text, or OpenAI's spelling of bytes that are not whole UTF-8 characters: "bytes:\\xf0\\x9f"."""
+def token_string(raw: bytes, prefix: str = "") -> str:
+    """A token's text, or bytes that are not whole UTF-8 characters escaped, "\\xf0\\x9f", as OpenAI's and
+    DeepSeek's chat logprobs spell them (OpenAI's legacy completions put prefix "bytes:" before them)."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
-        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        return prefix + "".join(f"\\x{b:02x}" for b in raw)

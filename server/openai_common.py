@@ -118,9 +118,9 @@ def token_bytes(state: ServerState, token_id: int) -> bytes:
 
 
 def token_str(state: ServerState, token_id: int) -> str:
-    """A logprob entry's token: its text, or "bytes:\\xf0\\x9f" for part of a character, as OpenAI writes it
-    (one U+FFFD for each would merge different tokens into one top_logprobs key)."""
-    return token_string(token_bytes(state, token_id))
+    """A /v1/completions logprob token: its text, or "bytes:\\xf0\\x9f" for part of a character, as OpenAI's
+    completions write it (one U+FFFD for each would merge different tokens into one top_logprobs key)."""
+    return token_string(token_bytes(state, token_id), prefix="bytes:")
 
 
 def logprob_value(value: float) -> float:

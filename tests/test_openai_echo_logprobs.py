@@ -130,8 +130,9 @@ def test_echo_alone_has_no_logprobs_and_logprobs_alone_no_prompt(server):
 
 def test_byte_tokens_report_their_own_bytes_and_are_spelled_as_openai_does(server):
     """A character split over byte tokens: each token's `bytes` are its own (joined, the text), and its
-    token string is OpenAI's "bytes:\\xe2\\x98" spelling. Both used to be U+FFFD's, so `bytes` could not
-    rebuild the content and top_logprobs merged different byte tokens into one "\ufffd" key."""
+    token string is spelled "\\xe2\\x98" (chat: OpenAI's and DeepSeek's) or "bytes:\\xe2\\x98" (completions).
+    Both used to be U+FFFD's, so `bytes` could not rebuild the content and top_logprobs merged different
+    byte tokens into one "\ufffd" key."""
     from types import SimpleNamespace
 
     from server.api_openai import _chat_logprobs
@@ -144,8 +145,8 @@ def test_byte_tokens_report_their_own_bytes_and_are_spelled_as_openai_does(serve
     lps = [TokenLogprob(t, -1.0, tuple((s, -2.0 - k) for k, s in enumerate(split))) for t in ids]
     content = _chat_logprobs(SimpleNamespace(engine=SimpleNamespace(tokenizer=tok)), ids, lps).content
     assert b"".join(bytes(e.bytes) for e in content).decode() == text
-    assert all(e.token.startswith("bytes:\\x") for e, t in zip(content, ids) if t in split)
-    want = ["bytes:" + "".join(f"\\x{b:02x}" for b in tok.token_bytes(s)) for s in split]
+    assert all(e.token.startswith("\\x") for e, t in zip(content, ids) if t in split)
+    want = ["".join(f"\\x{b:02x}" for b in tok.token_bytes(s)) for s in split]
     assert [t.token for t in content[0].top_logprobs] == want
     # completions: echo shows the prompt's byte tokens so, and their top_logprobs keys stay apart
     choice = complete(server, prompt=text, logprobs=5, echo=True)["choices"][0]
