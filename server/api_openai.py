@@ -126,7 +126,6 @@ async def completions(state: ServerState, request: Request, req: CompletionReque
 def _chat_prompt(state: ServerState, req: ChatCompletionRequest) -> tuple[str, list[int]]:
     refusals = (("chat_template", req.chat_template is not None, "custom chat templates are not accepted; "
                                                                  "the model's own template is used"),
-                ("chat_template_kwargs", bool(req.chat_template_kwargs), "not supported"),
                 ("top_logprobs", req.top_logprobs is not None and not req.logprobs, "requires logprobs=true"))
     for name, bad, why in refusals:
         if bad:
@@ -138,7 +137,13 @@ def _chat_prompt(state: ServerState, req: ChatCompletionRequest) -> tuple[str, l
                  **{k: v for k, v in (("tool_calls", m.tool_calls), ("tool_call_id", m.tool_call_id),
                                       ("reasoning_content", m.reasoning_content or m.reasoning)) if v}}
                 for m in req.messages]
-    extra = {"tools": [t.model_dump(exclude_none=True) for t in req.tools]} if req.tools else {}
+    extra = dict(req.chat_template_kwargs or {})  # template variables (Qwen3's enable_thinking, ...)
+    reserved = sorted(set(extra) & {"messages", "tools", "add_generation_prompt"})
+    if reserved:
+        raise ApiError("validation", f"chat_template_kwargs.{reserved[0]}: set by the request's own field, not "
+                                     "here", f"chat_template_kwargs.{reserved[0]}")
+    if req.tools:
+        extra["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
     limit = state.prompt_char_limit
     if sum(len(m["content"]) + len(m.get("reasoning_content", "")) for m in messages) > limit:
         raise ApiError("validation", f"messages: over the limit of {limit:,} characters (max_prompt_chars)",

@@ -141,5 +141,6 @@ class ChatCompletionRequest(SamplingFields):
     safety_identifier: Text | None = Field(None, description="accepted, as user")
     modalities: list[Literal["text"]] | None = Field(None, description="text only")
     chat_template: Text | None = Field(None, description="refused: the model's own template is used")
-    chat_template_kwargs: dict[str, Any] | None = Field(None, description="refused")
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="more variables for the chat "
+                                                        "template, e.g. {\"enable_thinking\": false} (Qwen3)")
     add_generation_prompt: bool | None = True

@@ -329,11 +329,12 @@ def test_the_reasoning_parser_setting():
 
 
 class RecordingTokenizer(FakeTokenizer):
-    """The fake tokenizer, keeping the messages its chat template was given."""
+    """The fake tokenizer, keeping the messages and other variables its chat template was given."""
     seen: list[dict] = []
+    variables: dict = {}
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, **extra) -> str:
-        self.seen = messages
+        self.seen, self.variables = messages, extra
         return super().apply_chat_template(messages, add_generation_prompt, **extra)
 
 
@@ -366,3 +367,16 @@ def test_the_thinking_is_also_under_vllms_name_reasoning(client, stream):
         deltas = [json.loads(r.http_response.text)["choices"][0]["message"]]
     assert all(d["reasoning"] == d["reasoning_content"] for d in deltas)
     assert "".join(d["reasoning"] or "" for d in deltas) == "Hm."
+
+
+def test_chat_template_kwargs_reach_the_template():
+    """Qwen3's templates turn thinking off with chat_template_kwargs {"enable_thinking": false}, as vLLM
+    passes them; they were refused. The request's own fields cannot be overridden through them."""
+    tok = RecordingTokenizer()
+    with serve(tok) as s:
+        body = {"messages": say("ok"), "max_tokens": 2, "chat_template_kwargs": {"enable_thinking": False}}
+        assert httpx.post(s.url + "/v1/chat/completions", json=body).status_code == 200
+        assert tok.variables == {"enable_thinking": False}
+        body["chat_template_kwargs"] = {"add_generation_prompt": False}
+        r = httpx.post(s.url + "/v1/chat/completions", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs.add_generation_prompt"
