@@ -144,6 +144,8 @@ def _chat_prompt(state: ServerState, req: ChatCompletionRequest) -> tuple[str, l
                                      "here", f"chat_template_kwargs.{reserved[0]}")
     if req.tools:
         extra["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
+    if req.reasoning_effort is not None:
+        extra["reasoning_effort"] = req.reasoning_effort
     limit = state.prompt_char_limit
     if sum(len(m["content"]) + len(m.get("reasoning_content", "")) for m in messages) > limit:
         raise ApiError("validation", f"messages: over the limit of {limit:,} characters (max_prompt_chars)",

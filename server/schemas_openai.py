@@ -137,6 +137,8 @@ class ChatCompletionRequest(SamplingFields):
     store: bool | None = None
     metadata: dict[str, Text] | None = None
     service_tier: Text | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = Field(
+        None, description="to the chat template as the variable reasoning_effort (gpt-oss's templates read it)")
     prompt_cache_key: Text | None = Field(None, description="accepted; the prefix cache needs no key")
     safety_identifier: Text | None = Field(None, description="accepted, as user")
     modalities: list[Literal["text"]] | None = Field(None, description="text only")

@@ -377,6 +377,9 @@ def test_chat_template_kwargs_reach_the_template():
         body = {"messages": say("ok"), "max_tokens": 2, "chat_template_kwargs": {"enable_thinking": False}}
         assert httpx.post(s.url + "/v1/chat/completions", json=body).status_code == 200
         assert tok.variables == {"enable_thinking": False}
+        body["reasoning_effort"] = "low"  # a template variable too, as gpt-oss's templates read it
+        assert httpx.post(s.url + "/v1/chat/completions", json=body).status_code == 200
+        assert tok.variables == {"enable_thinking": False, "reasoning_effort": "low"}
         body["chat_template_kwargs"] = {"add_generation_prompt": False}
         r = httpx.post(s.url + "/v1/chat/completions", json=body)
         assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs.add_generation_prompt"
