@@ -54,6 +54,7 @@ class Tokenizer:
             i for i in (backend.token_to_id(t) for t in specials) if i is not None)
         self._added = frozenset(backend.get_added_tokens_decoder())  # ids of tokens that are their text
         self._piece_bytes = piece_decoder(backend.to_str())
+        self._token_bytes: dict[int, bytes] = {}  # memo: logprobs ask for the same tokens step after step
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> "Tokenizer":
@@ -109,10 +110,15 @@ class Tokenizer:
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes the token stands for (model/token_bytes.py): part of a character for a byte token."""
-        piece = self._backend.id_to_token(token_id)  # None past the tokenizer: a model's padded vocabulary
-        if self._piece_bytes is None or piece is None or token_id in self._added:
-            return self._backend.decode([token_id], skip_special_tokens=False).encode()
-        return self._piece_bytes(piece)
+        raw = self._token_bytes.get(token_id)
+        if raw is None:
+            piece = self._backend.id_to_token(token_id)  # None past the tokenizer: a model's padded vocabulary
+            if self._piece_bytes is None or piece is None or token_id in self._added:
+                raw = self._backend.decode([token_id], skip_special_tokens=False).encode()
+            else:
+                raw = self._piece_bytes(piece)
+            self._token_bytes[token_id] = raw
+        return raw
 
     def id_to_piece(self, token_id: int) -> str:
         piece = self._backend.id_to_token(token_id)

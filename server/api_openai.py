@@ -15,7 +15,7 @@ from server.generation import (ClientDisconnected, Collected, check_token_ids, c
                                encode_prompt, new_request_id, submit_all, unless_disconnected)
 from server.http_errors import ApiError
 from server.openai_common import (ADMISSION_NAMES, check_common, continuous_usage, finish_reason, logprob_value,
-                                  now_s, sampling_params, sse_choices, token_bytes, usage)
+                                  now_s, sampling_params, sse_choices, usage)
 from server.outputs import RequestOutput, TokenLogprob
 from server.reasoning_parsers import ReasoningStream, applies as reasoning_applies
 from server.schemas_openai import ChatCompletionRequest, CompletionRequest
@@ -160,7 +160,7 @@ def _chat_prompt(state: ServerState, req: ChatCompletionRequest) -> tuple[str, l
 
 def _chat_logprobs(state: ServerState, token_ids: list[int], lps: list[TokenLogprob]) -> ChatLogprobs:
     def entry(tid: int, value: float) -> TopLogprob:
-        raw = token_bytes(state, tid)  # the token's own bytes: joined, they rebuild the content
+        raw = state.engine.tokenizer.token_bytes(tid)  # the token's own bytes: joined, they rebuild the content
         return TopLogprob(token=token_string(raw), logprob=logprob_value(value), bytes=list(raw))
 
     content = []

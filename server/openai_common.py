@@ -112,15 +112,10 @@ def _grammar(req: SamplingFields) -> dict | None:
     return {"type": "json", "value": json.dumps(fmt.json_schema.schema_ or {"type": "object"})}
 
 
-def token_bytes(state: ServerState, token_id: int) -> bytes:
-    """The bytes the token stands for (model/token_bytes.py), part of a character for a byte token."""
-    return state.engine.tokenizer.token_bytes(token_id)
-
-
 def token_str(state: ServerState, token_id: int) -> str:
     """A /v1/completions logprob token: its text, or "bytes:\\xf0\\x9f" for part of a character, as OpenAI's
     completions write it (one U+FFFD for each would merge different tokens into one top_logprobs key)."""
-    return token_string(token_bytes(state, token_id), prefix="bytes:")
+    return token_string(state.engine.tokenizer.token_bytes(token_id), prefix="bytes:")
 
 
 def logprob_value(value: float) -> float:
