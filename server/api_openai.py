@@ -12,12 +12,13 @@ from fastapi.responses import JSONResponse, Response
 from model.token_bytes import token_string
 from server.completion_logprobs import CompletionPrompt, generated_logprobs, joined, prompt_logprobs
 from server.generation import (ClientDisconnected, Collected, check_token_ids, collect_all, delta_texts,
-                               encode_prompt, new_request_id, submit_all, unless_disconnected)
+                               encode_prompt, submit_all, unless_disconnected)
 from server.http_errors import ApiError
 from server.openai_common import (ADMISSION_NAMES, check_common, continuous_usage, finish_reason, logprob_value,
                                   now_s, sampling_params, sse_choices, usage)
 from server.outputs import RequestOutput, TokenLogprob
 from server.reasoning_parsers import ReasoningStream, applies as reasoning_applies
+from server.request_log import engine_ids, response_id
 from server.schemas_openai import ChatCompletionRequest, CompletionRequest
 from server.schemas_openai_out import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse,
                                        ChatDelta, ChatLogprobs, ChatTokenLogprob,
@@ -65,16 +66,17 @@ async def completions(state: ServerState, request: Request, req: CompletionReque
     check_common(state, req, n * len(prompts))
     # echo with logprobs covers the prompt's tokens too, which the engine then scores
     echo_logprobs = bool(req.echo) and req.logprobs is not None
+    rid, created, model = response_id(request, "cmpl"), now_s(), state.model_name
+    job_ids = iter(engine_ids(rid, n * len(prompts)))
     jobs, prompt_of = [], []
     for prompt in prompts:
         for i in range(n):
             params = sampling_params(state, req, len(prompt.token_ids), max_tokens=req.max_tokens,
                                      max_tokens_field="max_tokens", logprobs=req.logprobs,
                                      logprobs_field="logprobs", choice=i, prompt_logprobs=echo_logprobs)
-            jobs.append((new_request_id("cmpl"), prompt.token_ids, params))
+            jobs.append((next(job_ids), prompt.token_ids, params))
             prompt_of.append(prompt)
     echo = [p.text if req.echo else "" for p in prompt_of]
-    rid, created, model = new_request_id("cmpl"), now_s(), state.model_name
     prompt_tokens = sum(len(p.token_ids) for p in prompts)
     streams = submit_all(state, jobs, ADMISSION_NAMES)
 
@@ -188,11 +190,11 @@ async def chat_completions(state: ServerState, request: Request, req: ChatComple
     def reply() -> ChoiceReply:
         return ChoiceReply(req, calls is not None, parser,
                            ReasoningStream(state.reasoning_parser, prompt) if thinks else None)
-    jobs = [(new_request_id("chatcmpl"), ids,
+    rid, created, model = response_id(request, "chatcmpl"), now_s(), state.model_name
+    jobs = [(job_id, ids,
              sampling_params(state, req, len(ids), max_tokens=max_tokens, max_tokens_field=field,
                              logprobs=logprobs, logprobs_field="top_logprobs", choice=i, grammar=calls))
-            for i in range(n)]
-    rid, created, model = new_request_id("chatcmpl"), now_s(), state.model_name
+            for i, job_id in enumerate(engine_ids(rid, n))]
     streams = submit_all(state, jobs, ADMISSION_NAMES if calls is None else {"grammar": tool_schema_field(req)})
 
     if req.stream:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -16,17 +17,18 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from server.generation import (ClientDisconnected, Collected, collect_all, delta_texts, encode_prompt,
-                               check_prompt_length, new_request_id, resolve_max_new_tokens, submit, submit_all,
+                               check_prompt_length, resolve_max_new_tokens, submit, submit_all,
                                unless_disconnected, build_params)
 from server.http_errors import ApiError, error_json, failure_error
 from server.outputs import RequestOutput
+from server.request_log import engine_ids, response_id
 from server.sampling_params import SamplingParams
 from server.schema_common import finite_logprob
 from server.schemas_tgi import (CompatGenerateRequest, Details, ErrorResponse, GenerateParameters,
                                 GenerateRequest, GenerateResponse, PrefillToken, StreamDetails, StreamResponse,
                                 Token)
 from server.sse import EventStreamResponse, sse_data
-from server.state import ServerState
+from server.state import ServerState, resolved_setting
 
 DEFAULT_MAX_NEW_TOKENS = 100
 FINISH_REASON = {"length": "length", "eos_token": "eos_token", "stop": "stop_sequence"}
@@ -132,15 +134,39 @@ async def generate(state: ServerState, request: Request, body: GenerateRequest, 
         raise ApiError("validation", f"inputs: {len(prompts)} prompts, more than the limit of "
                                      f"{state.config.max_choices} (max_choices)", "inputs")
     state.require_ready()
+    start = time.monotonic()
     preps = [prepare(state, text, p, want_logprobs=bool(p.details),
                      field="inputs" if len(prompts) == 1 else f"inputs.{i}") for i, text in enumerate(prompts)]
-    streams = submit_all(state, [(new_request_id("tgi"), x.prompt_ids, x.params) for x in preps], _NAMES)
+    job_ids = engine_ids(response_id(request, "tgi"), len(preps))
+    streams = submit_all(state, [(job_id, x.prompt_ids, x.params) for job_id, x in zip(job_ids, preps)], _NAMES)
+    submitted = time.monotonic()
     try:
         results = await unless_disconnected(request, collect_all(streams))
     except ClientDisconnected:
         return Response(status_code=499)
     out = [build_response(state, x, got, p).model_dump() for x, got in zip(preps, results)]
-    return JSONResponse(out if as_list or isinstance(body.inputs, list) else out[0])
+    return JSONResponse(out if as_list or isinstance(body.inputs, list) else out[0],
+                        headers=timing_headers(state, preps, results, start, submitted))
+
+
+def timing_headers(state: ServerState, preps: list[Prepared], results: list[Collected], start: float,
+                   submitted: float) -> dict[str, str]:
+    """TGI's timing headers on /generate, in its units (milliseconds, truncated; x-compute-time in seconds):
+    validation is tokenizing and checking, queue the engine's wait before first scheduling, inference the
+    rest. The prompts of a list decode together: the longest queue time counts, and time per token is over
+    the longest output."""
+    total, validation = time.monotonic() - start, submitted - start
+    queue = max(got.queue_time or 0.0 for got in results)
+    inference = max(0.0, total - validation - queue)
+    generated = [len(got.token_ids) for got in results]
+
+    def ms(seconds: float) -> str:
+        return str(int(1000 * seconds))
+    return {"x-compute-type": resolved_setting(state.engine, "device").split(":")[0],
+            "x-compute-time": f"{total:.6f}", "x-compute-characters": str(sum(len(x.prompt) for x in preps)),
+            "x-total-time": ms(total), "x-validation-time": ms(validation), "x-queue-time": ms(queue),
+            "x-inference-time": ms(inference), "x-time-per-token": ms(inference / max(1, *generated)),
+            "x-prompt-tokens": str(sum(len(x.prompt_ids) for x in preps)), "x-generated-tokens": str(sum(generated))}
 
 
 async def _events(state: ServerState, prep: Prepared, stream: AsyncIterator[RequestOutput],
@@ -178,12 +204,12 @@ async def _events(state: ServerState, prep: Prepared, stream: AsyncIterator[Requ
         yield sse_data(error_json(ApiError("generation", f"generation failed: {type(exc).__name__}"), False))
 
 
-async def generate_stream(state: ServerState, body: GenerateRequest) -> Response:
+async def generate_stream(state: ServerState, request: Request, body: GenerateRequest) -> Response:
     if isinstance(body.inputs, list):
         raise ApiError("validation", "inputs: must be a single string when streaming", "inputs")
     state.require_ready()
     prep = prepare(state, body.inputs, body.parameters, want_logprobs=True)
-    request_id = new_request_id("tgi")
+    request_id = engine_ids(response_id(request, "tgi"), 1)[0]
     stream = submit(state, prep.prompt_ids, prep.params, request_id, _NAMES)
     return EventStreamResponse(_events(state, prep, stream, body.parameters),
                                more_ready=lambda: state.engine.outputs_ready([request_id]))
@@ -200,7 +226,7 @@ def tgi_router() -> APIRouter:
 
     @router.post("/generate_stream", responses={**_ERRORS, **sse_doc})
     async def generate_stream_route(request: Request, body: GenerateRequest) -> Response:
-        return await generate_stream(request.app.state.server, body)
+        return await generate_stream(request.app.state.server, request, body)
 
     @router.post("/", response_model=list[GenerateResponse], responses=_ERRORS)
     async def compat_route(request: Request, body: CompatGenerateRequest) -> Response:
@@ -208,7 +234,7 @@ def tgi_router() -> APIRouter:
         answers it: text_generation.Client.generate reads the list's first item)."""
         state = request.app.state.server
         if body.stream:
-            return await generate_stream(state, body)
+            return await generate_stream(state, request, body)
         return await generate(state, request, body, as_list=True)
 
     return router

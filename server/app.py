@@ -2,9 +2,9 @@
 
 Nothing here is module-level state: every app gets its own ServerState (engine, settings, metrics
 registry, lifecycle). At startup the model loads on a background thread, so /health answers (503) at once;
-at shutdown the engine is stopped. Middleware order, outermost first: the response counter (/metrics'
-route x status), CORS (only when origins are configured), the gate (auth, drain refusal, body size), then
-the routes.
+at shutdown the engine is stopped. Middleware order, outermost first: the request id (X-Request-Id), the
+response counter (/metrics' route x status), CORS (only when origins are configured), the gate (auth, drain
+refusal, body size), then the routes.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from server.api_tgi import tgi_router
 from server.config import ServerConfig
 from server.explain_api import create_explain_disabled_router, create_explain_router
 from server.http_errors import install_error_handlers
-from server.middleware import GateMiddleware, ResponseCountMiddleware
+from server.middleware import GateMiddleware, RequestIdMiddleware, ResponseCountMiddleware
 from server.state import ServerState
 
 logger = logging.getLogger("gqa_serve.server")
@@ -58,9 +58,11 @@ def create_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
     if state.config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(state.config.cors_origins),
                            allow_methods=["GET", "POST", "OPTIONS"],
-                           allow_headers=["Authorization", "Content-Type"])
+                           allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+                           expose_headers=["X-Request-Id"])
     app.add_middleware(ResponseCountMiddleware, state=state,
                        route_paths=frozenset(route.path for router in routers for route in router.routes))
+    app.add_middleware(RequestIdMiddleware)
     return app
 
 

@@ -65,6 +65,8 @@ class ServerConfig(Settings):
                                                                  "before tokenizing (default: 16 x max_model_len)")
     max_choices: int = Field(16, ge=1, le=128, description="largest n (OpenAI) / batch size (TGI list inputs)")
     stats_log_interval_s: float = Field(10.0, ge=0.0, description="seconds between stats log lines; 0: off")
+    log_requests: bool = Field(True, description="one log line per request as it ends: its id, finish reason, "
+                                                 "tokens, queue time, TTFT, end-to-end time, time per token")
     drain_timeout_s: float = Field(30.0, ge=0.0, description="on SIGTERM, how long running requests may finish")
     engine_stall_timeout_s: float = Field(
         120.0, ge=0.0, description="with requests in flight and no engine step finished for this long, /health "

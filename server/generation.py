@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-import uuid
 from contextlib import aclosing
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, field
@@ -21,14 +20,11 @@ from pydantic import ValidationError
 
 from server.http_errors import ApiError, failure_error
 from server.outputs import AdmissionError, EngineDeadError, OverloadedError, RequestOutput, TokenLogprob
+from server.request_log import log_ended
 from server.sampling_params import SamplingParams
 from server.state import Phase, ServerState
 
 T = TypeVar("T")
-
-
-def new_request_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
 
 
 # prompt checks -------------------------------------------------------------------------------------------
@@ -140,11 +136,11 @@ def submit_all(state: ServerState, jobs: list[tuple[str, list[int], SamplingPara
 async def _tracked(state: ServerState, request_id: str, stream: AsyncIterator[RequestOutput],
                    arrival: float, names: Mapping[str, str] | None = None) -> AsyncIterator[RequestOutput]:
     m = state.metrics
-    last_token_time: float | None = None
+    first_token_at = last_token_time = queue_time = None  # monotonic times; seconds
     # the tokens of one engine step (several with speculative decoding, each its own output) share the gap
     # since the previous step: k tokens give k samples of gap / k
     step, step_tokens, step_gap = None, 0, 0.0
-    finished = False
+    final, output_tokens = None, 0  # the last output once it came
 
     def observe_step() -> None:
         for _ in range(step_tokens):
@@ -154,32 +150,36 @@ async def _tracked(state: ServerState, request_id: str, stream: AsyncIterator[Re
         async for out in stream:
             now = time.monotonic()
             n = len(out.new_token_ids)
+            output_tokens += n
             if n:
                 if last_token_time is None:
                     m.time_to_first_token.observe(now - arrival)
-                    queue_time = out.queue_time
-                    m.request_queue_time.observe(queue_time if queue_time is not None else now - arrival)
-                    step, last_token_time = out.step_time, now
+                    queue_time = out.queue_time if out.queue_time is not None else now - arrival
+                    m.request_queue_time.observe(queue_time)
+                    step, last_token_time, first_token_at = out.step_time, now, now
                 elif out.step_time is not None and out.step_time == step:
                     step_tokens += n
                 else:
                     observe_step()
                     step, step_tokens, step_gap, last_token_time = out.step_time, n, now - last_token_time, now
             if out.finished:
-                finished = True
+                final = out
                 observe_step()
                 if out.error_field is not None:  # the engine's name for the field -> the API's
                     out = out._replace(error_field=(names or {}).get(out.error_field, out.error_field))
                 m.e2e_request_latency.observe(now - arrival)
                 m.request_success.labels(out.finish_reason or "unknown").inc()
             yield out
-            if finished:
+            if final is not None:
                 return
     finally:
-        if not finished:
+        if final is None:
             observe_step()
             state.engine.abort(request_id)
             m.request_success.labels("abort").inc()
+        if state.config.log_requests:
+            log_ended(request_id, final, output_tokens=output_tokens, queue_time=queue_time, arrival=arrival,
+                      first_token_at=first_token_at, now=time.monotonic())
 
 
 _DONE = object()
@@ -231,6 +231,7 @@ class Collected:
     stop_reason: str | int | None = None
     num_prompt_tokens: int = 0
     prompt_logprobs: list[float | None] | None = None
+    queue_time: float | None = None  # seconds from the engine's arrival to first scheduling
 
     def add(self, out: RequestOutput) -> None:
         self.token_ids.extend(out.new_token_ids)
@@ -241,6 +242,7 @@ class Collected:
         self.num_prompt_tokens = out.num_prompt_tokens or self.num_prompt_tokens
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = out.prompt_logprobs
+        self.queue_time = out.queue_time if out.queue_time is not None else self.queue_time
         if out.finished:
             self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
             raise_if_failed(out)

@@ -115,7 +115,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return resp
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s", request.url.path)
+        logger.exception("unhandled error on %s (request %s)", request.url.path,
+                         getattr(request.state, "request_id", None))
         return error_response(ApiError("generation", f"internal error: {type(exc).__name__}"), request.url.path)
 
     app.add_exception_handler(ApiError, on_api_error)

@@ -1,4 +1,5 @@
-"""The gate in front of every route: bearer auth, drain refusal, request-body size limit.
+"""The gate in front of every route (bearer auth, drain refusal, request-body size limit), the request id,
+and the response counter.
 
 A plain ASGI middleware (not BaseHTTPMiddleware) so `receive` keeps delivering http.disconnect to the
 handlers behind it. The body is read here, up to max_payload_bytes, and replayed to the app: a declared
@@ -7,6 +8,8 @@ Content-Length over the limit is refused before reading, a chunked body as soon 
 from __future__ import annotations
 
 import hmac
+import re
+import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -14,6 +17,10 @@ from server.http_errors import TRANSIENT_S, ApiError, error_response
 from server.state import Phase, ServerState
 
 OPEN_PATHS = frozenset({"/health", "/metrics"})
+REQUEST_ID_HEADER = b"x-request-id"
+# a client's (or a proxy's) id is kept when it is 1-128 visible ASCII characters, so it is safe in a log line
+# and a header; any other value is replaced, as Heroku's router and Rails do, rather than failing the request
+_CLIENT_ID = re.compile(rb"[\x21-\x7e]{1,128}")
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
@@ -102,6 +109,37 @@ class GateMiddleware:
             return await receive()
 
         return replay
+
+
+def request_id(scope: Scope) -> str | None:
+    """The id RequestIdMiddleware gave this request (None outside it: an app without the middleware)."""
+    return scope.get("state", {}).get("request_id")
+
+
+class RequestIdMiddleware:
+    """Outermost: every request gets an id, the client's X-Request-Id when it sent a usable one, else a new
+    uuid4 hex. The routes build their response and engine ids from it and the request log line names it, so
+    one grep follows a request from the proxy through our logs; the response carries it back as X-Request-Id
+    (as OpenAI's API and vLLM's --enable-request-id-headers do), errors and the gate's refusals included."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        sent = _header(scope, REQUEST_ID_HEADER)
+        rid = sent.decode("ascii") if sent is not None and _CLIENT_ID.fullmatch(sent) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != REQUEST_ID_HEADER]
+                message = {**message, "headers": [*headers, (REQUEST_ID_HEADER, rid.encode("ascii"))]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 class ResponseCountMiddleware:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import socket
@@ -204,3 +205,16 @@ def test_requests_a_drain_cannot_wait_for_are_answered_not_cut(tiny_llama_dir, h
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_the_real_engine_reports_queue_time_in_the_log_line_and_tgis_headers(server, caplog):
+    caplog.set_level(logging.INFO, logger="gqa_serve.requests")
+    r = httpx.post(server.url + "/generate", json=greedy("To be or not", 6), headers={"X-Request-Id": "e2e-q"},
+                   timeout=60)
+    assert r.status_code == 200 and r.headers["x-request-id"] == "e2e-q"
+    assert int(r.headers["x-generated-tokens"]) == r.json()["details"]["generated_tokens"] == 6
+    assert int(r.headers["x-queue-time"]) >= 0 and r.headers["x-compute-type"] == "cpu"
+    [line] = [x.getMessage() for x in caplog.records if "e2e-q" in x.getMessage()]
+    fields = dict(pair.split("=", 1) for pair in line.split()[2:])
+    assert fields["finish"] == "length" and fields["output_tokens"] == "6"
+    assert 0 <= float(fields["queue_s"]) <= float(fields["ttft_s"]) <= float(fields["e2e_s"])
