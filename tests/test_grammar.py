@@ -132,12 +132,13 @@ def test_a_grammar_that_fails_midway_is_a_4xx_naming_the_routes_field():
     import asyncio
     import types
 
+    from server.config import ServerConfig
     from server.generation import _tracked
     from server.http_errors import error_status, failure_error
     from server.metrics import ServerMetrics
     from server.outputs import RequestOutput
 
-    state = types.SimpleNamespace(metrics=ServerMetrics(lambda: None),
+    state = types.SimpleNamespace(metrics=ServerMetrics(lambda: None), config=ServerConfig(),
                                   engine=types.SimpleNamespace(abort=lambda request_id: None))
     failed = RequestOutput("r", [], "", True, "error", error="GrammarFailed: the grammar refused token 7",
                            error_field="grammar")

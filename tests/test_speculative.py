@@ -528,6 +528,7 @@ def test_a_steps_kept_drafts_share_its_step_time_and_its_inter_token_gap(spec):
     import asyncio
     import types
 
+    from server.config import ServerConfig
     from server.generation import _tracked
     from server.metrics import ServerMetrics
     from server.outputs import RequestOutput
@@ -543,7 +544,8 @@ def test_a_steps_kept_drafts_share_its_step_time_and_its_inter_token_gap(spec):
     assert most > 1  # a request kept drafts: several outputs of one step
 
     metrics = ServerMetrics(lambda: None)
-    state = types.SimpleNamespace(metrics=metrics, engine=types.SimpleNamespace(abort=lambda request_id: None))
+    state = types.SimpleNamespace(metrics=metrics, engine=types.SimpleNamespace(abort=lambda request_id: None),
+                                  config=ServerConfig())
     steps = [[1], [2, 3, 4], [5]]  # the tokens each step made; 30 ms between steps
 
     async def stream():
