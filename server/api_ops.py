@@ -60,6 +60,7 @@ def info_payload(state: ServerState) -> dict:
         "limits": {"max_num_seqs": ec.max_num_seqs, "max_num_batched_tokens": ec.max_num_batched_tokens,
                    "max_waiting_requests": ec.max_waiting_requests, "max_payload_bytes": cfg.max_payload_bytes,
                    "max_prompt_chars": state.prompt_char_limit, "max_choices": cfg.max_choices},
+        "scheduling_policy": ec.scheduling_policy,
         "speculative": {"method": "ngram", "num_speculative_tokens": ec.num_speculative_tokens,
                         "prompt_lookup_max": ec.prompt_lookup_max, "prompt_lookup_min": ec.prompt_lookup_min,
                         "disable_by_batch_size": ec.speculative_disable_by_batch_size,

@@ -18,7 +18,8 @@ from server.admission import check_request, token_ids_within
 from server.grammar import GrammarCompiler, GrammarFailed
 from server.outputs import AdmissionError, EngineCounters, OverloadedError, RequestOutput, TokenLogprob
 from server.sampling_params import SamplingParams
-from server.scheduler import Scheduler, SchedulerOutput
+from server.scheduler import Scheduler
+from server.scheduler_output import SchedulerOutput
 from server.sequence import Sequence
 from server.speculative import DraftRow, make_proposer, record_verified, verified_tokens
 from server.step_results import Forward
@@ -52,7 +53,8 @@ class LLMEngine:
                                         enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.allocator, max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
-                                   max_waiting_requests=config.max_waiting_requests)
+                                   max_waiting_requests=config.max_waiting_requests,
+                                   scheduling_policy=config.scheduling_policy)
         self.counters = EngineCounters()
         self.proposer = make_proposer(config)  # drafts (server/speculative.py), or None
         self._in_flight: _Launched | None = None  # a launched step the host has not seen yet

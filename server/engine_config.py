@@ -73,6 +73,9 @@ class EngineConfig(Settings):
     kv_cache_memory: int = Field(2**30, ge=1, description="KV cache bytes on CPU ('1GiB' accepted)")
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
     max_waiting_requests: int = Field(1024, ge=1, description="queue length beyond which requests are refused")
+    scheduling_policy: Literal["fcfs", "priority"] = Field(
+        "fcfs", description="fcfs: first come, first served; priority: a request's `priority` orders the queue "
+                            "(lower first) and preempts running requests of a lower priority (vLLM's)")
     seed: int = Field(0, ge=0, le=2**64 - 1,  # torch.Generator.manual_seed's range
                       description="seed of the sampler's generator for requests without a seed")
     attention_backend: Literal["auto", "torch", "triton"] = "auto"

@@ -97,7 +97,8 @@ class ProcessEngine(AsyncEngine):
         self._admission = Scheduler(BlockAllocator(self.kv_capacity.num_blocks, self.config.block_size),
                                     max_num_seqs=self.config.max_num_seqs,
                                     max_num_batched_tokens=self.config.max_num_batched_tokens,
-                                    max_model_len=self.max_model_len, max_waiting_requests=1)
+                                    max_model_len=self.max_model_len, max_waiting_requests=1,
+                                    scheduling_policy=self.config.scheduling_policy)
         self._stats, self.child_gc_frozen = facts["stats"], facts["gc_frozen"]
         self._thread = threading.Thread(target=self._receive, name="gqa-engine-outputs", daemon=True)
         self._thread.start()

@@ -22,7 +22,7 @@ from server.cuda_graphs import DecodeGraphRunner, capture_sizes, graph_memory_re
 from server.engine_config import EngineConfig
 from server.prefill_graphs import PrefillGraphRunner, prefill_graph_memory_reserve, token_buckets
 from server.sampling_batch import build_sampling_tensors, only_argmax, profile_sampling_tensors
-from server.scheduler import SchedulerOutput
+from server.scheduler_output import SchedulerOutput
 from server.speculative import sampling_rows
 from server.step_results import Forward, PendingStep
 

@@ -81,7 +81,7 @@ def sampling_params(state: ServerState, req: SamplingFields, prompt_len: int, *,
         seed=seed, max_new_tokens=max_new, min_new_tokens=req.min_tokens or 0, stop=stop,
         stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=bool(req.ignore_eos), logprobs=logprobs,
         skip_special_tokens=req.skip_special_tokens is not False and not _keeps_special_tokens(state, req),
-        prompt_logprobs=prompt_logprobs,
+        prompt_logprobs=prompt_logprobs, priority=req.priority or 0,
         logit_bias=bias, grammar=grammar or _grammar(req))
 
 

@@ -1,4 +1,4 @@
-"""SamplingParams: one request's decoding settings, validated once at the door.
+"""SamplingParams: one request's decoding settings (and its scheduling priority), validated once at the door.
 
 Pydantic so a bad value becomes an error that names its field; the HTTP schemas (TGI, OpenAI) map their
 own fields onto this one model.
@@ -53,6 +53,8 @@ class SamplingParams(BaseModel):
     skip_special_tokens: bool = True
     prompt_logprobs: bool = Field(False, description="the logprob of every prompt token after the first "
                                   "(TGI's decoder_input_details); sent with the first output")
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1, description="with scheduling_policy \"priority\": "
+                          "lower is served first (vLLM's); must be 0 under \"fcfs\"")
 
     @model_validator(mode="after")
     def _check(self) -> "SamplingParams":

@@ -5,98 +5,29 @@ running ones still prefilling) under max_num_batched_tokens and max_num_seqs. De
 partial prefills, then new admissions in FCFS order, so a long prompt is spread over several steps and
 never stalls decoding. When the pool runs dry the most recently admitted running sequence is preempted by
 recompute: its blocks are freed and it rejoins the front of the queue to prefill prompt + output again.
+
+scheduling_policy "priority" (vLLM's): each request's `priority` orders the queue, lower first, FCFS
+within one value; the victim of a preemption is the most recently admitted sequence of the lowest priority
+running; and a waiting request that finds no room (max_num_seqs, or blocks for its first chunk) preempts
+running ones of a strictly lower priority. With every priority equal it schedules exactly as "fcfs".
 """
 from __future__ import annotations
 
+import bisect
 from collections import deque
-from dataclasses import dataclass
-from functools import cached_property
-from typing import NamedTuple
 
 from server.blocks import BlockAllocator
 from server.outputs import AdmissionError, OverloadedError
 from server.sampling_params import SamplingParams
+from server.scheduler_output import ScheduledSeq, SchedulerOutput
 from server.sequence import Sequence, SequenceStatus
-
-
-class ScheduledSeq(NamedTuple):  # a tuple: built for every sequence every step, so cheap to make
-    seq: Sequence
-    num_new_tokens: int      # tokens fed this step, from seq.num_computed_tokens on (its drafts included)
-    is_prefill: bool         # more than the one newest token (a prompt chunk or a recompute)
-    samples: bool            # this step reaches the sequence's end: a token is sampled
-
-
-@dataclass(frozen=True)
-class SchedulerOutput:
-    scheduled: tuple[ScheduledSeq, ...]
-    num_batched_tokens: int
-    preempted: tuple[str, ...] = ()  # request ids preempted while scheduling this step
-    num_draft_tokens: int = 0        # speculative tokens fed after sequences' last ones (server/speculative.py)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
-
-    @cached_property
-    def decode_only(self) -> bool:
-        """Every sequence feeds one token (the shape a captured decode graph takes)."""
-        return bool(self.scheduled) and all(s.num_new_tokens == 1 for s in self.scheduled)
-
-    @cached_property
-    def has_prefill(self) -> bool:
-        """Some sequence is mid-prompt (or recomputing): only then can prompt logprobs be owed."""
-        return any(s.is_prefill for s in self.scheduled)
-
-    def fed_tokens(self) -> tuple[list[list[int]], list[int]]:
-        """Each scheduled sequence's tokens this step (its drafts after its last one: server/speculative.py),
-        and the rows of the flat step whose logits are sampled (a sequence's last token's, then each draft's)."""
-        fed, logits_rows, end = [], [], 0
-        for s in self.scheduled:
-            start, drafts = s.seq.num_computed_tokens, s.seq.draft_token_ids
-            ids = s.seq.token_ids[start:start + s.num_new_tokens]
-            fed.append(ids + drafts if drafts else ids)
-            end += s.num_new_tokens
-            if s.samples:
-                if drafts:
-                    logits_rows.extend(range(end - 1 - len(drafts), end - 1))
-                logits_rows.append(end - 1)
-        return fed, logits_rows
-
-    def prompt_logprob_rows(self) -> tuple[list[int], list[int], list] | None:
-        """(rows of the step's flat batch, the prompt token each row predicts, [(sequence, count)]) for
-        prompt logprobs still owed; None when no sequence in the step owes any. Worked out once per step
-        (ModelRunner.runs_ahead and launch both ask)."""
-        return self._prompt_logprob_rows
-
-    @cached_property
-    def _prompt_logprob_rows(self) -> tuple[list[int], list[int], list] | None:
-        if not self.has_prefill:  # a decode row sits past its prompt (a last 1-token chunk owes nothing)
-            return None
-        rows: list[int] = []
-        targets: list[int] = []
-        owners = []
-        offset = 0
-        for s in self.scheduled:
-            seq = s.seq
-            done = seq.prompt_logprobs
-            if done is not None and len(done) < seq.num_prompt_tokens:
-                start = seq.num_computed_tokens
-                # position p predicts token p + 1: the next owed token is len(done), after a recompute
-                # the earlier ones are not computed again
-                first = max(start, len(done) - 1)
-                end = min(start + s.num_new_tokens, seq.num_prompt_tokens - 1)
-                if end > first:
-                    rows.extend(range(offset + first - start, offset + end - start))
-                    targets.extend(seq.token_ids[first + 1:end + 1])
-                    owners.append((seq, end - first))
-            offset += s.num_new_tokens
-        return (rows, targets, owners) if owners else None
 
 
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, max_waiting_requests: int = 1024):
+                 max_model_len: int, max_waiting_requests: int = 1024, scheduling_policy: str = "fcfs"):
         self.allocator = allocator
+        self.by_priority = scheduling_policy == "priority"
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -111,6 +42,10 @@ class Scheduler:
     # ---- admission -------------------------------------------------------------------------------
     def check_admission(self, num_prompt_tokens: int, params: SamplingParams) -> None:
         """Refuse a request that can never run (raises AdmissionError naming the field); no state needed."""
+        if params.priority and not self.by_priority:
+            raise AdmissionError(f"priority: {params.priority} asks for priority scheduling, and this server "
+                                 "schedules first come, first served (scheduling_policy = \"fcfs\"); send 0 "
+                                 "or leave it out", "priority")
         if num_prompt_tokens == 0:
             raise AdmissionError("inputs: the prompt is empty (0 tokens)", "inputs")
         if num_prompt_tokens >= self.max_model_len:
@@ -141,14 +76,50 @@ class Scheduler:
                                   f"{self.max_waiting_requests}); retry later")
         self.check_admission(seq.num_prompt_tokens, seq.params)
         seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        self._enqueue(seq, front=False)
         self.requests[seq.request_id] = seq
+
+    def _enqueue(self, seq: Sequence, front: bool) -> None:
+        """A new request goes behind those of its priority, a preempted one before them (FCFS: the queue's
+        back or front)."""
+        if not self.by_priority:
+            self.waiting.appendleft(seq) if front else self.waiting.append(seq)
+            return
+        find = bisect.bisect_left if front else bisect.bisect_right
+        self.waiting.insert(find(self.waiting, seq.params.priority, key=_priority), seq)
+
+    def _victim(self) -> Sequence:
+        """The sequence a preemption takes: the newest admitted (of the lowest priority)."""
+        if not self.by_priority:
+            return self.running[-1]
+        lowest = max(map(_priority, self.running))
+        return next(s for s in reversed(self.running) if s.params.priority == lowest)
+
+    def _make_room_for_waiting(self) -> list[str]:
+        """Priority scheduling: preempt running sequences of a lower priority than the queue's head while the
+        head finds no room (a sequence slot, and free blocks for its first chunk)."""
+        preempted: list[str] = []
+        a = self.allocator
+        while self.waiting and self.running:
+            head = self.waiting[0]
+            chunk = min(head.num_uncomputed_tokens, self.max_num_batched_tokens)
+            # the running sequences take their next blocks first, this step
+            growth = sum(max(0, a.blocks_for(len(s.token_ids)) - len(s.block_table)) for s in self.running)
+            if len(self.running) < self.max_num_seqs and a.num_free_blocks >= a.blocks_for(chunk) + growth:
+                break
+            victim = self._victim()
+            if victim.params.priority <= head.params.priority:
+                break
+            self._preempt(victim, {})
+            preempted.append(victim.request_id)
+        return preempted
 
     # ---- one step --------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         budget, num_drafts = self.max_num_batched_tokens, 0
         chosen: dict[str, ScheduledSeq] = {}
         preempted: list[str] = []
+        made_room = self._make_room_for_waiting() if self.by_priority and self.waiting else []
         # Running sequences: decodes first, then unfinished prefills; both in admission order.
         decodes: list[Sequence] = []
         prefills: list[Sequence] = []
@@ -168,7 +139,7 @@ class Scheduler:
                 seq.draft_token_ids, drafts = [], 0  # no room for them this step: a plain decode
             n = min(uncomputed + drafts, budget)
             while not self.allocator.allocate_slots(seq, n):
-                victim = self.running[-1]
+                victim = self._victim()
                 budget += self._preempt(victim, chosen)
                 preempted.append(victim.request_id)
                 if victim is seq:
@@ -200,7 +171,8 @@ class Scheduler:
         scheduled = tuple(chosen.values())
         if preempted:  # a preempted sequence left `chosen` with its drafts
             num_drafts = sum(len(s.seq.draft_token_ids) for s in scheduled)
-        return SchedulerOutput(scheduled, self.max_num_batched_tokens - budget, tuple(preempted), num_drafts)
+        return SchedulerOutput(scheduled, self.max_num_batched_tokens - budget, tuple(made_room + preempted),
+                               num_drafts)
 
     def _allocate_draft_slots(self, seq: Sequence, drafts: int) -> bool:
         """Slots for a decoding sequence's last token and drafts, from blocks no running sequence could need
@@ -225,7 +197,7 @@ class Scheduler:
         seq.draft_token_ids = []
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        self._enqueue(seq, front=True)
         self.num_preemptions_total += 1
         return entry.num_new_tokens if entry else 0
 
@@ -267,3 +239,7 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
+
+
+def _priority(seq: Sequence) -> int:
+    return seq.params.priority

@@ -65,6 +65,8 @@ class SamplingFields(RequestModel):
     min_tokens: int | None = Field(None, ge=0)
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_SEQUENCES)
     skip_special_tokens: bool | None = True
+    priority: int | None = Field(None, ge=-(2**31), le=2**31 - 1, description="with scheduling_policy "
+                                 "\"priority\": lower is served first; under \"fcfs\" only 0 is accepted")
 
 
 class CompletionRequest(SamplingFields):

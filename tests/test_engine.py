@@ -55,6 +55,18 @@ def test_preemption_with_tiny_pool_gives_identical_outputs(llm, tiny_llama_dir):
     assert small.engine.allocator.num_free_blocks == 10
 
 
+def test_priority_scheduling_with_a_tiny_pool_gives_identical_outputs(llm, tiny_llama_dir):
+    """Random priorities reorder the queue and pick the preemption victims; the tokens stay the same."""
+    ps = prompts(10, 10, 30, seed=3)
+    rng = random.Random(3)
+    params = [SamplingParams(temperature=0.0, max_new_tokens=26, priority=rng.randint(-3, 3)) for _ in ps]
+    want = [r.token_ids for r in llm.generate(ps, [p.model_copy(update={"priority": 0}) for p in params])]
+    small = make_llm(tiny_llama_dir, kv_cache_memory=10 * 16 * 512, scheduling_policy="priority", max_num_seqs=4)
+    assert [r.token_ids for r in small.generate(ps, params)] == want
+    assert small.engine.scheduler.num_preemptions_total > 0
+    assert small.engine.allocator.num_free_blocks == 10
+
+
 def test_chunked_prefill_equals_one_prefill(llm, tiny_llama_dir):
     ps = prompts(4, 90, 120, seed=2)
     chunked = make_llm(tiny_llama_dir, max_num_batched_tokens=16)

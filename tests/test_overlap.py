@@ -197,7 +197,7 @@ def test_a_deferred_sampling_that_fails_ends_its_requests_and_the_engine_goes_on
 
 
 def test_an_eager_step_refuses_a_token_the_host_has_not_seen(tiny_llama_dir):
-    from server.scheduler import ScheduledSeq, SchedulerOutput
+    from server.scheduler_output import ScheduledSeq, SchedulerOutput
     from server.sequence import Sequence
     runner = make_llm(tiny_llama_dir, overlap=False).engine.runner
     seq = Sequence("x", [1, 5, 6], SamplingParams(max_new_tokens=4))

@@ -6,7 +6,8 @@ import pytest
 
 from server.blocks import BlockAllocator
 from server.sampling_params import SamplingParams
-from server.scheduler import Scheduler, SchedulerOutput
+from server.scheduler import Scheduler
+from server.scheduler_output import SchedulerOutput
 from server.sequence import Sequence
 from tests.test_scheduler import step
 

@@ -97,7 +97,7 @@ def test_tgi_decoder_input_details(tiny_llama_dir):
 
 def test_rows_owed_after_a_recompute_skip_what_is_done():
     """A sequence preempted mid-prompt recomputes from position 0; only the logprobs it still owes get rows."""
-    from server.scheduler import ScheduledSeq, SchedulerOutput
+    from server.scheduler_output import ScheduledSeq, SchedulerOutput
     from server.sequence import Sequence
     prompt = list(range(100, 120))
     seq = Sequence("r", prompt, SamplingParams(prompt_logprobs=True, max_new_tokens=4))

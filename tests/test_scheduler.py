@@ -12,7 +12,8 @@ import pytest
 from server.blocks import BlockAllocator
 from server.outputs import AdmissionError, OverloadedError
 from server.sampling_params import SamplingParams
-from server.scheduler import Scheduler, SchedulerOutput
+from server.scheduler import Scheduler
+from server.scheduler_output import SchedulerOutput
 from server.sequence import Sequence, SequenceStatus
 
 

@@ -218,3 +218,13 @@ def test_the_real_engine_reports_queue_time_in_the_log_line_and_tgis_headers(ser
     fields = dict(pair.split("=", 1) for pair in line.split()[2:])
     assert fields["finish"] == "length" and fields["output_tokens"] == "6"
     assert 0 <= float(fields["queue_s"]) <= float(fields["ttft_s"]) <= float(fields["e2e_s"])
+
+
+def test_a_priority_under_fcfs_is_a_400_naming_it(server):
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "To be", "max_tokens": 2,
+                                                        "priority": 2}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "priority", r.text
+    assert "scheduling_policy" in r.json()["error"]["message"]
+    ok = httpx.post(server.url + "/v1/completions", json={"prompt": "To be", "max_tokens": 2,
+                                                         "priority": 0}, timeout=60)
+    assert ok.status_code == 200

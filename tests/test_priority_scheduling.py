@@ -1,0 +1,147 @@
+"""scheduling_policy "priority": queue order, preemption victims, room made for urgent arrivals, and that
+equal priorities schedule exactly as FCFS. Driven by test_scheduler's fake model, which checks every
+sequence's KV context before it samples."""
+import random
+
+import pytest
+
+from server.blocks import BlockAllocator
+from server.outputs import AdmissionError
+from server.sampling_params import SamplingParams
+from server.scheduler import Scheduler
+from server.sequence import Sequence, SequenceStatus
+from tests.test_scheduler import FakeModel, run_all, step
+
+
+def make(policy="priority", num_blocks=64, block_size=8, max_num_seqs=8, budget=32, max_model_len=512):
+    sched = Scheduler(BlockAllocator(num_blocks, block_size), max_num_seqs=max_num_seqs,
+                      max_num_batched_tokens=budget, max_model_len=max_model_len, scheduling_policy=policy)
+    return sched, FakeModel(block_size)
+
+
+def add(sched, rid, n_prompt, n_out, priority=0):
+    seq = Sequence(rid, [3 + (i * 7) % 300 for i in range(n_prompt)],
+                   SamplingParams(max_new_tokens=n_out, priority=priority))
+    sched.add(seq)
+    return seq
+
+
+def finish_order(sched, model) -> list[str]:
+    order = []
+    while sched.has_unfinished():
+        running = {s.request_id for s in sched.running}
+        step(sched, model)
+        order += sorted(r for r in running if r not in sched.requests)
+    return order
+
+
+def test_fcfs_refuses_a_priority_naming_the_field():
+    sched, _ = make("fcfs")
+    with pytest.raises(AdmissionError) as e:
+        add(sched, "p", 4, 2, priority=-1)
+    assert e.value.field == "priority" and "scheduling_policy" in str(e.value)
+    add(sched, "zero", 4, 2, priority=0)
+
+
+@pytest.mark.parametrize("priority", [0, 7])
+def test_equal_priorities_schedule_exactly_as_fcfs(priority):
+    """The same random traffic (tiny pool: preemptions; aborts) through both policies, step by step."""
+    rng = random.Random(priority)
+    fcfs, fm = make("fcfs", num_blocks=20, max_num_seqs=6, budget=40)
+    prio, pm = make("priority", num_blocks=20, max_num_seqs=6, budget=40)
+    next_id = 0
+    for _ in range(1500):
+        if next_id < 150 and rng.random() < 0.4:
+            n_prompt, n_out = rng.randint(1, 60), rng.randint(1, 50)
+            add(fcfs, f"r{next_id}", n_prompt, n_out)
+            add(prio, f"r{next_id}", n_prompt, n_out, priority)
+            next_id += 1
+        if fcfs.requests and rng.random() < 0.03:
+            victim = rng.choice(sorted(fcfs.requests))
+            fcfs.abort(victim)
+            prio.abort(victim)
+        if fcfs.has_unfinished():
+            a, b = step(fcfs, fm), step(prio, pm)
+            assert [(s.seq.request_id, s.num_new_tokens) for s in a.scheduled] == \
+                   [(s.seq.request_id, s.num_new_tokens) for s in b.scheduled]
+            assert a.preempted == b.preempted
+    assert fcfs.num_preemptions_total > 0
+
+
+def test_the_queue_is_served_by_priority_then_arrival():
+    sched, model = make(max_num_seqs=1, budget=64)
+    add(sched, "first", 4, 3, priority=-5)
+    step(sched, model)  # admitted before the others arrive, and more urgent than all: never preempted
+    for rid, priority in [("a", 5), ("b", 1), ("c", 5), ("d", 1), ("e", -2)]:
+        add(sched, rid, 4, 3, priority)
+    assert [s.request_id for s in sched.waiting] == ["e", "b", "d", "a", "c"]
+    assert finish_order(sched, model) == ["first", "e", "b", "d", "a", "c"]
+
+
+def test_an_urgent_arrival_preempts_the_newest_of_the_lowest_priority_for_a_slot():
+    sched, model = make(max_num_seqs=3, budget=64)
+    low_old = add(sched, "low_old", 6, 40, priority=9)
+    mid = add(sched, "mid", 6, 40, priority=4)
+    low_new = add(sched, "low_new", 6, 40, priority=9)
+    step(sched, model)
+    step(sched, model)
+    later_low = add(sched, "later_low", 6, 5, priority=9)
+    same = add(sched, "same", 6, 5, priority=9)  # as low as the running ones: it waits, preempting nobody
+    out = step(sched, model)
+    assert out.preempted == () and same.status is SequenceStatus.WAITING
+    urgent = add(sched, "urgent", 6, 5, priority=0)
+    out = step(sched, model)
+    assert out.preempted == ("low_new",) and urgent.status is SequenceStatus.RUNNING
+    assert "urgent" in {s.seq.request_id for s in out.scheduled}
+    assert low_old.status is mid.status is SequenceStatus.RUNNING
+    # the preempted one goes before the later arrivals of its priority, and keeps its outputs to recompute
+    assert [s.request_id for s in sched.waiting] == ["low_new", "later_low", "same"]
+    run_all(sched, model)
+    assert all(s.num_output_tokens == s.params.max_new_tokens for s in (low_old, mid, low_new, later_low, same))
+    assert sched.allocator.num_free_blocks == 64
+
+
+def test_an_urgent_arrival_preempts_for_blocks_and_block_pressure_takes_the_lowest_priority():
+    # 6 blocks of 8: two running sequences fill them as they grow
+    sched, model = make(num_blocks=6, block_size=8, max_num_seqs=8, budget=64)
+    low = add(sched, "low", 8, 40, priority=5)
+    step(sched, model)
+    high = add(sched, "high", 8, 40, priority=1)  # admitted last: FCFS's victim, the newest
+    step(sched, model)
+    assert [s.request_id for s in sched.running] == ["low", "high"]
+    while sched.num_preemptions_total == 0:
+        step(sched, model)
+    assert low.num_preemptions == 1 and high.num_preemptions == 0
+    run_all(sched, model)
+    assert high.num_preemptions == 0
+    sched, model = make(num_blocks=6, block_size=8, max_num_seqs=8, budget=64)
+    hog = add(sched, "hog", 30, 10, priority=2)
+    step(sched, model)  # 4 blocks held, 2 free
+    urgent = add(sched, "urgent", 20, 3, priority=0)  # needs 3 for its prompt
+    out = step(sched, model)
+    assert out.preempted == ("hog",) and urgent.status is SequenceStatus.RUNNING
+    run_all(sched, model)
+    assert hog.num_output_tokens == 10 and urgent.num_output_tokens == 3
+
+
+def test_random_priorities_with_aborts_finish_everything_and_free_every_block():
+    sched, model = make(num_blocks=24, max_num_seqs=6, budget=40, max_model_len=200)
+    rng = random.Random(5)
+    seqs, next_id, aborted = [], 0, set()
+    for _ in range(3000):
+        if next_id < 300 and rng.random() < 0.5:
+            seqs.append(add(sched, f"r{next_id}", rng.randint(1, 100), rng.randint(1, 60), rng.randint(-2, 2)))
+            next_id += 1
+        if sched.requests and rng.random() < 0.03:
+            victim = rng.choice(sorted(sched.requests))
+            sched.abort(victim)
+            aborted.add(victim)
+        if sched.has_unfinished():
+            out = step(sched, model)
+            assert len(out.scheduled) <= 6 and out.num_batched_tokens <= 40
+        waiting = [s.params.priority for s in sched.waiting]
+        assert waiting == sorted(waiting)
+    run_all(sched, model)
+    assert sched.num_preemptions_total > 0 and next_id == 300
+    assert all(s.num_output_tokens == s.params.max_new_tokens for s in seqs if s.request_id not in aborted)
+    assert sched.allocator.num_free_blocks == 24 and not sched.running and not sched.waiting
