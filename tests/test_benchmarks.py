@@ -349,3 +349,18 @@ def test_throughput_cpu_preset_compares_with_transformers(tiny_llama_dir, tmp_pa
     assert cmp["hf_generate"]["output_tok_s"] > 0 and cmp["ours_batch1_tok_s"] > 0 and cmp["hf_batch1_tok_s"] > 0
     assert len(cmp["batch1_prompt_lens"]) == 3
     assert "batch-1 decode tok/s (median of 3)" in capsys.readouterr().out
+
+
+def test_priority_benchmark_lets_interactive_requests_jump_the_queue(tiny_llama_dir, tmp_path):
+    """Counted in engine steps, not timed: under fcfs the interactive requests wait behind the batch queue;
+    under priority each takes a slot at once. Greedy tokens must not depend on the policy."""
+    from benchmarks import priority
+    rows = priority.main(["--model", str(tiny_llama_dir), "--max-num-seqs", "2", "--batch", "4",
+                          "--batch-prompt", "12", "--batch-output", "12", "--interactive", "2",
+                          "--interactive-prompt", "6", "--interactive-output", "3", "--first-arrival", "2",
+                          "--every", "3", "--kv-cache-memory", "2MiB", "--json", str(tmp_path / "p.json")])
+    fcfs, prio = rows
+    assert (fcfs["policy"], prio["policy"]) == ("fcfs", "priority") and fcfs["same_tokens"]
+    assert fcfs["preemptions"] == 0 and prio["preemptions"] >= 1
+    assert prio["ttft_max_steps"] <= 2 < fcfs["ttft_p50_steps"]
+    assert json.loads((tmp_path / "p.json").read_text())["rows"][1]["policy"] == "priority"
