@@ -101,14 +101,13 @@ class Scheduler:
         preempted: list[str] = []
         a = self.allocator
         while self.waiting and self.running:
-            head = self.waiting[0]
+            head, victim = self.waiting[0], self._victim()
+            if victim.params.priority <= head.params.priority:  # (checked first: the cheap, common answer)
+                break
             chunk = min(head.num_uncomputed_tokens, self.max_num_batched_tokens)
             # the running sequences take their next blocks first, this step
             growth = sum(max(0, a.blocks_for(len(s.token_ids)) - len(s.block_table)) for s in self.running)
             if len(self.running) < self.max_num_seqs and a.num_free_blocks >= a.blocks_for(chunk) + growth:
-                break
-            victim = self._victim()
-            if victim.params.priority <= head.params.priority:
                 break
             self._preempt(victim, {})
             preempted.append(victim.request_id)

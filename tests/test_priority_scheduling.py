@@ -124,6 +124,16 @@ def test_an_urgent_arrival_preempts_for_blocks_and_block_pressure_takes_the_lowe
     assert hog.num_output_tokens == 10 and urgent.num_output_tokens == 3
 
 
+def test_room_counts_the_block_a_running_sequence_takes_for_its_next_token():
+    sched, model = make(num_blocks=6, block_size=8, max_num_seqs=8, budget=64)
+    hog = add(sched, "hog", 32, 10, priority=2)
+    step(sched, model)  # 4 blocks full, 2 free, and its next token needs a fifth
+    assert hog.num_tokens == 33 and len(hog.block_table) == 4 and sched.allocator.num_free_blocks == 2
+    urgent = add(sched, "urgent", 16, 3, priority=0)  # 2 blocks: they are free, until hog takes one
+    out = step(sched, model)
+    assert out.preempted == ("hog",) and urgent.status is SequenceStatus.RUNNING
+
+
 def test_random_priorities_with_aborts_finish_everything_and_free_every_block():
     sched, model = make(num_blocks=24, max_num_seqs=6, budget=40, max_model_len=200)
     rng = random.Random(5)
