@@ -149,9 +149,12 @@ class Scheduler:
                 num_drafts += drafts
                 if uncomputed > 1 or seq.num_computed_tokens < seq.num_prompt_tokens:  # a prompt chunk or a
                     self.allocator.register_scheduled_blocks(seq, n)  # recompute: its full blocks can be shared
-        # New admissions, FCFS; none after a preemption (the pool is already short).
+        # New admissions, FCFS; none after a preemption (the pool is already short), and never a sequence
+        # preempted to make room this step: its last token may still be in flight (overlap scheduling)
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if made_room and seq.request_id in made_room:
+                break
             cached = self.allocator.take_cached_prefix(seq)
             n = min(seq.num_uncomputed_tokens, budget)
             if not self.allocator.allocate_slots(seq, n):

@@ -134,6 +134,43 @@ def test_room_counts_the_block_a_running_sequence_takes_for_its_next_token():
     assert out.preempted == ("hog",) and urgent.status is SequenceStatus.RUNNING
 
 
+def test_a_sequence_preempted_to_make_room_is_not_readmitted_in_the_same_step():
+    """Its last token may still be in flight (overlap scheduling): re-admitted at once, it would get a new block
+    table before that step's tokens land (the engine then indexed the new, shorter table: an IndexError)."""
+    sched, model = make(num_blocks=4, block_size=16, max_num_seqs=8, budget=32)
+    v = add(sched, "v", 20, 40, priority=1)
+    while v.num_tokens < 49:
+        step(sched, model)  # 3 blocks held, its next token needs the fourth
+    h = add(sched, "h", 20, 3, priority=0)  # 2 blocks: room only once v is gone, then 12 tokens of budget left
+    out = step(sched, model)
+    assert out.preempted == ("v",) and h.status is SequenceStatus.RUNNING
+    assert "v" not in {s.seq.request_id for s in out.scheduled} and v.status is SequenceStatus.WAITING
+    run_all(sched, model)
+    assert v.num_output_tokens == 40 and sched.allocator.num_free_blocks == 4
+
+
+def test_the_engine_survives_a_room_making_preemption_with_a_token_in_flight(tiny_llama_dir):
+    from server.llm import LLM
+    llm = LLM(str(tiny_llama_dir), dtype="float32", device="cpu", block_size=16, max_num_batched_tokens=32,
+              kv_cache_memory=4 * 16 * 512, enable_prefix_caching=True, overlap_scheduling=True,
+              scheduling_policy="priority")
+    engine = llm.engine
+    assert engine.allocator.num_blocks == 4
+    engine.runner.use_graph_path_eagerly(prefill=True)  # the CPU stand-in for graphs: steps overlap
+    greedy = dict(temperature=0.0, ignore_eos=True)
+    engine.add_request("v", [5 + (i * 7) % 300 for i in range(20)],
+                       SamplingParams(max_new_tokens=40, priority=1, prompt_logprobs=True, **greedy))
+    while len(engine.scheduler.requests["v"].token_ids) < 49:
+        engine.step()
+    engine.add_request("h", [9 + (i * 11) % 300 for i in range(20)], SamplingParams(max_new_tokens=3, **greedy))
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            done.setdefault(out.request_id, []).extend(out.new_token_ids)
+    assert engine.scheduler.num_preemptions_total >= 1 and len(done["h"]) == 3
+    assert engine.allocator.num_free_blocks == 4
+
+
 def test_random_priorities_with_aborts_finish_everything_and_free_every_block():
     sched, model = make(num_blocks=24, max_num_seqs=6, budget=40, max_model_len=200)
     rng = random.Random(5)
