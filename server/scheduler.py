@@ -95,30 +95,37 @@ class Scheduler:
         lowest = max(map(_priority, self.running))
         return next(s for s in reversed(self.running) if s.params.priority == lowest)
 
-    def _make_room_for_waiting(self) -> list[str]:
+    def _make_room_for_waiting(self) -> tuple[list[str], int]:
         """Priority scheduling: preempt running sequences of a lower priority than the queue's head while the
-        head finds no room (a sequence slot, and free blocks for its first chunk)."""
+        head finds no room (a sequence slot, and free blocks for its first chunk), unless the sequences left
+        would use the whole token budget anyway. Done before anything is scheduled, so no victim has
+        registered blocks this step that an admission could share. Returns the preempted, and the blocks the
+        head's first chunk needs when it outranks a running sequence: drafts must leave them free."""
         preempted: list[str] = []
-        a = self.allocator
-        while self.waiting and self.running:
-            head, victim = self.waiting[0], self._victim()
+        a, head = self.allocator, self.waiting[0]  # (victims queue behind the head: it stays the head)
+        chunk_blocks = a.blocks_for(min(head.num_uncomputed_tokens, self.max_num_batched_tokens))
+        wanted = sum(len(s.token_ids) - s.num_computed_tokens for s in self.running)  # the running set's tokens
+        while self.running:
+            victim = self._victim()
             if victim.params.priority <= head.params.priority:  # (checked first: the cheap, common answer)
-                break
-            chunk = min(head.num_uncomputed_tokens, self.max_num_batched_tokens)
+                return preempted, chunk_blocks if preempted else 0
             # the running sequences take their next blocks first, this step
             growth = sum(max(0, a.blocks_for(len(s.token_ids)) - len(s.block_table)) for s in self.running)
-            if len(self.running) < self.max_num_seqs and a.num_free_blocks >= a.blocks_for(chunk) + growth:
-                break
+            left = wanted - (len(victim.token_ids) - victim.num_computed_tokens)
+            if (len(self.running) < self.max_num_seqs and a.num_free_blocks >= chunk_blocks + growth) \
+                    or left >= self.max_num_batched_tokens:
+                return preempted, chunk_blocks
             self._preempt(victim, {})
             preempted.append(victim.request_id)
-        return preempted
+            wanted = left
+        return preempted, chunk_blocks
 
     # ---- one step --------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         budget, num_drafts = self.max_num_batched_tokens, 0
         chosen: dict[str, ScheduledSeq] = {}
         preempted: list[str] = []
-        made_room = self._make_room_for_waiting() if self.by_priority and self.waiting else []
+        made_room, reserve = self._make_room_for_waiting() if self.by_priority and self.waiting else ([], 0)
         # Running sequences: decodes first, then unfinished prefills; both in admission order.
         decodes: list[Sequence] = []
         prefills: list[Sequence] = []
@@ -134,7 +141,7 @@ class Scheduler:
                 continue  # its last token is in flight (overlap scheduling): nothing more to compute
             uncomputed = num_tokens - seq.num_computed_tokens
             drafts = len(seq.draft_token_ids)  # speculative tokens after its last one (server/speculative.py)
-            if drafts and (1 + drafts > budget or not self._allocate_draft_slots(seq, drafts)):
+            if drafts and (1 + drafts > budget or not self._allocate_draft_slots(seq, drafts, reserve)):
                 seq.draft_token_ids, drafts = [], 0  # no room for them this step: a plain decode
             n = min(uncomputed + drafts, budget)
             while not self.allocator.allocate_slots(seq, n):
@@ -176,12 +183,14 @@ class Scheduler:
         return SchedulerOutput(scheduled, self.max_num_batched_tokens - budget, tuple(made_room + preempted),
                                num_drafts)
 
-    def _allocate_draft_slots(self, seq: Sequence, drafts: int) -> bool:
+    def _allocate_draft_slots(self, seq: Sequence, drafts: int, reserve: int = 0) -> bool:
         """Slots for a decoding sequence's last token and drafts, from blocks no running sequence could need
-        for its own next token this step: drafts never cause a preemption."""
+        for its own next token this step, nor an urgent waiting request for its first chunk (`reserve`):
+        drafts never cause a preemption."""
         a = self.allocator
         needed = a.blocks_for(seq.num_computed_tokens + 1 + drafts) - len(seq.block_table)
-        return needed <= 0 or (needed + len(self.running) <= a.num_free_blocks and a.allocate_slots(seq, 1 + drafts))
+        return needed <= 0 or (needed + len(self.running) + reserve <= a.num_free_blocks
+                               and a.allocate_slots(seq, 1 + drafts))
 
     @staticmethod
     def _entry(seq: Sequence, n: int) -> ScheduledSeq:

@@ -171,6 +171,34 @@ def test_the_engine_survives_a_room_making_preemption_with_a_token_in_flight(tin
     assert engine.allocator.num_free_blocks == 4
 
 
+def test_no_room_is_made_while_the_sequences_left_would_use_the_whole_token_budget():
+    sched, model = make(max_num_seqs=2, budget=32)
+    low = add(sched, "low", 10, 40, priority=1)
+    step(sched, model)
+    add(sched, "long", 200, 4, priority=0)  # its prompt takes the whole budget for 6 more steps
+    step(sched, model)
+    add(sched, "urgent", 10, 4, priority=0)
+    outputs = []
+    while sched.requests["long"].num_computed_tokens + 31 < 200:
+        out = step(sched, model)
+        assert out.preempted == ()  # `urgent` could not run yet: `low` keeps decoding meanwhile
+        outputs.append(low.num_output_tokens)
+    assert outputs == sorted(outputs) and outputs[-1] > outputs[0]
+    run_all(sched, model)
+    assert low.num_output_tokens == 40
+
+
+def test_drafts_leave_free_the_blocks_an_urgent_request_needs():
+    sched, model = make(num_blocks=8, block_size=8, max_num_seqs=8, budget=64)
+    drafter = add(sched, "drafter", 11, 20, priority=0)
+    add(sched, "low", 11, 20, priority=1)
+    step(sched, model)  # both prefilled: 2 blocks each, 4 free
+    urgent = add(sched, "urgent", 31, 4, priority=0)  # 4 blocks
+    drafter.draft_token_ids = [5, 6, 7, 8, 9]  # would take a fifth block
+    out = sched.schedule()
+    assert out.preempted == () and urgent.status is SequenceStatus.RUNNING and out.num_draft_tokens == 0
+
+
 def test_random_priorities_with_aborts_finish_everything_and_free_every_block():
     sched, model = make(num_blocks=24, max_num_seqs=6, budget=40, max_model_len=200)
     rng = random.Random(5)
