@@ -115,9 +115,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return resp
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s (request %s)", request.url.path,
-                         getattr(request.state, "request_id", None))
-        return error_response(ApiError("generation", f"internal error: {type(exc).__name__}"), request.url.path)
+        rid = getattr(request.state, "request_id", None)
+        logger.exception("unhandled error on %s (request %s)", request.url.path, rid)
+        # Starlette answers this one outside every middleware, the request id's included: set it here
+        return error_response(ApiError("generation", f"internal error: {type(exc).__name__}"), request.url.path,
+                              {"X-Request-Id": rid} if rid else None)
 
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation)

@@ -18,9 +18,10 @@ from server.state import Phase, ServerState
 
 OPEN_PATHS = frozenset({"/health", "/metrics"})
 REQUEST_ID_HEADER = b"x-request-id"
-# a client's (or a proxy's) id is kept when it is 1-128 visible ASCII characters, so it is safe in a log line
-# and a header; any other value is replaced, as Heroku's router and Rails do, rather than failing the request
-_CLIENT_ID = re.compile(rb"[\x21-\x7e]{1,128}")
+# a client's (or a proxy's) id is kept when it is 1-128 letters, digits and ._:/+@- (no quotes, spaces or
+# "=", so it cannot break or forge a field of the logfmt request line); any other value is replaced, as
+# Heroku's router and Rails do, rather than failing the request
+_CLIENT_ID = re.compile(rb"[A-Za-z0-9._:/+@-]{1,128}")
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 

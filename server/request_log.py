@@ -2,14 +2,14 @@
 
 Every HTTP request has an id (server/middleware.py: the client's X-Request-Id, else a uuid4 hex). The
 OpenAI routes answer `<prefix>-<id>` as the response's `id`, as vLLM does, and each engine request of the
-response (one per choice or prompt) is `<prefix>-<id>-<index>-<tag>`: the tag is random, so two requests
+response (one per choice or prompt) is `<prefix>-<id>-<index>-<tag>`: the tag is a uuid4, so two requests
 sent with one X-Request-Id (a proxy fanning out) never collide in the engine. One grep for the id finds the
 access log, this line and any engine log about the request.
 
 The line is logfmt, one per engine request, on the `gqa_serve.requests` logger (`log_requests = false`
 turns it off):
 
-    request tgi-4f1c...-0-9a2b3c4d finish=eos_token prompt_tokens=12 output_tokens=30 queue_s=0.002
+    request tgi-4f1c...-0-9a2b... finish=eos_token prompt_tokens=12 output_tokens=30 queue_s=0.002
         ttft_s=0.041 e2e_s=0.512 tpot_ms=15.7
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ def response_id(request: Request, prefix: str) -> str:
 
 
 def engine_ids(response: str, count: int) -> list[str]:
-    tag = uuid.uuid4().hex[:8]
+    tag = uuid.uuid4().hex  # whole: requests sharing a client id must not collide (a collision would be a 500)
     return [f"{response}-{index}-{tag}" for index in range(count)]
 
 

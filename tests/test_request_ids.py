@@ -43,7 +43,8 @@ def test_a_usable_client_id_is_echoed_and_any_other_is_replaced(client):
     assert client.get("/health", headers={"X-Request-Id": "edge-7f3a:1"}).headers["x-request-id"] == "edge-7f3a:1"
     made = {client.get("/health").headers["x-request-id"] for _ in range(3)}
     assert len(made) == 3 and all(HEX32.fullmatch(m) for m in made)
-    for bad in ("has space", "x" * 129, "tab\there", ""):
+    # no quote, space or "=": an id cannot break or forge a field of the logfmt request line
+    for bad in ("has space", "x" * 129, "tab\there", "", 'a"b', "x-finish=error", "back\\slash"):
         got = client.get("/health", headers={"X-Request-Id": bad}).headers["x-request-id"]
         assert HEX32.fullmatch(got), (bad, got)
     assert client.get("/health", headers={"X-Request-Id": "x" * 128}).headers["x-request-id"] == "x" * 128
@@ -61,6 +62,16 @@ def test_every_answer_carries_the_id_errors_and_the_gates_refusals_included(serv
                            headers=rid)
     assert streamed.status_code == 200 and streamed.headers["x-request-id"] == "err-1"
     assert len(streamed.headers.get_list("x-request-id")) == 1
+
+
+def test_an_unexpected_500_carries_the_id_too(server, client, monkeypatch):
+    """Starlette answers an unhandled exception outside every middleware, RequestIdMiddleware included."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(server.engine, "add_request", broken)
+    r = client.post("/generate", json={"inputs": "a"}, headers={"X-Request-Id": "bug-1"})
+    assert r.status_code == 500 and r.headers["x-request-id"] == "bug-1"
+    assert r.json()["error"] == "internal error: RuntimeError"
 
 
 def test_openai_ids_are_built_from_the_request_id(client):
