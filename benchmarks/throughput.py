@@ -65,7 +65,7 @@ def workload(n: int, inp: tuple[int, int], out: tuple[int, int], vocab: int, see
 
 
 def random_model(config_dict: dict, dtype: str, device: str, backend: str):
-    from model.attention import RotaryEmbedding
+    from model.rope import RotaryEmbedding
     from model.config import ModelConfig
     from model.llama import CausalLM, resolve_dtype
     from model.ops import make_ops

@@ -9,16 +9,7 @@ import torch
 from torch import nn
 
 from model.batch import StepBatch
-from model.config import ModelConfig, rope_inv_freq
-
-
-class RotaryEmbedding:
-    """cos/sin tables for every position, [max_pos, head_dim] = cat(cos, sin) over head_dim/2 freqs."""
-
-    def __init__(self, config: ModelConfig, device: torch.device, max_positions: int | None = None):
-        positions = torch.arange(max_positions or config.max_position_embeddings, dtype=torch.float32)
-        freqs = torch.outer(positions, rope_inv_freq(config))  # [max_pos, D/2], float32 as in HF
-        self.cos_sin_cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(device)
+from model.config import ModelConfig
 
 
 class GQAAttention(nn.Module):

@@ -9,10 +9,8 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
-
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "yarn")
 
 
 class ConfigError(ValueError):
@@ -26,6 +24,12 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # YaRN only (model/rope.py): the ramp's bounds in turns over the original context, whether they are
+    # rounded to whole dimensions, and the cos/sin scale (resolved here from factor, mscale, mscale_all_dim)
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -64,9 +68,19 @@ class ModelConfig:
                     f"{self.num_attention_heads} (valid: {valid_kv_head_counts(self.num_attention_heads)})")
 
     @property
+    def max_positions(self) -> int:
+        """Positions the model is meant for. YaRN stretches the original context by its factor (Qwen2.5's long-
+        context recipe adds it to a config whose max_position_embeddings is still the original 32,768), as
+        vLLM derives its max_model_len; a config that states more positions keeps them."""
+        s = self.rope_scaling
+        if s.rope_type == "yarn":
+            return max(self.max_position_embeddings, int(s.original_max_position_embeddings * s.factor))
+        return self.max_position_embeddings
+
+    @property
     def max_context(self) -> int:
         """The longest sequence this implementation runs exactly: the positions, or the sliding window."""
-        return min(self.max_position_embeddings, self.sliding_window or self.max_position_embeddings)
+        return min(self.max_positions, self.sliding_window or self.max_positions)
 
     @property
     def q_per_kv(self) -> int:
@@ -144,20 +158,45 @@ def _parse_rope_scaling(raw: dict, max_position_embeddings: int) -> RopeScaling:
                           f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
     if rope_type == "default":
         return RopeScaling()
-    if "factor" not in scaling:
-        raise ConfigError(f"config.json: rope_scaling of type {rope_type!r} needs a factor")
 
     def number(name: str, default: float) -> float:
         return _positive_number(scaling, name, default, where="rope_scaling.")
-    return RopeScaling(
-        rope_type=rope_type,
-        factor=number("factor", 1.0),
-        low_freq_factor=number("low_freq_factor", 1.0),
-        high_freq_factor=number("high_freq_factor", 4.0),
-        # (absent: the model's own context, as transformers takes it)
-        original_max_position_embeddings=_positive_int(scaling, "original_max_position_embeddings",
-                                                       max_position_embeddings, where="rope_scaling."),
-    )
+    # (absent: the model's own context, as transformers takes it)
+    original = _positive_int(scaling, "original_max_position_embeddings", max_position_embeddings,
+                             where="rope_scaling.")
+    if rope_type == "yarn":
+        return _parse_yarn(scaling, max_position_embeddings, original)
+    if "factor" not in scaling:
+        raise ConfigError(f"config.json: rope_scaling of type {rope_type!r} needs a factor")
+    return RopeScaling(rope_type=rope_type, factor=number("factor", 1.0), original_max_position_embeddings=original,
+                       low_freq_factor=number("low_freq_factor", 1.0), high_freq_factor=number("high_freq_factor", 4.0))
+
+
+def _parse_yarn(scaling: dict, max_position_embeddings: int, original: int) -> RopeScaling:
+    """YaRN's fields as transformers reads them: a missing factor is the ratio of the contexts (DeepSeek's
+    configs), a missing or zero beta its default, and the attention factor, unless given, 0.1 ln(factor) + 1,
+    or the ratio of that with mscale and with mscale_all_dim when both are set."""
+    def number(name: str, default: float) -> float:
+        return _positive_number(scaling, name, default, where="rope_scaling.")
+
+    def optional(name: str) -> float:  # null or 0 reads as unset, as transformers' `or` reads it
+        return 0.0 if not scaling.get(name) else number(name, 0.0)
+    factor = number("factor", 1.0) if scaling.get("factor") is not None else max_position_embeddings / original
+    truncate = scaling.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise ConfigError(f"config.json: rope_scaling.truncate must be true or false, got {truncate!r}")
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+    if scaling.get("attention_factor") is not None:
+        attention_factor = number("attention_factor", 1.0)
+    elif optional("mscale") and optional("mscale_all_dim"):
+        attention_factor = mscale(factor, optional("mscale")) / mscale(factor, optional("mscale_all_dim"))
+    else:
+        attention_factor = mscale(factor)
+    return RopeScaling(rope_type="yarn", factor=factor, original_max_position_embeddings=original,
+                       beta_fast=optional("beta_fast") or 32.0, beta_slow=optional("beta_slow") or 1.0,
+                       truncate=truncate, attention_factor=attention_factor)
 
 
 def _is_int(value) -> bool:
@@ -188,23 +227,3 @@ def _token_ids(raw: dict, name: str) -> tuple[int, ...]:
     if not all(_is_int(i) and i >= 0 for i in ids):
         raise ConfigError(f"config.json: {name} must be a token id, a list of them or null, got {value!r}")
     return tuple(ids)
-
-
-def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies [head_dim/2] after rope scaling, computed in float32 exactly as HF does."""
-    dim = config.head_dim
-    inv = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    s = config.rope_scaling
-    if s.rope_type == "linear":
-        return inv / s.factor
-    if s.rope_type == "llama3":
-        low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
-        high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
-        wavelen = 2 * math.pi / inv
-        scaled = torch.where(wavelen > low_wavelen, inv / s.factor, inv)
-        smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
-            s.high_freq_factor - s.low_freq_factor)
-        smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
-        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        return torch.where(medium, smoothed, scaled)
-    return inv

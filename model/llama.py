@@ -10,12 +10,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model.attention import GQAAttention, RotaryEmbedding
+from model.attention import GQAAttention
 from model.batch import StepBatch
 from model.config import ModelConfig
 from model.kv_cache import KVCache
 from model.kv_heads import check_kv_head_method, check_num_kv_heads
 from model.ops import make_ops
+from model.rope import RotaryEmbedding
 
 
 class RMSNorm(nn.Module):

@@ -67,7 +67,8 @@ class EngineConfig(Settings):
     kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16", "fp8_e4m3"] = Field(
         "auto", description="storage dtype of the KV cache; auto = the model dtype")
     block_size: int = Field(16, description="tokens per KV block; a power of 2 in 8..128")
-    max_model_len: int | None = Field(None, ge=1, description="None = the model's max_position_embeddings")
+    max_model_len: int | None = Field(None, ge=1,
+                                      description="None = the model's max_position_embeddings (YaRN: stretched)")
     max_num_seqs: int = Field(256, ge=1, description="most sequences in one step")
     max_num_batched_tokens: int = Field(2048, ge=1, description="token budget of one step (chunked prefill)")
     kv_cache_memory: int = Field(2**30, ge=1, description="KV cache bytes on CPU ('1GiB' accepted)")
@@ -141,9 +142,10 @@ class EngineConfig(Settings):
         """The serving context length: the configured one, checked against what the model supports."""
         if self.max_model_len is None:
             return model.max_context
-        if self.max_model_len > model.max_position_embeddings:
+        if self.max_model_len > model.max_positions:
+            stretched = " (its YaRN-scaled context)" if model.max_positions > model.max_position_embeddings else ""
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
-                             f"max_position_embeddings={model.max_position_embeddings}")
+                             f"max_position_embeddings={model.max_positions}{stretched}")
         if self.max_model_len > model.max_context:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's sliding_window="
                              f"{model.sliding_window}: sliding-window attention is not implemented, so sequences "

@@ -30,6 +30,9 @@ VARIANTS = {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 64}),
     "linear_rope": dict(rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    # Qwen2.5's long-context recipe; the 23-token checks run past the original 8 positions
+    "qwen2_yarn_rope": dict(architecture="Qwen2ForCausalLM", max_position_embeddings=8,
+                            rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}),
     "sharded": dict(shard_size="20KB"),
     "qwen2_bias": dict(architecture="Qwen2ForCausalLM"),
     "mistral": dict(architecture="MistralForCausalLM", sliding_window=None),
@@ -262,7 +265,6 @@ def test_pickle_only_checkpoint_is_refused_with_reason(broken_dir):
 
 
 @pytest.mark.parametrize("changes, pattern", [
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type='yarn' is not supported"),
     ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "rope_type='dynamic' is not supported"),
     ({"architectures": ["GPT2LMHeadModel"]}, "supported are LlamaForCausalLM"),
     ({"num_key_value_heads": 3}, "num_key_value_heads=3 must be positive and divide"),

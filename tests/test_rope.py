@@ -1,0 +1,127 @@
+"""RoPE scaling against transformers: the frequencies and YaRN's cos/sin scale bit for bit, the logits of a YaRN
+model past its original context (torch path and Triton kernels), and the context YaRN stretches to."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from model.config import ConfigError, ModelConfig
+from model.llama import load_model
+from model.rope import RotaryEmbedding, rope_inv_freq
+from tests.test_model import TOL, PagedRunner
+from tests.tiny_models import load_hf_model, make_tiny_checkpoint
+
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+SCALINGS = {
+    "default": None,
+    "linear": {"rope_type": "linear", "factor": 2.5},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64},
+    "yarn": YARN,
+    # Qwen2.5's long-context recipe (its config's max_position_embeddings stays the original)
+    "yarn_qwen25": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+    "yarn_betas_untruncated": {**YARN, "beta_fast": 16, "beta_slow": 2, "truncate": False},
+    "yarn_mscale": {**YARN, "factor": 40.0, "mscale": 0.707, "mscale_all_dim": 1.0},
+    "yarn_mscale_one_set": {**YARN, "mscale": 0.707},  # needs both: the factor's own scale
+    "yarn_attention_factor": {**YARN, "attention_factor": 0.8},
+    "yarn_null_factor": {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 16},  # the ratio
+    "yarn_zero_betas": {**YARN, "beta_fast": 0, "beta_slow": None},  # transformers' `or`: the defaults
+}
+
+
+def _hf_config(scaling: dict | None, head_dim: int = 64, theta: float = 10000.0, max_positions: int = 128):
+    import transformers
+    kwargs = {"rope_scaling": dict(scaling)} if scaling else {}
+    return transformers.LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, num_key_value_heads=2,
+                                    head_dim=head_dim, rope_theta=theta, max_position_embeddings=max_positions,
+                                    **kwargs)
+
+
+@pytest.mark.parametrize("head_dim, theta", [(64, 10000.0), (128, 1e6), (80, 500000.0)])
+@pytest.mark.parametrize("name", sorted(SCALINGS))
+def test_frequencies_and_scale_are_transformers_bit_for_bit(name, head_dim, theta):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    hf_config = _hf_config(SCALINGS[name], head_dim, theta)
+    rope_type = hf_config.rope_parameters["rope_type"]
+    init = ROPE_INIT_FUNCTIONS[rope_type] if rope_type != "default" else None
+    if init is None:
+        ref_inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        ref_scale = 1.0
+    else:
+        ref_inv, ref_scale = init(hf_config, "cpu")
+    ours = ModelConfig.from_dict(hf_config.to_dict())  # as save_pretrained writes it (rope_parameters)
+    assert torch.equal(rope_inv_freq(ours), ref_inv)
+    assert ours.rope_scaling.attention_factor == pytest.approx(ref_scale, rel=1e-12)
+    if name.startswith("yarn"):
+        assert ours.rope_scaling.attention_factor != 1.0  # the scale is exercised, not trivially 1
+    legacy = ModelConfig.from_dict({**hf_config.to_dict(), "rope_parameters": None, "rope_theta": theta,
+                                    "rope_scaling": SCALINGS[name]})  # as older configs write it
+    assert torch.equal(rope_inv_freq(legacy), ref_inv)
+
+
+def test_the_table_scales_cos_and_sin_by_the_attention_factor():
+    config = ModelConfig.from_dict(_hf_config(YARN).to_dict())
+    plain = ModelConfig.from_dict(_hf_config(None).to_dict())
+    table = RotaryEmbedding(config, torch.device("cpu")).cos_sin_cache
+    cos, sin = table.chunk(2, dim=-1)
+    norm = (cos ** 2 + sin ** 2).sqrt()  # the factor, at every position and frequency
+    assert torch.allclose(norm, torch.full_like(norm, config.rope_scaling.attention_factor), rtol=1e-6)
+    assert table.shape == (128, 64) and RotaryEmbedding(plain, torch.device("cpu")).cos_sin_cache.shape == (128, 64)
+
+
+@pytest.fixture(scope="module")
+def yarn_qwen2_dir(tmp_path_factory):
+    """The Qwen2.5 recipe in small: max_position_embeddings 16 = the original context, factor 4 -> 64."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("yarn"), architecture="Qwen2ForCausalLM",
+                                max_position_embeddings=16,
+                                rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_yarn_model_matches_transformers_past_its_original_context(yarn_qwen2_dir, backend):
+    if backend == "triton":
+        pytest.importorskip("kernels.dispatch")
+    hf = load_hf_model(yarn_qwen2_dir)
+    model = load_model(yarn_qwen2_dir, attention_backend=backend)
+    tokens = torch.randint(3, model.config.vocab_size, (1, 60), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = hf(tokens).logits[0]  # [60, V]
+    runner = PagedRunner(model)
+    table: list[int] = []
+    prompt_len = 40  # prefill well past the original 16 positions, then paged decode up to 60
+    prefill = runner.step([(tokens[0, :prompt_len].tolist(), 0, table)], all_logits=True)
+    assert (prefill - ref[:prompt_len]).abs().max() < TOL
+    for pos in range(prompt_len, tokens.shape[1]):
+        logits = runner.step([([int(tokens[0, pos])], pos, table)])
+        assert (logits[0] - ref[pos]).abs().max() < TOL, f"decode position {pos}"
+
+
+def test_yarn_stretches_the_served_context(yarn_qwen2_dir, tmp_path):
+    from server.engine_config import EngineConfig
+    config = ModelConfig.from_pretrained(yarn_qwen2_dir)
+    assert config.max_position_embeddings == 16 and config.max_positions == config.max_context == 64
+    assert load_model(yarn_qwen2_dir).rotary.cos_sin_cache.shape[0] == 64  # a table for every position
+    assert EngineConfig().resolve_max_model_len(config) == 64
+    assert EngineConfig(max_model_len=64).resolve_max_model_len(config) == 64
+    with pytest.raises(ValueError, match=r"max_model_len=65 exceeds .*=64 \(its YaRN-scaled context\)"):
+        EngineConfig(max_model_len=65).resolve_max_model_len(config)
+    # a config that already states more positions than original x factor keeps them (DeepSeek's do)
+    raw = json.loads((yarn_qwen2_dir / "config.json").read_text())
+    more = ModelConfig.from_dict({**raw, "max_position_embeddings": 100})
+    assert more.max_positions == 100
+
+
+@pytest.mark.parametrize("scaling, pattern", [
+    ({**YARN, "truncate": "no"}, "rope_scaling.truncate must be true or false"),
+    ({**YARN, "attention_factor": 0}, "rope_scaling.attention_factor must be a positive number"),
+    ({**YARN, "factor": -2}, "rope_scaling.factor must be a positive number"),
+    ({**YARN, "beta_fast": "32"}, "rope_scaling.beta_fast must be a positive number"),
+    ({**YARN, "original_max_position_embeddings": 0}, "original_max_position_embeddings must be a positive"),
+    ({"rope_type": "longrope", "factor": 2.0}, "rope_type='longrope' is not supported"),
+])
+def test_bad_yarn_fields_are_named(scaling, pattern):
+    raw = {**_hf_config(None).to_dict(), "rope_parameters": None, "rope_scaling": scaling}
+    with pytest.raises(ConfigError, match=pattern):
+        ModelConfig.from_dict(raw)
