@@ -10,6 +10,7 @@ from torch import nn
 
 from model.batch import StepBatch
 from model.config import ModelConfig
+from model.norm import RMSNorm
 
 
 class GQAAttention(nn.Module):
@@ -27,17 +28,23 @@ class GQAAttention(nn.Module):
         o_bias = config.attention_bias and config.architecture != "Qwen2ForCausalLM"
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=o_bias)
         self.split_sizes = (q_size, kv_size, kv_size)
+        # Qwen3 normalises each head's q and k over head_dim (one weight shared by the heads) before RoPE,
+        # which bounds the attention logits; K/V-head pooling and replication leave k_norm as it is
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, ops) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, ops) if config.qk_norm else None
 
     def split_qkv(self, hidden: torch.Tensor):
-        """hidden [T, hidden] -> q [T, H, D], k [T, KVH, D], v [T, KVH, D], unrotated.
+        """hidden [T, hidden] -> q [T, H, D], k [T, KVH, D], v [T, KVH, D], unrotated (q and k normed if qk_norm).
 
         Strided views of the one qkv matmul's output (column slices): the ops take strides, not copies.
         """
         num_tokens = hidden.shape[0]
         q, k, v = self.qkv_proj(hidden).split(self.split_sizes, dim=-1)
-        return (q.view(num_tokens, self.num_heads, self.head_dim),
-                k.view(num_tokens, self.num_kv_heads, self.head_dim),
-                v.view(num_tokens, self.num_kv_heads, self.head_dim))
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q)[0], self.k_norm(k)[0]
+        return q, k, v.view(num_tokens, self.num_kv_heads, self.head_dim)
 
     def project_qkv(self, hidden: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor):
         """hidden [T, hidden] -> q [T, H, D], k [T, KVH, D] (both rotated), v [T, KVH, D].

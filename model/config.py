@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "yarn")
 
 
@@ -48,6 +48,7 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v biases (Qwen2 always, LLaMA when attention_bias is true)
+    qk_norm: bool = False  # Qwen3: an RMSNorm over each head's q and k before RoPE
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     # The KV-head count the model runs with; equals num_key_value_heads unless overridden (issue 6).
@@ -130,6 +131,7 @@ class ModelConfig:
             max_position_embeddings=max_positions,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attention_bias=arch == "Qwen2ForCausalLM" or bool(raw.get("attention_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
             bos_token_id=_token_ids(raw, "bos_token_id")[0] if raw.get("bos_token_id") is not None else None,
             eos_token_ids=_token_ids(raw, "eos_token_id"),
             sliding_window=window,

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from model.batch import build_step_batch
+from model.config import ModelConfig
 from model.kv_cache import KVCache
 from model.kv_heads import check_num_kv_heads
 
@@ -260,6 +261,11 @@ def load_refit_model(model_dir: str | Path, num_kv_heads: int, calibration_ids: 
     """
     from model.llama import load_model
 
+    native_config = ModelConfig.from_pretrained(model_dir)
+    if native_config.qk_norm and num_kv_heads < native_config.num_key_value_heads:
+        # refit's least squares assume keys linear in the layer input, which a per-head norm breaks
+        raise ValueError(f"kv_head_method='refit' cannot pool {native_config.architecture}'s heads: its per-head "
+                         "q/k norm makes keys nonlinear in the layer input; use kv_head_method='mean'")
     target = load_model(model_dir, num_kv_heads=num_kv_heads, kv_head_method="mean", **load_kwargs)
     config = target.config
     check_num_kv_heads(config.num_attention_heads, config.num_key_value_heads, num_kv_heads)

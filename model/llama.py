@@ -1,6 +1,7 @@
-"""The LLaMA-family causal LM (LLaMA, Mistral, Qwen2) over a flat batch of tokens and a paged KV cache.
+"""The LLaMA-family causal LM (LLaMA, Mistral, Qwen2, Qwen3) over a flat batch of tokens and a paged KV cache.
 
-Read top to bottom: RMSNorm, MLP, DecoderLayer, CausalLM, load_model. Parameter names follow Hugging
+Read top to bottom: MLP, DecoderLayer, CausalLM, load_model (RMSNorm is model/norm.py, GQAAttention
+model/attention.py). Parameter names follow Hugging
 Face's (q/k/v and gate/up are fused at load time), so checkpoints load by name.
 """
 from __future__ import annotations
@@ -15,20 +16,9 @@ from model.batch import StepBatch
 from model.config import ModelConfig
 from model.kv_cache import KVCache
 from model.kv_heads import check_kv_head_method, check_num_kv_heads
+from model.norm import RMSNorm
 from model.ops import make_ops
 from model.rope import RotaryEmbedding
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float, ops):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
-        self.ops = ops
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """Returns (norm(x + residual), x + residual): the add is fused into the norm."""
-        return self.ops.rms_norm(x, self.weight, self.eps, residual)
 
 
 class MLP(nn.Module):

@@ -71,7 +71,7 @@ def test_replicated_rows_are_copies():
 @pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "Qwen2ForCausalLM"])
 def test_pooled_weights_are_group_means(tmp_path, architecture):
     model_dir = make_tiny_checkpoint(tmp_path, architecture=architecture, num_attention_heads=8,
-                                     num_key_value_heads=4, hidden_size=64, tokenizer=False)
+                                     num_key_value_heads=4, hidden_size=64, tokenizer=False, random_norms=True)
     tensors = load_file(model_dir / "model.safetensors")
     model = load_model(model_dir, num_kv_heads=2)
     head_dim = 8

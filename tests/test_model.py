@@ -36,6 +36,7 @@ VARIANTS = {
     "sharded": dict(shard_size="20KB"),
     "qwen2_bias": dict(architecture="Qwen2ForCausalLM"),
     "mistral": dict(architecture="MistralForCausalLM", sliding_window=None),
+    "qwen3_qk_norm_tied": dict(architecture="Qwen3ForCausalLM", head_dim=32, tie_word_embeddings=True),
     "llama_attention_bias": dict(attention_bias=True),
 }
 
@@ -77,7 +78,7 @@ class PagedRunner:
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def variant_dir(request, tmp_path_factory) -> Path:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp(request.param), **VARIANTS[request.param])
+    return make_tiny_checkpoint(tmp_path_factory.mktemp(request.param), random_norms=True, **VARIANTS[request.param])
 
 
 def test_prefill_then_paged_decode_match_transformers(variant_dir):

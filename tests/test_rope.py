@@ -75,7 +75,7 @@ def test_the_table_scales_cos_and_sin_by_the_attention_factor():
 def yarn_qwen2_dir(tmp_path_factory):
     """The Qwen2.5 recipe in small: max_position_embeddings 16 = the original context, factor 4 -> 64."""
     return make_tiny_checkpoint(tmp_path_factory.mktemp("yarn"), architecture="Qwen2ForCausalLM",
-                                max_position_embeddings=16,
+                                max_position_embeddings=16, random_norms=True,
                                 rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})
 
 

@@ -46,8 +46,11 @@ def make_tiny_checkpoint(out_dir: Path, *, architecture: str = "LlamaForCausalLM
                          intermediate_size: int = 128, head_dim: int | None = None,
                          tie_word_embeddings: bool = False, rope_scaling: dict | None = None,
                          max_position_embeddings: int = 512, seed: int = 0, shard_size: str | None = None,
-                         vocab_size: int = 384, tokenizer: bool = True, **extra) -> Path:
-    """Save a random model with transformers' own save_pretrained (safetensors) and return its dir."""
+                         vocab_size: int = 384, tokenizer: bool = True, random_norms: bool = False, **extra) -> Path:
+    """Save a random model with transformers' own save_pretrained (safetensors) and return its dir.
+
+    random_norms: norm weights and biases random too (HF's init makes them ones and zeros, where reading one
+    into the wrong place would not show); off by default, where other tests' tiny models are tuned to HF's."""
     import transformers
 
     out_dir = Path(out_dir)
@@ -63,14 +66,19 @@ def make_tiny_checkpoint(out_dir: Path, *, architecture: str = "LlamaForCausalLM
         kwargs["rope_scaling"] = rope_scaling
     config_cls = {"LlamaForCausalLM": transformers.LlamaConfig,
                   "MistralForCausalLM": transformers.MistralConfig,
-                  "Qwen2ForCausalLM": transformers.Qwen2Config}[architecture]
+                  "Qwen2ForCausalLM": transformers.Qwen2Config,
+                  "Qwen3ForCausalLM": transformers.Qwen3Config}[architecture]
     config = config_cls(**kwargs)
     torch.manual_seed(seed)
     model = getattr(transformers, architecture)(config).eval()
     with torch.no_grad():  # HF's init is small (std 0.02); widen it so logits differ per token
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.15)
+            elif random_norms and name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif random_norms:  # biases
+                p.normal_(0, 0.1)
     save_kwargs = {"max_shard_size": shard_size} if shard_size else {}
     model.save_pretrained(out_dir, safe_serialization=True, **save_kwargs)
     if tokenizer:

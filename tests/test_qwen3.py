@@ -1,0 +1,74 @@
+"""Qwen3 (LLaMA's layout plus an RMSNorm over each head's q and k before RoPE) against transformers: the model
+through our Triton kernels, the whole engine's greedy tokens, and the KV-head knob (replication exact, mean
+pooling served, refit refused by name). The torch path's prefill, decode and greedy checks are variants of
+tests/test_model.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.llama import load_model
+from tests.test_model import TOL, PagedRunner
+from tests.tiny_models import load_hf_model, make_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def qwen3_dir(tmp_path_factory):
+    # head_dim 32 over hidden 64 with 4 heads (Qwen3 sets head_dim apart from hidden / heads); attention_bias
+    # covers all four projections in Qwen3, o_proj included (Qwen2 has none there)
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("qwen3"), architecture="Qwen3ForCausalLM", head_dim=32,
+                                num_attention_heads=4, num_key_value_heads=2, attention_bias=True,
+                                random_norms=True)
+
+
+def test_config_and_weights_load_the_norms(qwen3_dir):
+    model = load_model(qwen3_dir)
+    attn = model.model.layers[1].self_attn
+    assert model.config.qk_norm and attn.o_proj.bias is not None
+    assert attn.q_norm.weight.shape == attn.k_norm.weight.shape == (32,)
+    assert not torch.equal(attn.q_norm.weight, attn.k_norm.weight)  # random, so a swap would show
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_prefill_and_decode_match_transformers(qwen3_dir, backend):
+    if backend == "triton":
+        pytest.importorskip("kernels.dispatch")
+    hf, model = load_hf_model(qwen3_dir), load_model(qwen3_dir, attention_backend=backend)
+    tokens = torch.randint(3, model.config.vocab_size, (1, 19), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref = hf(tokens).logits[0]
+    runner, table = PagedRunner(model, seed=5), []
+    prefill = runner.step([(tokens[0, :11].tolist(), 0, table)], all_logits=True)
+    assert (prefill - ref[:11]).abs().max() < TOL
+    for pos in range(11, tokens.shape[1]):
+        logits = runner.step([([int(tokens[0, pos])], pos, table)])
+        assert (logits[0] - ref[pos]).abs().max() < TOL, f"decode position {pos}"
+
+
+def test_engine_greedy_tokens_equal_transformers(qwen3_dir):
+    from server.llm import LLM
+    from server.sampling_params import SamplingParams
+    hf = load_hf_model(qwen3_dir)
+    prompts = [[1, 17, 42, 99, 5, 250, 33], [1, 8, 9, 300, 12, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55]]
+    llm = LLM(str(qwen3_dir), dtype="float32", device="cpu", kv_cache_memory="2MiB", max_num_batched_tokens=16)
+    params = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True)
+    got = [r.token_ids for r in llm.generate(prompts, params)]
+    for prompt, tokens in zip(prompts, got):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, min_new_tokens=20,
+                              eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        assert tokens == ref
+
+
+def test_kv_heads_replicate_exactly_pool_by_mean_and_refuse_refit(qwen3_dir):
+    from model.kv_refit import load_refit_model
+    prompt = [1, 17, 42, 99, 5, 250, 33, 8]
+    native = PagedRunner(load_model(qwen3_dir)).step([(prompt, 0, [])], all_logits=True)
+    wide = PagedRunner(load_model(qwen3_dir, num_kv_heads=4)).step([(prompt, 0, [])], all_logits=True)
+    assert (wide - native).abs().max() < TOL  # replication: exact, the shared k_norm included
+    pooled_model = load_model(qwen3_dir, num_kv_heads=1)
+    assert pooled_model.config.num_kv_heads == 1
+    pooled = PagedRunner(pooled_model).step([(prompt, 0, [])], all_logits=True)
+    assert torch.isfinite(pooled).all() and (pooled - native).abs().max() > 100 * TOL  # served, approximately
+    with pytest.raises(ValueError, match="refit' cannot pool Qwen3ForCausalLM.*use kv_head_method='mean'"):
+        load_refit_model(qwen3_dir, 1, list(range(3, 200)))
