@@ -133,6 +133,7 @@ def cases(shape: Shape, dtype: torch.dtype, kv_dtype: torch.dtype) -> list[tuple
     out = [
         ("rms_norm", lambda: rms_norm(x, w, 1e-5)),
         ("rms_norm+residual", lambda: rms_norm(x, w, 1e-5, residual=x)),
+        ("rms_norm per head (Qwen3 q/k)", lambda: rms_norm(q, w[:d], 1e-6)),
         ("silu_and_mul", lambda: silu_and_mul(gate_up)),
         ("rotary+kv_write", lambda: rotary_and_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slots)),
         ("rotary", lambda: apply_rotary(q, k, positions, cos_sin)),
