@@ -162,7 +162,7 @@ def timing_headers(state: ServerState, preps: list[Prepared], results: list[Coll
 
     def ms(seconds: float) -> str:
         return str(int(1000 * seconds))
-    return {"x-compute-type": resolved_setting(state.engine, "device").split(":")[0],
+    return {"x-compute-type": _compute_type(state),
             "x-compute-time": f"{total:.6f}", "x-compute-characters": str(sum(len(x.prompt) for x in preps)),
             "x-total-time": ms(total), "x-validation-time": ms(validation), "x-queue-time": ms(queue),
             "x-inference-time": ms(inference), "x-time-per-token": ms(inference / max(1, *generated)),
@@ -211,8 +211,14 @@ async def generate_stream(state: ServerState, request: Request, body: GenerateRe
     prep = prepare(state, body.inputs, body.parameters, want_logprobs=True)
     request_id = engine_ids(response_id(request, "tgi"), 1)[0]
     stream = submit(state, prep.prompt_ids, prep.params, request_id, _NAMES)
+    # what TGI sends on a stream (its timing headers need the end, which a stream's headers precede)
+    compute = {"x-compute-type": _compute_type(state), "x-compute-characters": str(len(prep.prompt))}
     return EventStreamResponse(_events(state, prep, stream, body.parameters),
-                               more_ready=lambda: state.engine.outputs_ready([request_id]))
+                               more_ready=lambda: state.engine.outputs_ready([request_id]), headers=compute)
+
+
+def _compute_type(state: ServerState) -> str:
+    return resolved_setting(state.engine, "device").split(":")[0]
 
 
 def tgi_router() -> APIRouter:

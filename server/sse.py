@@ -22,10 +22,12 @@ class EventStreamResponse(StreamingResponse):
     iterator either way so its `finally` (which aborts the engine request) runs at once, not at GC.
     """
 
-    def __init__(self, events: AsyncIterator[str], more_ready: Callable[[], bool] | None = None):
+    def __init__(self, events: AsyncIterator[str], more_ready: Callable[[], bool] | None = None,
+                 headers: dict[str, str] | None = None):
         """more_ready: whether the requests behind `events` already have further outputs queued; while it
-        says so, events are gathered and go out in one body message (see stream_response)."""
-        super().__init__(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        says so, events are gathered and go out in one body message (see stream_response). headers: sent
+        beside SSE_HEADERS."""
+        super().__init__(events, media_type="text/event-stream", headers={**SSE_HEADERS, **(headers or {})})
         self.more_ready = more_ready
 
     async def stream_response(self, send: Send) -> None:

@@ -162,3 +162,12 @@ def test_generate_answers_tgis_timing_headers(client):
     assert int(h["x-time-per-token"]) <= int(h["x-inference-time"]) // 6 + 1
     batch = client.post("/generate", json={"inputs": ["a", "bb", "ccc"], "parameters": {"max_new_tokens": 4}})
     assert int(batch.headers["x-generated-tokens"]) == 12 and int(batch.headers["x-compute-characters"]) == 6
+
+
+def test_generate_stream_answers_tgis_stream_headers(client):
+    with client.stream("POST", "/generate_stream", json={"inputs": "Hello there",
+                                                         "parameters": {"max_new_tokens": 3}}) as r:
+        body = "".join(r.iter_text())
+    assert r.status_code == 200 and body.count("data:") == 3
+    assert r.headers["x-compute-type"] == "cpu" and r.headers["x-compute-characters"] == str(len("Hello there"))
+    assert r.headers["x-accel-buffering"] == "no" and r.headers["x-request-id"]
