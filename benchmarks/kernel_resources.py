@@ -136,6 +136,8 @@ def cases(shape: Shape, dtype: torch.dtype, kv_dtype: torch.dtype) -> list[tuple
         ("rms_norm per head (Qwen3 q/k)", lambda: rms_norm(q, w[:d], 1e-6)),
         ("silu_and_mul", lambda: silu_and_mul(gate_up)),
         ("rotary+kv_write", lambda: rotary_and_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slots)),
+        ("rotary+kv_write+qk_norm", lambda: rotary_and_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slots,
+                                                                qk_norm=(w[:d], w[:d], 1e-6))),
         ("rotary", lambda: apply_rotary(q, k, positions, cos_sin)),
         ("kv_write", lambda: write_kv_cache(k, v, k_cache, v_cache, slots)),
         ("decode, 1 split", lambda: paged_decode_attention(q[:2], k_cache, v_cache, lens, tables, scale, 64,

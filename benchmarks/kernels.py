@@ -1,7 +1,8 @@
 """Kernel micro-benchmarks: ours vs the torch peers vs a roofline limit measured in the same run.
 
     python benchmarks/kernels.py             # CUDA only: decode, prefill, rms_norm, silu_and_mul,
-                                             #   rotary+kv_write, decode+rotary+kv_write (bf16)
+                                             #   rotary+kv_write (+ Qwen3's q/k norm),
+                                             #   decode+rotary+kv_write (bf16)
     python benchmarks/kernels.py --dry-run   # CPU smoke: tiny inputs, reference functions, no timing claims
 
 Timings are medians over CUDA-event runs after warm-up (triton.testing.do_bench, return_mode="median"),
@@ -231,8 +232,10 @@ def bench_small_ops(bench: Bench, bandwidth: float, tokens: int, hidden: int, in
 
 
 def bench_rotary_cache(bench: Bench, bandwidth: float, tokens: int, heads: int, kv_heads: int, head_dim: int,
-                       block_size: int, max_pos: int = 8192) -> Row:
+                       block_size: int, max_pos: int = 8192, qk_norm: bool = False) -> Row:
     """Rotary fused with the KV-cache write vs our two unfused kernels (apply_rotary, then write_kv_cache).
+    qk_norm (Qwen3): the per-head q/k RMSNorm folded in too, against our RMSNorm kernel on q and on k (each
+    copying its strided view first) and then the fused rotary + write: what the model ran before the fold.
 
     q, k, v are column slices of one [T, (H + 2 KVH) D] tensor, as the model's fused qkv matmul leaves
     them; tokens land on shuffled slots of a cache with room for them all.
@@ -248,23 +251,33 @@ def bench_rotary_cache(bench: Bench, bandwidth: float, tokens: int, heads: int, 
     v_cache = bench.randn(num_blocks, block_size, kv_heads, head_dim)
     slots = torch.randperm(num_blocks * block_size, device=bench.device)[:tokens]
     if bench.dry_run:
-        fused, rotate, write = ref.rotary_and_write_kv, ref.apply_rotary, ref.write_kv_cache
+        fused, rotate, write, norm = ref.rotary_and_write_kv, ref.apply_rotary, ref.write_kv_cache, ref.rms_norm
     else:
         from kernels.cache import write_kv_cache as write
+        from kernels.norm import rms_norm as norm
         from kernels.rotary import apply_rotary as rotate
         from kernels.rotary_cache import rotary_and_write_kv as fused
+    weights = (bench.randn(head_dim) + 1, bench.randn(head_dim) + 1, 1e-6) if qk_norm else None
     # both allocate their outputs per call, as the attention layer runs them
-    ours = lambda: fused(q, k, v, positions, cos_sin, k_cache, v_cache, slots)  # noqa: E731
+    ours = lambda: fused(q, k, v, positions, cos_sin, k_cache, v_cache, slots, qk_norm=weights)  # noqa: E731
 
     def unfused():
         q_rot, k_rot = rotate(q, k, positions, cos_sin)
         write(k_rot, v, k_cache, v_cache, slots)
 
+    def norms_then_fused():
+        q_normed, k_normed = norm(q, weights[0], weights[2])[0], norm(k, weights[1], weights[2])[0]
+        fused(q_normed, k_normed, v, positions, cos_sin, k_cache, v_cache, slots)
+
     el = qkv.element_size()
     # read q, k, v and each token's cos/sin row (+ its position and slot); write q_out and the k, v cache rows
     moved = tokens * ((2 * heads + 4 * kv_heads) * head_dim * el + head_dim * cos_sin.element_size() + 16)
-    return Row("rotary+kv_write", f"T={tokens} H={heads}/{kv_heads} D={head_dim} bs={block_size}",
-               bench.time_us(ours), "ours-unfused (2 kernels)", bench.time_us(unfused), moved / bandwidth * 1e6)
+    shape = f"T={tokens} H={heads}/{kv_heads} D={head_dim} bs={block_size}"
+    if qk_norm:
+        return Row("rotary+kv_write+qk_norm", shape, bench.time_us(ours), "ours-unfused (2 norms + 1)",
+                   bench.time_us(norms_then_fused), moved / bandwidth * 1e6)
+    return Row("rotary+kv_write", shape, bench.time_us(ours), "ours-unfused (2 kernels)", bench.time_us(unfused),
+               moved / bandwidth * 1e6)
 
 
 def bench_decode_rotary(bench: Bench, bandwidth: float, batch: int, context: int, heads: int, kv_heads: int,
@@ -336,6 +349,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         rows += bench_prefill(bench, tflops, 2, 24, heads, kv_heads, 16, 8)
         rows += bench_small_ops(bench, bandwidth, 5, 64, 96)
         rows.append(bench_rotary_cache(bench, bandwidth, 7, heads, kv_heads, 16, 4))
+        rows.append(bench_rotary_cache(bench, bandwidth, 7, heads, kv_heads, 16, 4, qk_norm=True))
         rows.append(bench_decode_rotary(bench, bandwidth, 3, 40, heads, kv_heads, 16, 8, 64))
     else:
         rows += bench_decode(bench, bandwidth, 64, 4096, heads, kv_heads, 128, 16)
@@ -346,6 +360,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
         rows += bench_small_ops(bench, bandwidth, 4096, 4096, 14336)
         for tokens in (4096, 64):  # prefill-like, decode-like (one captured step's launch)
             rows.append(bench_rotary_cache(bench, bandwidth, tokens, heads, kv_heads, 128, 16))
+        for tokens in (4096, 64, 1):  # Qwen3-8B's heads (32/8, D 128); 1: a batch-1 decode step
+            rows.append(bench_rotary_cache(bench, bandwidth, tokens, heads, kv_heads, 128, 16, qk_norm=True))
         # a decode step's attention, as the 1B shape's graphs run it at batch 1 and 64 (max_model_len 2,048
         # sets their split count), and the decode target's shape
         for batch, context, head_dim, max_seq_len in ((1, 512, 64, 2048), (64, 512, 64, 2048),

@@ -143,12 +143,17 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
 
 def rotary_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                         cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        slot_mapping: torch.Tensor, q_out: torch.Tensor | None = None) -> torch.Tensor:
+                        slot_mapping: torch.Tensor, q_out: torch.Tensor | None = None,
+                        qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
     """apply_rotary, then write_kv_cache of the rotated k and v; returns the rotated q [T, H, D].
 
     The oracle of kernels/rotary_cache.py, composed from the two unfused twins above so it shares no code
     with the fused kernel. q_out, when given, receives the rotated q (the kernel's optional output buffer).
+    qk_norm: (q weight [D], k weight [D], eps): rms_norm over each head of q and k first (Qwen3).
     """
+    if qk_norm is not None:
+        q_weight, k_weight, eps = qk_norm
+        q, k = rms_norm(q, q_weight, eps)[0], rms_norm(k, k_weight, eps)[0]
     q_rot, k_rot = apply_rotary(q, k, positions, cos_sin_cache)
     write_kv_cache(k_rot, v, k_cache, v_cache, slot_mapping)
     return q_rot if q_out is None else q_out.copy_(q_rot)

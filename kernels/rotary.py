@@ -11,21 +11,37 @@ import triton.language as tl
 
 
 @triton.jit
-def _rotate_rows(X, OUT, cos, sin, stride_xh, stride_oh,
-                 NUM_HEADS: tl.constexpr, H_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+def _rotate_rows(X, OUT, cos, sin, stride_xh, stride_oh, W, eps,
+                 NUM_HEADS: tl.constexpr, H_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+                 HAS_NORM: tl.constexpr):
     # X, OUT: one token's row of heads, [NUM_HEADS, 2 * HALF] at head stride stride_xh / stride_oh.
+    # HAS_NORM: RMSNorm each head over its 2 * HALF values with weight W first (Qwen3's q/k norm).
     h = tl.arange(0, H_PAD)
     i = tl.arange(0, HALF_PAD)
     mask = (h < NUM_HEADS)[:, None] & (i < HALF)[None, :]  # [H_PAD, HALF_PAD]: pads heads and HALF (D 80, 96)
     src = X + h[:, None] * stride_xh + i[None, :]
     x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    if HAS_NORM:
+        x1, x2 = _rms_norm_halves(x1, x2, W, eps, i, X.dtype.element_ty, HALF)
     # Round to the input's dtype first, then to OUT's. OUT may be a narrower KV cache (fp8, from
     # kernels/rotary_cache.py): it then gets the same double rounding as rotating here and casting in the
     # cache write. A no-op cast when the dtypes agree (q, or a cache in the model's dtype).
     dst = OUT + h[:, None] * stride_oh + i[None, :]
     tl.store(dst, (x1 * cos - x2 * sin).to(X.dtype.element_ty).to(OUT.dtype.element_ty), mask=mask)
     tl.store(dst + HALF, (x2 * cos + x1 * sin).to(X.dtype.element_ty).to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_halves(x1, x2, W, eps, i, dtype: tl.constexpr, HALF: tl.constexpr):
+    """RMSNorm of rows split in halves [rows, HALF_PAD] (padding lanes zero), rounded as kernels/norm.py rounds:
+    the normed value to the input's dtype, then times the weight, rounded again."""
+    inv = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)[:, None]
+    w1 = tl.load(W + i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
+    w2 = tl.load(W + HALF + i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
+    y1 = (w1 * (x1 * inv).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    y2 = (w2 * (x2 * inv).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    return y1, y2
 
 
 @triton.jit
@@ -39,10 +55,10 @@ def _rotary_kernel(Q, K, QO, KO, POS, CS, stride_qt, stride_qh, stride_kt, strid
     i = tl.arange(0, HALF_PAD)
     cos = tl.load(CS + pos * stride_cs + i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
     sin = tl.load(CS + pos * stride_cs + HALF + i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
-    _rotate_rows(Q + t * stride_qt, QO + t * stride_qot, cos, sin, stride_qh, stride_qoh,
-                 NUM_HEADS, QH_PAD, HALF, HALF_PAD)
-    _rotate_rows(K + t * stride_kt, KO + t * stride_kot, cos, sin, stride_kh, stride_koh,
-                 NUM_KV_HEADS, KH_PAD, HALF, HALF_PAD)
+    _rotate_rows(Q + t * stride_qt, QO + t * stride_qot, cos, sin, stride_qh, stride_qoh, Q, 0.0,
+                 NUM_HEADS, QH_PAD, HALF, HALF_PAD, False)
+    _rotate_rows(K + t * stride_kt, KO + t * stride_kot, cos, sin, stride_kh, stride_koh, K, 0.0,
+                 NUM_KV_HEADS, KH_PAD, HALF, HALF_PAD, False)
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,

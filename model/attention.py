@@ -34,17 +34,19 @@ class GQAAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, ops) if config.qk_norm else None
 
     def split_qkv(self, hidden: torch.Tensor):
-        """hidden [T, hidden] -> q [T, H, D], k [T, KVH, D], v [T, KVH, D], unrotated (q and k normed if qk_norm).
+        """hidden [T, hidden] -> q [T, H, D], k [T, KVH, D], v [T, KVH, D], unrotated and (qk_norm) unnormed.
 
         Strided views of the one qkv matmul's output (column slices): the ops take strides, not copies.
         """
         num_tokens = hidden.shape[0]
         q, k, v = self.qkv_proj(hidden).split(self.split_sizes, dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q)[0], self.k_norm(k)[0]
-        return q, k, v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        return (q.view(num_tokens, self.num_heads, self.head_dim),
+                k.view(num_tokens, self.num_kv_heads, self.head_dim),
+                v.view(num_tokens, self.num_kv_heads, self.head_dim))
+
+    def qk_norm(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(q weight, k weight, eps) of Qwen3's per-head norm, which the ops apply before RoPE; None without."""
+        return None if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
 
     def project_qkv(self, hidden: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor):
         """hidden [T, hidden] -> q [T, H, D], k [T, KVH, D] (both rotated), v [T, KVH, D].
@@ -52,6 +54,8 @@ class GQAAttention(nn.Module):
         For callers that want the rotated k itself (model/explain.py); forward never materialises it.
         """
         q, k, v = self.split_qkv(hidden)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q)[0], self.k_norm(k)[0]
         q, k = self.ops.apply_rotary(q, k, positions, cos_sin_cache)
         return q, k, v
 
@@ -59,7 +63,8 @@ class GQAAttention(nn.Module):
                 cos_sin_cache: torch.Tensor) -> torch.Tensor:
         q, k, v = self.split_qkv(hidden)
         k_cache, v_cache = kv
-        # rotate q and k, write rotated k and v to their cache slots, attend: one or two launches on the
-        # Triton path (model/ops.py)
-        out = self.ops.write_kv_and_attend(q, k, v, batch, cos_sin_cache, k_cache, v_cache, self.scale)  # [T, H, D]
+        # (norm,) rotate q and k, write rotated k and v to their cache slots, attend: one or two launches on
+        # the Triton path (model/ops.py)
+        out = self.ops.write_kv_and_attend(q, k, v, batch, cos_sin_cache, k_cache, v_cache, self.scale,
+                                           self.qk_norm())  # [T, H, D]
         return self.o_proj(out.reshape(hidden.shape[0], self.num_heads * self.head_dim))

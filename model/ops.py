@@ -27,10 +27,12 @@ class TorchOps:
         return reference.paged_attention(q, k_cache, v_cache, batch.query_start_loc, batch.seq_lens,
                                          batch.block_tables, scale, max_query_len=batch.max_query_len)
 
-    def write_kv_and_attend(self, q, k, v, batch: StepBatch, cos_sin_cache, k_cache, v_cache, scale: float):
+    def write_kv_and_attend(self, q, k, v, batch: StepBatch, cos_sin_cache, k_cache, v_cache, scale: float,
+                            qk_norm=None):
         """q [T, H, D], k / v [T, KVH, D] unrotated -> attention output [T, H, D]; rotated k and v land in
-        their cache slots first."""
-        q = self.rotary_and_write_kv(q, k, v, batch.positions, cos_sin_cache, k_cache, v_cache, batch.slot_mapping)
+        their cache slots first. qk_norm: (q weight, k weight, eps) of a per-head RMSNorm before RoPE."""
+        q = self.rotary_and_write_kv(q, k, v, batch.positions, cos_sin_cache, k_cache, v_cache, batch.slot_mapping,
+                                     qk_norm=qk_norm)
         return self.attend(q, k_cache, v_cache, batch, scale)
 
 
@@ -63,16 +65,21 @@ class TritonOps:
                                               batch.block_tables, scale, batch.max_query_len, batch.max_seq_len,
                                               tiles=batch.attention_tiles, tile_rows=batch.attention_tile_rows)
 
-    def write_kv_and_attend(self, q, k, v, batch: StepBatch, cos_sin_cache, k_cache, v_cache, scale: float):
+    def write_kv_and_attend(self, q, k, v, batch: StepBatch, cos_sin_cache, k_cache, v_cache, scale: float,
+                            qk_norm=None):
         """TorchOps.write_kv_and_attend: one launch for a decode-only step when decode_fusion is on (the
-        shape test is dispatch.py's, from host ints), else the fused rotary + cache write, then attend."""
+        shape test is dispatch.py's, from host ints), else the fused rotary + cache write (+ q/k norm), then
+        attend."""
         if (self.decode_fusion and batch.attention_tiles is None and batch.max_query_len == 1
                 and q.shape[0] == batch.seq_lens.shape[0]):
+            if qk_norm is not None:  # not folded into the one-launch decode kernel: normed ahead of it
+                q, k = self.rms_norm(q, qk_norm[0], qk_norm[2])[0], self.rms_norm(k, qk_norm[1], qk_norm[2])[0]
             tickets = self.tickets if q.shape[0] * k.shape[1] <= self.tickets.numel() else None
             return self._decode_rotary(q, k, v, batch.positions, cos_sin_cache, k_cache, v_cache,
                                        batch.slot_mapping, batch.seq_lens, batch.block_tables, scale,
                                        batch.max_seq_len, tickets=tickets)
-        q = self.rotary_and_write_kv(q, k, v, batch.positions, cos_sin_cache, k_cache, v_cache, batch.slot_mapping)
+        q = self.rotary_and_write_kv(q, k, v, batch.positions, cos_sin_cache, k_cache, v_cache, batch.slot_mapping,
+                                     qk_norm=qk_norm)
         return self.attend(q, k_cache, v_cache, batch, scale)
 
 

@@ -52,12 +52,12 @@ def caches(storage: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return storage[0, 1:-1], storage[1, 1:-1]  # guard blocks 0 and -1 of each half are never addressed
 
 
-def run_both(q, k, v, positions, storage, slots, cos_sin):
+def run_both(q, k, v, positions, storage, slots, cos_sin, qk_norm=None):
     """(q_out, storage) from the kernel and from the reference, each starting from the same poison."""
     expect_storage = storage.clone()
-    q_expect = ref.rotary_and_write_kv(q, k, v, positions, cos_sin, *caches(expect_storage), slots)
+    q_expect = ref.rotary_and_write_kv(q, k, v, positions, cos_sin, *caches(expect_storage), slots, qk_norm=qk_norm)
     q_out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device)
-    res = rotary_and_write_kv(q, k, v, positions, cos_sin, *caches(storage), slots, q_out=q_out)
+    res = rotary_and_write_kv(q, k, v, positions, cos_sin, *caches(storage), slots, q_out=q_out, qk_norm=qk_norm)
     assert res is q_out
     return q_out, q_expect, storage, expect_storage
 
@@ -91,6 +91,30 @@ def test_rotary_and_write_kv(tokens, cfg, dtype):
     assert_same(got, expect, dtype)
     written = (~got.isnan()).flatten(0, 2).all(-1).all(-1).sum().item()  # [2 * blocks * bs] rows
     assert written == 2 * int((slots >= 0).sum())  # v is a plain copy: exactly the real rows changed
+
+
+def norm_weights(head_dim: int, dtype, seed: int, device=DEVICE):
+    """Qwen3's q/k norm: (q weight, k weight, eps), random and different so that a swap shows."""
+    gen = torch.Generator().manual_seed(seed)
+    q_weight, k_weight = (torch.rand(head_dim, generator=gen) + 0.5 for _ in range(2))
+    return q_weight.to(dtype).to(device), k_weight.to(dtype).to(device), 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
+def test_rotary_and_write_kv_with_qk_norm(cfg, dtype):
+    """Qwen3: each head of q and k RMS-normed in the kernel before its rotation, as rms_norm then the rest."""
+    heads, kv_heads, head_dim, block_size = cfg
+    q, k, v, pos, slots, storage = make_inputs(13, heads, kv_heads, head_dim, dtype, dtype, block_size,
+                                               seed=seed_of("norm", cfg, dtype))
+    q.mul_(3.0)  # rows far from unit RMS, so a missing norm cannot pass
+    qk_norm = norm_weights(head_dim, dtype, seed=seed_of("w", cfg))
+    q_out, q_expect, got, expect = run_both(q, k, v, pos, storage, slots, rope_table(head_dim), qk_norm)
+    assert not torch.isnan(q_out).any()
+    assert_same(q_out, q_expect, dtype)
+    assert_same(got, expect, dtype)
+    plain = ref.rotary_and_write_kv(q, k, v, pos, rope_table(head_dim), *caches(storage.clone()), slots)
+    assert (plain.float() - q_out.float()).abs().max() > 0.1  # the norm changed something
 
 
 def test_all_padding_rotates_q_and_leaves_the_cache_alone():
@@ -176,7 +200,8 @@ def test_model_forward_triton_equals_torch_and_unfused(tiny_llama_dir):
 
     ops = triton_model.ops  # shared by every layer: swap in the unfused pair, as attention ran it before
 
-    def unfused(q, k, v, positions, cos_sin, k_cache, v_cache, slots):
+    def unfused(q, k, v, positions, cos_sin, k_cache, v_cache, slots, qk_norm=None):
+        assert qk_norm is None  # (a LLaMA)
         q, k = ops.apply_rotary(q, k, positions, cos_sin)
         write_kv_cache(k, v, k_cache, v_cache, slots)
         return q
@@ -204,3 +229,15 @@ def test_gpu_rotary_and_write_kv_bf16(head_dim, cache_dtype):
     # fp8: one step of its 3-bit mantissa, in case a cvt rounds a tie the other way from torch
     tol = dict(atol=1e-2, rtol=1e-2) if cache_dtype == torch.bfloat16 else dict(atol=2 ** -9, rtol=0.13)
     torch.testing.assert_close(got.float(), expect.float(), equal_nan=True, **tol)
+
+
+@gpu
+@pytest.mark.parametrize("head_dim", [128, 64])
+def test_gpu_rotary_and_write_kv_with_qk_norm_bf16(head_dim):
+    q, k, v, pos, slots, storage = make_inputs(4096, 32, 8, head_dim, torch.bfloat16, torch.bfloat16, 16,
+                                               seed=8, num_padding=300)
+    qk_norm = norm_weights(head_dim, torch.bfloat16, seed=9)
+    q_out, q_expect, got, expect = run_both(q, k, v, pos, storage, slots, rope_table(head_dim), qk_norm)
+    assert not torch.isnan(q_out).any()
+    torch.testing.assert_close(q_out.float(), q_expect.float(), atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(got.float(), expect.float(), equal_nan=True, atol=2e-2, rtol=1e-2)

@@ -29,11 +29,14 @@ def test_config_and_weights_load_the_norms(qwen3_dir):
     assert not torch.equal(attn.q_norm.weight, attn.k_norm.weight)  # random, so a swap would show
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton-decode-fusion"])
 def test_prefill_and_decode_match_transformers(qwen3_dir, backend):
-    if backend == "triton":
+    """The torch ops norm q and k apart; the Triton ones inside the RoPE + cache-write kernel, or ahead of
+    the one-launch decode kernel (decode_fusion)."""
+    if backend != "torch":
         pytest.importorskip("kernels.dispatch")
-    hf, model = load_hf_model(qwen3_dir), load_model(qwen3_dir, attention_backend=backend)
+    hf, model = load_hf_model(qwen3_dir), load_model(qwen3_dir, attention_backend=backend.split("-")[0])
+    model.ops.decode_fusion = backend.endswith("fusion")
     tokens = torch.randint(3, model.config.vocab_size, (1, 19), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         ref = hf(tokens).logits[0]
