@@ -115,3 +115,19 @@ def assert_equal_up_to_ties(got, want, max_gap: float) -> int:
         assert lp1 - lp2 <= max_gap, f"prompt {i} ({PROMPTS[i]!r}) diverges at token {first} without a near-tie"
         assert g.token_ids[first] in (top1, top2)
     return whole
+
+
+@gpu
+@pytest.mark.parametrize("decode_fusion", [False, True], ids=["", "decode-fusion"])
+def test_gpu_greedy_tiny_qwen3_triton_equals_torch_float32(tmp_path_factory, decode_fusion):
+    """Qwen3's q/k norm inside the RoPE + cache-write kernel (or ahead of the fused decode kernel) on CUDA,
+    with graphs, against the torch path: the same 64 greedy tokens in float32 (a random tiny model; no real
+    Qwen3 checkpoint can be fetched here)."""
+    from tests.tiny_models import make_tiny_checkpoint
+    model_dir = make_tiny_checkpoint(tmp_path_factory.mktemp("qwen3_gpu"), architecture="Qwen3ForCausalLM",
+                                     head_dim=64, hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
+                                     max_position_embeddings=4096, random_norms=True)
+    want, _ = greedy_run(model_dir, "torch", "float32", enforce_eager=True)
+    got, replays = greedy_run(model_dir, "triton", "float32", enforce_eager=False, decode_fusion=decode_fusion)
+    assert replays > 0
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
