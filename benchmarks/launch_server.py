@@ -47,6 +47,9 @@ def write_dummy_checkpoint(preset: str, out_dir: Path, dtype: str = "bfloat16") 
                     p + "mlp.gate_proj.weight": rand(i, h), p + "mlp.up_proj.weight": rand(i, h),
                     p + "mlp.down_proj.weight": rand(h, i), p + "input_layernorm.weight": torch.ones(h, dtype=dt),
                     p + "post_attention_layernorm.weight": torch.ones(h, dtype=dt)}
+        if cfg.get("architectures") == ["Qwen3ForCausalLM"]:
+            tensors |= {p + "self_attn.q_norm.weight": torch.ones(d, dtype=dt),
+                        p + "self_attn.k_norm.weight": torch.ones(d, dtype=dt)}
     if not cfg.get("tie_word_embeddings"):
         tensors["lm_head.weight"] = rand(v, h)
     out_dir.mkdir(parents=True, exist_ok=True)

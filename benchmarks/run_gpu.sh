@@ -10,7 +10,7 @@
 #
 #   bash benchmarks/run_gpu.sh [all|ours|peers]     # default all
 # Knobs (environment): BUDGET (s), PEERS_RESERVE (s kept for the peers, default 170), SKIP (space-separated
-# step names: pytest kernels step_overhead host_overhead profile prefill_step speculative latency latency_cublaslt latency_decode_fusion latency_compile profile_compile gemm_shapes latency_b64 latency_b64_decode_fusion throughput_1b throughput_penalized throughput_sampled throughput_top_k throughput_prefix throughput_prefix_off serving serving_eager_prefill serving_engine_process throughput_8b tune_kernels peers),
+# step names: pytest kernels step_overhead host_overhead profile prefill_step speculative latency latency_cublaslt latency_decode_fusion latency_compile profile_compile gemm_shapes latency_b64 latency_b64_decode_fusion latency_qwen3 throughput_1b throughput_penalized throughput_sampled throughput_top_k throughput_prefix throughput_prefix_off serving serving_eager_prefill serving_engine_process throughput_8b tune_kernels peers),
 # ENGINE_EXTRA (engine flags for our benchmarks, e.g. "--no-overlap-scheduling"), PYTEST_ARGS (extra pytest arguments, e.g. "-k gpu"), SMOKE=1 (CPU smoke test of this script: tiny random model, few requests, peers with PEERS_TINY=1).
 set -u
 cd "$(dirname "$0")/.."
@@ -77,12 +77,16 @@ main() {
     git log -1 --format='commit %H %s' 2>/dev/null; git status --short 2>/dev/null | head -20
   } 2>&1 | tee "$RAW/env_ours.txt"
 
-  local dummy1=llama-3.2-1b dummy8=llama-3.1-8b dev=() nreq=256 lens=(100 1024) lat_iters=5 rates=8,16,32,inf nprom=128 prefix=1024
+  local dummy1=llama-3.2-1b dummy8=llama-3.1-8b dummy_qwen3=qwen3-0.6b dev=() nreq=256 lens=(100 1024) lat_iters=5 rates=8,16,32,inf nprom=128 prefix=1024
   local serve_extra="--dtype bfloat16 --max-model-len 2048 $ENGINE_EXTRA"
   if [ "$SMOKE" = 1 ]; then  # CPU: a tiny random model in the same shapes' spirit, few requests
     printf '%s' '{"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
       "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "rope_theta": 500000.0,
       "max_position_embeddings": 4096, "tie_word_embeddings": true}' >"$RAW/tiny_config.json"
+    printf '%s' '{"architectures": ["Qwen3ForCausalLM"], "vocab_size": 512, "hidden_size": 64,
+      "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+      "head_dim": 32, "max_position_embeddings": 4096, "tie_word_embeddings": true}' >"$RAW/tiny_qwen3.json"
+    dummy_qwen3=$RAW/tiny_qwen3.json
     dummy1=$RAW/tiny_config.json dummy8=$RAW/tiny_config.json dev=(--device cpu) nreq=8 lens=(16 64) lat_iters=2 prefix=32
     rates=8,inf nprom=4 serve_extra="--device cpu --max-model-len 512"
     export PEERS_DEVICE=cpu PEERS_TINY=1
@@ -139,6 +143,9 @@ main() {
     step latency_b64_decode_fusion 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 64 \
       --input-len 128 --output-len 128 --num-iters "$lat_iters" --decode-fusion \
       --json "$RAW/latency_b64_decode_fusion.json" $ENGINE_EXTRA
+    # Qwen3-0.6B's shape at batch 1: its per-head q/k norm runs inside the RoPE + cache-write kernel
+    step latency_qwen3 45 $PY benchmarks/latency.py --dummy --config "$dummy_qwen3" "${dev[@]}" --batch-size 1 \
+      --input-len 128 --output-len 256 --num-iters "$lat_iters" --json "$RAW/latency_qwen3.json" $ENGINE_EXTRA
     step throughput_1b 100 $PY benchmarks/throughput.py --dummy --config "$dummy1" "${dev[@]}" --num-requests "$nreq" \
       --input-len "${lens[@]}" --output-len "${lens[@]}" --seed 0 --json "$RAW/throughput_1b.json" $ENGINE_EXTRA
     # the same requests, 10% of them with a frequency penalty: their steps run the forward ahead and sample
@@ -252,6 +259,9 @@ row("b1 decode tok/s, rotary folded into decode (peer: off)",
     g(data, "latency_decode_fusion", "median", "decode_tok_s"), g(lat, "median", "decode_tok_s"))
 row("b64 decode tok/s, rotary folded into decode (peer: off)",
     g(data, "latency_b64_decode_fusion", "median", "decode_tok_s"), g(l64, "median", "decode_tok_s"))
+lq = data.get("latency_qwen3", {})
+row("b1 decode tok/s, Qwen3-0.6B shape (peer: its weight-read roofline)", g(lq, "median", "decode_tok_s"),
+    g(lq, "roofline", "roofline_tok_s"))
 row("b1 decode tok/s, compile max-autotune (peer: off)", g(data, "latency_compile", "median", "decode_tok_s"),
     g(lat, "median", "decode_tok_s"), f"profiled {f(g(data, 'profile_compile', 'total_us_per_step'))} us/step "
     f"(off: {f(g(data, 'profile_step', 'total_us_per_step'))})")

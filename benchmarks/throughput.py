@@ -40,6 +40,13 @@ PRESETS = {  # shapes of public checkpoints, for random-weight runs
     "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
                          max_position_embeddings=131072),
+    # Qwen3: LLaMA's shapes plus per-head q/k norms (head_dim 128 apart from hidden / heads in the 0.6B)
+    "qwen3-0.6b": dict(architectures=["Qwen3ForCausalLM"], vocab_size=151936, hidden_size=1024,
+                       intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                       head_dim=128, rope_theta=1000000.0, max_position_embeddings=40960, tie_word_embeddings=True),
+    "qwen3-8b": dict(architectures=["Qwen3ForCausalLM"], vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+                     num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                     rope_theta=1000000.0, max_position_embeddings=40960),
 }
 
 
