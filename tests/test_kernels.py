@@ -220,7 +220,8 @@ def test_benchmark_dry_run(capsys, tmp_path):
     from benchmarks.kernels import main
     rows = main(["--dry-run", "--json", str(tmp_path / "kernels.json")])
     assert {r.kernel for r in rows} == {"decode", "decode, float8_e4m3fn KV", "prefill", "rms_norm+res",
-                                        "silu_and_mul", "rotary+kv_write", "decode+rotary+kv_write"}
+                                        "silu_and_mul", "rotary+kv_write", "rotary+kv_write+qk_norm",
+                                        "decode+rotary+kv_write"}
     assert "frac of limit" in capsys.readouterr().out
     assert json.loads((tmp_path / "kernels.json").read_text())["dry_run"] is True
 
