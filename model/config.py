@@ -111,22 +111,19 @@ class ModelConfig:
                 raise ConfigError(f"config.json: {name} must be true or false, got {raw[name]!r}")
         if raw.get("mlp_bias"):
             raise ConfigError("config.json: mlp_bias=true is not supported (the MLP projections have no bias)")
-        window = raw.get("sliding_window") if raw.get("use_sliding_window", arch == "MistralForCausalLM") else None
-        if window is not None and (not _is_int(window) or window <= 0):
-            raise ConfigError(f"config.json: sliding_window must be a positive integer or null, got {window!r}")
         sizes = {name: _positive_int(raw, name) for name in ("vocab_size", "hidden_size", "intermediate_size",
                                                              "num_hidden_layers", "num_attention_heads")}
         heads = sizes["num_attention_heads"]
-        rope_params = raw.get("rope_parameters") if isinstance(raw.get("rope_parameters"), dict) else {}
         max_positions = _positive_int(raw, "max_position_embeddings", 2048)
         return cls(
             architecture=arch,
             **sizes,
             num_key_value_heads=_positive_int(raw, "num_key_value_heads", heads),
-            head_dim=_positive_int(raw, "head_dim", sizes["hidden_size"] // heads),
+            # (transformers' Qwen3Config defaults head_dim to 128, not hidden / heads)
+            head_dim=_positive_int(raw, "head_dim",
+                                   128 if arch == "Qwen3ForCausalLM" else sizes["hidden_size"] // heads),
             rms_norm_eps=_positive_number(raw, "rms_norm_eps", 1e-6),
-            # transformers >= 5 reads rope_parameters first; older configs have rope_theta at the top
-            rope_theta=_positive_number(rope_params if "rope_theta" in rope_params else raw, "rope_theta", 10000.0),
+            rope_theta=_positive_number(_rope_theta_source(raw), "rope_theta", 10000.0),
             rope_scaling=_parse_rope_scaling(raw, max_positions),
             max_position_embeddings=max_positions,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
@@ -134,7 +131,7 @@ class ModelConfig:
             qk_norm=arch == "Qwen3ForCausalLM",
             bos_token_id=_token_ids(raw, "bos_token_id")[0] if raw.get("bos_token_id") is not None else None,
             eos_token_ids=_token_ids(raw, "eos_token_id"),
-            sliding_window=window,
+            sliding_window=_sliding_window(raw, arch, sizes["num_hidden_layers"]),
         )
 
     @classmethod
@@ -149,9 +146,51 @@ def valid_kv_head_counts(num_attention_heads: int) -> list[int]:
     return [n for n in range(1, num_attention_heads + 1) if num_attention_heads % n == 0]
 
 
+def _sliding_window(raw: dict, arch: str, num_layers: int) -> int | None:
+    """The window transformers applies to some layer, or None. Mistral reads sliding_window alone (absent:
+    4,096); Qwen2/Qwen3 only under use_sliding_window (absent window: 4,096), and only on the layers from
+    max_window_layers (28) on, or those layer_types names "sliding_attention"; LLaMA has none."""
+    if arch == "MistralForCausalLM":
+        window = raw.get("sliding_window", 4096)
+    elif arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and raw.get("use_sliding_window"):
+        window = raw.get("sliding_window", 4096)
+        layer_types = raw.get("layer_types")
+        if layer_types is None:
+            first = raw.get("max_window_layers", 28)
+            if not _is_int(first) or first < 0:
+                raise ConfigError(f"config.json: max_window_layers must be a non-negative integer, got {first!r}")
+            window = window if first < num_layers else None
+        elif not isinstance(layer_types, list):
+            raise ConfigError(f"config.json: layer_types must be a list or null, got {layer_types!r}")
+        elif "sliding_attention" not in layer_types:
+            window = None
+    else:
+        return None
+    if window is not None and (not _is_int(window) or window <= 0):
+        raise ConfigError(f"config.json: sliding_window must be a positive integer or null, got {window!r}")
+    return window
+
+
+def _rope_scaling_dict(raw: dict):
+    # transformers >= 5 writes rope settings under rope_parameters; older configs use rope_scaling, which
+    # transformers takes first when both are there
+    return raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+
+
+def _rope_theta_source(raw: dict) -> dict:
+    """Where rope_theta is read, in transformers' order: the rope dict it uses, then the top level. Past those,
+    rope_parameters (a transformers-5 config with a rope_scaling added by hand, where transformers would fall
+    back to 10,000 and run a different model)."""
+    rope_params = raw.get("rope_parameters") if isinstance(raw.get("rope_parameters"), dict) else {}
+    scaling = _rope_scaling_dict(raw)
+    for source in (scaling if isinstance(scaling, dict) else {}, raw, rope_params):
+        if source.get("rope_theta") is not None:
+            return source
+    return raw
+
+
 def _parse_rope_scaling(raw: dict, max_position_embeddings: int) -> RopeScaling:
-    # transformers >= 5 writes rope settings under rope_parameters; older configs use rope_scaling.
-    scaling = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+    scaling = _rope_scaling_dict(raw)
     if not isinstance(scaling, dict):
         raise ConfigError(f"config.json: rope_scaling must be an object or null, got {scaling!r}")
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
@@ -163,9 +202,13 @@ def _parse_rope_scaling(raw: dict, max_position_embeddings: int) -> RopeScaling:
 
     def number(name: str, default: float) -> float:
         return _positive_number(scaling, name, default, where="rope_scaling.")
-    # (absent: the model's own context, as transformers takes it)
-    original = _positive_int(scaling, "original_max_position_embeddings", max_position_embeddings,
-                             where="rope_scaling.")
+    # a top-level value comes first (Phi-3 writes it there), then the rope dict's, then the model's context,
+    # as transformers takes it
+    if raw.get("original_max_position_embeddings") is not None:
+        original = _positive_int(raw, "original_max_position_embeddings")
+    else:
+        original = _positive_int(scaling, "original_max_position_embeddings", max_position_embeddings,
+                                 where="rope_scaling.")
     if rope_type == "yarn":
         return _parse_yarn(scaling, max_position_embeddings, original)
     if "factor" not in scaling:

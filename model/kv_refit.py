@@ -236,6 +236,9 @@ def refit_model(native_model, target_model, grams: list[torch.Tensor]) -> list[R
     src, dst = native_model.config.num_kv_heads, config.num_kv_heads
     if dst >= src or src % dst:
         raise ValueError(f"refit pools heads: target num_kv_heads={dst} must divide and be below {src}")
+    if config.qk_norm:  # its least squares assume keys linear in the layer input, which a per-head norm breaks
+        raise ValueError(f"refit cannot pool {config.architecture}'s heads: its per-head q/k norm makes keys "
+                         "nonlinear in the layer input; use kv_head_method='mean'")
     heads, head_dim = config.num_attention_heads, config.head_dim
     losses = []
     for layer_n, layer_t, gram in zip(native_model.model.layers, target_model.model.layers, grams, strict=True):

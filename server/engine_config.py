@@ -143,9 +143,10 @@ class EngineConfig(Settings):
         if self.max_model_len is None:
             return model.max_context
         if self.max_model_len > model.max_positions:
-            stretched = " (its YaRN-scaled context)" if model.max_positions > model.max_position_embeddings else ""
-            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
-                             f"max_position_embeddings={model.max_positions}{stretched}")
+            stretched = model.max_positions > model.max_position_embeddings
+            where = (f"context of {model.max_positions} positions (YaRN: original_max_position_embeddings x factor)"
+                     if stretched else f"max_position_embeddings={model.max_positions}")
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's {where}")
         if self.max_model_len > model.max_context:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's sliding_window="
                              f"{model.sliding_window}: sliding-window attention is not implemented, so sequences "

@@ -10,7 +10,8 @@ with the native model at the model's dtype.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+import logging
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -20,6 +21,8 @@ from model.kv_heads import KV_HEAD_METHODS, check_kv_head_method, valid_num_kv_h
 from model.kv_refit import collect_grams, refit_model
 from model.llama import load_model, resolve_dtype
 from model.perplexity import greedy_agreement, greedy_generate, perplexity, strided_windows
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,13 @@ def measure(spec: KVReportSpec, token_ids: list[int],
     for n in spec.num_kv_heads or ():
         if n not in valid:
             raise ValueError(f"num_kv_heads={n} is not valid for this model; valid values: {valid}")
+    if config.qk_norm and "refit" in spec.methods:  # model/kv_refit.py cannot fit a per-head k norm
+        if spec.methods == ("refit",):
+            raise ValueError(f"refit cannot pool {config.architecture}'s heads (its per-head q/k norm makes keys "
+                             "nonlinear in the layer input); measure --methods mean")
+        logger.warning("%s has a per-head q/k norm, which refit cannot fit: measuring mean pooling only",
+                       config.architecture)
+        spec = replace(spec, methods=tuple(m for m in spec.methods if m != "refit"))
     max_model_len = spec.max_model_len or config.max_context
     evaluation, calibration = split_tokens(token_ids, spec)
     prompts = _prompts(evaluation, spec)

@@ -16,6 +16,7 @@ from model.batch import StepBatch, build_step_batch, full_budget_batch
 from model.config import ModelConfig
 from model.kv_cache import KVCache
 from model.kv_dtype import resolve_kv_cache_dtype
+from model.rope import RotaryEmbedding
 from model.sampler import sample
 from server.compiled_forward import CompiledForward
 from server.cuda_graphs import DecodeGraphRunner, capture_sizes, graph_memory_reserve
@@ -71,6 +72,9 @@ class ModelRunner:
         self.model_config: ModelConfig = self.model.config
         self.eos_token_ids = eos_token_ids or self.model_config.eos_token_ids
         self.max_model_len = config.resolve_max_model_len(self.model_config)
+        rotary = getattr(model, "rotary", None)  # a cos/sin row per position the model has: GiBs under YaRN x 32
+        if rotary is not None and rotary.cos_sin_cache.shape[0] > self.max_model_len:
+            model.rotary = RotaryEmbedding(self.model_config, self.device, max_positions=self.max_model_len)
         self.block_size = config.block_size
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.graph_sizes = self._graph_sizes()

@@ -358,6 +358,39 @@ def test_sliding_window_model_runs_within_its_window(tmp_path):
         perplexity(model, tokens[0].tolist() * 2, window=window + 1, stride=8)
 
 
+@pytest.mark.parametrize("architecture, fields", [
+    ("MistralForCausalLM", {}),  # no sliding_window key: transformers' default window
+    ("MistralForCausalLM", {"sliding_window": None}),
+    ("MistralForCausalLM", {"sliding_window": 64, "use_sliding_window": False}),  # not a Mistral field
+    ("Qwen2ForCausalLM", {"use_sliding_window": True}),  # default window, on layers from 28: none of 2
+    ("Qwen2ForCausalLM", {"use_sliding_window": True, "max_window_layers": 1}),
+    ("Qwen3ForCausalLM", {"use_sliding_window": True, "sliding_window": 64, "max_window_layers": 2}),
+    ("Qwen3ForCausalLM", {"use_sliding_window": True, "sliding_window": 64,
+                          "layer_types": ["full_attention", "sliding_attention"]}),
+    ("Qwen3ForCausalLM", {"use_sliding_window": False, "sliding_window": 64,
+                          "layer_types": ["full_attention", "sliding_attention"]}),
+    ("Qwen2ForCausalLM", {"use_sliding_window": False, "sliding_window": 131072}),  # Qwen2.5's configs
+    ("LlamaForCausalLM", {"use_sliding_window": True, "sliding_window": 64}),  # not a LLaMA field
+])
+def test_sliding_window_is_the_one_transformers_applies(architecture, fields):
+    """Our context cap (the window, where full attention stops being the model's) against the window
+    transformers' own config class gives any layer."""
+    import transformers
+    from model.config import ModelConfig
+    cls = getattr(transformers, architecture.replace("ForCausalLM", "Config"))
+    raw = {**cls(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2).to_dict(), "architectures": [architecture]}
+    for name in ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types"):
+        raw.pop(name, None)
+    raw.update(fields)
+    hf = cls.from_dict(json.loads(json.dumps(raw)))
+    # Mistral's attention windows every layer; LLaMA's none, whatever fields its config carries
+    fixed = {"MistralForCausalLM": ["sliding_attention"], "LlamaForCausalLM": []}
+    layer_types = fixed[architecture] if architecture in fixed else hf.layer_types
+    hf_window = hf.sliding_window if "sliding_attention" in layer_types else None
+    assert ModelConfig.from_dict(raw).sliding_window == hf_window
+
+
 def test_config_reads_eos_list_and_head_dim(broken_dir):
     from model.config import ModelConfig
     _edit_config(broken_dir, eos_token_id=[2, 7], head_dim=32)

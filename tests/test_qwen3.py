@@ -16,9 +16,10 @@ from tests.tiny_models import load_hf_model, make_tiny_checkpoint
 def qwen3_dir(tmp_path_factory):
     # head_dim 32 over hidden 64 with 4 heads (Qwen3 sets head_dim apart from hidden / heads); attention_bias
     # covers all four projections in Qwen3, o_proj included (Qwen2 has none there)
+    # rms_norm_eps 0.05: large enough that the q/k norms reading another eps would show
     return make_tiny_checkpoint(tmp_path_factory.mktemp("qwen3"), architecture="Qwen3ForCausalLM", head_dim=32,
                                 num_attention_heads=4, num_key_value_heads=2, attention_bias=True,
-                                random_norms=True)
+                                random_norms=True, rms_norm_eps=0.05)
 
 
 def test_config_and_weights_load_the_norms(qwen3_dir):
@@ -75,3 +76,24 @@ def test_kv_heads_replicate_exactly_pool_by_mean_and_refuse_refit(qwen3_dir):
     assert torch.isfinite(pooled).all() and (pooled - native).abs().max() > 100 * TOL  # served, approximately
     with pytest.raises(ValueError, match="refit' cannot pool Qwen3ForCausalLM.*use kv_head_method='mean'"):
         load_refit_model(qwen3_dir, 1, list(range(3, 200)))
+
+
+def test_kv_report_measures_mean_pooling_only(qwen3_dir, caplog):
+    from server.kv_measure import KVReportSpec, measure
+    ids = [3 + (i * 37) % 380 for i in range(400)]
+    spec = KVReportSpec(model_dir=qwen3_dir, max_tokens=96, window=32, stride=16, kv_cache_dtypes=(),
+                        calibration_tokens=96, num_prompts=1, prompt_tokens=8, greedy_tokens=2, kv_cache_memory=2**20)
+    rows = measure(spec, ids)
+    assert {row.method for row in rows} == {"mean"} and 1 in {row.num_kv_heads for row in rows}  # pooled, by mean
+    assert "refit cannot fit: measuring mean pooling only" in caplog.text
+    with pytest.raises(ValueError, match="refit cannot pool Qwen3ForCausalLM.*--methods mean"):
+        measure(KVReportSpec(**{**spec.__dict__, "methods": ("refit",)}), ids)
+
+
+def test_head_dim_defaults_as_transformers_defaults_it():
+    import transformers
+    from model.config import ModelConfig
+    raw = transformers.Qwen3Config(hidden_size=256, num_attention_heads=4, num_key_value_heads=2).to_dict()
+    del raw["head_dim"]  # a config.json written without it
+    raw["architectures"] = ["Qwen3ForCausalLM"]
+    assert ModelConfig.from_dict(raw).head_dim == transformers.Qwen3Config.from_dict(raw).head_dim == 128

@@ -28,6 +28,11 @@ SCALINGS = {
     "yarn_attention_factor": {**YARN, "attention_factor": 0.8},
     "yarn_null_factor": {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 16},  # the ratio
     "yarn_zero_betas": {**YARN, "beta_fast": 0, "beta_slow": None},  # transformers' `or`: the defaults
+    "yarn_factor_below_one": {**YARN, "factor": 0.5},  # attention factor 1 (no stretch to temper)
+    "yarn_betas_equal": {**YARN, "beta_fast": 4, "beta_slow": 4, "truncate": False},
+    # beta_fast below beta_slow (transformers only warns): at d 64 both ends truncate to dimension 8 (the
+    # +0.001 guard against a zero-width ramp)
+    "yarn_ramp_ends_equal": {**YARN, "beta_fast": 0.5, "beta_slow": 0.55},
 }
 
 
@@ -54,11 +59,48 @@ def test_frequencies_and_scale_are_transformers_bit_for_bit(name, head_dim, thet
     ours = ModelConfig.from_dict(hf_config.to_dict())  # as save_pretrained writes it (rope_parameters)
     assert torch.equal(rope_inv_freq(ours), ref_inv)
     assert ours.rope_scaling.attention_factor == pytest.approx(ref_scale, rel=1e-12)
-    if name.startswith("yarn"):
+    if name.startswith("yarn") and name != "yarn_factor_below_one":
         assert ours.rope_scaling.attention_factor != 1.0  # the scale is exercised, not trivially 1
     legacy = ModelConfig.from_dict({**hf_config.to_dict(), "rope_parameters": None, "rope_theta": theta,
                                     "rope_scaling": SCALINGS[name]})  # as older configs write it
     assert torch.equal(rope_inv_freq(legacy), ref_inv)
+
+
+def _transformers_reads(raw: dict):
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    hf = transformers.LlamaConfig.from_dict(json.loads(json.dumps(raw)))
+    return ROPE_INIT_FUNCTIONS[hf.rope_parameters["rope_type"]](hf, "cpu")
+
+
+BASE = dict(_hf_config(None, head_dim=64).to_dict(), rope_parameters=None, max_position_embeddings=32768)
+
+
+@pytest.mark.parametrize("raw", [
+    # Phi-3 writes the pretraining context at the top level, and transformers takes it over the rope dict's
+    {**BASE, "rope_theta": 1e6, "original_max_position_embeddings": 4096,
+     "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}},
+    {**BASE, "original_max_position_embeddings": 4096, "rope_scaling": {"type": "yarn", "factor": None}},
+    {**BASE, "original_max_position_embeddings": 8192, "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}},
+    # a legacy rope_scaling carrying its own rope_theta, none at the top
+    {**BASE, "rope_theta": None, "rope_scaling": {"type": "yarn", "factor": 4.0, "rope_theta": 1e6}},
+], ids=["top-level-original", "top-level-original-null-factor", "llama3-top-level-original", "theta-in-rope-scaling"])
+def test_rope_fields_are_read_where_transformers_reads_them(raw):
+    ref_inv, ref_scale = _transformers_reads(raw)
+    ours = ModelConfig.from_dict(json.loads(json.dumps(raw)))
+    assert torch.equal(rope_inv_freq(ours), ref_inv)
+    assert ours.rope_scaling.attention_factor == pytest.approx(ref_scale, rel=1e-12)
+
+
+def test_a_hand_added_rope_scaling_keeps_the_theta_of_rope_parameters():
+    """The README's YaRN recipe on a config saved by transformers 5 (theta only inside rope_parameters):
+    transformers reads the added rope_scaling alone and falls back to theta 10,000, another model; we keep
+    rope_parameters' theta."""
+    raw = {**BASE, "rope_theta": None, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+           "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}
+    ours = ModelConfig.from_dict(raw)
+    assert ours.rope_theta == 1e6 and ours.rope_scaling.rope_type == "yarn"
 
 
 def test_the_table_scales_cos_and_sin_by_the_attention_factor():
@@ -105,12 +147,25 @@ def test_yarn_stretches_the_served_context(yarn_qwen2_dir, tmp_path):
     assert load_model(yarn_qwen2_dir).rotary.cos_sin_cache.shape[0] == 64  # a table for every position
     assert EngineConfig().resolve_max_model_len(config) == 64
     assert EngineConfig(max_model_len=64).resolve_max_model_len(config) == 64
-    with pytest.raises(ValueError, match=r"max_model_len=65 exceeds .*=64 \(its YaRN-scaled context\)"):
+    with pytest.raises(ValueError, match=r"max_model_len=65 exceeds the model.s context of 64 positions \(YaRN"):
         EngineConfig(max_model_len=65).resolve_max_model_len(config)
     # a config that already states more positions than original x factor keeps them (DeepSeek's do)
     raw = json.loads((yarn_qwen2_dir / "config.json").read_text())
     more = ModelConfig.from_dict({**raw, "max_position_embeddings": 100})
     assert more.max_positions == 100
+
+
+def test_the_served_table_stops_at_max_model_len(yarn_qwen2_dir):
+    """The model's table covers its 64 stretched positions; an engine serving 24 keeps 24 rows, same tokens."""
+    from server.llm import LLM
+    from server.sampling_params import SamplingParams
+    params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    cfg = dict(dtype="float32", device="cpu", kv_cache_memory="1MiB")
+    whole, short = LLM(str(yarn_qwen2_dir), **cfg), LLM(str(yarn_qwen2_dir), max_model_len=24, **cfg)
+    assert whole.engine.runner.model.rotary.cos_sin_cache.shape[0] == 64
+    assert short.engine.runner.model.rotary.cos_sin_cache.shape[0] == 24
+    prompt = [[1, 5, 9, 22, 7, 100, 31, 8, 3, 44]]
+    assert whole.generate(prompt, params)[0].token_ids == short.generate(prompt, params)[0].token_ids
 
 
 @pytest.mark.parametrize("scaling, pattern", [

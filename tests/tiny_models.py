@@ -58,8 +58,8 @@ def make_tiny_checkpoint(out_dir: Path, *, architecture: str = "LlamaForCausalLM
     kwargs = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
                   num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
                   num_key_value_heads=num_key_value_heads, max_position_embeddings=max_position_embeddings,
-                  tie_word_embeddings=tie_word_embeddings, rms_norm_eps=1e-5, rope_theta=10000.0,
-                  bos_token_id=1, eos_token_id=2, **extra)
+                  tie_word_embeddings=tie_word_embeddings, rope_theta=10000.0,
+                  bos_token_id=1, eos_token_id=2, **{"rms_norm_eps": 1e-5, **extra})
     if head_dim is not None:
         kwargs["head_dim"] = head_dim
     if rope_scaling is not None:
