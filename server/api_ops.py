@@ -54,6 +54,11 @@ def info_payload(state: ServerState) -> dict:
         "head_dim": mc.head_dim,
         "vocab_size": mc.vocab_size,
         "max_model_len": state.max_model_len,
+        # what sets the context: RoPE scaling (YaRN stretches it) and a sliding window (caps it)
+        "rope_scaling": None if mc.rope_scaling.rope_type == "default" else {
+            "rope_type": mc.rope_scaling.rope_type, "factor": mc.rope_scaling.factor,
+            "original_max_position_embeddings": mc.rope_scaling.original_max_position_embeddings},
+        "sliding_window": mc.sliding_window,
         "block_size": cap.block_size,
         "kv_cache": {"num_blocks": cap.num_blocks, "tokens": cap.tokens, "bytes_per_token": cap.bytes_per_token,
                      "max_concurrency": round(cap.tokens / max(1, state.max_model_len), 2)},

@@ -168,6 +168,28 @@ def test_the_served_table_stops_at_max_model_len(yarn_qwen2_dir):
     assert whole.generate(prompt, params)[0].token_ids == short.generate(prompt, params)[0].token_ids
 
 
+def test_info_shows_what_sets_the_context(yarn_qwen2_dir):
+    """A served YaRN model: /info names its scaling and the stretched context, and a prompt past the original
+    16 positions is answered."""
+    import httpx
+
+    from server.app import create_app
+    from server.async_engine import AsyncEngine
+    from server.config import ServerConfig
+    from server.engine_config import EngineConfig
+    from tests.live_server import LiveServer
+    engine = AsyncEngine(EngineConfig(model=str(yarn_qwen2_dir), device="cpu", dtype="float32",
+                                      kv_cache_memory="1MiB"))
+    with LiveServer(create_app(engine, ServerConfig(stats_log_interval_s=0))) as server:
+        info = httpx.get(server.url + "/info").json()
+        long = httpx.post(server.url + "/generate", json={"inputs": "ab " * 20, "parameters": {
+            "max_new_tokens": 4, "details": True}}, timeout=60)
+    assert info["rope_scaling"] == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+    assert info["max_model_len"] == info["max_total_tokens"] == 64 and info["sliding_window"] is None
+    assert long.status_code == 200 and long.json()["details"]["generated_tokens"] == 4
+    assert int(long.headers["x-prompt-tokens"]) > 16
+
+
 @pytest.mark.parametrize("scaling, pattern", [
     ({**YARN, "truncate": "no"}, "rope_scaling.truncate must be true or false"),
     ({**YARN, "attention_factor": 0}, "rope_scaling.attention_factor must be a positive number"),

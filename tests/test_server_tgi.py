@@ -160,5 +160,5 @@ def test_tokenize_detokenize_info(client):
     assert info["model_dtype"] == f"torch.{info['dtype']}" and info["model_device_type"] == info["device"]
     assert info["max_input_tokens"] == 1023 and info["max_total_tokens"] == 1024 and info["max_best_of"] == 1
     assert info["max_stop_sequences"] == 16 and info["max_concurrent_requests"] > info["limits"]["max_num_seqs"]
-    assert info["scheduling_policy"] == "fcfs"
+    assert info["scheduling_policy"] == "fcfs" and info["rope_scaling"] is None and info["sliding_window"] is None
     assert info["version"] and info["router"] == "gqa-serve" and info["max_client_batch_size"] >= 1
