@@ -97,3 +97,19 @@ def test_head_dim_defaults_as_transformers_defaults_it():
     del raw["head_dim"]  # a config.json written without it
     raw["architectures"] = ["Qwen3ForCausalLM"]
     assert ModelConfig.from_dict(raw).head_dim == transformers.Qwen3Config.from_dict(raw).head_dim == 128
+
+
+def test_attention_explorer_walks_through_the_normed_heads(qwen3_dir):
+    """The explorer (model/explain.py, which projects q and k itself) on Qwen3: each head's z and the layer's
+    output equal what the model's own paged forward computed, q/k norms included."""
+    from model.explainer import AttentionExplainer
+    from tests.test_explain import paged_forward_with_taps
+    explainer = AttentionExplainer(qwen3_dir)
+    prompt = "ab ba abc cab bca"
+    ids = explainer.tokenize(prompt)
+    taps = paged_forward_with_taps(load_model(qwen3_dir), ids)
+    result = explainer.explain(prompt, layers=[0, 1], query_index=len(ids) - 1)
+    for layer in result.layers:
+        walk, tap = layer.walkthrough, taps[layer.layer]
+        assert (walk.concat - tap["concat"][-1]).abs().max() < 1e-5
+        assert (walk.output - tap["out"][-1]).abs().max() < 1e-5
