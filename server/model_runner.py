@@ -91,10 +91,11 @@ class ModelRunner:
         self.graphs: DecodeGraphRunner | None = decode.capture(pool) if decode else None
         self.kv_capacity = self._capacity(num_blocks)
         c = self.kv_capacity
-        log.info("KV cache: %d blocks x %d tokens = %d tokens of capacity, %d bytes/token (%.1f MiB); "
-                 "%.1f sequences of max_model_len=%d fit at once",
-                 c.num_blocks, c.block_size, c.tokens, c.bytes_per_token,
-                 c.tokens * c.bytes_per_token / 2**20, c.max_concurrency, self.max_model_len)
+        # a warning below one sequence: requests longer than the cache are refused (400) though under max_model_len
+        log.log(logging.INFO if c.max_concurrency >= 1 else logging.WARNING,
+                "KV cache: %d blocks x %d tokens = %d tokens of capacity, %d bytes/token (%.1f MiB); "
+                "%.1f sequences of max_model_len=%d fit at once", c.num_blocks, c.block_size, c.tokens,
+                c.bytes_per_token, c.tokens * c.bytes_per_token / 2**20, c.max_concurrency, self.max_model_len)
 
     # ---- CUDA graphs ------------------------------------------------------------------------------
     def _graph_sizes(self) -> list[int]:

@@ -202,3 +202,23 @@ def test_bad_yarn_fields_are_named(scaling, pattern):
     raw = {**_hf_config(None).to_dict(), "rope_parameters": None, "rope_scaling": scaling}
     with pytest.raises(ConfigError, match=pattern):
         ModelConfig.from_dict(raw)
+
+
+def test_a_context_longer_than_the_kv_cache_is_a_warning_at_start(yarn_qwen2_dir, caplog):
+    """YaRN makes long default contexts common: when the cache holds less than one max_model_len sequence
+    (here 32 of 64 tokens), start-up says so at WARNING, and a request past the cache is refused by name."""
+    import logging
+
+    from server.llm import LLM
+    from server.outputs import AdmissionError
+    from server.sampling_params import SamplingParams
+    caplog.set_level(logging.INFO, logger="server.model_runner")
+    llm = LLM(str(yarn_qwen2_dir), dtype="float32", device="cpu", kv_cache_memory="16KiB", block_size=16)
+    line = next(r for r in caplog.records if r.getMessage().startswith("KV cache:"))
+    assert line.levelno == logging.WARNING and "0.5 sequences of max_model_len=64" in line.getMessage()
+    with pytest.raises(AdmissionError, match="max_new_tokens"):
+        llm.generate([list(range(3, 43))], SamplingParams(max_new_tokens=4, temperature=0))
+    caplog.clear()
+    LLM(str(yarn_qwen2_dir), dtype="float32", device="cpu", kv_cache_memory="1MiB")
+    line = next(r for r in caplog.records if r.getMessage().startswith("KV cache:"))
+    assert line.levelno == logging.INFO  # room for a whole sequence: no warning
