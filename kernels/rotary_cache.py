@@ -81,7 +81,9 @@ def rotary_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posit
         return q_out
     half = head_dim // 2
     q_weight, k_weight, eps = qk_norm if qk_norm is not None else (q, k, 0.0)  # unread without the norm
-    assert qk_norm is None or q_weight.shape == k_weight.shape == (head_dim,)
+    # (the kernel rounds weight x normed to q's dtype; a wider weight would promote in the unfused norm)
+    assert qk_norm is None or (q_weight.shape == k_weight.shape == (head_dim,)
+                               and q_weight.dtype == k_weight.dtype == q.dtype)
     _rotary_cache_kernel[(num_tokens,)](
         q, k, v, q_out, k_cache, v_cache, positions, cos_sin_cache, slot_mapping, q_weight, k_weight, eps,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),

@@ -160,8 +160,9 @@ def _sliding_window(raw: dict, arch: str, num_layers: int) -> int | None:
             if not _is_int(first) or first < 0:
                 raise ConfigError(f"config.json: max_window_layers must be a non-negative integer, got {first!r}")
             window = window if first < num_layers else None
-        elif not isinstance(layer_types, list):
-            raise ConfigError(f"config.json: layer_types must be a list or null, got {layer_types!r}")
+        elif not isinstance(layer_types, list) or len(layer_types) != num_layers:
+            raise ConfigError(f"config.json: layer_types must be a list of num_hidden_layers={num_layers} or null, "
+                              f"got {layer_types!r}")
         elif "sliding_attention" not in layer_types:
             window = None
     else:
@@ -193,6 +194,8 @@ def _parse_rope_scaling(raw: dict, max_position_embeddings: int) -> RopeScaling:
     scaling = _rope_scaling_dict(raw)
     if not isinstance(scaling, dict):
         raise ConfigError(f"config.json: rope_scaling must be an object or null, got {scaling!r}")
+    if any(isinstance(value, dict) for value in scaling.values()):  # {"full_attention": {...}, ...}
+        raise ConfigError("config.json: rope parameters per layer type are not supported (one RoPE for all layers)")
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(f"rope_scaling.rope_type={rope_type!r} is not supported "

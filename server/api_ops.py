@@ -36,13 +36,14 @@ def info_payload(state: ServerState) -> dict:
     mc, cap = engine.model_config, engine.kv_capacity
     ec = engine.config
     dtype, device = resolved_setting(engine, "dtype"), resolved_setting(engine, "device")
+    longest = min(state.max_model_len, cap.tokens)  # what one request can use: a cache smaller than the context
     return {
         # TGI's Info fields first (what its clients read), then ours
         "model_id": state.model_name, "model_sha": None, "model_pipeline_tag": "text-generation",
         "model_dtype": f"torch.{dtype}", "model_device_type": device.split(":")[0],
         "max_concurrent_requests": ec.max_num_seqs + ec.max_waiting_requests, "max_best_of": 1,
-        "max_stop_sequences": MAX_STOP_SEQUENCES, "max_input_tokens": state.max_model_len - 1,
-        "max_total_tokens": state.max_model_len, "max_client_batch_size": cfg.max_choices,
+        "max_stop_sequences": MAX_STOP_SEQUENCES, "max_input_tokens": longest - 1,
+        "max_total_tokens": longest, "max_client_batch_size": cfg.max_choices,
         "validation_workers": 1, "router": "gqa-serve", "sha": None, "docker_label": None,
         "model_path": ec.model,
         "architecture": mc.architecture,
@@ -57,7 +58,8 @@ def info_payload(state: ServerState) -> dict:
         # what sets the context: RoPE scaling (YaRN stretches it) and a sliding window (caps it)
         "rope_scaling": None if mc.rope_scaling.rope_type == "default" else {
             "rope_type": mc.rope_scaling.rope_type, "factor": mc.rope_scaling.factor,
-            "original_max_position_embeddings": mc.rope_scaling.original_max_position_embeddings},
+            "original_max_position_embeddings": None if mc.rope_scaling.rope_type == "linear"
+            else mc.rope_scaling.original_max_position_embeddings},
         "sliding_window": mc.sliding_window,
         "block_size": cap.block_size,
         "kv_cache": {"num_blocks": cap.num_blocks, "tokens": cap.tokens, "bytes_per_token": cap.bytes_per_token,

@@ -73,7 +73,7 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids or self.model_config.eos_token_ids
         self.max_model_len = config.resolve_max_model_len(self.model_config)
         rotary = getattr(model, "rotary", None)  # a cos/sin row per position the model has: GiBs under YaRN x 32
-        if rotary is not None and rotary.cos_sin_cache.shape[0] > self.max_model_len:
+        if rotary is not None and rotary.cos_sin_cache.shape[0] != self.max_model_len:
             model.rotary = RotaryEmbedding(self.model_config, self.device, max_positions=self.max_model_len)
         self.block_size = config.block_size
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)

@@ -59,6 +59,10 @@ class Scheduler:
                 f"{self.max_model_len - num_prompt_tokens} new tokens", "max_new_tokens")
         # The last sampled token is never fed back, so it needs no KV slot.
         blocks = self.allocator.blocks_for(total - 1)
+        if self.allocator.blocks_for(num_prompt_tokens) > self.allocator.num_blocks:  # no max_new_tokens fits
+            capacity = self.allocator.num_blocks * self.allocator.block_size
+            raise AdmissionError(f"inputs: the prompt has {num_prompt_tokens} tokens; the whole KV cache holds "
+                                 f"{capacity} (kv_cache_memory), which leaves no room for a new token", "inputs")
         if blocks > self.allocator.num_blocks:
             raise AdmissionError(
                 f"max_new_tokens: {num_prompt_tokens} prompt tokens + max_new_tokens {params.max_new_tokens} "

@@ -97,7 +97,7 @@ def norm_weights(head_dim: int, dtype, seed: int, device=DEVICE):
     """Qwen3's q/k norm: (q weight, k weight, eps), random and different so that a swap shows."""
     gen = torch.Generator().manual_seed(seed)
     q_weight, k_weight = (torch.rand(head_dim, generator=gen) + 0.5 for _ in range(2))
-    return q_weight.to(dtype).to(device), k_weight.to(dtype).to(device), 1e-6
+    return q_weight.to(dtype).to(device), k_weight.to(dtype).to(device), 0.5  # an eps misread would show
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])

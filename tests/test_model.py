@@ -283,6 +283,10 @@ def test_pickle_only_checkpoint_is_refused_with_reason(broken_dir):
     ({"num_key_value_heads": "2"}, "num_key_value_heads must be a positive integer"),
     ({"head_dim": 16.0}, "head_dim must be a positive integer"),
     ({"max_position_embeddings": 0}, "max_position_embeddings must be a positive integer"),
+    ({"rope_scaling": None, "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e4}}},
+     "rope parameters per layer type are not supported"),  # (transformers reads it as a KeyError)
+    ({"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True, "layer_types": ["full_attention"]},
+     "layer_types must be a list of num_hidden_layers=2"),
     ({"tie_word_embeddings": "yes"}, "tie_word_embeddings must be true or false"),
     ({"eos_token_id": "2"}, "eos_token_id must be a token id"),
 ])

@@ -155,6 +155,16 @@ def test_yarn_stretches_the_served_context(yarn_qwen2_dir, tmp_path):
     assert more.max_positions == 100
 
 
+def test_a_runner_sizes_the_table_of_a_model_it_adopts(yarn_qwen2_dir):
+    """The table follows each runner's max_model_len, shorter or longer than the one the model came with."""
+    from server.engine_config import EngineConfig
+    from server.model_runner import ModelRunner
+    model = load_model(yarn_qwen2_dir)
+    for max_model_len in (24, 48, 64):
+        ModelRunner(EngineConfig(max_model_len=max_model_len, kv_cache_memory="1MiB"), None, model=model)
+        assert model.rotary.cos_sin_cache.shape[0] == max_model_len
+
+
 def test_the_served_table_stops_at_max_model_len(yarn_qwen2_dir):
     """The model's table covers its 64 stretched positions; an engine serving 24 keeps 24 rows, same tokens."""
     from server.llm import LLM
@@ -166,6 +176,26 @@ def test_the_served_table_stops_at_max_model_len(yarn_qwen2_dir):
     assert short.engine.runner.model.rotary.cos_sin_cache.shape[0] == 24
     prompt = [[1, 5, 9, 22, 7, 100, 31, 8, 3, 44]]
     assert whole.generate(prompt, params)[0].token_ids == short.generate(prompt, params)[0].token_ids
+
+
+def _served_info(model_dir, **engine) -> dict:
+    import httpx
+
+    from server.app import create_app
+    from server.async_engine import AsyncEngine
+    from server.config import ServerConfig
+    from server.engine_config import EngineConfig
+    from tests.live_server import LiveServer
+    engine = AsyncEngine(EngineConfig(model=str(model_dir), device="cpu", dtype="float32", **engine))
+    with LiveServer(create_app(engine, ServerConfig(stats_log_interval_s=0))) as server:
+        return httpx.get(server.url + "/info").json()
+
+
+def test_info_reports_the_cache_as_the_longest_request(yarn_qwen2_dir):
+    """TGI's max_input_tokens / max_total_tokens are what one request can use: the cache's 32 tokens when it
+    holds less than max_model_len (64, still reported as such)."""
+    info = _served_info(yarn_qwen2_dir, kv_cache_memory="16KiB", block_size=16)
+    assert (info["max_total_tokens"], info["max_input_tokens"], info["max_model_len"]) == (32, 31, 64)
 
 
 def test_info_shows_what_sets_the_context(yarn_qwen2_dir):
@@ -216,8 +246,10 @@ def test_a_context_longer_than_the_kv_cache_is_a_warning_at_start(yarn_qwen2_dir
     llm = LLM(str(yarn_qwen2_dir), dtype="float32", device="cpu", kv_cache_memory="16KiB", block_size=16)
     line = next(r for r in caplog.records if r.getMessage().startswith("KV cache:"))
     assert line.levelno == logging.WARNING and "0.5 sequences of max_model_len=64" in line.getMessage()
-    with pytest.raises(AdmissionError, match="max_new_tokens"):
-        llm.generate([list(range(3, 43))], SamplingParams(max_new_tokens=4, temperature=0))
+    with pytest.raises(AdmissionError, match="inputs: the prompt has 40 tokens; the whole KV cache holds 32"):
+        llm.generate([list(range(3, 43))], SamplingParams(max_new_tokens=1, temperature=0))
+    with pytest.raises(AdmissionError, match="max_new_tokens: 20 prompt tokens .* need 4 KV blocks; the whole cache"):
+        llm.generate([list(range(3, 23))], SamplingParams(max_new_tokens=30, temperature=0))
     caplog.clear()
     LLM(str(yarn_qwen2_dir), dtype="float32", device="cpu", kv_cache_memory="1MiB")
     line = next(r for r in caplog.records if r.getMessage().startswith("KV cache:"))
