@@ -202,9 +202,6 @@ def _parse_rope_scaling(raw: dict, max_position_embeddings: int) -> RopeScaling:
                           f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
     if rope_type == "default":
         return RopeScaling()
-
-    def number(name: str, default: float) -> float:
-        return _positive_number(scaling, name, default, where="rope_scaling.")
     # a top-level value comes first (Phi-3 writes it there), then the rope dict's, then the model's context,
     # as transformers takes it
     if raw.get("original_max_position_embeddings") is not None:
@@ -216,20 +213,24 @@ def _parse_rope_scaling(raw: dict, max_position_embeddings: int) -> RopeScaling:
         return _parse_yarn(scaling, max_position_embeddings, original)
     if "factor" not in scaling:
         raise ConfigError(f"config.json: rope_scaling of type {rope_type!r} needs a factor")
-    return RopeScaling(rope_type=rope_type, factor=number("factor", 1.0), original_max_position_embeddings=original,
-                       low_freq_factor=number("low_freq_factor", 1.0), high_freq_factor=number("high_freq_factor", 4.0))
+    return RopeScaling(rope_type=rope_type, factor=_rope_number(scaling, "factor", 1.0),
+                       original_max_position_embeddings=original,
+                       low_freq_factor=_rope_number(scaling, "low_freq_factor", 1.0),
+                       high_freq_factor=_rope_number(scaling, "high_freq_factor", 4.0))
+
+
+def _rope_number(scaling: dict, name: str, default: float) -> float:
+    return _positive_number(scaling, name, default, where="rope_scaling.")
 
 
 def _parse_yarn(scaling: dict, max_position_embeddings: int, original: int) -> RopeScaling:
     """YaRN's fields as transformers reads them: a missing factor is the ratio of the contexts (DeepSeek's
     configs), a missing or zero beta its default, and the attention factor, unless given, 0.1 ln(factor) + 1,
     or the ratio of that with mscale and with mscale_all_dim when both are set."""
-    def number(name: str, default: float) -> float:
-        return _positive_number(scaling, name, default, where="rope_scaling.")
-
     def optional(name: str) -> float:  # null or 0 reads as unset, as transformers' `or` reads it
-        return 0.0 if not scaling.get(name) else number(name, 0.0)
-    factor = number("factor", 1.0) if scaling.get("factor") is not None else max_position_embeddings / original
+        return 0.0 if not scaling.get(name) else _rope_number(scaling, name, 0.0)
+    factor = _rope_number(scaling, "factor", 1.0) if scaling.get("factor") is not None \
+        else max_position_embeddings / original
     truncate = scaling.get("truncate", True)
     if not isinstance(truncate, bool):
         raise ConfigError(f"config.json: rope_scaling.truncate must be true or false, got {truncate!r}")
@@ -237,7 +238,7 @@ def _parse_yarn(scaling: dict, max_position_embeddings: int, original: int) -> R
     def mscale(scale: float, m: float = 1.0) -> float:
         return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
     if scaling.get("attention_factor") is not None:
-        attention_factor = number("attention_factor", 1.0)
+        attention_factor = _rope_number(scaling, "attention_factor", 1.0)
     elif optional("mscale") and optional("mscale_all_dim"):
         attention_factor = mscale(factor, optional("mscale")) / mscale(factor, optional("mscale_all_dim"))
     else:

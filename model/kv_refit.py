@@ -230,15 +230,20 @@ def _assign(attn, pooled: AttentionWeights) -> None:
     attn.o_proj.weight.copy_(pooled.o.to(attn.o_proj.weight))
 
 
+def check_refit_applies(config: ModelConfig) -> None:
+    """Refit's least squares assume keys linear in the layer input, which a per-head q/k norm (Qwen3) breaks."""
+    if config.qk_norm:
+        raise ValueError(f"kv_head_method='refit' cannot pool {config.architecture}'s heads: its per-head q/k "
+                         "norm makes keys nonlinear in the layer input; use kv_head_method='mean'")
+
+
 def refit_model(native_model, target_model, grams: list[torch.Tensor]) -> list[RefitLoss]:
     """Overwrite target_model's attention (loaded with fewer kv heads) with the refit of native_model's."""
     config = target_model.config
     src, dst = native_model.config.num_kv_heads, config.num_kv_heads
     if dst >= src or src % dst:
         raise ValueError(f"refit pools heads: target num_kv_heads={dst} must divide and be below {src}")
-    if config.qk_norm:  # its least squares assume keys linear in the layer input, which a per-head norm breaks
-        raise ValueError(f"refit cannot pool {config.architecture}'s heads: its per-head q/k norm makes keys "
-                         "nonlinear in the layer input; use kv_head_method='mean'")
+    check_refit_applies(config)
     heads, head_dim = config.num_attention_heads, config.head_dim
     losses = []
     for layer_n, layer_t, gram in zip(native_model.model.layers, target_model.model.layers, grams, strict=True):
@@ -265,10 +270,8 @@ def load_refit_model(model_dir: str | Path, num_kv_heads: int, calibration_ids: 
     from model.llama import load_model
 
     native_config = ModelConfig.from_pretrained(model_dir)
-    if native_config.qk_norm and num_kv_heads < native_config.num_key_value_heads:
-        # refit's least squares assume keys linear in the layer input, which a per-head norm breaks
-        raise ValueError(f"kv_head_method='refit' cannot pool {native_config.architecture}'s heads: its per-head "
-                         "q/k norm makes keys nonlinear in the layer input; use kv_head_method='mean'")
+    if num_kv_heads < native_config.num_key_value_heads:  # before any loading
+        check_refit_applies(native_config)
     target = load_model(model_dir, num_kv_heads=num_kv_heads, kv_head_method="mean", **load_kwargs)
     config = target.config
     check_num_kv_heads(config.num_attention_heads, config.num_key_value_heads, num_kv_heads)
