@@ -231,8 +231,7 @@ def _assign(attn, pooled: AttentionWeights) -> None:
 
 
 def check_refit_applies(config: ModelConfig) -> None:
-    """Refit's least squares assume keys linear in the layer input, which a per-head q/k norm (Qwen3) breaks."""
-    if config.qk_norm:
+    if config.qk_norm:  # refit's least squares assume keys linear in the layer input; a q/k norm breaks that
         raise ValueError(f"kv_head_method='refit' cannot pool {config.architecture}'s heads: its per-head q/k "
                          "norm makes keys nonlinear in the layer input; use kv_head_method='mean'")
 
@@ -269,12 +268,11 @@ def load_refit_model(model_dir: str | Path, num_kv_heads: int, calibration_ids: 
     """
     from model.llama import load_model
 
-    native_config = ModelConfig.from_pretrained(model_dir)
-    if num_kv_heads < native_config.num_key_value_heads:  # before any loading
-        check_refit_applies(native_config)
-    target = load_model(model_dir, num_kv_heads=num_kv_heads, kv_head_method="mean", **load_kwargs)
-    config = target.config
+    config = ModelConfig.from_pretrained(model_dir)
     check_num_kv_heads(config.num_attention_heads, config.num_key_value_heads, num_kv_heads)
+    if num_kv_heads < config.num_key_value_heads:
+        check_refit_applies(config)  # before any loading
+    target = load_model(model_dir, num_kv_heads=num_kv_heads, kv_head_method="mean", **load_kwargs)
     if num_kv_heads >= config.num_key_value_heads:
         return target, []
     if native_model is None:
