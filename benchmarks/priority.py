@@ -24,9 +24,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repo's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.results import write_json  # noqa: E402
+from benchmarks.results import SHAKESPEARE, write_json  # noqa: E402
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def prompt_ids(tokenizer, i: int, length: int) -> list[int]:

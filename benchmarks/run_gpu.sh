@@ -10,7 +10,7 @@
 #
 #   bash benchmarks/run_gpu.sh [all|ours|peers]     # default all
 # Knobs (environment): BUDGET (s), PEERS_RESERVE (s kept for the peers, default 170), SKIP (space-separated
-# step names: pytest kernels step_overhead host_overhead profile prefill_step speculative latency latency_cublaslt latency_decode_fusion latency_compile profile_compile gemm_shapes latency_b64 latency_b64_decode_fusion latency_qwen3 throughput_1b throughput_penalized throughput_sampled throughput_top_k throughput_prefix throughput_prefix_off serving serving_eager_prefill serving_engine_process throughput_8b tune_kernels peers),
+# step names: pytest kernels host_speed step_overhead host_overhead profile prefill_step speculative latency latency_cublaslt latency_unfused_decode latency_compile profile_compile gemm_shapes latency_b64 latency_b64_unfused_decode latency_qwen3 throughput_1b throughput_penalized throughput_sampled throughput_top_k throughput_prefix throughput_prefix_off serving serving_eager_prefill serving_engine_process throughput_8b tune_kernels peers),
 # ENGINE_EXTRA (engine flags for our benchmarks, e.g. "--no-overlap-scheduling"), PYTEST_ARGS (extra pytest arguments, e.g. "-k gpu"), SMOKE=1 (CPU smoke test of this script: tiny random model, few requests, peers with PEERS_TINY=1).
 set -u
 cd "$(dirname "$0")/.."
@@ -108,6 +108,8 @@ main() {
       fi
       step pytest 260 bash -c "set -o pipefail; $PY -m pytest ${tests[*]} ${PYTEST_ARGS:-} -q -p no:cacheprovider 2>&1 | tee $RAW/pytest.txt | tail -40"
       step kernels 60 $PY benchmarks/kernels.py
+      # this host's Python speed and thread / process round trips: host-time figures of two machines compare
+      step host_speed 20 $PY benchmarks/host_speed.py
       step step_overhead 40 $PY benchmarks/step_overhead.py $ENGINE_EXTRA
       step host_overhead 30 $PY benchmarks/step_overhead.py --host-only --async-engine --batch-sizes 1 8 64 256 \
         --steps 150 --json "$RAW/host_overhead.json" $ENGINE_EXTRA
@@ -126,10 +128,10 @@ main() {
     step latency_cublaslt 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 1 \
       --input-len 128 --output-len 256 --num-iters "$lat_iters" --blas-library cublaslt \
       --json "$RAW/latency_cublaslt.json" $ENGINE_EXTRA
-    # and with rotary + cache write folded into the decode attention kernel (one launch per layer less)
-    step latency_decode_fusion 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 1 \
-      --input-len 128 --output-len 256 --num-iters "$lat_iters" --decode-fusion \
-      --json "$RAW/latency_decode_fusion.json" $ENGINE_EXTRA
+    # and with decode_fusion off (the default folds rotary + cache write into the decode attention kernel)
+    step latency_unfused_decode 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 1 \
+      --input-len 128 --output-len 256 --num-iters "$lat_iters" --no-decode-fusion \
+      --json "$RAW/latency_unfused_decode.json" $ENGINE_EXTRA
     # and with compile_mode max-autotune on the decode graphs up to batch 8: inductor's GEMM choice per shape
     step latency_compile 120 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 1 \
       --input-len 128 --output-len 256 --num-iters "$lat_iters" --compile-mode max-autotune \
@@ -140,9 +142,9 @@ main() {
     [ "$SMOKE" = 1 ] || step gemm_shapes 150 $PY benchmarks/gemm_shapes.py --batch-sizes 1 64
     step latency_b64 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 64 \
       --input-len 128 --output-len 128 --num-iters "$lat_iters" --json "$RAW/latency_b64.json" $ENGINE_EXTRA
-    step latency_b64_decode_fusion 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 64 \
-      --input-len 128 --output-len 128 --num-iters "$lat_iters" --decode-fusion \
-      --json "$RAW/latency_b64_decode_fusion.json" $ENGINE_EXTRA
+    step latency_b64_unfused_decode 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 64 \
+      --input-len 128 --output-len 128 --num-iters "$lat_iters" --no-decode-fusion \
+      --json "$RAW/latency_b64_unfused_decode.json" $ENGINE_EXTRA
     # Qwen3-0.6B's shape at batch 1: its per-head q/k norm runs inside the RoPE + cache-write kernel
     step latency_qwen3 45 $PY benchmarks/latency.py --dummy --config "$dummy_qwen3" "${dev[@]}" --batch-size 1 \
       --input-len 128 --output-len 256 --num-iters "$lat_iters" --json "$RAW/latency_qwen3.json" $ENGINE_EXTRA
@@ -255,10 +257,10 @@ row("b1 decode tok/s vs HF eager", g(lat, "median", "decode_tok_s"), hf_b1)
 row("b1 decode tok/s vs HF static cache", g(lat, "median", "decode_tok_s"), hf_b1s)
 row("b1 decode tok/s, cuBLASLt (peer: default BLAS)", g(data, "latency_cublaslt", "median", "decode_tok_s"),
     g(lat, "median", "decode_tok_s"))
-row("b1 decode tok/s, rotary folded into decode (peer: off)",
-    g(data, "latency_decode_fusion", "median", "decode_tok_s"), g(lat, "median", "decode_tok_s"))
-row("b64 decode tok/s, rotary folded into decode (peer: off)",
-    g(data, "latency_b64_decode_fusion", "median", "decode_tok_s"), g(l64, "median", "decode_tok_s"))
+row("b1 decode tok/s, decode_fusion (peer: off)",
+    g(lat, "median", "decode_tok_s"), g(data, "latency_unfused_decode", "median", "decode_tok_s"))
+row("b64 decode tok/s, decode_fusion (peer: off)",
+    g(l64, "median", "decode_tok_s"), g(data, "latency_b64_unfused_decode", "median", "decode_tok_s"))
 lq = data.get("latency_qwen3", {})
 row("b1 decode tok/s, Qwen3-0.6B shape (peer: its weight-read roofline)", g(lq, "median", "decode_tok_s"),
     g(lq, "roofline", "roofline_tok_s"))
@@ -298,8 +300,10 @@ row("1B shared-prefix total tok/s, cache on vs off", g(data, "throughput_prefix"
 row("8B 256 req out tok/s", g(data, "throughput_8b", "ours", "output_tok_s"), None,
     f"{g(data, 'throughput_8b', 'ours', 'preemptions')} preemptions" if data.get("throughput_8b") else "")
 eager_prefill = {r["request_rate"]: r for r in g(data, "serving_eager_prefill", "rates") or []}
+in_process = {r["request_rate"]: r for r in g(data, "serving", "rates") or []}
 for r in g(data, "serving_engine_process", "rates") or []:
-    row(f"serving rate {r['request_rate']}, engine process: out tok/s", r["output_tok_s"], None,
+    row(f"serving rate {r['request_rate']}, engine process: out tok/s (peer: in-process engine)", r["output_tok_s"],
+        g(in_process, r["request_rate"], "output_tok_s"),
         f"TTFT p50/p99 {r['ttft_ms']['p50']:.0f}/{r['ttft_ms']['p99']:.0f} ms; TPOT p50 {r['tpot_ms']['p50']:.1f} "
         f"ms; ITL p50/p99 {r['itl_ms']['p50']:.1f}/{r['itl_ms']['p99']:.1f} ms")
 for r in g(data, "serving", "rates") or []:
@@ -312,6 +316,9 @@ for r in g(data, "serving", "rates") or []:
 kr = g(data, "kernels", "rows") or []
 for r in kr:
     row(f"kernel {r['kernel']} {r['shape']} us", r["ours_us"], r["peer_us"], f"{r['peer']}; {r['fraction_of_limit']:.2f} of limit")
+for r in g(data, "host_speed", "rows") or []:
+    row(f"host {r['case']} ({r['unit']})", r["median"], None,
+        f"{g(data, 'host_speed', 'host')}; min {r['min']:.2f}, max {r['max']:.2f}")
 for r in g(data, "step_overhead", "rows") or []:
     row(f"decode step host us, 1 layer, B={r['batch']}", r["host_us"], None,
         f"step {f(r['step_us'])} us, device {f(r['device_us'])} us; target < 60")

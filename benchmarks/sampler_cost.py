@@ -24,10 +24,9 @@ if __package__ in (None, ""):  # run as a script: make the repo's packages impor
 
 import torch  # noqa: E402
 
-from benchmarks.results import write_json  # noqa: E402
+from benchmarks.results import SHAKESPEARE, write_json  # noqa: E402
 from model import sampler  # noqa: E402
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 SETTINGS = {  # name: (temperature, top_k, top_p)
     "temperature 0.8": (0.8, 0, 1.0),
     "top_p 0.9": (0.8, 0, 0.9),

@@ -34,9 +34,8 @@ if __package__ in (None, ""):  # run as a script: make the repo's packages impor
 
 import torch  # noqa: E402
 
-from benchmarks.results import write_json  # noqa: E402
+from benchmarks.results import SHAKESPEARE, write_json  # noqa: E402
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 PERSON_SCHEMA = {"type": "object", "additionalProperties": False,
                  "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
                                 "occupation": {"type": "string"}, "hometown": {"type": "string"},

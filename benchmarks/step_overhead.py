@@ -33,16 +33,15 @@ if __package__ in (None, ""):  # run as a script: make the repo's packages impor
 import torch  # noqa: E402
 
 from benchmarks.throughput import PRESETS, NullTokenizer, random_model  # noqa: E402
-from benchmarks.results import write_json  # noqa: E402
+from benchmarks.results import SHAKESPEARE, write_json  # noqa: E402
 
-SHAKESPEARE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def token_script(tokenizer, vocab: int, length: int = 4096) -> list[int]:
     """Ids the host-only stand-in emits in turn: real text when there is a tokenizer, so detokenization
     does the work it does in service."""
     if hasattr(tokenizer, "encode"):
-        path = next((p for p in (SHAKESPEARE, Path(".shared/data/tinyshakespeare.txt")) if p.is_file()), None)
+        path = SHAKESPEARE if SHAKESPEARE.is_file() else None
         text = path.read_text()[:200_000] if path else "To be, or not to be, that is the question. " * 2000
         ids = [i for i in tokenizer.encode(text, add_special_tokens=False)[:length] if i < vocab]
         if ids:

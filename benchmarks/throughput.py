@@ -102,7 +102,7 @@ def build_llm(args, prompts, out_lens):
               overlap_scheduling=args.overlap_scheduling, prefill_graphs=args.prefill_graphs,
               compile_mode=args.compile_mode, compile_max_batch_size=args.compile_max_batch_size,
               enable_prefix_caching=args.enable_prefix_caching,
-              decode_fusion=getattr(args, "decode_fusion", False))
+              decode_fusion=getattr(args, "decode_fusion", True))
     if not args.dummy:
         return LLM(args.model, **kw)
     raw = PRESETS.get(args.config) or json.loads(Path(args.config).read_text())
@@ -275,7 +275,7 @@ def add_engine_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--compile-mode", choices=["off", "default", "max-autotune"], default="off",
                     help="torch.compile the small decode graphs' forward (EngineConfig.compile_mode)")
     ap.add_argument("--compile-max-batch-size", type=int, default=32)
-    ap.add_argument("--decode-fusion", action="store_true",
+    ap.add_argument("--decode-fusion", action=argparse.BooleanOptionalAction, default=True,
                     help="decode steps run rotary + cache write inside the attention kernel "
                     "(EngineConfig.decode_fusion)")
     ap.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,

@@ -72,8 +72,10 @@ class ServerConfig(Settings):
         120.0, ge=0.0, description="with requests in flight and no engine step finished for this long, /health "
                                    "and new requests answer 503 (a hung GPU or engine process); 0: never")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    engine_process: bool = Field(False, description="run the engine loop in a child process, so HTTP work and "
-                                                     "engine steps do not share one GIL (server/engine_process.py)")
+    engine_process: bool | None = Field(
+        None, description="run the engine loop in a child process, so HTTP work and engine steps do not share one "
+                          "GIL (server/engine_process.py); unset: on when the engine runs on CUDA (1.7x the "
+                          "streamed tokens/s of a saturated H100 server), off on CPU")
     gc_freeze: bool = Field(True, description="after the model loads, exempt every object alive then from "
                                               "Python's cyclic GC (gc.freeze), so full collections stay short")
     generation_config: Literal["auto", "none"] = Field(
@@ -118,8 +120,8 @@ class FieldSpec:
         return ENV_PREFIX + self.name.upper()
 
     @property
-    def is_bool(self) -> bool:
-        return self.annotation is bool
+    def is_bool(self) -> bool:  # bool, or bool | None (unset: the setting decides by itself)
+        return self.annotation is bool or set(self.members) == {bool, type(None)}
 
     @property
     def members(self) -> tuple[Any, ...]:

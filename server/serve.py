@@ -63,11 +63,21 @@ def run_serve(args: argparse.Namespace) -> int:
     from server.engine_process import ProcessEngine
     try:
         engine = ProcessEngine(config.engine, config.server.log_level, config.server.gc_freeze) \
-            if config.server.engine_process else AsyncEngine(config.engine)
+            if uses_engine_process(config) else AsyncEngine(config.engine)
     except Exception as exc:  # noqa: BLE001 - one line, not a traceback
         print(f"gqa-serve serve: cannot create the engine: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     return serve_app(create_app(engine, config.server), config.server)
+
+
+def uses_engine_process(config) -> bool:
+    """server.engine_process, or when unset, whether the engine will run on CUDA: there a saturated server's
+    HTTP side and step loop contend for one GIL (1.7x the streamed tokens/s in a child process on an H100,
+    2026-11-24), while on a CPU the child's steps compete with the HTTP side for the same few cores."""
+    if config.server.engine_process is not None:
+        return config.server.engine_process
+    import torch
+    return config.engine.device == "cuda" or (config.engine.device == "auto" and torch.cuda.is_available())
 
 
 def listen_address_error(host: str, port: int) -> str | None:

@@ -266,6 +266,15 @@ def test_gemm_shapes_on_cpu(tmp_path, capsys):
     assert "one decode step's matmuls at M=1" in capsys.readouterr().out
 
 
+def test_host_speed_measures_each_case(tmp_path):
+    """The host calibration (benchmarks/host_speed.py): every case measured, positive, min <= median <= max."""
+    from benchmarks import host_speed
+    rows = host_speed.main(["--repeats", "2", "--json", str(tmp_path / "h.json")])
+    assert [r["case"] for r in rows] == ["python_loop", "thread_wake", "process_pipe"]
+    assert all(0 < r["min"] <= r["median"] <= r["max"] for r in rows)
+    assert json.loads((tmp_path / "h.json").read_text())["rows"] == rows
+
+
 def test_run_gpu_steps_match_the_documented_names():
     """The header's list of step names (what SKIP takes), the steps the script runs, and every name a SKIP in
     benchmarks/README.md's call plan uses are the same set: a renamed step cannot silently stop being skipped."""

@@ -232,10 +232,13 @@ def test_fp8_kv_cache_through_the_triton_attention(tiny_llama_dir):
     """kv_cache_dtype fp8_e4m3 with the Triton attention kernels (the interpreter here) gives the torch ops'
     tokens: the kernels read the fp8 cache widened in registers. The cache is written by the torch reference
     in both runs, because the interpreter's own float32 -> fp8 conversion is wrong (it rounds 0.487 to 0.25
-    where a GPU's cvt and torch give 0.5); the GPU test in test_gpu_model.py runs the Triton writer too."""
+    where a GPU's cvt and torch give 0.5); the GPU test in test_gpu_model.py runs the Triton writer too. For
+    the same reason decode steps keep the separate writer (decode_fusion off: the fused kernel writes the
+    cache itself)."""
     from kernels import reference
     torch_run = make_llm(tiny_llama_dir, kv_cache_dtype="fp8_e4m3", attention_backend="torch")
-    triton_run = make_llm(tiny_llama_dir, kv_cache_dtype="fp8_e4m3", attention_backend="triton")
+    triton_run = make_llm(tiny_llama_dir, kv_cache_dtype="fp8_e4m3", attention_backend="triton",
+                          decode_fusion=False)
     ops = triton_run.engine.runner.model.ops
     assert ops.name == "triton"
     ops.rotary_and_write_kv = reference.rotary_and_write_kv

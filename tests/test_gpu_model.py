@@ -79,12 +79,16 @@ def test_gpu_greedy_default_model_triton_vs_torch_bfloat16(smollm2_dir):
 
 @gpu
 def test_gpu_greedy_default_model_fp8_kv_cache_triton_vs_torch(smollm2_dir):
-    """kv_cache_dtype fp8_e4m3 (float32 model): both paths store the same fp8 bytes (round to nearest even)
-    and the kernels widen them exactly to float32, so the paths agree but for near-exact logit ties."""
+    """kv_cache_dtype fp8_e4m3 (float32 model): both paths round K/V to fp8 the same way (nearest even) and
+    the kernels widen them exactly, but the float32 K/V they round differ in the last bit (fused RoPE vs torch's
+    three ops, cuBLAS's kernel per batch shape), and a value that sits on a rounding midpoint then lands a
+    whole fp8 step (1/16 of it) apart. Each prompt must agree up to a divergence at a gap under 0.1 in
+    logprob (H100, 2026-11-24: one prompt parted at 0.016); a kernel that misreads the cache parts at once
+    and wide."""
     want, _ = greedy_run(smollm2_dir, "torch", "float32", enforce_eager=True, kv_cache_dtype="fp8_e4m3")
     got, replays = greedy_run(smollm2_dir, "triton", "float32", enforce_eager=False, kv_cache_dtype="fp8_e4m3")
     assert replays > 0, "the Triton run never replayed a CUDA graph"
-    whole = assert_equal_up_to_ties(got, want, max_gap=0.01)
+    whole = assert_equal_up_to_ties(got, want, max_gap=0.1)
     print(f"fp8 KV cache: {whole}/{len(PROMPTS)} prompts equal for all 64 tokens")
 
 
@@ -102,8 +106,8 @@ def test_gpu_greedy_default_model_with_drafts_equals_torch_float32(smollm2_dir):
 def assert_equal_up_to_ties(got, want, max_gap: float) -> int:
     """Each prompt agrees up to its first divergence, where the torch path's two best logprobs are within
     max_gap and the Triton path took one of them; returns how many prompts agree throughout."""
-    whole = 0
-    for i, (g, w) in enumerate(zip(got, want)):
+    whole, wide = 0, []
+    for i, (g, w) in enumerate(zip(got, want)):  # every prompt's divergence printed before any assertion
         assert len(g.token_ids) == 64
         first = next((j for j, (a, b) in enumerate(zip(g.token_ids, w.token_ids)) if a != b), None)
         if first is None:
@@ -112,8 +116,9 @@ def assert_equal_up_to_ties(got, want, max_gap: float) -> int:
         (top1, lp1), (top2, lp2) = w.logprobs[first].top[:2]
         print(f"prompt {i}: diverges at token {first}: torch top-2 {top1} {lp1:.4f}, {top2} {lp2:.4f}; "
               f"triton took {g.token_ids[first]}")
-        assert lp1 - lp2 <= max_gap, f"prompt {i} ({PROMPTS[i]!r}) diverges at token {first} without a near-tie"
-        assert g.token_ids[first] in (top1, top2)
+        if lp1 - lp2 > max_gap or g.token_ids[first] not in (top1, top2):
+            wide.append(f"prompt {i} ({PROMPTS[i]!r}) at token {first}, gap {lp1 - lp2:.4f}")
+    assert not wide, f"divergences without a near-tie (> {max_gap}): {wide}"
     return whole
 
 

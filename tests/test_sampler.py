@@ -329,7 +329,9 @@ def test_top_k_top_p_cut_from_candidates_equals_the_full_sort(monkeypatch):
 
 
 def test_top_k_top_p_cut_keeps_the_reference_support():
-    """Without ties, the cut keeps exactly the tokens of the plain per-row definition (HF's warpers)."""
+    """Without ties, the cut keeps exactly the tokens of the plain per-row definition (HF's warpers). A token
+    whose mass before it is within 1e-5 of top_p is on the threshold: float32 sums in another order (another
+    CPU's vector width) may keep it or not (0.99900001 against 0.999 on one Xeon), so either way passes."""
     logits, ks, ps = cut_cases(seed=1)
     logits = logits + torch.rand(logits.shape, generator=torch.Generator().manual_seed(2)) * 1e-3  # no ties
     t = tensors(len(ks), top_k=ks, top_p=ps)
@@ -338,7 +340,13 @@ def test_top_k_top_p_cut_keeps_the_reference_support():
     for i, (k, p) in enumerate(zip(ks, ps)):
         finite = set(torch.isfinite(got[i]).nonzero().squeeze(1).tolist())
         want = {j for j in ref_filter(logits[i], min(k, logits.shape[1]), p, 0.0) if math.isfinite(logits[i, j])}
-        assert finite == want, i
+        row = logits[i].double()  # top-p's mass is over the tokens top-k kept
+        row = row.masked_fill(row < row.topk(min(k, len(row))).values[-1], -math.inf) if k > 0 else row
+        probs = row.softmax(-1)
+        order = row.argsort(descending=True).tolist()
+        before = dict(zip(order, (probs[order].cumsum(0) - probs[order]).tolist()))
+        on_threshold = {j for j in finite ^ want if p < 1.0 and abs(before[j] - p) < 1e-5}
+        assert finite ^ want == on_threshold, (i, sorted(finite ^ want))
 
 
 def test_seeded_tokens_are_the_same_with_and_without_the_top_k_shortcut():
