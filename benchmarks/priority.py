@@ -27,7 +27,6 @@ if __package__ in (None, ""):  # run as a script: make the repo's packages impor
 from benchmarks.results import SHAKESPEARE, write_json  # noqa: E402
 
 
-
 def prompt_ids(tokenizer, i: int, length: int) -> list[int]:
     """`length` tokens of tinyshakespeare from a different place per request (no shared prefixes)."""
     text = SHAKESPEARE.read_text() if SHAKESPEARE.exists() else "To be, or not to be, that is the question. " * 999

@@ -36,7 +36,6 @@ from benchmarks.throughput import PRESETS, NullTokenizer, random_model  # noqa: 
 from benchmarks.results import SHAKESPEARE, write_json  # noqa: E402
 
 
-
 def token_script(tokenizer, vocab: int, length: int = 4096) -> list[int]:
     """Ids the host-only stand-in emits in turn: real text when there is a tokenizer, so detokenization
     does the work it does in service."""

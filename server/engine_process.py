@@ -4,8 +4,9 @@ Why: in one process the event loop's HTTP work (SSE framing, socket writes, pyda
 step loop share one GIL. On the H100 host at 124 req/s the served engine made 15.9k output tok/s against
 29.6k offline, and the stand-in server's event loop took half the process's samples (py-spy); served from a
 child, a saturated server made 18.5k against 10.8k in one process (2026-11-24), so that is the default with
-CUDA (server/serve.py's uses_engine_process). vLLM and SGLang split the two the same way. Here the child owns every piece of engine state (scheduler, KV blocks,
-model, detokenizers); the parent keeps only the streams and a tokenizer of its own for the routes.
+CUDA (server/serve.py's uses_engine_process). vLLM and SGLang split the two the same way. Here the child owns
+every piece of engine state (scheduler, KV blocks, model, detokenizers); the parent keeps only the streams
+and a tokenizer of its own for the routes.
 
 Wire: two one-way pipes. Parent -> child: ("add", id, prompt ids, params), ("abort", id), ("stop",).
 Child -> parent: ("ready", facts) once loaded, or ("failed", reason); then per step ("outputs", outputs,
