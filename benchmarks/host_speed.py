@@ -23,7 +23,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.results import write_json  # noqa: E402
+from benchmarks.results import cpu_name, write_json  # noqa: E402
 
 
 def python_loop(n: int = 2_000_000) -> float:
@@ -85,9 +85,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown") \
-        if Path("/proc/cpuinfo").exists() else platform.processor()
+    cpu = cpu_name()
     cases = {"python_loop": ("ns/iter", python_loop), "thread_wake": ("us", thread_wake),
              "process_pipe": ("us", process_pipe)}
     rows = []

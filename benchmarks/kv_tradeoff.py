@@ -17,19 +17,16 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repo's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.results import SHAKESPEARE, cpu_name  # noqa: E402
 from server.kv_measure import KVReportRow  # noqa: E402
 from server.kv_report import add_kv_report_arguments, format_table, plot_rows  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def machine() -> str:
     import torch
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown CPU") \
-        if Path("/proc/cpuinfo").is_file() else platform.processor()
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, {platform.system()}"
+    return f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, {platform.system()}"
 
 
 REFIT_NOTE = (
@@ -113,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=None, help="wall time to state (with --from-json)")
     argv = sys.argv[1:] if argv is None else argv
     if "--text" not in argv:
-        argv = ["--text", str(DEFAULT_TEXT), *argv]
+        argv = ["--text", str(SHAKESPEARE), *argv]
     args = parser.parse_args(argv)
     seconds = args.seconds
     if args.from_json:
