@@ -102,7 +102,7 @@ def build_llm(args, prompts, out_lens):
               overlap_scheduling=args.overlap_scheduling, prefill_graphs=args.prefill_graphs,
               compile_mode=args.compile_mode, compile_max_batch_size=args.compile_max_batch_size,
               enable_prefix_caching=args.enable_prefix_caching,
-              decode_fusion=getattr(args, "decode_fusion", True))
+              decode_fusion=args.decode_fusion)
     if not args.dummy:
         return LLM(args.model, **kw)
     raw = PRESETS.get(args.config) or json.loads(Path(args.config).read_text())

@@ -69,11 +69,10 @@ class TritonOps:
                             qk_norm=None):
         """TorchOps.write_kv_and_attend: one launch for a decode-only step when decode_fusion is on (the
         shape test is dispatch.py's, from host ints), else the fused rotary + cache write (+ q/k norm), then
-        attend."""
-        if (self.decode_fusion and batch.attention_tiles is None and batch.max_query_len == 1
+        attend. A q/k-norm model (Qwen3) keeps the second way: the one-launch kernel has no norm, and norming
+        ahead of it would copy q and k out of the projection's strided view and launch twice more a layer."""
+        if (self.decode_fusion and qk_norm is None and batch.attention_tiles is None and batch.max_query_len == 1
                 and q.shape[0] == batch.seq_lens.shape[0]):
-            if qk_norm is not None:  # not folded into the one-launch decode kernel: normed ahead of it
-                q, k = self.rms_norm(q, qk_norm[0], qk_norm[2])[0], self.rms_norm(k, qk_norm[1], qk_norm[2])[0]
             tickets = self.tickets if q.shape[0] * k.shape[1] <= self.tickets.numel() else None
             return self._decode_rotary(q, k, v, batch.positions, cos_sin_cache, k_cache, v_cache,
                                        batch.slot_mapping, batch.seq_lens, batch.block_tables, scale,

@@ -125,9 +125,9 @@ def assert_equal_up_to_ties(got, want, max_gap: float) -> int:
 @gpu
 @pytest.mark.parametrize("decode_fusion", [False, True], ids=["", "decode-fusion"])
 def test_gpu_greedy_tiny_qwen3_triton_equals_torch_float32(tmp_path_factory, decode_fusion):
-    """Qwen3's q/k norm inside the RoPE + cache-write kernel (or ahead of the fused decode kernel) on CUDA,
-    with graphs, against the torch path: the same 64 greedy tokens in float32 (a random tiny model; no real
-    Qwen3 checkpoint can be fetched here)."""
+    """Qwen3's q/k norm inside the RoPE + cache-write kernel (decode_fusion on or off: its decode steps keep
+    that kernel) on CUDA, with graphs, against the torch path: the same 64 greedy tokens in float32 (a random
+    tiny model; no real Qwen3 checkpoint can be fetched here)."""
     from tests.tiny_models import make_tiny_checkpoint
     model_dir = make_tiny_checkpoint(tmp_path_factory.mktemp("qwen3_gpu"), architecture="Qwen3ForCausalLM",
                                      head_dim=64, hidden_size=256, num_attention_heads=8, num_key_value_heads=2,

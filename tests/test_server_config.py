@@ -140,17 +140,17 @@ def test_toml_booleans_set_boolean_settings(tmp_path):
     assert cfg.engine.enforce_eager and not cfg.engine.enable_prefix_caching and cfg.server.engine_process
 
 
-@pytest.mark.parametrize("argv, env, device, cuda, want", [
-    ([], {}, "auto", False, False),                       # unset: the engine's device decides (CPU: off)
-    ([], {}, "auto", True, True),                         # unset, CUDA seen: a child process
-    ([], {}, "cuda", False, True),
-    ([], {}, "cpu", True, False),
-    (["--engine-process"], {}, "cpu", False, True),       # set: as set, whatever the device
-    (["--no-engine-process"], {}, "cuda", True, False),
-    ([], {"GQA_ENGINE_PROCESS": "off"}, "cuda", True, False),
-    ([], {"GQA_ENGINE_PROCESS": "none"}, "cuda", True, True),
+@pytest.mark.parametrize("argv, env, setting, device, cuda, want", [
+    ([], {}, None, "auto", False, False),                         # unset: the engine's device decides (CPU: off)
+    ([], {}, None, "auto", True, True),                           # unset, CUDA seen: a child process
+    ([], {}, None, "cuda", False, True),
+    ([], {}, None, "cpu", True, False),
+    (["--engine-process"], {}, True, "cpu", False, True),         # set: as set, whatever the device
+    (["--no-engine-process"], {}, False, "cuda", True, False),
+    ([], {"GQA_ENGINE_PROCESS": "off"}, False, "cuda", True, False),
+    ([], {"GQA_ENGINE_PROCESS": "none"}, None, "cuda", True, True),
 ])
-def test_engine_process_unset_follows_the_device(argv, env, device, cuda, want, monkeypatch):
+def test_engine_process_unset_follows_the_device(argv, env, setting, device, cuda, want, monkeypatch):
     """server.engine_process: a flag pair and env values like any boolean; left unset, on exactly when the
     engine runs on CUDA (server/serve.py's uses_engine_process)."""
     import torch
@@ -158,6 +158,5 @@ def test_engine_process_unset_follows_the_device(argv, env, device, cuda, want, 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     flags = {k: v for k, v in vars(parse(argv + ["--device", device])).items() if k != "config"}
     cfg = load_config(flags, None, environ=env)
-    assert (cfg.server.engine_process is None) == (not argv and "GQA_ENGINE_PROCESS" not in env
-                                                   or env.get("GQA_ENGINE_PROCESS") == "none")
+    assert cfg.server.engine_process is setting
     assert uses_engine_process(cfg) is want

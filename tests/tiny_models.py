@@ -10,11 +10,8 @@ from pathlib import Path
 
 import torch
 
-_REPO = Path(__file__).resolve().parent.parent
-# ../shared beside the checkout; on the GPU machine (which gets the checkout alone) a carried copy in .shared/
-SHAKESPEARE = next((p for p in (_REPO.parent / "shared", _REPO / ".shared")
-                    if (p / "data" / "tinyshakespeare.txt").is_file()), _REPO.parent / "shared") \
-    / "data" / "tinyshakespeare.txt"
+from benchmarks.results import SHAKESPEARE  # ../shared, or the copy carried in .shared/ on the GPU machine
+
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
