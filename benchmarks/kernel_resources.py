@@ -92,6 +92,7 @@ def cases(shape: Shape, dtype: torch.dtype, kv_dtype: torch.dtype) -> list[tuple
     from kernels.prefill_tiles import max_tiles, prefill_block_m, tile_map
     from kernels.rotary import apply_rotary
     from kernels.rotary_cache import rotary_and_write_kv
+    from kernels.skinny_matmul import rms_norm_linear, silu_mul_linear, skinny_linear
 
     h, kvh, d = shape.heads, shape.kv_heads, shape.head_dim
     group = h // kvh
@@ -112,6 +113,11 @@ def cases(shape: Shape, dtype: torch.dtype, kv_dtype: torch.dtype) -> list[tuple
     gate_up = torch.zeros(tokens, 2 * shape.intermediate, dtype=dtype)
     scale = d ** -0.5
     q_rows = torch.zeros(512, h, d, dtype=dtype)  # enough rows for the longest query below
+    # the projections' weights (never read: empty, not zeroed); the head's vocabulary is Llama 3's
+    w_qkv = torch.empty((h + 2 * kvh) * d, shape.hidden, dtype=dtype)
+    w_gate_up = torch.empty(2 * shape.intermediate, shape.hidden, dtype=dtype)
+    w_down = torch.empty(shape.hidden, shape.intermediate, dtype=dtype)
+    w_head = torch.empty(128256, shape.hidden, dtype=dtype)
 
     def prefill(query_len: int, **kw):
         def launch():
@@ -153,6 +159,10 @@ def cases(shape: Shape, dtype: torch.dtype, kv_dtype: torch.dtype) -> list[tuple
         ("decode+rope+write, last reduces", lambda: decode_rotary_attention(
             q[:2], k[:2], v[:2], positions[:2], cos_sin, k_cache, v_cache, slots[:2], lens, tables, scale, 64,
             num_splits=4, tickets=torch.zeros(2 * kvh, dtype=torch.int32))),
+        ("skinny qkv, 1 row", lambda: skinny_linear(x[:1], w_qkv)),
+        ("skinny norm+gate_up, 4 rows", lambda: rms_norm_linear(x, x, w, 1e-5, w_gate_up)),
+        ("skinny silu+down, 4 rows", lambda: silu_mul_linear(gate_up, w_down)),
+        ("skinny lm_head -> float32, 1 row", lambda: skinny_linear(x[:1], w_head, out_dtype=torch.float32)),
         ("prefill, 2 x 1 token", prefill(1)),  # a mixed step's decode rows: the smallest tile
         ("prefill, 2 x 40", prefill(40)),
         ("prefill, 2 x 256", prefill(256)),

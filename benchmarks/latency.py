@@ -197,7 +197,7 @@ def main(argv=None) -> dict:
            "median": median, "all_tpot_s": [r["tpot_s"] for r in runs], "runs": runs, "roofline": roof,
            "fraction_of_roofline": roof["roofline_step_s"] / median["tpot_s"],
            "torch": torch.__version__, "blas_library": args.blas_library, "compile_mode": args.compile_mode,
-           "decode_fusion": args.decode_fusion,
+           "decode_fusion": args.decode_fusion, "skinny_matmul": args.skinny_matmul,
            "compile_seconds": runner.compiled.compile_seconds if runner.compiled else None,
            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
     print_table(res)

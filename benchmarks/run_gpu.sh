@@ -10,7 +10,7 @@
 #
 #   bash benchmarks/run_gpu.sh [all|ours|peers]     # default all
 # Knobs (environment): BUDGET (s), PEERS_RESERVE (s kept for the peers, default 170), SKIP (space-separated
-# step names: pytest kernels host_speed step_overhead host_overhead profile prefill_step speculative latency latency_cublaslt latency_unfused_decode latency_compile profile_compile gemm_shapes latency_b64 latency_b64_unfused_decode latency_qwen3 throughput_1b throughput_penalized throughput_sampled throughput_top_k throughput_prefix throughput_prefix_off serving serving_eager_prefill serving_engine_process throughput_8b tune_kernels peers),
+# step names: pytest kernels skinny_matmul host_speed step_overhead host_overhead profile prefill_step speculative latency latency_cublaslt latency_unfused_decode latency_skinny latency_b8 latency_b8_skinny latency_compile profile_compile gemm_shapes latency_b64 latency_b64_unfused_decode latency_qwen3 throughput_1b throughput_penalized throughput_sampled throughput_top_k throughput_prefix throughput_prefix_off serving serving_eager_prefill serving_engine_process throughput_8b tune_kernels peers),
 # ENGINE_EXTRA (engine flags for our benchmarks, e.g. "--no-overlap-scheduling"), PYTEST_ARGS (extra pytest arguments, e.g. "-k gpu"), SMOKE=1 (CPU smoke test of this script: tiny random model, few requests, peers with PEERS_TINY=1).
 set -u
 cd "$(dirname "$0")/.."
@@ -96,8 +96,9 @@ main() {
     if [ "$SMOKE" = 1 ]; then
       step pytest 60 bash -c "echo 'SMOKE: kernel tests skipped' | tee $RAW/pytest.txt"
       step kernels 60 $PY benchmarks/kernels.py --dry-run
+      step skinny_matmul 60 $PY benchmarks/skinny_matmul.py --dry-run
     else
-      local tests=(tests/test_kernels.py tests/test_kernel_rotary_cache.py tests/test_kernel_decode_rotary.py tests/test_cuda_graphs.py tests/test_sampler.py
+      local tests=(tests/test_kernels.py tests/test_kernel_rotary_cache.py tests/test_kernel_decode_rotary.py tests/test_kernel_skinny_matmul.py tests/test_cuda_graphs.py tests/test_sampler.py
         tests/test_prefill_graphs.py tests/test_compiled_forward.py)
       # the default model's greedy test needs its GGUF (no network there): copy it into the cache first
       local cache=${GQA_MODEL_CACHE_DIR:-$HOME/.cache/gqa-serve/models}
@@ -108,6 +109,8 @@ main() {
       fi
       step pytest 260 bash -c "set -o pipefail; $PY -m pytest ${tests[*]} ${PYTEST_ARGS:-} -q -p no:cacheprovider 2>&1 | tee $RAW/pytest.txt | tail -40"
       step kernels 60 $PY benchmarks/kernels.py
+      # the small-batch projections: our skinny kernel (norm / SiLU folded in) against cuBLAS, and a tile sweep
+      step skinny_matmul 80 $PY benchmarks/skinny_matmul.py --sweep-budget-s 45
       # this host's Python speed and thread / process round trips: host-time figures of two machines compare
       step host_speed 20 $PY benchmarks/host_speed.py
       step step_overhead 40 $PY benchmarks/step_overhead.py $ENGINE_EXTRA
@@ -132,6 +135,16 @@ main() {
     step latency_unfused_decode 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 1 \
       --input-len 128 --output-len 256 --num-iters "$lat_iters" --no-decode-fusion \
       --json "$RAW/latency_unfused_decode.json" $ENGINE_EXTRA
+    # and with skinny_matmul: the projections of steps of up to 16 tokens on our kernel, two launches fewer a
+    # layer; and both ways at batch 8
+    step latency_skinny 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 1 \
+      --input-len 128 --output-len 256 --num-iters "$lat_iters" --skinny-matmul \
+      --json "$RAW/latency_skinny.json" $ENGINE_EXTRA
+    step latency_b8 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 8 \
+      --input-len 128 --output-len 256 --num-iters "$lat_iters" --json "$RAW/latency_b8.json" $ENGINE_EXTRA
+    step latency_b8_skinny 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 8 \
+      --input-len 128 --output-len 256 --num-iters "$lat_iters" --skinny-matmul \
+      --json "$RAW/latency_b8_skinny.json" $ENGINE_EXTRA
     # and with compile_mode max-autotune on the decode graphs up to batch 8: inductor's GEMM choice per shape
     step latency_compile 120 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 1 \
       --input-len 128 --output-len 256 --num-iters "$lat_iters" --compile-mode max-autotune \
@@ -259,6 +272,10 @@ row("b1 decode tok/s, cuBLASLt (peer: default BLAS)", g(data, "latency_cublaslt"
     g(lat, "median", "decode_tok_s"))
 row("b1 decode tok/s, decode_fusion (peer: off)",
     g(lat, "median", "decode_tok_s"), g(data, "latency_unfused_decode", "median", "decode_tok_s"))
+row("b1 decode tok/s, skinny_matmul (peer: off)", g(data, "latency_skinny", "median", "decode_tok_s"),
+    g(lat, "median", "decode_tok_s"), f"roofline {f(g(lat, 'roofline', 'roofline_tok_s'))} tok/s")
+row("b8 decode tok/s, skinny_matmul (peer: off)", g(data, "latency_b8_skinny", "median", "decode_tok_s"),
+    g(data, "latency_b8", "median", "decode_tok_s"), f"roofline {f(g(data, 'latency_b8', 'roofline', 'roofline_tok_s'))}")
 row("b64 decode tok/s, decode_fusion (peer: off)",
     g(l64, "median", "decode_tok_s"), g(data, "latency_b64_unfused_decode", "median", "decode_tok_s"))
 lq = data.get("latency_qwen3", {})
@@ -316,6 +333,11 @@ for r in g(data, "serving", "rates") or []:
 kr = g(data, "kernels", "rows") or []
 for r in kr:
     row(f"kernel {r['kernel']} {r['shape']} us", r["ours_us"], r["peer_us"], f"{r['peer']}; {r['fraction_of_limit']:.2f} of limit")
+for r in g(data, "skinny_matmul", "rows") or []:
+    row(f"{r['kernel']} {r['shape']} us", r["ours_us"], r["peer_us"], f"{r['peer']}; {r['fraction_of_limit']:.2f} of limit")
+for sw in g(data, "skinny_matmul", "sweep") or []:
+    row(f"skinny tile sweep {sw['model']} {sw['projection']} M=1: best us (peer: pick_tile's)", sw["best_us"],
+        sw["chosen_us"], f"best {tuple(sw['best'])}, pick_tile {tuple(sw['chosen'])}, {sw['tiles_timed']} tiles")
 for r in g(data, "host_speed", "rows") or []:
     row(f"host {r['case']} ({r['unit']})", r["median"], None,
         f"{g(data, 'host_speed', 'host')}; min {r['min']:.2f}, max {r['max']:.2f}")

@@ -102,7 +102,7 @@ def build_llm(args, prompts, out_lens):
               overlap_scheduling=args.overlap_scheduling, prefill_graphs=args.prefill_graphs,
               compile_mode=args.compile_mode, compile_max_batch_size=args.compile_max_batch_size,
               enable_prefix_caching=args.enable_prefix_caching,
-              decode_fusion=args.decode_fusion)
+              decode_fusion=args.decode_fusion, skinny_matmul=args.skinny_matmul)
     if not args.dummy:
         return LLM(args.model, **kw)
     raw = PRESETS.get(args.config) or json.loads(Path(args.config).read_text())
@@ -278,6 +278,9 @@ def add_engine_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--decode-fusion", action=argparse.BooleanOptionalAction, default=True,
                     help="decode steps run rotary + cache write inside the attention kernel "
                     "(EngineConfig.decode_fusion)")
+    ap.add_argument("--skinny-matmul", action=argparse.BooleanOptionalAction, default=False,
+                    help="steps of up to 16 tokens project with our Triton kernel, the post-attention norm and "
+                    "SiLU x mul folded in (EngineConfig.skinny_matmul)")
     ap.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                     help="share prompt blocks between requests (EngineConfig.enable_prefix_caching); the "
                     "benchmarks' warm-ups and repeats use fresh prompts, so it finds nothing to share "

@@ -168,3 +168,15 @@ def decode_rotary_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     q_rot = rotary_and_write_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
     query_start_loc = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
     return paged_attention(q_rot, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, max_query_len=1)
+
+
+def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                    weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(linear(rms_norm(x + residual)), x + residual): what kernels/skinny_matmul.py folds into one launch."""
+    normed, residual = rms_norm(x, norm_weight, eps, residual)
+    return F.linear(normed, weight, bias), residual
+
+
+def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """linear(silu(gate) * up) over gate_up [T, 2I]."""
+    return F.linear(silu_and_mul(gate_up), weight, bias)

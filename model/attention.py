@@ -39,7 +39,7 @@ class GQAAttention(nn.Module):
         Strided views of the one qkv matmul's output (column slices): the ops take strides, not copies.
         """
         num_tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split(self.split_sizes, dim=-1)
+        q, k, v = self.ops.linear(hidden, self.qkv_proj).split(self.split_sizes, dim=-1)
         return (q.view(num_tokens, self.num_heads, self.head_dim),
                 k.view(num_tokens, self.num_kv_heads, self.head_dim),
                 v.view(num_tokens, self.num_kv_heads, self.head_dim))
@@ -67,4 +67,4 @@ class GQAAttention(nn.Module):
         # the Triton path (model/ops.py)
         out = self.ops.write_kv_and_attend(q, k, v, batch, cos_sin_cache, k_cache, v_cache, self.scale,
                                            self.qk_norm())  # [T, H, D]
-        return self.o_proj(out.reshape(hidden.shape[0], self.num_heads * self.head_dim))
+        return self.ops.linear(out.reshape(hidden.shape[0], self.num_heads * self.head_dim), self.o_proj)

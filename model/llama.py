@@ -28,8 +28,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.ops = ops
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """gate_up [T, 2I], gate_up_proj's output (DecoderLayer applies it with the norm before it) -> [T, hidden]:
+        down_proj(silu(gate) * up)."""
+        return self.ops.silu_mul_linear(gate_up, self.down_proj)
 
 
 class DecoderLayer(nn.Module):
@@ -39,12 +41,15 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config, ops)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+        self.ops = ops
 
     def forward(self, hidden, residual, batch: StepBatch, kv, cos_sin_cache):
         hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(hidden, batch, kv, cos_sin_cache)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        # the norm and the MLP's first projection: one launch on the small-batch path (model/ops.py)
+        gate_up, residual = self.ops.rms_norm_linear(hidden, residual, self.post_attention_layernorm,
+                                                     self.mlp.gate_up_proj)
+        return self.mlp(gate_up), residual
 
 
 class DecoderStack(nn.Module):
@@ -81,7 +86,7 @@ class CausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """[len(rows), vocab] float32 logits of those rows of hidden [T, hidden]."""
-        return self.lm_head(hidden[rows]).float()
+        return self.ops.linear(hidden[rows], self.lm_head, out_dtype=torch.float32)
 
     def token_logprobs(self, hidden: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
                        chunk: int = 256) -> torch.Tensor:

@@ -6,6 +6,7 @@ Both sets share the signatures of kernels/reference.py.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from kernels import reference
 from model.batch import StepBatch
@@ -35,22 +36,45 @@ class TorchOps:
                                      qk_norm=qk_norm)
         return self.attend(q, k_cache, v_cache, batch, scale)
 
+    # the projections: nn.Linear (cuBLAS) here; TritonOps may take its small-batch kernel instead
+    @staticmethod
+    def linear(x: torch.Tensor, layer: nn.Linear, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        y = layer(x)
+        return y if out_dtype is None else y.to(out_dtype)
 
-class TritonOps:
+    def rms_norm_linear(self, x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module, layer: nn.Linear):
+        """(layer(norm(x + residual)), x + residual)."""
+        normed, residual = self.rms_norm(x, norm.weight, norm.eps, residual)
+        return layer(normed), residual
+
+    def silu_mul_linear(self, gate_up: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+        return layer(self.silu_and_mul(gate_up))
+
+
+class TritonOps(TorchOps):
+    """Our kernels for every op TorchOps has (the projections too, with skinny_matmul on)."""
     name = "triton"
-    # every op: our kernels are already fused, and their launchers pick grids from host ints; dynamo would
-    # only re-trace them (see opaque_to_compiler)
-    host_reading = ("rms_norm", "silu_and_mul", "apply_rotary", "rotary_and_write_kv", "attend",
-                    "write_kv_and_attend")
+
+    @property
+    def host_reading(self) -> tuple[str, ...]:
+        """Every op: our kernels are already fused, and their launchers pick grids from host ints; dynamo
+        would only re-trace them (see opaque_to_compiler). The projections only where our kernel takes them:
+        otherwise they are cuBLAS matmuls, which compile_mode=max-autotune exists to tune."""
+        projections = ("linear", "rms_norm_linear", "silu_mul_linear") if self.skinny_matmul else ()
+        return ("rms_norm", "silu_and_mul", "apply_rotary", "rotary_and_write_kv", "attend",
+                "write_kv_and_attend") + projections
 
     def __init__(self, device: torch.device) -> None:
         # Imported here so that CPU-only installs never need triton.
-        from kernels import activation, decode_rotary, dispatch, norm, rotary, rotary_cache
+        from kernels import activation, decode_rotary, dispatch, norm, rotary, rotary_cache, skinny_matmul
         # decode-only steps as one attention launch per layer (kernels/decode_rotary.py): RoPE + cache write
         # folded in, and the last split combines the partials, counting splits in `tickets` (left at 0 by
         # every launch, so one buffer serves every layer and every graph); the model runner sets the switch
         # from EngineConfig.decode_fusion
         self.decode_fusion = False
+        # steps of at most skinny_matmul.MAX_ROWS tokens project with kernels/skinny_matmul.py instead of
+        # cuBLAS, the post-attention norm and SiLU x mul folded in; set from EngineConfig.skinny_matmul
+        self.skinny_matmul = False
         self.tickets = torch.zeros(1 << 16, dtype=torch.int32, device=device)  # >= batch x kv heads
         self._decode_rotary = decode_rotary.decode_rotary_attention
         self.rms_norm = norm.rms_norm
@@ -58,6 +82,7 @@ class TritonOps:
         self.apply_rotary = rotary.apply_rotary
         self.rotary_and_write_kv = rotary_cache.rotary_and_write_kv
         self._dispatch = dispatch
+        self._skinny = skinny_matmul
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: StepBatch,
                scale: float) -> torch.Tensor:
@@ -81,6 +106,26 @@ class TritonOps:
                                      qk_norm=qk_norm)
         return self.attend(q, k_cache, v_cache, batch, scale)
 
+
+    def _takes_skinny(self, x: torch.Tensor, layer: nn.Linear) -> bool:
+        """From shapes and dtypes only (host facts): the same choice at every replay of a captured step."""
+        return (self.skinny_matmul and x.dim() == 2 and x.shape[0] <= self._skinny.MAX_ROWS
+                and x.dtype == layer.weight.dtype and x.stride(-1) == 1 and layer.weight.stride(-1) == 1)
+
+    def linear(self, x, layer, out_dtype=None):
+        if self._takes_skinny(x, layer):
+            return self._skinny.skinny_linear(x, layer.weight, layer.bias, out_dtype=out_dtype)
+        return TorchOps.linear(x, layer, out_dtype)
+
+    def rms_norm_linear(self, x, residual, norm, layer):
+        if self._takes_skinny(x, layer) and (residual is None or residual.dtype == x.dtype):
+            return self._skinny.rms_norm_linear(x, residual, norm.weight, norm.eps, layer.weight, layer.bias)
+        return super().rms_norm_linear(x, residual, norm, layer)
+
+    def silu_mul_linear(self, gate_up, layer):
+        if self._takes_skinny(gate_up, layer):
+            return self._skinny.silu_mul_linear(gate_up, layer.weight, layer.bias)
+        return super().silu_mul_linear(gate_up, layer)
 
 def opaque_to_compiler(ops: "TorchOps | TritonOps") -> None:
     """Make torch.compile call ops.host_reading as they are (a graph break each) instead of tracing them.

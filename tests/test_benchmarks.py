@@ -266,6 +266,21 @@ def test_gemm_shapes_on_cpu(tmp_path, capsys):
     assert "one decode step's matmuls at M=1" in capsys.readouterr().out
 
 
+def test_skinny_matmul_benchmark_dry_run(tmp_path, capsys):
+    """CPU smoke test of benchmarks/skinny_matmul.py's table: each projection at each row count, the peer
+    and the limit (weight bytes over the measured copy bandwidth) beside ours, written to the JSON."""
+    from benchmarks import skinny_matmul
+    result = skinny_matmul.main(["--dry-run", "--rows", "1", "3", "--json", str(tmp_path / "s.json")])
+    rows = result["rows"]
+    assert [(r["kernel"], r["shape"].split()[1]) for r in rows] == [
+        (k, m) for k in ("skinny qkv", "skinny gate_up (+rms_norm)", "skinny down (+silu_mul)") for m in ("M=1", "M=3")]
+    n, k = 96, 64  # the tiny qkv's weight, float32
+    assert rows[0]["limit_us"] == pytest.approx(n * k * 4 / (result["copy_bandwidth_gbps"] * 1e9) * 1e6)
+    assert all(r["ours_us"] > 0 and r["peer_us"] > 0 for r in rows)
+    assert json.loads((tmp_path / "s.json").read_text())["rows"] == rows
+    assert "cuBLAS after ours" in capsys.readouterr().out
+
+
 def test_host_speed_measures_each_case(tmp_path):
     """The host calibration (benchmarks/host_speed.py): every case measured, positive, min <= median <= max."""
     from benchmarks import host_speed

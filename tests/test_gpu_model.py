@@ -30,12 +30,13 @@ PROMPTS = [
 
 
 def greedy_run(model_dir, backend: str, dtype: str, enforce_eager: bool, kv_cache_dtype: str = "auto",
-               num_speculative_tokens: int = 0, decode_fusion: bool = False):
+               num_speculative_tokens: int = 0, decode_fusion: bool = False, skinny_matmul: bool = False):
     gc.collect()
     torch.cuda.empty_cache()
     llm = LLM(str(model_dir), device="cuda", dtype=dtype, attention_backend=backend, enforce_eager=enforce_eager,
               gpu_memory_utilization=0.1, max_num_seqs=16, max_model_len=2048, kv_cache_dtype=kv_cache_dtype,
-              num_speculative_tokens=num_speculative_tokens, decode_fusion=decode_fusion)
+              num_speculative_tokens=num_speculative_tokens, decode_fusion=decode_fusion,
+              skinny_matmul=skinny_matmul)
     params = SamplingParams(temperature=0.0, max_new_tokens=64, ignore_eos=True, logprobs=2)
     results = llm.generate(PROMPTS, params)
     runner = llm.engine.runner
@@ -49,13 +50,15 @@ def greedy_run(model_dir, backend: str, dtype: str, enforce_eager: bool, kv_cach
 
 
 @gpu
-@pytest.mark.parametrize("decode_fusion", [False, True], ids=["", "decode-fusion"])
-def test_gpu_greedy_default_model_triton_equals_torch_float32(smollm2_dir, decode_fusion):
+@pytest.mark.parametrize("decode_fusion, skinny_matmul", [(False, False), (True, False), (True, True)],
+                         ids=["", "decode-fusion", "decode-fusion-skinny-matmul"])
+def test_gpu_greedy_default_model_triton_equals_torch_float32(smollm2_dir, decode_fusion, skinny_matmul):
     """float32: the two paths agree to ~1e-6, far below any logit gap greedy decoding meets here (also with
-    a decode step's attention as one launch, EngineConfig.decode_fusion)."""
+    a decode step's attention as one launch, EngineConfig.decode_fusion, and the projections of steps of
+    up to 16 tokens on our kernel, EngineConfig.skinny_matmul)."""
     want, _ = greedy_run(smollm2_dir, "torch", "float32", enforce_eager=True)
     got, replays = greedy_run(smollm2_dir, "triton", "float32", enforce_eager=False,
-                              decode_fusion=decode_fusion)
+                              decode_fusion=decode_fusion, skinny_matmul=skinny_matmul)
     assert replays > 0, "the Triton run never replayed a CUDA graph"
     for i, (g, w) in enumerate(zip(got, want)):
         assert len(g.token_ids) == 64

@@ -1,0 +1,139 @@
+"""The skinny matmul (kernels/skinny_matmul.py) against cuBLAS on the projections of small decode steps.
+
+    python benchmarks/skinny_matmul.py                   # GPU: Llama-3.2-1B / 3.1-8B projections, 1, 4, 16 rows
+    python benchmarks/skinny_matmul.py --sweep-budget-s 60   # and a tile sweep at one row
+    python benchmarks/skinny_matmul.py --dry-run         # CPU smoke run of the table path (timings mean nothing)
+
+Each row times one projection the way a captured decode step runs it: 20 calls in one CUDA graph, launch
+gaps included. ours: our kernel, its op folded in; peer: what the layer runs with skinny_matmul off (cuBLAS
+through F.linear, after our RMSNorm or SiLU x mul kernel where ours folds one in); limit: the weight's bytes
+over the copy bandwidth measured in the same run. The sweep times a grid of tiles (BLOCK_N, BLOCK_K, warps,
+stages) per shape at one row, within its budget, and prints the best beside pick_tile's choice: what to
+change in pick_tile, from a GPU's numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repo's packages importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from benchmarks.kernels import Bench, Row, copy_bandwidth, format_table  # noqa: E402
+from benchmarks.results import write_json  # noqa: E402
+
+from kernels import reference as ref  # noqa: E402
+
+# (model, projection, N, K, folded op): each decoder projection and the head
+SHAPES = {
+    "llama-3.2-1b": [("qkv", 3072, 2048, "plain"), ("o", 2048, 2048, "plain"), ("gate_up", 16384, 2048, "norm"),
+                     ("down", 2048, 8192, "silu"), ("lm_head", 128256, 2048, "plain")],
+    "llama-3.1-8b": [("qkv", 6144, 4096, "plain"), ("o", 4096, 4096, "plain"), ("gate_up", 28672, 4096, "norm"),
+                     ("down", 4096, 14336, "silu"), ("lm_head", 128256, 4096, "plain")],
+}
+TINY = {"tiny": [("qkv", 96, 64, "plain"), ("gate_up", 256, 64, "norm"), ("down", 64, 128, "silu")]}
+
+
+def calls(bench: Bench, rows: int, n: int, k: int, op: str):
+    """(ours, peer) for one projection, on fresh random inputs."""
+    w = bench.randn(n, k) * k ** -0.5
+    if bench.dry_run:  # the references stand in for both
+        from kernels.reference import rms_norm as norm, silu_and_mul as act
+        skinny = None
+    else:
+        from kernels import skinny_matmul as skinny
+        from kernels.activation import silu_and_mul as act
+        from kernels.norm import rms_norm as norm
+    if op == "silu":
+        gate_up = bench.randn(rows, 2 * k)
+        if skinny is None:
+            return (lambda: ref.silu_mul_linear(gate_up, w)), (lambda: F.linear(act(gate_up), w))
+        return (lambda: skinny.silu_mul_linear(gate_up, w)), (lambda: F.linear(act(gate_up), w))
+    x, res, g = bench.randn(rows, k), bench.randn(rows, k), bench.randn(k)
+    if op == "norm":
+        if skinny is None:
+            return (lambda: ref.rms_norm_linear(x, res, g, 1e-5, w)), (lambda: F.linear(norm(x, g, 1e-5, res)[0], w))
+        return ((lambda: skinny.rms_norm_linear(x, res, g, 1e-5, w)),
+                (lambda: F.linear(norm(x, g, 1e-5, res)[0], w)))
+    if skinny is None:
+        return (lambda: F.linear(x, w)), (lambda: F.linear(x, w))
+    return (lambda: skinny.skinny_linear(x, w)), (lambda: F.linear(x, w))
+
+
+def table(bench: Bench, bandwidth: float, shapes: dict, row_counts: list[int]) -> list[Row]:
+    out = []
+    for model, projections in shapes.items():
+        for (name, n, k, op), rows in itertools.product(projections, row_counts):
+            ours, peer = calls(bench, rows, n, k, op)
+            label = {"plain": "", "norm": " (+rms_norm)", "silu": " (+silu_mul)"}[op]
+            limit_us = n * k * bench.randn(1).element_size() / bandwidth * 1e6
+            out.append(Row(f"skinny {name}{label}", f"{model} M={rows} N={n} K={k}", bench.graph_time_us(ours),
+                           "cuBLAS" + (" after ours" if label else ""), bench.graph_time_us(peer), limit_us))
+    return out
+
+
+def sweep(bench: Bench, shapes: dict, budget_s: float) -> list[dict]:
+    """Per shape at one row: each feasible tile's graph time, best first, until the budget is spent."""
+    from kernels import skinny_matmul as skinny
+    grid = list(itertools.product((16, 32, 64), (64, 128, 256, 512), (4, 8), (2, 3, 4, 5)))
+    deadline = time.perf_counter() + budget_s
+    results = []
+    for model, projections in shapes.items():
+        for name, n, k, _ in projections:
+            x, w = bench.randn(1, k), bench.randn(n, k)
+            chosen = skinny.pick_tile(n, k, w.element_size(), 1, w.device)
+            timed = []
+            for tile in [chosen] + [t for t in grid if t != chosen]:
+                if time.perf_counter() > deadline:
+                    break
+                if (tile[0] + skinny.MAX_ROWS) * tile[1] * w.element_size() * (tile[3] - 1) > 200 * 1024:
+                    continue  # more shared memory than an SM has
+                try:
+                    timed.append((bench.graph_time_us(lambda: skinny.skinny_linear(x, w, tile=tile)), tile))
+                except Exception as e:  # noqa: BLE001 - a tile that does not compile is skipped, and said
+                    print(f"sweep {model} {name} {tile}: {type(e).__name__}: {str(e)[:120]}")
+            if timed:
+                best = min(timed)
+                results.append({"model": model, "projection": name, "N": n, "K": k, "tiles_timed": len(timed),
+                                "chosen": list(chosen), "chosen_us": timed[0][0], "best": list(best[1]),
+                                "best_us": best[0]})
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="CPU smoke run of the table path at tiny sizes")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16], help="rows of x (decode batch sizes)")
+    parser.add_argument("--sweep-budget-s", type=float, default=0.0, help="seconds for the tile sweep (0: none)")
+    parser.add_argument("--json", type=Path, default=None, help="results file (default: $OUT/skinny_matmul.json)")
+    args = parser.parse_args(argv)
+    if not args.dry_run and not torch.cuda.is_available():
+        sys.exit("benchmarks/skinny_matmul.py needs a CUDA GPU; use --dry-run for the CPU smoke path")
+    bench = Bench("cpu", torch.float32, True) if args.dry_run else Bench("cuda", torch.bfloat16, False)
+    torch.manual_seed(0)
+    bandwidth = copy_bandwidth(bench)
+    shapes = TINY if args.dry_run else SHAPES
+    rows = table(bench, bandwidth, shapes, args.rows)
+    device = "cpu (dry run: reference functions, timings mean nothing)" if args.dry_run \
+        else torch.cuda.get_device_name()
+    print(f"device: {device}\ncopy bandwidth: {bandwidth / 1e9:.1f} GB/s")
+    print(format_table(rows))
+    swept = sweep(bench, shapes, args.sweep_budget_s) if args.sweep_budget_s > 0 and not args.dry_run else []
+    for s in swept:
+        print(f"sweep {s['model']} {s['projection']} (N={s['N']} K={s['K']}, {s['tiles_timed']} tiles): "
+              f"pick_tile {tuple(s['chosen'])} {s['chosen_us']:.1f} us, best {tuple(s['best'])} {s['best_us']:.1f} us")
+    result = {"device": device, "dry_run": args.dry_run, "copy_bandwidth_gbps": bandwidth / 1e9,
+              "rows": [asdict(r) | {"ours_over_peer": r.ours_over_peer, "fraction_of_limit": r.fraction_of_limit}
+                       for r in rows], "sweep": swept}
+    write_json(result, args.json, "skinny_matmul.json")
+    return result
+
+
+if __name__ == "__main__":
+    main()

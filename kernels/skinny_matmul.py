@@ -1,0 +1,164 @@
+"""Matmuls of at most 16 rows (decode steps of small batches), with the small op before them folded in.
+
+y [M, N] = prologue(x) [M, K] @ W[N, K]^T (+ bias), M <= 16. Such a matmul only streams W from memory:
+the question is how close to the copy bandwidth, and how much of each launch is spent before and after the
+stream. cuBLAS's kernels for these shapes reach about 54% of it on an H100 (README, performance); what
+else a layer does at batch 1 is small kernels whose launch gaps add up. So the input's op is done here, on
+the few rows of x each program reads anyway:
+  PROLOGUE 0: x as it is;
+  PROLOGUE 1: silu(gate) * up over x = [gate | up] (the MLP's down projection, K = intermediate size);
+  PROLOGUE 2: RMSNorm of x + residual (the post-attention norm before gate_up); program 0 also writes
+              x + residual, the residual stream the next layer reads.
+Rounding follows the reference compositions (kernels/reference.py: rms_norm, silu_and_mul, then F.linear).
+
+Each program owns BLOCK_N output columns of every row and streams its [BLOCK_N, K] slice of W once;
+tl.dot pads the rows to 16 (tensor cores idle is nothing here: the bytes are the cost). Kernel -> launchers.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_ROWS = 16
+PLAIN, SILU_MUL, RMS_NORM = 0, 1, 2
+
+
+@triton.jit
+def _skinny_matmul_kernel(X, RES, RES_OUT, NORM_W, W, BIAS, Y, eps, M, N, K,
+                          stride_xm, stride_rm, stride_rom, stride_wn, stride_ym,
+                          PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          IEEE: tl.constexpr):
+    # grid: (cdiv(N, BLOCK_N),); every program reads all M (<= BLOCK_M) rows of x
+    pid = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    offs_k = tl.arange(0, BLOCK_K)
+    x_rows = X + rows[:, None].to(tl.int64) * stride_xm
+    w_rows = W + cols[:, None].to(tl.int64) * stride_wn
+    in_dtype = X.dtype.element_ty
+    if PROLOGUE == 2:
+        # first pass over x (+ residual): each row's sum of squares; x is M x K, a few KiB, read from L2
+        sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            mask = row_ok[:, None] & (kk < K)[None, :]
+            h = tl.load(x_rows + kk[None, :], mask=mask, other=0.0)
+            if HAS_RESIDUAL:
+                r = tl.load(RES + rows[:, None] * stride_rm + kk[None, :], mask=mask, other=0.0)
+                h = (h.to(tl.float32) + r.to(tl.float32)).to(in_dtype)
+                if pid == 0:
+                    tl.store(RES_OUT + rows[:, None] * stride_rom + kk[None, :], h, mask=mask)
+            hf = h.to(tl.float32)
+            sum_sq += tl.sum(hf * hf, 1)
+        inv_rms = tl.rsqrt(sum_sq / K + eps)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < K
+        w = tl.load(w_rows + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
+        x_mask = row_ok[:, None] & k_ok[None, :]
+        if PROLOGUE == 1:
+            gate = tl.load(x_rows + kk[None, :], mask=x_mask, other=0.0).to(tl.float32)
+            up = tl.load(x_rows + K + kk[None, :], mask=x_mask, other=0.0).to(tl.float32)
+            silu = (gate / (1.0 + tl.exp(-gate))).to(in_dtype).to(tl.float32)
+            x = (silu * up).to(W.dtype.element_ty)
+        elif PROLOGUE == 2:
+            h = tl.load(x_rows + kk[None, :], mask=x_mask, other=0.0)
+            if HAS_RESIDUAL:
+                r = tl.load(RES + rows[:, None] * stride_rm + kk[None, :], mask=x_mask, other=0.0)
+                h = (h.to(tl.float32) + r.to(tl.float32)).to(in_dtype)
+            normed = (h.to(tl.float32) * inv_rms[:, None]).to(in_dtype).to(tl.float32)
+            g = tl.load(NORM_W + kk, mask=k_ok, other=0.0).to(tl.float32)
+            x = (g[None, :] * normed).to(W.dtype.element_ty)
+        else:
+            x = tl.load(x_rows + kk[None, :], mask=x_mask, other=0.0)
+        if IEEE:
+            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w))
+    if HAS_BIAS:
+        acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rows[:, None] * stride_ym + cols[None, :], acc.to(Y.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+def pick_tile(n: int, k: int, elem_size: int, x_operands: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages). The widest column block that still gives every SM two
+    programs; K tiles that make each weight tile 16 KiB (the stream needs about 20 KiB in flight an SM on an
+    H100: 3 TB/s x ~0.7 us over 132 SMs); as many stages as fit 100 KiB of shared memory beside the
+    x_operands 16-row tiles of x a stage also holds (1 plain, 2 SiLU, 3 norm + residual). A guess until
+    benchmarks/kernels.py's sweep on a GPU says otherwise."""
+    block_n = 16
+    for candidate in (64, 32):
+        if triton.cdiv(n, candidate) >= 2 * _num_sms(device):
+            block_n = candidate
+            break
+    block_k = max(16, min(triton.next_power_of_2(k), 16384 // (block_n * elem_size)))
+    stage_bytes = (block_n + MAX_ROWS * x_operands) * block_k * elem_size
+    return block_n, block_k, 4, max(2, min(4, 100 * 1024 // stage_bytes))
+
+
+def _launch(x, w, bias, out, prologue, k, residual=None, res_out=None, norm_weight=None, eps=0.0,
+            tile=None) -> torch.Tensor:
+    m, n = x.shape[0], w.shape[0]
+    if m > MAX_ROWS:
+        raise ValueError(f"skinny matmul: {m} rows, at most {MAX_ROWS}")
+    if w.stride(-1) != 1 or x.stride(-1) != 1:
+        raise ValueError("skinny matmul: x and the weight need unit stride along K")
+    if m == 0 or n == 0:
+        return out
+    x_operands = {PLAIN: 1, SILU_MUL: 2, RMS_NORM: 2 if residual is not None else 1}[prologue]
+    block_n, block_k, warps, stages = tile or pick_tile(n, k, x.element_size(), x_operands, x.device)
+    ieee = x.dtype == torch.float32 or w.dtype == torch.float32
+    _skinny_matmul_kernel[(triton.cdiv(n, block_n),)](
+        x, residual if residual is not None else x, res_out if res_out is not None else x,
+        norm_weight if norm_weight is not None else w, w, bias if bias is not None else w, out, eps, m, n, k,
+        x.stride(0), residual.stride(0) if residual is not None else 0,
+        res_out.stride(0) if res_out is not None else 0, w.stride(0), out.stride(0),
+        PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee, num_warps=warps, num_stages=stages)
+    return out
+
+
+def _out(x, w, out_dtype, out):
+    return out if out is not None else torch.empty(x.shape[0], w.shape[0], dtype=out_dtype or w.dtype,
+                                                   device=x.device)
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
+                  tile=None) -> torch.Tensor:
+    """x [M, K] @ weight[N, K]^T (+ bias) -> [M, N] in out_dtype (default the weight's): F.linear."""
+    return _launch(x, weight, bias, _out(x, weight, out_dtype, out), PLAIN, x.shape[1], tile=tile)
+
+
+def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                    out: torch.Tensor | None = None, tile=None) -> torch.Tensor:
+    """gate_up [M, 2I] (gate | up) -> silu(gate) * up @ weight[N, I]^T -> [M, N]."""
+    return _launch(gate_up, weight, bias, _out(gate_up, weight, None, out), SILU_MUL, gate_up.shape[1] // 2,
+                   tile=tile)
+
+
+def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                    weight: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                    res_out: torch.Tensor | None = None, tile=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual) * norm_weight @ weight^T (+ bias), x + residual); residual None -> (.., x).
+    x [M, K], residual [M, K]; the norm's output never exists in memory."""
+    if residual is not None:
+        if residual.stride(-1) != 1:
+            residual = residual.contiguous()
+        res_out = res_out if res_out is not None else torch.empty_like(x)
+    y = _launch(x, weight, bias, _out(x, weight, None, out), RMS_NORM, x.shape[1], residual=residual,
+                res_out=res_out, norm_weight=norm_weight, eps=eps, tile=tile)
+    return y, (res_out if residual is not None else x)

@@ -1,0 +1,184 @@
+"""The skinny matmul (kernels/skinny_matmul.py) against its reference compositions (kernels/reference.py).
+
+On CPU the kernel runs in the Triton interpreter, in float32 and float16: 1 to 16 rows, N and K that are no
+multiple of the tiles, rows of x with a stride wider than K (a view into a larger buffer), random weights,
+norm weights and biases, outputs and the residual output poisoned with NaN before the run. On CUDA the
+same in bfloat16 at the Llama-3.2-1B projections' shapes.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import reference as ref
+from kernels.skinny_matmul import MAX_ROWS, rms_norm_linear, silu_mul_linear, skinny_linear
+from tests.test_kernel_rotary_cache import CUDA, DEVICE, seed_of
+
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-3, rtol=2e-3),
+       torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+CPU_DTYPES = [torch.float32, torch.float16]
+# (rows, N, K): tiles of 16/32/64 columns and 256-wide K steps never fit these exactly
+CPU_SHAPES = [(1, 40, 72), (3, 100, 300), (16, 33, 520)]
+GPU_SHAPES = [(1, 3072, 2048), (8, 2048, 2048), (16, 16384, 2048), (1, 2048, 8192), (4, 128256, 2048)]
+
+
+def rand(gen, *shape, dtype, scale=1.0):
+    return (torch.randn(*shape, generator=gen) * scale).to(dtype).to(DEVICE)
+
+
+def strided_rows(gen, m, k, dtype):
+    """[m, k] whose rows sit 7 elements apart beyond k: the kernel must use the row stride, not k."""
+    return rand(gen, m, k + 7, dtype=dtype)[:, :k]
+
+
+def poisoned(*shape, dtype):
+    return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+
+
+def cases(dtypes, shapes):
+    return [pytest.param(dtype, shape, id=f"{str(dtype)[6:]}-{'x'.join(map(str, shape))}")
+            for dtype in dtypes for shape in shapes]
+
+
+CPU_CASES = pytest.mark.skipif(CUDA, reason="interpreter cases; the GPU cases below run bf16")
+GPU_CASES = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+def check_linear(dtype, shape, with_bias, out_dtype=None):
+    m, n, k = shape
+    gen = torch.Generator().manual_seed(seed_of("linear", dtype, shape, with_bias))
+    x, w = strided_rows(gen, m, k, dtype), rand(gen, n, k, dtype=dtype, scale=k ** -0.5)
+    bias = rand(gen, n, dtype=dtype) if with_bias else None
+    out = poisoned(m, n, dtype=out_dtype or dtype)
+    got = skinny_linear(x, w, bias, out_dtype=out_dtype, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    want = F.linear(x.float(), w.float(), None if bias is None else bias.float())
+    torch.testing.assert_close(got.float(), want, **TOL[dtype])
+
+
+def check_silu_mul(dtype, shape):
+    m, n, k = shape
+    gen = torch.Generator().manual_seed(seed_of("silu", dtype, shape))
+    gate_up, w = strided_rows(gen, m, 2 * k, dtype), rand(gen, n, k, dtype=dtype, scale=k ** -0.5)
+    got = silu_mul_linear(gate_up, w, out=poisoned(m, n, dtype=dtype))
+    torch.testing.assert_close(got, ref.silu_mul_linear(gate_up, w), **TOL[dtype])
+
+
+def check_norm(dtype, shape, with_residual):
+    m, n, k = shape
+    gen = torch.Generator().manual_seed(seed_of("norm", dtype, shape, with_residual))
+    x, w = strided_rows(gen, m, k, dtype), rand(gen, n, k, dtype=dtype, scale=k ** -0.5)
+    residual = strided_rows(gen, m, k, dtype) if with_residual else None
+    norm_w = (1.0 + 0.5 * rand(gen, k, dtype=torch.float32)).to(dtype)
+    res_out = poisoned(m, k, dtype=dtype)
+    got, got_res = rms_norm_linear(x, residual, norm_w, 1e-5, w, out=poisoned(m, n, dtype=dtype), res_out=res_out)
+    want, want_res = ref.rms_norm_linear(x, residual, norm_w, 1e-5, w)
+    torch.testing.assert_close(got, want, **TOL[dtype])
+    if with_residual:
+        assert got_res.data_ptr() == res_out.data_ptr()
+        torch.testing.assert_close(got_res, want_res, atol=0, rtol=0)  # one rounded add, as the reference's
+    else:
+        assert got_res is x
+
+
+@CPU_CASES
+@pytest.mark.parametrize("dtype, shape", cases(CPU_DTYPES, CPU_SHAPES))
+@pytest.mark.parametrize("with_bias", [False, True], ids=["", "bias"])
+def test_skinny_linear(dtype, shape, with_bias):
+    check_linear(dtype, shape, with_bias)
+
+
+@CPU_CASES
+def test_skinny_linear_writes_float32_logits_from_half_weights():
+    check_linear(torch.float16, (2, 50, 64), False, out_dtype=torch.float32)
+
+
+@CPU_CASES
+@pytest.mark.parametrize("dtype, shape", cases(CPU_DTYPES, CPU_SHAPES))
+def test_silu_mul_linear(dtype, shape):
+    check_silu_mul(dtype, shape)
+
+
+@CPU_CASES
+@pytest.mark.parametrize("dtype, shape", cases(CPU_DTYPES, CPU_SHAPES))
+@pytest.mark.parametrize("with_residual", [False, True], ids=["", "residual"])
+def test_rms_norm_linear(dtype, shape, with_residual):
+    check_norm(dtype, shape, with_residual)
+
+
+@CPU_CASES
+def test_more_rows_than_a_tile_are_refused():
+    x, w = torch.randn(MAX_ROWS + 1, 8), torch.randn(16, 8)
+    with pytest.raises(ValueError, match="17 rows"):
+        skinny_linear(x, w)
+
+
+@GPU_CASES
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gpu_skinny_kernels_bf16(shape):
+    check_linear(torch.bfloat16, shape, False)
+    check_linear(torch.bfloat16, shape, False, out_dtype=torch.float32)
+    check_silu_mul(torch.bfloat16, shape)
+    check_norm(torch.bfloat16, shape, True)
+
+
+# ---------------------------------------------------------------- the model and the engine
+def count_calls(ops) -> list[str]:
+    """Record each skinny kernel the ops launch, by name."""
+    calls: list[str] = []
+    for name in ("skinny_linear", "rms_norm_linear", "silu_mul_linear"):
+        real = getattr(ops._skinny, name)
+        setattr(ops._skinny, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
+    return calls
+
+
+@CPU_CASES
+def test_model_steps_with_skinny_projections_equal_the_torch_path(tiny_llama_dir, monkeypatch):
+    """A 9-token prompt step, then an 18-token one (too many rows: cuBLAS, but for the head, which projects
+    its one logits row), then a 1-token decode step: every projection of the short steps takes the kernel,
+    and the logits are the torch path's."""
+    from kernels import skinny_matmul
+    from model.llama import load_model
+    from tests.test_model import PagedRunner
+    torch_model = load_model(tiny_llama_dir, attention_backend="torch")
+    model = load_model(tiny_llama_dir, attention_backend="triton")
+    model.ops.skinny_matmul = True
+    for name in ("skinny_linear", "rms_norm_linear", "silu_mul_linear"):  # count_calls patches the module
+        monkeypatch.setattr(skinny_matmul, name, getattr(skinny_matmul, name))
+    calls = count_calls(model.ops)
+    prompt, other = [1, 17, 42, 99, 5, 250, 33, 8, 9], list(range(60, 78))
+    outs, counts = [], []
+    for m in (torch_model, model):
+        runner, table, table2 = PagedRunner(m, seed=3), [], []
+        steps = [runner.step([(prompt, 0, table)], all_logits=True)]
+        counts.append(len(calls))
+        steps.append(runner.step([(other, 0, table2)]))
+        counts.append(len(calls))
+        steps.append(runner.step([([7], len(prompt), table)]))
+        counts.append(len(calls))
+        outs.append(torch.cat(steps))
+    layers = model.config.num_hidden_layers
+    per_step = 4 * layers + 1  # qkv, o, norm + gate_up, silu + down a layer; the head
+    assert counts == [0, 0, 0, per_step, per_step + 1, 2 * per_step + 1]
+    assert calls[:per_step].count("rms_norm_linear") == layers
+    assert calls[:per_step].count("silu_mul_linear") == layers
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
+
+
+@CPU_CASES
+def test_engine_setting_reaches_the_ops_and_keeps_the_tokens(tiny_llama_dir):
+    """EngineConfig.skinny_matmul: greedy tokens of a batch of requests equal the default engine's."""
+    from server.llm import LLM
+    from server.sampling_params import SamplingParams
+    prompts = [[1, 5, 9, 33, 7], [1] + list(range(40, 71)), [1, 300, 301]]
+    params = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True)
+    runs = []
+    for skinny in (False, True):
+        llm = LLM(str(tiny_llama_dir), dtype="float32", device="cpu", kv_cache_memory="2MiB",
+                  attention_backend="triton", skinny_matmul=skinny)
+        ops = llm.engine.runner.model.ops
+        assert ops.skinny_matmul is skinny
+        assert ("linear" in ops.host_reading) is skinny
+        runs.append([r.token_ids for r in llm.generate(prompts, params)])
+    assert runs[0] == runs[1] and all(len(t) == 6 for t in runs[0])
