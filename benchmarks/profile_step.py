@@ -37,6 +37,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--compile-mode", choices=["off", "default", "max-autotune"], default="off",
                     help="torch.compile the forward as the engine's compile_mode does (which GEMMs it picks)")
+    ap.add_argument("--skinny-matmul", action="store_true",
+                    help="the projections on our small-batch kernel (EngineConfig.skinny_matmul; Triton ops only)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     from model.batch import build_step_batch
@@ -50,6 +52,10 @@ def main(argv=None) -> list[dict]:
     if args.vocab:
         raw["vocab_size"] = args.vocab
     model = random_model(raw, dtype, args.device, "auto")
+    if args.skinny_matmul:
+        if model.ops.name != "triton":
+            ap.error("--skinny-matmul needs the Triton ops (a CUDA device)")
+        model.ops.skinny_matmul = True
     bs, B, ctx = 16, args.batch_size, args.context
     per_seq = -(-(ctx + args.steps + 1) // bs)
     cache = KVCache.allocate(model.config, B * per_seq, bs, model.lm_head.weight.dtype, dev)
@@ -71,7 +77,7 @@ def main(argv=None) -> list[dict]:
         logits = torch.empty(B, raw["vocab_size"], dtype=torch.float32, device=dev)
 
         def decode_step(batch):  # what a decode graph holds (server/cuda_graphs.py DecodeGraphRunner._step)
-            logits.copy_(model.lm_head(forward(batch, cache)))
+            logits.copy_(model.ops.linear(forward(batch, cache), model.lm_head, out_dtype=torch.float32))
         for batch in batches[:3]:  # warm-up (compiles every kernel variant)
             decode_step(batch)
         if dev.type == "cuda":

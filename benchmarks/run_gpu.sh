@@ -10,7 +10,7 @@
 #
 #   bash benchmarks/run_gpu.sh [all|ours|peers]     # default all
 # Knobs (environment): BUDGET (s), PEERS_RESERVE (s kept for the peers, default 170), SKIP (space-separated
-# step names: pytest kernels skinny_matmul host_speed step_overhead host_overhead profile prefill_step speculative latency latency_cublaslt latency_unfused_decode latency_skinny latency_b8 latency_b8_skinny latency_compile profile_compile gemm_shapes latency_b64 latency_b64_unfused_decode latency_qwen3 throughput_1b throughput_penalized throughput_sampled throughput_top_k throughput_prefix throughput_prefix_off serving serving_eager_prefill serving_engine_process throughput_8b tune_kernels peers),
+# step names: pytest kernels skinny_matmul host_speed step_overhead host_overhead profile profile_skinny prefill_step speculative latency latency_cublaslt latency_unfused_decode latency_skinny latency_b8 latency_b8_skinny latency_compile profile_compile gemm_shapes latency_b64 latency_b64_unfused_decode latency_qwen3 throughput_1b throughput_penalized throughput_sampled throughput_top_k throughput_prefix throughput_prefix_off serving serving_eager_prefill serving_engine_process throughput_8b tune_kernels peers),
 # ENGINE_EXTRA (engine flags for our benchmarks, e.g. "--no-overlap-scheduling"), PYTEST_ARGS (extra pytest arguments, e.g. "-k gpu"), SMOKE=1 (CPU smoke test of this script: tiny random model, few requests, peers with PEERS_TINY=1).
 set -u
 cd "$(dirname "$0")/.."
@@ -117,6 +117,8 @@ main() {
       step host_overhead 30 $PY benchmarks/step_overhead.py --host-only --async-engine --batch-sizes 1 8 64 256 \
         --steps 150 --json "$RAW/host_overhead.json" $ENGINE_EXTRA
       step profile 40 $PY benchmarks/profile_step.py --batch-size 1 --context 256
+      step profile_skinny 40 $PY benchmarks/profile_step.py --batch-size 1 --context 256 --skinny-matmul \
+        --json "$RAW/profile_skinny.json"
       step prefill_step 60 $PY benchmarks/prefill_step.py --prompt-len 128 --decodes 32 --profile $ENGINE_EXTRA
       # n-gram drafts at batch 1 on the real default model (bf16), against transformers' prompt lookup; and
       # a JSON schema's forced tokens as drafts (ours only)
@@ -135,7 +137,7 @@ main() {
     step latency_unfused_decode 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 1 \
       --input-len 128 --output-len 256 --num-iters "$lat_iters" --no-decode-fusion \
       --json "$RAW/latency_unfused_decode.json" $ENGINE_EXTRA
-    # and with skinny_matmul: the projections of steps of up to 16 tokens on our kernel, two launches fewer a
+    # and with skinny_matmul: the projections of steps of up to 16 tokens on our kernel, three launches fewer a
     # layer; and both ways at batch 8
     step latency_skinny 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 1 \
       --input-len 128 --output-len 256 --num-iters "$lat_iters" --skinny-matmul \
@@ -347,6 +349,9 @@ for r in g(data, "step_overhead", "rows") or []:
 for r in g(data, "host_overhead", "rows") or []:
     row(f"served step host us, no model, B={r['batch']}", r["host_us"], None,
         "AsyncEngine + streams, stand-in replay (step_overhead.py --host-only --async-engine)")
+for r in (g(data, "profile_skinny", "rows") or [])[:8]:
+    row(f"b1 decode kernel, skinny_matmul: {r['kernel'][:34]}", r["us_per_step"], None,
+        f"{r['share']:.0%} of {f(g(data, 'profile_skinny', 'total_us_per_step'))} us/step, {r['calls_per_step']:.0f} calls")
 for r in (g(data, "profile_step", "rows") or [])[:8]:
     row(f"b1 decode kernel: {r['kernel'][:48]}", r["us_per_step"], None,
         f"{r['share']:.0%} of {f(g(data, 'profile_step', 'total_us_per_step'))} us/step, {r['calls_per_step']:.0f} calls")

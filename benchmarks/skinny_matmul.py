@@ -32,9 +32,9 @@ from kernels import reference as ref  # noqa: E402
 
 # (model, projection, N, K, folded op): each decoder projection and the head
 SHAPES = {
-    "llama-3.2-1b": [("qkv", 3072, 2048, "plain"), ("o", 2048, 2048, "plain"), ("gate_up", 16384, 2048, "norm"),
+    "llama-3.2-1b": [("qkv", 3072, 2048, "norm"), ("o", 2048, 2048, "plain"), ("gate_up", 16384, 2048, "norm"),
                      ("down", 2048, 8192, "silu"), ("lm_head", 128256, 2048, "plain")],
-    "llama-3.1-8b": [("qkv", 6144, 4096, "plain"), ("o", 4096, 4096, "plain"), ("gate_up", 28672, 4096, "norm"),
+    "llama-3.1-8b": [("qkv", 6144, 4096, "norm"), ("o", 4096, 4096, "plain"), ("gate_up", 28672, 4096, "norm"),
                      ("down", 4096, 14336, "silu"), ("lm_head", 128256, 4096, "plain")],
 }
 TINY = {"tiny": [("qkv", 96, 64, "plain"), ("gate_up", 256, 64, "norm"), ("down", 64, 128, "silu")]}

@@ -7,8 +7,8 @@ else a layer does at batch 1 is small kernels whose launch gaps add up. So the i
 the few rows of x each program reads anyway:
   PROLOGUE 0: x as it is;
   PROLOGUE 1: silu(gate) * up over x = [gate | up] (the MLP's down projection, K = intermediate size);
-  PROLOGUE 2: RMSNorm of x + residual (the post-attention norm before gate_up); program 0 also writes
-              x + residual, the residual stream the next layer reads.
+  PROLOGUE 2: RMSNorm of x + residual (a layer's norms, before qkv and before gate_up); program 0 also
+              writes x + residual, the residual stream the rest of the layer reads.
 Rounding follows the reference compositions (kernels/reference.py: rms_norm, silu_and_mul, then F.linear).
 
 Each program owns BLOCK_N output columns of every row and streams its [BLOCK_N, K] slice of W once;

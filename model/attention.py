@@ -33,13 +33,14 @@ class GQAAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, ops) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, ops) if config.qk_norm else None
 
-    def split_qkv(self, hidden: torch.Tensor):
-        """hidden [T, hidden] -> q [T, H, D], k [T, KVH, D], v [T, KVH, D], unrotated and (qk_norm) unnormed.
+    def split_qkv(self, qkv: torch.Tensor):
+        """qkv [T, (H + 2 KVH) D], qkv_proj's output -> q [T, H, D], k [T, KVH, D], v [T, KVH, D], unrotated
+        and (qk_norm) unnormed.
 
         Strided views of the one qkv matmul's output (column slices): the ops take strides, not copies.
         """
-        num_tokens = hidden.shape[0]
-        q, k, v = self.ops.linear(hidden, self.qkv_proj).split(self.split_sizes, dim=-1)
+        num_tokens = qkv.shape[0]
+        q, k, v = qkv.split(self.split_sizes, dim=-1)
         return (q.view(num_tokens, self.num_heads, self.head_dim),
                 k.view(num_tokens, self.num_kv_heads, self.head_dim),
                 v.view(num_tokens, self.num_kv_heads, self.head_dim))
@@ -53,18 +54,20 @@ class GQAAttention(nn.Module):
 
         For callers that want the rotated k itself (model/explain.py); forward never materialises it.
         """
-        q, k, v = self.split_qkv(hidden)
+        q, k, v = self.split_qkv(self.qkv_proj(hidden))
         if self.q_norm is not None:
             q, k = self.q_norm(q)[0], self.k_norm(k)[0]
         q, k = self.ops.apply_rotary(q, k, positions, cos_sin_cache)
         return q, k, v
 
-    def forward(self, hidden: torch.Tensor, batch: StepBatch, kv: tuple[torch.Tensor, torch.Tensor],
+    def forward(self, qkv: torch.Tensor, batch: StepBatch, kv: tuple[torch.Tensor, torch.Tensor],
                 cos_sin_cache: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.split_qkv(hidden)
+        """qkv [T, (H + 2 KVH) D]: qkv_proj's output, which DecoderLayer computes with the norm before it (one
+        launch on the small-batch path; hook qkv_proj for this layer's normed input) -> [T, hidden]."""
+        q, k, v = self.split_qkv(qkv)
         k_cache, v_cache = kv
         # (norm,) rotate q and k, write rotated k and v to their cache slots, attend: one or two launches on
         # the Triton path (model/ops.py)
         out = self.ops.write_kv_and_attend(q, k, v, batch, cos_sin_cache, k_cache, v_cache, self.scale,
                                            self.qk_norm())  # [T, H, D]
-        return self.ops.linear(out.reshape(hidden.shape[0], self.num_heads * self.head_dim), self.o_proj)
+        return self.ops.linear(out.reshape(qkv.shape[0], self.num_heads * self.head_dim), self.o_proj)

@@ -2,7 +2,7 @@
 
 A reference path for teaching and reports, never the serving hot path. The residual stream comes from the
 model's own forward (through a small private paged cache, with a pre-hook that records what enters each
-layer's self_attn); attention is then recomputed here in the textbook form, from the same projections:
+layer's qkv_proj); attention is then recomputed here in the textbook form, from the same projections:
 
     q, k, v = qkv_proj(x) (q and k rotated)    scores[h, i, j] = q[i, h] . k[j, g(h)] / sqrt(d_k), j <= i
     weights = softmax(scores)                  z[i, h] = sum_j weights[h, i, j] v[j, g(h)]
@@ -68,7 +68,7 @@ def kv_head_of(num_heads: int, num_kv_heads: int) -> list[int]:
 
 def capture_layer_inputs(model, token_ids: list[int], num_layers: int | None = None) -> list[torch.Tensor]:
     """Run the prompt through the first `num_layers` layers (all when None); return what enters each of
-    their self_attn modules, [T, hidden] each.
+    their qkv projections, [T, hidden] each.
 
     That input is input_layernorm(residual stream), so the recomputation below starts from exactly the
     activations the model itself attends over. The layers run as CausalLM.hidden_states runs them,
@@ -85,7 +85,7 @@ def capture_layer_inputs(model, token_ids: list[int], num_layers: int | None = N
     cache = KVCache.allocate(model.config, num_blocks, _BLOCK_SIZE, model.model.embed_tokens.weight.dtype, device)
     batch = build_step_batch([token_ids], [0], [list(range(num_blocks))], _BLOCK_SIZE, device=device)
     cos_sin = model.rotary.cos_sin_cache
-    handles = [layer.self_attn.register_forward_pre_hook(hook) for layer in layers]
+    handles = [layer.self_attn.qkv_proj.register_forward_pre_hook(hook) for layer in layers]
     try:
         with torch.inference_mode():
             hidden, residual = model.model.embed_tokens(batch.input_ids), None

@@ -78,8 +78,7 @@ def collect_grams(model, token_ids: list[int], *, window: int = 512, block_size:
     if len(token_ids) < 2:
         raise ValueError("calibration needs at least 2 tokens")
     window = min(window, model.config.max_context)  # past it there are no positions to run
-    device = model.lm_head.weight.device
-    size = model.config.hidden_size + 1
+    device, size = model.lm_head.weight.device, model.config.hidden_size + 1
     grams = [torch.zeros(size, size, dtype=torch.float64, device=device) for _ in model.model.layers]
 
     def hook_for(index: int):
@@ -89,7 +88,8 @@ def collect_grams(model, token_ids: list[int], *, window: int = 512, block_size:
             grams[index].add_(x.T @ x)
         return hook
 
-    handles = [layer.self_attn.register_forward_pre_hook(hook_for(i)) for i, layer in enumerate(model.model.layers)]
+    handles = [layer.self_attn.qkv_proj.register_forward_pre_hook(hook_for(i))
+               for i, layer in enumerate(model.model.layers)]
     cache = KVCache.allocate(model.config, -(-window // block_size), block_size, model.lm_head.weight.dtype, device)
     table = list(range(cache.num_blocks))
     try:

@@ -44,9 +44,9 @@ class DecoderLayer(nn.Module):
         self.ops = ops
 
     def forward(self, hidden, residual, batch: StepBatch, kv, cos_sin_cache):
-        hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, batch, kv, cos_sin_cache)
-        # the norm and the MLP's first projection: one launch on the small-batch path (model/ops.py)
+        # each norm with the projection after it: one launch on the small-batch path (model/ops.py)
+        qkv, residual = self.ops.rms_norm_linear(hidden, residual, self.input_layernorm, self.self_attn.qkv_proj)
+        hidden = self.self_attn(qkv, batch, kv, cos_sin_cache)
         gate_up, residual = self.ops.rms_norm_linear(hidden, residual, self.post_attention_layernorm,
                                                      self.mlp.gate_up_proj)
         return self.mlp(gate_up), residual

@@ -73,7 +73,7 @@ class TritonOps(TorchOps):
         # from EngineConfig.decode_fusion
         self.decode_fusion = False
         # steps of at most skinny_matmul.MAX_ROWS tokens project with kernels/skinny_matmul.py instead of
-        # cuBLAS, the post-attention norm and SiLU x mul folded in; set from EngineConfig.skinny_matmul
+        # cuBLAS, the norms and SiLU x mul folded in; set from EngineConfig.skinny_matmul
         self.skinny_matmul = False
         self.tickets = torch.zeros(1 << 16, dtype=torch.int32, device=device)  # >= batch x kv heads
         self._decode_rotary = decode_rotary.decode_rotary_attention
@@ -108,9 +108,11 @@ class TritonOps(TorchOps):
 
 
     def _takes_skinny(self, x: torch.Tensor, layer: nn.Linear) -> bool:
-        """From shapes and dtypes only (host facts): the same choice at every replay of a captured step."""
+        """From shapes and dtypes only (host facts): the same choice at every replay of a captured step. A
+        hooked projection runs as its module, so that its hooks see its input (the explorer's, refit's)."""
         return (self.skinny_matmul and x.dim() == 2 and x.shape[0] <= self._skinny.MAX_ROWS
-                and x.dtype == layer.weight.dtype and x.stride(-1) == 1 and layer.weight.stride(-1) == 1)
+                and x.dtype == layer.weight.dtype and x.stride(-1) == 1 and layer.weight.stride(-1) == 1
+                and not layer._forward_pre_hooks and not layer._forward_hooks)
 
     def linear(self, x, layer, out_dtype=None):
         if self._takes_skinny(x, layer):

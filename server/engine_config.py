@@ -87,9 +87,10 @@ class EngineConfig(Settings):
                                 "(kernels/decode_rotary.py; 1.02-1.03x the decode tok/s on an H100); off: "
                                 "the RoPE + cache-write kernel, then decode attention")
     skinny_matmul: bool = Field(False, description="Triton path: steps of at most 16 tokens (small decode "
-                                "batches) run their projections with our streaming kernel instead of cuBLAS, the "
-                                "post-attention RMSNorm folded into gate_up and SiLU x mul into down_proj "
-                                "(kernels/skinny_matmul.py): two launches fewer a layer. Off until measured on a GPU")
+                                "batches) run their projections with our streaming kernel instead of cuBLAS, each "
+                                "RMSNorm folded into the qkv / gate_up projection after it and SiLU x mul into "
+                                "down_proj (kernels/skinny_matmul.py): five launches a layer instead of eight. "
+                                "Off until measured on a GPU")
     prefill_graphs: bool = Field(True, description="also capture steps that carry prompt tokens, one CUDA graph "
                                  "per token bucket up to max_num_batched_tokens (4,096 at most); off: such "
                                  "steps run eagerly, one kernel launch at a time")

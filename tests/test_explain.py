@@ -29,16 +29,21 @@ def explainer(tiny_llama_dir) -> AttentionExplainer:
 
 def paged_forward_with_taps(model, token_ids: list[int]) -> list[dict[str, torch.Tensor]]:
     """Run the prompt through the paged cache (shuffled 4-token blocks); per layer, record what enters
-    self_attn, what o_proj receives (the concatenated z) and what self_attn returns."""
+    qkv_proj (the normed residual stream), what o_proj receives (the concatenated z) and what self_attn
+    returns."""
     taps: list[dict[str, torch.Tensor]] = [{} for _ in model.model.layers]
     handles = []
     for i, layer in enumerate(model.model.layers):
+        def qkv_hook(_m, args, tap=taps[i]):
+            tap["hidden"] = args[0].clone()
+
         def attn_hook(_m, args, out, tap=taps[i]):
-            tap["hidden"], tap["out"] = args[0].clone(), out.clone()
+            tap["out"] = out.clone()
 
         def o_proj_hook(_m, args, tap=taps[i]):
             tap["concat"] = args[0].clone()
-        handles += [layer.self_attn.register_forward_hook(attn_hook),
+        handles += [layer.self_attn.qkv_proj.register_forward_pre_hook(qkv_hook),
+                    layer.self_attn.register_forward_hook(attn_hook),
                     layer.self_attn.o_proj.register_forward_pre_hook(o_proj_hook)]
     try:
         PagedRunner(model, seed=5).step([(token_ids, 0, [])], all_logits=True)

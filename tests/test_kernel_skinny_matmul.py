@@ -124,12 +124,13 @@ def test_gpu_skinny_kernels_bf16(shape):
 
 
 # ---------------------------------------------------------------- the model and the engine
-def count_calls(ops) -> list[str]:
-    """Record each skinny kernel the ops launch, by name."""
+def count_calls(ops, monkeypatch) -> list[str]:
+    """Record each skinny kernel the ops launch, by name (the module's functions, restored after the test)."""
     calls: list[str] = []
     for name in ("skinny_linear", "rms_norm_linear", "silu_mul_linear"):
         real = getattr(ops._skinny, name)
-        setattr(ops._skinny, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
+        monkeypatch.setattr(ops._skinny, name,
+                            lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
     return calls
 
 
@@ -138,15 +139,12 @@ def test_model_steps_with_skinny_projections_equal_the_torch_path(tiny_llama_dir
     """A 9-token prompt step, then an 18-token one (too many rows: cuBLAS, but for the head, which projects
     its one logits row), then a 1-token decode step: every projection of the short steps takes the kernel,
     and the logits are the torch path's."""
-    from kernels import skinny_matmul
     from model.llama import load_model
     from tests.test_model import PagedRunner
     torch_model = load_model(tiny_llama_dir, attention_backend="torch")
     model = load_model(tiny_llama_dir, attention_backend="triton")
     model.ops.skinny_matmul = True
-    for name in ("skinny_linear", "rms_norm_linear", "silu_mul_linear"):  # count_calls patches the module
-        monkeypatch.setattr(skinny_matmul, name, getattr(skinny_matmul, name))
-    calls = count_calls(model.ops)
+    calls = count_calls(model.ops, monkeypatch)
     prompt, other = [1, 17, 42, 99, 5, 250, 33, 8, 9], list(range(60, 78))
     outs, counts = [], []
     for m in (torch_model, model):
@@ -159,11 +157,29 @@ def test_model_steps_with_skinny_projections_equal_the_torch_path(tiny_llama_dir
         counts.append(len(calls))
         outs.append(torch.cat(steps))
     layers = model.config.num_hidden_layers
-    per_step = 4 * layers + 1  # qkv, o, norm + gate_up, silu + down a layer; the head
+    per_step = 4 * layers + 1  # norm + qkv, o, norm + gate_up, silu + down a layer; the head
     assert counts == [0, 0, 0, per_step, per_step + 1, 2 * per_step + 1]
-    assert calls[:per_step].count("rms_norm_linear") == layers
+    assert calls[:per_step].count("rms_norm_linear") == 2 * layers
     assert calls[:per_step].count("silu_mul_linear") == layers
     torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
+
+
+@CPU_CASES
+def test_a_hooked_projection_runs_as_its_module(tiny_llama_dir, monkeypatch):
+    """The explorer and refit read each layer's normed input through a pre-hook on qkv_proj: with
+    skinny_matmul on, a hooked projection takes the norm kernel and the module (its hooks fire and see the
+    torch path's normed input), the others keep the fused kernel."""
+    from model.explain import capture_layer_inputs
+    from model.llama import load_model
+    torch_inputs = capture_layer_inputs(load_model(tiny_llama_dir, attention_backend="torch"), [1, 5, 9, 33, 7])
+    model = load_model(tiny_llama_dir, attention_backend="triton")
+    model.ops.skinny_matmul = True
+    calls = count_calls(model.ops, monkeypatch)
+    inputs = capture_layer_inputs(model, [1, 5, 9, 33, 7])
+    layers = model.config.num_hidden_layers
+    assert len(inputs) == layers and calls.count("rms_norm_linear") == layers  # gate_up's; qkv_proj is hooked
+    for got, want in zip(inputs, torch_inputs):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 @CPU_CASES

@@ -30,14 +30,19 @@ def test_config_and_weights_load_the_norms(qwen3_dir):
     assert not torch.equal(attn.q_norm.weight, attn.k_norm.weight)  # random, so a swap would show
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton", "triton-decode-fusion"])
-def test_prefill_and_decode_match_transformers(qwen3_dir, backend):
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton-decode-fusion", "triton-skinny"])
+def test_prefill_and_decode_match_transformers(qwen3_dir, backend, monkeypatch):
     """The torch ops norm q and k apart; the Triton ones inside the RoPE + cache-write kernel, also with
-    decode_fusion on (whose one-launch decode kernel has no norm: such steps keep the two launches)."""
+    decode_fusion on (whose one-launch decode kernel has no norm: such steps keep the two launches), and
+    with skinny_matmul (the q/k/v and o biases added in the kernel)."""
     if backend != "torch":
         pytest.importorskip("kernels.dispatch")
     hf, model = load_hf_model(qwen3_dir), load_model(qwen3_dir, attention_backend=backend.split("-")[0])
     model.ops.decode_fusion = backend.endswith("fusion")
+    model.ops.skinny_matmul = backend.endswith("skinny")
+    if model.ops.skinny_matmul:
+        from tests.test_kernel_skinny_matmul import count_calls
+        calls = count_calls(model.ops, monkeypatch)
     if model.ops.decode_fusion:  # the one-launch decode kernel would skip the norm
         model.ops._decode_rotary = lambda *a, **k: pytest.fail("a q/k-norm model took the fused decode kernel")
     tokens = torch.randint(3, model.config.vocab_size, (1, 19), generator=torch.Generator().manual_seed(7))
@@ -49,6 +54,8 @@ def test_prefill_and_decode_match_transformers(qwen3_dir, backend):
     for pos in range(11, tokens.shape[1]):
         logits = runner.step([([int(tokens[0, pos])], pos, table)])
         assert (logits[0] - ref[pos]).abs().max() < TOL, f"decode position {pos}"
+    if model.ops.skinny_matmul:  # every step (11 rows at most) projected with the kernel, biases included
+        assert len(calls) == (1 + tokens.shape[1] - 11) * (4 * model.config.num_hidden_layers + 1)
 
 
 def test_engine_greedy_tokens_equal_transformers(qwen3_dir):
