@@ -7,9 +7,11 @@
 Each row times one projection the way a captured decode step runs it: 20 calls in one CUDA graph, launch
 gaps included. ours: our kernel, its op folded in; peer: what the layer runs with skinny_matmul off (cuBLAS
 through F.linear, after our RMSNorm or SiLU x mul kernel where ours folds one in); limit: the weight's bytes
-over the copy bandwidth measured in the same run. The sweep times a grid of tiles (BLOCK_N, BLOCK_K, warps,
-stages) per shape at one row, within its budget, and prints the best beside pick_tile's choice: what to
-change in pick_tile, from a GPU's numbers.
+over the copy bandwidth measured in the same run. On sm_90+ each row has a twin with our launches started
+early (programmatic dependent launch: the first weight tile fetched while the kernel before finishes), and
+a layer's four projections run back to back (the chain rows: what launch gaps cost between them). The sweep
+times a grid of tiles (BLOCK_N, BLOCK_K, warps, stages) per shape at one row, within its budget, and prints
+the best beside pick_tile's choice: what to change in pick_tile, from a GPU's numbers.
 """
 from __future__ import annotations
 
@@ -40,8 +42,9 @@ SHAPES = {
 TINY = {"tiny": [("qkv", 96, 64, "plain"), ("gate_up", 256, 64, "norm"), ("down", 64, 128, "silu")]}
 
 
-def calls(bench: Bench, rows: int, n: int, k: int, op: str):
-    """(ours, peer) for one projection, on fresh random inputs."""
+def calls(bench: Bench, rows: int, n: int, k: int, op: str, pdl: bool = False):
+    """(ours, peer) for one projection, on fresh random inputs; pdl: ours launched with programmatic dependent
+    launch."""
     w = bench.randn(n, k) * k ** -0.5
     if bench.dry_run:  # the references stand in for both
         from kernels.reference import rms_norm as norm, silu_and_mul as act
@@ -54,27 +57,50 @@ def calls(bench: Bench, rows: int, n: int, k: int, op: str):
         gate_up = bench.randn(rows, 2 * k)
         if skinny is None:
             return (lambda: ref.silu_mul_linear(gate_up, w)), (lambda: F.linear(act(gate_up), w))
-        return (lambda: skinny.silu_mul_linear(gate_up, w)), (lambda: F.linear(act(gate_up), w))
+        return (lambda: skinny.silu_mul_linear(gate_up, w, pdl=pdl)), (lambda: F.linear(act(gate_up), w))
     x, res, g = bench.randn(rows, k), bench.randn(rows, k), bench.randn(k)
     if op == "norm":
         if skinny is None:
             return (lambda: ref.rms_norm_linear(x, res, g, 1e-5, w)), (lambda: F.linear(norm(x, g, 1e-5, res)[0], w))
-        return ((lambda: skinny.rms_norm_linear(x, res, g, 1e-5, w)),
+        return ((lambda: skinny.rms_norm_linear(x, res, g, 1e-5, w, pdl=pdl)),
                 (lambda: F.linear(norm(x, g, 1e-5, res)[0], w)))
     if skinny is None:
         return (lambda: F.linear(x, w)), (lambda: F.linear(x, w))
-    return (lambda: skinny.skinny_linear(x, w)), (lambda: F.linear(x, w))
+    return (lambda: skinny.skinny_linear(x, w, pdl=pdl)), (lambda: F.linear(x, w))
 
 
-def table(bench: Bench, bandwidth: float, shapes: dict, row_counts: list[int]) -> list[Row]:
+def table(bench: Bench, bandwidth: float, shapes: dict, row_counts: list[int], pdl: bool) -> list[Row]:
     out = []
     for model, projections in shapes.items():
         for (name, n, k, op), rows in itertools.product(projections, row_counts):
             ours, peer = calls(bench, rows, n, k, op)
             label = {"plain": "", "norm": " (+rms_norm)", "silu": " (+silu_mul)"}[op]
             limit_us = n * k * bench.randn(1).element_size() / bandwidth * 1e6
-            out.append(Row(f"skinny {name}{label}", f"{model} M={rows} N={n} K={k}", bench.graph_time_us(ours),
+            ours_us = bench.graph_time_us(ours)
+            out.append(Row(f"skinny {name}{label}", f"{model} M={rows} N={n} K={k}", ours_us,
                            "cuBLAS" + (" after ours" if label else ""), bench.graph_time_us(peer), limit_us))
+            if pdl:  # the same launches, each started early (programmatic dependent launch, sm_90+)
+                out.append(Row(f"skinny {name}{label}, PDL", f"{model} M={rows} N={n} K={k}",
+                               bench.graph_time_us(calls(bench, rows, n, k, op, pdl=True)[0]), "ours, no PDL",
+                               ours_us, limit_us))
+    return out
+
+
+def layer_chain(bench: Bench, bandwidth: float, shapes: dict, pdl: bool) -> list[Row]:
+    """One layer's four projections back to back at one row (attention left out), as a decode graph runs
+    them: ours (norms and SiLU folded in; with PDL too) against cuBLAS after our norm and SiLU kernels."""
+    out = []
+    for model, projections in shapes.items():
+        chain = [calls(bench, 1, n, k, op) for name, n, k, op in projections if name != "lm_head"]
+        elem = torch.empty((), dtype=bench.dtype).element_size()
+        limit_us = sum(n * k for name, n, k, _ in projections if name != "lm_head") * elem / bandwidth * 1e6
+        ours_us = bench.graph_time_us(lambda: [c[0]() for c in chain])
+        out.append(Row("skinny layer chain", f"{model} M=1", ours_us, "cuBLAS after ours",
+                       bench.graph_time_us(lambda: [c[1]() for c in chain]), limit_us))
+        if pdl:
+            pdl_chain = [calls(bench, 1, n, k, op, pdl=True)[0] for name, n, k, op in projections if name != "lm_head"]
+            out.append(Row("skinny layer chain, PDL", f"{model} M=1",
+                           bench.graph_time_us(lambda: [c() for c in pdl_chain]), "ours, no PDL", ours_us, limit_us))
     return out
 
 
@@ -119,7 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     bandwidth = copy_bandwidth(bench)
     shapes = TINY if args.dry_run else SHAPES
-    rows = table(bench, bandwidth, shapes, args.rows)
+    pdl = not args.dry_run and torch.cuda.get_device_capability() >= (9, 0)  # PDL is sm_90+
+    rows = table(bench, bandwidth, shapes, args.rows, pdl) + layer_chain(bench, bandwidth, shapes, pdl)
     device = "cpu (dry run: reference functions, timings mean nothing)" if args.dry_run \
         else torch.cuda.get_device_name()
     print(f"device: {device}\ncopy bandwidth: {bandwidth / 1e9:.1f} GB/s")

@@ -21,9 +21,33 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 MAX_ROWS = 16
 PLAIN, SILU_MUL, RMS_NORM = 0, 1, 2
+
+
+@triton.jit
+def _x_tile(x_rows, RES, NORM_W, rows, stride_rm, kk, x_mask, k_ok, inv_rms, K, out_dtype: tl.constexpr,
+            PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """The [BLOCK_M, BLOCK_K] tile of prologue(x) at columns kk, in the weight's dtype."""
+    in_dtype = x_rows.dtype.element_ty
+    if PROLOGUE == 1:
+        gate = tl.load(x_rows + kk[None, :], mask=x_mask, other=0.0).to(tl.float32)
+        up = tl.load(x_rows + K + kk[None, :], mask=x_mask, other=0.0).to(tl.float32)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(in_dtype).to(tl.float32)
+        x = (silu * up).to(out_dtype)
+    elif PROLOGUE == 2:
+        h = tl.load(x_rows + kk[None, :], mask=x_mask, other=0.0)
+        if HAS_RESIDUAL:
+            r = tl.load(RES + rows[:, None] * stride_rm + kk[None, :], mask=x_mask, other=0.0)
+            h = (h.to(tl.float32) + r.to(tl.float32)).to(in_dtype)
+        normed = (h.to(tl.float32) * inv_rms[:, None]).to(in_dtype).to(tl.float32)
+        g = tl.load(NORM_W + kk, mask=k_ok, other=0.0).to(tl.float32)
+        x = (g[None, :] * normed).to(out_dtype)
+    else:
+        x = tl.load(x_rows + kk[None, :], mask=x_mask, other=0.0)
+    return x
 
 
 @triton.jit
@@ -31,7 +55,7 @@ def _skinny_matmul_kernel(X, RES, RES_OUT, NORM_W, W, BIAS, Y, eps, M, N, K,
                           stride_xm, stride_rm, stride_rom, stride_wn, stride_ym,
                           PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          IEEE: tl.constexpr):
+                          IEEE: tl.constexpr, PDL: tl.constexpr):
     # grid: (cdiv(N, BLOCK_N),); every program reads all M (<= BLOCK_M) rows of x
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
@@ -42,6 +66,13 @@ def _skinny_matmul_kernel(X, RES, RES_OUT, NORM_W, W, BIAS, Y, eps, M, N, K,
     x_rows = X + rows[:, None].to(tl.int64) * stride_xm
     w_rows = W + cols[:, None].to(tl.int64) * stride_wn
     in_dtype = X.dtype.element_ty
+    w_dtype = W.dtype.element_ty
+    if PDL:
+        # launched early (programmatic dependent launch): the weight never depends on the kernel before this
+        # one, so the first tile is fetched while that kernel finishes; its writes (x, residual) only after
+        w_first = tl.load(w_rows + offs_k[None, :], mask=col_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+        gdc_wait()
+    inv_rms = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
     if PROLOGUE == 2:
         # first pass over x (+ residual): each row's sum of squares; x is M x K, a few KiB, read from L2
         sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -58,30 +89,19 @@ def _skinny_matmul_kernel(X, RES, RES_OUT, NORM_W, W, BIAS, Y, eps, M, N, K,
             sum_sq += tl.sum(hf * hf, 1)
         inv_rms = tl.rsqrt(sum_sq / K + eps)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    if PDL:
+        x = _x_tile(x_rows, RES, NORM_W, rows, stride_rm, offs_k, row_ok[:, None] & (offs_k < K)[None, :],
+                    offs_k < K, inv_rms, K, w_dtype, PROLOGUE, HAS_RESIDUAL)
+        acc += tl.dot(x, tl.trans(w_first), input_precision="ieee" if IEEE else None)
+    for k0 in range(BLOCK_K if PDL else 0, K, BLOCK_K):
         kk = k0 + offs_k
         k_ok = kk < K
         w = tl.load(w_rows + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
-        x_mask = row_ok[:, None] & k_ok[None, :]
-        if PROLOGUE == 1:
-            gate = tl.load(x_rows + kk[None, :], mask=x_mask, other=0.0).to(tl.float32)
-            up = tl.load(x_rows + K + kk[None, :], mask=x_mask, other=0.0).to(tl.float32)
-            silu = (gate / (1.0 + tl.exp(-gate))).to(in_dtype).to(tl.float32)
-            x = (silu * up).to(W.dtype.element_ty)
-        elif PROLOGUE == 2:
-            h = tl.load(x_rows + kk[None, :], mask=x_mask, other=0.0)
-            if HAS_RESIDUAL:
-                r = tl.load(RES + rows[:, None] * stride_rm + kk[None, :], mask=x_mask, other=0.0)
-                h = (h.to(tl.float32) + r.to(tl.float32)).to(in_dtype)
-            normed = (h.to(tl.float32) * inv_rms[:, None]).to(in_dtype).to(tl.float32)
-            g = tl.load(NORM_W + kk, mask=k_ok, other=0.0).to(tl.float32)
-            x = (g[None, :] * normed).to(W.dtype.element_ty)
-        else:
-            x = tl.load(x_rows + kk[None, :], mask=x_mask, other=0.0)
-        if IEEE:
-            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-        else:
-            acc += tl.dot(x, tl.trans(w))
+        x = _x_tile(x_rows, RES, NORM_W, rows, stride_rm, kk, row_ok[:, None] & k_ok[None, :], k_ok, inv_rms, K,
+                    w_dtype, PROLOGUE, HAS_RESIDUAL)
+        acc += tl.dot(x, tl.trans(w), input_precision="ieee" if IEEE else None)
+    if PDL:
+        gdc_launch_dependents()  # the next kernel may launch: this one has only its stores left
     if HAS_BIAS:
         acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + rows[:, None] * stride_ym + cols[None, :], acc.to(Y.dtype.element_ty),
@@ -110,7 +130,7 @@ def pick_tile(n: int, k: int, elem_size: int, x_operands: int, device: torch.dev
 
 
 def _launch(x, w, bias, out, prologue, k, residual=None, res_out=None, norm_weight=None, eps=0.0,
-            tile=None) -> torch.Tensor:
+            tile=None, pdl=False) -> torch.Tensor:
     m, n = x.shape[0], w.shape[0]
     if m > MAX_ROWS:
         raise ValueError(f"skinny matmul: {m} rows, at most {MAX_ROWS}")
@@ -127,7 +147,8 @@ def _launch(x, w, bias, out, prologue, k, residual=None, res_out=None, norm_weig
         x.stride(0), residual.stride(0) if residual is not None else 0,
         res_out.stride(0) if res_out is not None else 0, w.stride(0), out.stride(0),
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee, num_warps=warps, num_stages=stages)
+        BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee, PDL=pdl, num_warps=warps, num_stages=stages,
+        **({"launch_pdl": True} if pdl else {}))
     return out
 
 
@@ -138,21 +159,26 @@ def _out(x, w, out_dtype, out):
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
-                  tile=None) -> torch.Tensor:
-    """x [M, K] @ weight[N, K]^T (+ bias) -> [M, N] in out_dtype (default the weight's): F.linear."""
-    return _launch(x, weight, bias, _out(x, weight, out_dtype, out), PLAIN, x.shape[1], tile=tile)
+                  tile=None, pdl: bool = False) -> torch.Tensor:
+    """x [M, K] @ weight[N, K]^T (+ bias) -> [M, N] in out_dtype (default the weight's): F.linear.
+
+    tile: (BLOCK_N, BLOCK_K, warps, stages) instead of pick_tile's. pdl: launch early with programmatic
+    dependent launch (sm_90+), fetching the first weight tile before waiting on the kernel before; an
+    experiment benchmarks/skinny_matmul.py times, which the model does not use (same for the two below)."""
+    return _launch(x, weight, bias, _out(x, weight, out_dtype, out), PLAIN, x.shape[1], tile=tile, pdl=pdl)
 
 
 def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                    out: torch.Tensor | None = None, tile=None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, tile=None, pdl: bool = False) -> torch.Tensor:
     """gate_up [M, 2I] (gate | up) -> silu(gate) * up @ weight[N, I]^T -> [M, N]."""
     return _launch(gate_up, weight, bias, _out(gate_up, weight, None, out), SILU_MUL, gate_up.shape[1] // 2,
-                   tile=tile)
+                   tile=tile, pdl=pdl)
 
 
 def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                     weight: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                    res_out: torch.Tensor | None = None, tile=None) -> tuple[torch.Tensor, torch.Tensor]:
+                    res_out: torch.Tensor | None = None, tile=None,
+                    pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual) * norm_weight @ weight^T (+ bias), x + residual); residual None -> (.., x).
     x [M, K], residual [M, K]; the norm's output never exists in memory."""
     if residual is not None:
@@ -160,5 +186,5 @@ def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight:
             residual = residual.contiguous()
         res_out = res_out if res_out is not None else torch.empty_like(x)
     y = _launch(x, weight, bias, _out(x, weight, None, out), RMS_NORM, x.shape[1], residual=residual,
-                res_out=res_out, norm_weight=norm_weight, eps=eps, tile=tile)
+                res_out=res_out, norm_weight=norm_weight, eps=eps, tile=tile, pdl=pdl)
     return y, (res_out if residual is not None else x)

@@ -273,7 +273,9 @@ def test_skinny_matmul_benchmark_dry_run(tmp_path, capsys):
     result = skinny_matmul.main(["--dry-run", "--rows", "1", "3", "--json", str(tmp_path / "s.json")])
     rows = result["rows"]
     assert [(r["kernel"], r["shape"].split()[1]) for r in rows] == [
-        (k, m) for k in ("skinny qkv", "skinny gate_up (+rms_norm)", "skinny down (+silu_mul)") for m in ("M=1", "M=3")]
+        (k, m) for k in ("skinny qkv", "skinny gate_up (+rms_norm)", "skinny down (+silu_mul)") for m in ("M=1", "M=3")
+    ] + [("skinny layer chain", "M=1")]  # no PDL twins off sm_90
+    assert rows[-1]["limit_us"] == pytest.approx(sum(r["limit_us"] for r in rows[:-1:2]))  # the M=1 rows' weights
     n, k = 96, 64  # the tiny qkv's weight, float32
     assert rows[0]["limit_us"] == pytest.approx(n * k * 4 / (result["copy_bandwidth_gbps"] * 1e9) * 1e6)
     assert all(r["ours_us"] > 0 and r["peer_us"] > 0 for r in rows)

@@ -45,34 +45,35 @@ CPU_CASES = pytest.mark.skipif(CUDA, reason="interpreter cases; the GPU cases be
 GPU_CASES = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
-def check_linear(dtype, shape, with_bias, out_dtype=None):
+def check_linear(dtype, shape, with_bias, out_dtype=None, pdl=False):
     m, n, k = shape
     gen = torch.Generator().manual_seed(seed_of("linear", dtype, shape, with_bias))
     x, w = strided_rows(gen, m, k, dtype), rand(gen, n, k, dtype=dtype, scale=k ** -0.5)
     bias = rand(gen, n, dtype=dtype) if with_bias else None
     out = poisoned(m, n, dtype=out_dtype or dtype)
-    got = skinny_linear(x, w, bias, out_dtype=out_dtype, out=out)
+    got = skinny_linear(x, w, bias, out_dtype=out_dtype, out=out, pdl=pdl)
     assert got.data_ptr() == out.data_ptr()
     want = F.linear(x.float(), w.float(), None if bias is None else bias.float())
     torch.testing.assert_close(got.float(), want, **TOL[dtype])
 
 
-def check_silu_mul(dtype, shape):
+def check_silu_mul(dtype, shape, pdl=False):
     m, n, k = shape
     gen = torch.Generator().manual_seed(seed_of("silu", dtype, shape))
     gate_up, w = strided_rows(gen, m, 2 * k, dtype), rand(gen, n, k, dtype=dtype, scale=k ** -0.5)
-    got = silu_mul_linear(gate_up, w, out=poisoned(m, n, dtype=dtype))
+    got = silu_mul_linear(gate_up, w, out=poisoned(m, n, dtype=dtype), pdl=pdl)
     torch.testing.assert_close(got, ref.silu_mul_linear(gate_up, w), **TOL[dtype])
 
 
-def check_norm(dtype, shape, with_residual):
+def check_norm(dtype, shape, with_residual, pdl=False):
     m, n, k = shape
     gen = torch.Generator().manual_seed(seed_of("norm", dtype, shape, with_residual))
     x, w = strided_rows(gen, m, k, dtype), rand(gen, n, k, dtype=dtype, scale=k ** -0.5)
     residual = strided_rows(gen, m, k, dtype) if with_residual else None
     norm_w = (1.0 + 0.5 * rand(gen, k, dtype=torch.float32)).to(dtype)
     res_out = poisoned(m, k, dtype=dtype)
-    got, got_res = rms_norm_linear(x, residual, norm_w, 1e-5, w, out=poisoned(m, n, dtype=dtype), res_out=res_out)
+    got, got_res = rms_norm_linear(x, residual, norm_w, 1e-5, w, out=poisoned(m, n, dtype=dtype), res_out=res_out,
+                                   pdl=pdl)
     want, want_res = ref.rms_norm_linear(x, residual, norm_w, 1e-5, w)
     torch.testing.assert_close(got, want, **TOL[dtype])
     if with_residual:
@@ -121,6 +122,17 @@ def test_gpu_skinny_kernels_bf16(shape):
     check_linear(torch.bfloat16, shape, False, out_dtype=torch.float32)
     check_silu_mul(torch.bfloat16, shape)
     check_norm(torch.bfloat16, shape, True)
+
+
+@GPU_CASES
+@pytest.mark.skipif(CUDA and torch.cuda.get_device_capability() < (9, 0), reason="PDL needs sm_90+")
+@pytest.mark.parametrize("shape", GPU_SHAPES[:2], ids=lambda s: "x".join(map(str, s)))
+def test_gpu_skinny_kernels_with_programmatic_dependent_launch(shape):
+    """pdl=True (benchmarks/skinny_matmul.py's experiment): the first weight tile before the wait, the same
+    results (the kernel just before each launch is its output's NaN fill, which the wait must see finish)."""
+    check_linear(torch.bfloat16, shape, True, pdl=True)
+    check_silu_mul(torch.bfloat16, shape, pdl=True)
+    check_norm(torch.bfloat16, shape, True, pdl=True)
 
 
 # ---------------------------------------------------------------- the model and the engine
