@@ -66,13 +66,15 @@ def test_gpu_greedy_default_model_triton_equals_torch_float32(smollm2_dir, decod
 
 
 @gpu
-def test_gpu_greedy_default_model_triton_vs_torch_bfloat16(smollm2_dir):
+@pytest.mark.parametrize("skinny_matmul", [False, True], ids=["", "skinny-matmul"])
+def test_gpu_greedy_default_model_triton_vs_torch_bfloat16(smollm2_dir, skinny_matmul):
     """bfloat16: logits are rounded to bf16 (a step of 0.125 between 16 and 32), so two tokens can tie exactly and
     either path may take either. Each prompt must agree up to its first divergence, and that divergence must
     be such a tie: the torch path's two best logprobs within 2 bf16 steps of a logit in [16, 32) (0.25), and
-    the Triton path's token one of them. (A kernel bug shows up as a divergence at a wide gap.)"""
+    the Triton path's token one of them. (A kernel bug shows up as a divergence at a wide gap.) Also with
+    the projections of small steps on our kernel (EngineConfig.skinny_matmul)."""
     want, _ = greedy_run(smollm2_dir, "torch", "bfloat16", enforce_eager=True)
-    got, replays = greedy_run(smollm2_dir, "triton", "bfloat16", enforce_eager=False)
+    got, replays = greedy_run(smollm2_dir, "triton", "bfloat16", enforce_eager=False, skinny_matmul=skinny_matmul)
     assert replays > 0, "the Triton run never replayed a CUDA graph"
     whole = assert_equal_up_to_ties(got, want, max_gap=0.25)
     # H100, 2026-11-23: 3 of 8 prompts equal throughout; the other 5 part at gaps of 0, 0.0625 and 0.125
