@@ -117,8 +117,8 @@ def pick_tile(n: int, k: int, elem_size: int, x_operands: int, device: torch.dev
     """(BLOCK_N, BLOCK_K, num_warps, num_stages). The widest column block that still gives every SM two
     programs; K tiles that make each weight tile 16 KiB (the stream needs about 20 KiB in flight an SM on an
     H100: 3 TB/s x ~0.7 us over 132 SMs); as many stages as fit 100 KiB of shared memory beside the
-    x_operands 16-row tiles of x a stage also holds (1 plain, 2 SiLU, 3 norm + residual). A guess until
-    benchmarks/kernels.py's sweep on a GPU says otherwise."""
+    x_operands 16-row tiles of x a stage also holds (1: plain or norm alone, 2: SiLU's gate and up, or norm's x
+    and residual). A guess until benchmarks/skinny_matmul.py's sweep on a GPU says otherwise."""
     block_n = 16
     for candidate in (64, 32):
         if triton.cdiv(n, candidate) >= 2 * _num_sms(device):
