@@ -44,29 +44,24 @@ TINY = {"tiny": [("qkv", 96, 64, "plain"), ("gate_up", 256, 64, "norm"), ("down"
 
 def calls(bench: Bench, rows: int, n: int, k: int, op: str, pdl: bool = False):
     """(ours, peer) for one projection, on fresh random inputs; pdl: ours launched with programmatic dependent
-    launch."""
+    launch. A dry run has the references stand in for our kernels (pdl unused)."""
     w = bench.randn(n, k) * k ** -0.5
-    if bench.dry_run:  # the references stand in for both
+    if bench.dry_run:
         from kernels.reference import rms_norm as norm, silu_and_mul as act
-        skinny = None
+        kw: dict = {}
+        silu_mul_linear, rms_norm_linear, linear = ref.silu_mul_linear, ref.rms_norm_linear, F.linear
     else:
-        from kernels import skinny_matmul as skinny
         from kernels.activation import silu_and_mul as act
         from kernels.norm import rms_norm as norm
+        from kernels.skinny_matmul import rms_norm_linear, silu_mul_linear, skinny_linear as linear
+        kw = {"pdl": pdl}
     if op == "silu":
         gate_up = bench.randn(rows, 2 * k)
-        if skinny is None:
-            return (lambda: ref.silu_mul_linear(gate_up, w)), (lambda: F.linear(act(gate_up), w))
-        return (lambda: skinny.silu_mul_linear(gate_up, w, pdl=pdl)), (lambda: F.linear(act(gate_up), w))
+        return (lambda: silu_mul_linear(gate_up, w, **kw)), (lambda: F.linear(act(gate_up), w))
     x, res, g = bench.randn(rows, k), bench.randn(rows, k), bench.randn(k)
     if op == "norm":
-        if skinny is None:
-            return (lambda: ref.rms_norm_linear(x, res, g, 1e-5, w)), (lambda: F.linear(norm(x, g, 1e-5, res)[0], w))
-        return ((lambda: skinny.rms_norm_linear(x, res, g, 1e-5, w, pdl=pdl)),
-                (lambda: F.linear(norm(x, g, 1e-5, res)[0], w)))
-    if skinny is None:
-        return (lambda: F.linear(x, w)), (lambda: F.linear(x, w))
-    return (lambda: skinny.skinny_linear(x, w, pdl=pdl)), (lambda: F.linear(x, w))
+        return (lambda: rms_norm_linear(x, res, g, 1e-5, w, **kw)), (lambda: F.linear(norm(x, g, 1e-5, res)[0], w))
+    return (lambda: linear(x, w, **kw)), (lambda: F.linear(x, w))
 
 
 def table(bench: Bench, bandwidth: float, shapes: dict, row_counts: list[int], pdl: bool) -> list[Row]:

@@ -113,6 +113,7 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
+@functools.lru_cache(maxsize=None)
 def pick_tile(n: int, k: int, elem_size: int, x_operands: int, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages). The widest column block that still gives every SM two
     programs; K tiles that make each weight tile 16 KiB (the stream needs about 20 KiB in flight an SM on an
@@ -138,7 +139,7 @@ def _launch(x, w, bias, out, prologue, k, residual=None, res_out=None, norm_weig
         raise ValueError("skinny matmul: x and the weight need unit stride along K")
     if m == 0 or n == 0:
         return out
-    x_operands = {PLAIN: 1, SILU_MUL: 2, RMS_NORM: 2 if residual is not None else 1}[prologue]
+    x_operands = 2 if prologue == SILU_MUL or residual is not None else 1
     block_n, block_k, warps, stages = tile or pick_tile(n, k, x.element_size(), x_operands, x.device)
     ieee = x.dtype == torch.float32 or w.dtype == torch.float32
     _skinny_matmul_kernel[(triton.cdiv(n, block_n),)](

@@ -106,7 +106,6 @@ class TritonOps(TorchOps):
                                      qk_norm=qk_norm)
         return self.attend(q, k_cache, v_cache, batch, scale)
 
-
     def _takes_skinny(self, x: torch.Tensor, layer: nn.Linear) -> bool:
         """From shapes and dtypes only (host facts): the same choice at every replay of a captured step. A
         hooked projection runs as its module, so that its hooks see its input (the explorer's, refit's)."""
@@ -128,6 +127,7 @@ class TritonOps(TorchOps):
         if self._takes_skinny(gate_up, layer):
             return self._skinny.silu_mul_linear(gate_up, layer.weight, layer.bias)
         return super().silu_mul_linear(gate_up, layer)
+
 
 def opaque_to_compiler(ops: "TorchOps | TritonOps") -> None:
     """Make torch.compile call ops.host_reading as they are (a graph break each) instead of tracing them.

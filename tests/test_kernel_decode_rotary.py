@@ -203,20 +203,16 @@ def test_engine_setting_reaches_the_kernel_and_keeps_the_tokens(tiny_llama_dir):
     """EngineConfig.decode_fusion: the engine's decode steps take the fused kernel (splits reduced by the
     last one: the interpreter's split heuristic gives several splits at these batch sizes), and greedy
     tokens of requests of different lengths batched together equal the default engine's."""
-    from server.llm import LLM
-    from server.sampling_params import SamplingParams
-    prompts = [[1, 5, 9, 33, 7], [1] + list(range(40, 71)), [1, 300, 301]]
-    params = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True)
+    from tests.tiny_models import greedy_token_ids, tiny_triton_llm
     runs = []
     for fuse in (False, True):
-        llm = LLM(str(tiny_llama_dir), dtype="float32", device="cpu", kv_cache_memory="2MiB",
-                  attention_backend="triton", decode_fusion=fuse)
+        llm = tiny_triton_llm(tiny_llama_dir, decode_fusion=fuse)
         ops = llm.engine.runner.model.ops
         assert ops.decode_fusion is fuse
         calls = []
         real = ops._decode_rotary
         ops._decode_rotary = lambda *a, **kw: calls.append(1) or real(*a, **kw)
-        runs.append([r.token_ids for r in llm.generate(prompts, params)])
+        runs.append(greedy_token_ids(llm))
         assert bool(calls) is fuse
         assert (ops.tickets == 0).all()
     assert runs[0] == runs[1] and all(len(t) == 6 for t in runs[0])

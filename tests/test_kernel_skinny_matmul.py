@@ -115,6 +115,15 @@ def test_more_rows_than_a_tile_are_refused():
         skinny_linear(x, w)
 
 
+@CPU_CASES
+def test_columns_of_x_or_the_weight_apart_in_memory_are_refused():
+    """The kernel reads K contiguously: a transposed view would be read wrong, so the launcher says so."""
+    x, w = torch.randn(2, 8), torch.randn(16, 8)
+    for args in ((x.T.contiguous().T, w), (x, w.T.contiguous().T)):
+        with pytest.raises(ValueError, match="unit stride along K"):
+            skinny_linear(*args)
+
+
 @GPU_CASES
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_gpu_skinny_kernels_bf16(shape):
@@ -197,16 +206,12 @@ def test_a_hooked_projection_runs_as_its_module(tiny_llama_dir, monkeypatch):
 @CPU_CASES
 def test_engine_setting_reaches_the_ops_and_keeps_the_tokens(tiny_llama_dir):
     """EngineConfig.skinny_matmul: greedy tokens of a batch of requests equal the default engine's."""
-    from server.llm import LLM
-    from server.sampling_params import SamplingParams
-    prompts = [[1, 5, 9, 33, 7], [1] + list(range(40, 71)), [1, 300, 301]]
-    params = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True)
+    from tests.tiny_models import greedy_token_ids, tiny_triton_llm
     runs = []
     for skinny in (False, True):
-        llm = LLM(str(tiny_llama_dir), dtype="float32", device="cpu", kv_cache_memory="2MiB",
-                  attention_backend="triton", skinny_matmul=skinny)
+        llm = tiny_triton_llm(tiny_llama_dir, skinny_matmul=skinny)
         ops = llm.engine.runner.model.ops
         assert ops.skinny_matmul is skinny
         assert ("linear" in ops.host_reading) is skinny
-        runs.append([r.token_ids for r in llm.generate(prompts, params)])
+        runs.append(greedy_token_ids(llm))
     assert runs[0] == runs[1] and all(len(t) == 6 for t in runs[0])

@@ -88,3 +88,21 @@ def load_hf_model(model_dir: Path):
     import transformers
     return transformers.AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+# three requests of different lengths batched together: what the engine-setting tests generate with
+ENGINE_PROMPTS = [[1, 5, 9, 33, 7], [1] + list(range(40, 71)), [1, 300, 301]]
+
+
+def tiny_triton_llm(model_dir: Path, **settings):
+    """An offline engine on a tiny checkpoint with our Triton kernels (the interpreter on CPU)."""
+    from server.llm import LLM
+    return LLM(str(model_dir), dtype="float32", device="cpu", kv_cache_memory="2MiB", attention_backend="triton",
+               **settings)
+
+
+def greedy_token_ids(llm, max_new_tokens: int = 6) -> list[list[int]]:
+    """ENGINE_PROMPTS' greedy tokens, eos ignored."""
+    from server.sampling_params import SamplingParams
+    params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, ignore_eos=True)
+    return [r.token_ids for r in llm.generate(ENGINE_PROMPTS, params)]
