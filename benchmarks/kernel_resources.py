@@ -58,6 +58,7 @@ CONFIGS = [("llama-3.2-1b", torch.bfloat16, torch.bfloat16), ("llama-3.1-8b", to
            ("qwen2-7b", torch.bfloat16, torch.bfloat16), ("d80", torch.bfloat16, torch.bfloat16),
            ("d96-mha", torch.bfloat16, torch.bfloat16)]
 BLOCK_SIZE = 16
+PDL_MIN_ARCH = 90  # programmatic dependent launch (griddepcontrol): Hopper and newer
 
 
 @dataclass
@@ -163,6 +164,9 @@ def cases(shape: Shape, dtype: torch.dtype, kv_dtype: torch.dtype) -> list[tuple
         ("skinny norm+gate_up, 4 rows", lambda: rms_norm_linear(x, x, w, 1e-5, w_gate_up)),
         ("skinny silu+down, 4 rows", lambda: silu_mul_linear(gate_up, w_down)),
         ("skinny lm_head -> float32, 1 row", lambda: skinny_linear(x[:1], w_head, out_dtype=torch.float32)),
+        # skinny_matmul_pdl's launches: griddepcontrol, and the L2 prefetch issued before the wait
+        ("skinny norm+gate_up, 4 rows, PDL", lambda: rms_norm_linear(x, x, w, 1e-5, w_gate_up, pdl=True)),
+        ("skinny silu+down, 4 rows, PDL", lambda: silu_mul_linear(gate_up, w_down, pdl=True)),
         ("prefill, 2 x 1 token", prefill(1)),  # a mixed step's decode rows: the smallest tile
         ("prefill, 2 x 40", prefill(40)),
         ("prefill, 2 x 256", prefill(256)),
@@ -183,6 +187,9 @@ def compile_config(arch: int, shape_name: str, dtype: torch.dtype, kv_dtype: tor
     for case, launch in cases(SHAPES[shape_name], dtype, kv_dtype):
         if kv_dtype == FP8 and arch < FP8_MIN_ARCH:
             rows.append(Row(arch, config, case, status=f"skipped: fp8 KV needs sm_{FP8_MIN_ARCH}+"))
+            continue
+        if case.endswith(", PDL") and arch < PDL_MIN_ARCH:
+            rows.append(Row(arch, config, case, status=f"skipped: PDL needs sm_{PDL_MIN_ARCH}+"))
             continue
         t0 = time.perf_counter()
         with compile_only(arch) as launches:

@@ -198,6 +198,7 @@ def main(argv=None) -> dict:
            "fraction_of_roofline": roof["roofline_step_s"] / median["tpot_s"],
            "torch": torch.__version__, "blas_library": args.blas_library, "compile_mode": args.compile_mode,
            "decode_fusion": args.decode_fusion, "skinny_matmul": args.skinny_matmul,
+           "skinny_matmul_pdl": args.skinny_matmul_pdl,
            "compile_seconds": runner.compiled.compile_seconds if runner.compiled else None,
            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
     print_table(res)

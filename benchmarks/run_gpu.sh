@@ -10,7 +10,7 @@
 #
 #   bash benchmarks/run_gpu.sh [all|ours|peers]     # default all
 # Knobs (environment): BUDGET (s), PEERS_RESERVE (s kept for the peers, default 170), SKIP (space-separated
-# step names: pytest kernels skinny_matmul host_speed step_overhead host_overhead profile profile_skinny prefill_step speculative latency latency_cublaslt latency_unfused_decode latency_skinny latency_b8 latency_b8_skinny latency_compile profile_compile gemm_shapes latency_b64 latency_b64_unfused_decode latency_qwen3 throughput_1b throughput_penalized throughput_sampled throughput_top_k throughput_prefix throughput_prefix_off serving serving_eager_prefill serving_engine_process throughput_8b tune_kernels peers),
+# step names: pytest kernels skinny_matmul host_speed step_overhead host_overhead profile profile_skinny prefill_step speculative latency latency_cublaslt latency_unfused_decode latency_skinny latency_skinny_pdl latency_b8 latency_b8_skinny latency_b8_skinny_pdl latency_compile profile_compile gemm_shapes latency_b64 latency_b64_unfused_decode latency_qwen3 throughput_1b throughput_penalized throughput_sampled throughput_top_k throughput_prefix throughput_prefix_off serving serving_eager_prefill serving_engine_process throughput_8b tune_kernels peers),
 # ENGINE_EXTRA (engine flags for our benchmarks, e.g. "--no-overlap-scheduling"), PYTEST_ARGS (extra pytest arguments, e.g. "-k gpu"), SMOKE=1 (CPU smoke test of this script: tiny random model, few requests, peers with PEERS_TINY=1).
 set -u
 cd "$(dirname "$0")/.."
@@ -142,11 +142,18 @@ main() {
     step latency_skinny 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 1 \
       --input-len 128 --output-len 256 --num-iters "$lat_iters" --skinny-matmul \
       --json "$RAW/latency_skinny.json" $ENGINE_EXTRA
+    # and each of those launches started early by programmatic dependent launch (sm_90+), inside the graphs
+    step latency_skinny_pdl 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 1 \
+      --input-len 128 --output-len 256 --num-iters "$lat_iters" --skinny-matmul --skinny-matmul-pdl \
+      --json "$RAW/latency_skinny_pdl.json" $ENGINE_EXTRA
     step latency_b8 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 8 \
       --input-len 128 --output-len 256 --num-iters "$lat_iters" --json "$RAW/latency_b8.json" $ENGINE_EXTRA
     step latency_b8_skinny 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 8 \
       --input-len 128 --output-len 256 --num-iters "$lat_iters" --skinny-matmul \
       --json "$RAW/latency_b8_skinny.json" $ENGINE_EXTRA
+    step latency_b8_skinny_pdl 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 8 \
+      --input-len 128 --output-len 256 --num-iters "$lat_iters" --skinny-matmul --skinny-matmul-pdl \
+      --json "$RAW/latency_b8_skinny_pdl.json" $ENGINE_EXTRA
     # and with compile_mode max-autotune on the decode graphs up to batch 8: inductor's GEMM choice per shape
     step latency_compile 120 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 1 \
       --input-len 128 --output-len 256 --num-iters "$lat_iters" --compile-mode max-autotune \
@@ -276,8 +283,12 @@ row("b1 decode tok/s, decode_fusion (peer: off)",
     g(lat, "median", "decode_tok_s"), g(data, "latency_unfused_decode", "median", "decode_tok_s"))
 row("b1 decode tok/s, skinny_matmul (peer: off)", g(data, "latency_skinny", "median", "decode_tok_s"),
     g(lat, "median", "decode_tok_s"), f"roofline {f(g(lat, 'roofline', 'roofline_tok_s'))} tok/s")
+row("b1 decode tok/s, skinny_matmul_pdl (peer: skinny_matmul alone)",
+    g(data, "latency_skinny_pdl", "median", "decode_tok_s"), g(data, "latency_skinny", "median", "decode_tok_s"))
 row("b8 decode tok/s, skinny_matmul (peer: off)", g(data, "latency_b8_skinny", "median", "decode_tok_s"),
     g(data, "latency_b8", "median", "decode_tok_s"), f"roofline {f(g(data, 'latency_b8', 'roofline', 'roofline_tok_s'))}")
+row("b8 decode tok/s, skinny_matmul_pdl (peer: skinny_matmul alone)",
+    g(data, "latency_b8_skinny_pdl", "median", "decode_tok_s"), g(data, "latency_b8_skinny", "median", "decode_tok_s"))
 row("b64 decode tok/s, decode_fusion (peer: off)",
     g(l64, "median", "decode_tok_s"), g(data, "latency_b64_unfused_decode", "median", "decode_tok_s"))
 lq = data.get("latency_qwen3", {})

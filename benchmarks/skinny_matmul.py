@@ -8,7 +8,7 @@ Each row times one projection the way a captured decode step runs it: 20 calls i
 gaps included. ours: our kernel, its op folded in; peer: what the layer runs with skinny_matmul off (cuBLAS
 through F.linear, after our RMSNorm or SiLU x mul kernel where ours folds one in); limit: the weight's bytes
 over the copy bandwidth measured in the same run. On sm_90+ each row has a twin with our launches started
-early (programmatic dependent launch: the first weight tile fetched while the kernel before finishes), and
+early (programmatic dependent launch: the first weight tiles pulled into L2 while the kernel before finishes), and
 a layer's four projections run back to back (the chain rows: what launch gaps cost between them). The sweep
 times a grid of tiles (BLOCK_N, BLOCK_K, warps, stages) per shape at one row, within its budget, and prints
 the best beside pick_tile's choice: what to change in pick_tile, from a GPU's numbers.

@@ -102,7 +102,8 @@ def build_llm(args, prompts, out_lens):
               overlap_scheduling=args.overlap_scheduling, prefill_graphs=args.prefill_graphs,
               compile_mode=args.compile_mode, compile_max_batch_size=args.compile_max_batch_size,
               enable_prefix_caching=args.enable_prefix_caching,
-              decode_fusion=args.decode_fusion, skinny_matmul=args.skinny_matmul)
+              decode_fusion=args.decode_fusion, skinny_matmul=args.skinny_matmul,
+              skinny_matmul_pdl=args.skinny_matmul_pdl)
     if not args.dummy:
         return LLM(args.model, **kw)
     raw = PRESETS.get(args.config) or json.loads(Path(args.config).read_text())
@@ -281,6 +282,9 @@ def add_engine_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--skinny-matmul", action=argparse.BooleanOptionalAction, default=False,
                     help="steps of up to 16 tokens project with our Triton kernel, the post-attention norm and "
                     "SiLU x mul folded in (EngineConfig.skinny_matmul)")
+    ap.add_argument("--skinny-matmul-pdl", action=argparse.BooleanOptionalAction, default=False,
+                    help="with --skinny-matmul: each of those launches starts while the kernel before it "
+                    "finishes, by programmatic dependent launch (sm_90+; EngineConfig.skinny_matmul_pdl)")
     ap.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                     help="share prompt blocks between requests (EngineConfig.enable_prefix_caching); the "
                     "benchmarks' warm-ups and repeats use fresh prompts, so it finds nothing to share "

@@ -51,11 +51,19 @@ def _x_tile(x_rows, RES, NORM_W, rows, stride_rm, kk, x_mask, k_ok, inv_rms, K, 
 
 
 @triton.jit
+def _prefetch_l2(ptrs):
+    """prefetch.global.L2 of each pointer's line (a hint: no registers, no fault); a dummy result, kept by
+    is_pure=False. PTX, so compiled only: the interpreter never runs a PDL launch (see _launch)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
 def _skinny_matmul_kernel(X, RES, RES_OUT, NORM_W, W, BIAS, Y, eps, M, N, K,
                           stride_xm, stride_rm, stride_rom, stride_wn, stride_ym,
                           PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          IEEE: tl.constexpr, PDL: tl.constexpr):
+                          IEEE: tl.constexpr, PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr):
     # grid: (cdiv(N, BLOCK_N),); every program reads all M (<= BLOCK_M) rows of x
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
@@ -69,8 +77,10 @@ def _skinny_matmul_kernel(X, RES, RES_OUT, NORM_W, W, BIAS, Y, eps, M, N, K,
     w_dtype = W.dtype.element_ty
     if PDL:
         # launched early (programmatic dependent launch): the weight never depends on the kernel before this
-        # one, so the first tile is fetched while that kernel finishes; its writes (x, residual) only after
-        w_first = tl.load(w_rows + offs_k[None, :], mask=col_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+        # one, so the start of this program's slice is pulled into L2 while that kernel finishes (a hint: no
+        # registers held, the loop below unchanged); x and the residual, its outputs, are read after the wait
+        lines = tl.minimum(tl.arange(0, PREFETCH_LINES) * (1024 // w_dtype.primitive_bitwidth), K - 1)
+        _prefetch_l2(W + tl.minimum(cols, N - 1)[:, None].to(tl.int64) * stride_wn + lines[None, :])
         gdc_wait()
     inv_rms = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
     if PROLOGUE == 2:
@@ -89,11 +99,7 @@ def _skinny_matmul_kernel(X, RES, RES_OUT, NORM_W, W, BIAS, Y, eps, M, N, K,
             sum_sq += tl.sum(hf * hf, 1)
         inv_rms = tl.rsqrt(sum_sq / K + eps)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if PDL:
-        x = _x_tile(x_rows, RES, NORM_W, rows, stride_rm, offs_k, row_ok[:, None] & (offs_k < K)[None, :],
-                    offs_k < K, inv_rms, K, w_dtype, PROLOGUE, HAS_RESIDUAL)
-        acc += tl.dot(x, tl.trans(w_first), input_precision="ieee" if IEEE else None)
-    for k0 in range(BLOCK_K if PDL else 0, K, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         k_ok = kk < K
         w = tl.load(w_rows + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
@@ -106,6 +112,11 @@ def _skinny_matmul_kernel(X, RES, RES_OUT, NORM_W, W, BIAS, Y, eps, M, N, K,
         acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + rows[:, None] * stride_ym + cols[None, :], acc.to(Y.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
+
+
+def interpreting() -> bool:
+    """Whether Triton interprets kernels (TRITON_INTERPRET=1, the CPU tests)."""
+    return bool(triton.knobs.runtime.interpret)
 
 
 @functools.lru_cache(maxsize=None)
@@ -142,14 +153,17 @@ def _launch(x, w, bias, out, prologue, k, residual=None, res_out=None, norm_weig
     x_operands = 2 if prologue == SILU_MUL or residual is not None else 1
     block_n, block_k, warps, stages = tile or pick_tile(n, k, x.element_size(), x_operands, x.device)
     ieee = x.dtype == torch.float32 or w.dtype == torch.float32
+    pdl = pdl and not interpreting()  # grid dependencies and inline PTX: a GPU's, the interpreter has neither
+    # the first two weight tiles of each row (a 128-byte line per prefetch): a few us of the stream at 3 TB/s
+    prefetch_lines = triton.next_power_of_2(triton.cdiv(min(k, 2 * block_k) * w.element_size(), 128))
     _skinny_matmul_kernel[(triton.cdiv(n, block_n),)](
         x, residual if residual is not None else x, res_out if res_out is not None else x,
         norm_weight if norm_weight is not None else w, w, bias if bias is not None else w, out, eps, m, n, k,
         x.stride(0), residual.stride(0) if residual is not None else 0,
         res_out.stride(0) if res_out is not None else 0, w.stride(0), out.stride(0),
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee, PDL=pdl, num_warps=warps, num_stages=stages,
-        **({"launch_pdl": True} if pdl else {}))
+        BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee, PDL=pdl, PREFETCH_LINES=prefetch_lines,
+        num_warps=warps, num_stages=stages, **({"launch_pdl": True} if pdl else {}))
     return out
 
 
@@ -164,8 +178,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """x [M, K] @ weight[N, K]^T (+ bias) -> [M, N] in out_dtype (default the weight's): F.linear.
 
     tile: (BLOCK_N, BLOCK_K, warps, stages) instead of pick_tile's. pdl: launch early with programmatic
-    dependent launch (sm_90+), fetching the first weight tile before waiting on the kernel before; an
-    experiment benchmarks/skinny_matmul.py times, which the model does not use (same for the two below)."""
+    dependent launch (sm_90+; EngineConfig.skinny_matmul_pdl), pulling the first weight tiles into L2 while
+    the kernel before finishes; no effect in the interpreter (same for the two below)."""
     return _launch(x, weight, bias, _out(x, weight, out_dtype, out), PLAIN, x.shape[1], tile=tile, pdl=pdl)
 
 

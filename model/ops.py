@@ -75,6 +75,8 @@ class TritonOps(TorchOps):
         # steps of at most skinny_matmul.MAX_ROWS tokens project with kernels/skinny_matmul.py instead of
         # cuBLAS, the norms and SiLU x mul folded in; set from EngineConfig.skinny_matmul
         self.skinny_matmul = False
+        self.device = device
+        self._skinny_pdl = False
         self.tickets = torch.zeros(1 << 16, dtype=torch.int32, device=device)  # >= batch x kv heads
         self._decode_rotary = decode_rotary.decode_rotary_attention
         self.rms_norm = norm.rms_norm
@@ -113,19 +115,34 @@ class TritonOps(TorchOps):
                 and x.dtype == layer.weight.dtype and x.stride(-1) == 1 and layer.weight.stride(-1) == 1
                 and not layer._forward_pre_hooks and not layer._forward_hooks)
 
+    @property
+    def skinny_pdl(self) -> bool:
+        """Launch the skinny kernels by programmatic dependent launch (EngineConfig.skinny_matmul_pdl): each
+        fetches its first weight tile while the kernel before it finishes."""
+        return self._skinny_pdl
+
+    @skinny_pdl.setter
+    def skinny_pdl(self, on: bool) -> None:
+        if on and self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) < (9, 0):
+            major, minor = torch.cuda.get_device_capability(self.device)
+            raise ValueError(f"skinny_matmul_pdl: programmatic dependent launch needs a GPU of compute capability "
+                             f"9.0 or newer (this one is {major}.{minor}); leave it off")
+        self._skinny_pdl = on
+
     def linear(self, x, layer, out_dtype=None):
         if self._takes_skinny(x, layer):
-            return self._skinny.skinny_linear(x, layer.weight, layer.bias, out_dtype=out_dtype)
+            return self._skinny.skinny_linear(x, layer.weight, layer.bias, out_dtype=out_dtype, pdl=self._skinny_pdl)
         return TorchOps.linear(x, layer, out_dtype)
 
     def rms_norm_linear(self, x, residual, norm, layer):
         if self._takes_skinny(x, layer) and (residual is None or residual.dtype == x.dtype):
-            return self._skinny.rms_norm_linear(x, residual, norm.weight, norm.eps, layer.weight, layer.bias)
+            return self._skinny.rms_norm_linear(x, residual, norm.weight, norm.eps, layer.weight, layer.bias,
+                                                pdl=self._skinny_pdl)
         return super().rms_norm_linear(x, residual, norm, layer)
 
     def silu_mul_linear(self, gate_up, layer):
         if self._takes_skinny(gate_up, layer):
-            return self._skinny.silu_mul_linear(gate_up, layer.weight, layer.bias)
+            return self._skinny.silu_mul_linear(gate_up, layer.weight, layer.bias, pdl=self._skinny_pdl)
         return super().silu_mul_linear(gate_up, layer)
 
 

@@ -91,6 +91,10 @@ class EngineConfig(Settings):
                                 "RMSNorm folded into the qkv / gate_up projection after it and SiLU x mul into "
                                 "down_proj (kernels/skinny_matmul.py): five launches a layer instead of eight. "
                                 "Off until measured on a GPU")
+    skinny_matmul_pdl: bool = Field(False, description="with skinny_matmul: launch those kernels by programmatic "
+                                    "dependent launch (compute capability 9.0+), so each fetches its first weight "
+                                    "tile while the kernel before it finishes, and waits for that kernel's output "
+                                    "only to read x. Off until measured on a GPU")
     prefill_graphs: bool = Field(True, description="also capture steps that carry prompt tokens, one CUDA graph "
                                  "per token bucket up to max_num_batched_tokens (4,096 at most); off: such "
                                  "steps run eagerly, one kernel launch at a time")
@@ -139,6 +143,9 @@ class EngineConfig(Settings):
         if self.max_num_batched_tokens < self.block_size:
             raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= "
                              f"block_size={self.block_size}")
+        if self.skinny_matmul_pdl and not self.skinny_matmul:
+            raise ValueError("skinny_matmul_pdl = true launches the skinny_matmul kernels early: it needs "
+                             "skinny_matmul = true")
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError(f"prompt_lookup_min={self.prompt_lookup_min} must be <= prompt_lookup_max="
                              f"{self.prompt_lookup_max}")

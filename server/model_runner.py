@@ -68,6 +68,7 @@ class ModelRunner:
         self.ops_name = getattr(getattr(model, "ops", None), "name", None)  # "triton" | "torch"
         if self.ops_name == "triton":
             model.ops.decode_fusion, model.ops.skinny_matmul = config.decode_fusion, config.skinny_matmul
+            model.ops.skinny_pdl = config.skinny_matmul_pdl  # (refused here on a GPU older than sm_90)
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype, self.device, self.ops_name)
         self.model_config: ModelConfig = self.model.config
         self.eos_token_ids = eos_token_ids or self.model_config.eos_token_ids

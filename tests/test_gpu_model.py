@@ -30,13 +30,14 @@ PROMPTS = [
 
 
 def greedy_run(model_dir, backend: str, dtype: str, enforce_eager: bool, kv_cache_dtype: str = "auto",
-               num_speculative_tokens: int = 0, decode_fusion: bool = False, skinny_matmul: bool = False):
+               num_speculative_tokens: int = 0, decode_fusion: bool = False, skinny_matmul: bool = False,
+               skinny_matmul_pdl: bool = False):
     gc.collect()
     torch.cuda.empty_cache()
     llm = LLM(str(model_dir), device="cuda", dtype=dtype, attention_backend=backend, enforce_eager=enforce_eager,
               gpu_memory_utilization=0.1, max_num_seqs=16, max_model_len=2048, kv_cache_dtype=kv_cache_dtype,
               num_speculative_tokens=num_speculative_tokens, decode_fusion=decode_fusion,
-              skinny_matmul=skinny_matmul)
+              skinny_matmul=skinny_matmul, skinny_matmul_pdl=skinny_matmul_pdl)
     params = SamplingParams(temperature=0.0, max_new_tokens=64, ignore_eos=True, logprobs=2)
     results = llm.generate(PROMPTS, params)
     runner = llm.engine.runner
@@ -80,6 +81,22 @@ def test_gpu_greedy_default_model_triton_vs_torch_bfloat16(smollm2_dir, skinny_m
     # H100, 2026-11-23: 3 of 8 prompts equal throughout; the other 5 part at gaps of 0, 0.0625 and 0.125
     # (one bf16 step of a logit in [16, 32)), each to the torch path's second choice.
     print(f"bfloat16: {whole}/{len(PROMPTS)} prompts equal for all 64 tokens")
+
+
+@gpu
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0),
+                    reason="programmatic dependent launch needs sm_90+")
+def test_gpu_skinny_matmul_pdl_changes_no_token_or_logprob_bfloat16(smollm2_dir):
+    """EngineConfig.skinny_matmul_pdl launches the same kernels early inside the CUDA graphs, each waiting on
+    the one before it for its input: the arithmetic is unchanged, so every token and every top logprob equals
+    the run without it, bit for bit (a missing wait would read a half-written x or residual)."""
+    want, _ = greedy_run(smollm2_dir, "triton", "bfloat16", enforce_eager=False, skinny_matmul=True)
+    got, replays = greedy_run(smollm2_dir, "triton", "bfloat16", enforce_eager=False, skinny_matmul=True,
+                              skinny_matmul_pdl=True)
+    assert replays > 0, "the Triton run never replayed a CUDA graph"
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.token_ids == w.token_ids, f"prompt {i} ({PROMPTS[i]!r})"
+        assert [lp.top for lp in g.logprobs] == [lp.top for lp in w.logprobs], f"prompt {i} ({PROMPTS[i]!r})"
 
 
 @gpu

@@ -137,8 +137,8 @@ def test_gpu_skinny_kernels_bf16(shape):
 @pytest.mark.skipif(CUDA and torch.cuda.get_device_capability() < (9, 0), reason="PDL needs sm_90+")
 @pytest.mark.parametrize("shape", GPU_SHAPES[:2], ids=lambda s: "x".join(map(str, s)))
 def test_gpu_skinny_kernels_with_programmatic_dependent_launch(shape):
-    """pdl=True (benchmarks/skinny_matmul.py's experiment): the first weight tile before the wait, the same
-    results (the kernel just before each launch is its output's NaN fill, which the wait must see finish)."""
+    """pdl=True (EngineConfig.skinny_matmul_pdl): the first weight tiles pulled into L2 before the wait, the
+    same results (the kernel just before each launch is its output's NaN fill, which the wait must see finish)."""
     check_linear(torch.bfloat16, shape, True, pdl=True)
     check_silu_mul(torch.bfloat16, shape, pdl=True)
     check_norm(torch.bfloat16, shape, True, pdl=True)
@@ -204,14 +204,39 @@ def test_a_hooked_projection_runs_as_its_module(tiny_llama_dir, monkeypatch):
 
 
 @CPU_CASES
-def test_engine_setting_reaches_the_ops_and_keeps_the_tokens(tiny_llama_dir):
-    """EngineConfig.skinny_matmul: greedy tokens of a batch of requests equal the default engine's."""
+def test_engine_settings_reach_the_ops_and_keep_the_tokens(tiny_llama_dir, monkeypatch):
+    """EngineConfig.skinny_matmul (and skinny_matmul_pdl): greedy tokens of a batch of requests equal the
+    default engine's, and every skinny launch of the PDL engine asks for the early launch."""
+    from kernels import skinny_matmul
     from tests.tiny_models import greedy_token_ids, tiny_triton_llm
+    launches: list[bool] = []
+    real = skinny_matmul._launch
+    monkeypatch.setattr(skinny_matmul, "_launch", lambda *a, **kw: launches.append(kw["pdl"]) or real(*a, **kw))
     runs = []
-    for skinny in (False, True):
-        llm = tiny_triton_llm(tiny_llama_dir, skinny_matmul=skinny)
+    for skinny, pdl in ((False, False), (True, False), (True, True)):
+        llm = tiny_triton_llm(tiny_llama_dir, skinny_matmul=skinny, skinny_matmul_pdl=pdl)
         ops = llm.engine.runner.model.ops
-        assert ops.skinny_matmul is skinny
+        assert (ops.skinny_matmul, ops.skinny_pdl) == (skinny, pdl)
         assert ("linear" in ops.host_reading) is skinny
+        launches.clear()
         runs.append(greedy_token_ids(llm))
-    assert runs[0] == runs[1] and all(len(t) == 6 for t in runs[0])
+        assert launches == [] if not skinny else launches and set(launches) == {pdl}
+    assert runs[0] == runs[1] == runs[2] and all(len(t) == 6 for t in runs[0])
+
+
+def test_pdl_needs_the_skinny_kernels_and_a_hopper_gpu(monkeypatch):
+    """skinny_matmul_pdl alone is refused by the config; on a GPU older than sm_90 by the ops, naming it."""
+    from pydantic import ValidationError
+    from model.ops import TritonOps
+    from server.engine_config import EngineConfig
+    with pytest.raises(ValidationError, match="skinny_matmul_pdl = true .* needs skinny_matmul = true"):
+        EngineConfig(skinny_matmul_pdl=True)
+    ops = TritonOps(torch.device("cpu"))
+    ops.skinny_pdl = True  # (the interpreter: no GPU to ask)
+    ops.device = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(ValueError, match=r"skinny_matmul_pdl: .* compute capability 9.0 or newer \(this one is 8.0\)"):
+        ops.skinny_pdl = True
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    ops.skinny_pdl = True
+    assert ops.skinny_pdl
