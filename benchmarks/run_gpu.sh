@@ -330,19 +330,27 @@ row("1B shared-prefix total tok/s, cache on vs off", g(data, "throughput_prefix"
 row("8B 256 req out tok/s", g(data, "throughput_8b", "ours", "output_tok_s"), None,
     f"{g(data, 'throughput_8b', 'ours', 'preemptions')} preemptions" if data.get("throughput_8b") else "")
 eager_prefill = {r["request_rate"]: r for r in g(data, "serving_eager_prefill", "rates") or []}
+
+
+def gap_note(r):  # the server's engine step gaps over the rate's run (/metrics; benchmarks/serving.py)
+    gaps = r.get("engine_step_gap_ms") or {}
+    return "" if not gaps else "; engine step gap p99 prompt/decode " + "/".join(
+        f"{gaps.get(k, {}).get('p99', float('nan')):.2f}" for k in ("prompt", "decode")) + " ms"
+
+
 in_process = {r["request_rate"]: r for r in g(data, "serving", "rates") or []}
 for r in g(data, "serving_engine_process", "rates") or []:
     row(f"serving rate {r['request_rate']}, engine process: out tok/s (peer: in-process engine)", r["output_tok_s"],
         g(in_process, r["request_rate"], "output_tok_s"),
         f"TTFT p50/p99 {r['ttft_ms']['p50']:.0f}/{r['ttft_ms']['p99']:.0f} ms; TPOT p50 {r['tpot_ms']['p50']:.1f} "
-        f"ms; ITL p50/p99 {r['itl_ms']['p50']:.1f}/{r['itl_ms']['p99']:.1f} ms")
+        f"ms; ITL p50/p99 {r['itl_ms']['p50']:.1f}/{r['itl_ms']['p99']:.1f} ms" + gap_note(r))
 for r in g(data, "serving", "rates") or []:
     e = eager_prefill.get(r["request_rate"])
     row(f"serving rate {r['request_rate']}: ITL p99 ms (peer: prompt steps eager)", r["itl_ms"]["p99"],
         None if e is None else e["itl_ms"]["p99"],
         f"out tok/s {r['output_tok_s']:.0f}; ok {r['completed']} fail {r['failed']}; TTFT p50/p99 "
         f"{r['ttft_ms']['p50']:.0f}/{r['ttft_ms']['p99']:.0f} ms; TPOT p50 {r['tpot_ms']['p50']:.1f} ms; "
-        f"ITL p50 {r['itl_ms']['p50']:.1f} ms")
+        f"ITL p50 {r['itl_ms']['p50']:.1f} ms" + gap_note(r))
 kr = g(data, "kernels", "rows") or []
 for r in kr:
     row(f"kernel {r['kernel']} {r['shape']} us", r["ours_us"], r["peer_us"], f"{r['peer']}; {r['fraction_of_limit']:.2f} of limit")

@@ -13,6 +13,11 @@ sense `vllm bench serve` gives them:
   ITL   gaps between successive chunks of a stream  E2EL  send -> end of the stream
   request throughput = completed / duration, output tok/s = output tokens / duration (duration: first
   send -> last completion). Each at mean, p50, p90 and p99 (linear interpolation, numpy's default).
+Beside them, the server's own side of ITL when its /metrics has it (gqa-serve's
+gqaserve_engine_step_gap_seconds, server/step_gaps.py): p50 and p99 of each engine step's time to its tokens
+over the rate's run, for steps that carried prompt tokens and for decode-only steps (interpolated within
+the histogram's buckets, as Prometheus' histogram_quantile). A client ITL p99 near the prompt steps' p99 is
+the device's mixed steps; one well above both kinds is delivery (detokenizing, event loop, network).
 `--launch` starts `python -m server.cli serve` on a free loopback port with --serve-args, waits for
 /health, runs, then stops it; `--dummy-checkpoint PRESET` first writes a random bf16 checkpoint of the
 preset's shapes (benchmarks/throughput.py PRESETS) with a word-level tokenizer, and serves that.
@@ -166,6 +171,7 @@ def run_rate(base_url: str, model: str | None, prompts, rate: float, args) -> di
     warm = asyncio.run(send_on_schedule(url, [warm_body], [0.0], args.request_timeout))[0][0]
     if not warm.ok:
         raise RuntimeError(f"warm-up request failed: {warm.error}")
+    gaps_before = scrape_step_gaps(base_url)
     k = max(1, min(args.client_processes, len(bodies)))
     if k == 1:
         start = time.monotonic()
@@ -186,7 +192,56 @@ def run_rate(base_url: str, model: str | None, prompts, rate: float, args) -> di
     row = summarize(results, rate, duration)
     row["client_processes"] = k
     row["client_cpu_busy"] = max(cpu for _, _, cpu in parts) / duration  # the busiest process: near 1 = saturated
+    row["engine_step_gap_ms"] = step_gap_quantiles(gaps_before, scrape_step_gaps(base_url))
     return row
+
+
+# ---- the server's side: its engine steps' gaps (/metrics) ------------------------------------------------
+STEP_GAP_SERIES = "gqaserve_engine_step_gap_seconds"
+
+
+def scrape_step_gaps(base_url: str) -> dict[str, list[tuple[float, float]]]:
+    """kind -> [(bucket upper bound, cumulative count)] from the server's /metrics; {} if it has none."""
+    from prometheus_client.parser import text_string_to_metric_families
+    try:
+        text = httpx.get(base_url.rstrip("/") + "/metrics", timeout=10).text
+        families = list(text_string_to_metric_families(text))
+    except (httpx.HTTPError, ValueError):
+        return {}
+    out: dict[str, list[tuple[float, float]]] = {}
+    for family in families:
+        if family.name == STEP_GAP_SERIES:
+            for s in family.samples:
+                if s.name.endswith("_bucket"):
+                    out.setdefault(s.labels["kind"], []).append((float(s.labels["le"]), s.value))
+    return {kind: sorted(buckets) for kind, buckets in out.items()}
+
+
+def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float:
+    """Prometheus' estimate from cumulative buckets: linear within the bucket the rank falls in; the last
+    finite bound when it falls in +Inf; NaN with no observations."""
+    total = buckets[-1][1] if buckets else 0.0
+    if total <= 0:
+        return float("nan")
+    rank, lower, below = q * total, 0.0, 0.0
+    for bound, cumulative in buckets:
+        if cumulative >= rank:
+            if math.isinf(bound):
+                return lower
+            return lower + (bound - lower) * (rank - below) / max(cumulative - below, 1e-12)
+        lower, below = bound, cumulative
+    return lower
+
+
+def step_gap_quantiles(before: dict, after: dict) -> dict:
+    """Per kind, the steps of this run (after - before): their count and p50 / p99 gap in ms."""
+    out = {}
+    for kind, buckets in after.items():
+        old = dict(before.get(kind, ()))
+        delta = [(bound, count - old.get(bound, 0.0)) for bound, count in buckets]
+        out[kind] = {"steps": int(delta[-1][1]) if delta else 0,
+                     **{f"p{q}": 1e3 * histogram_quantile(q / 100, delta) for q in (50, 99)}}
+    return out
 
 
 # ---- metrics ------------------------------------------------------------------------------------------
@@ -250,6 +305,11 @@ def benchmark(base_url: str, args) -> dict:
         print(f"rate {row['request_rate']}: {row['completed']} ok, {row['failed']} failed, "
               f"{row['duration_s']:.1f} s; busiest of {row['client_processes']} client process(es) "
               f"{100 * row['client_cpu_busy']:.0f}% busy", flush=True)
+        gaps = row["engine_step_gap_ms"]
+        if gaps:
+            print("  engine step gaps (ms): " + "; ".join(
+                f"{kind} p50 {g['p50']:.2f} / p99 {g['p99']:.2f} ({g['steps']} steps)" for kind, g in gaps.items()),
+                flush=True)
         if row["client_cpu_busy"] > 0.8:
             print("  warning: a client process was over 80% busy; its timings include its own queueing "
                   "(raise --client-processes)", flush=True)

@@ -113,11 +113,11 @@ class LLMEngine:
         for s in sched.scheduled:
             if s.seq.first_scheduled_time is None:
                 s.seq.first_scheduled_time = now
-        launched = self._launch(sched, defer_sampling=self._in_flight is not None)
+        launched = self._launch(sched, self._in_flight is not None, now)
         if self._in_flight is not None:
             self.counters.overlapped_steps += 1
             outputs += self._complete(self._in_flight)  # the host's work here overlaps the launched step
-        launched = self._sample(sched, launched) if isinstance(launched, Forward) else launched
+        launched = self._sample(sched, launched, now) if isinstance(launched, Forward) else launched
         if isinstance(launched, list):  # the launch failed: its requests end with an error
             return outputs + launched
         if launched.pending.graphed and self.config.overlap_scheduling and not self._drafting(sched):
@@ -150,7 +150,8 @@ class LLMEngine:
         runs_ahead = getattr(self.runner, "runs_ahead", None)
         return runs_ahead is not None and runs_ahead(sched)
 
-    def _launch(self, sched: SchedulerOutput, defer_sampling: bool) -> "_Launched | Forward | list[RequestOutput]":
+    def _launch(self, sched: SchedulerOutput, defer_sampling: bool,
+                launched_at: float) -> "_Launched | Forward | list[RequestOutput]":
         """Queue the step on the device; each sampling sequence gets a placeholder token (-1) that _complete
         fills, so the scheduler can plan the next step before the host sees this one's ids. With
         defer_sampling (a step is in flight), rows that sample from their tokens' values (penalties, a grammar)
@@ -164,9 +165,9 @@ class LLMEngine:
         self.counters.num_steps += 1
         self.scheduler.finish_step(sched)
         self.counters.deferred_sampling_steps += defer
-        return pending if defer else self._sample(sched, pending)
+        return pending if defer else self._sample(sched, pending, launched_at)
 
-    def _sample(self, sched: SchedulerOutput, step: Any) -> "_Launched | list[RequestOutput]":
+    def _sample(self, sched: SchedulerOutput, step: Any, launched_at: float) -> "_Launched | list[RequestOutput]":
         """Sample a deferred Forward (or take a launched PendingStep); then each sampling sequence gets its
         placeholder token."""
         if isinstance(step, Forward):
@@ -182,7 +183,7 @@ class LLMEngine:
                 continue
             placeholders.append(len(seq.token_ids))
             seq.token_ids.append(-1)
-        return _Launched(sched, step, placeholders)
+        return _Launched(sched, step, placeholders, launched_at)
 
     def _complete(self, launched: "_Launched") -> list[RequestOutput]:
         if launched is self._in_flight:
@@ -194,6 +195,7 @@ class LLMEngine:
             return self._fail(launched.sched, exc)
         self.counters.failed_steps_in_a_row = 0
         now = time.monotonic()
+        self.counters.step_gaps.observe(launched.sched.has_prefill, launched.launched_at, now)
         for seq, values in result.prompt_logprobs or ():
             seq.prompt_logprobs.extend(values)
         sampled = launched.pending.sampling
@@ -295,3 +297,4 @@ class _Launched:
     sched: SchedulerOutput
     pending: Any              # server.step_results.PendingStep (or a test's stand-in)
     placeholders: list[int]   # index in seq.token_ids of each of pending.sampling's placeholder
+    launched_at: float        # time.monotonic() as the host began to launch it (server/step_gaps.py)

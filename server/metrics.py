@@ -10,8 +10,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from server.step_gaps import KINDS, STEP_GAP_BUCKETS
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -76,6 +78,23 @@ class EngineStatsCollector(Collector):
         for j, value in enumerate(getattr(s, "accepted_by_position", ()) if s is not None else ()):
             per_pos.add_metric([str(j)], float(value))
         yield per_pos
+        yield step_gap_histogram(getattr(s, "step_gaps", ()) if s is not None else ())
+
+
+def step_gap_histogram(snapshot) -> HistogramMetricFamily:
+    """StepGaps.snapshot() as one histogram labelled by kind (both kinds always present, zeros at first)."""
+    family = HistogramMetricFamily("gqaserve_engine_step_gap_seconds", "Each engine step's time until the host "
+                                   "has its tokens, after the step before (server/step_gaps.py): steps that carry "
+                                   "prompt tokens or only decodes", labels=["kind"])
+    found = {kind: (counts, total) for kind, counts, total in snapshot}
+    for kind in KINDS:
+        counts, total = found.get(kind, ((0,) * (len(STEP_GAP_BUCKETS) + 1), 0.0))
+        cumulative, buckets = 0, []
+        for bound, count in zip((*map(str, STEP_GAP_BUCKETS), "+Inf"), counts):
+            cumulative += count
+            buckets.append((bound, float(cumulative)))
+        family.add_metric([kind], buckets, sum_value=total)
+    return family
 
 
 class ServerMetrics:

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from server.step_gaps import StepGaps
+
 FINISH_REASONS = ("length", "stop", "eos_token", "abort", "error")
 
 
@@ -66,3 +68,4 @@ class EngineCounters:
     accepted_draft_tokens: int = 0  # of those, tokens kept
     num_drafts: int = 0  # times a sequence fed drafts; accepted_by_position[j]: times its draft j + 1 was kept
     accepted_by_position: list[int] = field(default_factory=lambda: [0] * 16)  # (num_speculative_tokens <= 16)
+    step_gaps: StepGaps = field(default_factory=StepGaps)  # each step's time to its tokens, decode / prompt

@@ -99,6 +99,21 @@ def check_rates(res: dict, n: int, max_tokens: int, rates: list[str]) -> None:
         assert r["ttft_ms"]["p99"] <= r["e2el_ms"]["p99"]
 
 
+def test_histogram_quantile_interpolates_like_prometheus():
+    inf = math.inf
+    buckets = [(0.001, 0.0), (0.002, 10.0), (0.004, 20.0), (inf, 20.0)]
+    assert serving.histogram_quantile(0.5, buckets) == pytest.approx(0.002)  # rank 10: the top of (1, 2] ms
+    assert serving.histogram_quantile(0.25, buckets) == pytest.approx(0.0015)
+    assert serving.histogram_quantile(0.75, buckets) == pytest.approx(0.003)
+    assert serving.histogram_quantile(0.99, [(0.001, 1.0), (inf, 5.0)]) == 0.001  # in +Inf: the last bound
+    assert math.isnan(serving.histogram_quantile(0.5, [(0.001, 0.0), (inf, 0.0)]))
+    before = {"decode": [(0.001, 3.0), (0.002, 5.0), (inf, 5.0)]}
+    after = {"decode": [(0.001, 3.0), (0.002, 9.0), (inf, 9.0)], "prompt": [(0.001, 0.0), (inf, 0.0)]}
+    got = serving.step_gap_quantiles(before, after)  # this run's 4 decode steps all in (1, 2] ms
+    assert got["decode"]["steps"] == 4 and got["decode"]["p50"] == pytest.approx(1.5)
+    assert got["prompt"]["steps"] == 0 and math.isnan(got["prompt"]["p99"])
+
+
 def test_serving_against_live_server(tiny_llama_dir, tmp_path, capsys):
     from server.app import create_app
     from server.async_engine import AsyncEngine
@@ -112,6 +127,11 @@ def test_serving_against_live_server(tiny_llama_dir, tmp_path, capsys):
     assert "TTFT p99" in table and "ITL p50" in table
     check_rates(res, 6, 5, ["20.0", "inf"])
     assert res["server_info"]["vocab_size"] == 384
+    for row in res["rates"]:  # the server's step gaps over each rate's run (not the warm-up's)
+        gaps = row["engine_step_gap_ms"]
+        assert set(gaps) == {"decode", "prompt"} and gaps["prompt"]["steps"] >= 1 and gaps["decode"]["steps"] >= 4
+        assert 0 < gaps["decode"]["p50"] <= gaps["decode"]["p99"]
+    assert "engine step gaps (ms): decode p50" in table
     assert json.loads(out.read_text())["rates"][1]["completed"] == 6
 
 
