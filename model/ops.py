@@ -118,7 +118,7 @@ class TritonOps(TorchOps):
     @property
     def skinny_pdl(self) -> bool:
         """Launch the skinny kernels by programmatic dependent launch (EngineConfig.skinny_matmul_pdl): each
-        fetches its first weight tile while the kernel before it finishes."""
+        pulls its first weight tiles into L2 while the kernel before it finishes."""
         return self._skinny_pdl
 
     @skinny_pdl.setter
