@@ -44,6 +44,7 @@ if __package__ in (None, ""):  # run as a script: make the repo's packages impor
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from benchmarks.launch_server import LaunchedServer, write_dummy_checkpoint  # noqa: E402
 from benchmarks.results import write_json  # noqa: E402
@@ -202,7 +203,6 @@ STEP_GAP_SERIES = "gqaserve_engine_step_gap_seconds"
 
 def scrape_step_gaps(base_url: str) -> dict[str, list[tuple[float, float]]]:
     """kind -> [(bucket upper bound, cumulative count)] from the server's /metrics; {} if it has none."""
-    from prometheus_client.parser import text_string_to_metric_families
     try:
         text = httpx.get(base_url.rstrip("/") + "/metrics", timeout=10).text
         families = list(text_string_to_metric_families(text))

@@ -123,10 +123,10 @@ class TritonOps(TorchOps):
 
     @skinny_pdl.setter
     def skinny_pdl(self, on: bool) -> None:
-        if on and self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) < (9, 0):
-            major, minor = torch.cuda.get_device_capability(self.device)
+        capability = torch.cuda.get_device_capability(self.device) if on and self.device.type == "cuda" else None
+        if capability is not None and capability < (9, 0):
             raise ValueError(f"skinny_matmul_pdl: programmatic dependent launch needs a GPU of compute capability "
-                             f"9.0 or newer (this one is {major}.{minor}); leave it off")
+                             f"9.0 or newer (this one is {capability[0]}.{capability[1]}); leave it off")
         self._skinny_pdl = on
 
     def linear(self, x, layer, out_dtype=None):

@@ -113,7 +113,7 @@ class LLMEngine:
         for s in sched.scheduled:
             if s.seq.first_scheduled_time is None:
                 s.seq.first_scheduled_time = now
-        launched = self._launch(sched, self._in_flight is not None, now)
+        launched = self._launch(sched, defer_sampling=self._in_flight is not None, launched_at=now)
         if self._in_flight is not None:
             self.counters.overlapped_steps += 1
             outputs += self._complete(self._in_flight)  # the host's work here overlaps the launched step

@@ -9,10 +9,10 @@ from server.metrics import ServerMetrics, step_gap_histogram
 from server.step_gaps import STEP_GAP_BUCKETS, StepGaps
 
 
-def histogram_samples(text: str) -> dict[tuple[str, str, str], float]:
-    """(sample name, kind, le) -> value of gqaserve_engine_step_gap_seconds in a /metrics text."""
+def histogram_samples(families) -> dict[tuple[str, str, str], float]:
+    """(sample name, kind, le) -> value of gqaserve_engine_step_gap_seconds among metric families."""
     out = {}
-    for family in text_string_to_metric_families(text):
+    for family in families:
         if family.name == "gqaserve_engine_step_gap_seconds":
             for s in family.samples:
                 out[(s.name, s.labels["kind"], s.labels.get("le", ""))] = s.value
@@ -37,17 +37,10 @@ def test_histogram_is_cumulative_with_both_kinds_always_present():
     gaps = StepGaps()
     for seen in (0.0009, 0.0018, 0.0027, 0.0036):  # back to back, 0.9 ms apart
         gaps.observe(False, 0.0, seen)
-    samples = histogram_samples(ServerMetrics(lambda: None).render().decode())  # no engine yet: zeros
+    text = ServerMetrics(lambda: None).render().decode()  # no engine yet: zeros
+    samples = histogram_samples(text_string_to_metric_families(text))
     assert samples[("gqaserve_engine_step_gap_seconds_count", "prompt", "")] == 0.0
-    from prometheus_client import CollectorRegistry, generate_latest
-    from prometheus_client.registry import Collector
-
-    class One(Collector):
-        def collect(self):
-            yield step_gap_histogram(gaps.snapshot())
-    registry = CollectorRegistry()
-    registry.register(One())
-    samples = histogram_samples(generate_latest(registry).decode())
+    samples = histogram_samples([step_gap_histogram(gaps.snapshot())])
     bucket = "gqaserve_engine_step_gap_seconds_bucket"
     assert samples[(bucket, "decode", "0.0005")] == 0.0
     assert samples[(bucket, "decode", "0.001")] == 4.0  # each gap is 0.9 ms
@@ -73,6 +66,7 @@ def test_the_engine_times_every_step_by_kind(tiny_llama_dir):
     assert sum(prompt) >= 1 and sum(decode) >= 5
     assert sum(prompt) + sum(decode) == engine.counters.num_steps
     assert 0 < prompt_sum and 0 < decode_sum and prompt_sum + decode_sum <= wall
-    samples = histogram_samples(ServerMetrics(lambda: engine_stats(engine)).render().decode())
+    samples = histogram_samples(text_string_to_metric_families(
+        ServerMetrics(lambda: engine_stats(engine)).render().decode()))
     assert samples[("gqaserve_engine_step_gap_seconds_count", "prompt", "")] == sum(prompt)
     assert samples[("gqaserve_engine_step_gap_seconds_count", "decode", "")] == sum(decode)
