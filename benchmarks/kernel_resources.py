@@ -167,6 +167,9 @@ def cases(shape: Shape, dtype: torch.dtype, kv_dtype: torch.dtype) -> list[tuple
         # skinny_matmul_pdl's launches: griddepcontrol, and the L2 prefetch issued before the wait
         ("skinny norm+gate_up, 4 rows, PDL", lambda: rms_norm_linear(x, x, w, 1e-5, w_gate_up, pdl=True)),
         ("skinny silu+down, 4 rows, PDL", lambda: silu_mul_linear(gate_up, w_down, pdl=True)),
+        ("decode+rope+write, last reduces, PDL", lambda: decode_rotary_attention(
+            q[:2], k[:2], v[:2], positions[:2], cos_sin, k_cache, v_cache, slots[:2], lens, tables, scale, 64,
+            num_splits=4, tickets=torch.zeros(2 * kvh, dtype=torch.int32), pdl=True)),
         ("prefill, 2 x 1 token", prefill(1)),  # a mixed step's decode rows: the smallest tile
         ("prefill, 2 x 40", prefill(40)),
         ("prefill, 2 x 256", prefill(256)),

@@ -19,9 +19,23 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+from torch.autograd import DeviceType  # noqa: E402
 
 from benchmarks.throughput import PRESETS, random_model  # noqa: E402
 from benchmarks.results import write_json  # noqa: E402
+
+
+def timed_events(averages, cuda: bool) -> list[tuple[object, float]]:
+    """(event, its own time in us) for what a step's time adds up from, longest first, nothing twice: on CUDA
+    the device's own events (kernels, copies, fills), each its device time; on CPU each op's CPU time less its
+    children's. On CUDA the host-side ops are left out although some carry a "self" device time: torch
+    2.11 gave aten::mm the whole time of the cuBLAS kernels it launched, which were rows of their own too,
+    so the first version of this table counted 1.05 ms of a 1.3 ms step twice (2026-11-24, H100)."""
+    if cuda:
+        timed = [(e, e.device_time_total) for e in averages if e.device_type != DeviceType.CPU]
+    else:
+        timed = [(e, e.self_cpu_time_total) for e in averages]
+    return sorted(((e, t) for e, t in timed if t > 0), key=lambda et: et[1], reverse=True)
 
 
 def main(argv=None) -> list[dict]:
@@ -87,17 +101,11 @@ def main(argv=None) -> list[dict]:
                 decode_step(batch)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
-    # self times: a kernel's own device time (the ops above it have none of their own), or on CPU each op's
-    # time less its children's, so nothing is counted twice
-    def self_time(e) -> float:
-        if dev.type != "cuda":
-            return e.self_cpu_time_total
-        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
-    events = sorted((e for e in prof.key_averages() if self_time(e) > 0), key=self_time, reverse=True)
-    total = sum(self_time(e) for e in events) / args.steps
+    events = timed_events(prof.key_averages(), dev.type == "cuda")
+    total = sum(self_time for _, self_time in events) / args.steps
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    rows = [{"kernel": e.key, "calls_per_step": e.count / args.steps, "us_per_step": self_time(e) / args.steps,
-             "share": self_time(e) / args.steps / total if total else 0.0} for e in events]
+    rows = [{"kernel": e.key, "calls_per_step": e.count / args.steps, "us_per_step": t / args.steps,
+             "share": t / args.steps / total if total else 0.0} for e, t in events]
     print(f"device {torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}; {args.config} shape, "
           f"{raw['num_hidden_layers']} layers, vocab {raw['vocab_size']}, {dtype}; batch {B}, context {ctx}")
     print(f"{'kernel':<70} {'calls/step':>10} {'us/step':>9} {'share':>6}")

@@ -10,7 +10,7 @@
 #
 #   bash benchmarks/run_gpu.sh [all|ours|peers]     # default all
 # Knobs (environment): BUDGET (s), PEERS_RESERVE (s kept for the peers, default 170), SKIP (space-separated
-# step names: pytest kernels skinny_matmul host_speed step_overhead host_overhead profile profile_skinny prefill_step speculative latency latency_cublaslt latency_unfused_decode latency_skinny latency_skinny_pdl latency_b8 latency_b8_skinny latency_b8_skinny_pdl latency_compile profile_compile gemm_shapes latency_b64 latency_b64_unfused_decode latency_qwen3 throughput_1b throughput_penalized throughput_sampled throughput_top_k throughput_prefix throughput_prefix_off serving serving_eager_prefill serving_engine_process throughput_8b tune_kernels peers),
+# step names: pytest kernels skinny_matmul host_speed step_overhead host_overhead profile profile_skinny profile_b64 prefill_step speculative latency latency_cublaslt latency_unfused_decode latency_skinny latency_skinny_pdl latency_b8 latency_b8_skinny latency_b8_skinny_pdl latency_compile profile_compile gemm_shapes latency_b64 latency_b64_unfused_decode latency_qwen3 throughput_1b throughput_penalized throughput_sampled throughput_top_k throughput_prefix throughput_prefix_off serving serving_eager_prefill serving_engine_process throughput_8b tune_kernels peers),
 # ENGINE_EXTRA (engine flags for our benchmarks, e.g. "--no-overlap-scheduling"), PYTEST_ARGS (extra pytest arguments, e.g. "-k gpu"), SMOKE=1 (CPU smoke test of this script: tiny random model, few requests, peers with PEERS_TINY=1).
 set -u
 cd "$(dirname "$0")/.."
@@ -119,6 +119,8 @@ main() {
       step profile 40 $PY benchmarks/profile_step.py --batch-size 1 --context 256
       step profile_skinny 40 $PY benchmarks/profile_step.py --batch-size 1 --context 256 --skinny-matmul \
         --json "$RAW/profile_skinny.json"
+      # batch 64's kernels (eager, so without the graph's gaps): where its step's 1.6 ms go
+      step profile_b64 40 $PY benchmarks/profile_step.py --batch-size 64 --context 192 --json "$RAW/profile_b64.json"
       step prefill_step 60 $PY benchmarks/prefill_step.py --prompt-len 128 --decodes 32 --profile $ENGINE_EXTRA
       # n-gram drafts at batch 1 on the real default model (bf16), against transformers' prompt lookup; and
       # a JSON schema's forced tokens as drafts (ours only)
@@ -374,6 +376,13 @@ for r in (g(data, "profile_skinny", "rows") or [])[:8]:
 for r in (g(data, "profile_step", "rows") or [])[:8]:
     row(f"b1 decode kernel: {r['kernel'][:48]}", r["us_per_step"], None,
         f"{r['share']:.0%} of {f(g(data, 'profile_step', 'total_us_per_step'))} us/step, {r['calls_per_step']:.0f} calls")
+b64_tpot_us = g(l64, "median", "tpot_s")
+row("b64 decode step: eager kernels us (peer: the graphed step, latency_b64's TPOT)",
+    g(data, "profile_b64", "total_us_per_step"), None if b64_tpot_us is None else b64_tpot_us * 1e6,
+    "kernel time summed over an eager forward at context 192; the rest of the graphed step is gaps and sampling")
+for r in (g(data, "profile_b64", "rows") or [])[:10]:
+    row(f"b64 decode kernel: {r['kernel'][:48]}", r["us_per_step"], None,
+        f"{r['share']:.0%} of {f(g(data, 'profile_b64', 'total_us_per_step'))} us/step, {r['calls_per_step']:.0f} calls")
 for name, c in (g(data, "prefill_step", "cases") or {}).items():
     row(f"prompt step ms, 1B, prompt 128: {name}", c["step_ms"], None, f"device {f(c['device_ms'], '{:.2f}')} ms")
 for r in g(data, "tune_kernels", "rows") or []:

@@ -40,6 +40,12 @@ SHAPES = {
                      ("down", 4096, 14336, "silu"), ("lm_head", 128256, 4096, "plain")],
 }
 TINY = {"tiny": [("qkv", 96, 64, "plain"), ("gate_up", 256, 64, "norm"), ("down", 64, 128, "silu")]}
+# (query heads, kv heads, head dim) of the whole-layer rows; the tiny one matches TINY's qkv (4 + 2 x 1 heads of 16)
+ATTENTION = {"llama-3.2-1b": (32, 8, 64), "llama-3.1-8b": (32, 8, 128), "tiny": (4, 1, 16)}
+# the whole-layer rows' decode step: one sequence at 256 keys, split as latency.py's engine splits it (its
+# graphs are captured with max_seq_len = max_model_len = 128 prompt + 256 new tokens)
+CONTEXT, CAPTURED_MAX_SEQ_LEN, BLOCK_SIZE = 256, 384, 16
+PREFETCH_KIB = (16, 32, 128)  # the PDL layer's prefetch per program, beside the default (PREFETCH_BYTES)
 
 
 def calls(bench: Bench, rows: int, n: int, k: int, op: str, pdl: bool = False):
@@ -99,6 +105,94 @@ def layer_chain(bench: Bench, bandwidth: float, shapes: dict, pdl: bool) -> list
     return out
 
 
+def decode_step(bench: Bench, heads: int, kv_heads: int, head_dim: int) -> dict:
+    """The attention's arguments for one sequence's decode step at CONTEXT keys (the new one included), its
+    pages shuffled through the cache; random cached K/V, a random rotary table (timing only)."""
+    pages = -(-CONTEXT // BLOCK_SIZE)
+    cache = (pages + 4, BLOCK_SIZE, kv_heads, head_dim)
+    table = torch.randperm(pages + 4, device=bench.device)[:pages].to(torch.int32).view(1, pages)
+    new = CONTEXT - 1
+    slot = table[0, new // BLOCK_SIZE].long() * BLOCK_SIZE + new % BLOCK_SIZE
+    return dict(positions=torch.tensor([new], device=bench.device),
+                cos_sin_cache=torch.randn(CONTEXT, head_dim, device=bench.device), k_cache=bench.randn(*cache),
+                v_cache=bench.randn(*cache), slot_mapping=slot.view(1),
+                seq_lens=torch.tensor([CONTEXT], dtype=torch.int32, device=bench.device), block_tables=table)
+
+
+def decoder_layer(bench: Bench, model: str, projections: list, pdl: bool, prefetch_bytes: int | None = None,
+                  cublas: bool = False):
+    """One decoder layer's decode step at one row, as a decode graph runs it: norm + qkv, the one-launch
+    attention (RoPE, cache write, split-KV reduce), o, norm + gate_up, SiLU + down, each reading the output
+    of the one before. Ours (with PDL: every launch but the first started early, prefetch_bytes of weight a
+    program), or cublas: cuBLAS after our norm and SiLU kernels, around the same attention."""
+    heads, kv_heads, head_dim = ATTENTION[model]
+    dims = {name: (n, k) for name, n, k, _ in projections}
+    hidden = dims["gate_up"][1]
+    weight = {name: bench.randn(*nk) * nk[1] ** -0.5 for name, nk in dims.items() if name != "lm_head"}
+    weight.setdefault("o", bench.randn(hidden, heads * head_dim) * (heads * head_dim) ** -0.5)
+    x, res, g1, g2 = bench.randn(1, hidden), bench.randn(1, hidden), bench.randn(hidden), bench.randn(hidden)
+    step = decode_step(bench, heads, kv_heads, head_dim)
+    tickets = torch.zeros(kv_heads, dtype=torch.int32, device=bench.device)
+    split = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+    if bench.dry_run:
+        from kernels.reference import rms_norm as norm, silu_and_mul as act
+
+        def attend(qkv):
+            q, k, v = (t.reshape(1, -1, head_dim) for t in qkv.split(split, dim=-1))
+            return ref.decode_rotary_attention(q, k, v, **step, scale=head_dim ** -0.5).view(1, -1)
+    else:
+        from kernels.activation import silu_and_mul as act
+        from kernels.decode_rotary import decode_rotary_attention
+        from kernels.norm import rms_norm as norm
+
+        def attend(qkv):
+            q, k, v = (t.view(1, -1, head_dim) for t in qkv.split(split, dim=-1))
+            return decode_rotary_attention(q, k, v, **step, scale=head_dim ** -0.5, max_seq_len=CAPTURED_MAX_SEQ_LEN,
+                                           tickets=tickets, pdl=pdl and not cublas).view(1, -1)
+    if cublas or bench.dry_run:
+        def layer():
+            h, r = norm(x, g1, 1e-5, res)
+            o = F.linear(attend(F.linear(h, weight["qkv"])), weight["o"])
+            h, r = norm(o, g2, 1e-5, r)
+            return F.linear(act(F.linear(h, weight["gate_up"])), weight["down"])
+        return layer
+    from kernels.skinny_matmul import PREFETCH_BYTES, rms_norm_linear, silu_mul_linear, skinny_linear
+    kw = {"pdl": pdl, "prefetch_bytes": prefetch_bytes or PREFETCH_BYTES}
+
+    def layer():
+        qkv, r = rms_norm_linear(x, res, g1, 1e-5, weight["qkv"], **kw)
+        o = skinny_linear(attend(qkv), weight["o"], **kw)
+        gate_up, r = rms_norm_linear(o, r, g2, 1e-5, weight["gate_up"], **kw)
+        return silu_mul_linear(gate_up, weight["down"], **kw)
+    return layer
+
+
+def whole_layer(bench: Bench, bandwidth: float, shapes: dict, pdl: bool) -> list[Row]:
+    """The decoder layer with its attention at one row: ours against cuBLAS; with PDL, against ours without,
+    at the default prefetch and at PREFETCH_KIB. Limit: the layer's weight and K/V bytes over the bandwidth."""
+    out = []
+    for model, projections in shapes.items():
+        heads, kv_heads, head_dim = ATTENTION[model]
+        elem = torch.empty((), dtype=bench.dtype).element_size()
+        hidden = next(k for name, _, k, _ in projections if name == "gate_up")
+        params = sum(n * k for name, n, k, _ in projections if name != "lm_head")
+        if not any(name == "o" for name, *_ in projections):
+            params += hidden * heads * head_dim
+        limit_us = (params + 2 * CONTEXT * kv_heads * head_dim) * elem / bandwidth * 1e6
+        shape = f"{model} M=1, {CONTEXT} keys"
+        ours_us = bench.graph_time_us(decoder_layer(bench, model, projections, False))
+        out.append(Row("decoder layer (attention)", shape, ours_us, "cuBLAS after ours",
+                       bench.graph_time_us(decoder_layer(bench, model, projections, False, cublas=True)), limit_us))
+        if pdl:
+            for kib in (None, *PREFETCH_KIB):
+                label = "" if kib is None else f", prefetch {kib} KiB"
+                timed = bench.graph_time_us(decoder_layer(bench, model, projections, True,
+                                                          None if kib is None else kib * 1024))
+                out.append(Row(f"decoder layer (attention), PDL{label}", shape, timed, "ours, no PDL", ours_us,
+                               limit_us))
+    return out
+
+
 def sweep(bench: Bench, shapes: dict, budget_s: float) -> list[dict]:
     """Per shape at one row: each feasible tile's graph time, best first, until the budget is spent."""
     from kernels import skinny_matmul as skinny
@@ -141,7 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
     bandwidth = copy_bandwidth(bench)
     shapes = TINY if args.dry_run else SHAPES
     pdl = not args.dry_run and torch.cuda.get_device_capability() >= (9, 0)  # PDL is sm_90+
-    rows = table(bench, bandwidth, shapes, args.rows, pdl) + layer_chain(bench, bandwidth, shapes, pdl)
+    rows = (table(bench, bandwidth, shapes, args.rows, pdl) + layer_chain(bench, bandwidth, shapes, pdl)
+            + whole_layer(bench, bandwidth, shapes, pdl))
     device = "cpu (dry run: reference functions, timings mean nothing)" if args.dry_run \
         else torch.cuda.get_device_name()
     print(f"device: {device}\ncopy bandwidth: {bandwidth / 1e9:.1f} GB/s")

@@ -11,15 +11,22 @@ that slot in this launch: every other split ends before it. A slot < 0 (padding 
 writes nothing, as in rotary_cache.py; its seq_len of 0 gives an empty split and a zero output.
 Rounding matches the unfused pair bit for bit: rotation in float32, rounded to q's / k's dtype, then to
 the cache's. The reduce: see _reduce_if_last (the reduce kernel's maths, its float32 sums in split order).
+With pdl (EngineConfig.skinny_matmul_pdl: the skinny projections around it launch early too) the launch
+may start while the qkv projection before it runs (kernels/pdl.py): until that one completes, a program
+reads only the step's inputs and pulls its first cached keys and values into L2 (earlier steps wrote them),
+then it waits and at once lets the o projection after it launch, which pulls its weights into L2 while
+this latency-bound kernel runs.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kernels.attention_decode import _attend_split, _split_range, decode_tiles, reduce_splits, split_partials
 from kernels.attention_prefill import LOG2E, dot_precision
+from kernels.pdl import LINE_BYTES, interpreting, launch_options, prefetch_l2
 
 
 @triton.jit
@@ -40,7 +47,8 @@ def _decode_rotary_kernel(Q, K, V, K_CACHE, V_CACHE, O, PART_ACC, PART_M, PART_L
                           stride_ob, stride_oh, stride_bt, stride_cs,
                           GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                           D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                          NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr, LAST_SPLIT_REDUCES: tl.constexpr):
+                          NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr, LAST_SPLIT_REDUCES: tl.constexpr,
+                          PDL: tl.constexpr, PREFETCH_KEYS: tl.constexpr, KV_LINES: tl.constexpr):
     # grid: (B, KVH, NUM_SPLITS), as kernels/attention_decode.py; every head-dim stride is 1
     HALF: tl.constexpr = HEAD_DIM // 2
     b = tl.program_id(0).to(tl.int64)
@@ -54,6 +62,13 @@ def _decode_rotary_kernel(Q, K, V, K_CACHE, V_CACHE, O, PART_ACC, PART_M, PART_L
     cos = tl.load(CS + pos * stride_cs + lane, mask=d_valid, other=0.0).to(tl.float32)
     sin = tl.load(CS + pos * stride_cs + HALF + lane, mask=d_valid, other=0.0).to(tl.float32)
     sin = tl.where(d < HALF, -sin, sin)  # x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin
+    if PDL:  # q, k and v are the qkv projection's output: nothing of them before the wait
+        if lo < hi:
+            _prefetch_kv(K_CACHE, V_CACHE, BLOCK_TABLES + b * stride_bt, kvh, lo, hi, stride_kcb, stride_kcs,
+                         stride_kch, stride_vcb, stride_vcs, stride_vch, HEAD_DIM, BLOCK_SIZE, PREFETCH_KEYS,
+                         KV_LINES)
+        gdc_wait()
+        gdc_launch_dependents()
 
     if (lo <= seq_len - 1) & (seq_len - 1 < hi):  # this split holds the new token
         slot = tl.load(SLOTS + b).to(tl.int64)
@@ -85,9 +100,25 @@ def _decode_rotary_kernel(Q, K, V, K_CACHE, V_CACHE, O, PART_ACC, PART_M, PART_L
 
 
 @triton.jit
+def _prefetch_kv(K_CACHE, V_CACHE, bt_row, kvh, lo, hi, stride_kcb, stride_kcs, stride_kch,
+                 stride_vcb, stride_vcs, stride_vch, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                 KEYS: tl.constexpr, LINES: tl.constexpr):
+    """prefetch.global.L2 of the cached K and V rows of keys lo .. lo + KEYS - 1 (at most hi - 1) of kv head
+    kvh: one block-table load, then hints only, so that the key loop's first loads hit L2 instead of going
+    to memory one latency after another. The new token's slot is among them; its line is written later in
+    this launch, which a prefetch into L2 (the point of coherence) cannot make stale."""
+    n = tl.minimum(lo + tl.arange(0, KEYS), hi - 1)
+    page = tl.load(bt_row + n // BLOCK_SIZE).to(tl.int64)
+    slot = n % BLOCK_SIZE
+    lines = tl.minimum(tl.arange(0, LINES) * (1024 // K_CACHE.dtype.element_ty.primitive_bitwidth), HEAD_DIM - 1)
+    prefetch_l2(K_CACHE + (page * stride_kcb + slot * stride_kcs + kvh * stride_kch)[:, None] + lines[None, :])
+    prefetch_l2(V_CACHE + (page * stride_vcb + slot * stride_vcs + kvh * stride_vch)[:, None] + lines[None, :])
+
+
+@triton.jit
 def _reduce_if_last(O, PART_ACC, PART_M, PART_L, TICKETS, stride_ob, stride_oh,
                     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-                    NUM_SPLITS: tl.constexpr):
+                    NUM_SPLITS: tl.constexpr, REDUCE_UNROLL: tl.constexpr = 4):
     """The split-KV reduce without its own launch: each (sequence, kv head)'s splits take a ticket after
     storing their partials, and the one that draws the last combines the group's partials (the reduce
     kernel's maths) and resets the ticket counter to 0 for the next launch (a graph replays this one).
@@ -110,12 +141,17 @@ def _reduce_if_last(O, PART_ACC, PART_M, PART_L, TICKETS, stride_ob, stride_oh,
         m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # an empty context: every weight is 0
         total = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, D_PAD], tl.float32)
-        for s in range(NUM_SPLITS):
-            w = tl.exp2(tl.load(PART_M + row + s, mask=g_valid, other=float("-inf"), cache_modifier=".cg")
-                        - m_max)  # [G_PAD]; empty splits have m = -inf: weight 0
-            total += w * tl.load(PART_L + row + s, mask=g_valid, other=0.0, cache_modifier=".cg")
-            acc += w[:, None] * tl.load(PART_ACC + (row + s)[:, None] * D_PAD + d[None, :],
-                                        mask=g_valid[:, None], other=0.0, cache_modifier=".cg")
+        # REDUCE_UNROLL splits a pass, unrolled, so that their loads are in flight together: one L2 latency
+        # a pass instead of one a split (a plain loop here compiled to a load-use stall per split on sm_90);
+        # the same sums in the same order. A split past NUM_SPLITS is masked to weight 0 (+0 changes no sum).
+        for s0 in range(0, NUM_SPLITS, REDUCE_UNROLL):
+            for j in tl.static_range(REDUCE_UNROLL):
+                ok = g_valid & (s0 + j < NUM_SPLITS)
+                w = tl.exp2(tl.load(PART_M + row + s0 + j, mask=ok, other=float("-inf"), cache_modifier=".cg")
+                            - m_max)  # [G_PAD]; empty splits have m = -inf: weight 0
+                total += w * tl.load(PART_L + row + s0 + j, mask=ok, other=0.0, cache_modifier=".cg")
+                acc += w[:, None] * tl.load(PART_ACC + (row + s0 + j)[:, None] * D_PAD + d[None, :],
+                                            mask=ok[:, None], other=0.0, cache_modifier=".cg")
         out = acc / tl.where(total > 0, total, 1.0)[:, None]
         tl.store(O + b * stride_ob + head[:, None] * stride_oh + d[None, :], out.to(O.dtype.element_ty),
                  mask=g_valid[:, None] & (d < HEAD_DIM)[None, :])
@@ -127,14 +163,17 @@ def decode_rotary_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
                             slot_mapping: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
                             scale: float, max_seq_len: int, out: torch.Tensor | None = None,
                             num_splits: int | None = None, block_n: int | None = None, num_warps: int = 4,
-                            num_stages: int = 2, tickets: torch.Tensor | None = None) -> torch.Tensor:
+                            num_stages: int = 2, tickets: torch.Tensor | None = None,
+                            pdl: bool = False) -> torch.Tensor:
     """One new token per sequence. q [B, H, D], k / v [B, KVH, D] unrotated (may be column slices of the
     fused qkv matmul's output), positions [B], cos_sin_cache [max_pos, D], caches [num_blocks, block_size,
     KVH, D], slot_mapping [B] (< 0: padding), seq_lens [B] counting the new token, block_tables [B, max_blocks]
     -> attention output [B, H, D]; the new k (rotated) and v are in the caches afterwards.
 
     tickets: int32 zeros with at least B * KVH entries, kept across calls (each launch leaves them 0):
-    with it, split partials are combined by the last split to finish instead of a second (reduce) launch."""
+    with it, split partials are combined by the last split to finish instead of a second (reduce) launch.
+    pdl: launch by programmatic dependent launch (sm_90+; see the module's docstring); no effect in the
+    interpreter."""
     batch, _, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert head_dim % 2 == 0
@@ -150,6 +189,7 @@ def decode_rotary_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     last_split_reduces = t.num_splits > 1 and tickets is not None
     if last_split_reduces:
         assert tickets.dtype == torch.int32 and tickets.numel() >= batch * num_kv_heads
+    pdl = pdl and not interpreting()
     _decode_rotary_kernel[(batch, num_kv_heads, t.num_splits)](
         q, k, v, k_cache, v_cache, out, part_acc, part_m, part_l, tickets if last_split_reduces else seq_lens,
         positions, cos_sin_cache, slot_mapping,
@@ -160,7 +200,10 @@ def decode_rotary_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
         GROUP=t.group, G_PAD=t.g_pad, HEAD_DIM=head_dim, D_PAD=t.d_pad, BLOCK_SIZE=block_size, BLOCK_N=t.block_n,
         NUM_SPLITS=t.num_splits,
         PRECISION=dot_precision(q.dtype), LAST_SPLIT_REDUCES=last_split_reduces,
-        num_warps=num_warps, num_stages=num_stages,
+        # the keys the loop's first two tiles read, and the 128-byte lines of one cached row
+        PDL=pdl, PREFETCH_KEYS=2 * t.block_n,
+        KV_LINES=triton.next_power_of_2(triton.cdiv(head_dim * k_cache.element_size(), LINE_BYTES)),
+        num_warps=num_warps, num_stages=num_stages, **launch_options(pdl),
     )
     if not last_split_reduces:
         reduce_splits(out, part_acc, part_m, part_l, t.num_splits, t.d_pad)

@@ -23,7 +23,13 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from kernels.pdl import LINE_BYTES, interpreting, launch_options, prefetch_l2
+
 MAX_ROWS = 16
+# with PDL, the bytes of its weight slice a program pulls into L2 before it waits on the kernel before: the
+# whole slice of o (16 x 2,048 bf16 at batch 1 in Llama-3.2-1B), which follows the latency-bound attention;
+# a cap, so that the programs resident at once never ask for more than about half of an H100's 50 MB L2
+PREFETCH_BYTES = 64 * 1024
 PLAIN, SILU_MUL, RMS_NORM = 0, 1, 2
 
 
@@ -51,14 +57,6 @@ def _x_tile(x_rows, RES, NORM_W, rows, stride_rm, kk, x_mask, k_ok, inv_rms, K, 
 
 
 @triton.jit
-def _prefetch_l2(ptrs):
-    """prefetch.global.L2 of each pointer's line (a hint: no registers, no fault); a dummy result, kept by
-    is_pure=False. PTX, so compiled only: the interpreter never runs a PDL launch (see _launch)."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
 def _skinny_matmul_kernel(X, RES, RES_OUT, NORM_W, W, BIAS, Y, eps, M, N, K,
                           stride_xm, stride_rm, stride_rom, stride_wn, stride_ym,
                           PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -76,11 +74,12 @@ def _skinny_matmul_kernel(X, RES, RES_OUT, NORM_W, W, BIAS, Y, eps, M, N, K,
     in_dtype = X.dtype.element_ty
     w_dtype = W.dtype.element_ty
     if PDL:
-        # launched early (programmatic dependent launch): the weight never depends on the kernel before this
-        # one, so the start of this program's slice is pulled into L2 while that kernel finishes (a hint: no
-        # registers held, the loop below unchanged); x and the residual, its outputs, are read after the wait
+        # launched early (programmatic dependent launch, kernels/pdl.py): the weight never depends on the
+        # kernel before this one, so the start of this program's slice is pulled into L2 while that kernel
+        # finishes (a hint: no registers held, the loop below unchanged); x and the residual, its outputs,
+        # are read after the wait
         lines = tl.minimum(tl.arange(0, PREFETCH_LINES) * (1024 // w_dtype.primitive_bitwidth), K - 1)
-        _prefetch_l2(W + tl.minimum(cols, N - 1)[:, None].to(tl.int64) * stride_wn + lines[None, :])
+        prefetch_l2(W + tl.minimum(cols, N - 1)[:, None].to(tl.int64) * stride_wn + lines[None, :])
         gdc_wait()
     inv_rms = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
     if PROLOGUE == 2:
@@ -114,11 +113,6 @@ def _skinny_matmul_kernel(X, RES, RES_OUT, NORM_W, W, BIAS, Y, eps, M, N, K,
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-def interpreting() -> bool:
-    """Whether Triton interprets kernels (TRITON_INTERPRET=1, the CPU tests)."""
-    return bool(triton.knobs.runtime.interpret)
-
-
 @functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
@@ -142,7 +136,7 @@ def pick_tile(n: int, k: int, elem_size: int, x_operands: int, device: torch.dev
 
 
 def _launch(x, w, bias, out, prologue, k, residual=None, res_out=None, norm_weight=None, eps=0.0,
-            tile=None, pdl=False) -> torch.Tensor:
+            tile=None, pdl=False, prefetch_bytes=PREFETCH_BYTES) -> torch.Tensor:
     m, n = x.shape[0], w.shape[0]
     if m > MAX_ROWS:
         raise ValueError(f"skinny matmul: {m} rows, at most {MAX_ROWS}")
@@ -154,8 +148,9 @@ def _launch(x, w, bias, out, prologue, k, residual=None, res_out=None, norm_weig
     block_n, block_k, warps, stages = tile or pick_tile(n, k, x.element_size(), x_operands, x.device)
     ieee = x.dtype == torch.float32 or w.dtype == torch.float32
     pdl = pdl and not interpreting()  # grid dependencies and inline PTX: a GPU's, the interpreter has neither
-    # the first two weight tiles of each row (a 128-byte line per prefetch): a few us of the stream at 3 TB/s
-    prefetch_lines = triton.next_power_of_2(triton.cdiv(min(k, 2 * block_k) * w.element_size(), 128))
+    # lines of each weight row to prefetch: prefetch_bytes over the program's block_n rows, at most the row
+    row_bytes = min(k * w.element_size(), max(LINE_BYTES, prefetch_bytes // block_n))
+    prefetch_lines = triton.next_power_of_2(triton.cdiv(row_bytes, LINE_BYTES))
     _skinny_matmul_kernel[(triton.cdiv(n, block_n),)](
         x, residual if residual is not None else x, res_out if res_out is not None else x,
         norm_weight if norm_weight is not None else w, w, bias if bias is not None else w, out, eps, m, n, k,
@@ -163,7 +158,7 @@ def _launch(x, w, bias, out, prologue, k, residual=None, res_out=None, norm_weig
         res_out.stride(0) if res_out is not None else 0, w.stride(0), out.stride(0),
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
         BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee, PDL=pdl, PREFETCH_LINES=prefetch_lines,
-        num_warps=warps, num_stages=stages, **({"launch_pdl": True} if pdl else {}))
+        num_warps=warps, num_stages=stages, **launch_options(pdl))
     return out
 
 
@@ -174,26 +169,29 @@ def _out(x, w, out_dtype, out):
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
-                  tile=None, pdl: bool = False) -> torch.Tensor:
+                  tile=None, pdl: bool = False, prefetch_bytes: int = PREFETCH_BYTES) -> torch.Tensor:
     """x [M, K] @ weight[N, K]^T (+ bias) -> [M, N] in out_dtype (default the weight's): F.linear.
 
     tile: (BLOCK_N, BLOCK_K, warps, stages) instead of pick_tile's. pdl: launch early with programmatic
-    dependent launch (sm_90+; EngineConfig.skinny_matmul_pdl), pulling the first weight tiles into L2 while
-    the kernel before finishes; no effect in the interpreter (same for the two below)."""
-    return _launch(x, weight, bias, _out(x, weight, out_dtype, out), PLAIN, x.shape[1], tile=tile, pdl=pdl)
+    dependent launch (sm_90+; EngineConfig.skinny_matmul_pdl), pulling the first prefetch_bytes of each
+    program's weight slice into L2 while the kernel before finishes; no effect in the interpreter (same for
+    the two below)."""
+    return _launch(x, weight, bias, _out(x, weight, out_dtype, out), PLAIN, x.shape[1], tile=tile, pdl=pdl,
+                   prefetch_bytes=prefetch_bytes)
 
 
 def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                    out: torch.Tensor | None = None, tile=None, pdl: bool = False) -> torch.Tensor:
+                    out: torch.Tensor | None = None, tile=None, pdl: bool = False,
+                    prefetch_bytes: int = PREFETCH_BYTES) -> torch.Tensor:
     """gate_up [M, 2I] (gate | up) -> silu(gate) * up @ weight[N, I]^T -> [M, N]."""
     return _launch(gate_up, weight, bias, _out(gate_up, weight, None, out), SILU_MUL, gate_up.shape[1] // 2,
-                   tile=tile, pdl=pdl)
+                   tile=tile, pdl=pdl, prefetch_bytes=prefetch_bytes)
 
 
 def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                     weight: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                    res_out: torch.Tensor | None = None, tile=None,
-                    pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    res_out: torch.Tensor | None = None, tile=None, pdl: bool = False,
+                    prefetch_bytes: int = PREFETCH_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual) * norm_weight @ weight^T (+ bias), x + residual); residual None -> (.., x).
     x [M, K], residual [M, K]; the norm's output never exists in memory."""
     if residual is not None:
@@ -201,5 +199,6 @@ def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight:
             residual = residual.contiguous()
         res_out = res_out if res_out is not None else torch.empty_like(x)
     y = _launch(x, weight, bias, _out(x, weight, None, out), RMS_NORM, x.shape[1], residual=residual,
-                res_out=res_out, norm_weight=norm_weight, eps=eps, tile=tile, pdl=pdl)
+                res_out=res_out, norm_weight=norm_weight, eps=eps, tile=tile, pdl=pdl,
+                prefetch_bytes=prefetch_bytes)
     return y, (res_out if residual is not None else x)

@@ -103,7 +103,7 @@ class TritonOps(TorchOps):
             tickets = self.tickets if q.shape[0] * k.shape[1] <= self.tickets.numel() else None
             return self._decode_rotary(q, k, v, batch.positions, cos_sin_cache, k_cache, v_cache,
                                        batch.slot_mapping, batch.seq_lens, batch.block_tables, scale,
-                                       batch.max_seq_len, tickets=tickets)
+                                       batch.max_seq_len, tickets=tickets, pdl=self._skinny_pdl)
         q = self.rotary_and_write_kv(q, k, v, batch.positions, cos_sin_cache, k_cache, v_cache, batch.slot_mapping,
                                      qk_norm=qk_norm)
         return self.attend(q, k_cache, v_cache, batch, scale)
@@ -117,8 +117,9 @@ class TritonOps(TorchOps):
 
     @property
     def skinny_pdl(self) -> bool:
-        """Launch the skinny kernels by programmatic dependent launch (EngineConfig.skinny_matmul_pdl): each
-        pulls its first weight tiles into L2 while the kernel before it finishes."""
+        """Launch the skinny kernels, and the one-launch decode attention between them, by programmatic
+        dependent launch (EngineConfig.skinny_matmul_pdl): each pulls what the kernel before it does not write
+        (its weights; the attention its first cached keys) into L2 while that kernel finishes."""
         return self._skinny_pdl
 
     @skinny_pdl.setter

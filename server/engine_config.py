@@ -91,10 +91,13 @@ class EngineConfig(Settings):
                                 "RMSNorm folded into the qkv / gate_up projection after it and SiLU x mul into "
                                 "down_proj (kernels/skinny_matmul.py): five launches a layer instead of eight. "
                                 "Off until measured on a GPU")
-    skinny_matmul_pdl: bool = Field(False, description="with skinny_matmul: launch those kernels by programmatic "
-                                    "dependent launch (compute capability 9.0+), so each pulls the first tiles of "
-                                    "its weight into L2 while the kernel before it finishes, and waits for that "
-                                    "kernel's output only to read x. Off until measured on a GPU")
+    skinny_matmul_pdl: bool = Field(False, description="with skinny_matmul: launch those kernels, and the "
+                                    "one-launch decode attention between them (decode_fusion), by programmatic "
+                                    "dependent launch (compute capability 9.0+): each pulls what the kernel before "
+                                    "it does not write into L2 (a projection up to 64 KiB of its weight slice a "
+                                    "program, the attention its first cached keys) while that kernel finishes, "
+                                    "and waits for that kernel's output only to read it. Off until measured on a "
+                                    "GPU")
     prefill_graphs: bool = Field(True, description="also capture steps that carry prompt tokens, one CUDA graph "
                                  "per token bucket up to max_num_batched_tokens (4,096 at most); off: such "
                                  "steps run eagerly, one kernel launch at a time")

@@ -175,6 +175,30 @@ def test_profile_step_smoke(tmp_path):
     assert json.loads((tmp_path / "p.json").read_text())["rows"][0]["kernel"] == rows[0]["kernel"]
 
 
+def test_profile_step_counts_each_kernel_once():
+    """On CUDA the table's rows and total are the device's own events: an aten op that launched cuBLAS
+    kernels carries their time as a "self" device time of its own in torch 2.11, and a runtime call
+    (cuLaunchKernelEx) some too; counting them beside the kernels made 1.3 ms of kernels read 2.4 ms."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from benchmarks.profile_step import timed_events
+
+    def event(key, device_type, device_us, cpu_us=1.0):
+        return SimpleNamespace(key=key, device_type=device_type, device_time_total=device_us,
+                               self_device_time_total=device_us, self_cpu_time_total=cpu_us)
+    averages = [event("aten::mm", DeviceType.CPU, 1049.0, 30.0), event("cuLaunchKernelEx", DeviceType.CPU, 23.0, 9.0),
+                event("nvjet_gate_up", DeviceType.CUDA, 406.0), event("nvjet_qkv_o", DeviceType.CUDA, 643.0),
+                event("_decode_kernel", DeviceType.CUDA, 103.0), event("Memset (Device)", DeviceType.CUDA, 0.8),
+                event("idle", DeviceType.CUDA, 0.0)]
+    cuda = timed_events(averages, cuda=True)
+    assert [(e.key, t) for e, t in cuda] == [("nvjet_qkv_o", 643.0), ("nvjet_gate_up", 406.0),
+                                              ("_decode_kernel", 103.0), ("Memset (Device)", 0.8)]
+    cpu = timed_events(averages, cuda=False)  # the CPU profile: each op's own CPU time
+    assert [(e.key, t) for e, t in cpu][:2] == [("aten::mm", 30.0), ("cuLaunchKernelEx", 9.0)]
+
+
 def test_profile_step_compiled_on_cpu(tmp_path):
     """--compile-mode profiles what inductor made of the forward: its fused C++ kernels show as such."""
     from benchmarks.profile_step import main
@@ -294,13 +318,39 @@ def test_skinny_matmul_benchmark_dry_run(tmp_path, capsys):
     rows = result["rows"]
     assert [(r["kernel"], r["shape"].split()[1]) for r in rows] == [
         (k, m) for k in ("skinny qkv", "skinny gate_up (+rms_norm)", "skinny down (+silu_mul)") for m in ("M=1", "M=3")
-    ] + [("skinny layer chain", "M=1")]  # no PDL twins off sm_90
-    assert rows[-1]["limit_us"] == pytest.approx(sum(r["limit_us"] for r in rows[:-1:2]))  # the M=1 rows' weights
+    ] + [("skinny layer chain", "M=1"), ("decoder layer (attention)", "M=1,")]  # no PDL twins off sm_90
+    chain, layer = rows[-2], rows[-1]
+    assert chain["limit_us"] == pytest.approx(sum(r["limit_us"] for r in rows[:-2:2]))  # the M=1 rows' weights
+    kv_bytes = 2 * skinny_matmul.CONTEXT * 1 * 16 * 4  # K and V of the tiny layer's one kv head of 16, float32
+    o_bytes = 64 * 64 * 4  # the o projection TINY leaves out: hidden 64 x 4 heads of 16
+    assert layer["limit_us"] == pytest.approx(chain["limit_us"] + (kv_bytes + o_bytes)
+                                              / (result["copy_bandwidth_gbps"] * 1e9) * 1e6)
     n, k = 96, 64  # the tiny qkv's weight, float32
     assert rows[0]["limit_us"] == pytest.approx(n * k * 4 / (result["copy_bandwidth_gbps"] * 1e9) * 1e6)
     assert all(r["ours_us"] > 0 and r["peer_us"] > 0 for r in rows)
     assert json.loads((tmp_path / "s.json").read_text())["rows"] == rows
     assert "cuBLAS after ours" in capsys.readouterr().out
+
+
+def test_skinny_matmul_benchmark_layer_computes_the_decoder_layer():
+    """The whole-layer rows' GPU path (benchmarks/skinny_matmul.py's decoder_layer: our skinny kernels and the
+    one-launch attention, run here by the interpreter; with PDL asked and a smaller prefetch too) computes what
+    the reference layer computes from the same inputs: a layer whose outputs were wired wrong times nothing."""
+    import torch
+    from benchmarks import skinny_matmul
+    from benchmarks.kernels import Bench
+    from kernels.pdl import interpreting
+    assert interpreting()
+    outputs = []
+    for bench, kw in ((Bench("cpu", torch.float32, True), {}), (Bench("cpu", torch.float32, False), {}),
+                      (Bench("cpu", torch.float32, False), {"cublas": True}),
+                      (Bench("cpu", torch.float32, False), {"prefetch_bytes": 4096})):
+        torch.manual_seed(3)  # the same weights, inputs and cache in each
+        outputs.append(skinny_matmul.decoder_layer(bench, "tiny", skinny_matmul.TINY["tiny"], pdl="prefetch_bytes" in kw,
+                                                   **kw)())
+    assert outputs[0].shape == (1, 64) and outputs[0].abs().sum() > 0
+    for got in outputs[1:]:
+        torch.testing.assert_close(got, outputs[0], atol=1e-4, rtol=1e-4)
 
 
 def test_host_speed_measures_each_case(tmp_path):

@@ -241,3 +241,29 @@ def test_gpu_decode_rotary_bf16(last_split_reduces, batch, context, head_dim, ca
     for name in ("k_cache", "v_cache"):
         torch.testing.assert_close(step[name].float(), expect_step[name].float(), equal_nan=True, **tol)
 
+
+
+@pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability() < (9, 0), reason="PDL needs a GPU of sm_90+")
+@pytest.mark.parametrize("batch,context,head_dim", [(1, 512, 64), (16, 1000, 128)])
+def test_gpu_decode_rotary_with_programmatic_dependent_launch(batch, context, head_dim):
+    """pdl=True (EngineConfig.skinny_matmul_pdl): the launch may start before the kernel just before it has
+    ended, and reads only the step's inputs and cached keys until it waits on that kernel. That kernel here
+    writes q, k and v (copies into NaN-filled buffers, as the qkv projection would): the output and the
+    caches are the plain launch's, bit for bit."""
+    contexts = [context - 13 * i for i in range(batch)]
+    step = make_step(contexts, 32, 8, head_dim, 16, torch.bfloat16, seed=batch)
+    plain_step, pdl_step = clone_step(step), clone_step(step)
+    scale = head_dim ** -0.5
+    tickets = torch.zeros(batch * 8, dtype=torch.int32, device=DEVICE)
+    plain = run_fused(plain_step, scale, num_splits=8, tickets=tickets)
+    for name in ("q", "k", "v"):
+        pdl_step[name] = torch.full_like(step[name], float("nan"))
+    out = torch.full_like(plain, float("nan"))
+    for name in ("q", "k", "v"):
+        pdl_step[name].copy_(step[name])
+    decode_rotary_attention(**pdl_step, scale=scale, max_seq_len=context, out=out, num_splits=8, tickets=tickets,
+                            pdl=True)
+    assert torch.equal(out, plain)
+    assert (tickets == 0).all()
+    for name in ("k_cache", "v_cache"):
+        assert torch.equal(pdl_step[name].nan_to_num(), plain_step[name].nan_to_num())

@@ -206,12 +206,17 @@ def test_a_hooked_projection_runs_as_its_module(tiny_llama_dir, monkeypatch):
 @CPU_CASES
 def test_engine_settings_reach_the_ops_and_keep_the_tokens(tiny_llama_dir, monkeypatch):
     """EngineConfig.skinny_matmul (and skinny_matmul_pdl): greedy tokens of a batch of requests equal the
-    default engine's, and every skinny launch of the PDL engine asks for the early launch."""
-    from kernels import skinny_matmul
+    default engine's, and every skinny launch of the PDL engine asks for the early launch, as does every
+    one-launch decode attention between them (and no launch of the other engines)."""
+    from kernels import decode_rotary, skinny_matmul
     from tests.tiny_models import greedy_token_ids, tiny_triton_llm
     launches: list[bool] = []
+    attention: list[bool] = []
     real = skinny_matmul._launch
     monkeypatch.setattr(skinny_matmul, "_launch", lambda *a, **kw: launches.append(kw["pdl"]) or real(*a, **kw))
+    real_attention = decode_rotary.decode_rotary_attention  # the ops take it from the module when made
+    monkeypatch.setattr(decode_rotary, "decode_rotary_attention",
+                        lambda *a, **kw: attention.append(kw["pdl"]) or real_attention(*a, **kw))
     runs = []
     for skinny, pdl in ((False, False), (True, False), (True, True)):
         llm = tiny_triton_llm(tiny_llama_dir, skinny_matmul=skinny, skinny_matmul_pdl=pdl)
@@ -219,8 +224,10 @@ def test_engine_settings_reach_the_ops_and_keep_the_tokens(tiny_llama_dir, monke
         assert (ops.skinny_matmul, ops.skinny_pdl) == (skinny, pdl)
         assert ("linear" in ops.host_reading) is skinny
         launches.clear()
+        attention.clear()
         runs.append(greedy_token_ids(llm))
         assert launches == [] if not skinny else launches and set(launches) == {pdl}
+        assert attention and set(attention) == {pdl}
     assert runs[0] == runs[1] == runs[2] and all(len(t) == 6 for t in runs[0])
 
 
