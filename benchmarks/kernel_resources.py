@@ -162,11 +162,13 @@ def cases(shape: Shape, dtype: torch.dtype, kv_dtype: torch.dtype) -> list[tuple
             num_splits=4, tickets=torch.zeros(2 * kvh, dtype=torch.int32))),
         ("skinny qkv, 1 row", lambda: skinny_linear(x[:1], w_qkv)),
         ("skinny norm+gate_up, 4 rows", lambda: rms_norm_linear(x, x, w, 1e-5, w_gate_up)),
-        ("skinny silu+down, 4 rows", lambda: silu_mul_linear(gate_up, w_down)),
+        ("skinny silu+down folded, 1 row", lambda: silu_mul_linear(gate_up[:1], w_down, fold=True)),
+        ("skinny silu+down folded, 4 rows", lambda: silu_mul_linear(gate_up, w_down, fold=True)),
+        ("skinny silu, then down, 4 rows", lambda: silu_mul_linear(gate_up, w_down)),  # the default
         ("skinny lm_head -> float32, 1 row", lambda: skinny_linear(x[:1], w_head, out_dtype=torch.float32)),
         # skinny_matmul_pdl's launches: griddepcontrol, and the L2 prefetch issued before the wait
         ("skinny norm+gate_up, 4 rows, PDL", lambda: rms_norm_linear(x, x, w, 1e-5, w_gate_up, pdl=True)),
-        ("skinny silu+down, 4 rows, PDL", lambda: silu_mul_linear(gate_up, w_down, pdl=True)),
+        ("skinny silu+down folded, 1 row, PDL", lambda: silu_mul_linear(gate_up[:1], w_down, pdl=True, fold=True)),
         ("decode+rope+write, last reduces, PDL", lambda: decode_rotary_attention(
             q[:2], k[:2], v[:2], positions[:2], cos_sin, k_cache, v_cache, slots[:2], lens, tables, scale, 64,
             num_splits=4, tickets=torch.zeros(2 * kvh, dtype=torch.int32), pdl=True)),

@@ -8,8 +8,10 @@ Each row times one projection the way a captured decode step runs it: 20 calls i
 gaps included. ours: our kernel, its op folded in; peer: what the layer runs with skinny_matmul off (cuBLAS
 through F.linear, after our RMSNorm or SiLU x mul kernel where ours folds one in); limit: the weight's bytes
 over the copy bandwidth measured in the same run. On sm_90+ each row has a twin with our launches started
-early (programmatic dependent launch: the first weight tiles pulled into L2 while the kernel before finishes), and
-a layer's four projections run back to back (the chain rows: what launch gaps cost between them). The sweep
+early (programmatic dependent launch: the start of each weight slice pulled into L2 while the kernel before
+finishes). A layer's four projections run back to back (the chain rows: what launch gaps cost between them),
+and a whole decoder layer with its one-launch attention at 256 keys, each kernel reading the one before's
+output (the layer rows: with PDL at several prefetch sizes, and with the projections' early trigger). The sweep
 times a grid of tiles (BLOCK_N, BLOCK_K, warps, stages) per shape at one row, within its budget, and prints
 the best beside pick_tile's choice: what to change in pick_tile, from a GPU's numbers.
 """
@@ -48,9 +50,10 @@ CONTEXT, CAPTURED_MAX_SEQ_LEN, BLOCK_SIZE = 256, 384, 16
 PREFETCH_KIB = (16, 32, 128)  # the PDL layer's prefetch per program, beside the default (PREFETCH_BYTES)
 
 
-def calls(bench: Bench, rows: int, n: int, k: int, op: str, pdl: bool = False):
+def calls(bench: Bench, rows: int, n: int, k: int, op: str, pdl: bool = False, fold: bool = False):
     """(ours, peer) for one projection, on fresh random inputs; pdl: ours launched with programmatic dependent
-    launch. A dry run has the references stand in for our kernels (pdl unused)."""
+    launch; fold (SiLU x mul): inside our kernel, or by its own first (the launcher's default). A dry run has
+    the references stand in for our kernels (pdl and fold unused)."""
     w = bench.randn(n, k) * k ** -0.5
     if bench.dry_run:
         from kernels.reference import rms_norm as norm, silu_and_mul as act
@@ -63,7 +66,8 @@ def calls(bench: Bench, rows: int, n: int, k: int, op: str, pdl: bool = False):
         kw = {"pdl": pdl}
     if op == "silu":
         gate_up = bench.randn(rows, 2 * k)
-        return (lambda: silu_mul_linear(gate_up, w, **kw)), (lambda: F.linear(act(gate_up), w))
+        silu_kw = kw if bench.dry_run else kw | {"fold": fold}
+        return (lambda: silu_mul_linear(gate_up, w, **silu_kw)), (lambda: F.linear(act(gate_up), w))
     x, res, g = bench.randn(rows, k), bench.randn(rows, k), bench.randn(k)
     if op == "norm":
         return (lambda: rms_norm_linear(x, res, g, 1e-5, w, **kw)), (lambda: F.linear(norm(x, g, 1e-5, res)[0], w))
@@ -83,6 +87,10 @@ def table(bench: Bench, bandwidth: float, shapes: dict, row_counts: list[int], p
             if pdl:  # the same launches, each started early (programmatic dependent launch, sm_90+)
                 out.append(Row(f"skinny {name}{label}, PDL", f"{model} M={rows} N={n} K={k}",
                                bench.graph_time_us(calls(bench, rows, n, k, op, pdl=True)[0]), "ours, no PDL",
+                               ours_us, limit_us))
+            if op == "silu" and not bench.dry_run:  # SiLU x mul inside the kernel, against its own kernel first
+                out.append(Row(f"skinny {name}, SiLU folded in", f"{model} M={rows} N={n} K={k}",
+                               bench.graph_time_us(calls(bench, rows, n, k, op, fold=True)[0]), "ours, default",
                                ours_us, limit_us))
     return out
 
@@ -120,11 +128,12 @@ def decode_step(bench: Bench, heads: int, kv_heads: int, head_dim: int) -> dict:
 
 
 def decoder_layer(bench: Bench, model: str, projections: list, pdl: bool, prefetch_bytes: int | None = None,
-                  cublas: bool = False):
+                  cublas: bool = False, early_trigger: bool = False):
     """One decoder layer's decode step at one row, as a decode graph runs it: norm + qkv, the one-launch
     attention (RoPE, cache write, split-KV reduce), o, norm + gate_up, SiLU + down, each reading the output
     of the one before. Ours (with PDL: every launch but the first started early, prefetch_bytes of weight a
-    program), or cublas: cuBLAS after our norm and SiLU kernels, around the same attention."""
+    program; early_trigger: each projection lets the next kernel launch once its wait is over, not after its
+    K loop), or cublas: cuBLAS after our norm and SiLU kernels, around the same attention."""
     heads, kv_heads, head_dim = ATTENTION[model]
     dims = {name: (n, k) for name, n, k, _ in projections}
     hidden = dims["gate_up"][1]
@@ -157,7 +166,7 @@ def decoder_layer(bench: Bench, model: str, projections: list, pdl: bool, prefet
             return F.linear(act(F.linear(h, weight["gate_up"])), weight["down"])
         return layer
     from kernels.skinny_matmul import PREFETCH_BYTES, rms_norm_linear, silu_mul_linear, skinny_linear
-    kw = {"pdl": pdl, "prefetch_bytes": prefetch_bytes or PREFETCH_BYTES}
+    kw = {"pdl": pdl, "prefetch_bytes": prefetch_bytes or PREFETCH_BYTES, "early_trigger": early_trigger}
 
     def layer():
         qkv, r = rms_norm_linear(x, res, g1, 1e-5, weight["qkv"], **kw)
@@ -169,7 +178,8 @@ def decoder_layer(bench: Bench, model: str, projections: list, pdl: bool, prefet
 
 def whole_layer(bench: Bench, bandwidth: float, shapes: dict, pdl: bool) -> list[Row]:
     """The decoder layer with its attention at one row: ours against cuBLAS; with PDL, against ours without,
-    at the default prefetch and at PREFETCH_KIB. Limit: the layer's weight and K/V bytes over the bandwidth."""
+    at the default prefetch and at PREFETCH_KIB, and with the projections' early trigger. Limit: the layer's
+    weight and K/V bytes over the bandwidth."""
     out = []
     for model, projections in shapes.items():
         heads, kv_heads, head_dim = ATTENTION[model]
@@ -190,6 +200,9 @@ def whole_layer(bench: Bench, bandwidth: float, shapes: dict, pdl: bool) -> list
                                                           None if kib is None else kib * 1024))
                 out.append(Row(f"decoder layer (attention), PDL{label}", shape, timed, "ours, no PDL", ours_us,
                                limit_us))
+            timed = bench.graph_time_us(decoder_layer(bench, model, projections, True, early_trigger=True))
+            out.append(Row("decoder layer (attention), PDL, early trigger", shape, timed, "ours, no PDL", ours_us,
+                           limit_us))
     return out
 
 

@@ -6,13 +6,16 @@ stream. cuBLAS's kernels for these shapes reach about 54% of it on an H100 (READ
 else a layer does at batch 1 is small kernels whose launch gaps add up. So the input's op is done here, on
 the few rows of x each program reads anyway:
   PROLOGUE 0: x as it is;
-  PROLOGUE 1: silu(gate) * up over x = [gate | up] (the MLP's down projection, K = intermediate size);
+  PROLOGUE 1: silu(gate) * up over x = [gate | up] (the MLP's down projection, K = intermediate size),
+              only when asked: every program recomputes it over all of x (see silu_mul_linear);
   PROLOGUE 2: RMSNorm of x + residual (a layer's norms, before qkv and before gate_up); program 0 also
               writes x + residual, the residual stream the rest of the layer reads.
 Rounding follows the reference compositions (kernels/reference.py: rms_norm, silu_and_mul, then F.linear).
 
 Each program owns BLOCK_N output columns of every row and streams its [BLOCK_N, K] slice of W once;
-tl.dot pads the rows to 16 (tensor cores idle is nothing here: the bytes are the cost). Kernel -> launchers.
+tl.dot pads the rows to 16 (tensor cores idle is nothing here: the bytes are the cost), and the prologue's
+work must stay under what an SM can issue while a weight tile streams in (the loop's instruction counts
+from ptxas are in the kernel's comments). Kernel -> launchers.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from kernels.activation import silu_and_mul
 from kernels.pdl import LINE_BYTES, interpreting, launch_options, prefetch_l2
 
 MAX_ROWS = 16
@@ -61,10 +65,16 @@ def _skinny_matmul_kernel(X, RES, RES_OUT, NORM_W, W, BIAS, Y, eps, M, N, K,
                           stride_xm, stride_rm, stride_rom, stride_wn, stride_ym,
                           PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          IEEE: tl.constexpr, PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr):
-    # grid: (cdiv(N, BLOCK_N),); every program reads all M (<= BLOCK_M) rows of x
+                          IEEE: tl.constexpr, PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr,
+                          EARLY_TRIGGER: tl.constexpr, M_PAD: tl.constexpr):
+    # grid: (cdiv(N, BLOCK_N),); every program reads all M (<= M_PAD <= BLOCK_M) rows of x. A prologue works
+    # on M_PAD rows only: the tile tl.dot takes has BLOCK_M = 16, and SiLU over 16 rows where one is real
+    # made the down projection's loop ~4,000 instructions a 16 KiB weight tile on sm_90 (ptxas), three times
+    # what an SM issues while that tile streams in at the copy bandwidth. Plain x (M_PAD = BLOCK_M: its
+    # masked rows cost nothing) is loaded straight into the dot's tile, which the row copies below would
+    # only slow (261 instructions a tile against 185 at one row)
     pid = tl.program_id(0)
-    rows = tl.arange(0, BLOCK_M)
+    rows = tl.arange(0, M_PAD)
     row_ok = rows < M
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
@@ -81,10 +91,12 @@ def _skinny_matmul_kernel(X, RES, RES_OUT, NORM_W, W, BIAS, Y, eps, M, N, K,
         lines = tl.minimum(tl.arange(0, PREFETCH_LINES) * (1024 // w_dtype.primitive_bitwidth), K - 1)
         prefetch_l2(W + tl.minimum(cols, N - 1)[:, None].to(tl.int64) * stride_wn + lines[None, :])
         gdc_wait()
-    inv_rms = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+        if EARLY_TRIGGER:  # the next kernel may launch now and prefetch while this one streams its weight
+            gdc_launch_dependents()
+    inv_rms = tl.full([M_PAD], 1.0, dtype=tl.float32)
     if PROLOGUE == 2:
         # first pass over x (+ residual): each row's sum of squares; x is M x K, a few KiB, read from L2
-        sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+        sum_sq = tl.zeros([M_PAD], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + offs_k
             mask = row_ok[:, None] & (kk < K)[None, :]
@@ -103,14 +115,24 @@ def _skinny_matmul_kernel(X, RES, RES_OUT, NORM_W, W, BIAS, Y, eps, M, N, K,
         k_ok = kk < K
         w = tl.load(w_rows + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
         x = _x_tile(x_rows, RES, NORM_W, rows, stride_rm, kk, row_ok[:, None] & k_ok[None, :], k_ok, inv_rms, K,
-                    w_dtype, PROLOGUE, HAS_RESIDUAL)
-        acc += tl.dot(x, tl.trans(w), input_precision="ieee" if IEEE else None)
-    if PDL:
+                    w_dtype, PROLOGUE, HAS_RESIDUAL)  # [M_PAD, BLOCK_K]
+        if PROLOGUE == 1 and M_PAD == 1:
+            # one row of SiLU x mul: products and sums on the CUDA cores. Fed to tl.dot, x takes the MMA
+            # operand's layout, which each warp holds whole, so every warp recomputed the SiLU: ~1,950
+            # instructions a tile on sm_90 against ~580 this way (the other prologues are cheaper with the dot)
+            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
+        else:  # the dot's rows: row r is x's row r % M_PAD (rows past M are never stored)
+            if M_PAD < BLOCK_M:
+                x = tl.reshape(tl.broadcast_to(x[None, :, :], (BLOCK_M // M_PAD, M_PAD, BLOCK_K)),
+                               (BLOCK_M, BLOCK_K))
+            acc += tl.dot(x, tl.trans(w), input_precision="ieee" if IEEE else None)
+    if PDL and not EARLY_TRIGGER:
         gdc_launch_dependents()  # the next kernel may launch: this one has only its stores left
     if HAS_BIAS:
         acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + rows[:, None] * stride_ym + cols[None, :], acc.to(Y.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+    out_rows = tl.arange(0, BLOCK_M)
+    tl.store(Y + out_rows[:, None] * stride_ym + cols[None, :], acc.to(Y.dtype.element_ty),
+             mask=(out_rows < M)[:, None] & col_ok[None, :])
 
 
 @functools.lru_cache(maxsize=None)
@@ -136,7 +158,7 @@ def pick_tile(n: int, k: int, elem_size: int, x_operands: int, device: torch.dev
 
 
 def _launch(x, w, bias, out, prologue, k, residual=None, res_out=None, norm_weight=None, eps=0.0,
-            tile=None, pdl=False, prefetch_bytes=PREFETCH_BYTES) -> torch.Tensor:
+            tile=None, pdl=False, prefetch_bytes=PREFETCH_BYTES, early_trigger=False) -> torch.Tensor:
     m, n = x.shape[0], w.shape[0]
     if m > MAX_ROWS:
         raise ValueError(f"skinny matmul: {m} rows, at most {MAX_ROWS}")
@@ -158,6 +180,7 @@ def _launch(x, w, bias, out, prologue, k, residual=None, res_out=None, norm_weig
         res_out.stride(0) if res_out is not None else 0, w.stride(0), out.stride(0),
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
         BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee, PDL=pdl, PREFETCH_LINES=prefetch_lines,
+        EARLY_TRIGGER=early_trigger, M_PAD=MAX_ROWS if prologue == PLAIN else triton.next_power_of_2(m),
         num_warps=warps, num_stages=stages, **launch_options(pdl))
     return out
 
@@ -169,29 +192,43 @@ def _out(x, w, out_dtype, out):
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
-                  tile=None, pdl: bool = False, prefetch_bytes: int = PREFETCH_BYTES) -> torch.Tensor:
+                  tile=None, pdl: bool = False, prefetch_bytes: int = PREFETCH_BYTES,
+                  early_trigger: bool = False) -> torch.Tensor:
     """x [M, K] @ weight[N, K]^T (+ bias) -> [M, N] in out_dtype (default the weight's): F.linear.
 
     tile: (BLOCK_N, BLOCK_K, warps, stages) instead of pick_tile's. pdl: launch early with programmatic
     dependent launch (sm_90+; EngineConfig.skinny_matmul_pdl), pulling the first prefetch_bytes of each
     program's weight slice into L2 while the kernel before finishes; no effect in the interpreter (same for
-    the two below)."""
+    the two below). early_trigger (with pdl): let the next kernel launch once this one's wait is over, not
+    after its K loop (benchmarks/skinny_matmul.py times both)."""
     return _launch(x, weight, bias, _out(x, weight, out_dtype, out), PLAIN, x.shape[1], tile=tile, pdl=pdl,
-                   prefetch_bytes=prefetch_bytes)
+                   prefetch_bytes=prefetch_bytes, early_trigger=early_trigger)
 
 
 def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                     out: torch.Tensor | None = None, tile=None, pdl: bool = False,
-                    prefetch_bytes: int = PREFETCH_BYTES) -> torch.Tensor:
-    """gate_up [M, 2I] (gate | up) -> silu(gate) * up @ weight[N, I]^T -> [M, N]."""
+                    prefetch_bytes: int = PREFETCH_BYTES, early_trigger: bool = False,
+                    fold: bool = False) -> torch.Tensor:
+    """gate_up [M, 2I] (gate | up) -> silu(gate) * up @ weight[N, I]^T -> [M, N].
+
+    fold: SiLU x mul inside this kernel (one launch) or by kernels/activation.py first (two, the default).
+    Folded, every program recomputes the SiLU of all of x (N / BLOCK_N times over): at 4 rows the loop took
+    ~1,970 instructions a 16 KiB weight tile on sm_90 (ptxas), more than an SM issues while the tile streams
+    in; at one row the kernel multiplies on the CUDA cores (~580), but Triton then loads the weight without
+    its cp.async pipeline. Which costs less than the extra launch is for a GPU (benchmarks/skinny_matmul.py
+    times both at each row count)."""
+    if not fold:
+        return skinny_linear(silu_and_mul(gate_up), weight, bias, out=out, tile=tile, pdl=pdl,
+                             prefetch_bytes=prefetch_bytes, early_trigger=early_trigger)
     return _launch(gate_up, weight, bias, _out(gate_up, weight, None, out), SILU_MUL, gate_up.shape[1] // 2,
-                   tile=tile, pdl=pdl, prefetch_bytes=prefetch_bytes)
+                   tile=tile, pdl=pdl, prefetch_bytes=prefetch_bytes, early_trigger=early_trigger)
 
 
 def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                     weight: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
                     res_out: torch.Tensor | None = None, tile=None, pdl: bool = False,
-                    prefetch_bytes: int = PREFETCH_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
+                    prefetch_bytes: int = PREFETCH_BYTES,
+                    early_trigger: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual) * norm_weight @ weight^T (+ bias), x + residual); residual None -> (.., x).
     x [M, K], residual [M, K]; the norm's output never exists in memory."""
     if residual is not None:
@@ -200,5 +237,5 @@ def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight:
         res_out = res_out if res_out is not None else torch.empty_like(x)
     y = _launch(x, weight, bias, _out(x, weight, None, out), RMS_NORM, x.shape[1], residual=residual,
                 res_out=res_out, norm_weight=norm_weight, eps=eps, tile=tile, pdl=pdl,
-                prefetch_bytes=prefetch_bytes)
+                prefetch_bytes=prefetch_bytes, early_trigger=early_trigger)
     return y, (res_out if residual is not None else x)

@@ -88,9 +88,9 @@ class EngineConfig(Settings):
                                 "the RoPE + cache-write kernel, then decode attention")
     skinny_matmul: bool = Field(False, description="Triton path: steps of at most 16 tokens (small decode "
                                 "batches) run their projections with our streaming kernel instead of cuBLAS, each "
-                                "RMSNorm folded into the qkv / gate_up projection after it and SiLU x mul into "
-                                "down_proj (kernels/skinny_matmul.py): five launches a layer instead of eight. "
-                                "Off until measured on a GPU")
+                                "RMSNorm folded into the qkv / gate_up projection after it (kernels/"
+                                "skinny_matmul.py): six launches a layer instead of eight. Off until measured on a "
+                                "GPU")
     skinny_matmul_pdl: bool = Field(False, description="with skinny_matmul: launch those kernels, and the "
                                     "one-launch decode attention between them (decode_fusion), by programmatic "
                                     "dependent launch (compute capability 9.0+): each pulls what the kernel before "

@@ -57,11 +57,11 @@ def check_linear(dtype, shape, with_bias, out_dtype=None, pdl=False):
     torch.testing.assert_close(got.float(), want, **TOL[dtype])
 
 
-def check_silu_mul(dtype, shape, pdl=False):
+def check_silu_mul(dtype, shape, pdl=False, fold=None):
     m, n, k = shape
     gen = torch.Generator().manual_seed(seed_of("silu", dtype, shape))
     gate_up, w = strided_rows(gen, m, 2 * k, dtype), rand(gen, n, k, dtype=dtype, scale=k ** -0.5)
-    got = silu_mul_linear(gate_up, w, out=poisoned(m, n, dtype=dtype), pdl=pdl)
+    got = silu_mul_linear(gate_up, w, out=poisoned(m, n, dtype=dtype), pdl=pdl, fold=fold)
     torch.testing.assert_close(got, ref.silu_mul_linear(gate_up, w), **TOL[dtype])
 
 
@@ -97,8 +97,11 @@ def test_skinny_linear_writes_float32_logits_from_half_weights():
 
 @CPU_CASES
 @pytest.mark.parametrize("dtype, shape", cases(CPU_DTYPES, CPU_SHAPES))
-def test_silu_mul_linear(dtype, shape):
-    check_silu_mul(dtype, shape)
+@pytest.mark.parametrize("fold", [False, True], ids=["", "folded"])
+def test_silu_mul_linear(dtype, shape, fold):
+    """SiLU x mul by its own kernel, then the plain one above (the default), or folded into the kernel: at
+    one row multiplied on the CUDA cores, at 3 rows the prologue's 4 rows repeated to the dot's 16."""
+    check_silu_mul(dtype, shape, fold=fold)
 
 
 @CPU_CASES
@@ -179,9 +182,13 @@ def test_model_steps_with_skinny_projections_equal_the_torch_path(tiny_llama_dir
         outs.append(torch.cat(steps))
     layers = model.config.num_hidden_layers
     per_step = 4 * layers + 1  # norm + qkv, o, norm + gate_up, silu + down a layer; the head
-    assert counts == [0, 0, 0, per_step, per_step + 1, 2 * per_step + 1]
-    assert calls[:per_step].count("rms_norm_linear") == 2 * layers
-    assert calls[:per_step].count("silu_mul_linear") == layers
+    # down_proj takes SiLU x mul from its own kernel, then the plain skinny kernel (silu_mul_linear calls
+    # skinny_linear)
+    short_step = per_step + layers
+    assert counts == [0, 0, 0, short_step, short_step + 1, 2 * short_step + 1]
+    assert calls[:short_step].count("rms_norm_linear") == 2 * layers
+    assert calls[:short_step].count("silu_mul_linear") == layers
+    assert calls[:short_step].count("skinny_linear") == 2 * layers + 1  # o, down after SiLU, the head
     torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
 
 
