@@ -344,7 +344,8 @@ def test_skinny_matmul_benchmark_layer_computes_the_decoder_layer():
     outputs = []
     for bench, kw in ((Bench("cpu", torch.float32, True), {}), (Bench("cpu", torch.float32, False), {}),
                       (Bench("cpu", torch.float32, False), {"cublas": True}),
-                      (Bench("cpu", torch.float32, False), {"prefetch_bytes": 4096})):
+                      (Bench("cpu", torch.float32, False), {"prefetch_bytes": 4096}),
+                      (Bench("cpu", torch.float32, False), {"prefetch_bytes": 4096, "early_trigger": True})):
         torch.manual_seed(3)  # the same weights, inputs and cache in each
         outputs.append(skinny_matmul.decoder_layer(bench, "tiny", skinny_matmul.TINY["tiny"], pdl="prefetch_bytes" in kw,
                                                    **kw)())
