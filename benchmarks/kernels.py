@@ -89,6 +89,16 @@ class Bench:
     def randn(self, *shape: int) -> torch.Tensor:
         return torch.randn(*shape, device=self.device, dtype=self.dtype)
 
+    @staticmethod
+    def for_run(dry_run: bool, script: str) -> "Bench":
+        """The GPU in bf16, or (dry run) the CPU references in float32; without a GPU and no dry run, exit
+        saying so."""
+        if dry_run:
+            return Bench("cpu", torch.float32, True)
+        if not torch.cuda.is_available():
+            sys.exit(f"benchmarks/{script} needs a CUDA GPU; use --dry-run for the CPU smoke path")
+        return Bench("cuda", torch.bfloat16, False)
+
 
 def copy_bandwidth(bench: Bench) -> float:
     """Device-to-device copy, bytes read + written per second."""
@@ -336,9 +346,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--dry-run", action="store_true", help="CPU smoke run of the table path at tiny sizes")
     parser.add_argument("--json", type=Path, default=None, help="results file (default: $OUT/kernels.json)")
     args = parser.parse_args(argv)
-    if not args.dry_run and not torch.cuda.is_available():
-        sys.exit("benchmarks/kernels.py needs a CUDA GPU; use --dry-run for the CPU smoke path")
-    bench = Bench("cpu", torch.float32, True) if args.dry_run else Bench("cuda", torch.bfloat16, False)
+    bench = Bench.for_run(args.dry_run, "kernels.py")
     torch.manual_seed(0)
     bandwidth, tflops = copy_bandwidth(bench), matmul_flops(bench)
     heads, kv_heads = (32, 8) if not args.dry_run else (4, 2)

@@ -303,6 +303,7 @@ for t in g(data, "gemm_shapes", "steps") or []:
     row(f"M={t['m']} one step's GEMMs us, best per shape (peer: cuBLAS)", t["best_us"], t["us"].get("cublas"),
         f"limit {t['limit_us']:.0f} us; cuBLASLt {f(t['us'].get('cublaslt'))}, inductor {f(t['us'].get('inductor'))}")
 ms = lambda x: None if x is None else x * 1e3  # noqa: E731
+us = lambda x: None if x is None else x * 1e6  # noqa: E731
 pct = lambda x: None if x is None else x * 100  # noqa: E731
 row("b1 TPOT ms (peer: HF eager step)", ms(g(lat, "median", "tpot_s")),
     g(runs, "b1 dynamic cache (eager)", "decode_step_ms_median"),
@@ -376,9 +377,8 @@ for r in (g(data, "profile_skinny", "rows") or [])[:8]:
 for r in (g(data, "profile_step", "rows") or [])[:8]:
     row(f"b1 decode kernel: {r['kernel'][:48]}", r["us_per_step"], None,
         f"{r['share']:.0%} of {f(g(data, 'profile_step', 'total_us_per_step'))} us/step, {r['calls_per_step']:.0f} calls")
-b64_tpot_us = g(l64, "median", "tpot_s")
 row("b64 decode step: eager kernels us (peer: the graphed step, latency_b64's TPOT)",
-    g(data, "profile_b64", "total_us_per_step"), None if b64_tpot_us is None else b64_tpot_us * 1e6,
+    g(data, "profile_b64", "total_us_per_step"), us(g(l64, "median", "tpot_s")),
     "kernel time summed over an eager forward at context 192; the rest of the graphed step is gaps and sampling")
 for r in (g(data, "profile_b64", "rows") or [])[:10]:
     row(f"b64 decode kernel: {r['kernel'][:48]}", r["us_per_step"], None,

@@ -127,18 +127,24 @@ def decode_step(bench: Bench, heads: int, kv_heads: int, head_dim: int) -> dict:
                 seq_lens=torch.tensor([CONTEXT], dtype=torch.int32, device=bench.device), block_tables=table)
 
 
-def decoder_layer(bench: Bench, model: str, projections: list, pdl: bool, prefetch_bytes: int | None = None,
-                  cublas: bool = False, early_trigger: bool = False):
+def layer_weights(model: str, projections: list) -> dict[str, tuple[int, int]]:
+    """A decoder layer's projections as name -> (N, K), o included (TINY leaves it out: hidden x q width)."""
+    heads, _, head_dim = ATTENTION[model]
+    dims = {name: (n, k) for name, n, k, _ in projections if name != "lm_head"}
+    dims.setdefault("o", (dims["gate_up"][1], heads * head_dim))
+    return dims
+
+
+def decoder_layer(bench: Bench, model: str, projections: list, pdl, cublas: bool = False):
     """One decoder layer's decode step at one row, as a decode graph runs it: norm + qkv, the one-launch
     attention (RoPE, cache write, split-KV reduce), o, norm + gate_up, SiLU + down, each reading the output
-    of the one before. Ours (with PDL: every launch but the first started early, prefetch_bytes of weight a
-    program; early_trigger: each projection lets the next kernel launch once its wait is over, not after its
-    K loop), or cublas: cuBLAS after our norm and SiLU kernels, around the same attention."""
+    of the one before. Ours (pdl: False, or every launch but the first started early, a projection as
+    True / a skinny_matmul.EarlyLaunch says), or cublas: cuBLAS after our norm and SiLU kernels, around the
+    same attention."""
     heads, kv_heads, head_dim = ATTENTION[model]
-    dims = {name: (n, k) for name, n, k, _ in projections}
+    dims = layer_weights(model, projections)
     hidden = dims["gate_up"][1]
-    weight = {name: bench.randn(*nk) * nk[1] ** -0.5 for name, nk in dims.items() if name != "lm_head"}
-    weight.setdefault("o", bench.randn(hidden, heads * head_dim) * (heads * head_dim) ** -0.5)
+    weight = {name: bench.randn(n, k) * k ** -0.5 for name, (n, k) in dims.items()}
     x, res, g1, g2 = bench.randn(1, hidden), bench.randn(1, hidden), bench.randn(hidden), bench.randn(hidden)
     step = decode_step(bench, heads, kv_heads, head_dim)
     tickets = torch.zeros(kv_heads, dtype=torch.int32, device=bench.device)
@@ -157,7 +163,7 @@ def decoder_layer(bench: Bench, model: str, projections: list, pdl: bool, prefet
         def attend(qkv):
             q, k, v = (t.view(1, -1, head_dim) for t in qkv.split(split, dim=-1))
             return decode_rotary_attention(q, k, v, **step, scale=head_dim ** -0.5, max_seq_len=CAPTURED_MAX_SEQ_LEN,
-                                           tickets=tickets, pdl=pdl and not cublas).view(1, -1)
+                                           tickets=tickets, pdl=pdl is not False and not cublas).view(1, -1)
     if cublas or bench.dry_run:
         def layer():
             h, r = norm(x, g1, 1e-5, res)
@@ -165,8 +171,8 @@ def decoder_layer(bench: Bench, model: str, projections: list, pdl: bool, prefet
             h, r = norm(o, g2, 1e-5, r)
             return F.linear(act(F.linear(h, weight["gate_up"])), weight["down"])
         return layer
-    from kernels.skinny_matmul import PREFETCH_BYTES, rms_norm_linear, silu_mul_linear, skinny_linear
-    kw = {"pdl": pdl, "prefetch_bytes": prefetch_bytes or PREFETCH_BYTES, "early_trigger": early_trigger}
+    from kernels.skinny_matmul import rms_norm_linear, silu_mul_linear, skinny_linear
+    kw = {"pdl": pdl}
 
     def layer():
         qkv, r = rms_norm_linear(x, res, g1, 1e-5, weight["qkv"], **kw)
@@ -182,27 +188,22 @@ def whole_layer(bench: Bench, bandwidth: float, shapes: dict, pdl: bool) -> list
     weight and K/V bytes over the bandwidth."""
     out = []
     for model, projections in shapes.items():
-        heads, kv_heads, head_dim = ATTENTION[model]
+        _, kv_heads, head_dim = ATTENTION[model]
         elem = torch.empty((), dtype=bench.dtype).element_size()
-        hidden = next(k for name, _, k, _ in projections if name == "gate_up")
-        params = sum(n * k for name, n, k, _ in projections if name != "lm_head")
-        if not any(name == "o" for name, *_ in projections):
-            params += hidden * heads * head_dim
+        params = sum(n * k for n, k in layer_weights(model, projections).values())
         limit_us = (params + 2 * CONTEXT * kv_heads * head_dim) * elem / bandwidth * 1e6
         shape = f"{model} M=1, {CONTEXT} keys"
         ours_us = bench.graph_time_us(decoder_layer(bench, model, projections, False))
         out.append(Row("decoder layer (attention)", shape, ours_us, "cuBLAS after ours",
                        bench.graph_time_us(decoder_layer(bench, model, projections, False, cublas=True)), limit_us))
         if pdl:
-            for kib in (None, *PREFETCH_KIB):
-                label = "" if kib is None else f", prefetch {kib} KiB"
-                timed = bench.graph_time_us(decoder_layer(bench, model, projections, True,
-                                                          None if kib is None else kib * 1024))
+            from kernels.skinny_matmul import EarlyLaunch
+            prefetched = ((f", prefetch {kib} KiB", EarlyLaunch(kib * 1024)) for kib in PREFETCH_KIB)
+            launches = [("", EarlyLaunch()), *prefetched, (", early trigger", EarlyLaunch(early_trigger=True))]
+            for label, early in launches:
+                timed = bench.graph_time_us(decoder_layer(bench, model, projections, early))
                 out.append(Row(f"decoder layer (attention), PDL{label}", shape, timed, "ours, no PDL", ours_us,
                                limit_us))
-            timed = bench.graph_time_us(decoder_layer(bench, model, projections, True, early_trigger=True))
-            out.append(Row("decoder layer (attention), PDL, early trigger", shape, timed, "ours, no PDL", ours_us,
-                           limit_us))
     return out
 
 
@@ -241,9 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sweep-budget-s", type=float, default=0.0, help="seconds for the tile sweep (0: none)")
     parser.add_argument("--json", type=Path, default=None, help="results file (default: $OUT/skinny_matmul.json)")
     args = parser.parse_args(argv)
-    if not args.dry_run and not torch.cuda.is_available():
-        sys.exit("benchmarks/skinny_matmul.py needs a CUDA GPU; use --dry-run for the CPU smoke path")
-    bench = Bench("cpu", torch.float32, True) if args.dry_run else Bench("cuda", torch.bfloat16, False)
+    bench = Bench.for_run(args.dry_run, "skinny_matmul.py")
     torch.manual_seed(0)
     bandwidth = copy_bandwidth(bench)
     shapes = TINY if args.dry_run else SHAPES

@@ -20,6 +20,7 @@ from ptxas are in the kernel's comments). Kernel -> launchers.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -34,6 +35,14 @@ MAX_ROWS = 16
 # whole slice of o (16 x 2,048 bf16 at batch 1 in Llama-3.2-1B), which follows the latency-bound attention;
 # a cap, so that the programs resident at once never ask for more than about half of an H100's 50 MB L2
 PREFETCH_BYTES = 64 * 1024
+
+
+class EarlyLaunch(NamedTuple):
+    """What a PDL launch does before the kernel before it ends: the bytes of its weight slice each program
+    prefetches, and whether it lets the next kernel launch right after its wait (else after its K loop;
+    benchmarks/skinny_matmul.py times both). pdl=True is EarlyLaunch()."""
+    prefetch_bytes: int = PREFETCH_BYTES
+    early_trigger: bool = False
 PLAIN, SILU_MUL, RMS_NORM = 0, 1, 2
 
 
@@ -158,7 +167,7 @@ def pick_tile(n: int, k: int, elem_size: int, x_operands: int, device: torch.dev
 
 
 def _launch(x, w, bias, out, prologue, k, residual=None, res_out=None, norm_weight=None, eps=0.0,
-            tile=None, pdl=False, prefetch_bytes=PREFETCH_BYTES, early_trigger=False) -> torch.Tensor:
+            tile=None, pdl: "bool | EarlyLaunch" = False) -> torch.Tensor:
     m, n = x.shape[0], w.shape[0]
     if m > MAX_ROWS:
         raise ValueError(f"skinny matmul: {m} rows, at most {MAX_ROWS}")
@@ -169,9 +178,10 @@ def _launch(x, w, bias, out, prologue, k, residual=None, res_out=None, norm_weig
     x_operands = 2 if prologue == SILU_MUL or residual is not None else 1
     block_n, block_k, warps, stages = tile or pick_tile(n, k, x.element_size(), x_operands, x.device)
     ieee = x.dtype == torch.float32 or w.dtype == torch.float32
-    pdl = pdl and not interpreting()  # grid dependencies and inline PTX: a GPU's, the interpreter has neither
+    early = pdl if isinstance(pdl, EarlyLaunch) else EarlyLaunch()
+    pdl = pdl is not False and not interpreting()  # grid dependencies and inline PTX: the interpreter has neither
     # lines of each weight row to prefetch: prefetch_bytes over the program's block_n rows, at most the row
-    row_bytes = min(k * w.element_size(), max(LINE_BYTES, prefetch_bytes // block_n))
+    row_bytes = min(k * w.element_size(), max(LINE_BYTES, early.prefetch_bytes // block_n))
     prefetch_lines = triton.next_power_of_2(triton.cdiv(row_bytes, LINE_BYTES))
     _skinny_matmul_kernel[(triton.cdiv(n, block_n),)](
         x, residual if residual is not None else x, res_out if res_out is not None else x,
@@ -180,7 +190,7 @@ def _launch(x, w, bias, out, prologue, k, residual=None, res_out=None, norm_weig
         res_out.stride(0) if res_out is not None else 0, w.stride(0), out.stride(0),
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
         BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee, PDL=pdl, PREFETCH_LINES=prefetch_lines,
-        EARLY_TRIGGER=early_trigger, M_PAD=MAX_ROWS if prologue == PLAIN else triton.next_power_of_2(m),
+        EARLY_TRIGGER=early.early_trigger, M_PAD=MAX_ROWS if prologue == PLAIN else triton.next_power_of_2(m),
         num_warps=warps, num_stages=stages, **launch_options(pdl))
     return out
 
@@ -192,22 +202,18 @@ def _out(x, w, out_dtype, out):
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
-                  tile=None, pdl: bool = False, prefetch_bytes: int = PREFETCH_BYTES,
-                  early_trigger: bool = False) -> torch.Tensor:
+                  tile=None, pdl: "bool | EarlyLaunch" = False) -> torch.Tensor:
     """x [M, K] @ weight[N, K]^T (+ bias) -> [M, N] in out_dtype (default the weight's): F.linear.
 
     tile: (BLOCK_N, BLOCK_K, warps, stages) instead of pick_tile's. pdl: launch early with programmatic
-    dependent launch (sm_90+; EngineConfig.skinny_matmul_pdl), pulling the first prefetch_bytes of each
-    program's weight slice into L2 while the kernel before finishes; no effect in the interpreter (same for
-    the two below). early_trigger (with pdl): let the next kernel launch once this one's wait is over, not
-    after its K loop (benchmarks/skinny_matmul.py times both)."""
-    return _launch(x, weight, bias, _out(x, weight, out_dtype, out), PLAIN, x.shape[1], tile=tile, pdl=pdl,
-                   prefetch_bytes=prefetch_bytes, early_trigger=early_trigger)
+    dependent launch (sm_90+; EngineConfig.skinny_matmul_pdl), pulling the start of each program's weight
+    slice into L2 while the kernel before finishes (an EarlyLaunch says how much, and when the next kernel
+    may launch); no effect in the interpreter (same for the two below)."""
+    return _launch(x, weight, bias, _out(x, weight, out_dtype, out), PLAIN, x.shape[1], tile=tile, pdl=pdl)
 
 
 def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                    out: torch.Tensor | None = None, tile=None, pdl: bool = False,
-                    prefetch_bytes: int = PREFETCH_BYTES, early_trigger: bool = False,
+                    out: torch.Tensor | None = None, tile=None, pdl: "bool | EarlyLaunch" = False,
                     fold: bool = False) -> torch.Tensor:
     """gate_up [M, 2I] (gate | up) -> silu(gate) * up @ weight[N, I]^T -> [M, N].
 
@@ -218,17 +224,15 @@ def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     its cp.async pipeline. Which costs less than the extra launch is for a GPU (benchmarks/skinny_matmul.py
     times both at each row count)."""
     if not fold:
-        return skinny_linear(silu_and_mul(gate_up), weight, bias, out=out, tile=tile, pdl=pdl,
-                             prefetch_bytes=prefetch_bytes, early_trigger=early_trigger)
+        return skinny_linear(silu_and_mul(gate_up), weight, bias, out=out, tile=tile, pdl=pdl)
     return _launch(gate_up, weight, bias, _out(gate_up, weight, None, out), SILU_MUL, gate_up.shape[1] // 2,
-                   tile=tile, pdl=pdl, prefetch_bytes=prefetch_bytes, early_trigger=early_trigger)
+                   tile=tile, pdl=pdl)
 
 
 def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                     weight: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                    res_out: torch.Tensor | None = None, tile=None, pdl: bool = False,
-                    prefetch_bytes: int = PREFETCH_BYTES,
-                    early_trigger: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    res_out: torch.Tensor | None = None, tile=None,
+                    pdl: "bool | EarlyLaunch" = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual) * norm_weight @ weight^T (+ bias), x + residual); residual None -> (.., x).
     x [M, K], residual [M, K]; the norm's output never exists in memory."""
     if residual is not None:
@@ -236,6 +240,5 @@ def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight:
             residual = residual.contiguous()
         res_out = res_out if res_out is not None else torch.empty_like(x)
     y = _launch(x, weight, bias, _out(x, weight, None, out), RMS_NORM, x.shape[1], residual=residual,
-                res_out=res_out, norm_weight=norm_weight, eps=eps, tile=tile, pdl=pdl,
-                prefetch_bytes=prefetch_bytes, early_trigger=early_trigger)
+                res_out=res_out, norm_weight=norm_weight, eps=eps, tile=tile, pdl=pdl)
     return y, (res_out if residual is not None else x)

@@ -341,14 +341,13 @@ def test_skinny_matmul_benchmark_layer_computes_the_decoder_layer():
     from benchmarks.kernels import Bench
     from kernels.pdl import interpreting
     assert interpreting()
+    from kernels.skinny_matmul import EarlyLaunch
     outputs = []
-    for bench, kw in ((Bench("cpu", torch.float32, True), {}), (Bench("cpu", torch.float32, False), {}),
-                      (Bench("cpu", torch.float32, False), {"cublas": True}),
-                      (Bench("cpu", torch.float32, False), {"prefetch_bytes": 4096}),
-                      (Bench("cpu", torch.float32, False), {"prefetch_bytes": 4096, "early_trigger": True})):
+    reference, kernels = Bench("cpu", torch.float32, True), Bench("cpu", torch.float32, False)
+    for bench, kw in ((reference, {"pdl": False}), (kernels, {"pdl": False}), (kernels, {"pdl": False, "cublas": True}),
+                      (kernels, {"pdl": EarlyLaunch(4096)}), (kernels, {"pdl": EarlyLaunch(4096, early_trigger=True)})):
         torch.manual_seed(3)  # the same weights, inputs and cache in each
-        outputs.append(skinny_matmul.decoder_layer(bench, "tiny", skinny_matmul.TINY["tiny"], pdl="prefetch_bytes" in kw,
-                                                   **kw)())
+        outputs.append(skinny_matmul.decoder_layer(bench, "tiny", skinny_matmul.TINY["tiny"], **kw)())
     assert outputs[0].shape == (1, 64) and outputs[0].abs().sum() > 0
     for got in outputs[1:]:
         torch.testing.assert_close(got, outputs[0], atol=1e-4, rtol=1e-4)
