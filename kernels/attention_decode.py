@@ -44,11 +44,22 @@ def _decode_kernel(Q, K, V, O, PART_ACC, PART_M, PART_L, SEQ_LENS, BLOCK_TABLES,
 
 
 @triton.jit
+def _split_len(seq_len, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    return tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+
+
+@triton.jit
 def _split_range(seq_len, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr):
     """Keys [lo, hi) of this program's split: a whole number of BLOCK_N tiles of the sequence's context."""
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    lo = tl.program_id(2) * split_len
-    return lo, tl.minimum(lo + split_len, seq_len)
+    lo = tl.program_id(2) * _split_len(seq_len, BLOCK_N, NUM_SPLITS)
+    return lo, tl.minimum(lo + _split_len(seq_len, BLOCK_N, NUM_SPLITS), seq_len)
+
+
+@triton.jit
+def used_splits(seq_len, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """How many splits hold keys (the first ones; 0 for an empty context): fewer than NUM_SPLITS when the
+    context is short of NUM_SPLITS tiles, as at batch 1 under a large max_model_len."""
+    return tl.cdiv(seq_len, tl.maximum(_split_len(seq_len, BLOCK_N, NUM_SPLITS), 1))
 
 
 @triton.jit

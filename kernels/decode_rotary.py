@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from kernels.attention_decode import _attend_split, _split_range, decode_tiles, reduce_splits, split_partials
+from kernels.attention_decode import (_attend_split, _split_range, decode_tiles, reduce_splits, split_partials,
+                                      used_splits)
 from kernels.attention_prefill import LOG2E, dot_precision
 from kernels.pdl import LINE_BYTES, interpreting, launch_options, prefetch_l2
 
@@ -85,18 +86,22 @@ def _decode_rotary_kernel(Q, K, V, K_CACHE, V_CACHE, O, PART_ACC, PART_M, PART_L
         # every thread's stores land before any thread's loads in the key loop below
         tl.debug_barrier()
 
-    g = tl.arange(0, G_PAD)
-    head = kvh * GROUP + g
-    q_rows = Q + b * stride_qb + head[:, None] * stride_qh  # [G_PAD, 1]
-    q = _rotate_loaded(q_rows, d, d_valid, cos, sin, (g < GROUP)[:, None] & d_valid[None, :], HALF)
-    q = q.to(Q.dtype.element_ty)  # [G_PAD, D_PAD], as the unfused kernel's rotated q buffer holds it
-    _attend_split(q, lo, hi, K_CACHE, V_CACHE, O, PART_ACC, PART_M, PART_L, BLOCK_TABLES, qk_scale,
-                  stride_kcb, stride_kcs, stride_kch, 1, stride_vcb, stride_vcs, stride_vch, 1,
-                  stride_ob, stride_oh, 1, stride_bt,
-                  GROUP, G_PAD, HEAD_DIM, D_PAD, BLOCK_SIZE, BLOCK_N, NUM_SPLITS, PRECISION)
+    # An empty split (past the context: splits are sized by the context, their count by the captured
+    # maximum) has nothing to add; the last split's reduce reads the used splits only, so it skips its work.
+    # The reduce kernel reads every split's partials, so without the last split reducing it writes them.
+    if (lo < hi) | (LAST_SPLIT_REDUCES == 0):
+        g = tl.arange(0, G_PAD)
+        head = kvh * GROUP + g
+        q_rows = Q + b * stride_qb + head[:, None] * stride_qh  # [G_PAD, 1]
+        q = _rotate_loaded(q_rows, d, d_valid, cos, sin, (g < GROUP)[:, None] & d_valid[None, :], HALF)
+        q = q.to(Q.dtype.element_ty)  # [G_PAD, D_PAD], as the unfused kernel's rotated q buffer holds it
+        _attend_split(q, lo, hi, K_CACHE, V_CACHE, O, PART_ACC, PART_M, PART_L, BLOCK_TABLES, qk_scale,
+                      stride_kcb, stride_kcs, stride_kch, 1, stride_vcb, stride_vcs, stride_vch, 1,
+                      stride_ob, stride_oh, 1, stride_bt,
+                      GROUP, G_PAD, HEAD_DIM, D_PAD, BLOCK_SIZE, BLOCK_N, NUM_SPLITS, PRECISION)
     if LAST_SPLIT_REDUCES:
-        _reduce_if_last(O, PART_ACC, PART_M, PART_L, TICKETS, stride_ob, stride_oh,
-                        GROUP, G_PAD, HEAD_DIM, D_PAD, NUM_SPLITS)
+        _reduce_if_last(O, PART_ACC, PART_M, PART_L, TICKETS, used_splits(seq_len, BLOCK_N, NUM_SPLITS),
+                        stride_ob, stride_oh, GROUP, G_PAD, HEAD_DIM, D_PAD, NUM_SPLITS)
 
 
 @triton.jit
@@ -116,7 +121,14 @@ def _prefetch_kv(K_CACHE, V_CACHE, bt_row, kvh, lo, hi, stride_kcb, stride_kcs, 
 
 
 @triton.jit
-def _reduce_if_last(O, PART_ACC, PART_M, PART_L, TICKETS, stride_ob, stride_oh,
+def _below(split, used, N: tl.constexpr):
+    """split < used as an [N] mask: the interpreter types a scalar comparison with a loaded value as int32,
+    which a load refuses as its mask."""
+    return tl.full([N], split, tl.int32) < used
+
+
+@triton.jit
+def _reduce_if_last(O, PART_ACC, PART_M, PART_L, TICKETS, used, stride_ob, stride_oh,
                     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                     NUM_SPLITS: tl.constexpr, REDUCE_UNROLL: tl.constexpr = 4):
     """The split-KV reduce without its own launch: each (sequence, kv head)'s splits take a ticket after
@@ -134,19 +146,22 @@ def _reduce_if_last(O, PART_ACC, PART_M, PART_L, TICKETS, stride_ob, stride_oh,
         head = kvh * GROUP + g
         d = tl.arange(0, D_PAD)
         row = (b * tl.num_programs(1) * GROUP + head) * NUM_SPLITS  # [G_PAD] first partial of each head
+        # REDUCE_UNROLL splits a pass, unrolled, so that their loads are in flight together: one L2 latency
+        # a pass instead of one a split (a plain loop here compiled to a load-use stall per split on sm_90).
+        # Only the `used` splits that hold keys are read (the empty ones wrote nothing); the sums are the
+        # reduce kernel's, whose empty splits add weight 0 (+0 changes no sum), in the same order.
         m_max = tl.full([G_PAD], float("-inf"), tl.float32)
-        for s in range(NUM_SPLITS):
-            m_max = tl.maximum(m_max, tl.load(PART_M + row + s, mask=g_valid, other=float("-inf"),
-                                              cache_modifier=".cg"))
+        for s0 in range(0, used, REDUCE_UNROLL):
+            for j in tl.static_range(REDUCE_UNROLL):
+                ok = g_valid & _below(s0 + j, used, G_PAD)
+                m_max = tl.maximum(m_max, tl.load(PART_M + row + s0 + j, mask=ok, other=float("-inf"),
+                                                  cache_modifier=".cg"))
         m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # an empty context: every weight is 0
         total = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, D_PAD], tl.float32)
-        # REDUCE_UNROLL splits a pass, unrolled, so that their loads are in flight together: one L2 latency
-        # a pass instead of one a split (a plain loop here compiled to a load-use stall per split on sm_90);
-        # the same sums in the same order. A split past NUM_SPLITS is masked to weight 0 (+0 changes no sum).
-        for s0 in range(0, NUM_SPLITS, REDUCE_UNROLL):
+        for s0 in range(0, used, REDUCE_UNROLL):
             for j in tl.static_range(REDUCE_UNROLL):
-                ok = g_valid & (s0 + j < NUM_SPLITS)
+                ok = g_valid & _below(s0 + j, used, G_PAD)
                 w = tl.exp2(tl.load(PART_M + row + s0 + j, mask=ok, other=float("-inf"), cache_modifier=".cg")
                             - m_max)  # [G_PAD]; empty splits have m = -inf: weight 0
                 total += w * tl.load(PART_L + row + s0 + j, mask=ok, other=0.0, cache_modifier=".cg")

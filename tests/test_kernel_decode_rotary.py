@@ -148,6 +148,32 @@ def test_last_split_reduces_again_on_a_second_launch():
     assert (tickets == 0).all()
 
 
+@pytest.mark.skipif(CUDA, reason="interpreter case")
+@pytest.mark.parametrize("num_splits", [7, 13])
+def test_last_split_reads_only_the_splits_that_hold_keys(monkeypatch, num_splits):
+    """More splits than a short context fills (as at batch 1 under a large max_model_len): the empty splits
+    write no partials and the last split's reduce reads the used ones only. The partial buffers start as NaN,
+    so a read of an unwritten split turns the output NaN; the result is the reduce kernel's."""
+    import kernels.decode_rotary as decode_rotary
+    real_split_partials = decode_rotary.split_partials
+
+    def poisoned(*args):
+        parts = real_split_partials(*args)
+        for p in parts:
+            p.fill_(float("nan"))
+        return parts
+
+    step = make_step([9, 150, 0, 77, 1], 8, 2, 64, 8, torch.float32, seed=num_splits)
+    tickets = torch.zeros(16, dtype=torch.int32)
+    monkeypatch.setattr(decode_rotary, "split_partials", poisoned)
+    out = run_fused(clone_step(step), 0.125, num_splits=num_splits, block_n=16, tickets=tickets)
+    monkeypatch.undo()
+    assert not out.isnan().any(), "the reduce read a split that holds no keys"
+    plain = run_fused(clone_step(step), 0.125, num_splits=num_splits, block_n=16)
+    torch.testing.assert_close(out, plain, atol=1e-6, rtol=1e-6)
+    assert (tickets == 0).all()
+
+
 def test_all_padding_writes_nothing():
     step = make_step([0, 0], 4, 2, 64, 8, torch.float32, seed=3)
     before = step["k_cache"].clone()
