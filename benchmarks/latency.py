@@ -12,7 +12,9 @@ in one device->host copy of the sampled ids, so the clock is synchronized). Per 
                exceeds max_num_batched_tokens)
   TPOT         decode wall time / decode steps, decode = after the last first token until the end
   decode tok/s output tokens of the decode phase / its wall time (= B / TPOT when no request finishes early)
-Each figure is the median over --num-iters runs after --num-iters-warmup runs.
+Each figure is the median over --num-iters runs after --num-iters-warmup runs. The engine's max_model_len is
+the prompt + output length unless --max-model-len sets a server's (the preset's 8,192): the decode attention
+picks its number of context splits from it, so the two can differ at batch 1.
 
 Roofline: a decode step must read every weight once (the embedding as the lm_head reads it: a tied matrix
 counts once, an untied embedding only by the rows it looks up) plus the KV cache of every sequence at its
@@ -138,6 +140,7 @@ def print_table(res: dict) -> None:
     print(f"roofline: ({r['weight_bytes_read_per_step'] / 1e6:.1f} MB weights + "
           f"{r['kv_bytes_read_per_step_mean'] / 1e6:.2f} MB KV at mean context {r['mean_context']:.0f}) / "
           f"{r['copy_GBps']:.1f} GB/s copy; device {res['device']}, dtype {res['dtype']}, "
+          f"max_model_len {res['max_model_len']}, "
           f"{res['num_iters']} runs (TPOT all: {', '.join(f'{x * 1e3:.3f}' for x in res['all_tpot_s'])} ms)")
 
 
@@ -197,7 +200,7 @@ def main(argv=None) -> dict:
            "median": median, "all_tpot_s": [r["tpot_s"] for r in runs], "runs": runs, "roofline": roof,
            "fraction_of_roofline": roof["roofline_step_s"] / median["tpot_s"],
            "torch": torch.__version__, "blas_library": args.blas_library, "compile_mode": args.compile_mode,
-           "decode_fusion": args.decode_fusion, "skinny_matmul": args.skinny_matmul,
+           "max_model_len": engine.max_model_len, "decode_fusion": args.decode_fusion, "skinny_matmul": args.skinny_matmul,
            "skinny_matmul_pdl": args.skinny_matmul_pdl,
            "compile_seconds": runner.compiled.compile_seconds if runner.compiled else None,
            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}

@@ -10,7 +10,7 @@
 #
 #   bash benchmarks/run_gpu.sh [all|ours|peers]     # default all
 # Knobs (environment): BUDGET (s), PEERS_RESERVE (s kept for the peers, default 170), SKIP (space-separated
-# step names: pytest kernels skinny_matmul host_speed step_overhead host_overhead profile profile_skinny profile_b64 prefill_step speculative latency latency_cublaslt latency_unfused_decode latency_skinny latency_skinny_pdl latency_b8 latency_b8_skinny latency_b8_skinny_pdl latency_compile profile_compile gemm_shapes latency_b64 latency_b64_unfused_decode latency_qwen3 throughput_1b throughput_penalized throughput_sampled throughput_top_k throughput_prefix throughput_prefix_off serving serving_eager_prefill serving_engine_process throughput_8b tune_kernels peers),
+# step names: pytest kernels skinny_matmul host_speed step_overhead host_overhead profile profile_skinny profile_b64 prefill_step speculative latency latency_served_len latency_cublaslt latency_unfused_decode latency_skinny latency_skinny_pdl latency_b8 latency_b8_skinny latency_b8_skinny_pdl latency_compile profile_compile gemm_shapes latency_b64 latency_b64_unfused_decode latency_qwen3 throughput_1b throughput_penalized throughput_sampled throughput_top_k throughput_prefix throughput_prefix_off serving serving_eager_prefill serving_engine_process throughput_8b tune_kernels peers),
 # ENGINE_EXTRA (engine flags for our benchmarks, e.g. "--no-overlap-scheduling"), PYTEST_ARGS (extra pytest arguments, e.g. "-k gpu"), SMOKE=1 (CPU smoke test of this script: tiny random model, few requests, peers with PEERS_TINY=1).
 set -u
 cd "$(dirname "$0")/.."
@@ -78,6 +78,7 @@ main() {
   } 2>&1 | tee "$RAW/env_ours.txt"
 
   local dummy1=llama-3.2-1b dummy8=llama-3.1-8b dummy_qwen3=qwen3-0.6b dev=() nreq=256 lens=(100 1024) lat_iters=5 rates=8,16,32,inf nprom=128 prefix=1024
+  local served_len=8192  # configs/llama-3.2-1b.toml's max_model_len
   local serve_extra="--dtype bfloat16 --max-model-len 2048 $ENGINE_EXTRA"
   if [ "$SMOKE" = 1 ]; then  # CPU: a tiny random model in the same shapes' spirit, few requests
     printf '%s' '{"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -88,7 +89,7 @@ main() {
       "head_dim": 32, "max_position_embeddings": 4096, "tie_word_embeddings": true}' >"$RAW/tiny_qwen3.json"
     dummy_qwen3=$RAW/tiny_qwen3.json
     dummy1=$RAW/tiny_config.json dummy8=$RAW/tiny_config.json dev=(--device cpu) nreq=8 lens=(16 64) lat_iters=2 prefix=32
-    rates=8,inf nprom=4 serve_extra="--device cpu --max-model-len 512"
+    rates=8,inf nprom=4 serve_extra="--device cpu --max-model-len 512" served_len=4096
     export PEERS_DEVICE=cpu PEERS_TINY=1
   fi
 
@@ -131,6 +132,11 @@ main() {
     fi
     step latency 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 1 --input-len 128 \
       --output-len 256 --num-iters "$lat_iters" --json "$RAW/latency.json" $ENGINE_EXTRA
+    # the same at a server's max_model_len (configs/llama-3.2-1b.toml): the decode attention's splits follow it
+    # (2 at the workload's 384, 32 at 8,192, of which a 128-384 context fills 2-6)
+    step latency_served_len 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 1 \
+      --input-len 128 --output-len 256 --num-iters "$lat_iters" --max-model-len "$served_len" \
+      --json "$RAW/latency_served_len.json" $ENGINE_EXTRA
     # the same batch-1 run with cuBLASLt for the matmuls: do the small qkv / o GEMVs get nearer the copy bandwidth?
     step latency_cublaslt 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 1 \
       --input-len 128 --output-len 256 --num-iters "$lat_iters" --blas-library cublaslt \
@@ -279,6 +285,8 @@ row("copy GB/s (ours: latency.py; peer: ceilings_attn)", g(lat, "roofline", "cop
     g(ca, "ceilings", "d2d_copy", "GBps_read_plus_write"))
 row("b1 decode tok/s vs HF eager", g(lat, "median", "decode_tok_s"), hf_b1)
 row("b1 decode tok/s vs HF static cache", g(lat, "median", "decode_tok_s"), hf_b1s)
+row("b1 decode tok/s at a server's max_model_len (peer: the workload's 384)",
+    g(data, "latency_served_len", "median", "decode_tok_s"), g(lat, "median", "decode_tok_s"))
 row("b1 decode tok/s, cuBLASLt (peer: default BLAS)", g(data, "latency_cublaslt", "median", "decode_tok_s"),
     g(lat, "median", "decode_tok_s"))
 row("b1 decode tok/s, decode_fusion (peer: off)",

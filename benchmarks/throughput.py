@@ -95,6 +95,11 @@ def build_llm(args, prompts, out_lens):
 
     device = str(resolve_device(args.device))
     max_len = max(len(p) + o for p, o in zip(prompts, out_lens))
+    if getattr(args, "max_model_len", None) is not None:
+        if args.max_model_len < max_len:
+            raise SystemExit(f"--max-model-len {args.max_model_len} is shorter than the workload's longest request "
+                             f"({max_len} tokens)")
+        max_len = args.max_model_len
     kw = dict(dtype=args.dtype, device=device, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
               gpu_memory_utilization=args.gpu_memory_utilization, attention_backend=args.attention_backend,
@@ -265,6 +270,10 @@ def add_engine_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--max-model-len", type=int, default=None,
+                    help="the engine's context length (default: the workload's longest request). A server runs "
+                    "with its config's (configs/llama-3.2-1b.toml: 8,192), and the decode attention's split count "
+                    "follows it (kernels/attention_decode.py::choose_num_splits)")
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--kv-cache-memory", default="1GiB")

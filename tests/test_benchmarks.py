@@ -38,6 +38,7 @@ def test_latency_prints_roofline_and_writes_json(tiny_llama_dir, tmp_path, capsy
     assert roof["weight_bytes_read_per_step"] < roof["weight_bytes_total"]
     assert roof["mean_context"] == 16 + 5 / 2
     assert 0 < res["fraction_of_roofline"] == saved["fraction_of_roofline"]
+    assert saved["max_model_len"] == 16 + 5  # the workload's longest request, unless --max-model-len says
 
 
 def test_latency_dummy_batch_counts_tied_embedding_once(tmp_path, capsys):
@@ -45,10 +46,15 @@ def test_latency_dummy_batch_counts_tied_embedding_once(tmp_path, capsys):
     cfg.write_text(json.dumps(TINY_CONFIG))
     res = latency.main(["--dummy", "--config", str(cfg), "--device", "cpu", "--batch-size", "3", "--input-len", "20",
                         "--output-len", "4", "--num-iters", "1", "--max-num-batched-tokens", "64",
-                        "--copy-bytes", str(1 << 20), "--json", str(tmp_path / "b3.json"), "--compile-mode", "default"])
+                        "--copy-bytes", str(1 << 20), "--json", str(tmp_path / "b3.json"), "--compile-mode", "default",
+                        "--max-model-len", "200"])
     assert "roofline" in capsys.readouterr().out
     assert res["compile_mode"] == "default" and res["compile_seconds"] == 0.0  # CPU: no decode graphs to compile
     assert res["median"]["decode_tokens"] == 3 * 3
+    assert res["max_model_len"] == 200  # as a server configures it: the decode attention's splits follow it
+    with pytest.raises(SystemExit, match="max-model-len 23"):
+        latency.main(["--dummy", "--config", str(cfg), "--device", "cpu", "--input-len", "20", "--output-len", "4",
+                      "--num-iters", "1", "--copy-bytes", str(1 << 20), "--max-model-len", "23"])
     h, v, i = TINY_CONFIG["hidden_size"], TINY_CONFIG["vocab_size"], TINY_CONFIG["intermediate_size"]
     per_layer = (4 * 8 * h) * 2 + (2 * 8 * h) * 2 + 3 * h * i + 2 * h
     params = 2 * per_layer + h + v * h  # embedding/lm_head once
