@@ -1,8 +1,8 @@
 """EngineConfig: everything the engine needs to load a model, size its KV cache and schedule steps.
 
-Pydantic, frozen, no environment reads: server/config.py composes this into the ServerConfig (TOML, flags,
-env). Fields that depend on the model (max_model_len) or the machine (dtype/device "auto") are resolved
-by the model runner; the helpers here only do the parts that need no model.
+Pydantic, frozen, no environment reads: server/config.py composes this with the ServerConfig into a
+ServeConfig (TOML, flags, env). Fields that depend on the model (max_model_len) or the machine (dtype/device
+"auto") are resolved by the model runner; the helpers here only do the parts that need no model.
 """
 from __future__ import annotations
 
