@@ -14,7 +14,7 @@ from server.completion_logprobs import CompletionPrompt, generated_logprobs, joi
 from server.generation import (ClientDisconnected, Collected, check_token_ids, collect_all, delta_texts,
                                encode_prompt, submit_all, unless_disconnected)
 from server.http_errors import ApiError
-from server.openai_common import (ADMISSION_NAMES, check_common, continuous_usage, finish_reason, logprob_value,
+from server.openai_common import (admission_names, check_common, continuous_usage, finish_reason, logprob_value,
                                   now_s, sampling_params, sse_choices, usage)
 from server.outputs import RequestOutput, TokenLogprob
 from server.reasoning_parsers import ReasoningStream, applies as reasoning_applies
@@ -78,7 +78,7 @@ async def completions(state: ServerState, request: Request, req: CompletionReque
             prompt_of.append(prompt)
     echo = [p.text if req.echo else "" for p in prompt_of]
     prompt_tokens = sum(len(p.token_ids) for p in prompts)
-    streams = submit_all(state, jobs, ADMISSION_NAMES)
+    streams = submit_all(state, jobs, admission_names("prompt", "max_tokens"))
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -195,7 +195,8 @@ async def chat_completions(state: ServerState, request: Request, req: ChatComple
              sampling_params(state, req, len(ids), max_tokens=max_tokens, max_tokens_field=field,
                              logprobs=logprobs, logprobs_field="top_logprobs", choice=i, grammar=calls))
             for i, job_id in enumerate(engine_ids(rid, n))]
-    streams = submit_all(state, jobs, ADMISSION_NAMES if calls is None else {"grammar": tool_schema_field(req)})
+    streams = submit_all(state, jobs, admission_names("messages", field, "response_format" if calls is None
+                                                      else tool_schema_field(req)))
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -255,7 +256,7 @@ def openai_router() -> APIRouter:
         """OpenAI's retrieve (client.models.retrieve): the served model's card, under its names."""
         state: ServerState = request.app.state.server
         state.require_ready()
-        if model not in (state.model_name, state.engine.config.model):
+        if model not in (state.model_name, state.model_path):
             raise ApiError("not_found", f"model: '{model}' is not served here; this server serves "
                                         f"'{state.model_name}'", "model")
         return card(state)

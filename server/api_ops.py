@@ -6,7 +6,7 @@ from importlib import metadata
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from server.http_errors import ApiError
+from server.http_errors import TRANSIENT_S, ApiError
 from server.metrics import CONTENT_TYPE
 from server.sampling_params import MAX_STOP_SEQUENCES
 from server.schemas_tgi import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
@@ -36,7 +36,7 @@ def info_payload(state: ServerState) -> dict:
     mc, cap = engine.model_config, engine.kv_capacity
     ec = engine.config
     dtype, device = resolved_setting(engine, "dtype"), resolved_setting(engine, "device")
-    longest = min(state.max_model_len, cap.tokens)  # what one request can use: a cache smaller than the context
+    longest = state.longest_sequence  # what one request can use: a cache smaller than the context
     return {
         # TGI's Info fields first (what its clients read), then ours
         "model_id": state.model_name, "model_sha": None, "model_pipeline_tag": "text-generation",
@@ -45,7 +45,7 @@ def info_payload(state: ServerState) -> dict:
         "max_stop_sequences": MAX_STOP_SEQUENCES, "max_input_tokens": longest - 1,
         "max_total_tokens": longest, "max_client_batch_size": cfg.max_choices,
         "validation_workers": 1, "router": "gqa-serve", "sha": None, "docker_label": None,
-        "model_path": ec.model,
+        "model_path": state.model_path,
         "architecture": mc.architecture,
         "dtype": dtype,
         "device": device,
@@ -84,7 +84,10 @@ def ops_router() -> APIRouter:
     @router.get("/health")
     async def health(request: Request) -> JSONResponse:
         status, payload = health_payload(request.app.state.server)
-        return JSONResponse(payload, status_code=status)
+        # as the API routes' 503s: worth a retry while loading, draining or stalled; not once dead or failed
+        passing = status == 503 and payload["status"] in ("loading", "draining", "stalled")
+        return JSONResponse(payload, status_code=status,
+                            headers={"Retry-After": str(TRANSIENT_S)} if passing else None)
 
     @router.get("/metrics")
     async def metrics(request: Request) -> Response:

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from server.generation import (ClientDisconnected, Collected, collect_all, delta_texts, encode_prompt,
+from model.detokenizer import IncrementalDetokenizer
+from server.generation import (ClientDisconnected, Collected, collect_all, encode_prompt,
                                check_prompt_length, resolve_max_new_tokens, submit, submit_all,
                                unless_disconnected, build_params)
 from server.http_errors import ApiError, error_json, failure_error
@@ -90,6 +91,13 @@ def _grammar(p: GenerateParameters) -> dict | None:
     return {"type": g.type, "value": json.dumps(g.value) if isinstance(g.value, dict) else g.value}
 
 
+def _token_texts(state: ServerState) -> IncrementalDetokenizer:
+    """Each generated token's own text, as TGI's token.text is: decoded with special tokens (an eos reads
+    `</s>`), and not held back while it might begin a stop string, as the generated text is (the engine's
+    deltas credit held-back text to a later token)."""
+    return IncrementalDetokenizer(state.engine.tokenizer, [], skip_special_tokens=False)
+
+
 def _token(state: ServerState, token_id: int, text: str, logprob: float | None) -> Token:
     special = token_id in state.engine.tokenizer.all_special_ids
     return Token(id=token_id, text=text, logprob=finite_logprob(logprob), special=special)
@@ -109,8 +117,12 @@ def build_response(state: ServerState, prep: Prepared, got: Collected, p: Genera
     if not p.details:
         return GenerateResponse(generated_text=text)
     logprobs = got.logprobs if len(got.logprobs) == len(got.token_ids) else [None] * len(got.token_ids)
+    texts = _token_texts(state)
+    pieces = [texts.add(tid) for tid in got.token_ids]
+    if pieces:
+        pieces[-1] += texts.flush()
     tokens = [_token(state, tid, txt, lp.logprob if lp else None)
-              for tid, txt, lp in zip(got.token_ids, got.token_texts, logprobs)]
+              for tid, txt, lp in zip(got.token_ids, pieces, logprobs)]
     top = [_top_tokens(state, lp.top) for lp in logprobs if lp] if p.top_n_tokens else []
     prefill: list[PrefillToken] = []
     if p.decoder_input_details:
@@ -172,6 +184,7 @@ def timing_headers(state: ServerState, preps: list[Prepared], results: list[Coll
 async def _events(state: ServerState, prep: Prepared, stream: AsyncIterator[RequestOutput],
                   p: GenerateParameters) -> AsyncIterator[str]:
     text, index, last_id = "", 0, 0
+    texts = _token_texts(state)
     try:
         async with aclosing(stream) as outputs:
             async for out in outputs:
@@ -179,17 +192,19 @@ async def _events(state: ServerState, prep: Prepared, stream: AsyncIterator[Requ
                     yield sse_data(error_json(failure_error(out), openai=False))
                     return
                 text += out.new_text
-                texts = delta_texts(out) or [""]
                 ids = out.new_token_ids or [last_id]
                 lps = out.new_logprobs or []
-                for j, (tid, piece) in enumerate(zip(ids, texts)):
+                for j, tid in enumerate(ids):
                     index += 1
                     last_id = tid
                     lp = lps[j] if j < len(lps) else None
                     final = out.finished and j == len(ids) - 1
+                    piece = texts.add(tid) if out.new_token_ids else ""
+                    if final:
+                        piece += texts.flush()
                     event = StreamResponse(
                         index=index,
-                        token=_token(state, tid, piece if out.new_token_ids else "", lp.logprob if lp else None),
+                        token=_token(state, tid, piece, lp.logprob if lp else None),
                         top_tokens=_top_tokens(state, lp.top) if (lp and p.top_n_tokens) else [],
                         generated_text=((prep.prompt + text) if p.return_full_text else text) if final else None,
                         details=StreamDetails(finish_reason=_finish_reason(out.finish_reason),

@@ -58,7 +58,9 @@ def create_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
     if state.config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(state.config.cors_origins),
                            allow_methods=["GET", "POST", "OPTIONS"],
-                           allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+                           # any request header from an allowed origin, as vLLM's default: the openai JS SDK
+                           # sends X-Stainless-* headers, whose preflight a fixed list refused
+                           allow_headers=["*"],
                            expose_headers=["X-Request-Id"])
     app.add_middleware(ResponseCountMiddleware, state=state,
                        route_paths=frozenset(route.path for router in routers for route in router.routes))

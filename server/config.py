@@ -147,7 +147,9 @@ def field_specs() -> list[FieldSpec]:
         for name, info in model.model_fields.items():
             default = info.get_default(call_default_factory=True)
             shown = default.get_secret_value() and "***" if isinstance(default, SecretStr) else default
-            text = (info.description or name.replace("_", " ")) + f" (default: {shown!r})"
+            text = info.description or name.replace("_", " ")
+            if "(default: " not in text:  # a description may say what an unset (None) default means
+                text += f" (default: {shown!r})"
             specs.append(FieldSpec(section, name, info.annotation, text))
     return specs
 
@@ -165,12 +167,13 @@ def resolve_config_path(value: str) -> Path:
     path = Path(value)
     if path.is_file():
         return path
-    if path.parent == Path(".") and path.suffix != ".toml":  # a preset name ("llama-3.2-1b" has a suffix)
+    preset = path.parent == Path(".") and path.suffix != ".toml"  # a preset name ("llama-3.2-1b" has a suffix)
+    if preset:
         for root in (Path.cwd(), Path(__file__).resolve().parent.parent):
             candidate = root / "configs" / f"{value}.toml"
             if candidate.is_file():
                 return candidate
-    raise ConfigError(f"config: no such file {value!r} (nor configs/{value}.toml)")
+    raise ConfigError(f"config: no such file {value!r}" + (f" (nor configs/{value}.toml)" if preset else ""))
 
 
 def _read_toml(path: Path) -> dict[str, dict[str, Any]]:

@@ -57,22 +57,21 @@ def check_token_ids(state: ServerState, ids: list[int], field: str) -> list[int]
 
 
 def check_prompt_length(state: ServerState, num_tokens: int, field: str) -> None:
-    if num_tokens >= state.max_model_len:
-        raise ApiError("validation", f"{field}: the prompt is {num_tokens:,} tokens but max_model_len is "
-                                     f"{state.max_model_len:,} (prompt plus at least 1 new token must fit)",
-                       field)
+    if num_tokens >= state.longest_sequence:
+        raise ApiError("validation", f"{field}: the prompt is {num_tokens:,} tokens but {state.context_limit()} "
+                                     "(prompt plus at least 1 new token must fit)", field)
 
 
 def resolve_max_new_tokens(state: ServerState, prompt_len: int, requested: int | None, field: str,
                            default: int | None) -> int:
-    """An explicit value must fit the context; the default is capped to whatever room is left."""
-    room = state.max_model_len - prompt_len
+    """An explicit value must fit the context (max_model_len, or a smaller KV cache); the default is capped
+    to whatever room is left."""
+    room = state.longest_sequence - prompt_len
     if requested is None:
         return room if default is None else max(1, min(default, room))
     if requested > room:
         raise ApiError("validation", f"{field}: {requested:,} new tokens plus the {prompt_len:,}-token prompt "
-                                     f"exceed max_model_len {state.max_model_len:,} (at most {room:,} here)",
-                       field)
+                                     f"do not fit: {state.context_limit()} (at most {room:,} here)", field)
     return requested
 
 

@@ -19,10 +19,12 @@ logger = logging.getLogger("gqa_serve.server")
 
 # kind -> HTTP status (TGI family); OpenAI differs only for validation (400)
 STATUS = {"validation": 422, "unauthorized": 401, "not_found": 404, "method_not_allowed": 405,
-          "payload_too_large": 413, "overloaded": 429, "generation": 500, "unavailable": 503}
+          "payload_too_large": 413, "unsupported_media_type": 415, "overloaded": 429, "generation": 500,
+          "unavailable": 503}
 OPENAI_TYPE = {"validation": "invalid_request_error", "unauthorized": "authentication_error",
                "not_found": "not_found_error", "method_not_allowed": "invalid_request_error",
-               "payload_too_large": "invalid_request_error", "overloaded": "rate_limit_error",
+               "payload_too_large": "invalid_request_error", "unsupported_media_type": "invalid_request_error",
+               "overloaded": "rate_limit_error",
                "generation": "server_error", "unavailable": "service_unavailable_error"}
 # Retry-After (seconds) on refusals that pass: a full queue drains in about a second of decoding; a model
 # still loading, a draining or stalled server, a few more (TRANSIENT_S, given where raised). The openai SDK
@@ -30,7 +32,8 @@ OPENAI_TYPE = {"validation": "invalid_request_error", "unauthorized": "authentic
 # a failed load sends none: retrying cannot help
 OVERLOADED_RETRY_S, TRANSIENT_S = 1, 5
 _HTTP_KIND = {400: "validation", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-              413: "payload_too_large", 422: "validation", 429: "overloaded", 503: "unavailable"}
+              413: "payload_too_large", 415: "unsupported_media_type", 422: "validation", 429: "overloaded",
+              503: "unavailable"}
 
 
 class ApiError(Exception):

@@ -1,4 +1,5 @@
-"""The gate in front of every route (bearer auth, drain refusal, request-body size limit), the request id,
+"""The gate in front of every route (bearer auth, drain refusal, a JSON body's content type and size limit),
+the request id,
 and the response counter.
 
 A plain ASGI middleware (not BaseHTTPMiddleware) so `receive` keeps delivering http.disconnect to the
@@ -63,6 +64,15 @@ class GateMiddleware:
             return
         if scope["method"] not in _BODY_METHODS:
             await self.app(scope, receive, send)
+            return
+        media = (_header(scope, b"content-type") or b"").split(b";")[0].strip().lower()
+        if media != b"application/json":
+            # every body here is JSON, and FastAPI reads one only under that type: a form-encoded one (curl -d
+            # without -H) was a 422 about a dictionary
+            sent = repr(media.decode("latin-1")) if media else "none sent"
+            err = ApiError("unsupported_media_type", f"content-type: {sent}; send the JSON body with "
+                           "'Content-Type: application/json' (TGI answers 415 too)", "content-type")
+            await error_response(err, path, {"Connection": "close"})(scope, receive, send)  # body left unread
             return
         replay = await self._read_body(scope, receive, send, path)
         if replay is not None:

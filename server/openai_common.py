@@ -23,7 +23,12 @@ from server.state import ServerState
 from server.tool_parsers import model_writes_calls
 
 FINISH_REASON = {"length": "length", "stop": "stop", "eos_token": "stop"}
-ADMISSION_NAMES = {"grammar": "response_format"}  # the engine's field names -> OpenAI's, for submit_all
+
+
+def admission_names(prompt_field: str, max_tokens_field: str, grammar_field: str = "response_format") -> dict:
+    """The engine's field names -> this request's, for submit_all's refusals (the scheduler's KV-cache check
+    names `inputs` and `max_new_tokens`, TGI's words)."""
+    return {"inputs": prompt_field, "max_new_tokens": max_tokens_field, "grammar": grammar_field}
 
 
 def finish_reason(reason: str | None) -> str | None:
@@ -40,8 +45,7 @@ PLACEHOLDER_MODELS = ("dummy", "tgi")
 
 
 def check_common(state: ServerState, req: SamplingFields, num_choices: int) -> None:
-    if req.model is not None and req.model not in (state.model_name, state.engine.config.model,
-                                                   *PLACEHOLDER_MODELS):
+    if req.model is not None and req.model not in (state.model_name, state.model_path, *PLACEHOLDER_MODELS):
         raise ApiError("not_found", f"model: '{req.model}' is not served here; this server serves "
                                     f"'{state.model_name}'", "model")
     if req.stream_options is not None and not req.stream:
@@ -60,7 +64,7 @@ def sampling_params(state: ServerState, req: SamplingFields, prompt_len: int, *,
     # n > 1 with a seed: one reproducible but distinct stream per choice
     seed = None if req.seed is None else (req.seed + choice) % 2**63
     names = {"max_new_tokens": max_tokens_field, "min_new_tokens": "min_tokens", "logprobs": logprobs_field,
-             **ADMISSION_NAMES}
+             "grammar": "response_format"}
     bias = {}
     for key, value in (req.logit_bias or {}).items():
         try:

@@ -125,8 +125,26 @@ class ServerState:
         return Path(model).name if model else DEFAULT_MODEL
 
     @property
+    def model_path(self) -> str | None:
+        """The model directory served: the configured one, or the default model's converted directory."""
+        return self.engine.config.model or getattr(self.engine, "model_dir", None)
+
+    @property
     def max_model_len(self) -> int:
         return int(self.engine.max_model_len)
+
+    @property
+    def longest_sequence(self) -> int:
+        """The most tokens (prompt + new) one request can hold: max_model_len, or the whole KV cache when
+        that is smaller (start-up warns then); /info's max_total_tokens, and the room a default fills."""
+        return min(self.max_model_len, int(self.engine.kv_capacity.tokens))
+
+    def context_limit(self) -> str:
+        """What sets longest_sequence, for error messages."""
+        tokens = int(self.engine.kv_capacity.tokens)
+        if tokens < self.max_model_len:
+            return f"the whole KV cache holds {tokens:,} (kv_cache_memory; max_model_len is {self.max_model_len:,})"
+        return f"max_model_len is {self.max_model_len:,}"
 
     @property
     def sampling_defaults(self) -> dict[str, float]:

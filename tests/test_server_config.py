@@ -120,8 +120,17 @@ def test_a_value_is_shown_once():
 
 
 def test_missing_config_file_is_named():
-    with pytest.raises(ConfigError, match="no such file"):
+    with pytest.raises(ConfigError, match=r"no such file 'does-not-exist' \(nor configs/does-not-exist.toml\)"):
         load_config({}, "does-not-exist", environ={})
+    with pytest.raises(ConfigError) as info:  # a path is not a preset name: no configs/ guess to add
+        load_config({}, "/tmp/nowhere/x.toml", environ={})
+    assert str(info.value) == "config: no such file '/tmp/nowhere/x.toml'"
+
+
+def test_help_shows_each_default_once():
+    from server.config import field_specs
+    for spec in field_specs():
+        assert spec.help.count("(default: ") == 1, spec.help
 
 
 def test_a_boolean_is_refused_for_a_setting_that_is_not_one_from_python_too():

@@ -169,3 +169,17 @@ def test_openai_client_raises_on_bad_request(oai):
     with pytest.raises(openai.BadRequestError) as info:
         oai.completions.create(model="fake-model", prompt="x", max_tokens=10**6)
     assert "max_model_len" in str(info.value)
+
+
+def test_the_default_models_directory_is_a_name_it_serves_by():
+    """Served without `model` (the default model, converted into the model cache), the directory's path was
+    a 404 as `model` and null as /info's model_path; with `--model <that path>` both worked."""
+    from server.engine_config import EngineConfig
+    config = EngineConfig(model=None, max_model_len=1024, device="cpu", dtype="float32")
+    with fake_server(engine_config=config) as s:
+        s.engine.model_dir = "/cache/gqa-serve/models/smollm2-135m"
+        assert httpx.get(s.url + "/info").json()["model_path"] == s.engine.model_dir
+        r = httpx.post(s.url + "/v1/completions", json={"model": s.engine.model_dir, "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        r = httpx.post(s.url + "/v1/completions", json={"model": "/elsewhere", "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 404

@@ -67,6 +67,22 @@ def test_bad_tgi_input_is_4xx_naming_field(server, body, field):
     assert err["error_type"] == "validation" and err["error"].startswith(field), err
 
 
+@pytest.mark.parametrize("path", ["/generate", "/v1/completions"])
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "text/plain"])
+def test_a_body_that_is_not_json_is_415_naming_the_content_type(server, path, content_type):
+    """curl -d without -H sends a form type: the valid JSON in it was a 422 about a dictionary."""
+    body = '{"inputs": "x"}' if path == "/generate" else '{"prompt": "x", "max_tokens": 1}'
+    r = httpx.post(server.url + path, content=body, headers={"content-type": content_type}, timeout=30)
+    assert r.status_code == 415, r.text
+    text = r.text
+    assert "content-type" in text and content_type in text and "application/json" in text
+    for ok in ("application/json; charset=utf-8", "Application/JSON"):
+        r = httpx.post(server.url + path, content=body, headers={"content-type": ok}, timeout=30)
+        assert r.status_code == 200, r.text
+    r = httpx.post(server.url + path, content=body, timeout=30)
+    assert r.status_code == 415 and "none sent" in r.text
+
+
 def test_length_errors_name_both_numbers(server):
     r = post_raw(server.url, "/generate", '{"inputs": "' + "a" * 2000 + '"}').json()["error"]
     assert "2,001" in r and "1,024" in r
@@ -170,6 +186,9 @@ def test_cors_closed_unless_configured(server):
     with fake_server(ServerConfig(cors_origins=("https://ok.example",), stats_log_interval_s=0)) as s:
         r = httpx.options(s.url + "/generate", headers={**pre, "Origin": "https://ok.example"})
         assert r.headers["access-control-allow-origin"] == "https://ok.example"
+        sdk = {**pre, "Origin": "https://ok.example", "Access-Control-Request-Headers": "x-stainless-os,authorization"}
+        r = httpx.options(s.url + "/v1/chat/completions", headers=sdk)  # the openai JS SDK's preflight
+        assert r.status_code == 200 and "x-stainless-os" in r.headers["access-control-allow-headers"].lower()
         r = httpx.options(s.url + "/generate", headers=pre)
         assert r.headers.get("access-control-allow-origin") != "https://evil.example"
 
@@ -179,13 +198,14 @@ def test_health_loading_then_ready_then_dead():
     srv.wait_ready = False
     with srv as s:
         r = httpx.get(s.url + "/health")
-        assert r.status_code == 503 and r.json()["status"] == "loading"
+        assert r.status_code == 503 and r.json()["status"] == "loading" and r.headers["retry-after"] == "5"
         r = httpx.post(s.url + "/generate", json={"inputs": "x"})
         assert r.status_code == 503 and r.headers["retry-after"] == "5"  # clients wait that long to retry
         assert httpx.get(s.url + "/metrics").status_code == 200
         s.wait_healthy()
         s.app.state.server.engine.kill()
-        assert httpx.get(s.url + "/health").json()["status"] == "dead"
+        r = httpx.get(s.url + "/health")
+        assert r.json()["status"] == "dead" and "retry-after" not in r.headers
         r = httpx.post(s.url + "/generate", json={"inputs": "x"})
         assert r.status_code == 503 and "retry-after" not in r.headers  # retrying a dead engine cannot help
 
