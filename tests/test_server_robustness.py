@@ -36,6 +36,9 @@ BAD_TGI = [
     ("unknown field", '{"inputs": "x", "parameters": {"foo": 1}}', "parameters.foo"),
     ("negative temperature", '{"inputs": "x", "parameters": {"temperature": -1}}', "parameters.temperature"),
     ("top_p zero", '{"inputs": "x", "parameters": {"top_p": 0}}', "parameters.top_p"),
+    ("string number", '{"inputs": "x", "parameters": {"max_new_tokens": "5"}}', "parameters.max_new_tokens"),
+    ("boolean number", '{"inputs": "x", "parameters": {"seed": true, "do_sample": true}}', "parameters.seed"),
+    ("number boolean", '{"inputs": "x", "parameters": {"details": 1}}', "parameters.details"),
     ("top_p above one", '{"inputs": "x", "parameters": {"top_p": 1.5}}', "parameters.top_p"),
     ("zero new tokens", '{"inputs": "x", "parameters": {"max_new_tokens": 0}}', "parameters.max_new_tokens"),
     ("negative seed", '{"inputs": "x", "parameters": {"seed": -3}}', "parameters.seed"),
@@ -102,6 +105,13 @@ BAD_OPENAI = [
     ("/v1/chat/completions", '{"messages": [{"role": "wizard", "content": "x"}]}', "messages.0.role"),
     ("/v1/chat/completions", '[]', "body"),
     ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "x"}], "top_k": -5}', "top_k"),
+    # JSON of another type that pydantic's lax mode converted ("2" or true as 2 or 1): OpenAI refuses them
+    ("/v1/completions", '{"prompt": "x", "max_tokens": "2"}', "max_tokens"),
+    ("/v1/completions", '{"prompt": "x", "max_tokens": true}', "max_tokens"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "x"}], "n": true}', "n"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "stream"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "x"}], "logprobs": 1}', "logprobs"),
+    ("/v1/completions", '{"prompt": "x", "temperature": "0.5"}', "temperature"),
 ]
 
 
