@@ -75,7 +75,10 @@ def prepare(state: ServerState, prompt: str, p: GenerateParameters, *, want_logp
         _NAMES, temperature=(p.temperature if p.temperature is not None else 1.0) if sampling else 0.0,
         top_k=p.top_k or 0, top_p=p.top_p if p.top_p is not None else 1.0,
         repetition_penalty=p.repetition_penalty if p.repetition_penalty is not None else 1.0,
-        frequency_penalty=p.frequency_penalty or 0.0, seed=seed, max_new_tokens=max_new,
+        frequency_penalty=p.frequency_penalty or 0.0, max_new_tokens=max_new,
+        # TGI's seeds are u64, the engine's below 2**63: the upper half folds onto the lower, as the OpenAI
+        # routes fold negative seeds; details.seed reports the one sent
+        seed=None if seed is None else seed % 2**63,
         stop=tuple(p.stop or ()), include_stop_str_in_output=True, logprobs=top_n if (want_logprobs or top_n) else None,
         prompt_logprobs=bool(p.details and p.decoder_input_details), grammar=_grammar(p))
     return Prepared(prompt, ids, params, seed)

@@ -34,7 +34,7 @@ class GenerateParameters(RequestModel):
     max_new_tokens: int | None = Field(None, ge=1, description="default: 100, capped by the context left")
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     return_full_text: bool | None = Field(False, description="prepend the prompt to generated_text")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(None, ge=0, le=2**64 - 1, description="TGI's u64")
     stop: list[Text] | None = Field(None, max_length=MAX_STOP_SEQUENCES,
                                     description=f"at most {MAX_STOP_SEQUENCES} stop sequences")
     temperature: float | None = Field(None, ge=0.0, le=100.0, description="0: greedy")

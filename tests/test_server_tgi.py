@@ -55,6 +55,10 @@ def test_greedy_is_deterministic_and_sampling_reports_seed(client):
     assert isinstance(r.json()["details"]["seed"], int)
     seeded = {"inputs": "x", "parameters": {"do_sample": True, "seed": 7, "max_new_tokens": 8}}
     assert client.post("/generate", json=seeded).json() == client.post("/generate", json=seeded).json()
+    # TGI's seeds are u64: one past int64 is served (it was a 422) and reported as sent
+    big = {"inputs": "x", "parameters": {"do_sample": True, "seed": 2**64 - 1, "max_new_tokens": 4, "details": True}}
+    r = client.post("/generate", json=big)
+    assert r.status_code == 200 and r.json()["details"]["seed"] == 2**64 - 1
 
 
 def test_finish_reasons_map_to_tgi_names(client):
