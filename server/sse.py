@@ -10,9 +10,14 @@ from starlette.types import Receive, Scope, Send
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+# Line breaks to Python's str.splitlines (and so to httpx's iter_lines) that JSON leaves raw in a string: a
+# token of U+2028 split one event's line in two for such clients. Escaped, the JSON reads the same.
+_LINE_BREAKS = str.maketrans({"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse_data(payload: str) -> str:
-    """One event; payload is a single line of JSON (json.dumps escapes newlines)."""
-    return f"data: {payload}\n\n"
+    """One event; payload is a single line of JSON (json.dumps escapes newlines; the rest are escaped here)."""
+    return f"data: {payload.translate(_LINE_BREAKS)}\n\n"
 
 
 class EventStreamResponse(StreamingResponse):

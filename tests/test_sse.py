@@ -36,3 +36,17 @@ def test_a_stream_that_keeps_up_writes_each_event():
 def test_events_held_at_the_end_are_flushed():
     writes = body_writes(EventStreamResponse(numbered(4), more_ready=lambda: True))
     assert writes == [b"data: 0\n\ndata: 1\n\ndata: 2\n\ndata: 3\n\n"]
+
+
+def test_an_event_is_one_line_to_every_line_splitter():
+    """U+2028, U+2029 and U+0085 are line breaks to Python's str.splitlines (httpx's iter_lines) and JSON
+    leaves them raw in a string: a generated U+2028 cut its event in two, whose JSON then failed to parse."""
+    import json
+
+    from server.sse import sse_data
+    text = "a\u2028b\u2029c\u0085d \u00e9\u2603"
+    event = sse_data(json.dumps({"text": text}, ensure_ascii=False))
+    lines = event.splitlines()
+    assert lines[0].startswith("data: ") and lines[1:] == [""]
+    assert json.loads(lines[0][len("data: "):]) == {"text": text}
+    assert "\u00e9\u2603" in event  # other characters stay as they are
