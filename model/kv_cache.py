@@ -30,6 +30,11 @@ class KVCache:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         storage = torch.empty(config.num_hidden_layers, 2, num_blocks, block_size, config.num_kv_heads,
                               config.head_dim, dtype=dtype, device=device)
+        if storage.device.type == "cpu":
+            # commit every page now: the OS maps them on first write, and the allocator hands out every block
+            # before it reuses one (oldest freed first, for the prefix cache), so the process grew by the whole
+            # cache over minutes of traffic, and memory that is not there failed then, not at start-up
+            storage.zero_()
         return cls(storage)
 
     @staticmethod

@@ -402,3 +402,22 @@ def test_config_reads_eos_list_and_head_dim(broken_dir):
     assert config.eos_token_ids == (2, 7)
     assert config.head_dim == 32
     assert config.kv_bytes_per_token(4) == 2 * 2 * 2 * 32 * 4
+
+
+def test_a_cpu_kv_cache_is_resident_from_the_start():
+    """The OS maps a fresh allocation's pages on first write, and BlockAllocator reuses the oldest freed
+    block, so a lazily mapped cache grew the process by its whole size over minutes of traffic (a soak run:
+    419 to 1,103 MiB in 4 minutes) and ran out of memory then rather than at start-up."""
+    from model.config import ModelConfig
+
+    def rss_kib() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    config = ModelConfig(architecture="LlamaForCausalLM", vocab_size=64, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         max_position_embeddings=512)
+    before = rss_kib()
+    cache = KVCache.allocate(config, 2048, 64, torch.float32, "cpu")  # 4 x 2 x 2,048 x 64 x 2 x 16 x 4 B = 128 MiB
+    grown = rss_kib() - before
+    assert cache.storage.nbytes == 128 * 2**20
+    assert grown >= 0.9 * 128 * 1024, f"only {grown} KiB of the cache's 131,072 are resident"
