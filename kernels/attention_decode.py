@@ -51,8 +51,9 @@ def _split_len(seq_len, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr):
 @triton.jit
 def _split_range(seq_len, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr):
     """Keys [lo, hi) of this program's split: a whole number of BLOCK_N tiles of the sequence's context."""
-    lo = tl.program_id(2) * _split_len(seq_len, BLOCK_N, NUM_SPLITS)
-    return lo, tl.minimum(lo + _split_len(seq_len, BLOCK_N, NUM_SPLITS), seq_len)
+    split_len = _split_len(seq_len, BLOCK_N, NUM_SPLITS)
+    lo = tl.program_id(2) * split_len
+    return lo, tl.minimum(lo + split_len, seq_len)
 
 
 @triton.jit
