@@ -62,7 +62,25 @@ def test_tgi_refusal_names_the_cache(live):
     assert r.json()["error"].startswith("parameters.max_new_tokens") and "KV cache" in r.json()["error"]
 
 
-def test_admission_names_map_the_schedulers_words():
-    from server.openai_common import admission_names
-    assert admission_names("messages", "max_completion_tokens") == {
-        "inputs": "messages", "max_new_tokens": "max_completion_tokens", "grammar": "response_format"}
+@pytest.mark.parametrize("field, path, body, param", [
+    ("inputs", "/v1/completions", {"prompt": "hi", "max_tokens": 2}, "prompt"),
+    ("max_new_tokens", "/v1/completions", {"prompt": "hi", "max_tokens": 2}, "max_tokens"),
+    ("inputs", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, "messages"),
+    ("max_new_tokens", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 2}, "max_completion_tokens"),
+])
+def test_an_engine_refusal_names_the_routes_own_field(field, path, body, param):
+    """The scheduler's refusals (server/scheduler.py: the KV-cache check) speak TGI's words, `inputs` and
+    `max_new_tokens`; past the routes' own checks (a race with the cache, another engine), the OpenAI
+    routes answer with their field names."""
+    from server.outputs import AdmissionError
+    from tests.live_server import fake_server
+
+    def refuse(*_args):
+        raise AdmissionError(f"{field}: refused by the engine", field)
+    with fake_server() as s:
+        s.engine.add_request = refuse
+        r = httpx.post(s.url + path, json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"] == f"{param}: refused by the engine", err
