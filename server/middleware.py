@@ -3,8 +3,9 @@ the request id,
 and the response counter.
 
 A plain ASGI middleware (not BaseHTTPMiddleware) so `receive` keeps delivering http.disconnect to the
-handlers behind it. The body is read here, up to max_payload_bytes, and replayed to the app: a declared
-Content-Length over the limit is refused before reading, a chunked body as soon as it crosses the limit.
+handlers behind it. The body is read here, up to max_payload_bytes, and replayed to the app: a body over the
+limit (declared in Content-Length or found while reading) is refused with a 413. A refused body is read to its end
+and dropped first, up to DRAIN_FACTOR times the limit (see `_discard_body`).
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ REQUEST_ID_HEADER = b"x-request-id"
 # Heroku's router and Rails do, rather than failing the request
 _CLIENT_ID = re.compile(rb"[A-Za-z0-9._:/+@-]{1,128}")
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# how much of a refused body is read and dropped before the answer, as a multiple of max_payload_bytes
+DRAIN_FACTOR = 16
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
@@ -72,7 +75,8 @@ class GateMiddleware:
             sent = repr(media.decode("latin-1")) if media else "none sent"
             err = ApiError("unsupported_media_type", f"content-type: {sent}; send the JSON body with "
                            "'Content-Type: application/json' (TGI answers 415 too)", "content-type")
-            await error_response(err, path, {"Connection": "close"})(scope, receive, send)  # body left unread
+            await _discard_body(scope, receive, DRAIN_FACTOR * self.state.config.max_payload_bytes)
+            await error_response(err, path, {"Connection": "close"})(scope, receive, send)
             return
         replay = await self._read_body(scope, receive, send, path)
         if replay is not None:
@@ -93,6 +97,8 @@ class GateMiddleware:
                 await error_response(err, path, {"Connection": "close"})(scope, receive, send)
                 return None
             if size > limit:
+                if size <= DRAIN_FACTOR * limit:
+                    await _discard_body(scope, receive, DRAIN_FACTOR * limit)
                 await error_response(too_large, path, {"Connection": "close"})(scope, receive, send)
                 return None
         chunks: list[bytes] = []
@@ -104,6 +110,8 @@ class GateMiddleware:
             chunk = message.get("body", b"")
             total += len(chunk)
             if total > limit:
+                if message.get("more_body", False):
+                    await _discard_body(scope, receive, DRAIN_FACTOR * limit - total)
                 await error_response(too_large, path, {"Connection": "close"})(scope, receive, send)
                 return None
             chunks.append(chunk)
@@ -120,6 +128,23 @@ class GateMiddleware:
             return await receive()
 
         return replay
+
+
+async def _discard_body(scope: Scope, receive: Receive, budget: int) -> None:
+    """Read the rest of a refused body and drop it, up to `budget` bytes. Why: a client still sending when the
+    error comes (most send the headers, then the body) met a connection reset instead of the 4xx, because a
+    socket closed with unread bytes is reset by the kernel, and a reset can overtake the answer. Past the
+    budget the answer goes out anyway. A client that asked `Expect: 100-continue` has sent nothing yet and
+    is answered at once (reading would invite the body)."""
+    if (_header(scope, b"expect") or b"").lower() == b"100-continue":
+        return
+    while budget > 0:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        budget -= len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 def request_id(scope: Scope) -> str | None:

@@ -142,6 +142,39 @@ def test_payload_limit_declared_and_streamed():
         assert post_raw(s.url, "/generate", '{"inputs": "small"}').status_code == 200
 
 
+def _send_headers_then_body(url: str, headers: str, body: bytes) -> bytes:
+    """As most clients send a request: the headers, then the body, here after the server has had time to
+    answer. Returns the status line, or the name of the socket error the client met."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        try:
+            sock.sendall(f"POST /generate HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
+            time.sleep(0.05)
+            sock.sendall(body)
+            return sock.recv(4096).split(b"\r\n")[0]
+        except OSError as err:
+            return type(err).__name__.encode()
+
+
+def test_a_refused_body_still_being_sent_reads_its_4xx_not_a_reset():
+    """The 413 (and 415) went out, and the socket closed, while the client was still sending its body: the
+    kernel resets a socket closed with unread bytes, and the client met a broken pipe or a reset instead of
+    the error. A refused body is now read and dropped (up to 16x the limit) before the answer. The body is
+    larger than the loopback socket's buffers, or the answer arrives before the reset."""
+    limit = 256 * 1024
+    with fake_server(ServerConfig(max_payload_bytes=limit, stats_log_interval_s=0)) as s:
+        body = b'{"inputs": "' + b"a" * (8 * limit) + b'"}'
+        declared = f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        chunked = "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:limit // 2], body[limit // 2:]))
+        as_text = f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
+        for _ in range(3):
+            assert _send_headers_then_body(s.url, declared, body) == b"HTTP/1.1 413 Request Entity Too Large"
+            assert _send_headers_then_body(s.url, chunked, chunks + b"0\r\n\r\n").startswith(b"HTTP/1.1 413")
+            assert _send_headers_then_body(s.url, as_text, body).startswith(b"HTTP/1.1 415")
+        assert post_raw(s.url, "/generate", '{"inputs": "small"}').status_code == 200
+
+
 def test_auth_default_deny_except_health_and_metrics():
     with fake_server(ServerConfig(api_key="s3cret", stats_log_interval_s=0)) as s:
         assert httpx.get(s.url + "/health").status_code == 200
