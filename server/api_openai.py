@@ -125,7 +125,8 @@ async def completions(state: ServerState, request: Request, req: CompletionReque
 
 
 # chat ----------------------------------------------------------------------------------------------------
-def _chat_prompt(state: ServerState, req: ChatCompletionRequest) -> tuple[str, list[int]]:
+def chat_text(state: ServerState, req: ChatCompletionRequest) -> str:
+    """The request's messages (and tools) through the model's chat template, after the checks on them."""
     refusals = (("chat_template", req.chat_template is not None, "custom chat templates are not accepted; "
                                                                  "the model's own template is used"),
                 ("top_logprobs", req.top_logprobs is not None and not req.logprobs, "requires logprobs=true"))
@@ -157,7 +158,7 @@ def _chat_prompt(state: ServerState, req: ChatCompletionRequest) -> tuple[str, l
                                        **extra)
     except Exception as exc:  # noqa: BLE001 - a template's raise_exception() is the caller's fault
         raise ApiError("validation", f"messages: the chat template refused them ({exc})", "messages") from None
-    return text, encode_prompt(state, text, "messages", add_special_tokens=False)
+    return text
 
 
 def _chat_logprobs(state: ServerState, token_ids: list[int], lps: list[TokenLogprob]) -> ChatLogprobs:
@@ -177,7 +178,8 @@ async def chat_completions(state: ServerState, request: Request, req: ChatComple
     n = req.n or 1
     state.require_ready()
     check_common(state, req, n)
-    prompt, ids = _chat_prompt(state, req)
+    prompt = chat_text(state, req)
+    ids = encode_prompt(state, prompt, "messages", add_special_tokens=False)
     if req.max_completion_tokens is not None:
         max_tokens, field = req.max_completion_tokens, "max_completion_tokens"
     else:

@@ -1,4 +1,4 @@
-"""Operational routes: /health, /metrics, /info, /tokenize, /detokenize."""
+"""Operational routes: /health, /metrics, /info, /tokenize, /detokenize (the last two in vLLM's shapes)."""
 from __future__ import annotations
 
 from importlib import metadata
@@ -9,7 +9,10 @@ from fastapi.responses import JSONResponse, Response
 from server.http_errors import TRANSIENT_S, ApiError
 from server.metrics import CONTENT_TYPE
 from server.sampling_params import MAX_STOP_SEQUENCES
-from server.schemas_tgi import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+from server.api_openai import chat_text
+from server.openai_common import check_model
+from server.schemas_openai import ChatCompletionRequest
+from server.schemas_tokenize import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from server.state import Phase, ServerState, resolved_setting
 
 
@@ -103,25 +106,45 @@ def ops_router() -> APIRouter:
     async def tokenize(request: Request, body: TokenizeRequest) -> TokenizeResponse:
         state: ServerState = request.app.state.server
         state.require_ready()
-        if len(body.inputs) > state.prompt_char_limit:
-            raise ApiError("validation", f"inputs: {len(body.inputs):,} characters, over the limit of "
-                                         f"{state.prompt_char_limit:,} (max_prompt_chars)", "inputs")
+        check_model(state, body.model)
         tok = state.engine.tokenizer
-        ids = list(tok.encode(body.inputs, add_special_tokens=body.add_special_tokens))
-        return TokenizeResponse(ids=ids, pieces=[tok.id_to_piece(i) for i in ids], count=len(ids),
-                                max_model_len=state.max_model_len)
+        ids = list(tok.encode(tokenize_text(state, body), add_special_tokens=body.add_special_tokens
+                              if body.add_special_tokens is not None else body.messages is None))
+        strs = [tok.id_to_piece(i) for i in ids] if body.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=state.max_model_len, tokens=ids, token_strs=strs)
 
     @router.post("/detokenize", response_model=DetokenizeResponse)
     async def detokenize(request: Request, body: DetokenizeRequest) -> DetokenizeResponse:
         state: ServerState = request.app.state.server
         state.require_ready()
-        if body.ids:
-            vocab = int(state.engine.tokenizer.vocab_size)
-            bad = next((i for i in body.ids if not 0 <= i < vocab), None)
-            if bad is not None:
-                raise ApiError("validation", f"ids: token id {bad} is outside the vocabulary (0..{vocab - 1})",
-                               "ids")
-        text = state.engine.tokenizer.decode(body.ids, skip_special_tokens=body.skip_special_tokens)
-        return DetokenizeResponse(text=text)
+        check_model(state, body.model)
+        vocab = int(state.engine.tokenizer.vocab_size)
+        bad = next((i for i in body.tokens if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise ApiError("validation", f"tokens: token id {bad} is outside the vocabulary (0..{vocab - 1})",
+                           "tokens")
+        return DetokenizeResponse(prompt=state.engine.tokenizer.decode(
+            body.tokens, skip_special_tokens=bool(body.skip_special_tokens)))
 
     return router
+
+
+def tokenize_text(state: ServerState, body: TokenizeRequest) -> str:
+    """The text /tokenize encodes: the prompt as sent, or the messages through the chat template."""
+    given = [name for name in ("prompt", "inputs", "messages") if getattr(body, name) is not None]
+    if len(given) != 1:
+        raise ApiError("validation", f"{given[1] if given else 'prompt'}: send exactly one of prompt, inputs "
+                                     "and messages", given[1] if given else "prompt")
+    if body.messages is None:
+        chat_only = next((name for name in ("tools", "chat_template_kwargs") if getattr(body, name) is not None),
+                         None)
+        if chat_only is not None:
+            raise ApiError("validation", f"{chat_only}: only with messages", chat_only)
+        text = body.prompt if body.prompt is not None else body.inputs
+        if len(text) > state.prompt_char_limit:
+            raise ApiError("validation", f"{given[0]}: {len(text):,} characters, over the limit of "
+                                         f"{state.prompt_char_limit:,} (max_prompt_chars)", given[0])
+        return text
+    return chat_text(state, ChatCompletionRequest(
+        messages=body.messages, tools=body.tools, chat_template_kwargs=body.chat_template_kwargs,
+        add_generation_prompt=body.add_generation_prompt))

@@ -44,10 +44,14 @@ def now_s() -> int:
 PLACEHOLDER_MODELS = ("dummy", "tgi")
 
 
-def check_common(state: ServerState, req: SamplingFields, num_choices: int) -> None:
-    if req.model is not None and req.model not in (state.model_name, state.model_path, *PLACEHOLDER_MODELS):
-        raise ApiError("not_found", f"model: '{req.model}' is not served here; this server serves "
+def check_model(state: ServerState, model: str | None) -> None:
+    if model is not None and model not in (state.model_name, state.model_path, *PLACEHOLDER_MODELS):
+        raise ApiError("not_found", f"model: '{model}' is not served here; this server serves "
                                     f"'{state.model_name}'", "model")
+
+
+def check_common(state: ServerState, req: SamplingFields, num_choices: int) -> None:
+    check_model(state, req.model)
     if req.stream_options is not None and not req.stream:
         raise ApiError("validation", "stream_options: only with stream true", "stream_options")
     if num_choices > state.config.max_choices:

@@ -57,16 +57,6 @@ class CompatGenerateRequest(GenerateRequest):
     """POST / (TGI's compat route): the same body; `stream` picks /generate or /generate_stream."""
 
 
-class TokenizeRequest(RequestModel):
-    inputs: Text
-    add_special_tokens: bool = True
-
-
-class DetokenizeRequest(RequestModel):
-    ids: list[int] = Field(..., max_length=1 << 17)
-    skip_special_tokens: bool = True
-
-
 # responses ---------------------------------------------------------------------------------------------
 FinishReason = Literal["length", "eos_token", "stop_sequence"]
 
@@ -116,14 +106,3 @@ class StreamResponse(ResponseModel):
 class ErrorResponse(ResponseModel):
     error: str
     error_type: str
-
-
-class TokenizeResponse(ResponseModel):
-    ids: list[int]
-    pieces: list[str]
-    count: int
-    max_model_len: int
-
-
-class DetokenizeResponse(ResponseModel):
-    text: str
