@@ -114,7 +114,7 @@ def submit(state: ServerState, prompt_ids: list[int], params: SamplingParams, re
         raise ApiError(kind, f"server: {exc}") from None
     except EngineDeadError as exc:
         raise ApiError("unavailable", f"engine: {exc}") from None
-    return _tracked(state, request_id, stream, arrival, names or {})
+    return _tracked(state, request_id, stream, arrival, len(prompt_ids), names or {})
 
 
 def submit_all(state: ServerState, jobs: list[tuple[str, list[int], SamplingParams]],
@@ -133,7 +133,8 @@ def submit_all(state: ServerState, jobs: list[tuple[str, list[int], SamplingPara
 
 
 async def _tracked(state: ServerState, request_id: str, stream: AsyncIterator[RequestOutput],
-                   arrival: float, names: Mapping[str, str] | None = None) -> AsyncIterator[RequestOutput]:
+                   arrival: float, prompt_tokens: int,
+                   names: Mapping[str, str] | None = None) -> AsyncIterator[RequestOutput]:
     m = state.metrics
     first_token_at = last_token_time = queue_time = None  # monotonic times; seconds
     # the tokens of one engine step (several with speculative decoding, each its own output) share the gap
@@ -177,7 +178,8 @@ async def _tracked(state: ServerState, request_id: str, stream: AsyncIterator[Re
             state.engine.abort(request_id)
             m.request_success.labels("abort").inc()
         if state.config.log_requests:
-            log_ended(request_id, final, output_tokens=output_tokens, queue_time=queue_time, arrival=arrival,
+            log_ended(request_id, final, prompt_tokens=prompt_tokens, output_tokens=output_tokens,
+                      queue_time=queue_time, arrival=arrival,
                       first_token_at=first_token_at, now=time.monotonic())
 
 

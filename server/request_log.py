@@ -35,13 +35,12 @@ def engine_ids(response: str, count: int) -> list[str]:
     return [f"{response}-{index}-{tag}" for index in range(count)]
 
 
-def log_ended(engine_id: str, final: RequestOutput | None, *, output_tokens: int, queue_time: float | None,
-              arrival: float, first_token_at: float | None, now: float) -> None:
-    """`final`: the last output, or None when the request was aborted before it (client gone, sibling failed)."""
-    fields = [f"finish={final.finish_reason if final is not None else 'abort'}"]
-    if final is not None:
-        fields.append(f"prompt_tokens={final.num_prompt_tokens}")
-    fields.append(f"output_tokens={output_tokens}")
+def log_ended(engine_id: str, final: RequestOutput | None, *, prompt_tokens: int, output_tokens: int,
+              queue_time: float | None, arrival: float, first_token_at: float | None, now: float) -> None:
+    """`final`: the last output, or None when the request was aborted before it (client gone, sibling failed).
+    prompt_tokens: as submitted (an engine that died answers its failure with no count)."""
+    fields = [f"finish={final.finish_reason if final is not None else 'abort'}", f"prompt_tokens={prompt_tokens}",
+              f"output_tokens={output_tokens}"]
     if queue_time is not None:
         fields.append(f"queue_s={queue_time:.3f}")
     if first_token_at is not None:

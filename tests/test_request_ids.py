@@ -120,6 +120,7 @@ def test_a_failed_request_logs_a_warning_with_its_error(client, caplog):
     assert line.levelno == logging.WARNING
     fields = log_fields(line)[1]
     assert fields["finish"] == "error" and fields["error"] == "simulated engine failure"
+    assert fields["prompt_tokens"] == "5"  # <s> F A I L, as submitted: a dead engine's failure carries no count
 
 
 def test_a_client_that_leaves_is_logged_as_an_abort(server, client, caplog):
@@ -138,7 +139,7 @@ def test_a_client_that_leaves_is_logged_as_an_abort(server, client, caplog):
         server.engine.step_delay = 0.002
     [line] = lines
     fields = log_fields(line)[1]
-    assert fields["finish"] == "abort" and 1 <= int(fields["output_tokens"]) < 500
+    assert fields["finish"] == "abort" and 1 <= int(fields["output_tokens"]) < 500 and fields["prompt_tokens"] == "2"
 
 
 def test_the_log_line_can_be_turned_off(caplog):
