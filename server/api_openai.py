@@ -11,8 +11,8 @@ from fastapi.responses import JSONResponse, Response
 
 from model.token_bytes import token_string
 from server.completion_logprobs import CompletionPrompt, generated_logprobs, joined, prompt_logprobs
-from server.generation import (ClientDisconnected, Collected, check_token_ids, collect_all, delta_texts,
-                               encode_prompt, submit_all, unless_disconnected)
+from server.disconnects import ClientDisconnected, aborter, unless_disconnected
+from server.generation import Collected, check_token_ids, collect_all, delta_texts, encode_prompt, submit_all
 from server.http_errors import ApiError
 from server.openai_common import (admission_names, check_common, continuous_usage, finish_reason, logprob_value,
                                   now_s, sampling_params, sse_choices, usage)
@@ -105,7 +105,8 @@ async def completions(state: ServerState, request: Request, req: CompletionReque
         return EventStreamResponse(sse_choices(streams, prompt_tokens, chunk,
                                                usage_chunk if include_usage else None,
                                                continuous_usage=continuous_usage(req)),
-                                   more_ready=lambda: state.engine.outputs_ready(request_ids))
+                                   more_ready=lambda: state.engine.outputs_ready(request_ids),
+                                   on_abandoned=aborter(state, request_ids))
     try:
         results = await unless_disconnected(request, collect_all(streams))
     except ClientDisconnected:
@@ -161,7 +162,7 @@ def chat_text(state: ServerState, req: ChatCompletionRequest) -> str:
     return text
 
 
-def _chat_logprobs(state: ServerState, token_ids: list[int], lps: list[TokenLogprob]) -> ChatLogprobs:
+def chat_logprobs(state: ServerState, token_ids: list[int], lps: list[TokenLogprob]) -> ChatLogprobs:
     def entry(tid: int, value: float) -> TopLogprob:
         raw = state.engine.tokenizer.token_bytes(tid)  # the token's own bytes: joined, they rebuild the content
         return TopLogprob(token=token_string(raw), logprob=logprob_value(value), bytes=list(raw))
@@ -210,7 +211,7 @@ async def chat_completions(state: ServerState, request: Request, req: ChatComple
         replies = [reply() for _ in range(n)]
 
         def chunk(index: int, out: RequestOutput) -> ChatCompletionChunk | None:
-            lp = _chat_logprobs(state, out.new_token_ids, out.new_logprobs or []) if logprobs is not None else None
+            lp = chat_logprobs(state, out.new_token_ids, out.new_logprobs or []) if logprobs is not None else None
             delta, reason = replies[index].delta(out.new_text, out.finish_reason if out.finished else None)
             if delta is None and not out.finished and not (lp is not None and out.new_logprobs):
                 return None
@@ -224,7 +225,8 @@ async def chat_completions(state: ServerState, request: Request, req: ChatComple
         request_ids = [job[0] for job in jobs]
         return EventStreamResponse(sse_choices(streams, len(ids), chunk, usage_chunk if include_usage else None,
                                                first=first, continuous_usage=continuous_usage(req)),
-                                   more_ready=lambda: state.engine.outputs_ready(request_ids))
+                                   more_ready=lambda: state.engine.outputs_ready(request_ids),
+                                   on_abandoned=aborter(state, request_ids))
     try:
         results: list[Collected] = await unless_disconnected(request, collect_all(streams))
     except ClientDisconnected:
@@ -232,7 +234,7 @@ async def chat_completions(state: ServerState, request: Request, req: ChatComple
     choices = []
     for i, got in enumerate(results):
         message, reason = reply().message(got.text, got.finish_reason)
-        choices.append(ChatChoice(index=i, message=message, finish_reason=reason, logprobs=_chat_logprobs(
+        choices.append(ChatChoice(index=i, message=message, finish_reason=reason, logprobs=chat_logprobs(
             state, got.token_ids, got.logprobs) if logprobs is not None else None))
     body = ChatCompletionResponse(id=rid, created=created, model=model, choices=choices,
                                   usage=usage(len(ids), sum(len(g.token_ids) for g in results)))

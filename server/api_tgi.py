@@ -17,9 +17,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from model.detokenizer import IncrementalDetokenizer
-from server.generation import (ClientDisconnected, Collected, collect_all, encode_prompt,
-                               check_prompt_length, resolve_max_new_tokens, submit, submit_all,
-                               unless_disconnected, build_params)
+from server.disconnects import ClientDisconnected, aborter, unless_disconnected
+from server.generation import (Collected, build_params, check_prompt_length, collect_all, encode_prompt,
+                               resolve_max_new_tokens, submit, submit_all)
 from server.http_errors import ApiError, error_json, failure_error
 from server.outputs import RequestOutput
 from server.request_log import engine_ids, response_id
@@ -232,7 +232,8 @@ async def generate_stream(state: ServerState, request: Request, body: GenerateRe
     # what TGI sends on a stream (its timing headers need the end, which a stream's headers precede)
     compute = {"x-compute-type": _compute_type(state), "x-compute-characters": str(len(prep.prompt))}
     return EventStreamResponse(_events(state, prep, stream, body.parameters),
-                               more_ready=lambda: state.engine.outputs_ready([request_id]), headers=compute)
+                               more_ready=lambda: state.engine.outputs_ready([request_id]), headers=compute,
+                               on_abandoned=aborter(state, [request_id]))
 
 
 def _compute_type(state: ServerState) -> str:

@@ -21,6 +21,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from server.api_ops import ops_router, package_version
 from server.api_openai import openai_router
+from server.api_responses import responses_router
 from server.api_tgi import tgi_router
 from server.config import ServerConfig
 from server.explain_api import create_explain_disabled_router, create_explain_router
@@ -51,7 +52,7 @@ def create_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
                   description="LLaMA-family inference server: TGI- and OpenAI-compatible APIs.")
     app.state.server = state
     install_error_handlers(app)
-    routers = [ops_router(), tgi_router(), openai_router(), explain_router(state)]
+    routers = [ops_router(), tgi_router(), openai_router(), responses_router(), explain_router(state)]
     for router in routers:
         app.include_router(router)
     app.add_middleware(GateMiddleware, state=state)

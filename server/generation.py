@@ -1,4 +1,5 @@
-"""The part of a request both APIs share: prompt checks, submission, metrics, abort, disconnects.
+"""The part of a request both APIs share: prompt checks, submission, metrics, abort (server/disconnects.py
+has what a client that leaves adds).
 
 `submit` calls engine.add_request at once, so admission failures become HTTP errors before any response
 starts; the stream it returns records latencies and aborts its engine request whenever it is closed or
@@ -11,11 +12,8 @@ import asyncio
 import re
 import time
 from contextlib import aclosing
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
-
-from fastapi import Request
 from pydantic import ValidationError
 
 from server.http_errors import ApiError, failure_error
@@ -23,9 +21,6 @@ from server.outputs import AdmissionError, EngineDeadError, OverloadedError, Req
 from server.request_log import log_ended
 from server.sampling_params import SamplingParams
 from server.state import Phase, ServerState
-
-T = TypeVar("T")
-
 
 # prompt checks -------------------------------------------------------------------------------------------
 def encode_prompt(state: ServerState, text: str, field: str, add_special_tokens: bool = True,
@@ -265,36 +260,3 @@ async def collect_all(streams: list[AsyncIterator[RequestOutput]]) -> list[Colle
         async for index, out in merged:
             results[index].add(out)
     return results
-
-
-# client disconnects --------------------------------------------------------------------------------------
-class ClientDisconnected(Exception):
-    pass
-
-
-async def _wait_for_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Run `work` but cancel it (aborting its engine requests) as soon as the client goes away.
-
-    Starlette cancels streaming responses on disconnect but not ordinary handlers, hence this race.
-    """
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        task.cancel()
-        raise
-    finally:
-        watcher.cancel()
-    if task in done:
-        return task.result()
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-    raise ClientDisconnected()

@@ -24,16 +24,20 @@ class EventStreamResponse(StreamingResponse):
     """text/event-stream whose body iterator is cancelled and closed the moment the client disconnects.
 
     Starlette only listens for http.disconnect under ASGI spec < 2.4; this does it always, and closes the
-    iterator either way so its `finally` (which aborts the engine request) runs at once, not at GC.
+    iterator either way so its `finally` (which aborts the engine request) runs at once, not at GC. An
+    iterator closed before its first step runs no `finally` at all, hence `on_abandoned`.
     """
 
     def __init__(self, events: AsyncIterator[str], more_ready: Callable[[], bool] | None = None,
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, on_abandoned: Callable[[], None] | None = None):
         """more_ready: whether the requests behind `events` already have further outputs queued; while it
         says so, events are gathered and go out in one body message (see stream_response). headers: sent
-        beside SSE_HEADERS."""
+        beside SSE_HEADERS. on_abandoned: called when the response ends before its last event went out (the
+        client left), after `events` is closed; the routes abort their engine requests there (a no-op for
+        those already ended)."""
         super().__init__(events, media_type="text/event-stream", headers={**SSE_HEADERS, **(headers or {})})
         self.more_ready = more_ready
+        self.on_abandoned = on_abandoned
 
     async def stream_response(self, send: Send) -> None:
         """Starlette's, with coalescing: an event whose successors are already queued is held and written
@@ -54,11 +58,14 @@ class EventStreamResponse(StreamingResponse):
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        sent_all = False
         try:
             async with anyio.create_task_group() as tg:
                 async def stream() -> None:
+                    nonlocal sent_all
                     try:
                         await self.stream_response(send)
+                        sent_all = True
                     except OSError:
                         pass  # the client went away mid-send
                     tg.cancel_scope.cancel()
@@ -71,3 +78,5 @@ class EventStreamResponse(StreamingResponse):
             if aclose is not None:
                 with anyio.CancelScope(shield=True):
                     await aclose()
+            if not sent_all and self.on_abandoned is not None:
+                self.on_abandoned()

@@ -135,7 +135,7 @@ def test_byte_tokens_report_their_own_bytes_and_are_spelled_as_openai_does(serve
     byte tokens into one "\ufffd" key."""
     from types import SimpleNamespace
 
-    from server.api_openai import _chat_logprobs
+    from server.api_openai import chat_logprobs
     from server.outputs import TokenLogprob
     tok = server.tokenizer
     text = "Ça va? ☃ é"
@@ -143,7 +143,7 @@ def test_byte_tokens_report_their_own_bytes_and_are_spelled_as_openai_does(serve
     split = [i for i in ids if "\ufffd" in tok.decode([i])]
     assert len(split) >= 2
     lps = [TokenLogprob(t, -1.0, tuple((s, -2.0 - k) for k, s in enumerate(split))) for t in ids]
-    content = _chat_logprobs(SimpleNamespace(engine=SimpleNamespace(tokenizer=tok)), ids, lps).content
+    content = chat_logprobs(SimpleNamespace(engine=SimpleNamespace(tokenizer=tok)), ids, lps).content
     assert b"".join(bytes(e.bytes) for e in content).decode() == text
     assert all(e.token.startswith("\\x") for e, t in zip(content, ids) if t in split)
     want = ["".join(f"\\x{b:02x}" for b in tok.token_bytes(s)) for s in split]

@@ -333,3 +333,47 @@ def test_dropped_non_streaming_request_frees_at_once(server):
         assert metric(server.url, "gqaserve_num_requests_running") == 1
         sock.close()
         wait_freed(server.url, before, 1000)
+
+
+STREAMS = [
+    ("/generate_stream", b'{"inputs": "x", "parameters": {"max_new_tokens": 1000}}'),
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": 1000, "stream": true}'),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 1000, "stream": true}'),
+    ("/v1/responses", b'{"input": "x", "max_output_tokens": 1000, "stream": true}'),
+]
+
+
+@pytest.mark.parametrize("path, body", STREAMS)
+def test_a_stream_whose_client_left_before_it_began_is_aborted(server, path, body):
+    """The client sends its request and leaves at once, before any event: every streaming route aborts its
+    request (through its stream's `finally`, or EventStreamResponse's on_abandoned, next test)."""
+    before = metric(server.url, "gqaserve_generation_tokens_total")
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    wait_freed(server.url, before, 1000)
+
+
+@pytest.mark.parametrize("path, body", STREAMS)
+def test_a_stream_abandoned_before_its_body_started_aborts_its_request(server, path, body):
+    """The same under a server whose send() is a checkpoint (hypercorn's; uvicorn's while a socket's buffer is
+    full): the disconnect cancels the response at its first send, before the body's first step, so the body's
+    `finally` (where the request is aborted) never runs. The request ran to its end; now the route's
+    on_abandoned aborts it. The app is called in the server's own loop, with the fake engine."""
+    messages = [{"type": "http.request", "body": body, "more_body": False}, {"type": "http.disconnect"}]
+
+    async def receive():
+        if messages:
+            return messages.pop(0)
+        await asyncio.Event().wait()
+
+    async def send(message):
+        await asyncio.sleep(0)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "root_path": "", "headers": headers, "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    before = len(server.engine.aborted)
+    asyncio.run_coroutine_threadsafe(server.app(scope, receive, send), server.engine._loop).result(30)
+    assert len(server.engine.aborted) == before + 1

@@ -50,3 +50,43 @@ def test_an_event_is_one_line_to_every_line_splitter():
     assert lines[0].startswith("data: ") and lines[1:] == [""]
     assert json.loads(lines[0][len("data: "):]) == {"text": text}
     assert "\u00e9\u2603" in event  # other characters stay as they are
+
+
+def _serve(response: EventStreamResponse, messages: list[dict]) -> list[dict]:
+    """Run the response as the ASGI app it is: `messages` are what receive() gives, in order, and after them
+    receive() waits forever (a client that stays). send() is a checkpoint, as a server's send may be (uvicorn's
+    is one only while the socket's buffer is full; hypercorn's always)."""
+    sent, pending = [], list(messages)
+
+    async def receive():
+        if pending:
+            return pending.pop(0)
+        await asyncio.Event().wait()
+
+    async def send(message):
+        await asyncio.sleep(0)
+        sent.append(message)
+    asyncio.run(response({"type": "http"}, receive, send))
+    return sent
+
+
+def test_a_body_closed_before_its_first_step_still_aborts_through_on_abandoned():
+    """The client is gone before the first event: the body iterator is closed unstarted, so its `finally`
+    (where a route's stream aborts its engine request) never runs, and the request ran to its end;
+    on_abandoned is called instead."""
+    ran, abandoned = [], []
+
+    async def body():
+        try:
+            yield "data: 0\n\n"
+        finally:
+            ran.append("finally")
+    response = EventStreamResponse(body(), on_abandoned=lambda: abandoned.append(True))
+    _serve(response, [{"type": "http.disconnect"}])
+    assert ran == [] and abandoned == [True]
+
+
+def test_a_stream_sent_to_its_end_is_not_abandoned():
+    abandoned = []
+    sent = _serve(EventStreamResponse(numbered(3), on_abandoned=lambda: abandoned.append(True)), [])
+    assert abandoned == [] and sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
