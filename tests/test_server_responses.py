@@ -4,8 +4,6 @@ raw httpx and the openai client's responses.create / responses.stream, against t
 from __future__ import annotations
 
 import json
-import socket
-import time
 
 import httpx
 import openai
@@ -231,17 +229,7 @@ def test_a_client_that_leaves_frees_its_request(server):
         lines = r.iter_lines()  # keep a reference: a collected iterator closes the response
         next(lines)
         assert metric(server.url, "gqaserve_num_requests_running") == 1
-    wait_freed(server.url, before, 1000)
-    before = metric(server.url, "gqaserve_generation_tokens_total")
-    body = b'{"input": "x", "max_output_tokens": 1000}'
-    host, port = server.url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)))
-    sock.sendall(f"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-    time.sleep(0.2)
-    assert metric(server.url, "gqaserve_num_requests_running") == 1
-    sock.close()
-    wait_freed(server.url, before, 1000)
+    wait_freed(server.url, before, 1000)  # not streamed: tests/test_server_robustness.py
 
 
 def test_the_real_model_answers_as_the_chat_route_does(tiny_llama_dir):

@@ -323,7 +323,8 @@ def test_dropped_stream_frees_at_once(server):
 def test_dropped_non_streaming_request_frees_at_once(server):
     chat = b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 1000}'
     for path, body in (("/generate", b'{"inputs": "x", "parameters": {"max_new_tokens": 1000}}'),
-                       ("/v1/chat/completions", chat)):
+                       ("/v1/chat/completions", chat),
+                       ("/v1/responses", b'{"input": "x", "max_output_tokens": 1000}')):
         before = metric(server.url, "gqaserve_generation_tokens_total")
         host, port = server.url.removeprefix("http://").split(":")
         sock = socket.create_connection((host, int(port)))
