@@ -109,7 +109,7 @@ def submit(state: ServerState, prompt_ids: list[int], params: SamplingParams, re
         raise ApiError(kind, f"server: {exc}") from None
     except EngineDeadError as exc:
         raise ApiError("unavailable", f"engine: {exc}") from None
-    return _tracked(state, request_id, stream, arrival, len(prompt_ids), names or {})
+    return _tracked(state, request_id, stream, arrival, names or {}, prompt_tokens=len(prompt_ids))
 
 
 def submit_all(state: ServerState, jobs: list[tuple[str, list[int], SamplingParams]],
@@ -128,8 +128,8 @@ def submit_all(state: ServerState, jobs: list[tuple[str, list[int], SamplingPara
 
 
 async def _tracked(state: ServerState, request_id: str, stream: AsyncIterator[RequestOutput],
-                   arrival: float, prompt_tokens: int,
-                   names: Mapping[str, str] | None = None) -> AsyncIterator[RequestOutput]:
+                   arrival: float, names: Mapping[str, str] | None = None, *,
+                   prompt_tokens: int) -> AsyncIterator[RequestOutput]:
     m = state.metrics
     first_token_at = last_token_time = queue_time = None  # monotonic times; seconds
     # the tokens of one engine step (several with speculative decoding, each its own output) share the gap

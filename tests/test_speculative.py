@@ -555,7 +555,7 @@ def test_a_steps_kept_drafts_share_its_step_time_and_its_inter_token_gap(spec):
                 yield RequestOutput("r", [token], "x", finished=token == 5, finish_reason="length", step_time=i)
 
     async def consume():
-        return [out async for out in _tracked(state, "r", stream(), arrival=0.0)]
+        return [out async for out in _tracked(state, "r", stream(), arrival=0.0, prompt_tokens=1)]
 
     assert len(asyncio.run(consume())) == 5
     sample = metrics.registry.get_sample_value
