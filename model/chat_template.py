@@ -3,7 +3,8 @@
 Templates come from the checkpoint, which is untrusted code. They render in jinja2's
 ImmutableSandboxedEnvironment (no attribute access to dunders, no mutation of passed-in objects), with
 HF's settings (`trim_blocks`, `lstrip_blocks`, `raise_exception`, a non-HTML-escaping `tojson`), so the
-prompt text is byte-for-byte what `tokenizer.apply_chat_template(..., tokenize=False)` produces.
+prompt text is byte-for-byte what `tokenizer.apply_chat_template(..., tokenize=False)` produces, with
+`continue_final_message` too (the final message left open: transformers 5's marker-and-cut).
 
 Bounds: a sandbox cannot interrupt a running template, so the time limit is cooperative: rendering is
 streamed (`Template.generate`) and the deadline and output size are checked at every emitted chunk and
@@ -22,12 +23,17 @@ from typing import Any
 
 MAX_OUTPUT_CHARS = 1_000_000
 MAX_RENDER_SECONDS = 2.0
+CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' marker for continue_final_message
 TEMPLATE_FILE = "chat_template.jinja"
 logger = logging.getLogger(__name__)
 
 
 class ChatTemplateError(ValueError):
     """No template, a template that fails, or one that exceeds the output or time limit."""
+
+
+class ContinuationError(ChatTemplateError):
+    """continue_final_message cannot be served: no final message to continue, or the template drops it."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +54,24 @@ class ChatTemplate:
         return None
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-               **extra: Any) -> str:
+               continue_final_message: bool = False, **extra: Any) -> str:
+        """continue_final_message: the final message is left open, for the model to continue (transformers'
+        way: its content gets a marker, and the text is cut where the marker lands)."""
+        if not continue_final_message:
+            return self._render(messages, add_generation_prompt, extra)
+        if add_generation_prompt:
+            raise ContinuationError("continue_final_message and add_generation_prompt are not compatible: the "
+                                    "final message is continued, not answered")
+        tagged, final = _tag_final_message(messages)
+        rendered = self._render(tagged, False, extra)
+        if final.strip() not in rendered or CONTINUE_TAG.strip() not in rendered:
+            raise ContinuationError("continue_final_message: the final message does not appear in the rendered "
+                                    "chat (the chat template changes or drops it), so it cannot be continued")
+        at = rendered.rindex(CONTINUE_TAG.strip())
+        # a template that trims the content trims the marker's trailing space too: then trim the cut text
+        return rendered[:at] if rendered[at:at + len(CONTINUE_TAG)] == CONTINUE_TAG else rendered[:at].rstrip()
+
+    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool, extra: dict[str, Any]) -> str:
         from jinja2.exceptions import SecurityError, TemplateError
 
         deadline = time.monotonic() + self.max_render_seconds
@@ -80,6 +103,29 @@ class ChatTemplate:
         except Exception as exc:  # untrusted code: any failure is the template's, reported as such
             raise ChatTemplateError(f"chat template failed: {type(exc).__name__}: {exc}") from exc
         return "".join(chunks)
+
+
+def _tag_final_message(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+    """A copy of messages whose final content (its last text part, for a list of parts) ends with the marker,
+    and that content as it was."""
+    if not messages:
+        raise ContinuationError("continue_final_message: the conversation is empty")
+    final = dict(messages[-1])
+    content = final.get("content")
+    if isinstance(content, str):
+        text, final["content"] = content, content + CONTINUE_TAG
+    elif isinstance(content, (list, tuple)):
+        parts = [dict(p) if isinstance(p, dict) else p for p in content]
+        index = next((i for i in reversed(range(len(parts))) if isinstance(parts[i], dict) and "text" in parts[i]),
+                     None)
+        if index is None:
+            raise ContinuationError("continue_final_message: the final message has no text to continue")
+        text = parts[index]["text"]
+        parts[index]["text"] = text + CONTINUE_TAG
+        final["content"] = parts
+    else:
+        raise ContinuationError("continue_final_message: the final message has no content to continue")
+    return [*messages[:-1], final], text
 
 
 def load_chat_template(model_dir: Path, tokenizer_config: dict[str, Any],

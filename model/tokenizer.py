@@ -134,12 +134,15 @@ class Tokenizer:
     def chat_template_source(self) -> str | None:
         return None if self._chat_template is None else self._chat_template.source
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
-        """extra: more template variables (`tools`, as transformers passes them)."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            continue_final_message: bool = False, **extra) -> str:
+        """extra: more template variables (`tools`, as transformers passes them). continue_final_message: the
+        final message is left open for the model to continue (needs add_generation_prompt False)."""
         if self._chat_template is None:
             raise ChatTemplateError("this model has no chat template (neither chat_template.jinja nor "
                                     "chat_template in tokenizer_config.json); send a plain prompt instead")
-        return self._chat_template.render(messages, add_generation_prompt=add_generation_prompt, **extra)
+        return self._chat_template.render(messages, add_generation_prompt=add_generation_prompt,
+                                          continue_final_message=continue_final_message, **extra)
 
 
 def sentencepiece_backend(model_file: Path, *, legacy: bool = False, add_prefix_space: bool | None = None):

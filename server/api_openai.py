@@ -9,13 +9,14 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from model.chat_template import ContinuationError
 from model.token_bytes import token_string
 from server.completion_logprobs import CompletionPrompt, generated_logprobs, joined, prompt_logprobs
 from server.disconnects import ClientDisconnected, aborter, unless_disconnected
 from server.generation import Collected, check_token_ids, collect_all, delta_texts, encode_prompt, submit_all
 from server.http_errors import ApiError
-from server.openai_common import (admission_names, check_common, continuous_usage, finish_reason, logprob_value,
-                                  now_s, sampling_params, sse_choices, usage)
+from server.openai_common import (admission_names, check_common, continuous_usage, finish_reason, grammar_field,
+                                  logprob_value, now_s, sampling_params, sse_choices, usage)
 from server.outputs import RequestOutput, TokenLogprob
 from server.reasoning_parsers import ReasoningStream, applies as reasoning_applies
 from server.request_log import engine_ids, response_id
@@ -78,7 +79,7 @@ async def completions(state: ServerState, request: Request, req: CompletionReque
             prompt_of.append(prompt)
     echo = [p.text if req.echo else "" for p in prompt_of]
     prompt_tokens = sum(len(p.token_ids) for p in prompts)
-    streams = submit_all(state, jobs, admission_names("prompt", "max_tokens"))
+    streams = submit_all(state, jobs, admission_names("prompt", "max_tokens", grammar_field(req)))
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -130,7 +131,9 @@ def chat_text(state: ServerState, req: ChatCompletionRequest) -> str:
     """The request's messages (and tools) through the model's chat template, after the checks on them."""
     refusals = (("chat_template", req.chat_template is not None, "custom chat templates are not accepted; "
                                                                  "the model's own template is used"),
-                ("top_logprobs", req.top_logprobs is not None and not req.logprobs, "requires logprobs=true"))
+                ("top_logprobs", req.top_logprobs is not None and not req.logprobs, "requires logprobs=true"),
+                ("continue_final_message", req.continue_final_message and req.add_generation_prompt is not False,
+                 "cannot be combined with add_generation_prompt true (its default); send it false"))
     for name, bad, why in refusals:
         if bad:
             raise ApiError("validation", f"{name}: {why}", name)
@@ -142,7 +145,7 @@ def chat_text(state: ServerState, req: ChatCompletionRequest) -> str:
                                       ("reasoning_content", m.reasoning_content or m.reasoning)) if v}}
                 for m in req.messages]
     extra = dict(req.chat_template_kwargs or {})  # template variables (Qwen3's enable_thinking, ...)
-    reserved = sorted(set(extra) & {"messages", "tools", "add_generation_prompt"})
+    reserved = sorted(set(extra) & {"messages", "tools", "add_generation_prompt", "continue_final_message"})
     if reserved:
         raise ApiError("validation", f"chat_template_kwargs.{reserved[0]}: set by the request's own field, not "
                                      "here", f"chat_template_kwargs.{reserved[0]}")
@@ -154,9 +157,14 @@ def chat_text(state: ServerState, req: ChatCompletionRequest) -> str:
     if sum(len(m["content"]) + len(m.get("reasoning_content", "")) for m in messages) > limit:
         raise ApiError("validation", f"messages: over the limit of {limit:,} characters (max_prompt_chars)",
                        "messages")
+    if req.continue_final_message:  # the final message left open, for the model to continue (vLLM's)
+        extra["continue_final_message"] = True
     try:
         text = tok.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt is not False,
                                        **extra)
+    except ContinuationError as exc:
+        raise ApiError("validation", f"continue_final_message: {str(exc).removeprefix('continue_final_message: ')}",
+                       "continue_final_message") from None
     except Exception as exc:  # noqa: BLE001 - a template's raise_exception() is the caller's fault
         raise ApiError("validation", f"messages: the chat template refused them ({exc})", "messages") from None
     return text
@@ -187,6 +195,7 @@ async def chat_completions(state: ServerState, request: Request, req: ChatComple
         max_tokens, field = req.max_tokens, "max_tokens"
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     calls = tool_grammar(req)  # the reply is tool calls, written under this grammar
+    constrained = grammar_field(req, forced_calls=calls is not None)  # or response_format's, guided_*'s
     parser = auto_parser(req, state.tool_parser)  # or the model writes them, and this finds them
     thinks = reasoning_applies(req, state.reasoning_parser)  # the thinking goes to reasoning_content
 
@@ -198,7 +207,7 @@ async def chat_completions(state: ServerState, request: Request, req: ChatComple
              sampling_params(state, req, len(ids), max_tokens=max_tokens, max_tokens_field=field,
                              logprobs=logprobs, logprobs_field="top_logprobs", choice=i, grammar=calls))
             for i, job_id in enumerate(engine_ids(rid, n))]
-    streams = submit_all(state, jobs, admission_names("messages", field, "response_format" if calls is None
+    streams = submit_all(state, jobs, admission_names("messages", field, constrained if calls is None
                                                       else tool_schema_field(req)))
 
     if req.stream:

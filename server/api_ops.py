@@ -136,8 +136,8 @@ def tokenize_text(state: ServerState, body: TokenizeRequest) -> str:
         raise ApiError("validation", f"{given[1] if given else 'prompt'}: send exactly one of prompt, inputs "
                                      "and messages", given[1] if given else "prompt")
     if body.messages is None:
-        chat_only = next((name for name in ("tools", "chat_template_kwargs") if getattr(body, name) is not None),
-                         None)
+        chat_only = next((name for name in ("tools", "chat_template_kwargs", "continue_final_message")
+                          if getattr(body, name) not in (None, False)), None)
         if chat_only is not None:
             raise ApiError("validation", f"{chat_only}: only with messages", chat_only)
         text = body.prompt if body.prompt is not None else body.inputs
@@ -147,4 +147,4 @@ def tokenize_text(state: ServerState, body: TokenizeRequest) -> str:
         return text
     return chat_text(state, ChatCompletionRequest(
         messages=body.messages, tools=body.tools, chat_template_kwargs=body.chat_template_kwargs,
-        add_generation_prompt=body.add_generation_prompt))
+        add_generation_prompt=body.add_generation_prompt, continue_final_message=body.continue_final_message))

@@ -6,6 +6,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -68,7 +69,7 @@ def sampling_params(state: ServerState, req: SamplingFields, prompt_len: int, *,
     # n > 1 with a seed: one reproducible but distinct stream per choice
     seed = None if req.seed is None else (req.seed + choice) % 2**63
     names = {"max_new_tokens": max_tokens_field, "min_new_tokens": "min_tokens", "logprobs": logprobs_field,
-             "grammar": "response_format"}
+             "grammar": grammar_field(req)}
     bias = {}
     for key, value in (req.logit_bias or {}).items():
         try:
@@ -104,14 +105,58 @@ def _keeps_special_tokens(state: ServerState, req: SamplingFields) -> bool:
     return model_writes_calls(req) and getattr(state.tool_parser, "special_token", None) is not None
 
 
+def _constraints(req: SamplingFields) -> list[tuple[str, str, Any]]:
+    """(field, kind, value) for each way the request constrains its output: response_format (not text),
+    vLLM's guided_json / guided_regex / guided_choice, structured_outputs' json / regex / choice."""
+    fmt, so = req.response_format, req.structured_outputs
+    given = [("response_format", "format", fmt if fmt is not None and fmt.type != "text" else None),
+             ("guided_json", "json", req.guided_json), ("guided_regex", "regex", req.guided_regex),
+             ("guided_choice", "choice", req.guided_choice)]
+    if so is not None:
+        given += [("structured_outputs.json", "json", so.json_), ("structured_outputs.regex", "regex", so.regex),
+                  ("structured_outputs.choice", "choice", so.choice)]
+    found = [item for item in given if item[2] is not None]
+    if len(found) > 1:
+        raise ApiError("validation", f"{found[1][0]}: cannot be combined with {found[0][0]}; constrain the "
+                                     "output one way", found[1][0])
+    return found
+
+
+def grammar_field(req: SamplingFields, forced_calls: bool = False) -> str:
+    """The field the request's grammar comes from, for errors about it (response_format when none does).
+    forced_calls: the tool_choice writes calls under its own grammar, which a guided_* field cannot join
+    (tool_calls.tool_grammar refuses response_format the same way)."""
+    found = _constraints(req)
+    if found and forced_calls:
+        raise ApiError("validation", f"{found[0][0]}: cannot be combined with a tool_choice that asks for a "
+                                     "call (the call's arguments follow the tool's schema)", found[0][0])
+    return found[0][0] if found else "response_format"
+
+
+_REGEX_META = frozenset("\\.+*?()|[]{}^$#&-~")  # llguidance's (Rust regex syntax) metacharacters
+
+
+def choice_regex(choices: list[str]) -> str:
+    """A regex that matches exactly one of the strings (each escaped: the output is the string itself)."""
+    return "(" + "|".join("".join("\\" + c if c in _REGEX_META else c for c in s) for s in choices) + ")"
+
+
 def _grammar(req: SamplingFields) -> dict | None:
-    """response_format as SamplingParams.grammar: json_object is any JSON object, json_schema its schema."""
+    """The output constraint as SamplingParams.grammar: response_format's json_object is any JSON object (or
+    TGI's value schema), json_schema its schema; guided_json a schema, guided_regex a regex, guided_choice
+    the regex of its strings."""
     fmt = req.response_format
     if fmt is not None and fmt.value is not None and fmt.type != "json_object":
         raise ApiError("validation", "response_format.value: only with type json_object (TGI's shape); type "
                                      "json_schema takes json_schema.schema", "response_format.value")
-    if fmt is None or fmt.type == "text":
+    found = _constraints(req)
+    if not found:
         return None
+    _, kind, value = found[0]
+    if kind == "json":
+        return {"type": "json", "value": value if isinstance(value, str) else json.dumps(value)}
+    if kind in ("regex", "choice"):
+        return {"type": "regex", "value": value if kind == "regex" else choice_regex(value)}
     if fmt.type == "json_object":
         return {"type": "json", "value": json.dumps(fmt.value) if fmt.value is not None else '{"type": "object"}'}
     if fmt.json_schema is None:

@@ -1,7 +1,8 @@
 """Request bodies of the OpenAI-compatible routes (/v1/completions, /v1/chat/completions).
 
 OpenAI's field names and ranges, plus the extensions benchmark tools send (ignore_eos, top_k, min_p,
-repetition_penalty, min_tokens, stop_token_ids, skip_special_tokens). Unknown fields are refused with a
+repetition_penalty, min_tokens, stop_token_ids, skip_special_tokens) and vLLM's guided_json, guided_regex,
+guided_choice, structured_outputs and continue_final_message. Unknown fields are refused with a
 message naming them; OpenAI fields this server does not implement are accepted only at their neutral
 value (suffix null; tool_choice 'auto' only where a tool-call parser applies: server/tool_calls.py).
 """
@@ -15,6 +16,7 @@ from server.sampling_params import MAX_STOP_SEQUENCES, MAX_TOP_LOGPROBS
 from server.schema_common import RequestModel, Text
 
 MAX_N = 128  # static bound for the schema; the configured max_choices is checked at run time
+MAX_CHOICES = 1024  # guided_choice's strings
 Stop = Text | list[Text] | None
 
 
@@ -37,6 +39,13 @@ class ResponseFormat(RequestModel):
     json_schema: JsonSchemaFormat | None = Field(None, description="with type json_schema")
     value: dict[str, Any] | None = Field(None, description="with type json_object: a JSON schema the object "
                                          "matches (TGI's shape, which huggingface_hub's chat_completion sends)")
+
+
+class StructuredOutputs(RequestModel):
+    """vLLM's newer structured_outputs object: one of its keys, as the guided_* field of that name."""
+    json_: dict[str, Any] | Text | None = Field(None, alias="json", description="as guided_json")
+    regex: Text | None = Field(None, description="as guided_regex")
+    choice: list[Text] | None = Field(None, min_length=1, max_length=MAX_CHOICES, description="as guided_choice")
 
 
 class SamplingFields(RequestModel):
@@ -67,6 +76,14 @@ class SamplingFields(RequestModel):
     skip_special_tokens: bool | None = True
     priority: int | None = Field(None, ge=-(2**31), le=2**31 - 1, description="with scheduling_policy "
                                  "\"priority\": lower is served first; under \"fcfs\" only 0 is accepted")
+    # vLLM's guided decoding: at most one of these and response_format (server/openai_common.py)
+    guided_json: dict[str, Any] | Text | None = Field(None, description="the output is JSON matching this "
+                                                      "schema (an object, or its JSON text)")
+    guided_regex: Text | None = Field(None, description="the output matches this regex in full")
+    guided_choice: list[Text] | None = Field(None, min_length=1, max_length=MAX_CHOICES,
+                                             description="the output is exactly one of these strings")
+    structured_outputs: StructuredOutputs | None = Field(None, description="vLLM's newer shape: one of json, "
+                                                         "regex, choice")
 
 
 class CompletionRequest(SamplingFields):
@@ -148,3 +165,5 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="more variables for the chat "
                                                         "template, e.g. {\"enable_thinking\": false} (Qwen3)")
     add_generation_prompt: bool | None = True
+    continue_final_message: bool | None = Field(False, description="leave the final message open for the model "
+                                                "to continue (a prefill); needs add_generation_prompt false")

@@ -23,6 +23,8 @@ class TokenizeRequest(RequestModel):
     add_special_tokens: bool | None = Field(None, description="default: true for a text, false for messages "
                                                               "(their template writes them)")
     add_generation_prompt: bool | None = Field(True, description="with messages: end with the assistant's turn")
+    continue_final_message: bool | None = Field(False, description="with messages: leave the final message open "
+                                                "(needs add_generation_prompt false), as the chat route does")
     tools: list[ToolDef] | None = Field(None, max_length=128, description="with messages: to the chat template")
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="with messages: template variables")
     return_token_strs: bool | None = Field(False, description="also answer each token's vocabulary piece")
