@@ -107,7 +107,10 @@ class OutputItems:
         return events
 
     def close(self, reason: str | None) -> list[dict]:
-        return self._close("incomplete" if reason == "length" else "completed")
+        status = "incomplete" if reason == "length" else "completed"
+        if not self.items and self.open_kind is None:  # nothing written: still a message, empty, as OpenAI's
+            return self._open("message") + self._close(status)
+        return self._close(status)
 
     def _ids(self) -> dict[str, Any]:
         return {"item_id": self.open_id, "output_index": len(self.items), "content_index": 0}

@@ -115,6 +115,9 @@ def _constraints(req: SamplingFields) -> list[tuple[str, str, Any]]:
     if so is not None:
         given += [("structured_outputs.json", "json", so.json_), ("structured_outputs.regex", "regex", so.regex),
                   ("structured_outputs.choice", "choice", so.choice)]
+        if so.json_ is None and so.regex is None and so.choice is None:  # vLLM refuses it too
+            raise ApiError("validation", "structured_outputs: give one of json, regex and choice",
+                           "structured_outputs")
     found = [item for item in given if item[2] is not None]
     if len(found) > 1:
         raise ApiError("validation", f"{found[1][0]}: cannot be combined with {found[0][0]}; constrain the "

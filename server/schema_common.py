@@ -7,7 +7,7 @@ import types
 import typing
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Strict, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 # Logprobs of masked tokens are -inf; JSON has no infinities, so they are reported as this floor.
@@ -23,6 +23,8 @@ def _valid_unicode(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_valid_unicode)]
+# a token id inside a list, where RequestModel's check of JSON types does not reach: "1" and true are refused
+TokenId = Annotated[int, Strict()]
 
 
 @functools.cache

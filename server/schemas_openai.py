@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field
 
 from server.sampling_params import MAX_STOP_SEQUENCES, MAX_TOP_LOGPROBS
-from server.schema_common import RequestModel, Text
+from server.schema_common import RequestModel, Text, TokenId
 
 MAX_N = 128  # static bound for the schema; the configured max_choices is checked at run time
 MAX_CHOICES = 1024  # guided_choice's strings
@@ -72,7 +72,7 @@ class SamplingFields(RequestModel):
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     min_tokens: int | None = Field(None, ge=0)
-    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_SEQUENCES)
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOP_SEQUENCES)
     skip_special_tokens: bool | None = True
     priority: int | None = Field(None, ge=-(2**31), le=2**31 - 1, description="with scheduling_policy "
                                  "\"priority\": lower is served first; under \"fcfs\" only 0 is accepted")
@@ -87,7 +87,7 @@ class SamplingFields(RequestModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Text | list[Text] | list[int] | list[list[int]] = Field(
+    prompt: Text | list[Text] | list[TokenId] | list[list[TokenId]] = Field(
         ..., description="a string, a list of strings, token ids, or a list of token-id lists")
     max_tokens: int | None = Field(16, ge=1, description="default 16 (as OpenAI); null: fill the context")
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="top-n logprobs per token")

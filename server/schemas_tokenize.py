@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import Field
 
-from server.schema_common import RequestModel, ResponseModel, Text
+from server.schema_common import RequestModel, ResponseModel, Text, TokenId
 from server.schemas_openai import ChatMessage, ToolDef
 
 
@@ -39,7 +39,7 @@ class TokenizeResponse(ResponseModel):
 
 class DetokenizeRequest(RequestModel):
     model: Text | None = Field(None, description="must name the served model when given")
-    tokens: list[int] = Field(..., max_length=1 << 17)
+    tokens: list[TokenId] = Field(..., max_length=1 << 17)
     skip_special_tokens: bool | None = Field(False, description="drop special tokens' text (vLLM keeps it)")
 
 

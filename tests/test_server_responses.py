@@ -250,3 +250,17 @@ def test_the_real_model_answers_as_the_chat_route_does(tiny_llama_dir):
         fmt = c.responses.create(model=model, input="JSON please", max_output_tokens=40, temperature=1.0,
                                  text={"format": {"type": "json_schema", "name": "pick", "schema": schema}})
         assert fmt.status == "completed" and json.loads(fmt.output_text)["a"] in ("x", "y")
+
+
+def test_an_empty_reply_is_an_empty_message(server, client):
+    """The model ended at once: the output was [] (clients read output[0]) and the end token's logprob was lost;
+    chat answers content "" with that logprob."""
+    body = post(server, input="SAY<<>>", include=["message.output_text.logprobs"]).json()
+    [message] = body["output"]
+    assert message["type"] == "message" and message["status"] == "completed"
+    [part] = message["content"]
+    assert part["text"] == "" and len(part["logprobs"]) == body["usage"]["output_tokens"] == 1
+    names = [name for name, _ in events(server, input="SAY<<>>")]
+    assert names[2:] == ["response.output_item.added", "response.content_part.added", "response.output_text.done",
+                         "response.content_part.done", "response.output_item.done", "response.completed"]
+    assert client.responses.create(model="fake-model", input="SAY<<>>").output_text == ""

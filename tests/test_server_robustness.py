@@ -112,6 +112,10 @@ BAD_OPENAI = [
     ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "stream"),
     ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "x"}], "logprobs": 1}', "logprobs"),
     ("/v1/completions", '{"prompt": "x", "temperature": "0.5"}', "temperature"),
+    # inside lists too, where that check did not reach: [1, "2"] and [true] were read as token ids
+    ("/v1/completions", '{"prompt": [1, "2"]}', "prompt"),
+    ("/v1/completions", '{"prompt": [true]}', "prompt"),
+    ("/v1/completions", '{"prompt": "x", "stop_token_ids": ["2"]}', "stop_token_ids.0"),
 ]
 
 

@@ -55,6 +55,8 @@ def test_detokenize_keeps_special_tokens_unless_asked(client):
     ("/tokenize", {"prompt": "a", "return_token_strs": 1}, "return_token_strs"),
     ("/detokenize", {"tokens": [10**6]}, "tokens"),
     ("/detokenize", {"tokens": [-1]}, "tokens"),
+    ("/detokenize", {"tokens": ["1"]}, "tokens.0"),  # read as token 1 (pydantic's lax mode inside a list)
+    ("/detokenize", {"tokens": [True]}, "tokens.0"),
     ("/detokenize", {"ids": [5]}, "tokens"),
     ("/detokenize", {"tokens": [5], "model": "other"}, "model"),
 ])

@@ -168,6 +168,7 @@ def test_choice_regex_matches_each_string_and_nothing_else():
     ({"guided_regex": "a", "structured_outputs": {"choice": ["a"]}}, "structured_outputs.choice", "cannot be"),
     ({"structured_outputs": {"json": SCHEMA, "regex": "a"}}, "structured_outputs.regex", "cannot be combined"),
     ({"structured_outputs": {"grammar": "start: 'a'"}}, "structured_outputs.grammar", "Extra inputs"),
+    ({"structured_outputs": {}}, "structured_outputs", "give one of"),  # was accepted, the output unconstrained
     ({"guided_choice": []}, "guided_choice", "at least 1 item"),
     ({"guided_choice": "yes"}, "guided_choice", "valid list"),
     ({"guided_regex": ""}, "guided_regex", "at least 1 character"),
