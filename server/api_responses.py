@@ -2,10 +2,11 @@
 
 The request becomes a chat request (ResponsesRequest.chat_request) and goes the chat route's way: the chat
 template (chat_text), tool calls (tool_grammar, auto_parser), the reasoning split and sampling_params. One
-ChoiceReply turns the output into reasoning, content and calls, which OutputItems turns into the Response's
-output items and, streaming, into its events, so both ways give the same items. The chat pieces name chat
-fields in their errors; those are renamed to this request's (messages -> input, max_tokens ->
-max_output_tokens, response_format -> text.format, tools.0.function.parameters -> tools.0.parameters).
+ChoiceReply turns the output into reasoning, content and calls, which OutputItems (server/responses_output.py)
+turns into the Response's output items and, streaming, into its events, so both ways give the same items. The
+chat pieces name chat fields in their errors; those are renamed to this request's (messages -> input,
+max_tokens -> max_output_tokens, response_format -> text.format, tools.0.function.parameters ->
+tools.0.parameters).
 """
 from __future__ import annotations
 
@@ -30,11 +31,10 @@ from server.openai_common import admission_names, check_common, now_s, sampling_
 from server.outputs import RequestOutput, TokenLogprob
 from server.reasoning_parsers import ReasoningStream, applies as reasoning_applies
 from server.request_log import engine_ids
-from server.schemas_openai_out import ChatDelta, ChatMessageOut, ChatTokenLogprob, OpenAIError, ToolCall
-from server.schemas_responses import (IncompleteDetails, OutputFunctionCall, OutputItem, OutputMessage,
-                                      OutputReasoning, OutputText, ReasoningConfig,
-                                      ReasoningText, ResponseError, ResponseObject, ResponsesRequest,
-                                      ResponsesTextConfig, ResponsesTextFormat, ResponsesUsage)
+from server.responses_output import OutputItems
+from server.schemas_openai_out import ChatTokenLogprob, OpenAIError
+from server.schemas_responses import (IncompleteDetails, ReasoningConfig, ResponseError, ResponseObject,
+                                      ResponsesRequest, ResponsesTextConfig, ResponsesTextFormat, ResponsesUsage)
 from server.sse import EventStreamResponse, sse_data
 from server.state import ServerState
 from server.tool_calls import ChoiceReply, auto_parser, tool_grammar, tool_schema_field
@@ -81,99 +81,6 @@ def _refuse_unservable(req: ResponsesRequest) -> None:
             raise ApiError("validation", f"{name}: {why}", name)
 
 
-class OutputItems:
-    """A reply's output items, built from what ChoiceReply gives (each streamed delta, or the whole message
-    at once): reasoning, then the message, then the calls, each item opened as its first text comes. `add`
-    and `close` return the stream's events for what they changed (the non-streaming route drops them).
-    Logprobs wait for the next text of the message: joined, the deltas' logprobs are the message's."""
-
-    def __init__(self) -> None:
-        self.items: list[OutputItem] = []  # closed, in output order
-        self.open_kind: str | None = None  # the item being written: "reasoning" or "message"
-        self.open_id, self.open_text = "", []
-        self.message_logprobs: list[ChatTokenLogprob] = []
-        self.unsent_logprobs: list[ChatTokenLogprob] = []
-        self.reasoning_text = ""  # for usage's reasoning_tokens
-
-    def add(self, reply: ChatDelta | ChatMessageOut | None, logprobs: list[ChatTokenLogprob]) -> list[dict]:
-        self.unsent_logprobs += logprobs
-        if reply is None:
-            return []
-        events = self._write("reasoning", reply.reasoning_content) if reply.reasoning_content else []
-        if reply.content:
-            events += self._write("message", reply.content)
-        for call in reply.tool_calls or []:
-            events += self._close("completed") + self._call(call)
-        return events
-
-    def close(self, reason: str | None) -> list[dict]:
-        status = "incomplete" if reason == "length" else "completed"
-        if not self.items and self.open_kind is None:  # nothing written: still a message, empty, as OpenAI's
-            return self._open("message") + self._close(status)
-        return self._close(status)
-
-    def _ids(self) -> dict[str, Any]:
-        return {"item_id": self.open_id, "output_index": len(self.items), "content_index": 0}
-
-    def _write(self, kind: str, text: str) -> list[dict]:
-        events = [] if self.open_kind == kind else self._close("completed") + self._open(kind)
-        self.open_text.append(text)
-        if kind == "reasoning":
-            self.reasoning_text += text
-            return events + [{"type": "response.reasoning_text.delta", **self._ids(), "delta": text}]
-        return events + [self._text_delta(text)]
-
-    def _text_delta(self, text: str) -> dict:
-        sent, self.unsent_logprobs = self.unsent_logprobs, []
-        self.message_logprobs += sent
-        return {"type": "response.output_text.delta", **self._ids(), "delta": text,
-                "logprobs": [lp.model_dump() for lp in sent]}
-
-    def _open(self, kind: str) -> list[dict]:
-        self.open_kind, self.open_text = kind, []
-        if kind == "reasoning":
-            self.open_id = f"rs_{uuid.uuid4().hex}"
-            item, part = OutputReasoning(id=self.open_id, content=[], status="in_progress"), ReasoningText(text="")
-        else:
-            self.open_id = f"msg_{uuid.uuid4().hex}"
-            item, part = OutputMessage(id=self.open_id, status="in_progress", content=[]), OutputText(text="")
-        return [{"type": "response.output_item.added", "output_index": len(self.items), "item": item.model_dump()},
-                {"type": "response.content_part.added", **self._ids(), "part": part.model_dump()}]
-
-    def _close(self, status: str) -> list[dict]:
-        if self.open_kind is None:
-            return []
-        # logprobs of tokens that brought no text (the end-of-sequence token) go out before the end
-        events = [self._text_delta("")] if self.open_kind == "message" and self.unsent_logprobs else []
-        text, ids = "".join(self.open_text), self._ids()
-        if self.open_kind == "reasoning":
-            part: ReasoningText | OutputText = ReasoningText(text=text)
-            item: OutputItem = OutputReasoning(id=self.open_id, content=[part], status=status)
-            done = {"type": "response.reasoning_text.done", **ids, "text": text}
-        else:
-            part = OutputText(text=text, logprobs=self.message_logprobs)
-            item = OutputMessage(id=self.open_id, status=status, content=[part])
-            done = {"type": "response.output_text.done", **ids, "text": text,
-                    "logprobs": [lp.model_dump() for lp in self.message_logprobs]}
-        self.items.append(item)
-        self.open_kind = None
-        return events + [done, {"type": "response.content_part.done", **ids, "part": part.model_dump()},
-                         {"type": "response.output_item.done", "output_index": ids["output_index"],
-                          "item": item.model_dump()}]
-
-    def _call(self, call: ToolCall) -> list[dict]:
-        arguments, index = call.function.arguments, len(self.items)
-        added = OutputFunctionCall(id=f"fc_{uuid.uuid4().hex}", call_id=call.id, name=call.function.name,
-                                   arguments="", status="in_progress")
-        done = added.model_copy(update={"arguments": arguments, "status": "completed"})
-        self.items.append(done)
-        ids = {"item_id": added.id, "output_index": index}
-        return [{"type": "response.output_item.added", "output_index": index, "item": added.model_dump()},
-                {"type": "response.function_call_arguments.delta", **ids, "delta": arguments},
-                {"type": "response.function_call_arguments.done", **ids, "arguments": arguments},
-                {"type": "response.output_item.done", "output_index": index, "item": done.model_dump()}]
-
-
 def _echoed(state: ServerState, req: ResponsesRequest, rid: str) -> dict[str, Any]:
     """The fields every Response of this request carries: its ids, and its settings as OpenAI echoes them
     (temperature and top_p as they apply: the model's defaults when unset)."""
@@ -182,12 +89,18 @@ def _echoed(state: ServerState, req: ResponsesRequest, rid: str) -> dict[str, An
                 max_output_tokens=req.max_output_tokens, top_logprobs=req.top_logprobs,
                 temperature=req.temperature if req.temperature is not None else defaults.get("temperature", 1.0),
                 top_p=req.top_p if req.top_p is not None else defaults.get("top_p", 1.0),
-                tools=req.tools or [], tool_choice=req.tool_choice or "auto",
+                tools=req.tools or [], tool_choice=req.tool_choice or _unset_tool_choice(state, req),
                 parallel_tool_calls=req.parallel_tool_calls is not False,
                 text=req.text or ResponsesTextConfig(format=ResponsesTextFormat(type="text")),
                 reasoning=req.reasoning or ReasoningConfig(), metadata=req.metadata or {}, user=req.user,
                 service_tier=req.service_tier or "auto", prompt_cache_key=req.prompt_cache_key,
                 safety_identifier=req.safety_identifier)
+
+
+def _unset_tool_choice(state: ServerState, req: ResponsesRequest) -> str:
+    """What an unset tool_choice does: "auto" (OpenAI's default), or "none" when tools are given and no parser
+    can find the model's calls (server/tool_calls.py)."""
+    return "none" if req.tools and state.tool_parser is None else "auto"
 
 
 def _ending(state: ServerState, output: OutputItems, reason: str | None, prompt_tokens: int,
@@ -238,6 +151,8 @@ async def _events(state: ServerState, echoed: dict[str, Any], job_id: str, strea
     except Exception as exc:  # noqa: BLE001 - once streaming began, errors travel as an event
         err = exc if isinstance(exc, ApiError) else ApiError("generation", f"generation failed: {type(exc).__name__}")
         code = "invalid_prompt" if err.kind == "validation" else "server_error"
+        for event in output.fail():
+            yield framed(event)
         yield lifecycle("response.failed", status="failed",
                         error=ResponseError(code=code, message=err.message, param=err.param))
 

@@ -264,3 +264,20 @@ def test_an_empty_reply_is_an_empty_message(server, client):
     assert names[2:] == ["response.output_item.added", "response.content_part.added", "response.output_text.done",
                          "response.content_part.done", "response.output_item.done", "response.completed"]
     assert client.responses.create(model="fake-model", input="SAY<<>>").output_text == ""
+
+
+def test_a_failure_closes_the_item_it_cut_and_carries_it(server):
+    """response.failed came with output [] after the message item had been opened and written to."""
+    got = events(server, input="FAIL")
+    names = [name for name, _ in got]
+    assert names[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.failed"]
+    [item] = got[-1][1]["response"]["output"]
+    assert item["status"] == "incomplete" and item["content"][0]["text"] == got[-2][1]["item"]["content"][0]["text"]
+    assert item["content"][0]["text"] == "".join(e["delta"] for n, e in got if n == "response.output_text.delta")
+
+
+def test_an_unset_tool_choice_is_echoed_as_what_it_does(server):
+    """Without a tool-call parser, tools and no tool_choice run as "none" (README), but "auto" was echoed."""
+    assert post(server, input="SAY<<hi>>", tools=[WEATHER]).json()["tool_choice"] == "none"
+    assert post(server, input="SAY<<hi>>").json()["tool_choice"] == "auto"
