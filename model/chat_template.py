@@ -60,12 +60,12 @@ class ChatTemplate:
         if not continue_final_message:
             return self._render(messages, add_generation_prompt, extra)
         if add_generation_prompt:
-            raise ContinuationError("continue_final_message and add_generation_prompt are not compatible: the "
+            raise ContinuationError("not compatible with add_generation_prompt: the "
                                     "final message is continued, not answered")
         tagged, final = _tag_final_message(messages)
         rendered = self._render(tagged, False, extra)
         if final.strip() not in rendered or CONTINUE_TAG.strip() not in rendered:
-            raise ContinuationError("continue_final_message: the final message does not appear in the rendered "
+            raise ContinuationError("the final message does not appear in the rendered "
                                     "chat (the chat template changes or drops it), so it cannot be continued")
         at = rendered.rindex(CONTINUE_TAG.strip())
         # a template that trims the content trims the marker's trailing space too: then trim the cut text
@@ -109,7 +109,7 @@ def _tag_final_message(messages: list[dict[str, Any]]) -> tuple[list[dict[str, A
     """A copy of messages whose final content (its last text part, for a list of parts) ends with the marker,
     and that content as it was."""
     if not messages:
-        raise ContinuationError("continue_final_message: the conversation is empty")
+        raise ContinuationError("the conversation is empty")
     final = dict(messages[-1])
     content = final.get("content")
     if isinstance(content, str):
@@ -119,12 +119,12 @@ def _tag_final_message(messages: list[dict[str, Any]]) -> tuple[list[dict[str, A
         index = next((i for i in reversed(range(len(parts))) if isinstance(parts[i], dict) and "text" in parts[i]),
                      None)
         if index is None:
-            raise ContinuationError("continue_final_message: the final message has no text to continue")
+            raise ContinuationError("the final message has no text to continue")
         text = parts[index]["text"]
         parts[index]["text"] = text + CONTINUE_TAG
         final["content"] = parts
     else:
-        raise ContinuationError("continue_final_message: the final message has no content to continue")
+        raise ContinuationError("the final message has no content to continue")
     return [*messages[:-1], final], text
 
 

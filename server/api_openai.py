@@ -163,8 +163,7 @@ def chat_text(state: ServerState, req: ChatCompletionRequest) -> str:
         text = tok.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt is not False,
                                        **extra)
     except ContinuationError as exc:
-        raise ApiError("validation", f"continue_final_message: {str(exc).removeprefix('continue_final_message: ')}",
-                       "continue_final_message") from None
+        raise ApiError("validation", f"continue_final_message: {exc}", "continue_final_message") from None
     except Exception as exc:  # noqa: BLE001 - a template's raise_exception() is the caller's fault
         raise ApiError("validation", f"messages: the chat template refused them ({exc})", "messages") from None
     return text

@@ -10,6 +10,7 @@ from server.http_errors import TRANSIENT_S, ApiError
 from server.metrics import CONTENT_TYPE
 from server.sampling_params import MAX_STOP_SEQUENCES
 from server.api_openai import chat_text
+from server.generation import check_in_vocabulary
 from server.openai_common import check_model
 from server.schemas_openai import ChatCompletionRequest
 from server.schemas_tokenize import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
@@ -118,11 +119,7 @@ def ops_router() -> APIRouter:
         state: ServerState = request.app.state.server
         state.require_ready()
         check_model(state, body.model)
-        vocab = int(state.engine.tokenizer.vocab_size)
-        bad = next((i for i in body.tokens if not 0 <= i < vocab), None)
-        if bad is not None:
-            raise ApiError("validation", f"tokens: token id {bad} is outside the vocabulary (0..{vocab - 1})",
-                           "tokens")
+        check_in_vocabulary(state, body.tokens, "tokens")
         return DetokenizeResponse(prompt=state.engine.tokenizer.decode(
             body.tokens, skip_special_tokens=bool(body.skip_special_tokens)))
 

@@ -43,12 +43,16 @@ def encode_prompt(state: ServerState, text: str, field: str, add_special_tokens:
 def check_token_ids(state: ServerState, ids: list[int], field: str) -> list[int]:
     if not ids:
         raise ApiError("validation", f"{field}: the prompt is empty", field)
+    check_in_vocabulary(state, ids, field)
+    check_prompt_length(state, len(ids), field)
+    return list(ids)
+
+
+def check_in_vocabulary(state: ServerState, ids: list[int], field: str) -> None:
     vocab = int(state.engine.tokenizer.vocab_size)
     bad = next((i for i in ids if not 0 <= i < vocab), None)
     if bad is not None:
         raise ApiError("validation", f"{field}: token id {bad} is outside the vocabulary (0..{vocab - 1})", field)
-    check_prompt_length(state, len(ids), field)
-    return list(ids)
 
 
 def check_prompt_length(state: ServerState, num_tokens: int, field: str) -> None:

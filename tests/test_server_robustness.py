@@ -12,6 +12,7 @@ import pytest
 from server.config import ServerConfig
 from server.engine_config import EngineConfig
 from tests.live_server import fake_server, metric
+from tests.test_sse import scripted_client
 
 LONG = 1024  # the fake engine's max_model_len; its tokenizer is one token per byte plus <s>
 
@@ -177,6 +178,18 @@ def test_a_refused_body_still_being_sent_reads_its_4xx_not_a_reset():
             assert _send_headers_then_body(s.url, chunked, chunks + b"0\r\n\r\n").startswith(b"HTTP/1.1 413")
             assert _send_headers_then_body(s.url, as_text, body).startswith(b"HTTP/1.1 415")
         assert post_raw(s.url, "/generate", '{"inputs": "small"}').status_code == 200
+
+
+def test_a_body_over_the_limit_behind_expect_100_continue_is_refused_before_it_is_sent():
+    """A client that asks `Expect: 100-continue` sends its body only after a 100; reading the refused body
+    would make the server send that 100 and wait for the whole body. The 413 comes at once instead."""
+    limit = 2048
+    with fake_server(ServerConfig(max_payload_bytes=limit, stats_log_interval_s=0)) as s:
+        host, port = s.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(f"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {4 * limit}\r\nExpect: 100-continue\r\n\r\n".encode())
+            assert sock.recv(4096).split(b"\r\n")[0] == b"HTTP/1.1 413 Request Entity Too Large"
 
 
 def test_auth_default_deny_except_health_and_metrics():
@@ -366,15 +379,8 @@ def test_a_stream_abandoned_before_its_body_started_aborts_its_request(server, p
     full): the disconnect cancels the response at its first send, before the body's first step, so the body's
     `finally` (where the request is aborted) never runs. The request ran to its end; now the route's
     on_abandoned aborts it. The app is called in the server's own loop, with the fake engine."""
-    messages = [{"type": "http.request", "body": body, "more_body": False}, {"type": "http.disconnect"}]
-
-    async def receive():
-        if messages:
-            return messages.pop(0)
-        await asyncio.Event().wait()
-
-    async def send(message):
-        await asyncio.sleep(0)
+    receive, send, _ = scripted_client([{"type": "http.request", "body": body, "more_body": False},
+                                        {"type": "http.disconnect"}])
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
              "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",

@@ -52,10 +52,10 @@ def test_an_event_is_one_line_to_every_line_splitter():
     assert "\u00e9\u2603" in event  # other characters stay as they are
 
 
-def _serve(response: EventStreamResponse, messages: list[dict]) -> list[dict]:
-    """Run the response as the ASGI app it is: `messages` are what receive() gives, in order, and after them
-    receive() waits forever (a client that stays). send() is a checkpoint, as a server's send may be (uvicorn's
-    is one only while the socket's buffer is full; hypercorn's always)."""
+def scripted_client(messages: list[dict]):
+    """(receive, send, sent) of an ASGI client: receive() gives `messages` in order, then waits forever (a
+    client that stays); send() records into `sent` and is a checkpoint, as a server's send may be (uvicorn's is
+    one only while the socket's buffer is full; hypercorn's always)."""
     sent, pending = [], list(messages)
 
     async def receive():
@@ -66,6 +66,12 @@ def _serve(response: EventStreamResponse, messages: list[dict]) -> list[dict]:
     async def send(message):
         await asyncio.sleep(0)
         sent.append(message)
+    return receive, send, sent
+
+
+def _serve(response: EventStreamResponse, messages: list[dict]) -> list[dict]:
+    """Run the response as the ASGI app it is, against scripted_client(messages)."""
+    receive, send, sent = scripted_client(messages)
     asyncio.run(response({"type": "http"}, receive, send))
     return sent
 

@@ -87,6 +87,19 @@ def test_a_template_that_drops_the_final_message_cannot_continue_it():
         dropping.render(PREFILL, add_generation_prompt=False, continue_final_message=True)
     with pytest.raises(ContinuationError, match="not compatible"):
         FAKE_TEMPLATE.render(PREFILL, add_generation_prompt=True, continue_final_message=True)
+    # through the chat route's rendering: a 400 naming the field, not "messages: the chat template refused them"
+    from types import SimpleNamespace
+
+    from server.api_openai import chat_text
+    from server.http_errors import ApiError
+    from server.schemas_openai import ChatCompletionRequest
+    tokenizer = SimpleNamespace(has_chat_template=True, apply_chat_template=dropping.render)
+    state = SimpleNamespace(engine=SimpleNamespace(tokenizer=tokenizer), prompt_char_limit=10_000)
+    req = ChatCompletionRequest(messages=PREFILL, add_generation_prompt=False, continue_final_message=True)
+    with pytest.raises(ApiError) as caught:
+        chat_text(state, req)
+    assert caught.value.param == "continue_final_message"
+    assert caught.value.message.startswith("continue_final_message: the final message does not appear")
 
 
 CASES = [PREFILL, [{"role": "user", "content": "hi hi"}, {"role": "assistant", "content": "hi"}],
