@@ -1,4 +1,4 @@
-"""Operational routes: /health, /metrics, /info, /tokenize, /detokenize (the last two in vLLM's shapes)."""
+"""Operational routes: /health (and /ping), /metrics, /version, /info, /tokenize, /detokenize (the last two in vLLM's shapes)."""
 from __future__ import annotations
 
 from importlib import metadata
@@ -85,6 +85,8 @@ def info_payload(state: ServerState) -> dict:
 def ops_router() -> APIRouter:
     router = APIRouter(tags=["operations"])
 
+    # /ping: /health under the name SageMaker's and vLLM's probes use (GET, or POST as SageMaker may send it)
+    @router.api_route("/ping", methods=["GET", "POST"])
     @router.get("/health")
     async def health(request: Request) -> JSONResponse:
         status, payload = health_payload(request.app.state.server)
@@ -96,6 +98,10 @@ def ops_router() -> APIRouter:
     @router.get("/metrics")
     async def metrics(request: Request) -> Response:
         return Response(request.app.state.server.metrics.render(), media_type=CONTENT_TYPE)
+
+    @router.get("/version")
+    async def version() -> dict:
+        return {"version": package_version()}  # vLLM's route
 
     @router.get("/info")
     async def info(request: Request) -> JSONResponse:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from server.engine_config import EngineConfig, Settings, union_members
 
@@ -88,8 +88,23 @@ class ServerConfig(Settings):
     reasoning_parser: Literal["none", "deepseek_r1"] = Field(
         "none", description="split a reasoning model's thinking (<think>...</think>) into reasoning_content on "
                             "/v1/chat/completions (server/reasoning_parsers.py); none = the reply is all content")
+    ssl_certfile: str | None = Field(None, description="serve HTTPS with this PEM certificate (or chain); needs "
+                                                     "ssl_keyfile (default: plain HTTP)")
+    ssl_keyfile: str | None = Field(None, description="the PEM private key of ssl_certfile")
+    ssl_ca_certs: str | None = Field(None, description="with HTTPS: clients must present a certificate signed by one "
+                                                     "of these PEM CAs (mutual TLS)")
     enable_explain: bool = Field(False, description="serve the attention explorer at /explain (torch reference "
                                                     "path on CPU copies of the model, never the hot path)")
+
+    @model_validator(mode="after")
+    def _tls_files_come_together(self) -> "ServerConfig":
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            given, missing = ("ssl_certfile", "ssl_keyfile") if self.ssl_keyfile is None \
+                else ("ssl_keyfile", "ssl_certfile")
+            raise ValueError(f"{missing}: needed with {given} (HTTPS takes both)")
+        if self.ssl_ca_certs is not None and self.ssl_certfile is None:
+            raise ValueError("ssl_ca_certs: needs ssl_certfile and ssl_keyfile (client certificates need HTTPS)")
+        return self
 
     def prompt_char_limit(self, max_model_len: int) -> int:
         """BPE tokens average well under 16 characters, so this never refuses a prompt that would fit."""

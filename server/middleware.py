@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server.http_errors import TRANSIENT_S, ApiError, error_response
 from server.state import Phase, ServerState
 
-OPEN_PATHS = frozenset({"/health", "/metrics"})
+OPEN_PATHS = frozenset({"/health", "/ping", "/metrics"})
 REQUEST_ID_HEADER = b"x-request-id"
 # a client's (or a proxy's) id is kept when it is 1-128 letters, digits and ._:/+@- (no quotes, spaces or
 # "=", so it cannot break or forge a field of the logfmt request line); any other value is replaced, as

@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import socket
+import ssl
 import sys
 from types import FrameType
 from typing import Any
@@ -53,7 +55,7 @@ def run_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"gqa-serve serve: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    unusable = listen_address_error(config.server.host, config.server.port)
+    unusable = listen_address_error(config.server.host, config.server.port) or tls_error(config.server)
     if unusable:  # before the model loads (uvicorn binds after the lifespan has started the load)
         print(f"gqa-serve serve: {unusable}", file=sys.stderr)
         return 2
@@ -96,10 +98,36 @@ def listen_address_error(host: str, port: int) -> str | None:
     return None
 
 
+def tls_error(config: ServerConfig) -> str | None:
+    """Why the HTTPS files cannot serve, or None: loaded here as uvicorn will, so a wrong path or a key that
+    does not match its certificate is one line naming the setting before the model loads, not a traceback
+    after it."""
+    if config.ssl_certfile is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.ssl_certfile, config.ssl_keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        missing = next((f"{name}: no such file {path!r}" for name, path in
+                        (("ssl_certfile", config.ssl_certfile), ("ssl_keyfile", config.ssl_keyfile))
+                        if not os.path.isfile(path)), None)
+        return f"server.{missing}" if missing else \
+            f"server.ssl_certfile: cannot load the certificate and ssl_keyfile's key: {exc}"
+    if config.ssl_ca_certs is not None:
+        try:
+            context.load_verify_locations(cafile=config.ssl_ca_certs)
+        except (OSError, ssl.SSLError) as exc:
+            return f"server.ssl_ca_certs: cannot load {config.ssl_ca_certs!r}: {exc}"
+    return None
+
+
 def serve_app(app: Any, config: ServerConfig) -> int:
     """Run `app` (from create_app) until SIGTERM has drained it or SIGINT stops it; returns the exit code."""
+    tls = {} if config.ssl_certfile is None else dict(
+        ssl_certfile=config.ssl_certfile, ssl_keyfile=config.ssl_keyfile, ssl_ca_certs=config.ssl_ca_certs,
+        ssl_cert_reqs=ssl.CERT_NONE if config.ssl_ca_certs is None else ssl.CERT_REQUIRED)
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, lifespan="on", access_log=False,
-                               log_level=config.log_level, timeout_graceful_shutdown=5)
+                               log_level=config.log_level, timeout_graceful_shutdown=5, **tls)
     server = DrainingServer(uv_config, app.state.server, config.drain_timeout_s)
     try:
         server.run()
@@ -124,7 +152,8 @@ class DrainingServer(uvicorn.Server):
         for server in self.servers:
             for sock in server.sockets:
                 host, port = sock.getsockname()[:2]
-                logger.info("listening on http://%s:%d (model loading in the background)", host, port)
+                logger.info("listening on %s://%s:%d (model loading in the background)",
+                            "https" if self.config.is_ssl else "http", host, port)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if sig == signal.SIGTERM and self._loop is not None and not self.should_exit:

@@ -196,7 +196,8 @@ def test_auth_default_deny_except_health_and_metrics():
     with fake_server(ServerConfig(api_key="s3cret", stats_log_interval_s=0)) as s:
         assert httpx.get(s.url + "/health").status_code == 200
         assert httpx.get(s.url + "/metrics").status_code == 200
-        for path in ("/info", "/v1/models", "/openapi.json", "/docs", "/nope"):
+        assert httpx.get(s.url + "/ping").status_code == 200 == httpx.post(s.url + "/ping").status_code
+        for path in ("/info", "/version", "/v1/models", "/openapi.json", "/docs", "/nope"):
             assert httpx.get(s.url + path).status_code == 401, path
         r = httpx.post(s.url + "/generate", json={"inputs": "x"}, headers={"Authorization": "Bearer wrong"})
         assert r.status_code == 401 and r.json()["error_type"] == "unauthorized"
@@ -259,6 +260,9 @@ def test_health_loading_then_ready_then_dead():
     with srv as s:
         r = httpx.get(s.url + "/health")
         assert r.status_code == 503 and r.json()["status"] == "loading" and r.headers["retry-after"] == "5"
+        for probe in (httpx.get, httpx.post):  # /ping, SageMaker's and vLLM's name for it, answers the same
+            r = probe(s.url + "/ping")
+            assert r.status_code == 503 and r.json()["status"] == "loading"
         r = httpx.post(s.url + "/generate", json={"inputs": "x"})
         assert r.status_code == 503 and r.headers["retry-after"] == "5"  # clients wait that long to retry
         assert httpx.get(s.url + "/metrics").status_code == 200
@@ -266,6 +270,7 @@ def test_health_loading_then_ready_then_dead():
         s.app.state.server.engine.kill()
         r = httpx.get(s.url + "/health")
         assert r.json()["status"] == "dead" and "retry-after" not in r.headers
+        assert httpx.get(s.url + "/ping").json()["status"] == "dead"
         r = httpx.post(s.url + "/generate", json={"inputs": "x"})
         assert r.status_code == 503 and "retry-after" not in r.headers  # retrying a dead engine cannot help
 

@@ -162,3 +162,4 @@ def test_info(client):
     assert info["max_stop_sequences"] == 16 and info["max_concurrent_requests"] > info["limits"]["max_num_seqs"]
     assert info["scheduling_policy"] == "fcfs" and info["rope_scaling"] is None and info["sliding_window"] is None
     assert info["version"] and info["router"] == "gqa-serve" and info["max_client_batch_size"] >= 1
+    assert client.get("/version").json() == {"version": info["version"]}  # vLLM's route
