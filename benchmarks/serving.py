@@ -18,6 +18,8 @@ gqaserve_engine_step_gap_seconds, server/step_gaps.py): p50 and p99 of each engi
 over the rate's run, for steps that carried prompt tokens and for decode-only steps (interpolated within
 the histogram's buckets, as Prometheus' histogram_quantile). A client ITL p99 near the prompt steps' p99 is
 the device's mixed steps; one well above both kinds is delivery (detokenizing, event loop, network).
+With --launch (on Linux) each rate also reports the server process's CPU per output token and its share of
+a core: with the engine in a child process (`--engine-process`), the HTTP side's cost alone.
 `--launch` starts `python -m server.cli serve` on a free loopback port with --serve-args, waits for
 /health, runs, then stops it; `--dummy-checkpoint PRESET` first writes a random bf16 checkpoint of the
 preset's shapes (benchmarks/throughput.py PRESETS) with a word-level tokenizer, and serves that.
@@ -161,7 +163,17 @@ def client_process(url: str, bodies: list[dict], send_at: list[float], timeout: 
     return asyncio.run(send_on_schedule(url, bodies, send_at, timeout))
 
 
-def run_rate(base_url: str, model: str | None, prompts, rate: float, args) -> dict:
+def process_cpu_s(pid: int | None) -> float | None:
+    """CPU seconds (user + system, all threads, not its children) a process has used so far; None when there
+    is no pid or no /proc (a server not launched here, or not on Linux)."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except (OSError, TypeError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14 and 15
+
+
+def run_rate(base_url: str, model: str | None, prompts, rate: float, args, server_pid: int | None = None) -> dict:
     """The requests go out on one Poisson schedule, dealt round-robin to --client-processes processes: a
     streaming client spends ~0.1-0.2 ms of CPU per event in Python, so one process saturates near 5-10k
     events/s and would then measure itself, not the server. Each process's CPU load is reported."""
@@ -173,6 +185,7 @@ def run_rate(base_url: str, model: str | None, prompts, rate: float, args) -> di
     if not warm.ok:
         raise RuntimeError(f"warm-up request failed: {warm.error}")
     gaps_before = scrape_step_gaps(base_url)
+    cpu_before = process_cpu_s(server_pid)
     k = max(1, min(args.client_processes, len(bodies)))
     if k == 1:
         start = time.monotonic()
@@ -194,6 +207,11 @@ def run_rate(base_url: str, model: str | None, prompts, rate: float, args) -> di
     row["client_processes"] = k
     row["client_cpu_busy"] = max(cpu for _, _, cpu in parts) / duration  # the busiest process: near 1 = saturated
     row["engine_step_gap_ms"] = step_gap_quantiles(gaps_before, scrape_step_gaps(base_url))
+    cpu_after = process_cpu_s(server_pid)
+    if cpu_before is not None and cpu_after is not None and row["output_tokens"]:
+        # the launched server's own process: with the engine in a child process, the HTTP side alone
+        row["server_cpu_us_per_token"] = (cpu_after - cpu_before) / row["output_tokens"] * 1e6
+        row["server_cpu_busy"] = (cpu_after - cpu_before) / duration
     return row
 
 
@@ -295,16 +313,19 @@ def server_info(base_url: str) -> dict:
         return {}
 
 
-def benchmark(base_url: str, args) -> dict:
+def benchmark(base_url: str, args, server_pid: int | None = None) -> dict:
     info = server_info(base_url)
     vocab = args.vocab_size or info.get("vocab_size") or 256
     rows = []
     for i, rate in enumerate(args.request_rates):
-        row = run_rate(base_url, args.model, make_prompts(args, vocab, i), rate, args)
+        row = run_rate(base_url, args.model, make_prompts(args, vocab, i), rate, args, server_pid)
         rows.append(row)
         print(f"rate {row['request_rate']}: {row['completed']} ok, {row['failed']} failed, "
               f"{row['duration_s']:.1f} s; busiest of {row['client_processes']} client process(es) "
               f"{100 * row['client_cpu_busy']:.0f}% busy", flush=True)
+        if "server_cpu_us_per_token" in row:
+            print(f"  server process: {row['server_cpu_us_per_token']:.1f} us of CPU per output token, "
+                  f"{100 * row['server_cpu_busy']:.0f}% of a core", flush=True)
         gaps = row["engine_step_gap_ms"]
         if gaps:
             print("  engine step gaps (ms): " + "; ".join(
@@ -359,7 +380,7 @@ def main(argv=None) -> dict:
             t = time.perf_counter()
             with LaunchedServer(serve_args, args.launch_timeout, Path(tmp) / "server.log") as srv:
                 print(f"server healthy at {srv.url} after {time.perf_counter() - t:.1f} s", flush=True)
-                res = benchmark(srv.url, args)
+                res = benchmark(srv.url, args, srv.proc.pid)
             res["serve_cmd"] = srv.cmd
     res["args"] = {k: (v if not isinstance(v, list) else [str(x) for x in v]) for k, v in vars(args).items()}
     print_table(res["rates"])

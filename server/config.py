@@ -88,6 +88,8 @@ class ServerConfig(Settings):
     reasoning_parser: Literal["none", "deepseek_r1"] = Field(
         "none", description="split a reasoning model's thinking (<think>...</think>) into reasoning_content on "
                             "/v1/chat/completions (server/reasoning_parsers.py); none = the reply is all content")
+    http_parser: Literal["auto", "httptools", "h11"] = Field(
+        "auto", description="uvicorn's HTTP implementation: auto = httptools (C) when installed, else h11 (Python)")
     ssl_certfile: str | None = Field(None, description="serve HTTPS with this PEM certificate (or chain); needs "
                                                      "ssl_keyfile (default: plain HTTP)")
     ssl_keyfile: str | None = Field(None, description="the PEM private key of ssl_certfile")

@@ -127,7 +127,8 @@ def serve_app(app: Any, config: ServerConfig) -> int:
         ssl_certfile=config.ssl_certfile, ssl_keyfile=config.ssl_keyfile, ssl_ca_certs=config.ssl_ca_certs,
         ssl_cert_reqs=ssl.CERT_NONE if config.ssl_ca_certs is None else ssl.CERT_REQUIRED)
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, lifespan="on", access_log=False,
-                               log_level=config.log_level, timeout_graceful_shutdown=5, **tls)
+                               log_level=config.log_level, timeout_graceful_shutdown=5, http=config.http_parser,
+                               **tls)
     server = DrainingServer(uv_config, app.state.server, config.drain_timeout_s)
     try:
         server.run()

@@ -18,6 +18,14 @@ from tests.tiny_models import SHAKESPEARE, make_tiny_checkpoint  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_sessionstart(session) -> None:
+    """The tiny models' tokenizer is trained on the public-domain text CI keeps in ../shared: without it most
+    tests would error one by one on a missing file, so say it once and stop."""
+    if not SHAKESPEARE.is_file():
+        pytest.exit(f"the tests need {SHAKESPEARE} (tinyshakespeare, public domain; CI has ../shared beside the "
+                    "clone): put the text there or in .shared/data/ inside the clone", returncode=4)
+
+
 def model_cache_dir() -> Path:
     # Tests may read the environment; the product reads it only in server/config.py.
     from model.fetch import default_cache_dir

@@ -160,12 +160,22 @@ def test_serving_launches_a_dummy_checkpoint_server(tmp_path, shakespeare_text):
     cfg.write_text(json.dumps(TINY_CONFIG))
     text = tmp_path / "text.txt"
     text.write_text(shakespeare_text[:20000])
-    res = serving.main(["--launch", "--dummy-checkpoint", str(cfg), "--serve-args", "--device cpu --max-num-seqs 8",
+    res = serving.main(["--launch", "--dummy-checkpoint", str(cfg), "--serve-args",
+                        "--device cpu --max-num-seqs 8 --http-parser h11",
                         "--request-rates", "inf", "--num-prompts", "3", "--input-len", "12", "--max-tokens", "4",
                         "--dataset", str(text), "--launch-timeout", "120", "--json", str(tmp_path / "s.json")])
     check_rates(res, 3, 4, ["inf"])
     assert res["server_info"]["vocab_size"] == TINY_CONFIG["vocab_size"]
     assert "--port" in res["serve_cmd"]
+    assert res["rates"][0]["server_cpu_us_per_token"] > 0  # the launched process's CPU, per output token
+
+
+def test_process_cpu_counts_this_process_and_needs_a_pid():
+    import os
+    before = serving.process_cpu_s(os.getpid())
+    sum(k * k for k in range(3_000_000))
+    assert serving.process_cpu_s(os.getpid()) > before
+    assert serving.process_cpu_s(None) is None
 
 
 def test_run_gpu_script_parses():

@@ -44,12 +44,12 @@ def test_an_event_is_one_line_to_every_line_splitter():
     import json
 
     from server.sse import sse_data
-    text = "a\u2028b\u2029c\u0085d \u00e9\u2603"
-    event = sse_data(json.dumps({"text": text}, ensure_ascii=False))
-    lines = event.splitlines()
-    assert lines[0].startswith("data: ") and lines[1:] == [""]
-    assert json.loads(lines[0][len("data: "):]) == {"text": text}
-    assert "\u00e9\u2603" in event  # other characters stay as they are
+    for text in ("a\u2028b\u2029c\u0085d \u00e9\u2603", "a\u2028b", "b\u2029c", "c\u0085d"):  # each alone too
+        event = sse_data(json.dumps({"text": text}, ensure_ascii=False))
+        lines = event.splitlines()
+        assert lines[0].startswith("data: ") and lines[1:] == [""], text
+        assert json.loads(lines[0][len("data: "):]) == {"text": text}
+    assert "\u00e9\u2603" in sse_data(json.dumps({"text": "\u00e9\u2603"}, ensure_ascii=False))  # others stay
 
 
 def scripted_client(messages: list[dict]):
