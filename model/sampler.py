@@ -1,7 +1,8 @@
 """Batched sampling on the device from per-row parameter tensors (built by the server's model runner).
 
 Order, as Hugging Face's processors/warpers: logit bias (OpenAI's logit_bias: added to the raw logits) ->
-tokens a grammar does not allow -> banned ids (min_new_tokens) -> repetition penalty (HF: prompt +
+tokens a grammar or allowed_token_ids do not allow -> banned ids (min_new_tokens, bad_words; where they would
+leave a masked row no token, the ban yields) -> repetition penalty (HF: prompt +
 output, divide positive logits, multiply negative) -> presence/frequency penalties (OpenAI: output tokens)
 -> temperature -> top_k -> top_p -> min_p -> draw. temperature 0 rows take the argmax of the penalised
 logits. The draw is Gumbel-max; a seeded row's uniforms come from a counter-based hash of (seed, output
@@ -37,11 +38,13 @@ class SamplingTensors:
     frequency_penalty: torch.Tensor | None = None   # [R] float32
     prompt_tokens: torch.Tensor | None = None       # [R, Lp] int64, padded with vocab_size
     output_tokens: torch.Tensor | None = None       # [R, Lo] int64, padded with vocab_size
-    banned_tokens: torch.Tensor | None = None       # [B, K] int64, padded with vocab_size
+    banned_tokens: torch.Tensor | None = None       # [B, K] int64, padded with vocab_size (min_new_tokens' stop
+                                                    # ids, bad_words' next tokens)
     bias_index: torch.Tensor | None = None          # [2, N] int64: (row, token id) of each logit bias
     bias_values: torch.Tensor | None = None         # [N] float32: added to those logits
     allowed_bits: torch.Tensor | None = None        # [B, ceil(V'/32)] int32, V' >= V: bit j of word w set =
-                                                    # token 32w+j allowed (a grammar's mask; -1: all)
+                                                    # token 32w+j allowed (a grammar's mask and/or
+                                                    # allowed_token_ids'; -1: all)
     # host flags: which stages any row needs
     all_greedy: bool = False
     any_greedy: bool = False
@@ -104,8 +107,8 @@ def _apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
         banned = torch.zeros(B, V + 1, dtype=torch.bool, device=logits.device)
         banned.scatter_(1, t.banned_tokens, True)
         kept = logits.masked_fill(banned[:, :V], float("-inf"))
-        if t.allowed_bits is not None:  # a grammar that allows only banned ids (it must end: eos) wins over
-            # min_new_tokens; the row would otherwise be all -inf and argmax would take token 0
+        if t.allowed_bits is not None:  # a grammar (or allowed_token_ids) that allows only banned ids (it must
+            # end: eos) wins over the ban; the row would otherwise be all -inf and argmax would take token 0
             kept = torch.where(kept.amax(dim=-1, keepdim=True) == float("-inf"), logits, kept)
         logits = kept
     if t.repetition_penalty is None and t.presence_penalty is None:

@@ -30,8 +30,9 @@ def token_ids_within(tokenizer, eos_token_ids: tuple[int, ...], vocab_size: int)
 def check_request(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int,
                   scheduler: Scheduler, grammars: GrammarCompiler | None = None) -> None:
     """A request that can never run raises AdmissionError naming the field: ids outside the vocabulary (in
-    the prompt, logit_bias or stop_token_ids), a grammar that does not compile, or too long for max_model_len
-    / the whole KV cache (no engine state read: any thread, any process)."""
+    the prompt, logit_bias, stop_token_ids, allowed_token_ids or bad words), bad_words never turned into ids,
+    a grammar that does not compile, or too long for max_model_len / the whole KV cache (no engine state read:
+    any thread, any process)."""
     bad = next((t for t in prompt_token_ids if not 0 <= t < vocab_size), None)
     if bad is not None:
         raise AdmissionError(f"inputs: token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
@@ -43,8 +44,23 @@ def check_request(prompt_token_ids: list[int], params: SamplingParams, vocab_siz
     if bad is not None:  # never generated, and min_tokens would ban it by index
         raise AdmissionError(f"stop_token_ids: token id {bad} is outside the vocabulary (0..{vocab_size - 1})",
                              "stop_token_ids")
+    _check_token_constraints(params, vocab_size)
     if params.grammar is not None:
         if grammars is None:
             raise AdmissionError("grammar: this engine was built without a grammar compiler", "grammar")
         grammars.check(params.grammar)
     scheduler.check_admission(len(prompt_token_ids), params)
+
+
+def _check_token_constraints(params: SamplingParams, vocab_size: int) -> None:
+    bad = next((t for t in params.allowed_token_ids or () if t >= vocab_size), None)
+    if bad is not None:  # (the mask has no bit for it)
+        raise AdmissionError(f"allowed_token_ids: token id {bad} is outside the vocabulary (0..{vocab_size - 1})",
+                             "allowed_token_ids")
+    if params.bad_words and not params.bad_words_token_ids:  # the engine applies ids only (it never tokenizes)
+        raise AdmissionError("bad_words: not turned into token ids; fill bad_words_token_ids first "
+                             "(server/bad_words.with_bad_words_token_ids)", "bad_words")
+    bad = next((t for ids in params.bad_words_token_ids for t in ids if t >= vocab_size), None)
+    if bad is not None:  # the tokenizer knows ids the model does not: the ban would index past the logits
+        raise AdmissionError(f"bad_words_token_ids: token id {bad} is outside the vocabulary "
+                             f"(0..{vocab_size - 1})", "bad_words_token_ids")

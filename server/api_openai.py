@@ -13,10 +13,11 @@ from model.chat_template import ContinuationError
 from model.token_bytes import token_string
 from server.completion_logprobs import CompletionPrompt, generated_logprobs, joined, prompt_logprobs
 from server.disconnects import ClientDisconnected, aborter, unless_disconnected
-from server.generation import Collected, check_token_ids, collect_all, delta_texts, encode_prompt, submit_all
+from server.generation import (Collected, check_prompt_length, check_token_ids, collect_all, delta_texts,
+                               encode_prompt, kept_tail, submit_all)
 from server.http_errors import ApiError
 from server.openai_common import (admission_names, check_common, continuous_usage, finish_reason, grammar_field,
-                                  logprob_value, now_s, sampling_params, sse_choices, usage)
+                                  logprob_value, now_s, prompt_truncation, sampling_params, sse_choices, usage)
 from server.outputs import RequestOutput, TokenLogprob
 from server.reasoning_parsers import ReasoningStream, applies as reasoning_applies
 from server.request_log import engine_ids, response_id
@@ -44,13 +45,17 @@ def _completion_prompts(state: ServerState, req: CompletionRequest) -> list[Comp
         items = list(raw)
     if not items:
         raise ApiError("validation", "prompt: empty list", "prompt")
-    out = []
+    out, keep = [], prompt_truncation(state, req)
     for i, item in enumerate(items):
         field = "prompt" if len(items) == 1 else f"prompt.{i}"
         if isinstance(item, str):
-            out.append(CompletionPrompt(item, encode_prompt(state, item, field), False))
+            ids = encode_prompt(state, item, field, check_length=False)
+            kept = kept_tail(ids, keep)
+            check_prompt_length(state, len(kept), field)
+            out.append(CompletionPrompt(item, ids, False) if kept is ids else  # a cut one echoes what is left
+                       CompletionPrompt(state.engine.tokenizer.decode(kept, skip_special_tokens=False), kept, True))
         else:
-            ids = check_token_ids(state, list(item), field)
+            ids = check_token_ids(state, list(item), field, keep_last=keep)
             text = state.engine.tokenizer.decode(ids, skip_special_tokens=False) if req.echo else ""
             out.append(CompletionPrompt(text, ids, True))
     return out
@@ -187,7 +192,7 @@ async def chat_completions(state: ServerState, request: Request, req: ChatComple
     state.require_ready()
     check_common(state, req, n)
     prompt = chat_text(state, req)
-    ids = encode_prompt(state, prompt, "messages", add_special_tokens=False)
+    ids = encode_prompt(state, prompt, "messages", add_special_tokens=False, keep_last=prompt_truncation(state, req))
     if req.max_completion_tokens is not None:
         max_tokens, field = req.max_completion_tokens, "max_completion_tokens"
     else:

@@ -1,4 +1,5 @@
-"""Operational routes: /health (and /ping), /metrics, /version, /info, /tokenize, /detokenize (the last two in vLLM's shapes)."""
+"""Operational routes: /health (and /ping), /metrics, /version, /info, /tokenize, /detokenize (the last two
+in vLLM's shapes)."""
 from __future__ import annotations
 
 from importlib import metadata

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 
 from model.detokenizer import IncrementalDetokenizer
 from server.disconnects import ClientDisconnected, aborter, unless_disconnected
-from server.generation import (Collected, build_params, check_prompt_length, collect_all, encode_prompt,
+from server.generation import (Collected, build_params, collect_all, encode_prompt,
                                resolve_max_new_tokens, submit, submit_all)
 from server.http_errors import ApiError, error_json, failure_error
 from server.outputs import RequestOutput
@@ -59,10 +59,7 @@ def _refuse_unsupported(p: GenerateParameters) -> None:
 def prepare(state: ServerState, prompt: str, p: GenerateParameters, *, want_logprobs: bool,
             field: str = "inputs") -> Prepared:
     _refuse_unsupported(p)
-    ids = encode_prompt(state, prompt, field, check_length=False)
-    if p.truncate is not None and len(ids) > p.truncate:
-        ids = ids[-p.truncate:]
-    check_prompt_length(state, len(ids), field)
+    ids = encode_prompt(state, prompt, field, keep_last=p.truncate)
     sampling = bool(p.do_sample) or p.temperature not in (None, 1.0) or p.top_k not in (None, 0) \
         or p.top_p not in (None, 1.0)
     if p.temperature == 0.0:

@@ -24,8 +24,9 @@ from server.state import Phase, ServerState
 
 # prompt checks -------------------------------------------------------------------------------------------
 def encode_prompt(state: ServerState, text: str, field: str, add_special_tokens: bool = True,
-                  check_length: bool = True) -> list[int]:
-    """Tokenize after cheap checks: the character limit keeps huge prompts off the tokenizer."""
+                  check_length: bool = True, keep_last: int | None = None) -> list[int]:
+    """Tokenize after cheap checks: the character limit keeps huge prompts off the tokenizer. keep_last:
+    truncate to that many last tokens first (kept_tail)."""
     if not text:
         raise ApiError("validation", f"{field}: the prompt is empty", field)
     limit = state.prompt_char_limit
@@ -35,17 +36,25 @@ def encode_prompt(state: ServerState, text: str, field: str, add_special_tokens:
     ids = state.engine.tokenizer.encode(text, add_special_tokens=add_special_tokens)
     if not ids:
         raise ApiError("validation", f"{field}: the prompt encodes to no tokens", field)
+    ids = kept_tail(list(ids), keep_last)
     if check_length:
         check_prompt_length(state, len(ids), field)
-    return list(ids)
+    return ids
 
 
-def check_token_ids(state: ServerState, ids: list[int], field: str) -> list[int]:
+def check_token_ids(state: ServerState, ids: list[int], field: str, keep_last: int | None = None) -> list[int]:
     if not ids:
         raise ApiError("validation", f"{field}: the prompt is empty", field)
     check_in_vocabulary(state, ids, field)
+    ids = kept_tail(list(ids), keep_last)
     check_prompt_length(state, len(ids), field)
-    return list(ids)
+    return ids
+
+
+def kept_tail(ids: list[int], keep: int | None) -> list[int]:
+    """A prompt truncated to its last `keep` tokens (TGI's truncate, vLLM's truncate_prompt_tokens): ids itself
+    when it is no longer (or keep is None)."""
+    return ids if keep is None or len(ids) <= keep else ids[-keep:]
 
 
 def check_in_vocabulary(state: ServerState, ids: list[int], field: str) -> None:

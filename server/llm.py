@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.bad_words import with_bad_words_token_ids
 from server.engine import LLMEngine
 from server.engine_config import EngineConfig
 from server.outputs import RequestOutput, TokenLogprob
@@ -54,6 +55,7 @@ class LLM:
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(plist)} SamplingParams")
+        plist = [with_bad_words_token_ids(p, self.tokenizer) for p in plist]  # the engine takes ids
         token_lists = [p if isinstance(p, list) else self.tokenizer.encode(p) for p in prompts]
         ids = [f"offline-{i}" for i in range(len(prompts))]
         for toks, p in zip(token_lists, plist):  # refuse the whole batch before running any of it

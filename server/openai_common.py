@@ -1,5 +1,6 @@
-"""What /v1/completions and /v1/chat/completions share: refusals, SamplingParams mapping, token strings,
-usage, and the SSE framing of a merged stream of choices (`data: {...}` events then `data: [DONE]`)."""
+"""What /v1/completions and /v1/chat/completions share: refusals, SamplingParams mapping (bad_words turned
+into token ids here, where the tokenizer is), prompt truncation, token strings, usage, and the SSE framing of
+a merged stream of choices (`data: {...}` events then `data: [DONE]`)."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from model.token_bytes import token_string
+from server.bad_words import with_bad_words_token_ids
 from server.generation import merge_streams, resolve_max_new_tokens, build_params
 from server.http_errors import ApiError, error_json, failure_error
 from server.outputs import RequestOutput
@@ -29,7 +31,8 @@ FINISH_REASON = {"length": "length", "stop": "stop", "eos_token": "stop"}
 def admission_names(prompt_field: str, max_tokens_field: str, grammar_field: str = "response_format") -> dict:
     """The engine's field names -> this request's, for submit_all's refusals (the scheduler's KV-cache check
     names `inputs` and `max_new_tokens`, TGI's words)."""
-    return {"inputs": prompt_field, "max_new_tokens": max_tokens_field, "grammar": grammar_field}
+    return {"inputs": prompt_field, "max_new_tokens": max_tokens_field, "grammar": grammar_field,
+            "bad_words_token_ids": "bad_words"}
 
 
 def finish_reason(reason: str | None) -> str | None:
@@ -82,7 +85,7 @@ def sampling_params(state: ServerState, req: SamplingFields, prompt_len: int, *,
 
     def unset(value, field: str, default: float):
         return model.get(field, default) if value is None else value
-    return build_params(
+    params = build_params(
         names, temperature=unset(req.temperature, "temperature", 1.0), top_p=unset(req.top_p, "top_p", 1.0),
         top_k=unset(req.top_k, "top_k", 0), min_p=unset(req.min_p, "min_p", 0.0),
         repetition_penalty=unset(req.repetition_penalty, "repetition_penalty", 1.0),
@@ -91,7 +94,21 @@ def sampling_params(state: ServerState, req: SamplingFields, prompt_len: int, *,
         stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=bool(req.ignore_eos), logprobs=logprobs,
         skip_special_tokens=req.skip_special_tokens is not False and not _keeps_special_tokens(state, req),
         prompt_logprobs=prompt_logprobs, priority=req.priority or 0,
-        logit_bias=bias, grammar=grammar or _grammar(req))
+        logit_bias=bias, grammar=grammar or _grammar(req),
+        allowed_token_ids=None if req.allowed_token_ids is None else tuple(req.allowed_token_ids),
+        bad_words=tuple(req.bad_words or ()))
+    return with_bad_words_token_ids(params, state.engine.tokenizer)  # (the engine takes ids)
+
+
+def prompt_truncation(state: ServerState, req: SamplingFields) -> int | None:
+    """How many of the prompt's last tokens truncate_prompt_tokens keeps (-1: max_model_len); None: all."""
+    keep = req.truncate_prompt_tokens
+    if keep is None:
+        return None
+    if keep > state.max_model_len:  # (vLLM refuses it too: the prompt could not fit anyway)
+        raise ApiError("validation", f"truncate_prompt_tokens: {keep:,} is more than max_model_len "
+                                     f"({state.max_model_len:,})", "truncate_prompt_tokens")
+    return state.max_model_len if keep == -1 else keep
 
 
 def _keeps_special_tokens(state: ServerState, req: SamplingFields) -> bool:

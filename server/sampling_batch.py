@@ -2,8 +2,9 @@
 
 Rows' parameters are packed into one float and one int host tensor, so a step costs two small uploads
 (plus the penalised rows' token tables only when some row uses a penalty, banned ids only while some row is below
-min_new_tokens, (row, token, bias) triples only when some row has a logit_bias, and a bitmask of allowed
-tokens only when some row has a grammar). The host flags tell the sampler which stages it may skip.
+min_new_tokens or has bad_words, (row, token, bias) triples only when some row has a logit_bias, and a bitmask of
+allowed tokens only when some row has a grammar or allowed_token_ids). The host flags tell the sampler which
+stages it may skip.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 
 from model.sampler import SamplingTensors
+from server.bad_words import banned_next
 from server.grammar import allowed_bitmask
 from server.sequence import Sequence
 
@@ -37,7 +39,8 @@ def _padded(lists: list[list[int]], pad: int) -> list[list[int]]:
 
 
 def only_argmax(seqs: list[Sequence]) -> bool:
-    """True when every row takes the plain argmax: greedy, no penalties, bias or logprobs, nothing banned."""
+    """True when every row takes the plain argmax: greedy, no penalties, bias, token constraints or logprobs,
+    nothing banned."""
     for s in seqs:
         if len(s.token_ids) - s.num_prompt_tokens < s.argmax_from:  # see Sequence.argmax_from
             return False
@@ -72,20 +75,17 @@ def build_sampling_tensors(seqs: list[Sequence], vocab_size: int, eos_token_ids:
         pairs = [(row, token, bias) for row, p in enumerate(ps) for token, bias in p.logit_bias.items()]
         bias_index = _upload([[r for r, _, _ in pairs], [t for _, t, _ in pairs]], torch.int64, device)  # [2, N]
         bias_values = _upload([b for _, _, b in pairs], torch.float32, device)                           # [N]
-    allowed_bits = None
-    # a sequence that ended while this step was in flight (its grammar maybe complete) samples unmasked:
-    # the engine drops its token
-    grammars = [None if s.is_finished else s.grammar for s in seqs]
-    if any(g is not None for g in grammars):
-        bits = allowed_bitmask(grammars)
-        allowed_bits = bits.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else bits
+    allowed_bits = _allowed_bits(seqs, vocab_size, device)
     banned = None
-    if any(s.num_output_tokens < s.params.min_new_tokens for s in seqs):
+    if any(s.num_output_tokens < s.params.min_new_tokens or s.params.bad_words_token_ids for s in seqs):
         rows = []
         for s in seqs:
             p = s.params
             below = s.num_output_tokens < p.min_new_tokens
-            rows.append(list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids)) if below else [])
+            row = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids)) if below else []
+            if p.bad_words_token_ids:
+                row += banned_next(s.token_ids, s.num_prompt_tokens, p.bad_words_token_ids)
+            rows.append(row)
         banned = _upload(_padded(rows, vocab_size), torch.int64, device)
     greedy = [p.temperature == 0.0 for p in ps]
     sampled = [p for p, g in zip(ps, greedy) if not g]  # the rows whose filters matter
@@ -112,6 +112,26 @@ def build_sampling_tensors(seqs: list[Sequence], vocab_size: int, eos_token_ids:
         max_logprobs=max(logprobs) if logprobs else None,
         max_top_k=_max_top_k(top_ks),
     )
+
+
+def _allowed_bits(seqs: list[Sequence], vocab_size: int, device: torch.device) -> torch.Tensor | None:
+    """The rows' allowed tokens as one bitmask (None when no row has a grammar or allowed_token_ids): a
+    grammar's mask, and with allowed_token_ids only those ids of it."""
+    # a sequence that ended while this step was in flight (its grammar maybe complete) samples unmasked:
+    # the engine drops its token
+    grammars = [None if s.is_finished else s.grammar for s in seqs]
+    has_grammar = any(g is not None for g in grammars)
+    static = [(row, s.allowed_words) for row, s in enumerate(seqs) if s.allowed_words is not None]
+    if not has_grammar and not static:
+        return None
+    bits = allowed_bitmask(grammars) if has_grammar else torch.full((len(seqs), (vocab_size + 31) // 32), -1,
+                                                                    dtype=torch.int32)
+    words = bits.numpy()  # (the same memory)
+    for row, allowed in static:  # (ids are below vocab_size, admission's check: within the mask's width)
+        n = min(len(allowed), words.shape[1])
+        words[row, :n] &= allowed[:n]
+        words[row, n:] = 0
+    return bits.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else bits
 
 
 def _max_top_k(top_ks: list[int]) -> int | None:

@@ -2,6 +2,10 @@
 
 Pydantic so a bad value becomes an error that names its field; the HTTP schemas (TGI, OpenAI) map their
 own fields onto this one model.
+
+The engine works on token ids only: bad_words (strings) reach it as bad_words_token_ids, which the side that
+holds the tokenizer fills at the door (server/bad_words.py), so the engine, its process and the sampler never
+tokenize.
 """
 from __future__ import annotations
 
@@ -14,6 +18,9 @@ MAX_STOP_STRING_CHARS = 256
 MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS = 1024  # biased token ids per request
 MAX_GRAMMAR_CHARS = 65536
+MAX_ALLOWED_TOKEN_IDS = 1 << 18  # as many as the largest vocabularies hold
+MAX_BAD_WORDS = 64
+MAX_BAD_WORD_CHARS = 256
 
 
 class Grammar(BaseModel):
@@ -50,6 +57,15 @@ class SamplingParams(BaseModel):
                                          "before sampling (OpenAI's logit_bias)")
     grammar: Grammar | None = Field(None, description="constrain the output to a JSON schema, regex or Lark "
                                     "grammar (TGI's grammar, OpenAI's response_format)")
+    allowed_token_ids: tuple[int, ...] | None = Field(None, max_length=MAX_ALLOWED_TOKEN_IDS,
+                                                      description="only these ids may be sampled (vLLM's); None: "
+                                                      "any. A mask, not a bias: logprobs stay the model's")
+    bad_words: tuple[str, ...] = Field((), description="words the output must not contain (vLLM's), as given; "
+                                       "the engine applies bad_words_token_ids")
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = Field(
+        (), max_length=2 * MAX_BAD_WORDS, description="the token sequences bad_words ban: each one's last token "
+        "is banned where the output ends with the rest. Filled from bad_words by whoever holds the tokenizer "
+        "(server/bad_words.with_bad_words_token_ids); admission refuses bad_words without them")
     skip_special_tokens: bool = True
     prompt_logprobs: bool = Field(False, description="the logprob of every prompt token after the first "
                                   "(TGI's decoder_input_details); sent with the first output")
@@ -73,7 +89,28 @@ class SamplingParams(BaseModel):
                 raise ValueError(f"logit_bias: token id {token} is negative")
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias: the bias of token {token} is {bias}; it must be in [-100, 100]")
+        self._check_token_constraints()
         return self
+
+    def _check_token_constraints(self) -> None:
+        if self.allowed_token_ids is not None:
+            if not self.allowed_token_ids:
+                raise ValueError("allowed_token_ids: the list is empty, which would allow no token (null: any)")
+            bad = next((t for t in self.allowed_token_ids if t < 0), None)
+            if bad is not None:
+                raise ValueError(f"allowed_token_ids: token id {bad} is negative")
+        if len(self.bad_words) > MAX_BAD_WORDS:
+            raise ValueError(f"bad_words: {len(self.bad_words)} words, more than the limit of {MAX_BAD_WORDS}")
+        for word in self.bad_words:
+            if not word:
+                raise ValueError("bad_words: empty words are not allowed")
+            if len(word) > MAX_BAD_WORD_CHARS:
+                raise ValueError(f"bad_words: each word is at most {MAX_BAD_WORD_CHARS} characters")
+        for ids in self.bad_words_token_ids:
+            if not ids:
+                raise ValueError("bad_words_token_ids: empty token sequences are not allowed")
+            if any(t < 0 for t in ids):
+                raise ValueError(f"bad_words_token_ids: {list(ids)} holds a negative token id")
 
     @property
     def greedy(self) -> bool:

@@ -2,7 +2,8 @@
 
 OpenAI's field names and ranges, plus the extensions benchmark tools send (ignore_eos, top_k, min_p,
 repetition_penalty, min_tokens, stop_token_ids, skip_special_tokens) and vLLM's guided_json, guided_regex,
-guided_choice, structured_outputs and continue_final_message. Unknown fields are refused with a
+guided_choice, structured_outputs, continue_final_message, allowed_token_ids, bad_words and
+truncate_prompt_tokens. Unknown fields are refused with a
 message naming them; OpenAI fields this server does not implement are accepted only at their neutral
 value (suffix null; tool_choice 'auto' only where a tool-call parser applies: server/tool_calls.py).
 """
@@ -10,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 
-from server.sampling_params import MAX_STOP_SEQUENCES, MAX_TOP_LOGPROBS
+from server.sampling_params import MAX_BAD_WORD_CHARS, MAX_BAD_WORDS, MAX_STOP_SEQUENCES, MAX_TOP_LOGPROBS
 from server.schema_common import RequestModel, Text, TokenId
 
 MAX_N = 128  # static bound for the schema; the configured max_choices is checked at run time
@@ -84,6 +85,20 @@ class SamplingFields(RequestModel):
                                              description="the output is exactly one of these strings")
     structured_outputs: StructuredOutputs | None = Field(None, description="vLLM's newer shape: one of json, "
                                                          "regex, choice")
+    # vLLM's sampling extras
+    allowed_token_ids: list[TokenId] | None = Field(None, description="only these token ids may be sampled "
+                                                    "(logprobs stay the model's)")
+    bad_words: list[Text] | None = Field(None, description=f"at most {MAX_BAD_WORDS} words (each at most "
+                                         f"{MAX_BAD_WORD_CHARS} characters) the output must not contain")
+    truncate_prompt_tokens: int | None = Field(None, description="keep only the last k tokens of the prompt "
+                                               "(of the rendered chat prompt); -1: max_model_len")
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _truncation(cls, value: int | None) -> int | None:
+        if value is not None and value < 1 and value != -1:
+            raise ValueError(f"{value} keeps no token: give at least 1, or -1 for max_model_len")
+        return value
 
 
 class CompletionRequest(SamplingFields):

@@ -11,7 +11,17 @@ from typing import Any
 
 import numpy as np
 
+from server.bad_words import reads_output
 from server.sampling_params import SamplingParams
+
+
+def token_bitmask(token_ids: tuple[int, ...]) -> np.ndarray:
+    """int32 words in the grammar bitmask's layout (bit j of word w set = token 32w + j is among token_ids),
+    as many as the largest id needs. token_ids: non-negative."""
+    ids = np.asarray(token_ids, np.int64)
+    words = np.zeros(int(ids.max()) // 32 + 1, np.uint32)
+    np.bitwise_or.at(words, ids >> 5, np.left_shift(np.uint32(1), (ids & 31).astype(np.uint32)))
+    return words.view(np.int32)
 
 
 class SequenceStatus(enum.Enum):
@@ -25,6 +35,7 @@ class Sequence:
                  "num_computed_tokens", "arrival_time", "first_scheduled_time", "first_token_time",
                  "finish_reason", "stop_reason", "detokenizer", "stop_checker", "cumulative_logprob",
                  "num_preemptions", "sampled_row", "grammar", "draft_token_ids", "reads_own_tokens", "argmax_from",
+                 "allowed_words",
                  "prompt_logprobs", "lookup_limit", "lookup_skip", "lookup_wait",
                  "_table_source", "_table_array", "_table_len", "_table_view", "_tokens_array", "_tokens_len")
 
@@ -60,13 +71,18 @@ class Sequence:
         # that one keeps nothing either
         self.lookup_limit, self.lookup_skip, self.lookup_wait = 1 << 30, 0, 1
         # sampling reads the values of its output tokens: penalties count them, a grammar's matcher has
-        # consumed them (so under overlap its step's sampling waits for the host to have them)
+        # consumed them, a bad word of several tokens bans its last after the others (so under overlap its
+        # step's sampling waits for the host to have them)
         self.reads_own_tokens = params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 \
-            or params.frequency_penalty != 0.0 or params.grammar is not None
-        # the output count from which a plain argmax samples it (greedy, no penalties, bias, grammar or
-        # logprobs: then min_new_tokens, below which eos/stop ids are banned); never for anything else
+            or params.frequency_penalty != 0.0 or params.grammar is not None \
+            or reads_output(params.bad_words_token_ids)
+        # allowed_token_ids as the grammar bitmask's words (computed once: the mask is static)
+        ids = params.allowed_token_ids
+        self.allowed_words = None if ids is None else token_bitmask(ids)
+        # the output count from which a plain argmax samples it (greedy, no penalties, bias, grammar, token
+        # constraints or logprobs: then min_new_tokens, below which eos/stop ids are banned); never otherwise
         plain = params.temperature == 0.0 and params.logprobs is None and not self.reads_own_tokens \
-            and not params.logit_bias
+            and not params.logit_bias and ids is None and not params.bad_words_token_ids
         self.argmax_from = params.min_new_tokens if plain else 1 << 62
         # logprob of each prompt token so far (the first has none), when the request asks; filled by the
         # prefill chunks that compute them, kept across a preemption's recompute

@@ -20,7 +20,10 @@ A grammar-constrained sequence drafts first what its grammar forces next (llguid
 tokens: the keys and punctuation a JSON schema fixes); where nothing is forced, the lookup's drafts up to
 the first one its grammar refuses (a value copied from the prompt, in extraction). Each of its draft rows is
 masked as its matcher would be after the drafts before it (grammar.DraftGrammar: consumed, masked, rolled
-back), so those drafts are verified like any other and its output is plain decoding's too.
+back), so those drafts are verified like any other and its output is plain decoding's too. allowed_token_ids
+and bad_words work the same way: each draft row is masked as plain decoding would be after the drafts before it
+(a DraftRow's tokens include them, so bad words' bans follow), so a refused token is never sampled and hence
+never accepted; drafts are cut at the first one they refuse (`unrefused_drafts`), which could not be kept.
 
 Drafts that fail cost a verification step's extra rows for nothing (on a CPU, where compute is the limit, a
 step of 5 rows costs about 2x one of 1), so with prompt_lookup_adaptive each sequence adapts its lookups to
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from server.bad_words import banned_next
 from server.grammar import DraftGrammar
 from server.sequence import Sequence
 
@@ -105,6 +109,12 @@ class NgramProposer:
             seq.draft_token_ids = self._drafts(seq) if active else []
 
     def _drafts(self, seq: Sequence) -> list[int]:
+        drafts = self._proposed(seq)
+        if drafts and (seq.allowed_words is not None or seq.params.bad_words_token_ids):
+            drafts = drafts[:unrefused_drafts(seq, drafts)]  # (a refused draft is never kept)
+        return drafts
+
+    def _proposed(self, seq: Sequence) -> list[int]:
         tokens = seq.token_ids
         if len(tokens) - seq.num_computed_tokens != 1 or tokens[-1] < 0:
             return []  # mid-prompt, or its last token not seen yet
@@ -124,6 +134,24 @@ class NgramProposer:
             room = min(room, seq.lookup_limit)
         drafts = propose_ngram(seq.token_array(), room, self.min_n, self.max_n)
         return drafts if grammar is None else grammar.valid_prefix(drafts)  # (a refused draft is never kept)
+
+
+def unrefused_drafts(seq: Sequence, drafts: list[int]) -> int:
+    """How many of drafts come before the first that seq's allowed_token_ids or bad_words refuse where it would
+    stand: one never equals the token sampled before it (that row is masked), so it and those after it
+    would only be verified for nothing."""
+    allowed, bans = seq.allowed_words, seq.params.bad_words_token_ids
+    # the bans read at most the longest word's tokens back: its tail will do (num_prompt_tokens shifted with it)
+    back = max((len(b) for b in bans), default=1)
+    tokens = seq.token_ids[-back:]
+    num_prompt = seq.num_prompt_tokens - (len(seq.token_ids) - len(tokens))
+    for j, token in enumerate(drafts):
+        if allowed is not None and not (token >> 5 < len(allowed) and int(allowed[token >> 5]) >> (token & 31) & 1):
+            return j
+        if bans and token in banned_next(tokens, num_prompt, bans):
+            return j
+        tokens.append(token)
+    return len(drafts)
 
 
 def make_proposer(config) -> NgramProposer | None:
@@ -160,6 +188,10 @@ class DraftRow:
     @property
     def argmax_from(self) -> int:
         return self.seq.argmax_from
+
+    @property
+    def allowed_words(self) -> np.ndarray | None:
+        return self.seq.allowed_words  # (static: the same after any drafts)
 
     @property
     def token_ids(self) -> list[int]:
