@@ -93,6 +93,7 @@ class ServerConfig(Settings):
     ssl_certfile: str | None = Field(None, description="serve HTTPS with this PEM certificate (or chain); needs "
                                                      "ssl_keyfile (default: plain HTTP)")
     ssl_keyfile: str | None = Field(None, description="the PEM private key of ssl_certfile")
+    ssl_keyfile_password: SecretStr | None = Field(None, description="the password of an encrypted ssl_keyfile")
     ssl_ca_certs: str | None = Field(None, description="with HTTPS: clients must present a certificate signed by one "
                                                      "of these PEM CAs (mutual TLS)")
     enable_explain: bool = Field(False, description="serve the attention explorer at /explain (torch reference "

@@ -105,14 +105,22 @@ def tls_error(config: ServerConfig) -> str | None:
     if config.ssl_certfile is None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(config.ssl_certfile, config.ssl_keyfile)
+    password = config.ssl_keyfile_password
+    try:  # (a callable, so an encrypted key without its password fails here instead of prompting on the tty)
+        context.load_cert_chain(config.ssl_certfile, config.ssl_keyfile,
+                                password=lambda: password.get_secret_value() if password is not None else b"")
     except (OSError, ssl.SSLError) as exc:
         missing = next((f"{name}: no such file {path!r}" for name, path in
                         (("ssl_certfile", config.ssl_certfile), ("ssl_keyfile", config.ssl_keyfile))
                         if not os.path.isfile(path)), None)
-        return f"server.{missing}" if missing else \
-            f"server.ssl_certfile: cannot load the certificate and ssl_keyfile's key: {exc}"
+        if missing:
+            return f"server.{missing}"
+        if b"ENCRYPTED" in open(config.ssl_keyfile, "rb").read(4096):  # PKCS#8's and OpenSSL's headers say so
+            if password is None:
+                return "server.ssl_keyfile_password: ssl_keyfile is encrypted; give its password"
+            if "MISMATCH" not in str(exc).upper():  # (a wrong password is only "PEM lib" to OpenSSL)
+                return f"server.ssl_keyfile_password: cannot decrypt ssl_keyfile with it: {exc}"
+        return f"server.ssl_certfile: cannot load the certificate and ssl_keyfile's key: {exc}"
     if config.ssl_ca_certs is not None:
         try:
             context.load_verify_locations(cafile=config.ssl_ca_certs)
@@ -125,6 +133,7 @@ def serve_app(app: Any, config: ServerConfig) -> int:
     """Run `app` (from create_app) until SIGTERM has drained it or SIGINT stops it; returns the exit code."""
     tls = {} if config.ssl_certfile is None else dict(
         ssl_certfile=config.ssl_certfile, ssl_keyfile=config.ssl_keyfile, ssl_ca_certs=config.ssl_ca_certs,
+        ssl_keyfile_password=config.ssl_keyfile_password and config.ssl_keyfile_password.get_secret_value(),
         ssl_cert_reqs=ssl.CERT_NONE if config.ssl_ca_certs is None else ssl.CERT_REQUIRED)
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, lifespan="on", access_log=False,
                                log_level=config.log_level, timeout_graceful_shutdown=5, http=config.http_parser,

@@ -132,3 +132,18 @@ def test_the_cli_refuses_a_bad_tls_file_before_loading_the_model(tiny_llama_dir,
                            "--ssl-keyfile", missing], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip() == f"gqa-serve serve: server.ssl_keyfile: no such file {missing!r}"
+
+
+def test_an_encrypted_key_takes_its_password_and_never_prompts(server_files, tmp_path):
+    """Without a password, loading an encrypted key asked for one on the terminal ("Enter PEM pass phrase:"),
+    which blocks a server started from a shell."""
+    from cryptography.hazmat.primitives import serialization
+    key = serialization.load_pem_private_key(server_files["key"].read_bytes(), None)
+    encrypted = tmp_path / "encrypted.pem"
+    encrypted.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.BestAvailableEncryption(b"s3cret")))
+    files = dict(ssl_certfile=str(server_files["cert"]), ssl_keyfile=str(encrypted))
+    assert tls_error(ServerConfig(**files, ssl_keyfile_password="s3cret")) is None
+    assert tls_error(ServerConfig(**files)) == "server.ssl_keyfile_password: ssl_keyfile is encrypted; give its password"
+    wrong = tls_error(ServerConfig(**files, ssl_keyfile_password="nope"))
+    assert wrong.startswith("server.ssl_keyfile_password: cannot decrypt ssl_keyfile with it"), wrong
