@@ -1,10 +1,12 @@
 """Speculative decoding by n-gram prompt lookup at batch 1: our engine with and without drafts, against
-transformers' prompt lookup decoding on the same weights, in one run.
+transformers' prompt lookup decoding on the same weights, in one run; and drafts from a request's prediction
+(OpenAI's Predicted Outputs, server/prediction.py).
 
     python benchmarks/speculative.py                                   # the default model, CPU, float32
     python benchmarks/speculative.py --device cuda --dtype bfloat16 --num-speculative-tokens 2 4 8
 
-Two workloads of chat prompts, each request alone (batch 1), greedy, eos ignored:
+Workloads of chat prompts (copy and free unless --workloads says), each request alone (batch 1), greedy, eos
+ignored:
 - copy: "Repeat this text exactly" over a passage of tinyshakespeare. The answer copies its prompt, the case
   prompt lookup is for (quoting, editing, rewriting code);
 - free: "Write a short story about ...": little to copy, so drafts are rarely proposed and rarely right;
@@ -12,8 +14,15 @@ Two workloads of chat prompts, each request alone (batch 1), greedy, eos ignored
   sequence drafts the tokens its grammar forces (keys, quotes, colons). transformers has no grammars, so
   this workload has no peer row (`--workloads copy free json`);
 - extract: "Extract ... as JSON" from a short made-up biography under EXTRACT_SCHEMA: the grammar forces the
-  keys, and the values are copied from the text, which the lookup drafts where nothing is forced (ours only).
-With --adaptive, each k runs again with prompt_lookup_adaptive (engine "ours adaptive", against ours plain).
+  keys, and the values are copied from the text, which the lookup drafts where nothing is forced (ours only);
+- edit: "Repeat this text exactly, but write "friend" instead of <a word of it>" over a passage of
+  tinyshakespeare, sent with the passage as its prediction, and ended by eos (past the reply, a small model
+  writes on into made-up turns, which no prediction foresees). Ours only: engine "ours" runs it without the
+  prediction (plain, and with the lookup's k), engine "ours predict" with it, num_speculative_tokens 0 and
+  num_prediction_tokens each of --num-prediction-tokens (8 16; the k column), with its accepted / rejected
+  prediction tokens on a line below.
+With --adaptive, each k runs again with prompt_lookup_adaptive (engine "ours adaptive", against ours plain; the
+edit workload's predictions too, "ours predict adaptive").
 Per setting: output tokens/s over the requests' wall time (prefill included, median of --repeats), the
 drafts kept of those proposed, output tokens per engine step, and whether the tokens equal plain greedy
 decoding's (ours plain for ours; transformers plain for its prompt lookup). transformers runs `generate`
@@ -24,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
+import re
 import statistics
 import sys
 import time
@@ -81,12 +92,29 @@ def extract_request(i: int) -> str:
     return f"Extract the person's name, city, company and what they said, as JSON:\n\n{biography}"
 
 
+def edit_request(passage: str) -> str:
+    """The edit workload's user message for a passage (whose prediction is the passage itself): one word of it
+    to be written differently."""
+    words = re.findall(r"[A-Za-z]{5,}", passage) or ["the"]
+    return f'Repeat this text exactly, but write "friend" instead of "{words[len(words) // 2]}":\n\n{passage}'
+
+
+def edit_predictions(model_dir: str, n: int) -> list[list[int]]:
+    """The edit workload's predictions: its passages' tokens (no special tokens, as the chat route's)."""
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    return [tok.encode(p, add_special_tokens=False) for p in passages(n)]
+
+
 def chat_prompts(model_dir: str, workload: str, n: int) -> list[list[int]]:
     import transformers
 
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     if workload == "copy":
         contents = [f"Repeat this text exactly:\n\n{p}" for p in passages(n)]
+    elif workload == "edit":
+        contents = [edit_request(p) for p in passages(n)]
     elif workload == "extract":
         contents = [extract_request(i) for i in range(n)]
     elif workload == "json":
@@ -109,32 +137,55 @@ def free_device(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def run_ours(args, k: int, prompts: list[list[int]], workload: str, adaptive: bool = False) -> dict:
+_request_ids = itertools.count()
+
+
+def ours_generate(llm, prompt: list[int], params) -> tuple[list[int], int, int]:
+    """One request through the engine's steps (LLM.generate's loop): its tokens, and its prediction tokens
+    accepted and rejected."""
+    engine, rid, tokens, last = llm.engine, f"bench-{next(_request_ids)}", [], None
+    engine.add_request(rid, prompt, params)
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens += out.new_token_ids
+            last = out
+    return tokens, last.accepted_prediction_tokens, last.rejected_prediction_tokens
+
+
+def run_ours(args, k: int, prompts: list[list[int]], workload: str, adaptive: bool = False,
+             predictions: list[list[int]] | None = None) -> dict:
+    """predictions: sent with the prompts, drafted k tokens a step (num_prediction_tokens k, no lookup)."""
     import json
 
     from server.llm import LLM
     from server.sampling_params import Grammar, SamplingParams
 
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, num_speculative_tokens=k, max_num_seqs=4,
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, num_speculative_tokens=0 if predictions else k,
+              num_prediction_tokens=k if predictions else 0, max_num_seqs=4,
               prompt_lookup_min=args.prompt_lookup_min, prompt_lookup_max=args.prompt_lookup_max,
               prompt_lookup_adaptive=adaptive,
               kv_cache_memory="256MiB", gpu_memory_utilization=0.3,
               max_model_len=max(map(len, prompts)) + args.max_new_tokens + 8)
     schema = {"json": PERSON_SCHEMA, "extract": EXTRACT_SCHEMA}.get(workload)
     grammar = Grammar(type="json", value=json.dumps(schema)) if schema else None
-    params = SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens, ignore_eos=grammar is None,
-                            grammar=grammar)
-    llm.generate([prompts[0]], params.model_copy(update={"max_new_tokens": 4}))  # warm-up
+    params = SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens,
+                            ignore_eos=grammar is None and workload != "edit", grammar=grammar)
+    each = [params.model_copy(update={"prediction_token_ids": tuple(predictions[i])}) if predictions else params
+            for i in range(len(prompts))]
+    ours_generate(llm, prompts[0], params.model_copy(update={"max_new_tokens": 4}))  # warm-up
     counters = llm.engine.counters
-    walls, tokens = [], []
+    walls, tokens, predicted = [], [], [0, 0]
     drafted, accepted, steps = counters.draft_tokens, counters.accepted_draft_tokens, counters.num_steps
     by_position, num_drafts = list(counters.accepted_by_position), counters.num_drafts
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        tokens = [llm.generate([p], params)[0].token_ids for p in prompts]
+        runs = [ours_generate(llm, p, q) for p, q in zip(prompts, each)]
         walls.append(time.perf_counter() - t0)
+        tokens = [r[0] for r in runs]
+        predicted = [predicted[0] + sum(r[1] for r in runs), predicted[1] + sum(r[2] for r in runs)]
     out = sum(map(len, tokens))
     result = dict(tok_s=out / statistics.median(walls), tokens=tokens,
+                  accepted_prediction=predicted[0] / args.repeats, rejected_prediction=predicted[1] / args.repeats,
                   drafted=(counters.draft_tokens - drafted) / args.repeats,
                   accepted=(counters.accepted_draft_tokens - accepted) / args.repeats,
                   tokens_per_step=out * args.repeats / (counters.num_steps - steps),
@@ -180,7 +231,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--num-speculative-tokens", type=int, nargs="+", default=[4])
     p.add_argument("--prompt-lookup-min", type=int, default=2)
     p.add_argument("--prompt-lookup-max", type=int, default=4)
-    p.add_argument("--workloads", nargs="+", default=["copy", "free"], choices=["copy", "free", "json", "extract"])
+    p.add_argument("--num-prediction-tokens", type=int, nargs="+", default=[8, 16],
+                   help="the edit workload: each as num_prediction_tokens, with the prediction (engine 'ours predict')")
+    p.add_argument("--workloads", nargs="+", default=["copy", "free"],
+                   choices=["copy", "free", "json", "extract", "edit"])
     p.add_argument("--num-prompts", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=1)
@@ -194,13 +248,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.model = str(fetch_model(DEFAULT_MODEL, default_cache_dir()))
     torch.manual_seed(0)
     rows = []
-    print(f"{'workload':<8} {'engine':<13} {'k':>2} {'out tok/s':>9} {'vs plain':>8} {'drafts kept':>16} "
+    print(f"{'workload':<8} {'engine':<21} {'k':>2} {'out tok/s':>9} {'vs plain':>8} {'drafts kept':>16} "
           f"{'tok/step':>8} {'same tokens':>11}")
     for workload in args.workloads:
         prompts = chat_prompts(args.model, workload, args.num_prompts)
         runs = [("ours", k) for k in [0, *args.num_speculative_tokens]]
         if args.adaptive:
             runs += [("ours adaptive", k) for k in args.num_speculative_tokens]
+        predictions = edit_predictions(args.model, args.num_prompts) if workload == "edit" else None
+        if predictions:
+            runs += [("ours predict", k) for k in args.num_prediction_tokens]
+            if args.adaptive:
+                runs += [("ours predict adaptive", k) for k in args.num_prediction_tokens]
         if not args.no_transformers and workload in ("copy", "free"):
             runs += [("transformers", k) for k in [0, *args.num_speculative_tokens]]
         plain = {}
@@ -208,7 +267,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if engine == "transformers":
                 res = run_transformers(args, k, prompts, workload)
             else:
-                res = run_ours(args, k, prompts, workload, adaptive=engine == "ours adaptive")
+                res = run_ours(args, k, prompts, workload, adaptive=engine.endswith("adaptive"),
+                               predictions=predictions if engine.startswith("ours predict") else None)
             if k == 0:
                 plain[engine] = res
             base = plain[engine.split()[0]]
@@ -216,15 +276,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
                        speedup=res["tok_s"] / base["tok_s"], same_tokens=res["tokens"] == base["tokens"],
                        drafted=res.get("drafted"), accepted=res.get("accepted"),
                        tokens_per_step=res.get("tokens_per_step"), num_drafts=res.get("num_drafts"),
-                       kept_by_position=res.get("kept_by_position"))
+                       kept_by_position=res.get("kept_by_position"),
+                       accepted_prediction=res.get("accepted_prediction"),
+                       rejected_prediction=res.get("rejected_prediction"))
             rows.append(row)
             kept = f"{row['accepted']:.0f}/{row['drafted']:.0f}" if row["drafted"] is not None else "-"
             per_step = f"{row['tokens_per_step']:.2f}" if row["tokens_per_step"] is not None else "-"
-            print(f"{workload:<8} {engine:<13} {k:>2} {row['tok_s']:>9.2f} {row['speedup']:>7.2f}x {kept:>16} "
+            print(f"{workload:<8} {engine:<21} {k:>2} {row['tok_s']:>9.2f} {row['speedup']:>7.2f}x {kept:>16} "
                   f"{per_step:>8} {str(row['same_tokens']):>11}", flush=True)
             if row["num_drafts"]:
-                print(f"{'':<25} of {row['num_drafts']:.0f} drafts, kept by position: "
+                print(f"{'':<33} of {row['num_drafts']:.0f} drafts, kept by position: "
                       f"{' '.join(f'{v:.0f}' for v in row['kept_by_position'])}")
+            if engine.startswith("ours predict"):
+                print(f"{'':<33} prediction tokens accepted {row['accepted_prediction']:.0f}, "
+                      f"rejected {row['rejected_prediction']:.0f}")
         if "transformers" in plain:
             same = plain["transformers"]["tokens"] == plain["ours"]["tokens"]
             print(f"{workload:<8} plain greedy tokens, ours = transformers: {same}")

@@ -2,6 +2,7 @@
 
 Chat prompts go through the model's own chat template (a request carrying its own template is refused).
 With a reasoning_parser, a chat reply's thinking goes to reasoning_content (server/reasoning_parsers.py).
+A chat request's prediction (OpenAI's Predicted Outputs) is drafted from (server/prediction.py).
 Errors use OpenAI's {"error": {...}} shape with status 400 for invalid requests.
 """
 from __future__ import annotations
@@ -16,8 +17,9 @@ from server.disconnects import ClientDisconnected, aborter, unless_disconnected
 from server.generation import (Collected, check_prompt_length, check_token_ids, collect_all, delta_texts,
                                encode_prompt, kept_tail, submit_all)
 from server.http_errors import ApiError
-from server.openai_common import (admission_names, check_common, continuous_usage, finish_reason, grammar_field,
-                                  logprob_value, now_s, prompt_truncation, sampling_params, sse_choices, usage)
+from server.openai_common import (PredictionTally, admission_names, check_common, continuous_usage, finish_reason,
+                                  grammar_field, logprob_value, now_s, prompt_truncation, sampling_params,
+                                  sse_choices, usage)
 from server.outputs import RequestOutput, TokenLogprob
 from server.reasoning_parsers import ReasoningStream, applies as reasoning_applies
 from server.request_log import engine_ids, response_id
@@ -49,7 +51,7 @@ def _completion_prompts(state: ServerState, req: CompletionRequest) -> list[Comp
     for i, item in enumerate(items):
         field = "prompt" if len(items) == 1 else f"prompt.{i}"
         if isinstance(item, str):
-            ids = encode_prompt(state, item, field, check_length=False)
+            ids = encode_prompt(state, item, field, check_length=False, within_chars=keep is None)
             kept = kept_tail(ids, keep)
             check_prompt_length(state, len(kept), field)
             out.append(CompletionPrompt(item, ids, False) if kept is ids else  # a cut one echoes what is left
@@ -158,8 +160,9 @@ def chat_text(state: ServerState, req: ChatCompletionRequest) -> str:
         extra["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
     if req.reasoning_effort is not None:
         extra["reasoning_effort"] = req.reasoning_effort
-    limit = state.prompt_char_limit
-    if sum(len(m["content"]) + len(m.get("reasoning_content", "")) for m in messages) > limit:
+    limit = state.prompt_char_limit  # (not for a prompt truncate_prompt_tokens cuts, as encode_prompt)
+    if sum(len(m["content"]) + len(m.get("reasoning_content", "")) for m in messages) > limit \
+            and getattr(req, "truncate_prompt_tokens", None) is None:
         raise ApiError("validation", f"messages: over the limit of {limit:,} characters (max_prompt_chars)",
                        "messages")
     if req.continue_final_message:  # the final message left open, for the model to continue (vLLM's)
@@ -207,9 +210,10 @@ async def chat_completions(state: ServerState, request: Request, req: ChatComple
         return ChoiceReply(req, calls is not None, parser,
                            ReasoningStream(state.reasoning_parser, prompt) if thinks else None)
     rid, created, model = response_id(request, "chatcmpl"), now_s(), state.model_name
+    predicted = PredictionTally(state, req, n)  # its prediction's ids, then its usage details (server/prediction.py)
     jobs = [(job_id, ids,
-             sampling_params(state, req, len(ids), max_tokens=max_tokens, max_tokens_field=field,
-                             logprobs=logprobs, logprobs_field="top_logprobs", choice=i, grammar=calls))
+             sampling_params(state, req, len(ids), max_tokens=max_tokens, max_tokens_field=field, logprobs=logprobs,
+                             logprobs_field="top_logprobs", choice=i, grammar=calls, prediction=predicted.ids))
             for i, job_id in enumerate(engine_ids(rid, n))]
     streams = submit_all(state, jobs, admission_names("messages", field, constrained if calls is None
                                                       else tool_schema_field(req)))
@@ -224,6 +228,7 @@ async def chat_completions(state: ServerState, request: Request, req: ChatComple
         replies = [reply() for _ in range(n)]
 
         def chunk(index: int, out: RequestOutput) -> ChatCompletionChunk | None:
+            predicted.record(index, out)
             lp = chat_logprobs(state, out.new_token_ids, out.new_logprobs or []) if logprobs is not None else None
             delta, reason = replies[index].delta(out.new_text, out.finish_reason if out.finished else None)
             if delta is None and not out.finished and not (lp is not None and out.new_logprobs):
@@ -233,7 +238,7 @@ async def chat_completions(state: ServerState, request: Request, req: ChatComple
             return ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
 
         def usage_chunk(u) -> ChatCompletionChunk:
-            return ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=u)
+            return ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=predicted.usage(u))
 
         request_ids = [job[0] for job in jobs]
         return EventStreamResponse(sse_choices(streams, len(ids), chunk, usage_chunk if include_usage else None,
@@ -241,7 +246,7 @@ async def chat_completions(state: ServerState, request: Request, req: ChatComple
                                    more_ready=lambda: state.engine.outputs_ready(request_ids),
                                    on_abandoned=aborter(state, request_ids))
     try:
-        results: list[Collected] = await unless_disconnected(request, collect_all(streams))
+        results: list[Collected] = await unless_disconnected(request, collect_all(predicted.tracked(streams)))
     except ClientDisconnected:
         return Response(status_code=499)
     choices = []
@@ -250,7 +255,7 @@ async def chat_completions(state: ServerState, request: Request, req: ChatComple
         choices.append(ChatChoice(index=i, message=message, finish_reason=reason, logprobs=chat_logprobs(
             state, got.token_ids, got.logprobs) if logprobs is not None else None))
     body = ChatCompletionResponse(id=rid, created=created, model=model, choices=choices,
-                                  usage=usage(len(ids), sum(len(g.token_ids) for g in results)))
+                                  usage=predicted.usage(usage(len(ids), sum(len(g.token_ids) for g in results))))
     return JSONResponse(body.model_dump())
 
 

@@ -78,6 +78,7 @@ def info_payload(state: ServerState) -> dict:
                         "disable_by_batch_size": ec.speculative_disable_by_batch_size,
                         "adaptive": ec.prompt_lookup_adaptive}
         if ec.num_speculative_tokens else None,
+        "num_prediction_tokens": ec.num_prediction_tokens,  # drafts a step from a request's `prediction`
         "sampling_defaults": state.sampling_defaults,  # from generation_config.json, for OpenAI requests
         "version": package_version(),
     }

@@ -16,12 +16,13 @@ from server.blocks import BlockAllocator
 from server.engine_config import EngineConfig, resolve_model_dir
 from server.admission import check_request, token_ids_within
 from server.grammar import GrammarCompiler, GrammarFailed
-from server.outputs import AdmissionError, EngineCounters, OverloadedError, RequestOutput, TokenLogprob
+from server.outputs import (AdmissionError, EngineCounters, OverloadedError, RequestOutput, TokenLogprob,
+                            finished_output)
 from server.sampling_params import SamplingParams
 from server.scheduler import Scheduler
 from server.scheduler_output import SchedulerOutput
 from server.sequence import Sequence
-from server.speculative import DraftRow, make_proposer, record_verified, verified_tokens
+from server.speculative import DraftRow, make_proposer, verified_tokens
 from server.step_results import Forward
 from server.stop_checker import StopChecker
 
@@ -56,7 +57,7 @@ class LLMEngine:
                                    max_waiting_requests=config.max_waiting_requests,
                                    scheduling_policy=config.scheduling_policy)
         self.counters = EngineCounters()
-        self.proposer = make_proposer(config)  # drafts (server/speculative.py), or None
+        self.proposer = make_proposer(config, self.model_config.vocab_size)  # drafts (server/speculative.py)
         self._in_flight: _Launched | None = None  # a launched step the host has not seen yet
 
     # ---- requests ----------------------------------------------------------------------------------
@@ -78,6 +79,8 @@ class LLMEngine:
         seq.stop_checker = StopChecker(params, self.eos_token_ids)
         if params.grammar is not None:
             seq.grammar = self.grammars.matcher(params.grammar)
+        if self.proposer is not None:  # (a prediction to draft from: server/prediction.py)
+            self.proposer.watch(seq)
         try:
             self.scheduler.add(seq, queue_bound)
         except (AdmissionError, OverloadedError):
@@ -88,7 +91,7 @@ class LLMEngine:
     def abort(self, request_id: str) -> RequestOutput | None:
         """Finish a request now and free its blocks; None if it is unknown or already finished."""
         seq = self.scheduler.abort(request_id)
-        return None if seq is None else self._finished_output(seq, "abort")
+        return None if seq is None else finished_output(seq, "abort")
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or self._in_flight is not None
@@ -142,7 +145,8 @@ class LLMEngine:
         return all(len(seq.token_ids) - seq.num_computed_tokens == 1 for seq in sched.running)
 
     def _drafting(self, sched: SchedulerOutput) -> bool:
-        """This step drafts or the next may: the host must see this one's kept tokens first (speculative.py)."""
+        """This step drafts or the next may (the lookup is on, or a running request has a prediction): the host
+        must see this one's kept tokens first (server/speculative.py)."""
         proposer = self.proposer
         return proposer is not None and (sched.num_draft_tokens > 0 or proposer.active(self.scheduler.num_running))
 
@@ -218,16 +222,10 @@ class LLMEngine:
         """A step with drafts (server/speculative.py): each sequence keeps its accepted drafts and the token
         sampled after them."""
         outputs = []
-        for seq, index, tokens, lps, drafted in verified_tokens(launched.pending.sampling, launched.placeholders,
-                                                                token_ids, logprobs):
-            record_verified(self.counters, drafted, len(tokens) - 1)
-            for i, (token_id, lp) in enumerate(zip(tokens, lps)):
-                if i:
-                    seq.token_ids.append(-1)
-                self.allocator.register_filled_block(seq, index + i)
-                outputs.append(self._append(seq, index + i, token_id, lp, now))
-                if seq.is_finished:
-                    break
+        for seq, index, token_id, lp in verified_tokens(launched.pending.sampling, launched.placeholders, token_ids,
+                                                        logprobs, self.counters):
+            self.allocator.register_filled_block(seq, index)
+            outputs.append(self._append(seq, index, token_id, lp, now))
         return outputs
 
     def _append(self, seq: Sequence, index: int, token_id: int, lp: TokenLogprob | None,
@@ -240,8 +238,14 @@ class LLMEngine:
             log.exception("request %s failed on its token %d", seq.request_id, token_id)
             if not seq.is_finished:
                 self.scheduler.finish(seq, "error")
-            out = self._finished_output(seq, "error", f"{type(exc).__name__}: {exc}")
-            return out._replace(error_field="grammar") if isinstance(exc, GrammarFailed) else out
+            out = finished_output(seq, "error", f"{type(exc).__name__}: {exc}")
+            if not isinstance(exc, GrammarFailed):
+                return out
+            allowed = seq.params.allowed_token_ids
+            if allowed is not None and token_id not in allowed:  # the two masks left the row no token
+                return out._replace(error_field="allowed_token_ids", error="none of these ids is one the grammar "
+                                    f"allows next ({out.error})")
+            return out._replace(error_field="grammar")
 
     def _take_token(self, seq: Sequence, index: int, token_id: int, lp: TokenLogprob | None,
                     now: float) -> RequestOutput:
@@ -274,7 +278,8 @@ class LLMEngine:
             finished=decision.finish_reason is not None, finish_reason=decision.finish_reason,
             stop_reason=decision.stop_reason, new_logprobs=None if lp is None else [lp],
             num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=n, queue_time=queue_time,
-            prompt_logprobs=seq.prompt_logprobs if n == 1 else None, step_time=now)
+            prompt_logprobs=seq.prompt_logprobs if n == 1 else None, step_time=now,
+            accepted_prediction_tokens=seq.prediction_accepted, rejected_prediction_tokens=seq.prediction_rejected)
 
     def _fail(self, sched: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
         message = f"{type(exc).__name__}: {exc}"
@@ -282,14 +287,8 @@ class LLMEngine:
         for s in sched.scheduled:
             if not s.seq.is_finished:
                 self.scheduler.finish(s.seq, "error")
-                outputs.append(self._finished_output(s.seq, "error", message))
+                outputs.append(finished_output(s.seq, "error", message))
         return outputs
-
-    @staticmethod
-    def _finished_output(seq: Sequence, reason: str, error: str | None = None) -> RequestOutput:
-        return RequestOutput(request_id=seq.request_id, new_token_ids=[], new_text="", finished=True,
-                             finish_reason=reason, error=error, num_prompt_tokens=seq.num_prompt_tokens,
-                             num_output_tokens=seq.num_output_tokens)
 
 
 @dataclass(frozen=True)

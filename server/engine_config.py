@@ -119,15 +119,22 @@ class EngineConfig(Settings):
                                         "many tokens from an earlier occurrence of its last tokens (under a grammar: "
                                         "the tokens it forces), verified in one step; 0 = off. Steps with drafts "
                                         "are not overlapped")
+    num_prediction_tokens: int = Field(8, ge=0, le=64, description="a request's prediction (OpenAI's Predicted "
+                                       "Outputs: text the reply is expected to mostly repeat) is drafted from, up "
+                                       "to this many tokens a step from where the output stands in it "
+                                       "(server/prediction.py), verified as n-gram drafts are, with or without "
+                                       "num_speculative_tokens; 0 = predictions are accepted and ignored. Steps "
+                                       "overlap as usual while no running request has a prediction")
     speculative_disable_by_batch_size: int | None = Field(
-        None, ge=1, description="no drafts while this many sequences or more run (the lookup costs 10-15 us of host "
-        "time a sequence a step, and a large batch keeps the GPU busy without them); their steps overlap again. "
-        "None: always draft")
+        None, ge=1, description="no drafts (n-gram or prediction) while this many sequences or more run (the lookup "
+        "costs 10-15 us of host time a sequence a step, and a large batch keeps the GPU busy without them); their "
+        "steps overlap again. None: always draft")
     prompt_lookup_max: int = Field(4, ge=1, description="longest suffix (tokens) speculation looks up")
     prompt_lookup_min: int = Field(2, ge=1, description="shortest suffix (tokens) speculation looks up")
     prompt_lookup_adaptive: bool = Field(False, description="each sequence drafts fewer tokens after a draft "
                                          "fails, and waits longer between lookups while none is kept "
-                                         "(server/speculative.py)")
+                                         "(server/speculative.py); a prediction's drafts shrink the same way, "
+                                         "without the waits")
 
     @field_validator("block_size")
     @classmethod

@@ -24,13 +24,16 @@ from server.state import Phase, ServerState
 
 # prompt checks -------------------------------------------------------------------------------------------
 def encode_prompt(state: ServerState, text: str, field: str, add_special_tokens: bool = True,
-                  check_length: bool = True, keep_last: int | None = None) -> list[int]:
+                  check_length: bool = True, keep_last: int | None = None,
+                  within_chars: bool | None = None) -> list[int]:
     """Tokenize after cheap checks: the character limit keeps huge prompts off the tokenizer. keep_last:
-    truncate to that many last tokens first (kept_tail)."""
+    truncate to that many last tokens first (kept_tail). within_chars: refuse text over the character limit;
+    by default unless keep_last truncates it, since cutting a long prompt is what truncation is for (its text
+    is still bounded by max_payload_bytes)."""
     if not text:
         raise ApiError("validation", f"{field}: the prompt is empty", field)
     limit = state.prompt_char_limit
-    if len(text) > limit:
+    if (keep_last is None if within_chars is None else within_chars) and len(text) > limit:
         raise ApiError("validation", f"{field}: the prompt is {len(text):,} characters, over the limit of "
                                      f"{limit:,} (max_prompt_chars)", field)
     ids = state.engine.tokenizer.encode(text, add_special_tokens=add_special_tokens)

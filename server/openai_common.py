@@ -19,8 +19,8 @@ from server.outputs import RequestOutput
 from server.reasoning_parsers import applies as reasoning_applies
 from server.sampling_params import SamplingParams
 from server.schema_common import finite_logprob
-from server.schemas_openai import SamplingFields
-from server.schemas_openai_out import Usage
+from server.schemas_openai import ChatCompletionRequest, SamplingFields
+from server.schemas_openai_out import CompletionTokensDetails, Usage
 from server.sse import sse_data
 from server.state import ServerState
 from server.tool_parsers import model_writes_calls
@@ -65,8 +65,10 @@ def check_common(state: ServerState, req: SamplingFields, num_choices: int) -> N
 
 def sampling_params(state: ServerState, req: SamplingFields, prompt_len: int, *, max_tokens: int | None,
                     max_tokens_field: str, logprobs: int | None, logprobs_field: str,
-                    choice: int, prompt_logprobs: bool = False, grammar: dict | None = None) -> SamplingParams:
-    """grammar: one of the route's own (tool calls) in place of response_format's."""
+                    choice: int, prompt_logprobs: bool = False, grammar: dict | None = None,
+                    prediction: tuple[int, ...] = ()) -> SamplingParams:
+    """grammar: one of the route's own (tool calls) in place of response_format's; prediction: the chat
+    request's (prediction_ids)."""
     max_new = resolve_max_new_tokens(state, prompt_len, max_tokens, max_tokens_field, None)
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     # n > 1 with a seed: one reproducible but distinct stream per choice
@@ -96,8 +98,56 @@ def sampling_params(state: ServerState, req: SamplingFields, prompt_len: int, *,
         prompt_logprobs=prompt_logprobs, priority=req.priority or 0,
         logit_bias=bias, grammar=grammar or _grammar(req),
         allowed_token_ids=None if req.allowed_token_ids is None else tuple(req.allowed_token_ids),
-        bad_words=tuple(req.bad_words or ()))
+        bad_words=tuple(req.bad_words or ()), prediction_token_ids=prediction)
     return with_bad_words_token_ids(params, state.engine.tokenizer)  # (the engine takes ids)
+
+
+def prediction_ids(state: ServerState, req: ChatCompletionRequest) -> tuple[int, ...]:
+    """A chat request's prediction as token ids, without special tokens (none when it has none, or the engine
+    ignores predictions: num_prediction_tokens 0); refused past max_prompt_chars or max_model_len tokens."""
+    if req.prediction is None or not state.engine.config.num_prediction_tokens:
+        return ()
+    text, limit = req.prediction.text(), state.prompt_char_limit
+    if len(text) > limit:
+        raise ApiError("validation", f"prediction: {len(text):,} characters, over the limit of {limit:,} "
+                                     "(max_prompt_chars)", "prediction")
+    ids = state.engine.tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) > state.max_model_len:  # (no output could repeat more)
+        raise ApiError("validation", f"prediction: {len(ids):,} tokens, more than max_model_len "
+                                     f"({state.max_model_len:,})", "prediction")
+    return tuple(ids)
+
+
+class PredictionTally:
+    """A chat request's prediction: its token ids (`ids`, prediction_ids), and its tokens accepted and rejected
+    (RequestOutput's totals) summed over its choices, for usage.completion_tokens_details, which is there only
+    when the request has a prediction."""
+
+    def __init__(self, state: ServerState, req: ChatCompletionRequest, n: int):
+        self.on, self.ids = req.prediction is not None, prediction_ids(state, req)
+        self.totals = [(0, 0)] * n
+
+    def record(self, index: int, out: RequestOutput) -> None:
+        if self.on:  # (an abort's or error's output carries no totals: the largest seen stand)
+            a, r = self.totals[index]
+            self.totals[index] = (max(a, out.accepted_prediction_tokens), max(r, out.rejected_prediction_tokens))
+
+    def tracked(self, streams: list[AsyncIterator[RequestOutput]]) -> list[AsyncIterator[RequestOutput]]:
+        """streams, recording what passes (non-streamed responses, which see only the collected choices)."""
+        return [self._tracked(i, s) for i, s in enumerate(streams)] if self.on else streams
+
+    async def _tracked(self, index: int, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+        async with aclosing(stream) as outputs:  # (closing this closes, so aborts, the request's stream)
+            async for out in outputs:
+                self.record(index, out)
+                yield out
+
+    def usage(self, u: Usage) -> Usage:
+        if not self.on:
+            return u
+        details = CompletionTokensDetails(accepted_prediction_tokens=sum(a for a, _ in self.totals),
+                                          rejected_prediction_tokens=sum(r for _, r in self.totals))
+        return u.model_copy(update={"completion_tokens_details": details})
 
 
 def prompt_truncation(state: ServerState, req: SamplingFields) -> int | None:

@@ -34,6 +34,15 @@ class RequestOutput(NamedTuple):
     prompt_logprobs: list[float | None] | None = None
     step_time: float | None = None     # time.monotonic() of the engine step that made it: one step may keep
                                        # several draft tokens, each its own output; metrics group them by this
+    accepted_prediction_tokens: int = 0  # of its prediction's drafts so far, those kept / refused (totals;
+    rejected_prediction_tokens: int = 0  # server/prediction.py): OpenAI's usage.completion_tokens_details
+
+
+def finished_output(seq, reason: str, error: str | None = None) -> RequestOutput:
+    """The output that ends a request without a token (abort, error); seq: a server.sequence.Sequence."""
+    return RequestOutput(request_id=seq.request_id, new_token_ids=[], new_text="", finished=True,
+                         finish_reason=reason, error=error, num_prompt_tokens=seq.num_prompt_tokens,
+                         num_output_tokens=seq.num_output_tokens)
 
 
 class AdmissionError(ValueError):

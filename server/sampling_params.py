@@ -21,6 +21,7 @@ MAX_GRAMMAR_CHARS = 65536
 MAX_ALLOWED_TOKEN_IDS = 1 << 18  # as many as the largest vocabularies hold
 MAX_BAD_WORDS = 64
 MAX_BAD_WORD_CHARS = 256
+MAX_PREDICTION_TOKENS = 1 << 20  # static bound; the OpenAI route refuses more than max_model_len
 
 
 class Grammar(BaseModel):
@@ -66,6 +67,10 @@ class SamplingParams(BaseModel):
         (), max_length=2 * MAX_BAD_WORDS, description="the token sequences bad_words ban: each one's last token "
         "is banned where the output ends with the rest. Filled from bad_words by whoever holds the tokenizer "
         "(server/bad_words.with_bad_words_token_ids); admission refuses bad_words without them")
+    prediction_token_ids: tuple[int, ...] = Field(
+        (), max_length=MAX_PREDICTION_TOKENS, description="tokens the output is expected to mostly repeat (OpenAI's "
+        "Predicted Outputs, tokenized): drafted for speculative decoding (server/prediction.py), so the output is "
+        "what it would be without them; ids the model does not have are never drafted")
     skip_special_tokens: bool = True
     prompt_logprobs: bool = Field(False, description="the logprob of every prompt token after the first "
                                   "(TGI's decoder_input_details); sent with the first output")
@@ -106,6 +111,8 @@ class SamplingParams(BaseModel):
                 raise ValueError("bad_words: empty words are not allowed")
             if len(word) > MAX_BAD_WORD_CHARS:
                 raise ValueError(f"bad_words: each word is at most {MAX_BAD_WORD_CHARS} characters")
+        if min(self.prediction_token_ids, default=0) < 0:
+            raise ValueError("prediction_token_ids: token ids must be non-negative")
         for ids in self.bad_words_token_ids:
             if not ids:
                 raise ValueError("bad_words_token_ids: empty token sequences are not allowed")

@@ -1,11 +1,11 @@
 """Request bodies of the OpenAI-compatible routes (/v1/completions, /v1/chat/completions).
 
-OpenAI's field names and ranges, plus the extensions benchmark tools send (ignore_eos, top_k, min_p,
-repetition_penalty, min_tokens, stop_token_ids, skip_special_tokens) and vLLM's guided_json, guided_regex,
-guided_choice, structured_outputs, continue_final_message, allowed_token_ids, bad_words and
-truncate_prompt_tokens. Unknown fields are refused with a
-message naming them; OpenAI fields this server does not implement are accepted only at their neutral
-value (suffix null; tool_choice 'auto' only where a tool-call parser applies: server/tool_calls.py).
+OpenAI's field names and ranges (chat's prediction too: server/prediction.py), plus the extensions benchmark
+tools send (ignore_eos, top_k, min_p, repetition_penalty, min_tokens, stop_token_ids, skip_special_tokens) and
+vLLM's guided_json, guided_regex, guided_choice, structured_outputs, continue_final_message, allowed_token_ids,
+bad_words and truncate_prompt_tokens. Unknown fields are refused with a message naming them; OpenAI fields this
+server does not implement are accepted only at their neutral value (suffix null; tool_choice 'auto' only where
+a tool-call parser applies: server/tool_calls.py).
 """
 from __future__ import annotations
 
@@ -136,6 +136,22 @@ class ChatMessage(RequestModel):
         return "".join(part.text for part in self.content)
 
 
+class Prediction(RequestModel):
+    """OpenAI's Predicted Outputs: text the reply is expected to mostly repeat (server/prediction.py)."""
+    type: Literal["content"]
+    content: Text | list[TextPart] = Field(..., description="a string, or text parts (joined)")
+
+    @field_validator("content")
+    @classmethod
+    def _not_empty(cls, value: str | list[TextPart]) -> str | list[TextPart]:
+        if not (value if isinstance(value, str) else "".join(part.text for part in value)):
+            raise ValueError("empty: give the text the reply is expected to repeat, or leave prediction out")
+        return value
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
 class FunctionDef(RequestModel):
     name: Text = Field(..., pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     description: Text | None = None
@@ -182,3 +198,6 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool | None = True
     continue_final_message: bool | None = Field(False, description="leave the final message open for the model "
                                                 "to continue (a prefill); needs add_generation_prompt false")
+    prediction: Prediction | None = Field(None, description="text the reply is expected to mostly repeat (a "
+                                          "document or code being edited): drafted for speculative decoding, a "
+                                          "latency hint only; usage.completion_tokens_details counts it")

@@ -1,19 +1,35 @@
 """Response bodies of the OpenAI-compatible routes, in OpenAI's shapes (what the openai client parses)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import computed_field
+from pydantic import Field, SerializerFunctionWrapHandler, computed_field, model_serializer
 
 from server.schema_common import ResponseModel
 
 FinishReason = Literal["stop", "length", "tool_calls"]
 
 
+class CompletionTokensDetails(ResponseModel):
+    """With a chat request's prediction (server/prediction.py has our definitions): its tokens drafted and kept,
+    and drafted and refused."""
+    accepted_prediction_tokens: int
+    rejected_prediction_tokens: int
+
+
 class Usage(ResponseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    completion_tokens_details: CompletionTokensDetails | None = Field(
+        None, description="a chat request with a prediction's; absent otherwise")
+
+    @model_serializer(mode="wrap")
+    def _without_absent_details(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out = handler(self)
+        if self.completion_tokens_details is None:
+            out.pop("completion_tokens_details", None)
+        return out
 
 
 class ModelCard(ResponseModel):

@@ -36,6 +36,8 @@ Rejected drafts' K/V stay in slots past the sequence's end, where later tokens o
 never registered in the prefix cache (only blocks of accepted tokens are). A step with drafts is never left
 in flight (overlap scheduling): how many tokens it keeps decides the next step's inputs. With
 speculative_disable_by_batch_size, nothing drafts while that many sequences run, and steps may overlap again.
+
+A request's prediction (OpenAI's Predicted Outputs) is drafted from before the lookup: server/prediction.py.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ import numpy as np
 
 from server.bad_words import banned_next
 from server.grammar import DraftGrammar
+from server.prediction import Predictions, prediction_drafts
 from server.sequence import Sequence
 
 MAX_LOOKUP_SKIP = 16  # decode steps a sequence whose lookups keep failing waits at most before the next
@@ -80,35 +83,54 @@ def num_accepted(drafts: list[int], sampled: list[int]) -> int:
     return m
 
 
-def adapt_lookup(seq: Sequence, drafted: int, kept: int) -> None:
+def adapt_lookup(seq: Sequence, drafted: int, kept: int, wait: bool = True) -> None:
     """After seq's drafts were verified: how many it may draft next time, and how long it waits (the
-    module's docstring). drafted > 0."""
+    module's docstring; a prediction's drafts, wait False, set the limit alone). drafted > 0."""
     if kept == drafted:
         seq.lookup_limit, seq.lookup_wait = min(2 * seq.lookup_limit, 1 << 30), 1
-    elif kept:
+    elif kept or not wait:
         seq.lookup_limit, seq.lookup_wait = kept + 1, 1
     else:
         seq.lookup_limit, seq.lookup_skip = 1, seq.lookup_wait
         seq.lookup_wait = min(2 * seq.lookup_wait, MAX_LOOKUP_SKIP)
 
 
-class NgramProposer:
+class Proposer:
+    """Each step's drafts: what a grammar forces, else a prediction's (server/prediction.py), else the lookup's."""
+
     def __init__(self, num_tokens: int, min_n: int, max_n: int, disable_by_batch_size: int | None = None,
-                 adaptive: bool = False):
+                 adaptive: bool = False, num_prediction_tokens: int = 0, vocab_size: int = 1 << 62):
         self.num_tokens, self.min_n, self.max_n = num_tokens, min_n, max_n
         self.disable_by_batch_size, self.adaptive = disable_by_batch_size, adaptive
+        self.num_prediction_tokens, self.vocab_size = num_prediction_tokens, vocab_size
+        self.predictions = Predictions()
+
+    def watch(self, seq: Sequence) -> None:
+        """A new request: one with a prediction drafts from it (unless num_prediction_tokens is 0)."""
+        if seq.params.prediction_token_ids and self.num_prediction_tokens:
+            self.predictions.watch(seq)
 
     def active(self, num_running: int) -> bool:
-        """Whether sequences draft at this batch size (the lookup costs host time per sequence per step)."""
+        """Whether sequences draft at this batch size (the lookup costs host time per sequence per step), and
+        may: the lookup is on, or a running sequence has a prediction."""
+        return self._batch_allows(num_running) and (self.num_tokens > 0 or bool(self.predictions.running()))
+
+    def _batch_allows(self, num_running: int) -> bool:
         return self.disable_by_batch_size is None or num_running < self.disable_by_batch_size
 
     def propose(self, running: list[Sequence]) -> None:
-        """Set every running sequence's drafts for the next step ([] for one that may not draft)."""
-        active = self.active(len(running))
+        """Set every running sequence's drafts for the next step ([] for one that may not draft). With the
+        lookup off, only sequences with a prediction draft (the others' stay [])."""
+        active = self._batch_allows(len(running))
+        if not self.num_tokens:
+            if not self.predictions.seqs:
+                return
+            running = self.predictions.running()
         for seq in running:
             seq.draft_token_ids = self._drafts(seq) if active else []
 
     def _drafts(self, seq: Sequence) -> list[int]:
+        seq.drafts_predicted = False
         drafts = self._proposed(seq)
         if drafts and (seq.allowed_words is not None or seq.params.bad_words_token_ids):
             drafts = drafts[:unrefused_drafts(seq, drafts)]  # (a refused draft is never kept)
@@ -119,7 +141,9 @@ class NgramProposer:
         if len(tokens) - seq.num_computed_tokens != 1 or tokens[-1] < 0:
             return []  # mid-prompt, or its last token not seen yet
         # the step keeps at most drafts + 1 tokens: never more outputs than max_new_tokens
-        room = min(self.num_tokens, seq.params.max_new_tokens - (len(tokens) - seq.num_prompt_tokens) - 1)
+        left = seq.params.max_new_tokens - (len(tokens) - seq.num_prompt_tokens) - 1
+        predicted = seq.prediction is not None
+        room = min(max(self.num_tokens, self.num_prediction_tokens if predicted else 0), left)
         if room <= 0:
             return []
         grammar = seq.grammar
@@ -127,6 +151,12 @@ class NgramProposer:
             forced = grammar.forced_tokens(room)
             if forced:
                 return forced
+        if predicted:  # (cut by the grammar too; adaptive: as few as adapt_lookup allows)
+            limit = min(self.num_prediction_tokens, room, seq.lookup_limit if self.adaptive else room)
+            drafts = prediction_drafts(seq, limit, self.vocab_size)
+            if drafts or not self.num_tokens:
+                return drafts
+        room = min(self.num_tokens, room)
         if self.adaptive:
             if seq.lookup_skip:
                 seq.lookup_skip -= 1
@@ -134,6 +164,9 @@ class NgramProposer:
             room = min(room, seq.lookup_limit)
         drafts = propose_ngram(seq.token_array(), room, self.min_n, self.max_n)
         return drafts if grammar is None else grammar.valid_prefix(drafts)  # (a refused draft is never kept)
+
+
+NgramProposer = Proposer  # (its name before predictions)
 
 
 def unrefused_drafts(seq: Sequence, drafts: list[int]) -> int:
@@ -154,12 +187,13 @@ def unrefused_drafts(seq: Sequence, drafts: list[int]) -> int:
     return len(drafts)
 
 
-def make_proposer(config) -> NgramProposer | None:
-    """The proposer an EngineConfig asks for (None: num_speculative_tokens is 0)."""
-    if not config.num_speculative_tokens:
+def make_proposer(config, vocab_size: int) -> Proposer | None:
+    """The proposer an EngineConfig asks for (None: num_speculative_tokens and num_prediction_tokens are 0)."""
+    if not config.num_speculative_tokens and not config.num_prediction_tokens:
         return None
-    return NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max,
-                         config.speculative_disable_by_batch_size, config.prompt_lookup_adaptive)
+    return Proposer(config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max,
+                    config.speculative_disable_by_batch_size, config.prompt_lookup_adaptive,
+                    config.num_prediction_tokens, vocab_size)
 
 
 class DraftRow:
@@ -205,10 +239,12 @@ class DraftRow:
         return np.concatenate((self.seq.token_array(), np.asarray(self.seq.draft_token_ids[:self.j], np.int64)))
 
 
-def verified_tokens(rows: list, placeholders: list[int], token_ids: list[int], logprobs: list):
-    """For each sequence of a step's sampling rows (sampling_rows): (sequence, index of its first new token,
-    the tokens it keeps, their logprobs, how many drafts it fed). The kept tokens are the accepted drafts and
-    the token sampled after them; the rejected drafts' K/V slots are given back (num_computed_tokens)."""
+def verified_tokens(rows: list, placeholders: list[int], token_ids: list[int], logprobs: list, counters):
+    """For each sequence of a step's sampling rows (sampling_rows), each token it keeps, in order: (sequence,
+    its index in token_ids, token id, logprob). The kept tokens are the accepted drafts and the token sampled
+    after them, up to one that finishes the sequence (the caller takes each token before the next is yielded).
+    The rejected drafts' K/V slots are given back (num_computed_tokens); drafts are counted (record_verified),
+    a prediction's on its sequence too (server/prediction.py)."""
     for start, seq in enumerate(rows):
         if seq.__class__ is DraftRow:
             continue
@@ -216,9 +252,21 @@ def verified_tokens(rows: list, placeholders: list[int], token_ids: list[int], l
         sampled = token_ids[start:start + 1 + len(drafts)]
         kept = num_accepted(drafts, sampled)
         seq.num_computed_tokens -= len(drafts) - kept
+        predicted = bool(drafts) and seq.drafts_predicted
         if drafts:
-            adapt_lookup(seq, len(drafts), kept)
-        yield seq, placeholders[start], sampled[:kept + 1], logprobs[start:start + kept + 1], len(drafts)
+            record_verified(counters, len(drafts), kept)
+            if predicted:
+                seq.prediction_rejected += len(drafts) - kept
+            adapt_lookup(seq, len(drafts), kept, wait=not predicted)
+        index = placeholders[start]
+        for i in range(kept + 1):
+            if i:
+                seq.token_ids.append(-1)
+            if predicted and i < kept:
+                seq.prediction_accepted += 1
+            yield seq, index + i, sampled[i], logprobs[start + i]
+            if seq.is_finished:
+                break
 
 
 def record_verified(counters, drafted: int, kept: int) -> None:
@@ -229,8 +277,9 @@ def record_verified(counters, drafted: int, kept: int) -> None:
     counters.num_drafts += 1
     counters.draft_tokens += drafted
     counters.accepted_draft_tokens += kept
-    for j in range(kept):
-        counters.accepted_by_position[j] += 1
+    by_position = counters.accepted_by_position  # (a prediction's drafts may be more than its 16)
+    for j in range(min(kept, len(by_position))):
+        by_position[j] += 1
 
 
 def sampling_rows(sched) -> list:

@@ -137,6 +137,26 @@ def test_allowed_token_ids_sample_as_a_minus_100_bias_on_every_other_token(engin
                                                                         abs=1e-4)
 
 
+def test_allowed_token_ids_the_grammar_refuses_end_the_request_naming_the_field(engine):
+    """A grammar and allowed_token_ids that share no next token left the row all -inf: token 0 was sampled
+    and the request ended blaming the grammar ("refused token 0")."""
+    from server.sampling_params import Grammar
+    grammar = Grammar(type="regex", value="[a-z]+")
+    letters = [t for t in range(3, V) if engine.tokenizer.decode([t]).isalpha()]
+    digits = [t for t in range(3, V) if engine.tokenizer.decode([t]).strip().isdigit()] or [0]
+    ok = engine.generate([[1, 40, 41]], SamplingParams(temperature=0.0, max_new_tokens=3, grammar=grammar,
+                                                       allowed_token_ids=tuple(letters)))
+    assert set(ok[0].token_ids) <= set(letters) | set(engine.tokenizer.eos_token_ids)
+    engine.engine.add_request("clash", [1, 40, 41], SamplingParams(temperature=0.0, max_new_tokens=3,
+                                                                    grammar=grammar, allowed_token_ids=tuple(digits)))
+    outs = []
+    while engine.engine.has_unfinished():
+        outs += engine.engine.step()
+    last = outs[-1]
+    assert last.finish_reason == "error" and last.error_field == "allowed_token_ids"
+    assert "none of these ids is one the grammar allows next" in last.error
+
+
 def test_logprobs_under_allowed_token_ids_are_the_models_own(engine):
     prompts, outputs = prompts_and_outputs(engine)
     base = SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True, logprobs=5)
@@ -316,6 +336,25 @@ def test_truncate_prompt_tokens_keeps_the_prompts_tail(fake, seen, route):
     assert seen[1][0] == seen[0][0][-5:]
     r = fake.post(route, json={**ROUTES[route], "max_tokens": 2, "truncate_prompt_tokens": -1})  # max_model_len
     assert r.json()["usage"]["prompt_tokens"] == full and seen[2][0] == seen[0][0]
+
+
+LONG = "abcd" * 5000  # 20,000 characters: over the fake engine's max_prompt_chars (16 x its 1,024 tokens)
+LONG_BODIES = {"/v1/completions": {"prompt": LONG}, "/v1/chat/completions": {"messages": [{"role": "user",
+                                                                                        "content": LONG}]}}
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_truncation_takes_a_prompt_over_the_character_limit(fake, route):
+    """The character limit refused a long prompt before truncate_prompt_tokens could cut it, the one case
+    truncation is for (the body limit still bounds what gets tokenized)."""
+    body = {**LONG_BODIES[route], "max_tokens": 2}
+    r = fake.post(route, json={**body, "truncate_prompt_tokens": 10})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 10, r.text
+    refused = fake.post(route, json=body)
+    assert refused.status_code == 400 and "max_prompt_chars" in refused.json()["error"]["message"]
+    if route == "/v1/completions":  # TGI's truncate, which shares the check
+        r = fake.post("/generate", json={"inputs": LONG, "parameters": {"max_new_tokens": 2, "truncate": 10}})
+        assert r.status_code == 200 and r.headers["x-prompt-tokens"] == "10", r.text
 
 
 @pytest.mark.parametrize("prompt, echoed", [("abcdefgh", "fgh"), ([1, 100, 101, 102, 103], "bcd")])

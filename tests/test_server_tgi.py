@@ -163,3 +163,4 @@ def test_info(client):
     assert info["scheduling_policy"] == "fcfs" and info["rope_scaling"] is None and info["sliding_window"] is None
     assert info["version"] and info["router"] == "gqa-serve" and info["max_client_batch_size"] >= 1
     assert client.get("/version").json() == {"version": info["version"]}  # vLLM's route
+    assert info["num_prediction_tokens"] == 8

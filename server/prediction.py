@@ -1,0 +1,138 @@
+"""Predicted Outputs (OpenAI's `prediction`): a request's expected text, drafted for speculative decoding.
+
+A request may carry tokens its output is expected to mostly repeat (SamplingParams.prediction_token_ids: a
+document or code to rewrite with small changes). They are only a latency hint: each step, a decoding sequence
+drafts the next num_prediction_tokens of them from where its output stands in the prediction, and those drafts
+are verified exactly as the n-gram lookup's are (server/speculative.py), so the output is plain decoding's
+(greedy and seeded requests: the same tokens). The engine drafts from predictions with or without
+num_speculative_tokens; a sequence whose output stands nowhere in its prediction falls back to the lookup if
+that is on. What a grammar forces is drafted first; a prediction's drafts are cut where the grammar,
+allowed_token_ids or bad_words would refuse one, and before an id the model does not have. With
+prompt_lookup_adaptive, a sequence drafts at most one more than its last drafts kept (doubling while they are
+kept whole), as its lookups do (speculative.adapt_lookup), but never waits to draft.
+
+A step with drafts is never left in flight (overlap scheduling: the host must see its kept tokens before the
+next step's drafts and alignment); so steps are kept out of flight while a request with a prediction runs
+(Proposer.active), and traffic without predictions overlaps as it does with num_prediction_tokens 0. With
+speculative_disable_by_batch_size, nothing drafts from a prediction either at that batch size (its steps then
+overlap, and the alignment catches up from the output when drafting resumes).
+
+Where the output stands (`realign`, once per step before drafting, from the output tokens themselves, so
+steps without drafts, several tokens kept at once and a preemption's recompute all read the same): the
+position `pos` in the prediction where the output is expected to continue, 0 before any output. When the
+output's new tokens are the prediction's at pos, pos moves past them. Otherwise the output diverged (a changed
+word, an insertion, a deletion) and it re-synchronizes on its own last tokens: the longest run of its last
+MAX_MATCH, ..., 2 tokens that occurs in the prediction, and of that run's occurrences the first at or after
+where the output had got to (else the last before it: a passage written again); failing that, its last token
+alone, only near where the output left the prediction: at most NEAR tokens past that place in the
+prediction, and at most NEAR tokens of output since the output last continued the prediction (after a changed
+or inserted word the output is back in the prediction just past where it left it; a few tokens on after a
+short deletion). pos goes just past the match. Up to 4 tokens tell most of a document's repeated phrases apart
+(prompt_lookup_max's default, for the same reason), and one token resumes the drafts on the first token after
+an edit; but a single token (a space, a newline, a common word) occurs all over a document, so it is trusted
+only there: far from it, or once the output has gone on elsewhere for a while (writing something new, or on
+past the prediction's end, where each such match would be refused in turn), it would mostly be a jump to the
+wrong place. A wrong match costs one verification step's extra rows (its drafts are refused, and the next step
+re-synchronizes again). With no match, the sequence drafts nothing from its prediction that step.
+
+Counted per sequence, as OpenAI's usage.completion_tokens_details reports them: accepted_prediction_tokens,
+the prediction's drafts that verification kept and that became output tokens; rejected_prediction_tokens, its
+drafts that verification refused (the token sampled at that row differed). Drafts accepted after a token that
+ends the output (a stop) are neither. Tokens of the prediction the output repeats without their being drafted
+(the token sampled after a step's drafts, the first output token) are not counted as accepted.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from server.sequence import Sequence, SequenceStatus
+
+MAX_MATCH = 4  # longest run of the output's last tokens looked up when it re-synchronizes
+NEAR = 8  # a one-token match: tokens past where the output left the prediction, and of output since it followed
+
+
+def resync(prediction: np.ndarray, tail: list[int], hint: int, single: bool = True) -> int | None:
+    """The position just past the longest run of tail's last MAX_MATCH, ..., 2 tokens in prediction: of its
+    occurrences, the first ending at or after hint, else the last before it; else (with `single`) just past
+    tail's last token where that is at most NEAR past hint (the first); None when neither occurs.
+    prediction: int64 [L]."""
+    if not tail:
+        return None
+    ends = np.flatnonzero(prediction == tail[-1])  # where an occurrence could end
+    if ends.size == 0:
+        return None
+    length = np.ones(ends.size, np.int64)
+    alive = np.ones(ends.size, bool)
+    for j in range(1, min(MAX_MATCH, len(tail))):
+        before = ends - j
+        alive &= (before >= 0) & (prediction[np.maximum(before, 0)] == tail[-1 - j])
+        if not alive.any():
+            break
+        length += alive
+    best = int(length.max())
+    after = ends[length == best] + 1  # ascending
+    k = int(np.searchsorted(after, hint))
+    if best == 1:  # a single token: only near where the output left the prediction
+        return int(after[k]) if single and k < after.size and after[k] <= hint + NEAR else None
+    return int(after[k] if k < after.size else after[-1])
+
+
+def realign(prediction: np.ndarray, tokens: list[int], start: int, pos: int, seen: int,
+            followed: int) -> tuple[int, int, int]:
+    """Where the output tokens[start:] stands in prediction, given that after its first `seen` tokens it stood
+    at pos (and, if it has more, diverged there), and that its first `followed` tokens last continued the
+    prediction. Returns (pos, seen, followed) as those: seen is the output's length when it stands somewhere,
+    else where it diverged, with pos where it had got to (the module's docstring)."""
+    n = len(tokens) - start
+    if seen == n:
+        return pos, seen, followed
+    new = tokens[start + seen:]
+    ahead = prediction[pos:pos + len(new)].tolist()
+    same = 0
+    while same < len(ahead) and ahead[same] == new[same]:
+        same += 1
+    if same:
+        followed = seen + same
+    if same == len(new):
+        return pos + same, n, followed
+    pos, seen = pos + same, seen + same  # where it diverged
+    found = resync(prediction, tokens[max(start, len(tokens) - MAX_MATCH):], pos, single=n - followed <= NEAR)
+    return (pos, seen, followed) if found is None else (found, n, followed)
+
+
+class Predictions:
+    """The requests with a prediction, until they finish (a Proposer's)."""
+
+    def __init__(self):
+        self.seqs: list[Sequence] = []
+
+    def watch(self, seq: Sequence) -> None:
+        seq.prediction = np.asarray(seq.params.prediction_token_ids, np.int64)
+        self.seqs.append(seq)
+
+    def running(self) -> list[Sequence]:
+        """Those running now (the finished ones are let go)."""
+        seqs = self.seqs
+        if seqs and any(s.is_finished for s in seqs):
+            seqs[:] = [s for s in seqs if not s.is_finished]
+        return [s for s in seqs if s.status is SequenceStatus.RUNNING]
+
+
+def prediction_drafts(seq: Sequence, room: int, vocab_size: int) -> list[int]:
+    """Up to room tokens of seq's prediction from where its output stands in it (realigned first, on the
+    sequence); [] when it stands nowhere or at the prediction's end. Cut before an id outside the vocabulary
+    and where seq's grammar refuses one (never sampled, so never kept); seq.drafts_predicted says whether
+    any is left."""
+    pred = seq.prediction
+    start = seq.num_prompt_tokens
+    seq.prediction_pos, seq.prediction_seen, seq.prediction_followed = realign(
+        pred, seq.token_ids, start, seq.prediction_pos, seq.prediction_seen, seq.prediction_followed)
+    if seq.prediction_seen != len(seq.token_ids) - start:  # it stands nowhere
+        return []
+    drafts = pred[seq.prediction_pos:seq.prediction_pos + room].tolist()
+    if drafts and max(drafts) >= vocab_size:
+        drafts = drafts[:next(j for j, t in enumerate(drafts) if t >= vocab_size)]
+    if drafts and seq.grammar is not None:
+        drafts = seq.grammar.valid_prefix(drafts)
+    seq.drafts_predicted = bool(drafts)
+    return drafts
