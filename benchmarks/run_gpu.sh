@@ -124,10 +124,10 @@ main() {
       step profile_b64 40 $PY benchmarks/profile_step.py --batch-size 64 --context 192 --json "$RAW/profile_b64.json"
       step prefill_step 60 $PY benchmarks/prefill_step.py --prompt-len 128 --decodes 32 --profile $ENGINE_EXTRA
       # n-gram drafts at batch 1 on the real default model (bf16), against transformers' prompt lookup; and
-      # a JSON schema's forced tokens as drafts (ours only)
+      # a JSON schema's forced tokens and a chat request's prediction as drafts (ours only)
       if [ -e "$cache/smollm2-135m.gguf" ] || [ -e "$cache/smollm2-135m/config.json" ]; then
         step speculative 100 $PY benchmarks/speculative.py --device cuda --dtype bfloat16 --num-speculative-tokens 4 8 \
-          --workloads copy free json extract --max-new-tokens 128 --json "$RAW/speculative.json"
+          --workloads copy edit free json extract --max-new-tokens 128 --json "$RAW/speculative.json"
       fi
     fi
     step latency 45 $PY benchmarks/latency.py --dummy --config "$dummy1" "${dev[@]}" --batch-size 1 --input-len 128 \
