@@ -238,11 +238,12 @@ async def chat_completions(state: ServerState, request: Request, req: ChatComple
             return ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
 
         def usage_chunk(u) -> ChatCompletionChunk:
-            return ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=predicted.usage(u))
+            return ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=u)
 
         request_ids = [job[0] for job in jobs]
         return EventStreamResponse(sse_choices(streams, len(ids), chunk, usage_chunk if include_usage else None,
-                                               first=first, continuous_usage=continuous_usage(req)),
+                                               first=first, continuous_usage=continuous_usage(req),
+                                               usage_with=predicted.usage),
                                    more_ready=lambda: state.engine.outputs_ready(request_ids),
                                    on_abandoned=aborter(state, request_ids))
     try:

@@ -79,13 +79,13 @@ class LLMEngine:
         seq.stop_checker = StopChecker(params, self.eos_token_ids)
         if params.grammar is not None:
             seq.grammar = self.grammars.matcher(params.grammar)
-        if self.proposer is not None:  # (a prediction to draft from: server/prediction.py)
-            self.proposer.watch(seq)
         try:
             self.scheduler.add(seq, queue_bound)
         except (AdmissionError, OverloadedError):
             self.counters.admission_rejections_total += 1
             raise
+        if self.proposer is not None:  # (a prediction to draft from: server/prediction.py; once admitted)
+            self.proposer.watch(seq)
         return seq
 
     def abort(self, request_id: str) -> RequestOutput | None:

@@ -260,14 +260,20 @@ async def sse_choices(streams: list[AsyncIterator[RequestOutput]], prompt_tokens
                       chunk: Callable[[int, RequestOutput], BaseModel | None],
                       usage_chunk: Callable[[Usage], BaseModel] | None,
                       first: Callable[[int], BaseModel] | None = None,
-                      continuous_usage: bool = False) -> AsyncIterator[str]:
+                      continuous_usage: bool = False,
+                      usage_with: Callable[[Usage], Usage] | None = None) -> AsyncIterator[str]:
     """Frame one merged stream: `chunk(index, output)` builds each event; usage and [DONE] close it. With
-    continuous_usage (vLLM's stream_options.continuous_usage_stats) every event carries the usage so far."""
+    continuous_usage (vLLM's stream_options.continuous_usage_stats) every event carries the usage so far.
+    usage_with: what the route adds to a usage (a prediction's completion_tokens_details)."""
     completion_tokens = [0] * len(streams)
+
+    def usage_so_far() -> Usage:
+        u = usage(prompt_tokens, sum(completion_tokens))
+        return u if usage_with is None else usage_with(u)
 
     def framed(event: BaseModel) -> str:
         if continuous_usage:
-            event = event.model_copy(update={"usage": usage(prompt_tokens, sum(completion_tokens))})
+            event = event.model_copy(update={"usage": usage_so_far()})
         return sse_data(event.model_dump_json())
     try:
         if first is not None:
@@ -285,7 +291,7 @@ async def sse_choices(streams: list[AsyncIterator[RequestOutput]], prompt_tokens
                 if event is not None:
                     yield framed(event)
         if usage_chunk is not None:
-            yield sse_data(usage_chunk(usage(prompt_tokens, sum(completion_tokens))).model_dump_json())
+            yield sse_data(usage_chunk(usage_so_far()).model_dump_json())
     except ApiError as exc:
         yield sse_data(error_json(exc, openai=True))
     except Exception as exc:  # noqa: BLE001 - once streaming began, errors travel as an event

@@ -122,10 +122,11 @@ class Proposer:
         """Set every running sequence's drafts for the next step ([] for one that may not draft). With the
         lookup off, only sequences with a prediction draft (the others' stay [])."""
         active = self._batch_allows(len(running))
+        predicted = self.predictions.running() if self.predictions.seqs else []  # (lets the finished ones go)
         if not self.num_tokens:
-            if not self.predictions.seqs:
+            if not predicted:
                 return
-            running = self.predictions.running()
+            running = predicted
         for seq in running:
             seq.draft_token_ids = self._drafts(seq) if active else []
 

@@ -409,6 +409,27 @@ def test_num_prediction_tokens_0_ignores_predictions(tiny_llama_dir, plain):
     assert got == [want] and prediction_counts(last) == (0, 0) and plain.engine.proposer is None
 
 
+@pytest.mark.parametrize("k", [0, 4], ids=["predictions-only", "with-lookup"])
+def test_finished_and_refused_requests_are_let_go(tiny_llama_dir, plain, k):
+    """With the lookup on, finished predicted requests were never let go (a server kept every one it had
+    served); a request the scheduler refused stayed watched for good."""
+    from server.outputs import OverloadedError
+    llm = make_llm(tiny_llama_dir, num_speculative_tokens=k, max_waiting_requests=1)
+    prompts = engine_prompts(3, seed=23)
+    wants = [plain.generate([p], GREEDY)[0].token_ids for p in prompts]
+    for p, w in zip(prompts, wants):  # (one at a time: the queue holds one)
+        assert run(llm, [p], [predicted(GREEDY, w)])[0] == [w]
+    llm.engine.add_request("queued", prompts[0], predicted(GREEDY, wants[0]))
+    with pytest.raises(OverloadedError):  # the waiting queue holds one
+        llm.engine.add_request("refused", prompts[1], predicted(GREEDY, wants[1]))
+    watched = [s.request_id for s in llm.engine.proposer.predictions.seqs]
+    assert "refused" not in watched and len(watched) <= 2  # (the last run's own goes at the next step)
+    while llm.engine.has_unfinished():
+        llm.engine.step()
+    llm.engine.step()  # (an idle step: the proposer looks again)
+    assert llm.engine.proposer.predictions.seqs == []
+
+
 # the chat route ------------------------------------------------------------------------------------------
 MESSAGES = [{"role": "user", "content": "Rewrite this"}]
 
@@ -495,6 +516,24 @@ def test_the_streamed_usage_chunk_has_the_details_with_a_prediction_only(fake):
     assert usage["completion_tokens_details"] == {"accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}
     _, usage = streamed_usage(fake, body)
     assert usage["completion_tokens"] == 4 and "completion_tokens_details" not in usage
+
+
+def test_continuous_usage_carries_the_details_on_every_chunk(fake):
+    """With continuous_usage_stats the per-chunk usage left the details out (only the last chunk had them)."""
+    body = {"messages": MESSAGES, "max_tokens": 4, "stream": True, "prediction": {"type": "content", "content": "Hi"},
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    with fake.stream("POST", "/v1/chat/completions", json=body) as r:
+        usages = [json.loads(line[6:])["usage"] for line in r.iter_lines() if line.startswith("data: {")]
+    assert len(usages) > 4 and all("completion_tokens_details" in u for u in usages), usages
+
+
+def test_an_aborted_requests_last_output_keeps_its_prediction_totals():
+    """An abort's or error's output carried 0 and 0, so its consumer's last totals dropped to nothing."""
+    from server.outputs import finished_output
+    seq = Sequence("r", [1, 2, 3], SamplingParams(prediction_token_ids=(5, 6)))
+    seq.prediction_accepted, seq.prediction_rejected = 7, 2
+    out = finished_output(seq, "abort")
+    assert (out.accepted_prediction_tokens, out.rejected_prediction_tokens) == (7, 2)
 
 
 @pytest.fixture(scope="module")
