@@ -47,7 +47,7 @@ class EngineStats:
     draft_tokens: int = 0                # speculative tokens verified (server/speculative.py)
     accepted_draft_tokens: int = 0       # of those, kept
     num_drafts: int = 0                  # times a sequence fed drafts
-    accepted_by_position: tuple[int, ...] = ()  # times draft j + 1 was kept, j < num_speculative_tokens
+    accepted_by_position: tuple[int, ...] = ()  # times draft j + 1 was kept (up to the 16th)
     step_gaps: tuple = ()  # StepGaps.snapshot(): each kind's bucket counts and sum (server/step_gaps.py)
 
 
@@ -60,7 +60,8 @@ def engine_stats(e: LLMEngine) -> EngineStats:
                        c.generation_tokens_total, c.admission_rejections_total, c.num_steps, *replays,
                        e.scheduler.prefix_cache_queries_total, e.scheduler.prefix_cache_hits_total,
                        c.overlapped_steps, c.deferred_sampling_steps, c.draft_tokens, c.accepted_draft_tokens,
-                       c.num_drafts, tuple(c.accepted_by_position[:e.config.num_speculative_tokens]),
+                       c.num_drafts, tuple(c.accepted_by_position[:max(e.config.num_speculative_tokens,
+                                                                            e.config.num_prediction_tokens)]),
                        c.step_gaps.snapshot())
 
 

@@ -161,6 +161,14 @@ class EngineConfig(Settings):
                              f"{self.prompt_lookup_max}")
         return self
 
+    @property
+    def max_sampled_rows(self) -> int:
+        """The most rows one step samples: one a sequence (max_num_seqs), plus with drafts one a draft, at most
+        max_num_seqs of them a step (speculative.Proposer's max_step_drafts), within the step's tokens. GPU
+        memory is profiled at it (ModelRunner._profile_step)."""
+        drafts = self.max_num_seqs if self.num_speculative_tokens or self.num_prediction_tokens else 0
+        return min(self.max_num_batched_tokens, self.max_num_seqs + drafts)
+
     def resolve_max_model_len(self, model: "ModelConfig") -> int:
         """The serving context length: the configured one, checked against what the model supports."""
         if self.max_model_len is None:

@@ -180,9 +180,9 @@ class ModelRunner:
 
     def _profile_step(self) -> None:
         """A dummy step at max_num_batched_tokens (sequences of at most max_model_len, the longest prefill)
-        that samples max_num_seqs rows at once (the widest logits): both peaks in one pass."""
+        that samples max_sampled_rows at once (the widest logits, drafts' rows included): both peaks at once."""
         batch, num_blocks = full_budget_batch(self.config.max_num_batched_tokens, self.max_model_len,
-                                              self.block_size, self.config.max_num_seqs, self.device)
+                                              self.block_size, self.config.max_sampled_rows, self.device)
         cache = KVCache.allocate(self.model_config, num_blocks, self.block_size, self.kv_dtype, self.device)
         with torch.inference_mode():
             logits = self.model(batch, cache)

@@ -77,5 +77,5 @@ class EngineCounters:
     draft_tokens: int = 0  # speculative tokens proposed and verified (server/speculative.py)
     accepted_draft_tokens: int = 0  # of those, tokens kept
     num_drafts: int = 0  # times a sequence fed drafts; accepted_by_position[j]: times its draft j + 1 was kept
-    accepted_by_position: list[int] = field(default_factory=lambda: [0] * 16)  # (num_speculative_tokens <= 16)
+    accepted_by_position: list[int] = field(default_factory=lambda: [0] * 16)  # (the first 16 positions)
     step_gaps: StepGaps = field(default_factory=StepGaps)  # each step's time to its tokens, decode / prompt

@@ -121,7 +121,7 @@ def _allowed_bits(seqs: list[Sequence], vocab_size: int, device: torch.device) -
     # the engine drops its token
     grammars = [None if s.is_finished else s.grammar for s in seqs]
     has_grammar = any(g is not None for g in grammars)
-    static = [(row, s.allowed_words) for row, s in enumerate(seqs) if s.allowed_words is not None]
+    static = [(row, s.allowed_token_mask) for row, s in enumerate(seqs) if s.allowed_token_mask is not None]
     if not has_grammar and not static:
         return None
     bits = allowed_bitmask(grammars) if has_grammar else torch.full((len(seqs), (vocab_size + 31) // 32), -1,

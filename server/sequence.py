@@ -35,8 +35,9 @@ class Sequence:
                  "num_computed_tokens", "arrival_time", "first_scheduled_time", "first_token_time",
                  "finish_reason", "stop_reason", "detokenizer", "stop_checker", "cumulative_logprob",
                  "num_preemptions", "sampled_row", "grammar", "draft_token_ids", "reads_own_tokens", "argmax_from",
-                 "allowed_words", "prediction", "prediction_pos", "prediction_seen", "prediction_followed",
-                 "drafts_predicted", "prediction_accepted", "prediction_rejected", "prompt_logprobs",
+                 "allowed_token_mask", "prediction", "prediction_pos", "prediction_seen", "prediction_followed",
+                 "drafts_predicted", "prediction_accepted", "prediction_rejected", "prediction_skip", "prediction_wait",
+                 "prompt_logprobs",
                  "lookup_limit", "lookup_skip", "lookup_wait",
                  "_table_source", "_table_array", "_table_len", "_table_view", "_tokens_array", "_tokens_len")
 
@@ -79,6 +80,7 @@ class Sequence:
         self.prediction_pos = self.prediction_seen = self.prediction_followed = 0
         self.drafts_predicted = False
         self.prediction_accepted = self.prediction_rejected = 0
+        self.prediction_skip, self.prediction_wait = 0, 1  # steps before it looks again, and the next such wait
         # sampling reads the values of its output tokens: penalties count them, a grammar's matcher has
         # consumed them, a bad word of several tokens bans its last after the others (so under overlap its
         # step's sampling waits for the host to have them)
@@ -87,7 +89,7 @@ class Sequence:
             or reads_output(params.bad_words_token_ids)
         # allowed_token_ids as the grammar bitmask's words (computed once: the mask is static)
         ids = params.allowed_token_ids
-        self.allowed_words = None if ids is None else token_bitmask(ids)
+        self.allowed_token_mask = None if ids is None else token_bitmask(ids)
         # the output count from which a plain argmax samples it (greedy, no penalties, bias, grammar, token
         # constraints or logprobs: then min_new_tokens, below which eos/stop ids are banned); never otherwise
         plain = params.temperature == 0.0 and params.logprobs is None and not self.reads_own_tokens \

@@ -115,7 +115,12 @@ def tls_error(config: ServerConfig) -> str | None:
                         if not os.path.isfile(path)), None)
         if missing:
             return f"server.{missing}"
-        if b"ENCRYPTED" in open(config.ssl_keyfile, "rb").read(4096):  # PKCS#8's and OpenSSL's headers say so
+        try:
+            with open(config.ssl_keyfile, "rb") as key:
+                encrypted = b"ENCRYPTED" in key.read(4096)  # PKCS#8's and OpenSSL's headers say so
+        except OSError as why:
+            return f"server.ssl_keyfile: cannot read {config.ssl_keyfile!r}: {why.strerror or why}"
+        if encrypted:
             if password is None:
                 return "server.ssl_keyfile_password: ssl_keyfile is encrypted; give its password"
             if "MISMATCH" not in str(exc).upper():  # (a wrong password is only "PEM lib" to OpenSSL)

@@ -99,10 +99,12 @@ class Proposer:
     """Each step's drafts: what a grammar forces, else a prediction's (server/prediction.py), else the lookup's."""
 
     def __init__(self, num_tokens: int, min_n: int, max_n: int, disable_by_batch_size: int | None = None,
-                 adaptive: bool = False, num_prediction_tokens: int = 0, vocab_size: int = 1 << 62):
+                 adaptive: bool = False, num_prediction_tokens: int = 0, vocab_size: int = 1 << 62,
+                 max_step_drafts: int = 1 << 30):
         self.num_tokens, self.min_n, self.max_n = num_tokens, min_n, max_n
         self.disable_by_batch_size, self.adaptive = disable_by_batch_size, adaptive
         self.num_prediction_tokens, self.vocab_size = num_prediction_tokens, vocab_size
+        self.max_step_drafts = max_step_drafts  # drafts of all sequences in one step (EngineConfig.max_sampled_rows)
         self.predictions = Predictions()
 
     def watch(self, seq: Sequence) -> None:
@@ -113,7 +115,7 @@ class Proposer:
     def active(self, num_running: int) -> bool:
         """Whether sequences draft at this batch size (the lookup costs host time per sequence per step), and
         may: the lookup is on, or a running sequence has a prediction."""
-        return self._batch_allows(num_running) and (self.num_tokens > 0 or bool(self.predictions.running()))
+        return self._batch_allows(num_running) and (self.num_tokens > 0 or self.predictions.may_draft())
 
     def _batch_allows(self, num_running: int) -> bool:
         return self.disable_by_batch_size is None or num_running < self.disable_by_batch_size
@@ -122,18 +124,20 @@ class Proposer:
         """Set every running sequence's drafts for the next step ([] for one that may not draft). With the
         lookup off, only sequences with a prediction draft (the others' stay [])."""
         active = self._batch_allows(len(running))
-        predicted = self.predictions.running() if self.predictions.seqs else []  # (lets the finished ones go)
+        predicted = self.predictions.count_down() if self.predictions.seqs else []  # (lets the finished go)
         if not self.num_tokens:
             if not predicted:
                 return
             running = predicted
+        budget = self.max_step_drafts if active else 0
         for seq in running:
-            seq.draft_token_ids = self._drafts(seq) if active else []
+            seq.draft_token_ids = self._drafts(seq)[:budget] if budget else []
+            budget -= len(seq.draft_token_ids)
 
     def _drafts(self, seq: Sequence) -> list[int]:
         seq.drafts_predicted = False
         drafts = self._proposed(seq)
-        if drafts and (seq.allowed_words is not None or seq.params.bad_words_token_ids):
+        if drafts and (seq.allowed_token_mask is not None or seq.params.bad_words_token_ids):
             drafts = drafts[:unrefused_drafts(seq, drafts)]  # (a refused draft is never kept)
         return drafts
 
@@ -152,11 +156,13 @@ class Proposer:
             forced = grammar.forced_tokens(room)
             if forced:
                 return forced
-        if predicted:  # (cut by the grammar too; adaptive: as few as adapt_lookup allows)
+        if predicted and not seq.prediction_skip:  # (cut by the grammar too; adaptive: as adapt_lookup allows)
             limit = min(self.num_prediction_tokens, room, seq.lookup_limit if self.adaptive else room)
             drafts = prediction_drafts(seq, limit, self.vocab_size)
-            if drafts or not self.num_tokens:
+            if drafts:
                 return drafts
+        if not self.num_tokens:
+            return []
         room = min(self.num_tokens, room)
         if self.adaptive:
             if seq.lookup_skip:
@@ -167,14 +173,11 @@ class Proposer:
         return drafts if grammar is None else grammar.valid_prefix(drafts)  # (a refused draft is never kept)
 
 
-NgramProposer = Proposer  # (its name before predictions)
-
-
 def unrefused_drafts(seq: Sequence, drafts: list[int]) -> int:
     """How many of drafts come before the first that seq's allowed_token_ids or bad_words refuse where it would
     stand: one never equals the token sampled before it (that row is masked), so it and those after it
     would only be verified for nothing."""
-    allowed, bans = seq.allowed_words, seq.params.bad_words_token_ids
+    allowed, bans = seq.allowed_token_mask, seq.params.bad_words_token_ids
     # the bans read at most the longest word's tokens back: its tail will do (num_prompt_tokens shifted with it)
     back = max((len(b) for b in bans), default=1)
     tokens = seq.token_ids[-back:]
@@ -194,7 +197,7 @@ def make_proposer(config, vocab_size: int) -> Proposer | None:
         return None
     return Proposer(config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max,
                     config.speculative_disable_by_batch_size, config.prompt_lookup_adaptive,
-                    config.num_prediction_tokens, vocab_size)
+                    config.num_prediction_tokens, vocab_size, max_step_drafts=config.max_num_seqs)
 
 
 class DraftRow:
@@ -225,8 +228,8 @@ class DraftRow:
         return self.seq.argmax_from
 
     @property
-    def allowed_words(self) -> np.ndarray | None:
-        return self.seq.allowed_words  # (static: the same after any drafts)
+    def allowed_token_mask(self) -> np.ndarray | None:
+        return self.seq.allowed_token_mask  # (static: the same after any drafts)
 
     @property
     def token_ids(self) -> list[int]:

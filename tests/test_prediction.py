@@ -162,6 +162,21 @@ def test_the_proposer_drafts_a_prediction_from_where_the_output_stands():
     assert limited.draft_token_ids == []
 
 
+def test_a_steps_drafts_stay_within_the_rows_gpu_memory_is_profiled_for():
+    """A step samples a row a sequence plus a row a draft; GPU memory was profiled for max_num_seqs rows, which
+    a full batch with drafts passed (predictions are on by default): drafts are now at most max_num_seqs a
+    step, and the profile samples max_num_seqs more rows when drafts are possible."""
+    proposer = Proposer(0, 2, 4, num_prediction_tokens=8, max_step_drafts=5)
+    seqs = [decoding([10], tuple(range(10, 40))) for _ in range(3)]
+    for s in seqs:
+        proposer.watch(s)
+    proposer.propose(seqs)
+    assert [len(s.draft_token_ids) for s in seqs] == [5, 0, 0]
+    assert EngineConfig(max_num_seqs=8, max_num_batched_tokens=64).max_sampled_rows == 16
+    assert EngineConfig(max_num_seqs=16, max_num_batched_tokens=20).max_sampled_rows == 20
+    assert EngineConfig(max_num_seqs=8, max_num_batched_tokens=64, num_prediction_tokens=0).max_sampled_rows == 8
+
+
 def test_a_lost_prediction_falls_back_to_the_lookup_and_constraints_cut_its_drafts():
     from tests.test_speculative import StandInGrammar
     proposer = Proposer(4, 2, 4, num_prediction_tokens=3, vocab_size=1000)
@@ -400,6 +415,25 @@ def test_steps_overlap_while_no_running_request_has_a_prediction(tiny_llama_dir,
     got, last = run(llm, prompts, mixed)
     assert got == [want[0].token_ids[:12]] + [w.token_ids for w in want[1:]]
     assert prediction_counts(last)[0] >= 8 and c.overlapped_steps - overlapped >= 20
+
+
+def test_the_engines_proposer_drafts_at_most_max_num_seqs_a_step(tiny_llama_dir):
+    assert make_llm(tiny_llama_dir, max_num_seqs=3).engine.proposer.max_step_drafts == 3
+
+
+def test_a_prediction_with_nothing_to_draft_lets_the_batchs_steps_overlap(tiny_llama_dir, plain):
+    """One request whose prediction never matched kept every step of the batch out of flight until it ended
+    (0 of 61 steps overlapped against 60 without it): it now waits 1, 2, 4, ... steps before looking again."""
+    prompts = engine_prompts(4, seed=33)
+    params = GREEDY.model_copy(update={"max_new_tokens": 60})
+    want = [plain.generate([p], params)[0].token_ids for p in prompts]
+    runs = {}
+    for label, first in (("none", params), ("stale", predicted(params, (5, 6, 7, 8)))):
+        llm = make_llm(tiny_llama_dir, overlap=True)
+        got = [r.token_ids for r in llm.generate(prompts, [first] + [params] * 3)]
+        assert got == want, label
+        runs[label] = llm.engine.counters.overlapped_steps
+    assert runs["none"] >= 55 and runs["stale"] >= 0.8 * runs["none"], runs
 
 
 def test_num_prediction_tokens_0_ignores_predictions(tiny_llama_dir, plain):

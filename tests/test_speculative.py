@@ -13,7 +13,7 @@ from server.engine_config import EngineConfig
 from server.llm import LLM
 from server.sampling_params import SamplingParams
 from server.sequence import Sequence
-from server.speculative import NgramProposer, num_accepted, propose_ngram
+from server.speculative import Proposer, num_accepted, propose_ngram
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=40)
 
@@ -64,7 +64,7 @@ def test_num_accepted():
 
 
 def test_proposer_respects_max_new_tokens_and_skips_what_may_not_draft():
-    proposer = NgramProposer(4, 2, 4)
+    proposer = Proposer(4, 2, 4)
     seq = Sequence("a", [1, 2, 3, 1, 2, 3, 1, 2], SamplingParams(max_new_tokens=10))
     seq.num_computed_tokens = 7  # decoding: its last token is the one to feed
     proposer.propose([seq])
@@ -80,7 +80,7 @@ def test_proposer_respects_max_new_tokens_and_skips_what_may_not_draft():
 
 def test_adaptive_lookups_shrink_after_a_failed_draft_and_back_off_while_none_is_kept():
     from server.speculative import MAX_LOOKUP_SKIP, adapt_lookup
-    proposer = NgramProposer(4, 2, 4, adaptive=True)
+    proposer = Proposer(4, 2, 4, adaptive=True)
     seq = Sequence("a", [1, 2, 3, 4, 5, 6, 7, 1, 2], SamplingParams(max_new_tokens=50))
     seq.num_computed_tokens = len(seq.token_ids) - 1
 
@@ -104,7 +104,7 @@ def test_adaptive_lookups_shrink_after_a_failed_draft_and_back_off_while_none_is
     assert waits == [1, 2, 4, 8, 16, MAX_LOOKUP_SKIP, MAX_LOOKUP_SKIP]
     adapt_lookup(seq, 1, 1)  # one kept: no more waiting, and the limit grows again
     assert drafts() == [3, 4]
-    plain = NgramProposer(4, 2, 4)  # not adaptive: the state is kept but not used
+    plain = Proposer(4, 2, 4)  # not adaptive: the state is kept but not used
     plain.propose([seq])
     assert seq.draft_token_ids == [3, 4, 5, 6]
     forced = Sequence("f", [1, 2, 3, 1, 2], SamplingParams(max_new_tokens=10))  # a grammar's forced tokens:
@@ -130,7 +130,7 @@ class StandInGrammar:
 
 
 def test_a_constrained_sequence_drafts_what_its_grammar_forces_else_what_it_takes_of_a_lookup():
-    proposer = NgramProposer(4, 2, 4)
+    proposer = Proposer(4, 2, 4)
     constrained = Sequence("c", [1, 2, 3, 1, 2], SamplingParams(max_new_tokens=10))
     constrained.num_computed_tokens, constrained.grammar = 4, StandInGrammar([5, 6, 7, 8, 9])
     proposer.propose([constrained])
@@ -447,7 +447,8 @@ def test_metrics_count_drafts(spec):
     assert f"gqaserve_spec_decode_num_accepted_tokens_total {float(stats.accepted_draft_tokens)}" in text
     # by position (as vLLM's ..._per_pos): position j kept only after j - 1 was, and they add up
     per_pos = stats.accepted_by_position
-    assert len(per_pos) == 4 and sum(per_pos) == stats.accepted_draft_tokens
+    k, predicted = spec.engine.config.num_speculative_tokens, spec.engine.config.num_prediction_tokens
+    assert len(per_pos) == max(k, predicted) and sum(per_pos) == stats.accepted_draft_tokens  # (predictions' too)
     assert list(per_pos) == sorted(per_pos, reverse=True) and stats.num_drafts >= per_pos[0] > 0
     assert f"gqaserve_spec_decode_num_drafts_total {float(stats.num_drafts)}" in text
     for j, value in enumerate(per_pos):
