@@ -52,10 +52,11 @@ class LLM:
                  params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[CompletionResult]:
         params = params if params is not None else SamplingParams()
-        plist = params if isinstance(params, list) else [params] * len(prompts)
+        # the engine takes bad words as ids (one params object for every prompt: converted once)
+        plist = [with_bad_words_token_ids(p, self.tokenizer) for p in params] if isinstance(params, list) \
+            else [with_bad_words_token_ids(params, self.tokenizer)] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(plist)} SamplingParams")
-        plist = [with_bad_words_token_ids(p, self.tokenizer) for p in plist]  # the engine takes ids
         token_lists = [p if isinstance(p, list) else self.tokenizer.encode(p) for p in prompts]
         ids = [f"offline-{i}" for i in range(len(prompts))]
         for toks, p in zip(token_lists, plist):  # refuse the whole batch before running any of it
