@@ -17,7 +17,7 @@ from server.engine_config import EngineConfig, resolve_model_dir
 from server.admission import check_request, token_ids_within
 from server.grammar import GrammarCompiler, GrammarFailed
 from server.outputs import (AdmissionError, EngineCounters, OverloadedError, RequestOutput, TokenLogprob,
-                            finished_output)
+                            finished_output, prediction_totals)
 from server.sampling_params import SamplingParams
 from server.scheduler import Scheduler
 from server.scheduler_output import SchedulerOutput
@@ -279,7 +279,7 @@ class LLMEngine:
             stop_reason=decision.stop_reason, new_logprobs=None if lp is None else [lp],
             num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=n, queue_time=queue_time,
             prompt_logprobs=seq.prompt_logprobs if n == 1 else None, step_time=now,
-            accepted_prediction_tokens=seq.prediction_accepted, rejected_prediction_tokens=seq.prediction_rejected)
+            **prediction_totals(seq))
 
     def _fail(self, sched: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
         message = f"{type(exc).__name__}: {exc}"

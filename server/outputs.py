@@ -42,8 +42,14 @@ def finished_output(seq, reason: str, error: str | None = None) -> RequestOutput
     """The output that ends a request without a token (abort, error); seq: a server.sequence.Sequence."""
     return RequestOutput(request_id=seq.request_id, new_token_ids=[], new_text="", finished=True,
                          finish_reason=reason, error=error, num_prompt_tokens=seq.num_prompt_tokens,
-                         num_output_tokens=seq.num_output_tokens, accepted_prediction_tokens=seq.prediction_accepted,
-                         rejected_prediction_tokens=seq.prediction_rejected)
+                         num_output_tokens=seq.num_output_tokens, **prediction_totals(seq))
+
+
+def prediction_totals(seq) -> dict[str, int]:
+    """A RequestOutput's prediction counts from its sequence (none: 0 and 0)."""
+    state = seq.prediction
+    return {"accepted_prediction_tokens": state.accepted if state is not None else 0,
+            "rejected_prediction_tokens": state.rejected if state is not None else 0}
 
 
 class AdmissionError(ValueError):

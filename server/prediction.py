@@ -106,6 +106,20 @@ def realign(prediction: np.ndarray, tokens: list[int], start: int, pos: int, see
     return (pos, seen, followed) if found is None else (found, n, followed)
 
 
+class PredictionState:
+    """One sequence's prediction: its tokens, where its output stands in them, its wait, and its counts."""
+    __slots__ = ("tokens", "pos", "seen", "followed", "skip", "wait", "drafted", "accepted", "rejected")
+
+    def __init__(self, tokens: np.ndarray):
+        self.tokens = tokens  # int64 [L]
+        # the output stood at pos after its first `seen` outputs (fewer than it has when it diverged there), and
+        # its first `followed` outputs last continued the prediction (realign)
+        self.pos = self.seen = self.followed = 0
+        self.skip, self.wait = 0, 1  # steps before it looks again, and the next such wait (wait_to_draft)
+        self.drafted = False  # this step's drafts are the prediction's
+        self.accepted = self.rejected = 0  # its drafts kept and refused (the module's docstring)
+
+
 class Predictions:
     """The requests with a prediction, until they finish (a Proposer's)."""
 
@@ -113,19 +127,19 @@ class Predictions:
         self.seqs: list[Sequence] = []
 
     def watch(self, seq: Sequence) -> None:
-        seq.prediction = np.asarray(seq.params.prediction_token_ids, np.int64)
+        seq.prediction = PredictionState(np.asarray(seq.params.prediction_token_ids, np.int64))
         self.seqs.append(seq)
 
     def may_draft(self) -> bool:
         """Whether a running one may draft at the next step (none is waiting out wait_to_draft)."""
-        return any(s.prediction_skip == 0 for s in self.running())
+        return any(s.prediction.skip == 0 for s in self.running())
 
     def count_down(self) -> list[Sequence]:
         """The running ones, a step nearer the end of their waits (wait_to_draft)."""
         running = self.running()
         for seq in running:
-            if seq.prediction_skip:
-                seq.prediction_skip -= 1
+            if seq.prediction.skip:
+                seq.prediction.skip -= 1
         return running
 
     def running(self) -> list[Sequence]:
@@ -139,33 +153,32 @@ class Predictions:
 def prediction_drafts(seq: Sequence, room: int, vocab_size: int) -> list[int]:
     """Up to room tokens of seq's prediction from where its output stands in it (realigned first, on the
     sequence); [] when it stands nowhere or at the prediction's end. Cut before an id outside the vocabulary
-    and where seq's grammar refuses one (never sampled, so never kept); seq.drafts_predicted says whether
+    and where seq's grammar refuses one (never sampled, so never kept); seq.prediction.drafted says whether
     any is left."""
-    pred = seq.prediction
-    start = seq.num_prompt_tokens
-    seq.prediction_pos, seq.prediction_seen, seq.prediction_followed = realign(
-        pred, seq.token_ids, start, seq.prediction_pos, seq.prediction_seen, seq.prediction_followed)
-    if seq.prediction_seen != len(seq.token_ids) - start:  # it stands nowhere
-        seq.drafts_predicted = False
-        wait_to_draft(seq)
+    state, start = seq.prediction, seq.num_prompt_tokens
+    state.pos, state.seen, state.followed = realign(state.tokens, seq.token_ids, start, state.pos, state.seen,
+                                                    state.followed)
+    if state.seen != len(seq.token_ids) - start:  # it stands nowhere
+        state.drafted = False
+        wait_to_draft(state)
         return []
-    drafts = pred[seq.prediction_pos:seq.prediction_pos + room].tolist()
+    drafts = state.tokens[state.pos:state.pos + room].tolist()
     if drafts and max(drafts) >= vocab_size:
         drafts = drafts[:next(j for j, t in enumerate(drafts) if t >= vocab_size)]
     if drafts and seq.grammar is not None:
         drafts = seq.grammar.valid_prefix(drafts)
-    seq.drafts_predicted = bool(drafts)
+    state.drafted = bool(drafts)
     if drafts:
-        seq.prediction_wait = 1
+        state.wait = 1
     else:
-        wait_to_draft(seq)
+        wait_to_draft(state)
     return drafts
 
 
-def wait_to_draft(seq: Sequence) -> None:
-    """seq has nothing to draft from its prediction (its output stands nowhere in it, or at its end): it does
+def wait_to_draft(state: PredictionState) -> None:
+    """Its sequence has nothing to draft from its prediction (its output stands nowhere in it, or at its end): it does
     not look again for 1, 2, 4, ... up to MAX_PREDICTION_SKIP steps, in which its steps may overlap (a step
     that may draft is never left in flight: Proposer.active), then looks once more after a step the host
     has seen whole. Without the wait, one request whose prediction no longer matched kept every step of the
     batch out of flight until it ended."""
-    seq.prediction_skip, seq.prediction_wait = seq.prediction_wait, min(2 * seq.prediction_wait, MAX_PREDICTION_SKIP)
+    state.skip, state.wait = state.wait, min(2 * state.wait, MAX_PREDICTION_SKIP)

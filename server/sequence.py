@@ -35,9 +35,7 @@ class Sequence:
                  "num_computed_tokens", "arrival_time", "first_scheduled_time", "first_token_time",
                  "finish_reason", "stop_reason", "detokenizer", "stop_checker", "cumulative_logprob",
                  "num_preemptions", "sampled_row", "grammar", "draft_token_ids", "reads_own_tokens", "argmax_from",
-                 "allowed_token_mask", "prediction", "prediction_pos", "prediction_seen", "prediction_followed",
-                 "drafts_predicted", "prediction_accepted", "prediction_rejected", "prediction_skip", "prediction_wait",
-                 "prompt_logprobs",
+                 "allowed_token_mask", "prediction", "prompt_logprobs",
                  "lookup_limit", "lookup_skip", "lookup_wait",
                  "_table_source", "_table_array", "_table_len", "_table_view", "_tokens_array", "_tokens_len")
 
@@ -72,15 +70,8 @@ class Sequence:
         # next, the decode steps it waits before looking up again, and the wait after its next lookup if
         # that one keeps nothing either
         self.lookup_limit, self.lookup_skip, self.lookup_wait = 1 << 30, 0, 1
-        # its prediction (params.prediction_token_ids as int64, set when the engine drafts from it), where its
-        # output stood in it after its first prediction_seen outputs (server/prediction.py: fewer than it has
-        # when it diverged there), how many outputs last continued it, whether this step's drafts come from
-        # it, and its drafts kept and refused
-        self.prediction: np.ndarray | None = None
-        self.prediction_pos = self.prediction_seen = self.prediction_followed = 0
-        self.drafts_predicted = False
-        self.prediction_accepted = self.prediction_rejected = 0
-        self.prediction_skip, self.prediction_wait = 0, 1  # steps before it looks again, and the next such wait
+        # its prediction and where its output stands in it, when the engine drafts from one
+        self.prediction: Any = None  # server/prediction.PredictionState
         # sampling reads the values of its output tokens: penalties count them, a grammar's matcher has
         # consumed them, a bad word of several tokens bans its last after the others (so under overlap its
         # step's sampling waits for the host to have them)

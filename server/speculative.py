@@ -36,7 +36,6 @@ Rejected drafts' K/V stay in slots past the sequence's end, where later tokens o
 never registered in the prefix cache (only blocks of accepted tokens are). A step with drafts is never left
 in flight (overlap scheduling): how many tokens it keeps decides the next step's inputs. With
 speculative_disable_by_batch_size, nothing drafts while that many sequences run, and steps may overlap again.
-
 A request's prediction (OpenAI's Predicted Outputs) is drafted from before the lookup: server/prediction.py.
 """
 from __future__ import annotations
@@ -135,7 +134,8 @@ class Proposer:
             budget -= len(seq.draft_token_ids)
 
     def _drafts(self, seq: Sequence) -> list[int]:
-        seq.drafts_predicted = False
+        if seq.prediction is not None:  # (until prediction_drafts says so: forced or lookup drafts are not)
+            seq.prediction.drafted = False
         drafts = self._proposed(seq)
         if drafts and (seq.allowed_token_mask is not None or seq.params.bad_words_token_ids):
             drafts = drafts[:unrefused_drafts(seq, drafts)]  # (a refused draft is never kept)
@@ -156,7 +156,7 @@ class Proposer:
             forced = grammar.forced_tokens(room)
             if forced:
                 return forced
-        if predicted and not seq.prediction_skip:  # (cut by the grammar too; adaptive: as adapt_lookup allows)
+        if predicted and not seq.prediction.skip:  # (cut by the grammar too; adaptive: as adapt_lookup allows)
             limit = min(self.num_prediction_tokens, room, seq.lookup_limit if self.adaptive else room)
             drafts = prediction_drafts(seq, limit, self.vocab_size)
             if drafts:
@@ -256,18 +256,18 @@ def verified_tokens(rows: list, placeholders: list[int], token_ids: list[int], l
         sampled = token_ids[start:start + 1 + len(drafts)]
         kept = num_accepted(drafts, sampled)
         seq.num_computed_tokens -= len(drafts) - kept
-        predicted = bool(drafts) and seq.drafts_predicted
+        state = seq.prediction if drafts and seq.prediction is not None and seq.prediction.drafted else None
         if drafts:
             record_verified(counters, len(drafts), kept)
-            if predicted:
-                seq.prediction_rejected += len(drafts) - kept
-            adapt_lookup(seq, len(drafts), kept, wait=not predicted)
+            if state is not None:
+                state.rejected += len(drafts) - kept
+            adapt_lookup(seq, len(drafts), kept, wait=state is None)
         index = placeholders[start]
         for i in range(kept + 1):
             if i:
                 seq.token_ids.append(-1)
-            if predicted and i < kept:
-                seq.prediction_accepted += 1
+            if state is not None and i < kept:
+                state.accepted += 1
             yield seq, index + i, sampled[i], logprobs[start + i]
             if seq.is_finished:
                 break

@@ -19,7 +19,7 @@ import pytest
 
 from server.engine_config import EngineConfig
 from server.llm import LLM
-from server.prediction import realign
+from server.prediction import Predictions, realign
 from server.sampling_params import SamplingParams
 from server.sequence import Sequence, SequenceStatus
 from server.speculative import Proposer
@@ -136,17 +136,17 @@ def test_the_proposer_drafts_a_prediction_from_where_the_output_stands():
         proposer.watch(s)
     assert proposer.active(2) and seq.prediction is not None and other.prediction is None
     proposer.propose([seq, other])
-    assert seq.draft_token_ids == [11, 12, 13] and seq.drafts_predicted
+    assert seq.draft_token_ids == [11, 12, 13] and seq.prediction.drafted
     assert other.draft_token_ids == []  # no prediction, and the lookup is off: it never drafts
     step(seq, 11, 12, 13, 14)
     proposer.propose([seq])
     assert seq.draft_token_ids == [15, 99]  # 200 is outside the vocabulary: cut there
     step(seq, 15, 50)  # diverged on a token the prediction does not have: nothing to draft
     proposer.propose([seq])
-    assert seq.draft_token_ids == [] and (seq.prediction_pos, seq.prediction_seen) == (6, 6)
+    assert seq.draft_token_ids == [] and (seq.prediction.pos, seq.prediction.seen) == (6, 6)
     step(seq, 17)  # back on its text
     proposer.propose([seq])
-    assert seq.draft_token_ids == [18, 19, 20] and seq.prediction_pos == 10
+    assert seq.draft_token_ids == [18, 19, 20] and seq.prediction.pos == 10
     near_end = decoding([10, 11], pred, max_new_tokens=4)  # 2 outputs of 4: one draft at most
     proposer.watch(near_end)
     proposer.propose([near_end])
@@ -183,7 +183,7 @@ def test_a_lost_prediction_falls_back_to_the_lookup_and_constraints_cut_its_draf
     seq = decoding([5, 6, 7, 5, 6], (40, 41, 42, 43))
     proposer.watch(seq)
     proposer.propose([seq])
-    assert seq.draft_token_ids == [7, 5, 6] and not seq.drafts_predicted  # the lookup's
+    assert seq.draft_token_ids == [7, 5, 6] and not seq.prediction.drafted  # the lookup's
     cut = decoding([40], (40, 41, 42, 43, 44), bad_words_token_ids=((43,),), bad_words=("x",))
     proposer.watch(cut)
     proposer.propose([cut])
@@ -196,10 +196,10 @@ def test_a_lost_prediction_falls_back_to_the_lookup_and_constraints_cut_its_draf
     proposer.watch(constrained)
     constrained.grammar = StandInGrammar([], refused_from=42)
     proposer.propose([constrained])
-    assert constrained.draft_token_ids == [41] and constrained.drafts_predicted
+    assert constrained.draft_token_ids == [41] and constrained.prediction.drafted
     constrained.grammar = StandInGrammar([8, 9])  # what the grammar forces comes first
     proposer.propose([constrained])
-    assert constrained.draft_token_ids == [8, 9] and not constrained.drafts_predicted
+    assert constrained.draft_token_ids == [8, 9] and not constrained.prediction.drafted
 
 
 def test_adaptive_prediction_drafts_shrink_after_a_refusal_and_never_wait():
@@ -565,7 +565,8 @@ def test_an_aborted_requests_last_output_keeps_its_prediction_totals():
     """An abort's or error's output carried 0 and 0, so its consumer's last totals dropped to nothing."""
     from server.outputs import finished_output
     seq = Sequence("r", [1, 2, 3], SamplingParams(prediction_token_ids=(5, 6)))
-    seq.prediction_accepted, seq.prediction_rejected = 7, 2
+    Predictions().watch(seq)
+    seq.prediction.accepted, seq.prediction.rejected = 7, 2
     out = finished_output(seq, "abort")
     assert (out.accepted_prediction_tokens, out.rejected_prediction_tokens) == (7, 2)
 
