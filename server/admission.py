@@ -44,7 +44,7 @@ def check_request(prompt_token_ids: list[int], params: SamplingParams, vocab_siz
     if bad is not None:  # never generated, and min_tokens would ban it by index
         raise AdmissionError(f"stop_token_ids: token id {bad} is outside the vocabulary (0..{vocab_size - 1})",
                              "stop_token_ids")
-    _check_token_constraints(params, vocab_size)
+    _check_constraint_ids(params, vocab_size)
     if params.grammar is not None:
         if grammars is None:
             raise AdmissionError("grammar: this engine was built without a grammar compiler", "grammar")
@@ -52,7 +52,7 @@ def check_request(prompt_token_ids: list[int], params: SamplingParams, vocab_siz
     scheduler.check_admission(len(prompt_token_ids), params)
 
 
-def _check_token_constraints(params: SamplingParams, vocab_size: int) -> None:
+def _check_constraint_ids(params: SamplingParams, vocab_size: int) -> None:
     bad = next((t for t in params.allowed_token_ids or () if t >= vocab_size), None)
     if bad is not None:  # (the mask has no bit for it)
         raise AdmissionError(f"allowed_token_ids: token id {bad} is outside the vocabulary (0..{vocab_size - 1})",

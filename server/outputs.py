@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from server.step_gaps import StepGaps
+
+if TYPE_CHECKING:  # (annotations only: the HTTP side imports this module, not the engine's state)
+    from server.sequence import Sequence
 
 FINISH_REASONS = ("length", "stop", "eos_token", "abort", "error")
 
@@ -38,14 +41,14 @@ class RequestOutput(NamedTuple):
     rejected_prediction_tokens: int = 0  # server/prediction.py): OpenAI's usage.completion_tokens_details
 
 
-def finished_output(seq, reason: str, error: str | None = None) -> RequestOutput:
-    """The output that ends a request without a token (abort, error); seq: a server.sequence.Sequence."""
+def finished_output(seq: Sequence, reason: str, error: str | None = None) -> RequestOutput:
+    """The output that ends a request without a token (abort, error)."""
     return RequestOutput(request_id=seq.request_id, new_token_ids=[], new_text="", finished=True,
                          finish_reason=reason, error=error, num_prompt_tokens=seq.num_prompt_tokens,
                          num_output_tokens=seq.num_output_tokens, **prediction_totals(seq))
 
 
-def prediction_totals(seq) -> dict[str, int]:
+def prediction_totals(seq: Sequence) -> dict[str, int]:
     """A RequestOutput's prediction counts from its sequence (none: 0 and 0)."""
     state = seq.prediction
     return {"accepted_prediction_tokens": state.accepted if state is not None else 0,
