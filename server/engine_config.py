@@ -162,12 +162,18 @@ class EngineConfig(Settings):
         return self
 
     @property
+    def max_step_drafts(self) -> int:
+        """The most drafts (n-gram or prediction) all sequences feed in one step (speculative.Proposer): each
+        sequence's k while that is few (a small server drafts all it can), else max_num_seqs, since each draft
+        is a sampled row whose logits the GPU memory profile must hold (max_sampled_rows)."""
+        k = max(self.num_speculative_tokens, self.num_prediction_tokens)
+        return min(self.max_num_seqs * k, max(self.max_num_seqs, 64))
+
+    @property
     def max_sampled_rows(self) -> int:
-        """The most rows one step samples: one a sequence (max_num_seqs), plus with drafts one a draft, at most
-        max_num_seqs of them a step (speculative.Proposer's max_step_drafts), within the step's tokens. GPU
-        memory is profiled at it (ModelRunner._profile_step)."""
-        drafts = self.max_num_seqs if self.num_speculative_tokens or self.num_prediction_tokens else 0
-        return min(self.max_num_batched_tokens, self.max_num_seqs + drafts)
+        """The most rows one step samples: one a sequence plus one a draft, within the step's tokens. GPU memory
+        is profiled at it (ModelRunner._profile_step)."""
+        return min(self.max_num_batched_tokens, self.max_num_seqs + self.max_step_drafts)
 
     def resolve_max_model_len(self, model: "ModelConfig") -> int:
         """The serving context length: the configured one, checked against what the model supports."""

@@ -103,7 +103,7 @@ class Proposer:
         self.num_tokens, self.min_n, self.max_n = num_tokens, min_n, max_n
         self.disable_by_batch_size, self.adaptive = disable_by_batch_size, adaptive
         self.num_prediction_tokens, self.vocab_size = num_prediction_tokens, vocab_size
-        self.max_step_drafts = max_step_drafts  # drafts of all sequences in one step (EngineConfig.max_sampled_rows)
+        self.max_step_drafts = max_step_drafts  # drafts of all sequences in one step (EngineConfig.max_step_drafts)
         self.predictions = Predictions()
 
     def watch(self, seq: Sequence) -> None:
@@ -197,7 +197,7 @@ def make_proposer(config, vocab_size: int) -> Proposer | None:
         return None
     return Proposer(config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max,
                     config.speculative_disable_by_batch_size, config.prompt_lookup_adaptive,
-                    config.num_prediction_tokens, vocab_size, max_step_drafts=config.max_num_seqs)
+                    config.num_prediction_tokens, vocab_size, max_step_drafts=config.max_step_drafts)
 
 
 class DraftRow:

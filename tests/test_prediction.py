@@ -164,17 +164,22 @@ def test_the_proposer_drafts_a_prediction_from_where_the_output_stands():
 
 def test_a_steps_drafts_stay_within_the_rows_gpu_memory_is_profiled_for():
     """A step samples a row a sequence plus a row a draft; GPU memory was profiled for max_num_seqs rows, which
-    a full batch with drafts passed (predictions are on by default): drafts are now at most max_num_seqs a
-    step, and the profile samples max_num_seqs more rows when drafts are possible."""
+    a full batch with drafts passed (predictions are on by default): a step's drafts are now bounded (each
+    sequence's k on a small server, max_num_seqs on a large one) and the profile samples that many more rows."""
     proposer = Proposer(0, 2, 4, num_prediction_tokens=8, max_step_drafts=5)
     seqs = [decoding([10], tuple(range(10, 40))) for _ in range(3)]
     for s in seqs:
         proposer.watch(s)
     proposer.propose(seqs)
     assert [len(s.draft_token_ids) for s in seqs] == [5, 0, 0]
-    assert EngineConfig(max_num_seqs=8, max_num_batched_tokens=64).max_sampled_rows == 16
+    large = EngineConfig(max_num_seqs=256, max_num_batched_tokens=8192)  # 8 prediction drafts each by default
+    assert (large.max_step_drafts, large.max_sampled_rows) == (256, 512)
+    small = EngineConfig(max_num_seqs=4, max_num_batched_tokens=128)  # every sequence its 8 drafts
+    assert (small.max_step_drafts, small.max_sampled_rows) == (32, 36)
+    assert EngineConfig(max_num_seqs=1).max_step_drafts == 8  # batch 1 drafts all of k
     assert EngineConfig(max_num_seqs=16, max_num_batched_tokens=20).max_sampled_rows == 20
-    assert EngineConfig(max_num_seqs=8, max_num_batched_tokens=64, num_prediction_tokens=0).max_sampled_rows == 8
+    off = EngineConfig(max_num_seqs=8, max_num_batched_tokens=64, num_prediction_tokens=0)
+    assert (off.max_step_drafts, off.max_sampled_rows) == (0, 8)
 
 
 def test_a_lost_prediction_falls_back_to_the_lookup_and_constraints_cut_its_drafts():
@@ -417,8 +422,8 @@ def test_steps_overlap_while_no_running_request_has_a_prediction(tiny_llama_dir,
     assert prediction_counts(last)[0] >= 8 and c.overlapped_steps - overlapped >= 20
 
 
-def test_the_engines_proposer_drafts_at_most_max_num_seqs_a_step(tiny_llama_dir):
-    assert make_llm(tiny_llama_dir, max_num_seqs=3).engine.proposer.max_step_drafts == 3
+def test_the_engines_proposer_takes_the_configs_step_draft_bound(tiny_llama_dir):
+    assert make_llm(tiny_llama_dir, max_num_seqs=3).engine.proposer.max_step_drafts == 24  # 3 x 8
 
 
 def test_a_prediction_with_nothing_to_draft_lets_the_batchs_steps_overlap(tiny_llama_dir, plain):
