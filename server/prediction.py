@@ -93,7 +93,7 @@ def realign(prediction: np.ndarray, tokens: list[int], start: int, pos: int, see
     if seen == n:
         return pos, seen, followed
     # compared in place: once the output has left the prediction it only grows past where it diverged, and
-    # slicing all of that each step cost 43 us at 4,000 tokens of it (2-core EPYC)
+    # slicing all of that each step cost 43 us at 4,000 tokens of it (2-core Xeon)
     first, same, most = start + seen, 0, min(n - seen, len(prediction) - pos)
     while same < most and prediction[pos + same] == tokens[first + same]:
         same += 1
