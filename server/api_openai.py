@@ -247,9 +247,10 @@ async def chat_completions(state: ServerState, request: Request, req: ChatComple
                                    more_ready=lambda: state.engine.outputs_ready(request_ids),
                                    on_abandoned=aborter(state, request_ids))
     try:
-        results: list[Collected] = await unless_disconnected(request, collect_all(predicted.tracked(streams)))
+        results: list[Collected] = await unless_disconnected(request, collect_all(streams))
     except ClientDisconnected:
         return Response(status_code=499)
+    predicted.record_collected(results)
     choices = []
     for i, got in enumerate(results):
         message, reason = reply().message(got.text, got.finish_reason)

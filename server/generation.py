@@ -244,6 +244,8 @@ class Collected:
     num_prompt_tokens: int = 0
     prompt_logprobs: list[float | None] | None = None
     queue_time: float | None = None  # seconds from the engine's arrival to first scheduling
+    accepted_prediction_tokens: int = 0  # its prediction's drafts kept and refused (server/prediction.py)
+    rejected_prediction_tokens: int = 0
 
     def add(self, out: RequestOutput) -> None:
         self.token_ids.extend(out.new_token_ids)
@@ -255,6 +257,8 @@ class Collected:
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = out.prompt_logprobs
         self.queue_time = out.queue_time if out.queue_time is not None else self.queue_time
+        self.accepted_prediction_tokens = max(self.accepted_prediction_tokens, out.accepted_prediction_tokens)
+        self.rejected_prediction_tokens = max(self.rejected_prediction_tokens, out.rejected_prediction_tokens)
         if out.finished:
             self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
             raise_if_failed(out)

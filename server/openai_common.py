@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from model.token_bytes import token_string
 from server.bad_words import with_bad_words_token_ids
-from server.generation import merge_streams, resolve_max_new_tokens, build_params
+from server.generation import Collected, merge_streams, resolve_max_new_tokens, build_params
 from server.http_errors import ApiError, error_json, failure_error
 from server.outputs import RequestOutput
 from server.reasoning_parsers import applies as reasoning_applies
@@ -124,26 +124,20 @@ class PredictionTally:
     when the request has a prediction."""
 
     def __init__(self, state: ServerState, req: ChatCompletionRequest, n: int):
-        self.on, self.ids = req.prediction is not None, prediction_ids(state, req)
+        self.has_prediction, self.ids = req.prediction is not None, prediction_ids(state, req)
         self.totals = [(0, 0)] * n
 
     def record(self, index: int, out: RequestOutput) -> None:
-        if self.on:  # (an abort's or error's output carries no totals: the largest seen stand)
+        if self.has_prediction:  # (the totals so far; the largest seen stand)
             a, r = self.totals[index]
             self.totals[index] = (max(a, out.accepted_prediction_tokens), max(r, out.rejected_prediction_tokens))
 
-    def tracked(self, streams: list[AsyncIterator[RequestOutput]]) -> list[AsyncIterator[RequestOutput]]:
-        """streams, recording what passes (non-streamed responses, which see only the collected choices)."""
-        return [self._tracked(i, s) for i, s in enumerate(streams)] if self.on else streams
-
-    async def _tracked(self, index: int, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
-        async with aclosing(stream) as outputs:  # (closing this closes, so aborts, the request's stream)
-            async for out in outputs:
-                self.record(index, out)
-                yield out
+    def record_collected(self, results: list[Collected]) -> None:
+        """A non-streamed response's choices, each collected whole (generation.Collected keeps the totals)."""
+        self.totals = [(got.accepted_prediction_tokens, got.rejected_prediction_tokens) for got in results]
 
     def usage(self, u: Usage) -> Usage:
-        if not self.on:
+        if not self.has_prediction:
             return u
         details = CompletionTokensDetails(accepted_prediction_tokens=sum(a for a, _ in self.totals),
                                           rejected_prediction_tokens=sum(r for _, r in self.totals))
